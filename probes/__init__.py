@@ -1,0 +1,25 @@
+"""xray-tui probes: attach to a PyTorch training run and stream its statistics.
+
+``import probes`` does not import torch; :func:`attach` does, when called,
+so the viewer can use :mod:`probes.wire`, :mod:`probes.stats` and
+:mod:`probes.rules` on a machine without torch.
+"""
+
+from __future__ import annotations
+
+__all__ = ["attach", "XRay"]
+
+
+def attach(model, optimizer=None, **kwargs):
+    """Attach a probe to ``model``; see :func:`probes.probe.attach`."""
+    from .probe import attach as _attach
+
+    return _attach(model, optimizer, **kwargs)
+
+
+def __getattr__(name):
+    if name == "XRay":
+        from .probe import XRay
+
+        return XRay
+    raise AttributeError(f"module 'probes' has no attribute {name!r}")

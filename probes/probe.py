@@ -1,0 +1,354 @@
+"""The training-side probe: hooks, sampling, and hand-off to the publisher.
+
+On a step that is not sampled every hook returns after one flag check. On a
+sampled step the forward hooks reduce each watched module's output on its
+device, the optimizer pre-step hook reduces every parameter and its gradient
+(after AMP unscaling, since GradScaler unscales before calling
+``optimizer.step``) and keeps a fixed subset of each weight's elements, and
+the post-step hook reduces the update on that subset. The rows of the step
+come to the host once, and the publisher thread does everything else.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import sys
+import time
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import histogram, wire
+from .reduce import COL, Batch
+from .rules import RuleEngine
+from .server import Publisher
+
+log = logging.getLogger("xray-tui")
+
+
+def _is_activation(module: nn.Module) -> bool:
+    """Activation functions: torch's own and those named like them."""
+    if type(module).__module__ == "torch.nn.modules.activation":
+        return True
+    name = type(module).__name__
+    return name.endswith("Activation") or name in {"GELU", "ReLU", "SiLU", "Tanh", "Sigmoid"}
+
+
+def _is_block(name: str, module: nn.Module, parent_is_list: bool) -> bool:
+    """Transformer blocks: the items of a ModuleList of composite modules."""
+    return parent_is_list and any(True for _ in module.children())
+
+
+def select_modules(model: nn.Module, include: Iterable[str] | None = None,
+                   exclude: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """Modules whose outputs are hooked by default: leaf modules with
+    parameters, activation functions and transformer blocks; narrowed by
+    glob patterns on the module path."""
+    list_children = {id(c) for m in model.modules() if isinstance(m, nn.ModuleList) for c in m}
+    chosen = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        leaf = not any(True for _ in module.children())
+        has_params = any(True for _ in module.parameters(recurse=False))
+        if not ((leaf and has_params) or _is_activation(module) or _is_block(name, module, id(module) in list_children)):
+            continue
+        if include and not any(fnmatch.fnmatch(name, p) for p in include):
+            continue
+        if exclude and any(fnmatch.fnmatch(name, p) for p in exclude):
+            continue
+        chosen.append((name, module))
+    return chosen
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _unwrap_name(name: str) -> str:
+    """Parameter names without DDP/compile wrappers' prefixes."""
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+class XRay:
+    """A probe attached to a model; see :func:`attach`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        every: int = 10,
+        name: str | None = None,
+        log: str | None = None,
+        eps: float = 0.05,
+        serve: bool = True,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] | None = None,
+        hist_sample: int = 65536,
+        update_sample: int = 4096,
+        rules: RuleEngine | None = None,
+        seed: int = 0,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.model = model
+        self.optimizer = optimizer
+        self.every = every
+        self.eps = eps
+        self.hist_k = hist_sample
+        self.update_k = update_sample
+        self.step_index = 0
+        self._sampling = True
+        self._seen: set[str] = set()
+        self._batch = Batch()
+        self._gen = torch.Generator().manual_seed(seed)
+        self._subsets: dict[str, torch.Tensor | None] = {}
+        self._snapshots: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        self._closed = False
+        self._failed: set[str] = set()
+        self._warned_step = False
+
+        self.params = [(_unwrap_name(n), p) for n, p in model.named_parameters() if p.is_floating_point()]
+        modules = [(_unwrap_name(n), m) for n, m in select_modules(model, include, exclude)]
+        hooked = {n for n, _ in modules}
+        rank, world = _rank_and_world()
+        self.rank = rank
+        self.run = name or os.path.splitext(os.path.basename(sys.argv[0] or "run"))[0] or "run"
+        hello = wire.Hello(
+            version=wire.PROTOCOL_VERSION,
+            run=self.run,
+            rank=rank,
+            world_size=world,
+            pid=os.getpid(),
+            started=time.time(),
+            argv=list(sys.argv),
+            every=every,
+            eps=eps,
+            hist=histogram.SPEC,
+            layers=self._layer_infos(hooked),
+        )
+        self.publisher = Publisher(hello, serve=serve, log_path=log, rules=rules)
+        for mname, module in modules:
+            self._handles.append(module.register_forward_hook(self._make_hook(mname)))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_update()))
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.after_update()))
+
+    def _layer_infos(self, hooked: set[str]) -> list[wire.LayerInfo]:
+        by_module: dict[str, list[str]] = {}
+        for pname, _ in self.params:
+            mod, _, short = pname.rpartition(".")
+            by_module.setdefault(mod, []).append(short)
+        infos = []
+        for mname, module in self.model.named_modules():
+            mname = _unwrap_name(mname)
+            if mname in by_module or mname in hooked:
+                infos.append(wire.LayerInfo(mname, type(module).__name__, by_module.pop(mname, []), mname in hooked))
+        return infos
+
+    # -- hooks ----------------------------------------------------------
+
+    def _make_hook(self, name: str):
+        def hook(module, inputs, output):
+            if not self._sampling or name in self._seen or "act" in self._failed:
+                return
+            if not torch.is_grad_enabled():
+                return  # evaluation passes are not training activations
+            try:
+                x = _first_tensor(output)
+                if x is None or not x.is_floating_point():
+                    return
+                self._seen.add(name)  # gradient checkpointing runs forward twice
+                self._batch.add(name, "act", x, self.eps, self.hist_k, self._gen, dead=True)
+            except Exception:
+                self._fail("act")
+
+        return hook
+
+    def _fail(self, part: str) -> None:
+        """Switch off a failing part of the probe with one warning."""
+        self._failed.add(part)
+        log.exception("xray-tui: the probe's %s statistics failed and are switched off", part)
+
+    def _subset(self, name: str, p: torch.Tensor) -> torch.Tensor | None:
+        if name not in self._subsets:
+            n = p.numel()
+            self._subsets[name] = (
+                None if n <= self.update_k
+                else torch.randperm(n, generator=self._gen)[: self.update_k].sort().values.to(p.device)
+            )
+        return self._subsets[name]
+
+    def _take(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        idx = self._subset(name, p)
+        flat = p.detach().reshape(-1)
+        return (flat if idx is None else flat[idx]).float().clone()
+
+    def before_update(self) -> None:
+        """Read weights and gradients, and keep the update subset (sampled steps)."""
+        if not self._sampling or "params" in self._failed:
+            return
+        try:
+            self._read_params()
+            self._snapshots = {n: self._take(n, p) for n, p in self.params if p.requires_grad}
+        except Exception:
+            self._fail("params")
+
+    def after_update(self) -> None:
+        """Reduce the updates, ship the step, and move to the next one."""
+        if self._sampling:
+            try:
+                self._read_updates()
+            except Exception:
+                self._fail("params")
+            self._flush()
+        self._advance()
+
+    def step(self) -> None:
+        """Mark a step boundary in loops that did not pass an optimizer.
+
+        Call it once per optimizer step, after ``backward()`` and before
+        ``zero_grad()``. The update is measured between two calls.
+        """
+        if self.optimizer is not None:
+            if not self._warned_step:
+                log.warning("xray-tui: step() ignored: the optimizer's own hooks count steps")
+                self._warned_step = True
+            return
+        if self._sampling:
+            try:
+                self._read_params()
+                self._read_updates()
+            except Exception:
+                self._fail("params")
+            self._flush()
+        self._advance()
+        if self._sampling:
+            self._snapshots = {n: self._take(n, p) for n, p in self.params if p.requires_grad}
+
+    def _read_params(self) -> None:
+        b = self._batch
+        for name, p in self.params:
+            b.add(name, "weight", p, self.eps, self.hist_k, self._gen)
+            if p.grad is not None:
+                b.add(name, "grad", p.grad, self.eps, self.hist_k, self._gen)
+
+    def _read_updates(self) -> None:
+        snaps, self._snapshots = self._snapshots, {}
+        for name, p in self.params:
+            before = snaps.get(name)
+            if before is None:
+                continue
+            delta = self._take(name, p) - before
+            ref = (before * before).sum(dtype=torch.float64)
+            self._batch.add(name, "update", delta, self.eps, self.hist_k, None, ref_sumsq=ref)
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, Batch()
+        self._seen.clear()
+        if not len(batch) or self._closed:
+            return
+        try:
+            rows, hists = batch.to_host()  # the one device-to-host copy of the step
+        except Exception:
+            self._fail("transfer")
+            return
+        step, rank, t = self.step_index, self.rank, time.time()
+        self.publisher.submit(lambda: build_step(step, rank, t, batch.meta, rows, hists, batch.hist_n))
+
+    def _advance(self) -> None:
+        self.step_index += 1
+        self._sampling = self.step_index % self.every == 0
+
+    # -- lifecycle --------------------------------------------------------
+
+    def note(self, event: str, **data) -> None:
+        """Send an event (e.g. an injected fault) along with the statistics."""
+        step, rank = self.step_index, self.rank
+        self.publisher.submit(lambda: wire.Note(step, rank, event, data))
+
+    def close(self, reason: str = "finished") -> None:
+        """Remove the hooks, send what is queued, close socket and recording."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._handles:
+            h.remove()
+        step, rank = self.step_index, self.rank
+        self.publisher.submit(lambda: wire.End(step, rank, reason))
+        self.publisher.close()
+
+    def __enter__(self) -> "XRay":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        reason = "finished" if exc_type is None else ("interrupted" if exc_type is KeyboardInterrupt else "error")
+        self.close(reason)
+
+
+def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np.ndarray, hist_n) -> wire.Step:
+    """Turn the host copy of a step's rows into a :class:`wire.Step` (publisher thread)."""
+    samples = []
+    for (layer, kind), row, counts, n in zip(meta, rows, hists, hist_n):
+        lo, run = histogram.trim(counts)
+        dead = row[COL["dead_units"]]
+        ref = row[COL["ref_sumsq"]]
+        ratio = None
+        if kind == "update" and ref > 0:
+            ratio = float(np.sqrt(row[COL["sumsq"]] / ref))
+        samples.append(
+            wire.Sample(
+                layer=layer,
+                kind=kind,
+                count=int(row[COL["count"]]),
+                sum=float(row[COL["sum"]]),
+                sumsq=float(row[COL["sumsq"]]),
+                abssum=float(row[COL["abssum"]]),
+                min=float(row[COL["min"]]),
+                max=float(row[COL["max"]]),
+                near_zero=int(row[COL["near_zero"]]),
+                zeros=int(row[COL["zeros"]]),
+                nan=int(row[COL["nan"]]),
+                posinf=int(row[COL["posinf"]]),
+                neginf=int(row[COL["neginf"]]),
+                hist_lo=lo,
+                hist=run.tolist(),
+                hist_n=int(n),
+                dead_units=None if np.isnan(dead) else float(dead),
+                ratio=ratio,
+            )
+        )
+    return wire.Step(step=step, rank=rank, time=t, samples=samples)
+
+
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kwargs) -> XRay:
+    """Attach a probe to ``model`` (and ``optimizer``, to count steps).
+
+    Keyword arguments: ``every`` (sample one step in N, default 10), ``name``
+    (the run's name in ``xray-tui ls``), ``log`` (record the stream to this
+    file), ``eps`` (near-zero threshold, 0.05), ``serve`` (listen for
+    viewers, default True), ``include``/``exclude`` (glob patterns of module
+    paths whose outputs are hooked), ``hist_sample`` (elements histogrammed
+    per tensor), ``update_sample`` (elements per weight used for updates).
+    Usable as a context manager; without an optimizer call ``xr.step()``.
+    """
+    return XRay(model, optimizer, **kwargs)

@@ -1,0 +1,87 @@
+"""Statistics derived from a :class:`~probes.wire.Sample`'s sufficient statistics.
+
+Numpy-only: used by the probe's rules, the viewer and the exporter alike.
+Definitions follow DESIGN.md: std is the population standard deviation
+(numpy's default ``ddof=0``), l2 is the Euclidean norm, near-zero counts
+``|x| < eps``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import histogram
+from .wire import Sample
+
+
+def mean(s: Sample) -> float:
+    """Arithmetic mean (NaN if the tensor held a NaN or both infinities)."""
+    return s.sum / s.count if s.count else math.nan
+
+
+def std(s: Sample) -> float:
+    """Population standard deviation."""
+    if not s.count:
+        return math.nan
+    m = s.sum / s.count
+    var = s.sumsq / s.count - m * m
+    if math.isnan(var):
+        return math.nan
+    return math.sqrt(max(var, 0.0))
+
+
+def l2(s: Sample) -> float:
+    """Euclidean norm."""
+    return math.sqrt(s.sumsq) if s.sumsq >= 0 else math.nan
+
+
+def rms(s: Sample) -> float:
+    """Root mean square."""
+    return math.sqrt(s.sumsq / s.count) if s.count else math.nan
+
+
+def absmax(s: Sample) -> float:
+    """Largest magnitude among the finite elements (inf counts apart)."""
+    return max(abs(s.min), abs(s.max)) if s.count else math.nan
+
+
+def fraction(n: int, s: Sample) -> float:
+    """``n`` as a share of the sample's elements."""
+    return n / s.count if s.count else math.nan
+
+
+def nonfinite(s: Sample) -> int:
+    """NaN plus infinite elements."""
+    return s.nan + s.posinf + s.neginf
+
+
+def hist_edges(s: Sample) -> np.ndarray:
+    """Edges of the sample's trimmed histogram run."""
+    return histogram.edges_for(s.hist_lo, len(s.hist))
+
+
+def export_dict(s: Sample, step: int, rank: int) -> dict:
+    """The documented export JSONL object for one sample."""
+    return {
+        "type": "sample",
+        "step": step,
+        "rank": rank,
+        "layer": s.layer,
+        "kind": s.kind,
+        "count": s.count,
+        "mean": mean(s),
+        "std": std(s),
+        "min": s.min,
+        "max": s.max,
+        "absmax": absmax(s),
+        "l2": l2(s),
+        "near_zero": fraction(s.near_zero, s),
+        "zeros": fraction(s.zeros, s),
+        "nan": s.nan,
+        "inf": s.posinf + s.neginf,
+        "dead_units": s.dead_units,
+        "ratio": s.ratio,
+        "hist": {"edges": hist_edges(s).tolist(), "counts": list(s.hist), "sampled": s.hist_n},
+    }

@@ -1,0 +1,250 @@
+"""The xray-tui wire format: versioned msgpack frames behind a length prefix.
+
+A stream (a socket connection or a recording file) starts with the 8-byte
+``MAGIC``; then each frame is a 4-byte big-endian length followed by one
+msgpack-encoded message. The first message is always a :class:`Hello`.
+Every frame from outside is untrusted: its size is capped, its schema is
+checked by msgspec, and anything malformed raises :class:`WireError` with a
+one-line reason. This module imports numpy-free msgspec only, so the viewer
+uses it without torch.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated, Iterator, Literal, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+from . import histogram
+
+PROTOCOL_VERSION = 1
+MAGIC = b"XRAYTUI\x01"
+#: Largest frame accepted; a bigger length prefix is refused before reading.
+MAX_FRAME = 64 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+Count = Annotated[int, Meta(ge=0)]
+Kind = Literal["weight", "grad", "act", "update"]
+Severity = Literal["info", "warning", "critical"]
+BinIndex = Annotated[int, Meta(ge=0, lt=histogram.NUM_BINS)]
+
+
+class WireError(Exception):
+    """A stream or frame that is not a valid xray-tui message."""
+
+
+class LayerInfo(Struct, frozen=True):
+    """One watched module, in model (forward-definition) order."""
+
+    name: str
+    type: str = ""
+    params: list[str] = []  # short names, e.g. ["weight", "bias"]
+    act: bool = False  # whether its output is hooked
+
+
+class Hello(Struct, tag="hello", frozen=True):
+    """First message of every stream: who is talking and what to expect."""
+
+    version: int
+    run: str
+    rank: Count = 0
+    world_size: Annotated[int, Meta(ge=1)] = 1
+    pid: Count = 0
+    started: float = 0.0
+    argv: list[str] = []
+    every: Annotated[int, Meta(ge=1)] = 1
+    eps: float = 0.05
+    hist: str = histogram.SPEC
+    layers: list[LayerInfo] = []
+
+
+class Sample(Struct, frozen=True, array_like=True):
+    """Sufficient statistics of one tensor at one step (mergeable).
+
+    ``count`` is the number of elements read; the sums are over all of them
+    (so a single NaN makes ``sum`` NaN, as the tensor's true sum is).
+    The histogram covers the finite elements of a sample of ``hist_n``
+    elements: ``hist`` holds the counts of bins ``hist_lo ..`` in the fixed
+    edge set of :mod:`probes.histogram`.
+    """
+
+    layer: str
+    kind: Kind
+    count: Count
+    sum: float
+    sumsq: float
+    abssum: float
+    min: float
+    max: float
+    near_zero: Count
+    zeros: Count
+    nan: Count
+    posinf: Count
+    neginf: Count
+    hist_lo: BinIndex
+    hist: list[Count]
+    hist_n: Count
+    dead_units: float | None = None  # act: fraction of last-dim units never above eps
+    ratio: float | None = None  # update: ||dW|| / ||W|| on the element subset
+
+
+class Step(Struct, tag="step", frozen=True):
+    """All samples one rank took at one training step."""
+
+    step: Count
+    rank: Count
+    time: float
+    samples: list[Sample]
+    drops: Count = 0  # samples the probe dropped so far because it fell behind
+
+
+class Alert(Struct, tag="alert", frozen=True):
+    """A rule fired (or, with severity ``info``, recovered)."""
+
+    step: Count
+    rank: Count
+    severity: Severity
+    rule: str
+    layer: str
+    kind: Kind
+    value: float
+    threshold: float
+    message: str
+
+
+class Note(Struct, tag="note", frozen=True):
+    """A free-form event of the run, e.g. an injected fault in the demo."""
+
+    step: Count
+    rank: Count
+    event: str
+    data: dict[str, str | int | float | bool | None] = {}
+
+
+class End(Struct, tag="end", frozen=True):
+    """The run stopped: ``reason`` is ``finished``, ``error`` or ``interrupted``."""
+
+    step: Count
+    rank: Count
+    reason: str = "finished"
+
+
+Message = Union[Hello, Step, Alert, Note, End]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    """One frame: length prefix plus the msgpack body."""
+    body = _encoder.encode(msg)
+    if len(body) > MAX_FRAME:
+        raise WireError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte cap")
+    return _LEN.pack(len(body)) + body
+
+
+def decode(body: bytes) -> Message:
+    """Decode and validate one frame body."""
+    try:
+        msg = _decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise WireError(f"malformed frame: {exc}") from None
+    if isinstance(msg, Hello) and msg.version != PROTOCOL_VERSION:
+        raise WireError(
+            f"protocol version {msg.version}, this xray-tui speaks {PROTOCOL_VERSION}: "
+            "upgrade the older side"
+        )
+    if isinstance(msg, Sample):  # pragma: no cover - Sample is never a top-level message
+        raise WireError("malformed frame: bare sample")
+    return msg
+
+
+class FrameReader:
+    """Incremental decoder: feed bytes as they arrive, get whole messages.
+
+    Checks the magic, that the first message is a Hello, and the size cap.
+    ``pending`` is the number of bytes of an incomplete frame held back.
+    """
+
+    def __init__(self, source: str = "stream") -> None:
+        self.source = source
+        self._buf = bytearray()
+        self._magic_ok = False
+        self._hello: Hello | None = None
+
+    @property
+    def hello(self) -> Hello | None:
+        """The stream's Hello, once read."""
+        return self._hello
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet make a whole frame."""
+        return len(self._buf)
+
+    def _fail(self, why: str) -> WireError:
+        return WireError(f"{self.source}: {why}")
+
+    def feed(self, data: bytes) -> list[Message]:
+        """Add bytes; return every message they complete (may be empty)."""
+        self._buf += data
+        out: list[Message] = []
+        if not self._magic_ok:
+            if len(self._buf) < len(MAGIC):
+                if not MAGIC.startswith(bytes(self._buf)):
+                    raise self._fail("not an xray-tui stream (bad magic)")
+                return out
+            if self._buf[: len(MAGIC)] != MAGIC:
+                raise self._fail("not an xray-tui stream (bad magic)")
+            del self._buf[: len(MAGIC)]
+            self._magic_ok = True
+        while len(self._buf) >= _LEN.size:
+            (size,) = _LEN.unpack_from(self._buf)
+            if size > MAX_FRAME:
+                raise self._fail(f"frame of {size} bytes exceeds the {MAX_FRAME}-byte cap")
+            if len(self._buf) < _LEN.size + size:
+                break
+            body = bytes(self._buf[_LEN.size : _LEN.size + size])
+            del self._buf[: _LEN.size + size]
+            try:
+                msg = decode(body)
+            except WireError as exc:
+                raise self._fail(str(exc)) from None
+            if self._hello is None:
+                if not isinstance(msg, Hello):
+                    raise self._fail("stream does not start with a hello message")
+                self._hello = msg
+            out.append(msg)
+        return out
+
+
+def read_file(path: str, chunk: int = 1 << 20) -> tuple[list[Message], int]:
+    """Read a whole recording: its messages and the number of torn tail bytes.
+
+    A recording cut short by a crash ends in a partial frame; everything up
+    to the last whole frame is returned and the torn bytes are counted.
+    Raises :class:`WireError` for a file that is not a recording.
+    """
+    msgs, torn = [], 0
+    for batch, torn in iter_file(path, chunk):
+        msgs.extend(batch)
+    return msgs, torn
+
+
+def iter_file(path: str, chunk: int = 1 << 20) -> Iterator[tuple[list[Message], int]]:
+    """Stream a recording as batches of messages; the torn byte count rides along."""
+    reader = FrameReader(source=path)
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise WireError(f"{path}: {exc.strerror}") from None
+    with f:
+        if not f.read(1):
+            raise WireError(f"{path}: empty file, not an xray-tui recording")
+        f.seek(0)
+        while data := f.read(chunk):
+            yield reader.feed(data), reader.pending
+    if reader.hello is None:
+        raise WireError(f"{path}: not an xray-tui recording (no hello message)")

@@ -1,0 +1,159 @@
+"""Where the viewer's messages come from: live sockets, a recording, or a list.
+
+A source's :meth:`batches` is a blocking generator of message lists, run on
+a reader thread (the app's worker, or headless mode's loop). It returns when
+the stream is over and raises :class:`FeedError` with a one-line reason when
+it cannot go on. Nothing here touches widgets.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import stat
+import threading
+import time
+from typing import Iterable, Iterator
+
+from probes import rundir, wire
+
+Batch = list  # list[wire.Message]
+
+
+class FeedError(Exception):
+    """The source cannot be read: unknown run, not ours, malformed stream."""
+
+
+def resolve_run(name: str | None) -> rundir.Run:
+    """The live run called ``name``, or the only live run when ``name`` is None."""
+    try:
+        runs = rundir.live_runs()
+    except rundir.RunDirError as exc:
+        raise FeedError(str(exc)) from None
+    if name is None:
+        if not runs:
+            raise FeedError("no live runs (start one with probes.attach(...) or `xray-tui demo`)")
+        if len(runs) > 1:
+            names = ", ".join(r.name for r in runs)
+            raise FeedError(f"several live runs ({names}): name one, e.g. `xray-tui attach {runs[-1].name}`")
+        return runs[0]
+    for r in runs:
+        if r.name == name:
+            return r
+    known = ", ".join(r.name for r in runs) or "none"
+    raise FeedError(f"unknown run {name!r} (live runs: {known})")
+
+
+class SocketSource:
+    """Reads every rank of a live run (or explicit socket paths) at once."""
+
+    def __init__(self, paths: Iterable[str], label: str = "") -> None:
+        self.paths = list(paths)
+        self.label = label or ", ".join(self.paths)
+
+    @classmethod
+    def for_run(cls, name: str | None) -> "SocketSource":
+        """A source for a live run found by name in the run directory."""
+        run = resolve_run(name)
+        return cls([m.socket for m in run.ranks], label=run.name)
+
+    def _connect(self, path: str) -> socket.socket:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise FeedError(f"{path}: {exc.strerror}") from None
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FeedError(f"{path} is not a socket")
+        if st.st_uid != os.getuid():
+            raise FeedError(f"{path} belongs to uid {st.st_uid}, not to you: refused")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            raise FeedError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        return sock
+
+    def batches(self, stop: threading.Event | None = None, hello_timeout: float = 5.0) -> Iterator[Batch]:
+        """Yield decoded messages as they arrive until every rank is done."""
+        stop = stop or threading.Event()
+        sel = selectors.DefaultSelector()
+        readers = {}
+        try:
+            for path in self.paths:
+                sock = self._connect(path)
+                sock.setblocking(False)
+                readers[sock] = wire.FrameReader(source=path)
+                sel.register(sock, selectors.EVENT_READ)
+            started = time.monotonic()
+            while readers and not stop.is_set():
+                out: Batch = []
+                for key, _ in sel.select(timeout=0.2):
+                    sock = key.fileobj
+                    try:
+                        data = sock.recv(1 << 20)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        data = b""
+                    reader = readers[sock]
+                    if not data:
+                        if reader.hello is None:
+                            raise FeedError(f"{reader.source}: closed before saying hello (not an xray-tui probe?)")
+                        sel.unregister(sock)
+                        sock.close()
+                        del readers[sock]
+                        continue
+                    try:
+                        out += reader.feed(data)
+                    except wire.WireError as exc:
+                        raise FeedError(str(exc)) from None
+                if out:
+                    yield out
+                elif time.monotonic() - started > hello_timeout and any(r.hello is None for r in readers.values()):
+                    bad = next(r.source for r in readers.values() if r.hello is None)
+                    raise FeedError(f"{bad}: no hello within {hello_timeout:g}s (not an xray-tui probe?)")
+        finally:
+            for sock in list(readers):
+                sock.close()
+            sel.close()
+
+
+class FileSource:
+    """Reads a recording; ``torn`` holds the torn-tail byte count at the end."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.label = os.path.basename(path)
+        self.torn = 0
+
+    def batches(self, stop: threading.Event | None = None) -> Iterator[Batch]:
+        """Yield the recording's messages in chunks."""
+        try:
+            for batch, pending in wire.iter_file(self.path):
+                self.torn = pending
+                if stop is not None and stop.is_set():
+                    return
+                if batch:
+                    yield batch
+        except wire.WireError as exc:
+            raise FeedError(str(exc)) from None
+
+
+class ListSource:
+    """A fixed list of batches, optionally paced: for tests and benchmarks."""
+
+    def __init__(self, batches: list[Batch], delay: float = 0.0, label: str = "test") -> None:
+        self._batches = batches
+        self.delay = delay
+        self.label = label
+
+    def batches(self, stop: threading.Event | None = None) -> Iterator[Batch]:
+        """Yield the batches, sleeping ``delay`` between them."""
+        for b in self._batches:
+            if stop is not None and stop.is_set():
+                return
+            yield b
+            if self.delay:
+                time.sleep(self.delay)
