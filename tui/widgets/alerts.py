@@ -1,0 +1,186 @@
+"""The alerts pane: every alert of the run, newest first, one line each.
+
+Also a Line-API ``ScrollView``: a week-long run can collect thousands of
+alerts, and rebuilding an OptionList to put the newest on top would cost
+O(alerts) per paint. Enter (or a click) on an alert posts
+:class:`AlertList.Selected`; the app moves the layer table to its layer.
+"""
+
+from __future__ import annotations
+
+from rich.segment import Segment
+from textual import events
+from textual.binding import Binding
+from textual.geometry import Size
+from textual.message import Message
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+from probes.wire import Alert
+from tui.state import RunState
+
+SEVERITY_LABEL = {"info": "INFO", "warning": "WARNING", "critical": "CRITICAL"}
+
+
+def alert_text(alert: Alert, *, multi_rank: bool = False) -> tuple[str, str, str]:
+    """The three parts of an alert line: step, severity label, the rest."""
+    step = f"{alert.step:>7}"
+    where = f"r{alert.rank} " if multi_rank else ""
+    rest = f"{alert.rule:<12}  {where}{alert.layer}  {alert.message}"
+    return step, f"{SEVERITY_LABEL.get(alert.severity, alert.severity.upper()):<8}", rest
+
+
+class AlertList(ScrollView, can_focus=True):
+    """The run's alerts, newest first, with a cursor."""
+
+    COMPONENT_CLASSES = {
+        "alert-list--cursor",
+        "alert-list--muted",
+        "alert-list--info",
+        "alert-list--warning",
+        "alert-list--critical",
+    }
+
+    DEFAULT_CSS = """
+    AlertList {
+        background: $surface;
+        color: $foreground;
+        overflow-x: hidden;
+    }
+    AlertList > .alert-list--cursor { background: $xray-cursor; }
+    AlertList > .alert-list--muted { color: $xray-muted; }
+    AlertList > .alert-list--info { color: $xray-info; }
+    AlertList > .alert-list--warning { color: $xray-warning; text-style: bold; }
+    AlertList > .alert-list--critical { color: $xray-critical; text-style: bold; }
+    """
+
+    BINDINGS = [
+        Binding("up,k", "cursor(-1)", "Up", show=False),
+        Binding("down,j", "cursor(1)", "Down", show=False),
+        Binding("home", "jump(0)", "Newest", show=False),
+        Binding("end", "jump(-1)", "Oldest", show=False),
+        Binding("enter", "select", "Go to layer"),
+    ]
+
+    #: Index of the highlighted alert, 0 = newest.
+    cursor: reactive[int] = reactive(0, always_update=True)
+
+    class Selected(Message):
+        """The user chose an alert: show its layer."""
+
+        def __init__(self, alert: Alert) -> None:
+            super().__init__()
+            self.alert = alert
+
+    def __init__(self, state: RunState, *, name: str | None = None, id: str | None = None,
+                 classes: str | None = None) -> None:
+        super().__init__(name=name, id=id, classes=classes)
+        self.state = state
+        self._count = 0  # alerts shown as of the last refresh_data
+        self._version = 0
+        self._cache: dict[int, Strip] = {}
+        self._cache_key: tuple = ()
+        self.border_title = "alerts"
+
+    def refresh_data(self) -> None:
+        """Catch up with the state's alerts, keeping the cursor on its alert."""
+        n = len(self.state.alerts)
+        if n != self._count:
+            # New alerts go on top: shift the cursor so it stays on the same one,
+            # unless it sits on the newest (then it follows the news).
+            if self.cursor > 0:
+                self.cursor += n - self._count
+            self._count = n
+            self.virtual_size = Size(self.scrollable_content_region.width, max(n, 1))
+            self._version += 1
+            active = len(self.state.active)
+            self.border_title = f"alerts · {active} active · {n} total"
+            self.refresh()
+
+    def alert_at(self, pos: int) -> Alert | None:
+        """The alert on line ``pos`` (0 = newest), as of the last refresh."""
+        alerts = self.state.alerts
+        if not 0 <= pos < self._count:
+            return None
+        # The deque may have grown since the last refresh: count from its end.
+        return alerts[len(alerts) - 1 - pos - (len(alerts) - self._count)]
+
+    def validate_cursor(self, value: int) -> int:
+        return max(0, min(value, self._count - 1)) if self._count else 0
+
+    def watch_cursor(self, old: int, new: int) -> None:
+        top = round(self.scroll_offset.y)
+        height = max(self.size.height, 1)
+        if new < top:
+            self.scroll_to(y=new, animate=False, force=True)
+        elif new >= top + height:
+            self.scroll_to(y=new - height + 1, animate=False, force=True)
+        self.refresh()
+
+    def action_cursor(self, delta: int) -> None:
+        """Move the cursor by ``delta`` alerts."""
+        self.cursor += delta
+
+    def action_jump(self, where: int) -> None:
+        """Go to the newest (0) or oldest (-1) alert."""
+        self.cursor = 0 if where == 0 else self._count - 1
+
+    def action_select(self) -> None:
+        """Post :class:`Selected` for the highlighted alert."""
+        alert = self.alert_at(self.cursor)
+        if alert is not None:
+            self.post_message(self.Selected(alert))
+
+    def _on_click(self, event: events.Click) -> None:
+        offset = event.get_content_offset(self)
+        if offset is not None:
+            self.cursor = round(self.scroll_offset.y) + offset.y
+            self.action_select()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.virtual_size = Size(self.scrollable_content_region.width, max(self._count, 1))
+
+    def notify_style_update(self) -> None:
+        # Theme changed: cached colours are stale.
+        super().notify_style_update()
+        self._cache, self._cache_key = {}, ()
+
+    def _style(self, name: str):
+        return self.get_component_rich_style(f"alert-list--{name}", partial=True)
+
+    def render_line(self, y: int) -> Strip:
+        """One alert line (or the placeholder when there are none)."""
+        # The vertical scrollbar takes its cells out of the content region.
+        width = self.scrollable_content_region.width
+        base = self.rich_style
+        if self._count == 0:
+            text = "no alerts" if y == 0 else ""
+            return Strip([Segment(" " + text if text else "", self._style("muted"))]).adjust_cell_length(width).apply_style(base)
+        pos = round(self.scroll_offset.y) + y
+        if pos >= self._count:
+            return Strip.blank(width, base)
+        key = (self._version, width)
+        if key != self._cache_key:
+            self._cache, self._cache_key = {}, key
+        strip = self._cache.get(pos)
+        if strip is None:
+            alert = self.alert_at(pos)
+            step, sev, rest = alert_text(alert, multi_rank=self.state.world_size > 1)
+            strip = Strip([
+                Segment(step, self._style("muted")),
+                Segment("  "),
+                Segment(sev, self._style(alert.severity)),
+                Segment("  "),
+                Segment(rest),
+            ]).adjust_cell_length(width)
+            self._cache[pos] = strip
+        if pos == self.cursor and self.has_focus:
+            return strip.apply_style(base + self._style("cursor"))
+        return strip.apply_style(base)
+
+    def on_focus(self) -> None:
+        self.refresh()
+
+    def on_blur(self) -> None:
+        self.refresh()

@@ -1,0 +1,134 @@
+"""The two-line header: which run, how far, how fast, and whether it is live.
+
+Everything shown comes from the messages (step, the probe's own clock for
+steps/s), never from the wall clock, so a replay and a snapshot test read the
+same as the live run did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual.widget import Widget
+
+from tui.state import RunState
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """What the header shows; the app builds one per paint."""
+
+    run: str
+    step: int
+    steps_per_s: float | None
+    ranks: int
+    world_size: int
+    connection: str
+    paused: bool
+    samples: int
+    drops: int
+    active_alerts: int
+    layers_shown: int
+    layers_total: int
+    filter: str = ""
+
+    @classmethod
+    def from_state(cls, state: RunState, *, label: str, connection: str, paused: bool,
+                   layers_shown: int, filter: str = "") -> "HeaderInfo":
+        """Summarise ``state`` (on the app's thread)."""
+        return cls(run=state.run or label, step=state.step, steps_per_s=state.steps_per_s,
+                   ranks=len(state.hellos), world_size=state.world_size, connection=connection,
+                   paused=paused, samples=state.samples_seen, drops=state.drops,
+                   active_alerts=len(state.active), layers_shown=layers_shown,
+                   layers_total=len(state.rows), filter=filter)
+
+
+class XRayHeader(Widget):
+    """Run name, step, speed, ranks, connection, pause flag, samples and drops."""
+
+    COMPONENT_CLASSES = {
+        "xray-header--title",
+        "xray-header--muted",
+        "xray-header--ok",
+        "xray-header--info",
+        "xray-header--warning",
+        "xray-header--critical",
+        "xray-header--paused",
+    }
+
+    DEFAULT_CSS = """
+    XRayHeader {
+        height: 2;
+        background: $panel;
+        color: $foreground;
+    }
+    XRayHeader > .xray-header--title { text-style: bold; color: $primary; }
+    XRayHeader > .xray-header--muted { color: $xray-muted; }
+    XRayHeader > .xray-header--ok { color: $xray-ok; text-style: bold; }
+    XRayHeader > .xray-header--info { color: $xray-info; text-style: bold; }
+    XRayHeader > .xray-header--warning { color: $xray-warning; text-style: bold; }
+    XRayHeader > .xray-header--critical { color: $xray-critical; text-style: bold; }
+    XRayHeader > .xray-header--paused { color: $background; background: $xray-warning; text-style: bold; }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.info: HeaderInfo | None = None
+
+    def show(self, info: HeaderInfo) -> None:
+        """Display ``info`` (repaints only when it changed)."""
+        if info != self.info:
+            self.info = info
+            self.refresh()
+
+    def _style(self, name: str):
+        return self.get_component_rich_style(f"xray-header--{name}", partial=True)
+
+    def _connection_style(self, connection: str):
+        if connection == "live":
+            return self._style("ok")
+        if connection == "run ended":
+            return self._style("info")
+        if connection.startswith("error"):
+            return self._style("critical")
+        if connection == "disconnected":
+            return self._style("warning")
+        return self._style("muted")
+
+    def render(self) -> Text:
+        """Two lines, each left part plus a right-aligned status."""
+        info = self.info
+        width = self.size.width
+        if info is None:
+            return Text(" xray-tui", style=self._style("title"))
+        muted = self._style("muted")
+        sep = (" · ", muted)
+        step = f"{info.step:,}" if info.step >= 0 else "—"
+        speed = f"{info.steps_per_s:.2f} steps/s" if info.steps_per_s else "— steps/s"
+        left1 = Text.assemble(" ", ("xray", self._style("title")), "  ", (info.run or "?", "bold"),
+                              sep, ("step ", muted), step, sep, speed, sep,
+                              ("ranks ", muted), f"{info.ranks}/{info.world_size}")
+        right1 = Text.assemble(("● ", self._connection_style(info.connection)),
+                               (info.connection, self._connection_style(info.connection)), " ")
+        layers = f"{info.layers_total:,}" if not info.filter else f"{info.layers_shown:,}/{info.layers_total:,}"
+        left2 = Text.assemble(" ", ("layers ", muted), layers,
+                              *(((" /", muted), (info.filter, "bold"), ("/", muted)) if info.filter else ()),
+                              sep, ("samples ", muted), f"{info.samples:,}", sep, ("drops ", muted),
+                              (f"{info.drops:,}", self._style("warning") if info.drops else None), sep,
+                              ("alerts ", muted),
+                              (f"{info.active_alerts} active",
+                               self._style("warning") if info.active_alerts else None))
+        right2 = Text(" PAUSED ", style=self._style("paused")) if info.paused else Text("")
+        lines = []
+        for left, right in ((left1, right1), (left2, right2)):
+            gap = width - left.cell_len - right.cell_len
+            if gap < 1:
+                # Narrow terminal: the status matters more than the tail of the left part.
+                left.truncate(max(width - right.cell_len - 1, 0), overflow="ellipsis")
+                gap = max(width - left.cell_len - right.cell_len, 0)
+            lines.append(Text.assemble(left, " " * gap, right))
+        out = Text("\n").join(lines)
+        out.no_wrap = True
+        out.overflow = "crop"
+        return out

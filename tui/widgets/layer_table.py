@@ -1,0 +1,383 @@
+"""The layer table: one row per watched module, drawn with Textual's Line API.
+
+A single :class:`LayerTable` (a ``ScrollView``) paints only the rows that are
+on screen, one :class:`~textual.strip.Strip` per row, cached until the data
+version changes. One widget per row (or per sparkline) would cost most of a
+core at a few hundred layers; this costs a few numpy calls per visible row per
+paint. The app decides when to paint (:meth:`LayerTable.refresh_data`, at a
+fixed rate); the table never reads the feed itself.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from rich.segment import Segment
+from rich.style import Style
+from textual import events
+from textual.binding import Binding
+from textual.geometry import Size
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+from probes import histogram, stats
+from probes.wire import Sample
+from tui.state import SEVERITY_RANK, Row, RunState
+
+#: Eighth blocks, index 0 = empty cell (a bin with no count stays blank).
+BLOCKS = " ▁▂▃▄▅▆▇█"
+SPARK_KINDS = ("weight", "grad", "act")
+SPARK_MIN, SPARK_MAX = 6, 24
+NAME_MIN, NAME_PREF = 16, 36
+BADGE_W, NUM_W, GAUGE_W = 6, 7, 9
+#: Near-zero share at which an activation counts as dead (DESIGN.md: >= 99%).
+DEAD_FRACTION = 0.99
+BADGES = {"ok": "✓ ok", "info": "✓ ok", "warning": "▲ warn", "critical": "✖ CRIT"}
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns fit in a given width, and how wide each is."""
+
+    width: int
+    name: int
+    kinds: tuple[str, ...]
+    spark: int
+    gauge: bool
+    norm: bool
+    ratio: bool
+
+
+def plan_columns(width: int) -> Columns:
+    """Choose the columns for ``width`` cells, dropping the least useful first.
+
+    Order of sacrifice as the terminal narrows: the weight sparkline, then
+    the gradient one, then the update ratio, the activation sparkline, the
+    gauge and the grad norm. The name keeps at least ``NAME_MIN`` cells when
+    it can, and whatever is left over once the sparklines reach their cap.
+    """
+    configs = [
+        (SPARK_KINDS, True, True, True),
+        (("grad", "act"), True, True, True),
+        (("act",), True, True, True),
+        (("act",), True, True, False),
+        ((), True, True, False),
+        ((), False, True, False),
+        ((), False, False, False),
+    ]
+    for kinds, gauge, norm, ratio in configs:
+        fixed = BADGE_W + (GAUGE_W + 1) * gauge + (NUM_W + 1) * norm + (NUM_W + 1) * ratio + 1
+        spark = 0
+        if kinds:
+            spark = (width - fixed - NAME_PREF) // len(kinds) - 1
+            spark = max(SPARK_MIN, min(SPARK_MAX, spark))
+        name = width - fixed - len(kinds) * (spark + 1)
+        if name >= NAME_MIN or not (kinds or gauge or norm or ratio):
+            return Columns(width, max(name, 1), kinds, spark, gauge, norm, ratio)
+    raise AssertionError("unreachable: the last config always fits")
+
+
+def sparkline(sample: Sample | None, width: int) -> str:
+    """The sample's histogram re-binned over [min, max] as ``width`` blocks.
+
+    Heights are scaled to the tallest column; an empty column is a blank so
+    that gaps in a distribution stay visible.
+    """
+    if sample is None or not sample.hist:
+        return " " * width
+    cols = histogram.rebin_linear(sample.hist_lo, sample.hist, sample.min, sample.max, width)
+    top = cols.max()
+    if top <= 0:
+        return " " * width
+    idx = np.ceil(cols / top * 8).astype(np.int64)
+    return "".join(BLOCKS[i] for i in idx)
+
+
+def gauge(fraction: float) -> str:
+    """A four-cell near-zero gauge with its percentage, e.g. ``▮▮▯▯  42%``."""
+    if math.isnan(fraction):
+        return "—".center(GAUGE_W)
+    filled = min(4, max(0, round(fraction * 4)))
+    return "▮" * filled + "▯" * (4 - filled) + f" {fraction * 100:3.0f}%"
+
+
+def sci(value: float | None) -> str:
+    """A number in the table's fixed-width scientific notation (``1.2e-03``)."""
+    if value is None:
+        return "—"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.1e}"
+
+
+def fit_name(name: str, indent: int, width: int) -> str:
+    """Indent ``name`` and cut it from the left (the tail tells layers apart)."""
+    text = " " * indent + name
+    if len(text) <= width:
+        return text.ljust(width)
+    keep = width - indent - 1
+    if keep <= 0:
+        return ("…" + name[-max(width - 1, 0):])[:width] if width > 0 else ""
+    return " " * indent + "…" + name[-keep:]
+
+
+class LayerTable(ScrollView, can_focus=True):
+    """Every layer of the run, one line each, with a sticky column header."""
+
+    COMPONENT_CLASSES = {
+        "layer-table--header",
+        "layer-table--cursor",
+        "layer-table--muted",
+        "layer-table--weight",
+        "layer-table--grad",
+        "layer-table--act",
+        "layer-table--ok",
+        "layer-table--warning",
+        "layer-table--critical",
+        "layer-table--dead",
+    }
+
+    DEFAULT_CSS = """
+    LayerTable {
+        background: $surface;
+        color: $foreground;
+        overflow-x: hidden;
+    }
+    LayerTable > .layer-table--header { background: $panel; color: $foreground; text-style: bold; }
+    LayerTable > .layer-table--cursor { background: $xray-cursor; }
+    LayerTable:focus > .layer-table--cursor { background: $xray-cursor; text-style: bold; }
+    LayerTable > .layer-table--muted { color: $xray-muted; }
+    LayerTable > .layer-table--weight { color: $xray-weight; }
+    LayerTable > .layer-table--grad { color: $xray-grad; }
+    LayerTable > .layer-table--act { color: $xray-act; }
+    LayerTable > .layer-table--ok { color: $xray-ok; }
+    LayerTable > .layer-table--warning { color: $xray-warning; text-style: bold; }
+    LayerTable > .layer-table--critical { color: $xray-critical; text-style: bold; }
+    LayerTable > .layer-table--dead { color: $xray-dead; text-style: bold; }
+    """
+
+    BINDINGS = [
+        Binding("up,k", "cursor(-1)", "Up", show=False),
+        Binding("down,j", "cursor(1)", "Down", show=False),
+        Binding("pageup", "page(-1)", "Page up", show=False),
+        Binding("pagedown", "page(1)", "Page down", show=False),
+        Binding("home", "jump(0)", "First layer", show=False),
+        Binding("end", "jump(-1)", "Last layer", show=False),
+    ]
+
+    #: Index of the highlighted row within the (filtered) view.
+    cursor: reactive[int] = reactive(0, always_update=True, layout=False)
+
+    def __init__(self, state: RunState, *, name: str | None = None, id: str | None = None,
+                 classes: str | None = None) -> None:
+        super().__init__(name=name, id=id, classes=classes)
+        self.state = state
+        self.filter: re.Pattern | None = None
+        self._view: list[int] = []  # indices into state.rows that pass the filter
+        self._rows_seen: tuple[int, int] = (0, 0)  # (id(rows), len(rows)) the view was built from
+        self._version = 0
+        self._cache: dict[int, Strip] = {}  # row index -> unstyled strip at _version
+        self._cache_key: tuple = ()
+        self._severity: dict[str, str] = {}  # row name -> worst active severity
+        self._indent_base = 0
+
+    # -- data -------------------------------------------------------------
+
+    @property
+    def view(self) -> list[Row]:
+        """The rows shown, in order (after the filter)."""
+        rows = self.state.rows
+        return [rows[i] for i in self._view]
+
+    @property
+    def cursor_row(self) -> Row | None:
+        """The highlighted row, if any."""
+        if not self._view:
+            return None
+        return self.state.rows[self._view[min(self.cursor, len(self._view) - 1)]]
+
+    def severity(self, row: Row) -> str:
+        """Worst active severity of ``row`` as of the last data refresh."""
+        return self._severity.get(row.name, "ok")
+
+    def refresh_data(self) -> None:
+        """Take the state's current contents: new version, repaint visible rows.
+
+        Called by the app at its paint rate, never from a reader thread.
+        """
+        state = self.state
+        sev: dict[str, str] = {}
+        for (_, layer, _, _), alert in state.active.items():
+            name = state.row_of(layer)
+            if SEVERITY_RANK[alert.severity] > SEVERITY_RANK[sev.get(name, "ok")]:
+                sev[name] = alert.severity
+        self._severity = sev
+        if (id(state.rows), len(state.rows)) != self._rows_seen:
+            self._rebuild_view()
+        self._version += 1
+        self.refresh()
+
+    def set_filter(self, pattern: str) -> None:
+        """Show only rows whose name matches ``pattern`` (a case-insensitive regex).
+
+        Raises ``re.error`` for a bad pattern and then keeps the old filter.
+        """
+        self.filter = re.compile(pattern, re.IGNORECASE) if pattern else None
+        self._rebuild_view()
+        self._version += 1
+        self.refresh()
+
+    def _rebuild_view(self) -> None:
+        current = self.cursor_row.name if self._view else None
+        rows = self.state.rows
+        self._rows_seen = (id(rows), len(rows))
+        flt = self.filter
+        self._view = [i for i, r in enumerate(rows) if flt is None or flt.search(r.name)]
+        # Indent relative to the shallowest row so a flat model is not pushed right.
+        self._indent_base = min((rows[i].depth for i in self._view), default=0)
+        self.virtual_size = Size(self.scrollable_content_region.width, len(self._view) + 1)
+        names = [rows[i].name for i in self._view]
+        self.cursor = names.index(current) if current in names else min(self.cursor, max(len(names) - 1, 0))
+
+    # -- cursor -----------------------------------------------------------
+
+    def select_layer(self, name: str) -> bool:
+        """Move the cursor to the row called ``name``; clear a filter that hides it.
+
+        Returns False when the run has no such row.
+        """
+        rows = self.state.rows
+        for pos, i in enumerate(self._view):
+            if rows[i].name == name:
+                self.cursor = pos
+                return True
+        if self.filter is not None and any(r.name == name for r in rows):
+            self.set_filter("")
+            return self.select_layer(name)
+        return False
+
+    def next_alerting(self) -> Row | None:
+        """Move to the next row (after the cursor, wrapping) with an active alert."""
+        n = len(self._view)
+        rows = self.state.rows
+        for step in range(1, n + 1):
+            pos = (self.cursor + step) % n
+            if self._severity.get(rows[self._view[pos]].name, "ok") in ("warning", "critical"):
+                self.cursor = pos
+                return rows[self._view[pos]]
+        return None
+
+    def validate_cursor(self, value: int) -> int:
+        return max(0, min(value, len(self._view) - 1)) if self._view else 0
+
+    def watch_cursor(self, old: int, new: int) -> None:
+        self._scroll_to_cursor()
+        self.refresh()
+
+    def _scroll_to_cursor(self) -> None:
+        body = max(self.size.height - 1, 1)  # lines under the sticky header
+        top = round(self.scroll_offset.y)
+        if self.cursor < top:
+            self.scroll_to(y=self.cursor, animate=False, force=True)
+        elif self.cursor >= top + body:
+            self.scroll_to(y=self.cursor - body + 1, animate=False, force=True)
+
+    def action_cursor(self, delta: int) -> None:
+        """Move the cursor by ``delta`` rows."""
+        self.cursor += delta
+
+    def action_page(self, direction: int) -> None:
+        """Move the cursor by one screenful."""
+        self.cursor += direction * max(self.size.height - 2, 1)
+
+    def action_jump(self, where: int) -> None:
+        """Go to the first (0) or last (-1) row."""
+        self.cursor = 0 if where == 0 else len(self._view) - 1
+
+    def _on_click(self, event: events.Click) -> None:
+        offset = event.get_content_offset(self)
+        if offset is not None and offset.y >= 1:
+            self.cursor = round(self.scroll_offset.y) + offset.y - 1
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.virtual_size = Size(self.scrollable_content_region.width, len(self._view) + 1)
+        self._scroll_to_cursor()
+
+    def notify_style_update(self) -> None:
+        # A theme change alters every colour: drop the cached strips.
+        super().notify_style_update()
+        self._cache = {}
+        self._cache_key = ()
+
+    # -- painting ---------------------------------------------------------
+
+    def _style(self, name: str) -> Style:
+        return self.get_component_rich_style(f"layer-table--{name}", partial=True)
+
+    def render_line(self, y: int) -> Strip:
+        """Line ``y`` of the viewport: the header, or one row from the cache."""
+        # The vertical scrollbar takes its cells out of the content region.
+        width = self.scrollable_content_region.width
+        base = self.rich_style
+        cols = plan_columns(width)
+        if y == 0:
+            return self._header(cols).apply_style(base + self.get_component_rich_style("layer-table--header"))
+        pos = round(self.scroll_offset.y) + y - 1
+        if pos >= len(self._view):
+            return Strip.blank(width, base)
+        key = (self._version, width)
+        if key != self._cache_key:
+            self._cache, self._cache_key = {}, key
+        index = self._view[pos]
+        strip = self._cache.get(index)
+        if strip is None:
+            strip = self._cache[index] = self._row_strip(self.state.rows[index], cols)
+        if pos == self.cursor:
+            return strip.apply_style(base + self._style("cursor"))
+        return strip.apply_style(base)
+
+    def _header(self, cols: Columns) -> Strip:
+        parts = [fit_name("layer", 0, cols.name)]
+        parts += [k.center(cols.spark) for k in cols.kinds]
+        if cols.gauge:
+            parts.append("act ≈ 0".center(GAUGE_W))
+        if cols.norm:
+            parts.append("‖grad‖".rjust(NUM_W))
+        if cols.ratio:
+            parts.append("upd/w".rjust(NUM_W))
+        parts.append("status".ljust(BADGE_W))
+        return Strip([Segment(" ".join(parts))]).adjust_cell_length(cols.width)
+
+    def _row_strip(self, row: Row, cols: Columns) -> Strip:
+        """The segments of one row, coloured by meaning but without a background."""
+        state = self.state
+        muted = self._style("muted")
+        sev = self._severity.get(row.name, "ok")
+        segs = [Segment(fit_name(row.name, row.depth - self._indent_base, cols.name),
+                        self._style(sev) if sev in ("warning", "critical") else None)]
+        latest = {k: state.latest(row, k) for k in ("weight", "grad", "act", "update")}
+        for kind in cols.kinds:
+            s = latest[kind]
+            bad = s is not None and stats.nonfinite(s) > 0
+            segs += [Segment(" "), Segment(sparkline(s, cols.spark), self._style("critical" if bad else kind))]
+        if cols.gauge:
+            act = latest["act"]
+            frac = stats.fraction(act.near_zero, act) if act is not None else math.nan
+            style = self._style("dead") if frac >= DEAD_FRACTION else (muted if math.isnan(frac) else None)
+            segs += [Segment(" "), Segment(gauge(frac), style)]
+        if cols.norm:
+            g = latest["grad"]
+            bad = g is not None and stats.nonfinite(g) > 0
+            text = sci(stats.l2(g) if g is not None else None)
+            segs += [Segment(" "), Segment(text.rjust(NUM_W), self._style("critical") if bad else None)]
+        if cols.ratio:
+            u = latest["update"]
+            segs += [Segment(" "), Segment(sci(u.ratio if u is not None else None).rjust(NUM_W))]
+        segs += [Segment(" "), Segment(BADGES[sev].ljust(BADGE_W), self._style("ok" if sev == "info" else sev))]
+        return Strip(segs).adjust_cell_length(cols.width)
