@@ -129,7 +129,7 @@ class XRay:
 
         self.params = [(_unwrap_name(n), p) for n, p in model.named_parameters() if p.is_floating_point()]
         modules = [(_unwrap_name(n), m) for n, m in select_modules(model, include, exclude)]
-        hooked = {n for n, _ in modules}
+        hooked = {n: m for n, m in modules}
         rank, world = _rank_and_world()
         self.rank = rank
         self.run = name or os.path.splitext(os.path.basename(sys.argv[0] or "run"))[0] or "run"
@@ -153,7 +153,7 @@ class XRay:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_update()))
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.after_update()))
 
-    def _layer_infos(self, hooked: set[str]) -> list[wire.LayerInfo]:
+    def _layer_infos(self, hooked: dict[str, nn.Module]) -> list[wire.LayerInfo]:
         by_module: dict[str, list[str]] = {}
         for pname, _ in self.params:
             mod, _, short = pname.rpartition(".")
@@ -162,7 +162,11 @@ class XRay:
         for mname, module in self.model.named_modules():
             mname = _unwrap_name(mname)
             if mname in by_module or mname in hooked:
-                infos.append(wire.LayerInfo(mname, type(module).__name__, by_module.pop(mname, []), mname in hooked))
+                role = "activation" if _is_activation(module) else ("block" if mname in hooked and
+                                                                     mname not in by_module and
+                                                                     any(True for _ in module.children()) else "")
+                infos.append(wire.LayerInfo(mname, type(module).__name__, by_module.pop(mname, []),
+                                            mname in hooked, role))
         return infos
 
     # -- hooks ----------------------------------------------------------

@@ -27,7 +27,8 @@ class RuleConfig:
     explode_window: int = 16  # samples in that median
     explode_min_history: int = 4  # samples needed before the relative test applies
     explode_abs_cap: float = 1e4  # absmax of an activation or gradient above this
-    dead_near_zero: float = 0.99  # near-zero fraction of an activation
+    dead_near_zero: float = 0.99  # near-zero fraction of an activation function's output
+    dead_zeros: float = 0.99  # exact-zero fraction of any other module's output
     dead_units: float = 0.5  # fraction of units never above eps
     dead_k: int = 3
     stall_ratio: float = 1e-7  # update ratio below this counts as not moving
@@ -51,12 +52,21 @@ class RuleEngine:
         self._streams: dict[tuple[str, str, int], _StreamState] = {}
         # kinds with an active nonfinite alert: later layers are collateral
         self._nonfinite_active: dict[tuple[str, int], str] = {}
+        self._activations: set[str] = set()
+
+    def set_layers(self, layers) -> None:
+        """Tell the engine the model's layers (a Hello's ``layers``): the
+        near-zero and dead-unit tests apply to activation functions only,
+        since other modules' outputs are legitimately small at init."""
+        self._activations = {li.name for li in layers if li.role == "activation"}
 
     def evaluate(self, step: Step) -> list[Alert]:
         """Alerts that fire or recover at this step."""
         out: list[Alert] = []
         out += self._nonfinite(step)
         for s in step.samples:
+            if stats.nonfinite(s):
+                continue  # the nonfinite rule owns this sample; others would be collateral
             st = self._streams.setdefault((s.layer, s.kind, step.rank), _StreamState())
             if s.kind in ("weight", "grad", "act"):
                 self._exploding(step, s, st, out)
@@ -163,9 +173,14 @@ class RuleEngine:
 
     def _dead(self, step, s, st, out) -> None:
         c = self.config
-        near = stats.fraction(s.near_zero, s)
-        units = s.dead_units if s.dead_units is not None else 0.0
-        bad = near >= c.dead_near_zero or units >= c.dead_units
+        if s.layer in self._activations:
+            near = stats.fraction(s.near_zero, s)
+            units = s.dead_units if s.dead_units is not None else 0.0
+            bad = near >= c.dead_near_zero or units >= c.dead_units
+        else:
+            near = stats.fraction(s.zeros, s)
+            units = 0.0
+            bad = near >= c.dead_zeros
 
         def fire():
             if units >= c.dead_units:
@@ -176,7 +191,8 @@ class RuleEngine:
                 )
             return self._alert(
                 step, s, "warning", "dead", near, c.dead_near_zero,
-                f"{near:.1%} of {s.layer}'s activations are near zero: the layer is dead; "
+                f"{near:.1%} of {s.layer}'s outputs are {'near ' if s.layer in self._activations else ''}"
+                "zero: the layer is dead; "
                 "check the bias init, the learning rate and the activation function",
             )
 

@@ -72,7 +72,7 @@ class _Viewer:
         return True
 
 
-class _Recorder:
+class Recorder:
     """Appends frames to a recording file, flushed after each frame.
 
     A write error (disk full, file removed) is reported once; recording stops
@@ -137,6 +137,7 @@ class Publisher:
     ) -> None:
         self.hello = hello
         self.rules = rules if rules is not None else RuleEngine()
+        self.rules.set_layers(hello.layers)
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.dropped = 0
         self._listeners: list[Listener] = []
@@ -152,7 +153,7 @@ class Publisher:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self.recorder = _Recorder(free_log_path(log_path)) if log_path else None
+        self.recorder = Recorder(free_log_path(log_path)) if log_path else None
         if self.recorder:
             self.recorder.write(self._hello_frame)
         self.socket_path: Path | None = None

@@ -42,6 +42,7 @@ class LayerInfo(Struct, frozen=True):
     type: str = ""
     params: list[str] = []  # short names, e.g. ["weight", "bias"]
     act: bool = False  # whether its output is hooked
+    role: str = ""  # "activation" (an activation function), "block" (a transformer block) or ""
 
 
 class Hello(Struct, tag="hello", frozen=True):

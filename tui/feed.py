@@ -157,3 +157,35 @@ class ListSource:
             yield b
             if self.delay:
                 time.sleep(self.delay)
+
+
+class PidSource:
+    """Waits for the run of a process we started to appear, then reads it.
+
+    Used by `xray-tui demo`, whose app opens at once while the trainer
+    process is still importing torch.
+    """
+
+    def __init__(self, pid: int, label: str = "demo", timeout: float = 120.0, alive=None) -> None:
+        self.pid = pid
+        self.label = label
+        self.timeout = timeout
+        self.alive = alive or (lambda: True)
+
+    def batches(self, stop: threading.Event | None = None) -> Iterator[Batch]:
+        """Poll the run directory for the process's sockets, then stream them."""
+        stop = stop or threading.Event()
+        deadline = time.monotonic() + self.timeout
+        while not stop.is_set():
+            try:
+                found = [m for m in rundir.live_manifests() if m.pid == self.pid]
+            except rundir.RunDirError as exc:
+                raise FeedError(str(exc)) from None
+            if found:
+                yield from SocketSource([m.socket for m in found], label=found[0].run).batches(stop)
+                return
+            if not self.alive():
+                raise FeedError(f"the trainer (pid {self.pid}) exited before serving; see its log")
+            if time.monotonic() > deadline:
+                raise FeedError(f"the trainer (pid {self.pid}) did not start serving in {self.timeout:g}s")
+            stop.wait(0.1)

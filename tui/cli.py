@@ -1,0 +1,262 @@
+"""The `xray-tui` command: demo, attach, ls, replay, export.
+
+Exit status: 0 when the watched run ended normally (or the command did its
+job); 1 when a live run disconnected without ending; 2 for usage errors,
+unknown runs and bad input (one line on stderr, never a traceback); 3 when
+``--fail-on`` saw an alert of that severity or worse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from probes import rundir, stats, wire
+from probes.server import Recorder, free_log_path
+
+from . import feed
+from .headless import AlertPrinter, clean
+
+EXIT_OK, EXIT_DISCONNECTED, EXIT_USAGE, EXIT_ALERT = 0, 1, 2, 3
+FAULTS = ("none", "exploding", "dead", "nan", "stalled")
+
+
+class CliError(Exception):
+    """A one-line error for the user; exit status 2."""
+
+
+# -- commands ---------------------------------------------------------------
+
+
+def cmd_ls(args) -> int:
+    """List live runs (removing stale entries of dead processes)."""
+    try:
+        runs = rundir.live_runs()
+    except rundir.RunDirError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        for r in runs:
+            print(json.dumps(r.as_json()))
+        return EXIT_OK
+    if not runs:
+        print(f"no live runs in {rundir.run_dir()}")
+        return EXIT_OK
+    print(f"{'NAME':<24} {'PID':>8} {'RANKS':>6}  {'STARTED':<19}  COMMAND")
+    for r in runs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.ranks[0].started))
+        ranks = f"{len(r.ranks)}/{r.ranks[0].world_size}"
+        print(f"{r.name:<24} {r.pid:>8} {ranks:>6}  {started:<19}  {' '.join(r.ranks[0].argv)[:60]}")
+    return EXIT_OK
+
+
+def _live_source(args) -> feed.SocketSource:
+    if args.socket:
+        return feed.SocketSource(args.socket)
+    return feed.SocketSource.for_run(args.run)
+
+
+def _headless(source, args, *, live: bool) -> int:
+    """Print alerts from ``source``; record them if asked; pick the exit code."""
+    printer = AlertPrinter(as_json=args.json, min_severity=getattr(args, "min_severity", "info"))
+    recorder = Recorder(free_log_path(args.log)) if getattr(args, "log", None) else None
+    seen_hello = False
+    try:
+        for batch in source.batches():
+            for msg in batch:
+                seen_hello = seen_hello or isinstance(msg, wire.Hello)
+                printer.handle(msg)
+                if recorder:
+                    recorder.write(wire.encode(msg))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if recorder:
+            recorder.close()
+    torn = getattr(source, "torn", 0)
+    if torn:
+        print(f"xray-tui: {source.label}: the recording ends with {torn} torn bytes "
+              "(the writer stopped mid-frame); everything before them was read", file=sys.stderr)
+    if printer.failed(args.fail_on):
+        return EXIT_ALERT
+    if live and seen_hello and not printer.ended:
+        print(f"xray-tui: run {source.label} disconnected without ending", file=sys.stderr)
+        return EXIT_DISCONNECTED
+    return EXIT_OK
+
+
+def _run_app(source, args) -> int:
+    from .app import XRayApp  # Textual is imported only for the app
+
+    app = XRayApp(source, theme=args.theme)
+    app.run()
+    return EXIT_OK
+
+
+def cmd_attach(args) -> int:
+    """Watch a live run: the app, or alerts on stdout with --headless."""
+    source = _live_source(args)
+    if args.headless:
+        return _headless(source, args, live=True)
+    return _run_app(source, args)
+
+
+def cmd_replay(args) -> int:
+    """Open a recording in the app, or print its alerts with --headless."""
+    if not os.path.isfile(args.file):
+        raise CliError(f"{args.file}: no such file")
+    source = feed.FileSource(args.file)
+    if args.headless:
+        return _headless(source, args, live=False)
+    return _run_app(source, args)
+
+
+def cmd_export(args) -> int:
+    """Write one JSON object per (step, rank, layer, kind) sample."""
+    if args.format != "jsonl":
+        raise CliError(f"unknown format {args.format!r}; supported: jsonl")
+    source = feed.FileSource(args.file)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    n = 0
+    try:
+        for batch in source.batches():
+            for msg in batch:
+                if isinstance(msg, wire.Step):
+                    for s in msg.samples:
+                        out.write(json.dumps(clean(stats.export_dict(s, msg.step, msg.rank))) + "\n")
+                        n += 1
+    except BrokenPipeError:
+        return EXIT_OK
+    finally:
+        if args.output:
+            out.close()
+    if args.output:
+        print(f"wrote {n} samples to {args.output}", file=sys.stderr)
+    if source.torn:
+        print(f"xray-tui: {args.file}: {source.torn} torn bytes at the end were skipped", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    """Train the demo GPT-2 with the probe attached, and watch it."""
+    try:
+        from probes import demo
+    except ImportError as exc:
+        raise CliError(f"the demo needs torch and transformers ({exc.name} is missing): "
+                       "pip install 'xray-tui[demo]' torch==2.13.0") from None
+    if args.headless:
+        printer = AlertPrinter(as_json=args.json)
+        try:
+            demo.train(steps=args.steps or 300, every=args.every, fault=args.fault, fault_step=args.fault_step,
+                       name=args.name, log=args.log, listener=printer.handle)
+        except KeyboardInterrupt:
+            return 130
+        return EXIT_ALERT if printer.failed(args.fail_on) else EXIT_OK
+    return _demo_app(args)
+
+
+def _demo_app(args) -> int:
+    """The trainer in a child process, the app in this one; `q` stops both."""
+    logf = tempfile.NamedTemporaryFile(prefix="xray-demo-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "probes.demo", "--steps", str(args.steps), "--every", str(args.every),
+           "--fault", args.fault, "--fault-step", str(args.fault_step), "--name", args.name]
+    if args.log:
+        cmd += ["--log", args.log]
+    child = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    source = feed.PidSource(child.pid, label=args.name, alive=lambda: child.poll() is None)
+    try:
+        return _run_app(source, args)
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)  # lets the probe close its socket and recording
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        logf.close()
+        if child.returncode not in (0, -signal.SIGINT, None):
+            print(f"xray-tui: the demo trainer exited with {child.returncode}; log: {logf.name}", file=sys.stderr)
+        else:
+            os.unlink(logf.name)
+
+
+# -- parser -----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with help that explains each command."""
+    p = argparse.ArgumentParser(
+        prog="xray-tui",
+        description="An X-ray for a training run: per-layer histograms and alerts of a live PyTorch run.",
+        epilog="Attach a probe in your training script with `xr = probes.attach(model, optimizer)`, "
+               "then run `xray-tui attach`. Exit status: 0 ok, 1 run disconnected, 2 usage error or bad "
+               "input, 3 --fail-on alert seen.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def output_opts(sp, log: bool = True):
+        sp.add_argument("--headless", action="store_true", help="no screen: print alerts, one line each")
+        sp.add_argument("--json", action="store_true", help="with --headless: one JSON object per line")
+        sp.add_argument("--fail-on", choices=("warning", "critical"), default=None,
+                        help="with --headless: exit 3 if an alert this severe (or worse) was seen")
+        sp.add_argument("--theme", default=None, help="colour theme of the app")
+        if log:
+            sp.add_argument("--log", metavar="FILE", help="record the full stream to FILE (replay it later)")
+
+    d = sub.add_parser("demo", help="train a small GPT-2 with the probe attached and watch it",
+                       description="Train a small GPT-2 (built from a config, char-level, on a bundled "
+                                   "public-domain text) with the probe attached; open the app on it, or "
+                                   "with --headless print the alerts. --fault injects a failure.")
+    output_opts(d)
+    d.add_argument("--steps", type=int, default=0, help="steps to train (default: until q; 300 with --headless)")
+    d.add_argument("--every", type=int, default=5, help="sample one step in N (default 5)")
+    d.add_argument("--fault", choices=FAULTS, default="none", help="failure to inject (default none)")
+    d.add_argument("--fault-step", type=int, default=50, metavar="S", help="step to inject it at (default 50)")
+    d.add_argument("--name", default="demo", help="run name (default demo)")
+    d.set_defaults(func=cmd_demo)
+
+    a = sub.add_parser("attach", help="watch a live run (the app, or --headless alerts)",
+                       description="Connect to every rank of a live run and show it. With no RUN, the only "
+                                   "live run is chosen. The history the probe kept is shown at once.")
+    a.add_argument("run", nargs="?", help="run name (see `xray-tui ls`)")
+    a.add_argument("--socket", action="append", metavar="PATH", help="connect to this socket instead")
+    output_opts(a)
+    a.set_defaults(func=cmd_attach)
+
+    ls = sub.add_parser("ls", help="list live runs", description="List live runs; removes stale entries.")
+    ls.add_argument("--json", action="store_true", help="one JSON object per run")
+    ls.set_defaults(func=cmd_ls)
+
+    r = sub.add_parser("replay", help="open a recording in the app (or --headless alerts)",
+                       description="Open a recording made with probes.attach(log=...) or --log.")
+    r.add_argument("file")
+    output_opts(r, log=False)
+    r.set_defaults(func=cmd_replay)
+
+    e = sub.add_parser("export", help="write a recording's samples as JSON lines",
+                       description="One JSON object per (step, rank, layer, kind) sample; non-finite "
+                                   "statistics are written as null (the nan/inf counts say why).")
+    e.add_argument("file")
+    e.add_argument("--format", default="jsonl", help="output format (jsonl)")
+    e.add_argument("-o", "--output", metavar="OUT", help="write to OUT instead of stdout")
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, feed.FeedError, wire.WireError, rundir.RunDirError) as exc:
+        print(f"xray-tui: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
