@@ -1,0 +1,125 @@
+"""Statistics and histograms against numpy/torch ground truth."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from probes import histogram, stats
+from probes.probe import build_step
+from probes.reduce import Batch, bin_index
+from tui import synthetic
+
+EPS = 0.05
+
+
+def probe_sample(x: torch.Tensor, kind="weight", hist_k=1 << 30):
+    """The probe's own sample of ``x`` (device reductions + host build)."""
+    b = Batch()
+    b.add("t", kind, x, EPS, hist_k, torch.Generator().manual_seed(0), dead=(kind == "act"))
+    rows, hists = b.to_host()
+    return build_step(0, 0, 0.0, b.meta, rows, hists, b.hist_n).samples[0]
+
+
+TENSORS = {
+    "normal": lambda: torch.randn(300, 70) * 0.02,
+    "gelu-like": lambda: torch.nn.functional.gelu(torch.randn(64, 256)),
+    "wide-range": lambda: torch.randn(5000) * torch.exp(torch.empty(5000).uniform_(-30, 30)),
+    "with-zeros": lambda: torch.relu(torch.randn(1000)),
+    "single": lambda: torch.tensor([3.5]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TENSORS))
+def test_statistics_equal_numpy(name):
+    torch.manual_seed(1)
+    x = TENSORS[name]()
+    s = probe_sample(x)
+    a = x.double().numpy().reshape(-1)
+    assert s.count == a.size
+    assert stats.mean(s) == pytest.approx(a.mean(), rel=1e-6, abs=1e-12)
+    assert stats.std(s) == pytest.approx(a.std(), rel=1e-4, abs=1e-9)
+    assert stats.l2(s) == pytest.approx(np.linalg.norm(a), rel=1e-6)
+    assert s.min == a.min() and s.max == a.max()
+    assert stats.absmax(s) == np.abs(a).max()
+    assert s.near_zero == (np.abs(x.numpy()) < EPS).sum()
+    assert s.zeros == (a == 0).sum()
+    assert s.nan == s.posinf == s.neginf == 0
+    # the histogram is exactly numpy's reference binning of the same values
+    assert np.array_equal(histogram.expand(s.hist_lo, s.hist), histogram.histogram(x.numpy()))
+    assert sum(s.hist) == a.size
+
+
+def test_nonfinite_counts_are_exact_and_kept_out_of_the_histogram():
+    x = torch.randn(1000)
+    x[[3, 5, 7]] = math.nan
+    x[10] = math.inf
+    x[11] = -math.inf
+    x[12:20] = 0.0
+    s = probe_sample(x)
+    assert (s.nan, s.posinf, s.neginf) == (3, 1, 1)
+    assert s.zeros == 8
+    assert sum(s.hist) == 995 and s.hist_n == 1000
+    assert math.isnan(stats.mean(s))  # the true mean of a tensor holding NaN
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes(dtype):
+    x = (torch.randn(4096) * 3).to(dtype)
+    s = probe_sample(x)
+    a = x.double().numpy()
+    assert stats.mean(s) == pytest.approx(a.mean(), rel=1e-5, abs=1e-7)
+    assert stats.l2(s) == pytest.approx(np.linalg.norm(a), rel=1e-5)
+    assert s.max == a.max()
+
+
+def test_empty_tensor_gives_a_zero_count_sample():
+    s = probe_sample(torch.empty(0, 8))
+    assert s.count == 0 and s.hist == [] and math.isnan(stats.mean(s))
+
+
+def test_dead_units_fraction():
+    x = torch.randn(32, 10, 8).abs() + 1
+    x[..., [1, 4]] = 0.01  # two of eight units never exceed eps
+    s = probe_sample(x, kind="act")
+    assert s.dead_units == pytest.approx(2 / 8)
+
+
+def test_sampled_histogram_error_is_small_on_a_large_matrix():
+    torch.manual_seed(0)
+    x = torch.randn(768, 2304) * 0.02
+    full = histogram.histogram(x.numpy())
+    s = probe_sample(x, hist_k=65536)
+    sampled = histogram.expand(s.hist_lo, s.hist)
+    assert 0.9 * 65536 <= s.hist_n <= 65536 and s.count == x.numel()
+    err = np.abs(sampled / sampled.sum() - full / full.sum()).max()
+    assert err < 0.01
+
+
+def test_numpy_and_torch_binning_agree_and_edges_contain_values():
+    x = np.concatenate([np.random.default_rng(0).standard_normal(20000) * 10.0 ** np.random.default_rng(1).uniform(-14, 14, 20000),
+                        [0.0, -0.0, 1e-45, 3e38, -3e38]]).astype(np.float32)
+    idx = histogram.bin_index(x)
+    assert np.array_equal(idx, bin_index(torch.from_numpy(x)).numpy())
+    inside = (x >= histogram.EDGES[idx]) & (x < histogram.EDGES[idx + 1])
+    saturated = (idx == 0) | (idx == histogram.NUM_BINS - 1) | (idx == histogram.ZERO_BIN)
+    assert (inside | saturated).all()
+    assert np.all(np.diff(histogram.EDGES) > 0)
+
+
+def test_quantiles_within_one_bin_of_numpy():
+    x = np.random.default_rng(0).standard_normal(100000).astype(np.float32)
+    s = synthetic.sample_of("x", "act", x)
+    for q, got in zip([0.05, 0.25, 0.5, 0.75, 0.95], histogram.quantiles(s.hist_lo, s.hist, [0.05, 0.25, 0.5, 0.75, 0.95])):
+        want = np.quantile(x, q)
+        assert abs(got - want) <= 0.25 * abs(want) + 2.0**histogram.EXP_LO + 1e-3
+
+
+def test_export_dict_matches_contract():
+    s = synthetic.sample_of("a.b.weight", "weight", np.array([0.0, 0.01, -2.0, 3.0]))
+    d = stats.export_dict(s, step=7, rank=1)
+    assert {k: d[k] for k in ("type", "step", "rank", "layer", "kind", "count")} == {
+        "type": "sample", "step": 7, "rank": 1, "layer": "a.b.weight", "kind": "weight", "count": 4}
+    assert d["near_zero"] == 0.5 and d["zeros"] == 0.25 and d["absmax"] == 3.0
+    assert len(d["hist"]["edges"]) == len(d["hist"]["counts"]) + 1
