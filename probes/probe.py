@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import histogram, wire
+from . import histogram, rundir, wire
 from .reduce import COL, Batch
 from .rules import RuleEngine
 from .server import Publisher
@@ -79,6 +79,21 @@ def _rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _unique_run_name(name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``... if a live run already has it,
+    so that `xray-tui attach NAME` always means one run."""
+    try:
+        taken = {r.name for r in rundir.live_runs()}
+    except rundir.RunDirError:
+        return name  # the publisher reports the run directory problem
+    n = 2
+    candidate = name
+    while candidate in taken:
+        candidate = f"{name}-{n}"
+        n += 1
+    return candidate
+
+
 def _unwrap_name(name: str) -> str:
     """Parameter names without DDP/compile wrappers' prefixes."""
     for prefix in ("module.", "_orig_mod."):
@@ -133,6 +148,8 @@ class XRay:
         rank, world = _rank_and_world()
         self.rank = rank
         self.run = name or os.path.splitext(os.path.basename(sys.argv[0] or "run"))[0] or "run"
+        if serve and world == 1:
+            self.run = _unique_run_name(self.run)
         hello = wire.Hello(
             version=wire.PROTOCOL_VERSION,
             run=self.run,

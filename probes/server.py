@@ -160,7 +160,10 @@ class Publisher:
         self.manifest_path: Path | None = None
         self._listen: socket.socket | None = None
         if serve:
-            self._open_socket()
+            try:
+                self._open_socket()
+            except (rundir.RunDirError, OSError) as exc:
+                log.warning("xray-tui: not serving viewers: %s", exc)  # training goes on
         self._thread = threading.Thread(target=self._run, name="xray-tui-publisher", daemon=True)
         self._thread.start()
 

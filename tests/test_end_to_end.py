@@ -1,0 +1,203 @@
+"""Probe -> socket -> viewer, and the CLI as a user types it."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import probes
+from probes import wire
+from tui import feed
+
+HERE = Path(__file__).parent
+SCRIPT = str(HERE / "train_script.py")
+
+
+def xray(*args, timeout=120, **kw):
+    """Run the CLI as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def small_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def train(model, opt, n):
+    for _ in range(n):
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_late_viewer_sees_the_history_at_once_then_live_steps_then_the_end():
+    model, opt = small_model()
+    xr = probes.attach(model, opt, every=1, name="late")
+    train(model, opt, 50)
+    msgs = []
+    gen = feed.SocketSource.for_run("late").batches()
+    while sum(isinstance(m, wire.Step) for m in msgs) < 50:
+        msgs += next(gen)
+    assert isinstance(msgs[0], wire.Hello) and msgs[0].run == "late"
+    assert [m.step for m in msgs if isinstance(m, wire.Step)] == list(range(50))
+    train(model, opt, 2)
+    xr.close()
+    for batch in gen:  # the stream ends when the run does
+        msgs += batch
+    assert [m.step for m in msgs if isinstance(m, wire.Step)] == list(range(52))
+    assert isinstance(msgs[-1], wire.End)
+
+
+def test_two_viewers_at_once_get_the_same_stream():
+    model, opt = small_model()
+    xr = probes.attach(model, opt, every=1, name="pair")
+    got = [[], []]
+
+    def read(i):
+        for batch in feed.SocketSource.for_run("pair").batches():
+            got[i] += batch
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+    train(model, opt, 5)
+    for t in threads:
+        t.start()
+    train(model, opt, 5)
+    xr.close()
+    for t in threads:
+        t.join(10)
+    assert got[0] == got[1] and sum(isinstance(m, wire.Step) for m in got[0]) == 10
+
+
+def test_ls_json_lists_the_live_run_and_forgets_dead_ones(run_dir):
+    model, opt = small_model()
+    xr = probes.attach(model, opt, every=1, name="listed")
+    # a stale entry left by a process that died
+    (run_dir / "ghost-999999-r0.json").write_text(json.dumps(
+        {"run": "ghost", "pid": 999999, "rank": 0, "world_size": 1, "started": 0, "socket": str(run_dir / "ghost.sock")}))
+    out = xray("ls", "--json")
+    xr.close()
+    assert out.returncode == 0, out.stderr
+    runs = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["name"] for r in runs] == ["listed"]
+    assert runs[0]["pid"] == os.getpid() and runs[0]["ranks"] == [0] and runs[0]["sockets"][0].endswith(".sock")
+    assert not (run_dir / "ghost-999999-r0.json").exists()
+
+
+def test_headless_attach_prints_the_nan_alert_of_a_script_and_exits_0_when_it_ends(tmp_path):
+    proc = subprocess.Popen([sys.executable, SCRIPT, "nanrun", "60", "--nan-at", "30", "--sleep", "0.02"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        out = xray("attach", "nanrun", "--headless", "--json", "--log", str(tmp_path / "v.xray"))
+    finally:
+        proc.wait(60)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    alerts = [a for a in lines if a["type"] == "alert" and a["rule"] == "nonfinite"]
+    assert {"type": "fault", "step": 30, "layer": "2", "fault": "nan"} in lines
+    assert {(a["layer"], a["kind"]) for a in alerts} >= {("2", "act"), ("2.weight", "weight")}
+    for a in alerts:
+        assert set(a) == {"type", "step", "rank", "severity", "rule", "layer", "kind", "value", "threshold", "message"}
+    # the viewer's own recording replays to the same alerts
+    again = xray("replay", str(tmp_path / "v.xray"), "--headless", "--json", "--fail-on", "critical")
+    assert again.returncode == 3
+    assert [json.loads(line) for line in again.stdout.splitlines()] == lines
+
+
+def test_probe_recording_replays_and_exports_exactly(tmp_path):
+    log = tmp_path / "run.xray"
+    model, opt = small_model()
+    with probes.attach(model, opt, every=2, name="rec", log=str(log), serve=False) as xr:
+        recorded = []
+        xr.publisher.subscribe(recorded.append)
+        train(model, opt, 10)
+    out = xray("export", str(log), "--format", "jsonl", "-o", str(tmp_path / "out.jsonl"))
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    samples = [(st.step, s) for st in recorded if isinstance(st, wire.Step) for s in st.samples]
+    assert len(rows) == len(samples) == 5 * (3 * 4 + 3)  # 5 steps x (4 params x 3 kinds + 3 acts)
+    for row, (step, s) in zip(rows, samples):
+        assert (row["step"], row["layer"], row["kind"], row["count"], row["max"]) == (step, s.layer, s.kind, s.count, s.max)
+        assert row["hist"]["counts"] == s.hist
+    # stdout when no -o is given
+    assert len(xray("export", str(log)).stdout.splitlines()) == len(rows)
+
+
+def test_replay_of_a_torn_recording_reads_all_whole_frames(tmp_path):
+    log = tmp_path / "run.xray"
+    model, opt = small_model()
+    with probes.attach(model, opt, every=1, log=str(log), serve=False):
+        train(model, opt, 5)
+    data = log.read_bytes()
+    log.write_bytes(data[:-7])
+    out = xray("export", str(log))
+    assert out.returncode == 0
+    assert "torn bytes" in out.stderr and len(out.stdout.splitlines()) == 5 * 15
+
+
+@pytest.mark.parametrize("args,message", [
+    (["attach", "nosuchrun", "--headless"], "unknown run 'nosuchrun' (live runs: none)"),
+    (["attach", "--headless"], "no live runs"),
+    (["attach", "--socket", "/etc/hostname", "--headless"], "is not a socket"),
+    (["replay", "/nonexistent.xray"], "no such file"),
+    (["export", "/etc/hostname"], "bad magic"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    out = xray(*args)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unknown_run_names_the_live_ones():
+    model, opt = small_model()
+    xr = probes.attach(model, opt, every=1, name="present")
+    try:
+        out = xray("attach", "absent", "--headless")
+    finally:
+        xr.close()
+    assert out.returncode == 2 and "unknown run 'absent' (live runs: present)" in out.stderr
+
+
+@pytest.mark.parametrize("greeting", [b"SSH-2.0-OpenSSH_9.2\r\n", b""])
+def test_a_socket_that_is_not_ours(tmp_path, greeting):
+    path = str(tmp_path / "other.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve():
+        conn, _ = srv.accept()
+        if greeting:
+            conn.sendall(greeting)
+        time.sleep(6 if not greeting else 0.5)
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    out = xray("attach", "--socket", path, "--headless")
+    srv.close()
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert ("bad magic" if greeting else "no hello") in out.stderr
+
+
+def test_killing_the_viewer_leaves_training_running():
+    proc = subprocess.Popen([sys.executable, SCRIPT, "victim", "150", "--sleep", "0.01"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    viewer = subprocess.Popen([sys.executable, "-m", "tui.cli", "attach", "victim", "--headless"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    viewer.send_signal(signal.SIGKILL)
+    viewer.wait()
+    assert proc.wait(60) == 0
+    assert proc.stdout.read().strip() == "done"

@@ -1,0 +1,191 @@
+"""The probe on real training loops, against ground truth copied by hand."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import probes
+from probes import stats, wire
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 32)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def collect(xr):
+    msgs = []
+    xr.publisher.subscribe(msgs.append)
+    return msgs
+
+
+def steps_of(msgs):
+    return [m for m in msgs if isinstance(m, wire.Step)]
+
+
+def by_key(step):
+    return {(s.layer, s.kind): s for s in step.samples}
+
+
+def assert_matches(s, t: torch.Tensor):
+    a = t.detach().double().numpy().reshape(-1)
+    assert s.count == a.size
+    assert stats.mean(s) == pytest.approx(a.mean(), rel=1e-6, abs=1e-9)
+    assert stats.l2(s) == pytest.approx(np.linalg.norm(a), rel=1e-6, abs=1e-12)
+    assert (s.min, s.max) == (pytest.approx(a.min()), pytest.approx(a.max()))
+
+
+def test_weights_grads_acts_updates_equal_ground_truth():
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    truth, acts = {}, {}
+    model.act.register_forward_hook(lambda m, i, o: acts.__setitem__("act", o.detach().clone()))
+    xr = probes.attach(model, opt, every=3, name="truth", serve=False)
+    msgs = collect(xr)
+    for step in range(7):
+        loss = model(torch.randn(16, 12)).pow(2).mean()
+        loss.backward()
+        before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
+        opt.step()
+        truth[step] = {n: (w, g, p.detach().clone() - w) for (n, (w, g)), p in zip(before.items(), model.parameters())}
+        truth[step]["act"] = acts["act"]
+        opt.zero_grad()
+    xr.close()
+    got = steps_of(msgs)
+    assert [s.step for s in got] == [0, 3, 6]
+    for st in got:
+        samples = by_key(st)
+        for name, (w, g, dw) in ((n, v) for n, v in truth[st.step].items() if n != "act"):
+            assert_matches(samples[(name, "weight")], w)
+            assert_matches(samples[(name, "grad")], g)
+            assert_matches(samples[(name, "update")], dw)
+            ratio = dw.norm().item() / w.norm().item()
+            assert samples[(name, "update")].ratio == pytest.approx(ratio, rel=1e-5)
+        assert_matches(samples[("act", "act")], truth[st.step]["act"])
+        assert samples[("act", "act")].dead_units == pytest.approx(
+            1 - (truth[st.step]["act"].abs() > 0.05).any(0).float().mean().item())
+
+
+def test_unsampled_steps_cost_only_a_flag_check():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xr = probes.attach(model, opt, every=4, serve=False)
+    msgs = collect(xr)
+    for _ in range(9):
+        model(torch.randn(4, 12)).sum().backward()
+        if xr.step_index % 4:  # an unsampled step: nothing is gathered
+            assert len(xr._batch) == 0
+        opt.step()
+        opt.zero_grad()
+    xr.close()
+    assert [s.step for s in steps_of(msgs)] == [0, 4, 8]
+
+
+def test_manual_step_without_optimizer_and_context_manager():
+    model = Net()
+    with probes.attach(model, every=1, name="manual") as xr:
+        msgs = collect(xr)
+        sock = xr.publisher.socket_path
+        assert sock.exists()
+        for _ in range(3):
+            model(torch.randn(4, 12)).sum().backward()
+            xr.step()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.01 * p.grad
+                    p.grad = None
+    assert not sock.exists()  # closed on exit: socket and manifest removed
+    got = steps_of(msgs)
+    assert [s.step for s in got] == [0, 1, 2]
+    # updates exist from the second boundary on, and are the SGD step's size
+    upd = [s for s in got[2].samples if s.kind == "update"]
+    assert upd and all(u.ratio > 0 for u in upd)
+    assert isinstance(msgs[-1], wire.End) and msgs[-1].reason == "finished"
+
+
+def test_gradscaler_gradients_are_unscaled():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    xr = probes.attach(model, opt, every=1, serve=False)
+    msgs = collect(xr)
+    x = torch.randn(8, 12)
+    loss = model(x).pow(2).mean()
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    true_grad = model.fc1.weight.grad.clone()
+    scaler.step(opt)
+    scaler.update()
+    xr.close()
+    s = by_key(steps_of(msgs)[0])[("fc1.weight", "grad")]
+    assert_matches(s, true_grad)
+
+
+def test_gradient_checkpointing_counts_activations_once():
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(Net):
+        def forward(self, x):
+            return checkpoint(super().forward, x, use_reentrant=False)
+
+    model = Ckpt()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    xr = probes.attach(model, opt, every=1, serve=False)
+    msgs = collect(xr)
+    model(torch.randn(8, 12)).sum().backward()
+    opt.step()
+    xr.close()
+    acts = [s.layer for s in steps_of(msgs)[0].samples if s.kind == "act"]
+    assert sorted(acts) == ["act", "fc1", "fc2"]
+
+
+def test_eval_passes_and_int_outputs_are_ignored():
+    emb = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 2))
+    opt = torch.optim.SGD(emb.parameters(), lr=0.01)
+    xr = probes.attach(emb, opt, every=1, serve=False)
+    msgs = collect(xr)
+    with torch.no_grad():
+        emb(torch.tensor([[1, 2]]))  # evaluation: not a training activation
+    emb(torch.tensor([[1, 2, 3]])).sum().backward()
+    opt.step()
+    xr.close()
+    acts = {s.layer: s for s in steps_of(msgs)[0].samples if s.kind == "act"}
+    assert acts["0"].count == 3 * 8  # the training forward, not the eval one
+
+
+def test_a_failing_hook_never_reaches_training(monkeypatch, caplog):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    xr = probes.attach(model, opt, every=1, serve=False)
+    msgs = collect(xr)
+
+    def boom(*a, **k):
+        raise RuntimeError("probe bug")
+
+    monkeypatch.setattr(xr._batch, "add", boom)
+    for _ in range(3):
+        model(torch.randn(4, 12)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    xr.close()
+    assert "switched off" in caplog.text
+    assert xr.step_index == 3  # training went on
+    assert isinstance(msgs[-1], wire.End)
+
+
+def test_same_name_gets_a_distinct_run():
+    a = probes.attach(Net(), every=1, name="twin")
+    b = probes.attach(Net(), every=1, name="twin")
+    try:
+        assert a.run == "twin" and b.run != "twin" and b.run.startswith("twin")
+    finally:
+        a.close()
+        b.close()
