@@ -282,3 +282,10 @@ def test_snapshot_alert_selected(snap_compare):
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=(120, 32), run_before=run_before)
+
+
+async def test_title_shown_in_header():
+    app = XRayApp(ListSource(feed()), title="replay: run.xray")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        assert screen_text(app).splitlines()[0].startswith(" replay: run.xray  unit-run")

@@ -206,7 +206,7 @@ class XRayApp(App):
         flt = table.filter.pattern if table.filter is not None else ""
         self.query_one(XRayHeader).show(HeaderInfo.from_state(
             self.state, label=getattr(self.source, "label", ""), connection=self.connection,
-            paused=self.paused, layers_shown=len(table.view), filter=flt))
+            paused=self.paused, layers_shown=len(table.view), filter=flt, title=self.title))
 
     def watch_connection(self) -> None:
         self._dirty = True
@@ -256,6 +256,8 @@ class XRayApp(App):
 
     def action_switch_focus(self) -> None:
         """Move the focus between the layer table and the alerts pane."""
+        if isinstance(self.screen, HelpScreen):
+            return  # tab is a priority binding: do not move focus under the modal
         if self.table.has_focus:
             self.alert_list.focus()
         else:

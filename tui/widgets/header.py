@@ -32,16 +32,17 @@ class HeaderInfo:
     layers_shown: int
     layers_total: int
     filter: str = ""
+    title: str = "xray-tui"
 
     @classmethod
     def from_state(cls, state: RunState, *, label: str, connection: str, paused: bool,
-                   layers_shown: int, filter: str = "") -> "HeaderInfo":
+                   layers_shown: int, filter: str = "", title: str = "xray-tui") -> "HeaderInfo":
         """Summarise ``state`` (on the app's thread)."""
         return cls(run=state.run or label, step=state.step, steps_per_s=state.steps_per_s,
                    ranks=len(state.hellos), world_size=state.world_size, connection=connection,
                    paused=paused, samples=state.samples_seen, drops=state.drops,
                    active_alerts=len(state.active), layers_shown=layers_shown,
-                   layers_total=len(state.rows), filter=filter)
+                   layers_total=len(state.rows), filter=filter, title=title)
 
 
 class XRayHeader(Widget):
@@ -106,7 +107,7 @@ class XRayHeader(Widget):
         sep = (" · ", muted)
         step = f"{info.step:,}" if info.step >= 0 else "—"
         speed = f"{info.steps_per_s:.2f} steps/s" if info.steps_per_s else "— steps/s"
-        left1 = Text.assemble(" ", ("xray", self._style("title")), "  ", (info.run or "?", "bold"),
+        left1 = Text.assemble(" ", (info.title, self._style("title")), "  ", (info.run or "?", "bold"),
                               sep, ("step ", muted), step, sep, speed, sep,
                               ("ranks ", muted), f"{info.ranks}/{info.world_size}")
         right1 = Text.assemble(("● ", self._connection_style(info.connection)),
