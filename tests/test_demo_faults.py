@@ -1,0 +1,59 @@
+"""The demo's injected faults, on real training, produce their alerts.
+
+Each case trains the demo GPT-2 for real; they take seconds each.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from probes import demo, wire
+
+pytestmark = pytest.mark.slow
+
+EXPECTED = {"nan": "nonfinite", "exploding": "exploding", "dead": "dead", "stalled": "stalled"}
+
+
+def run_demo(fault, steps=110, fault_step=40):
+    msgs = []
+    demo.train(steps=steps, every=5, fault=fault, fault_step=fault_step, name=f"demo-{fault}",
+               serve=False, listener=msgs.append)
+    return msgs
+
+
+@pytest.mark.parametrize("fault", sorted(EXPECTED))
+def test_fault_gives_its_rule_on_its_layer_soon_after(fault):
+    msgs = run_demo(fault)
+    (note,) = [m for m in msgs if isinstance(m, wire.Note)]
+    assert note.event == "fault" and note.step == 40
+    layer = note.data["layer"]
+    hits = [a for a in msgs if isinstance(a, wire.Alert) and a.rule == EXPECTED[fault]
+            and (a.layer == layer or a.layer.startswith(layer + "."))]
+    assert hits, f"no {EXPECTED[fault]} alert on {layer}"
+    assert hits[0].step - note.step <= 20  # within four samples at every=5
+    assert hits[0].severity in ("warning", "critical")
+    # nothing but info fired before the fault
+    early = [a for a in msgs if isinstance(a, wire.Alert) and a.step < note.step and a.severity != "info"]
+    assert early == []
+
+
+def test_healthy_demo_raises_no_alert():
+    msgs = run_demo("none", steps=200)
+    alerts = [m for m in msgs if isinstance(m, wire.Alert)]
+    assert [a for a in alerts if a.severity == "critical"] == []
+    assert len([a for a in alerts if a.severity == "warning"]) <= 1
+    assert sum(isinstance(m, wire.Step) for m in msgs) == 40
+
+
+def test_cli_headless_json_nan_names_the_faulted_layer():
+    out = subprocess.run([sys.executable, "-m", "tui.cli", "demo", "--headless", "--json", "--fault", "nan",
+                          "--steps", "80", "--fault-step", "30"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    fault = lines[0]
+    assert fault == {"type": "fault", "step": 30, "layer": "transformer.h.1.attn.c_attn", "fault": "nan",
+                     "detail": "one weight set to NaN"}
+    nonfinite = [a for a in lines[1:] if a["rule"] == "nonfinite" and a["kind"] == "act"]
+    assert nonfinite[0]["layer"] == "transformer.h.1.attn.c_attn" and nonfinite[0]["severity"] == "critical"
