@@ -289,3 +289,17 @@ async def test_title_shown_in_header():
     async with app.run_test(size=(120, 40)) as pilot:
         await settle(pilot, app)
         assert screen_text(app).splitlines()[0].startswith(" replay: run.xray  unit-run")
+
+
+def test_app_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tui.app\n"
+        "ok = ('wire', 'stats', 'histogram', 'rules', 'rundir')\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')\n"
+        "       or (m.startswith('probes.') and m.split('.')[1] not in ok)]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
