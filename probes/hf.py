@@ -1,0 +1,48 @@
+"""Hugging Face ``Trainer`` integration: ``Trainer(..., callbacks=[XRayCallback(every=10)])``.
+
+The callback takes the same keyword arguments as :func:`probes.attach`.
+Gradients are read in ``on_pre_optimizer_step`` (after the Trainer has
+unscaled and clipped them), updates in ``on_optimizer_step``, so the numbers
+are the ones the optimizer sees. Under torch.distributed only the ranks in
+``ranks`` (default: all) attach a probe.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from .probe import XRay, _rank_and_world
+
+
+class XRayCallback(TrainerCallback):
+    """Attach an xray-tui probe to the model a ``Trainer`` trains."""
+
+    def __init__(self, ranks: tuple[int, ...] | None = None, **kwargs) -> None:
+        self.kwargs = kwargs
+        self.ranks = ranks
+        self.xray: XRay | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """Attach to the model (the Trainer's own optimizer step is hooked by events)."""
+        rank, _ = _rank_and_world()
+        if self.ranks is not None and rank not in self.ranks:
+            return
+        opts = dict(self.kwargs)
+        opts.setdefault("name", args.run_name or "hf-trainer")
+        self.xray = XRay(model, None, **opts)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """Weights and gradients, as the optimizer is about to see them."""
+        if self.xray is not None:
+            self.xray.before_update()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        """Updates; then the step is shipped."""
+        if self.xray is not None:
+            self.xray.after_update()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Close the probe: socket and manifest removed, recording flushed."""
+        if self.xray is not None:
+            self.xray.close()
+            self.xray = None

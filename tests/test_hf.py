@@ -1,0 +1,41 @@
+"""The Hugging Face Trainer callback on a real (tiny) Trainer run."""
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+
+from probes import wire  # noqa: E402
+from probes.hf import XRayCallback  # noqa: E402
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        ids = torch.arange(16) % 7 + i % 3
+        return {"input_ids": ids, "labels": ids}
+
+
+def test_trainer_callback_streams_grads_after_clipping(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
+    cb = XRayCallback(every=2, name="hf", serve=False, log=str(tmp_path / "hf.xray"))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
+                             max_grad_norm=1e-3, report_to=[], logging_steps=100, save_strategy="no",
+                             use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb]).train()
+    msgs, torn = wire.read_file(str(tmp_path / "hf.xray"))
+    steps = [m for m in msgs if isinstance(m, wire.Step)]
+    assert torn == 0 and [s.step for s in steps] == [0, 2, 4]
+    assert isinstance(msgs[-1], wire.End)
+    for st in steps:
+        grads = [s for s in st.samples if s.kind == "grad"]
+        assert grads
+        total = sum(s.sumsq for s in grads) ** 0.5
+        assert total == pytest.approx(1e-3, rel=1e-3)  # clipped to max_grad_norm: read after clipping
+        assert any(s.kind == "act" and s.layer == "transformer.h.0.mlp.act" for s in st.samples)
+        assert any(s.kind == "update" and s.ratio for s in st.samples)
