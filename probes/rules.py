@@ -23,7 +23,9 @@ from .wire import Alert, Sample, Step
 class RuleConfig:
     """Thresholds, with the defaults documented in the README."""
 
-    explode_factor: float = 10.0  # l2 above this many times its recent median
+    explode_factor: float = 10.0  # l2 above this many times its recent median...
+    explode_k: int = 2  # ...for this many samples in a row (gradients of small tensors are spiky)
+    explode_now: float = 100.0  # ...or this many times, at once
     explode_window: int = 16  # samples in that median
     explode_min_history: int = 4  # samples needed before the relative test applies
     explode_abs_cap: float = 1e4  # absmax of an activation or gradient above this
@@ -150,11 +152,14 @@ class RuleEngine:
         hist = [v for v in st.history]
         median = float(np.median(hist[-c.explode_window :])) if len(hist) >= c.explode_min_history else math.nan
         rel = median > 0 and value > c.explode_factor * median
+        now = median > 0 and value > c.explode_now * median
         absmax = stats.absmax(s)
         cap = s.kind in ("act", "grad") and absmax > c.explode_abs_cap
         bad = bool(rel or cap)
         if not bad and "exploding" not in st.active:
             st.history.append(value)
+        # a jump far out of range, or past the cap, needs no confirmation
+        k = 1 if (now or cap) else c.explode_k
 
         def fire():
             if rel:
@@ -169,7 +174,7 @@ class RuleEngine:
                 "values are blowing up; lower the learning rate or clip gradients",
             )
 
-        self._track(step, s, st, "exploding", bad, 1, fire, out)
+        self._track(step, s, st, "exploding", bad, k, fire, out)
 
     def _dead(self, step, s, st, out) -> None:
         c = self.config
