@@ -201,3 +201,26 @@ def test_killing_the_viewer_leaves_training_running():
     viewer.wait()
     assert proc.wait(60) == 0
     assert proc.stdout.read().strip() == "done"
+
+
+async def test_app_attached_after_50_steps_shows_them_on_its_first_screen():
+    from tui.app import XRayApp
+
+    model, opt = small_model()
+    xr = probes.attach(model, opt, every=1, name="history")
+    train(model, opt, 50)
+    app = XRayApp(feed.SocketSource.for_run("history"))
+    try:
+        async with app.run_test(size=(120, 30)) as pilot:
+            for _ in range(250):
+                await pilot.pause(0.02)
+                if app.state.step >= 49:
+                    break
+            app._paint()
+            await pilot.pause()
+            assert app.connection == "live"
+            assert len(app.state.series("0.weight", "weight")) == 50  # the whole history, not just the latest
+            text = "\n".join(strip.text for strip in app.screen._compositor.render_strips())
+            assert "history" in text and "step 49" in text and "0.weight" not in text and "✓ ok" in text
+    finally:
+        xr.close()
