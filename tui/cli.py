@@ -18,7 +18,6 @@ import tempfile
 import time
 
 from probes import rundir, stats, wire
-from probes.server import Recorder, free_log_path
 
 from . import feed
 from .headless import AlertPrinter, clean
@@ -55,29 +54,22 @@ def cmd_ls(args) -> int:
     return EXIT_OK
 
 
-def _live_source(args) -> feed.SocketSource:
-    if args.socket:
-        return feed.SocketSource(args.socket)
-    return feed.SocketSource.for_run(args.run)
+def _live_source(args):
+    source = feed.SocketSource(args.socket) if args.socket else feed.SocketSource.for_run(args.run)
+    return feed.RecordingSource(source, args.log) if args.log else source
 
 
 def _headless(source, args, *, live: bool) -> int:
     """Print alerts from ``source``; record them if asked; pick the exit code."""
-    printer = AlertPrinter(as_json=args.json, min_severity=getattr(args, "min_severity", "info"))
-    recorder = Recorder(free_log_path(args.log)) if getattr(args, "log", None) else None
+    printer = AlertPrinter(as_json=args.json)
     seen_hello = False
     try:
         for batch in source.batches():
             for msg in batch:
                 seen_hello = seen_hello or isinstance(msg, wire.Hello)
                 printer.handle(msg)
-                if recorder:
-                    recorder.write(wire.encode(msg))
     except KeyboardInterrupt:
         return 130
-    finally:
-        if recorder:
-            recorder.close()
     torn = getattr(source, "torn", 0)
     if torn:
         print(f"xray-tui: {source.label}: the recording ends with {torn} torn bytes "
@@ -93,7 +85,10 @@ def _headless(source, args, *, live: bool) -> int:
 def _run_app(source, args) -> int:
     from .app import XRayApp  # Textual is imported only for the app
 
-    app = XRayApp(source, theme=args.theme)
+    try:
+        app = XRayApp(source, theme=args.theme)
+    except ValueError as exc:  # an unknown theme
+        raise CliError(str(exc)) from None
     app.run()
     return EXIT_OK
 

@@ -17,6 +17,7 @@ import time
 from typing import Iterable, Iterator
 
 from probes import rundir, wire
+from probes.server import Recorder, free_log_path
 
 Batch = list  # list[wire.Message]
 
@@ -189,3 +190,30 @@ class PidSource:
             if time.monotonic() > deadline:
                 raise FeedError(f"the trainer (pid {self.pid}) did not start serving in {self.timeout:g}s")
             stop.wait(0.1)
+
+
+class RecordingSource:
+    """Passes another source's messages through, recording each to a file.
+
+    The file is the same frames the probe writes with ``log=``, so it
+    replays and exports alike; an existing file is never overwritten.
+    """
+
+    def __init__(self, inner, path: str) -> None:
+        self.inner = inner
+        self.path = free_log_path(path)
+        self.label = inner.label
+
+    def batches(self, stop: threading.Event | None = None) -> Iterator[Batch]:
+        """Yield the inner source's batches after recording them."""
+        try:
+            recorder = Recorder(self.path)
+        except OSError as exc:
+            raise FeedError(f"cannot record to {self.path}: {exc.strerror}") from None
+        try:
+            for batch in self.inner.batches(stop):
+                for msg in batch:
+                    recorder.write(wire.encode(msg))
+                yield batch
+        finally:
+            recorder.close()
