@@ -7,7 +7,7 @@ so the viewer can use :mod:`probes.wire`, :mod:`probes.stats` and
 
 from __future__ import annotations
 
-__all__ = ["attach", "XRay"]
+__all__ = ["attach", "XRay", "AlertRaised"]
 
 
 def attach(model, optimizer=None, **kwargs):
@@ -18,8 +18,8 @@ def attach(model, optimizer=None, **kwargs):
 
 
 def __getattr__(name):
-    if name == "XRay":
-        from .probe import XRay
+    if name in ("XRay", "AlertRaised"):
+        from . import probe
 
-        return XRay
+        return getattr(probe, name)
     raise AttributeError(f"module 'probes' has no attribute {name!r}")

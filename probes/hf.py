@@ -41,6 +41,12 @@ class XRayCallback(TrainerCallback):
         if self.xray is not None:
             self.xray.after_update()
 
+    def on_step_end(self, args, state, control, **kwargs):
+        """With ``on_alert="stop"``, ask the Trainer to stop after an alert."""
+        if self.xray is not None and self.xray.should_stop:
+            control.should_training_stop = True
+        return control
+
     def on_train_end(self, args, state, control, **kwargs):
         """Close the probe: socket and manifest removed, recording flushed."""
         if self.xray is not None:

@@ -11,6 +11,7 @@ come to the host once, and the publisher thread does everything else.
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import logging
 import os
@@ -102,6 +103,18 @@ def _unwrap_name(name: str) -> str:
     return name
 
 
+class AlertRaised(RuntimeError):
+    """Raised in the training loop by ``on_alert="raise"``; ``.alert`` says why."""
+
+    def __init__(self, alert: wire.Alert) -> None:
+        super().__init__(f"xray-tui: {alert.severity} {alert.rule} alert on {alert.layer} ({alert.kind}) "
+                         f"at step {alert.step}: {alert.message}")
+        self.alert = alert
+
+
+_LEVELS = {"info": 0, "warning": 1, "critical": 2}
+
+
 class XRay:
     """A probe attached to a model; see :func:`attach`."""
 
@@ -120,10 +133,16 @@ class XRay:
         hist_sample: int = 65536,
         update_sample: int = 4096,
         rules: RuleEngine | None = None,
+        on_alert=None,
+        alert_level: str = "critical",
         seed: int = 0,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if not (on_alert is None or callable(on_alert) or on_alert in ("raise", "stop")):
+            raise ValueError(f"on_alert must be a callable, 'raise' or 'stop', got {on_alert!r}")
+        if alert_level not in ("warning", "critical"):
+            raise ValueError(f"alert_level must be 'warning' or 'critical', got {alert_level!r}")
         self.model = model
         self.optimizer = optimizer
         self.every = every
@@ -141,6 +160,11 @@ class XRay:
         self._closed = False
         self._failed: set[str] = set()
         self._warned_step = False
+        self._on_alert = on_alert
+        self._alert_level = _LEVELS[alert_level]
+        self._pending_alert: wire.Alert | None = None
+        #: Set when an alert at ``alert_level`` fired and ``on_alert="stop"``: the loop should stop.
+        self.should_stop = False
 
         self.params = [(_unwrap_name(n), p) for n, p in model.named_parameters() if p.is_floating_point()]
         modules = [(_unwrap_name(n), m) for n, m in select_modules(model, include, exclude)]
@@ -164,17 +188,23 @@ class XRay:
             layers=self._layer_infos(hooked),
         )
         self.publisher = Publisher(hello, serve=serve, log_path=log, rules=rules)
+        if on_alert is not None:
+            self.publisher.subscribe(self._alert_listener)
         for mname, module in modules:
             self._handles.append(module.register_forward_hook(self._make_hook(mname)))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_update()))
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.after_update()))
+        atexit.register(self.close)  # socket, manifest and recording are cleaned up at exit
 
     def _layer_infos(self, hooked: dict[str, nn.Module]) -> list[wire.LayerInfo]:
         by_module: dict[str, list[str]] = {}
-        for pname, _ in self.params:
+        frozen: dict[str, list[str]] = {}
+        for pname, p in self.params:
             mod, _, short = pname.rpartition(".")
             by_module.setdefault(mod, []).append(short)
+            if not p.requires_grad:
+                frozen.setdefault(mod, []).append(short)
         infos = []
         for mname, module in self.model.named_modules():
             mname = _unwrap_name(mname)
@@ -183,7 +213,7 @@ class XRay:
                                                                      mname not in by_module and
                                                                      any(True for _ in module.children()) else "")
                 infos.append(wire.LayerInfo(mname, type(module).__name__, by_module.pop(mname, []),
-                                            mname in hooked, role))
+                                            mname in hooked, role, frozen.get(mname, [])))
         return infos
 
     # -- hooks ----------------------------------------------------------
@@ -204,6 +234,18 @@ class XRay:
                 self._fail("act")
 
         return hook
+
+    def _alert_listener(self, msg: wire.Message) -> None:
+        """Runs on the publisher thread: act on alerts as ``on_alert`` says."""
+        if not isinstance(msg, wire.Alert) or msg.severity == "info":
+            return
+        if callable(self._on_alert):
+            self._on_alert(msg)
+        elif _LEVELS[msg.severity] >= self._alert_level:
+            if self._on_alert == "stop":
+                self.should_stop = True
+            elif self._pending_alert is None:
+                self._pending_alert = msg  # raised by the training thread at the next step boundary
 
     def _fail(self, part: str) -> None:
         """Switch off a failing part of the probe with one warning."""
@@ -299,6 +341,9 @@ class XRay:
     def _advance(self) -> None:
         self.step_index += 1
         self._sampling = self.step_index % self.every == 0
+        alert, self._pending_alert = self._pending_alert, None
+        if alert is not None and not self._closed:
+            raise AlertRaised(alert)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -312,6 +357,7 @@ class XRay:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         for h in self._handles:
             h.remove()
         step, rank = self.step_index, self.rank
@@ -369,7 +415,12 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **k
     file), ``eps`` (near-zero threshold, 0.05), ``serve`` (listen for
     viewers, default True), ``include``/``exclude`` (glob patterns of module
     paths whose outputs are hooked), ``hist_sample`` (elements histogrammed
-    per tensor), ``update_sample`` (elements per weight used for updates).
+    per tensor), ``update_sample`` (elements per weight used for updates),
+    ``rules`` (a :class:`~probes.rules.RuleEngine`), ``on_alert`` (a callable
+    given each warning/critical :class:`~probes.wire.Alert` on the publisher
+    thread; ``"raise"``: raise :class:`AlertRaised` in the training loop at the
+    next step boundary; ``"stop"``: set ``xr.should_stop``), ``alert_level``
+    (the least severity that raises or stops: ``"critical"``).
     Usable as a context manager; without an optimizer call ``xr.step()``.
     """
     return XRay(model, optimizer, **kwargs)

@@ -43,6 +43,7 @@ class LayerInfo(Struct, frozen=True):
     params: list[str] = []  # short names, e.g. ["weight", "bias"]
     act: bool = False  # whether its output is hooked
     role: str = ""  # "activation" (an activation function), "block" (a transformer block) or ""
+    frozen: list[str] = []  # params (short names) with requires_grad=False
 
 
 class Hello(Struct, tag="hello", frozen=True):
@@ -99,6 +100,8 @@ class Step(Struct, tag="step", frozen=True):
     time: float
     samples: list[Sample]
     drops: Count = 0  # samples the probe dropped so far because it fell behind
+    # with several ranks: every rank's total gradient L2 norm at this step (all-gathered)
+    rank_grad_norms: list[float] | None = None
 
 
 class Alert(Struct, tag="alert", frozen=True):

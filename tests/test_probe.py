@@ -1,5 +1,7 @@
 """The probe on real training loops, against ground truth copied by hand."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -189,3 +191,47 @@ def test_same_name_gets_a_distinct_run():
     finally:
         a.close()
         b.close()
+
+
+def nan_training(xr, model, opt, steps=30, nan_at=5):
+    for i in range(steps):
+        if i == nan_at:
+            with torch.no_grad():
+                model.fc2.weight[0, 0] = float("nan")
+        model(torch.randn(4, 12)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        time.sleep(0.01)  # alerts are computed off the training thread
+
+
+def test_on_alert_raise_stops_the_loop_soon_after_the_fault():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    xr = probes.attach(model, opt, every=1, serve=False, on_alert="raise")
+    with pytest.raises(probes.AlertRaised) as info:
+        nan_training(xr, model, opt)
+    xr.close()
+    assert info.value.alert.rule == "nonfinite" and info.value.alert.step == 5
+    assert xr.step_index <= 5 + 5  # raised within a few steps of the fault
+
+
+def test_on_alert_callable_and_stop():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen = []
+    xr = probes.attach(model, opt, every=1, serve=False, on_alert=seen.append)
+    nan_training(xr, model, opt, steps=10)
+    xr.close()
+    assert seen and {a.rule for a in seen} == {"nonfinite"} and all(a.severity == "critical" for a in seen)
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    xr = probes.attach(model, opt, every=1, serve=False, on_alert="stop")
+    nan_training(xr, model, opt, steps=10)
+    xr.close()
+    assert xr.should_stop
+
+
+def test_bad_on_alert_is_refused():
+    with pytest.raises(ValueError, match="on_alert"):
+        probes.attach(Net(), on_alert="explode", serve=False)
