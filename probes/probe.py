@@ -136,6 +136,7 @@ class XRay:
         on_alert=None,
         alert_level: str = "critical",
         seed: int = 0,
+        tcp: str | int | bool | None = None,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -187,7 +188,7 @@ class XRay:
             hist=histogram.SPEC,
             layers=self._layer_infos(hooked),
         )
-        self.publisher = Publisher(hello, serve=serve, log_path=log, rules=rules)
+        self.publisher = Publisher(hello, serve=serve, log_path=log, rules=rules, tcp=tcp if serve else None)
         if on_alert is not None:
             self.publisher.subscribe(self._alert_listener)
         for mname, module in modules:
@@ -420,7 +421,10 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **k
     given each warning/critical :class:`~probes.wire.Alert` on the publisher
     thread; ``"raise"``: raise :class:`AlertRaised` in the training loop at the
     next step boundary; ``"stop"``: set ``xr.should_stop``), ``alert_level``
-    (the least severity that raises or stops: ``"critical"``).
+    (the least severity that raises or stops: ``"critical"``), ``tcp``
+    (also listen on TCP: ``True`` for a free port on 127.0.0.1, ``PORT`` or
+    ``"HOST:PORT"``; viewers need the random token the probe writes, readable
+    by you only, next to its socket; see docs/reliability.md).
     Usable as a context manager; without an optimizer call ``xr.step()``.
     """
     return XRay(model, optimizer, **kwargs)

@@ -4,7 +4,9 @@
 The directory is mode 0700 and must belong to the user: one that is owned by
 someone else or open to others is refused, so nobody can list, attach to or
 feed another user's run. Each rank of a run writes ``<stem>.sock`` (0600)
-and ``<stem>.json``, a manifest describing the run.
+and ``<stem>.json``, a manifest describing the run, and, with a TCP
+listener, ``<stem>.token`` (0600), the token TCP viewers must present.
+Manifests that are not plain files of ours are ignored, never followed.
 """
 
 from __future__ import annotations
@@ -76,6 +78,12 @@ class Manifest:
     argv: list
     socket: str
     protocol: int
+    tcp: str = ""  # "host:port" of the optional TCP listener
+
+    @property
+    def token_file(self) -> Path:
+        """Where the TCP token is (only with ``tcp``): next to the socket."""
+        return Path(self.socket).with_suffix(".token")
 
     @classmethod
     def load(cls, path: Path) -> "Manifest":
@@ -91,6 +99,7 @@ class Manifest:
                 argv=list(data.get("argv", [])),
                 socket=str(data["socket"]),
                 protocol=int(data.get("protocol", 0)),
+                tcp=str(data.get("tcp", "")),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RunDirError(f"bad manifest {path}: {exc}") from None
@@ -123,13 +132,19 @@ def live_manifests(clean: bool = True) -> list[Manifest]:
     found = []
     for path in sorted(d.glob("*.json")):
         try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            continue  # a link or someone else's file: never read, never removed
+        try:
             m = Manifest.load(path)
         except RunDirError:
             continue
         if _alive(m.pid) and os.path.exists(m.socket):
             found.append(m)
         elif clean:
-            for stale in (path, Path(m.socket)):
+            for stale in (path, Path(m.socket), m.token_file):
                 try:
                     stale.unlink()
                 except OSError:

@@ -7,22 +7,39 @@ runs the alert rules, records frames to the log file, keeps a bounded
 backlog for viewers that attach late, and writes to every connected viewer
 through non-blocking sockets with a bounded buffer each, so a slow, stopped
 or killed viewer never slows training. Nothing here imports torch.
+
+Failures stay inside the part that failed, each with one logged warning:
+the recording stops on a write error, the rules stop if they raise, a
+listener that raises is removed, a viewer whose socket misbehaves is
+dropped, and if the thread itself dies it cleans up and :meth:`submit`
+becomes a no-op. Nothing ever reaches the training thread.
+
+Viewers connect over the Unix socket (checked: the peer must be the same
+user) or, when asked, over TCP on 127.0.0.1 with a random token that only
+the owner can read (a 0600 file in the 0700 run directory). A TCP viewer
+must send :func:`handshake` within :data:`HANDSHAKE_TIMEOUT` seconds or is
+closed. Nothing a viewer sends is interpreted beyond that comparison.
 """
 
 from __future__ import annotations
 
 import heapq
+import hmac
 import itertools
 import logging
 import os
 import queue
+import secrets
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import Callable
+
+import msgspec
 
 from . import rundir, wire
 from .rules import RuleEngine
@@ -31,32 +48,75 @@ log = logging.getLogger("xray-tui")
 
 Listener = Callable[[wire.Message], None]
 
+#: A TCP viewer sends ``TOKEN_PREFIX + token + b"\n"`` first; a token is 32 hex digits.
+TOKEN_PREFIX = b"XRAYTOK1 "
+TOKEN_LEN = 32
+HANDSHAKE_LEN = len(TOKEN_PREFIX) + TOKEN_LEN + 1
+#: Seconds a TCP connection has to send the handshake before it is closed.
+HANDSHAKE_TIMEOUT = 1.0
+
+
+def handshake(token: str) -> bytes:
+    """The bytes a TCP viewer sends first to prove it holds ``token``."""
+    return TOKEN_PREFIX + token.encode("ascii", "replace")[:TOKEN_LEN].ljust(TOKEN_LEN, b"?") + b"\n"
+
+
+def parse_tcp(spec: str | int | bool) -> tuple[str, int]:
+    """``True`` / ``PORT`` / ``"HOST:PORT"`` -> (host, port); host defaults to 127.0.0.1, port 0 = any free."""
+    if spec is True:
+        return "127.0.0.1", 0
+    if isinstance(spec, int):
+        return "127.0.0.1", spec
+    host, _, port = str(spec).rpartition(":")
+    try:
+        return (host or "127.0.0.1").strip("[]"), int(port)
+    except ValueError:
+        raise ValueError(f"tcp must be PORT or HOST:PORT, got {spec!r}") from None
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    """The uid of a Unix socket's peer (Linux SO_PEERCRED), or None where unknown."""
+    opt = getattr(socket, "SO_PEERCRED", None)
+    if opt is None:
+        return None
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, opt, struct.calcsize("3i")))
+    except OSError:
+        return None
+    return uid
+
 
 class _Viewer:
-    """One connected viewer and the frames waiting to be written to it."""
+    """One connected viewer and the frames waiting to be written to it.
+
+    ``out`` holds (frame, counted) pairs: frames dropped for want of room
+    are counted in ``dropped`` unless they were our own drop notes.
+    """
 
     def __init__(self, sock: socket.socket, limit: int) -> None:
         self.sock = sock
-        self.out: deque[bytes] = deque()
+        self.out: deque[tuple[bytes, bool]] = deque()
         self.offset = 0  # bytes of out[0] already sent
         self.bytes = 0
         self.limit = limit
         self.dropped = 0
+        self.reported = 0  # drops the viewer has been told about (queued a note for)
 
-    def push(self, frame: bytes) -> None:
-        self.out.append(frame)
+    def push(self, frame: bytes, counted: bool = True) -> None:
+        self.out.append((frame, counted))
         self.bytes += len(frame)
-        # drop whole frames that have not started to go out, oldest first
+        # drop whole frames that have not started to go out, oldest first;
+        # out[0] may be half sent, and the newest frame is the one to keep
         while self.bytes > self.limit and len(self.out) > 2:
-            old = self.out[1]
+            old, was_counted = self.out[1]
             del self.out[1]
             self.bytes -= len(old)
-            self.dropped += 1
+            self.dropped += was_counted
 
     def flush(self) -> bool:
         """Write what the socket takes now; False once the viewer is gone."""
         while self.out:
-            head = self.out[0]
+            head = self.out[0][0]
             try:
                 n = self.sock.send(memoryview(head)[self.offset :])
             except (BlockingIOError, InterruptedError):
@@ -72,16 +132,27 @@ class _Viewer:
         return True
 
 
+class _Pending:
+    """A TCP connection that has not yet sent its token."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+
+
 class Recorder:
     """Appends frames to a recording file, flushed after each frame.
 
-    A write error (disk full, file removed) is reported once; recording stops
-    and training goes on.
+    A write error (disk full, file too large) or the file's removal is
+    reported once; recording stops and training goes on. Everything written
+    before stays readable: replay stops at the last whole frame.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.f = open(path, "ab")
+        self._ino = os.fstat(self.f.fileno()).st_ino
         if self.f.tell() == 0:
             self.f.write(wire.MAGIC)
 
@@ -91,17 +162,25 @@ class Recorder:
         try:
             self.f.write(frame)
             self.f.flush()
+            # writing to a removed file succeeds and fills the disk invisibly: notice it
+            if os.fstat(self.f.fileno()).st_nlink == 0:
+                raise OSError(f"the file was removed (inode {self._ino})")
         except OSError as exc:
-            log.warning("xray-tui: recording to %s stopped: %s", self.path, exc)
+            log.warning("xray-tui: recording to %s stopped: %s; training goes on", self.path, exc)
             self.close()
+
+    @property
+    def active(self) -> bool:
+        """Whether frames are still being recorded."""
+        return self.f is not None
 
     def close(self) -> None:
         if self.f is not None:
+            f, self.f = self.f, None
             try:
-                self.f.close()
+                f.close()
             except OSError:
-                pass
-            self.f = None
+                pass  # the buffered tail is lost; replay reports it as torn
 
 
 def free_log_path(path: str) -> str:
@@ -121,7 +200,14 @@ def free_log_path(path: str) -> str:
 
 
 class Publisher:
-    """Serves one rank's stream; see the module docstring."""
+    """Serves one rank's stream; see the module docstring.
+
+    Memory is bounded: the queue holds ``queue_size`` step builders, the
+    backlog ``backlog_steps`` Step frames and ``backlog_alerts`` others, and
+    each viewer at most ``viewer_buffer`` bytes of frames (frames are shared
+    with the backlog and between viewers, not copied). At most
+    ``max_viewers`` viewers are served at once; more are closed at once.
+    """
 
     def __init__(
         self,
@@ -134,36 +220,57 @@ class Publisher:
         backlog_steps: int = 512,
         backlog_alerts: int = 2000,
         viewer_buffer: int = 64 * 1024 * 1024,
+        max_viewers: int = 64,
+        tcp: str | int | bool | None = None,
     ) -> None:
         self.hello = hello
         self.rules = rules if rules is not None else RuleEngine()
         self.rules.set_layers(hello.layers)
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.dropped = 0
+        #: Frames dropped for slow or stopped viewers, all viewers together.
+        self.viewer_drops = 0
         self._listeners: list[Listener] = []
         self._hello_frame = wire.encode(hello)
         self._seq = itertools.count()
         self._steps: deque[tuple[int, bytes]] = deque(maxlen=backlog_steps)
         self._other: deque[tuple[int, bytes]] = deque(maxlen=backlog_alerts)
         self._viewers: dict[int, _Viewer] = {}
+        self._pending: dict[int, _Pending] = {}
         self._viewer_buffer = viewer_buffer
+        self._max_viewers = max_viewers
+        self._last_step = 0
+        self._rules_on = True
+        self._dead = False
         self._closing = threading.Event()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self.recorder = Recorder(free_log_path(log_path)) if log_path else None
+        self.recorder: Recorder | None = None
+        if log_path:
+            try:
+                self.recorder = Recorder(free_log_path(log_path))
+            except OSError as exc:
+                log.warning("xray-tui: cannot record to %s: %s; training goes on unrecorded", log_path, exc)
         if self.recorder:
             self.recorder.write(self._hello_frame)
         self.socket_path: Path | None = None
         self.manifest_path: Path | None = None
+        self.token_path: Path | None = None
+        #: "host:port" of the TCP listener, when there is one.
+        self.tcp_address: str | None = None
+        #: The TCP token (also in ``token_path``, readable by the owner only).
+        self.token: str | None = None
         self._listen: socket.socket | None = None
+        self._listen_tcp: socket.socket | None = None
         if serve:
             try:
-                self._open_socket()
-            except (rundir.RunDirError, OSError) as exc:
+                self._open_socket(tcp)
+            except (rundir.RunDirError, OSError, ValueError) as exc:
                 log.warning("xray-tui: not serving viewers: %s", exc)  # training goes on
+                self._close_listeners()
         self._thread = threading.Thread(target=self._run, name="xray-tui-publisher", daemon=True)
         self._thread.start()
 
@@ -171,6 +278,8 @@ class Publisher:
 
     def submit(self, build: Callable[[], wire.Message]) -> None:
         """Queue a message builder; never blocks, drops the oldest when full."""
+        if self._dead:
+            return
         while True:
             try:
                 self.queue.put_nowait(build)
@@ -203,20 +312,43 @@ class Publisher:
 
     # -- publisher thread -------------------------------------------------
 
-    def _open_socket(self) -> None:
+    def _open_socket(self, tcp) -> None:
         d = rundir.ensure_run_dir()
         stem = f"{rundir.safe_name(self.hello.run)}-{self.hello.pid}-r{self.hello.rank}"
         path = d / f"{stem}.sock"
-        if path.exists():
+        if path.exists() or path.is_symlink():
             path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listen = sock
+        # the directory is 0700, so nobody else can reach the socket between bind and chmod
         sock.bind(str(path))
         os.chmod(path, 0o600)
         sock.listen(16)
         sock.setblocking(False)
-        self._listen = sock
         self._sel.register(sock, selectors.EVENT_READ, "listen")
         self.socket_path = path
+        tcp_address = ""
+        if tcp not in (None, False):
+            host, port = parse_tcp(tcp)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            t = socket.socket(family, socket.SOCK_STREAM)
+            self._listen_tcp = t
+            t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            t.bind((host, port))
+            t.listen(16)
+            t.setblocking(False)
+            self.token = secrets.token_hex(TOKEN_LEN // 2)
+            self.token_path = d / f"{stem}.token"
+            fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.token + "\n")
+            bound = t.getsockname()
+            tcp_address = f"[{bound[0]}]:{bound[1]}" if family == socket.AF_INET6 else f"{bound[0]}:{bound[1]}"
+            self.tcp_address = tcp_address
+            self._sel.register(t, selectors.EVENT_READ, "listen-tcp")
+            # the token itself is never logged: logs are often readable by others
+            log.warning("xray-tui: TCP viewers on %s; token in %s (readable by you only)",
+                        tcp_address, self.token_path)
         self.manifest_path = d / f"{stem}.json"
         rundir.Manifest(
             run=self.hello.run,
@@ -227,20 +359,46 @@ class Publisher:
             argv=list(self.hello.argv),
             socket=str(path),
             protocol=wire.PROTOCOL_VERSION,
+            tcp=tcp_address,
         ).write(self.manifest_path)
+
+    def _close_listeners(self) -> None:
+        for s in (self._listen, self._listen_tcp):
+            if s is not None:
+                try:
+                    self._sel.unregister(s)
+                except (KeyError, ValueError):
+                    pass
+                s.close()
+        self._listen = self._listen_tcp = None
+        for path in (self.socket_path, self.manifest_path, self.token_path):
+            if path is not None:
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+        self.socket_path = self.manifest_path = self.token_path = None
 
     def _run(self) -> None:
         try:
             while True:
-                for key, events in self._sel.select(timeout=0.5):
+                for key, events in self._sel.select(timeout=self._select_timeout()):
                     self._on_event(key, events)
+                self._expire_handshakes()
                 self._drain()
                 if self._closing.is_set() and self.queue.empty():
                     break
             self._finish()
         except Exception:  # the probe's own failure must never reach training
-            log.exception("xray-tui: publisher stopped")
+            self._dead = True
+            log.exception("xray-tui: the publisher failed and is switched off; training goes on")
             self._cleanup()
+
+    def _select_timeout(self) -> float:
+        if not self._pending:
+            return 0.5
+        soonest = min(p.deadline for p in self._pending.values())
+        return min(0.5, max(0.0, soonest - time.monotonic()))
 
     def _on_event(self, key, events) -> None:
         if key.data == "wake":
@@ -250,37 +408,113 @@ class Publisher:
             except (BlockingIOError, InterruptedError):
                 pass
         elif key.data == "listen":
-            self._accept()
+            self._accept(self._listen, tcp=False)
+        elif key.data == "listen-tcp":
+            self._accept(self._listen_tcp, tcp=True)
+        elif key.data == "pending":
+            self._on_handshake(key.fd)
         else:
             viewer = self._viewers.get(key.fd)
             if viewer is None:
                 return
-            if events & selectors.EVENT_READ:
-                try:
-                    data = viewer.sock.recv(4096)
-                except (BlockingIOError, InterruptedError):
-                    data = b"?"
-                except OSError:
-                    data = b""
-                if not data:
-                    self._drop_viewer(viewer)
-                    return
-            if events & selectors.EVENT_WRITE:
-                self._flush_viewer(viewer)
+            try:
+                if events & selectors.EVENT_READ:
+                    # viewers have nothing to say; what they send is read and thrown away
+                    try:
+                        data = viewer.sock.recv(4096)
+                    except (BlockingIOError, InterruptedError):
+                        data = b"?"
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._drop_viewer(viewer)
+                        return
+                if events & selectors.EVENT_WRITE:
+                    self._flush_viewer(viewer)
+            except Exception:  # one viewer's trouble never stops the others
+                log.exception("xray-tui: dropped a viewer after an error")
+                self._drop_viewer(viewer)
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket | None, tcp: bool) -> None:
+        if listener is None:
+            return
         try:
-            conn, _ = self._listen.accept()
+            conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError:
+            return  # e.g. out of file descriptors: the viewer sees a closed connection
+        if len(self._viewers) + len(self._pending) >= self._max_viewers:
+            conn.close()
+            return
+        if not tcp:
+            uid = _peer_uid(conn)
+            if uid is not None and uid != os.getuid():
+                conn.close()  # another user reached the socket despite 0600/0700: refuse
+                return
         conn.setblocking(False)
+        if tcp:
+            self._pending[conn.fileno()] = _Pending(conn)
+            self._sel.register(conn, selectors.EVENT_READ, "pending")
+            return
+        self._start_viewer(conn)
+
+    def _on_handshake(self, fd: int) -> None:
+        p = self._pending.get(fd)
+        if p is None:
+            return
+        try:
+            data = p.sock.recv(HANDSHAKE_LEN - len(p.buf))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        p.buf += data
+        if not data or not TOKEN_PREFIX.startswith(p.buf[: len(TOKEN_PREFIX)]):
+            self._close_pending(p)  # closed, or speaking something else: no need to wait
+            return
+        if len(p.buf) < HANDSHAKE_LEN:
+            return
+        self._close_pending(p, keep=True)
+        if self.token and hmac.compare_digest(p.buf, handshake(self.token)):
+            self._start_viewer(p.sock)
+        else:
+            p.sock.close()
+
+    def _close_pending(self, p: _Pending, keep: bool = False) -> None:
+        self._pending.pop(p.sock.fileno(), None)
+        try:
+            self._sel.unregister(p.sock)
+        except (KeyError, ValueError):
+            pass
+        if not keep:
+            p.sock.close()
+
+    def _expire_handshakes(self) -> None:
+        now = time.monotonic()
+        for p in [p for p in self._pending.values() if p.deadline <= now]:
+            self._close_pending(p)
+
+    def _start_viewer(self, conn: socket.socket) -> None:
         viewer = _Viewer(conn, self._viewer_buffer)
         viewer.push(wire.MAGIC + self._hello_frame)
         for _, frame in heapq.merge(self._steps, self._other):
             viewer.push(frame)
+        if self.viewer_drops or self.dropped:
+            # a newcomer learns that others, or the probe's queue, lost frames
+            viewer.push(self._drops_note(viewer), counted=False)
         self._viewers[conn.fileno()] = viewer
         self._sel.register(conn, selectors.EVENT_READ, "viewer")
         self._flush_viewer(viewer)
+
+    def _drops_note(self, viewer: _Viewer) -> bytes:
+        """A ``drops`` Note for ``viewer``: its own lost frames and everyone's."""
+        viewer.reported = viewer.dropped
+        return wire.encode(wire.Note(self._last_step, self.hello.rank, "drops", {
+            "frames": viewer.dropped,  # frames this viewer did not get because it fell behind
+            "all_viewers": self.viewer_drops,  # the same, summed over every viewer so far
+            "queue": self.dropped,  # step samples the probe itself dropped (Step.drops)
+        }))
 
     def _flush_viewer(self, viewer: _Viewer) -> None:
         if not viewer.flush():
@@ -309,22 +543,36 @@ class Publisher:
                 log.exception("xray-tui: a sample could not be built; skipped")
                 continue
             self._publish(msg)
-            if isinstance(msg, wire.Step):
-                for alert in self.rules.evaluate(msg):
+            if isinstance(msg, wire.Step) and self._rules_on:
+                try:
+                    alerts = self.rules.evaluate(msg)
+                except Exception:
+                    self._rules_on = False
+                    log.exception("xray-tui: the alert rules failed and are switched off; training goes on")
+                    continue
+                for alert in alerts:
                     self._publish(alert)
 
     def _publish(self, msg: wire.Message) -> None:
-        if isinstance(msg, wire.Step) and self.dropped:
-            msg = wire.Step(msg.step, msg.rank, msg.time, msg.samples, self.dropped)
+        if isinstance(msg, wire.Step):
+            self._last_step = msg.step
+            if self.dropped:
+                msg = msgspec.structs.replace(msg, drops=self.dropped)
         frame = wire.encode(msg)
         item = (next(self._seq), frame)
         (self._steps if isinstance(msg, wire.Step) else self._other).append(item)
         if self.recorder:
             self.recorder.write(frame)
         for viewer in list(self._viewers.values()):
+            before = viewer.dropped
             viewer.push(frame)
+            if viewer.dropped > before:
+                self.viewer_drops += viewer.dropped - before
+            if viewer.dropped > viewer.reported:
+                # tell the viewer, in its stream, how much it lost (a tiny frame, never counted)
+                viewer.push(self._drops_note(viewer), counted=False)
             self._flush_viewer(viewer)
-        for listener in self._listeners:
+        for listener in list(self._listeners):
             try:
                 listener(msg)
             except Exception:
@@ -343,13 +591,8 @@ class Publisher:
     def _cleanup(self) -> None:
         for viewer in list(self._viewers.values()):
             self._drop_viewer(viewer)
-        if self._listen is not None:
-            self._listen.close()
-        for path in (self.socket_path, self.manifest_path):
-            if path is not None:
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
+        for p in list(self._pending.values()):
+            self._close_pending(p)
+        self._close_listeners()
         if self.recorder:
             self.recorder.close()

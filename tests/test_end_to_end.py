@@ -174,6 +174,7 @@ def test_a_socket_that_is_not_ours(tmp_path, greeting):
     path = str(tmp_path / "other.sock")
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(path)
+    os.chmod(path, 0o600)  # a socket open to others is refused before any protocol talk
     srv.listen(1)
 
     def serve():

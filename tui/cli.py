@@ -55,8 +55,28 @@ def cmd_ls(args) -> int:
 
 
 def _live_source(args):
-    source = feed.SocketSource(args.socket) if args.socket else feed.SocketSource.for_run(args.run)
+    if args.tcp:
+        source = _tcp_source(args)
+    else:
+        source = feed.SocketSource(args.socket) if args.socket else feed.SocketSource.for_run(args.run)
     return feed.RecordingSource(source, args.log) if args.log else source
+
+
+def _tcp_source(args):
+    """``--tcp``: the run's own TCP listeners, or HOST:PORT with a token from a file or the environment.
+
+    The token is never taken on the command line, where other users could
+    read it in the process list.
+    """
+    if args.tcp is True:
+        return feed.SocketSource.for_run(args.run, tcp=True)
+    if args.token_file:
+        token = feed.read_token(args.token_file)
+    elif os.environ.get("XRAY_TUI_TOKEN"):
+        token = os.environ["XRAY_TUI_TOKEN"].strip()
+    else:
+        raise CliError("--tcp HOST:PORT needs the run's token: --token-file FILE or $XRAY_TUI_TOKEN")
+    return feed.SocketSource([f"tcp:{args.tcp}"], label=args.run or args.tcp, token=token)
 
 
 def _headless(source, args, *, live: bool) -> int:
@@ -220,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "live run is chosen. The history the probe kept is shown at once.")
     a.add_argument("run", nargs="?", help="run name (see `xray-tui ls`)")
     a.add_argument("--socket", action="append", metavar="PATH", help="connect to this socket instead")
+    a.add_argument("--tcp", nargs="?", const=True, metavar="HOST:PORT",
+                   help="connect over TCP (a probe started with tcp=...): alone, the named run's own "
+                        "listener and token; with HOST:PORT, that address and the token of --token-file "
+                        "or $XRAY_TUI_TOKEN")
+    a.add_argument("--token-file", metavar="FILE",
+                   help="with --tcp HOST:PORT: file holding the run's token (the probe's <run>.token, mode 600)")
     output_opts(a)
     a.set_defaults(func=cmd_attach)
 

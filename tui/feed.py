@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import selectors
 import socket
-import stat
 import threading
 import time
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from probes import rundir, wire
-from probes.server import Recorder, free_log_path
+from probes.server import Recorder, free_log_path, handshake, parse_tcp
 
 Batch = list  # list[wire.Message]
 
@@ -46,34 +46,76 @@ def resolve_run(name: str | None) -> rundir.Run:
     raise FeedError(f"unknown run {name!r} (live runs: {known})")
 
 
-class SocketSource:
-    """Reads every rank of a live run (or explicit socket paths) at once."""
+def read_token(path: str) -> str:
+    """A TCP token from a file (the probe's ``<stem>.token``), checked to be ours alone."""
+    try:
+        st = os.stat(path)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise FeedError(f"{path}: a token file must be yours with mode 600: refused")
+        with open(path, encoding="ascii", errors="replace") as f:
+            token = f.read(256).strip()
+    except OSError as exc:
+        raise FeedError(f"cannot read token {path}: {exc.strerror}") from None
+    if not token:
+        raise FeedError(f"{path}: empty token file")
+    return token
 
-    def __init__(self, paths: Iterable[str], label: str = "") -> None:
+
+class SocketSource:
+    """Reads every rank of a live run (or explicit endpoints) at once.
+
+    An endpoint is a Unix socket path, which must be a socket of ours with
+    no access for others, or ``tcp:HOST:PORT``, which is sent the
+    ``token`` handshake first. Whatever arrives is only ever decoded as
+    frames: never evaluated, unpickled or used as a path.
+    """
+
+    def __init__(self, paths: Iterable[str], label: str = "", token: str | None = None) -> None:
         self.paths = list(paths)
         self.label = label or ", ".join(self.paths)
+        self.token = token
 
     @classmethod
-    def for_run(cls, name: str | None) -> "SocketSource":
-        """A source for a live run found by name in the run directory."""
+    def for_run(cls, name: str | None, tcp: bool = False) -> "SocketSource":
+        """A source for a live run found by name in the run directory
+        (over its TCP listeners, with their tokens, when ``tcp``)."""
         run = resolve_run(name)
-        return cls([m.socket for m in run.ranks], label=run.name)
+        if not tcp:
+            return cls([m.socket for m in run.ranks], label=run.name)
+        if not all(m.tcp for m in run.ranks):
+            raise FeedError(f"run {run.name!r} has no TCP listener (start it with probes.attach(..., tcp=True))")
+        tokens = {read_token(str(m.token_file)) for m in run.ranks}
+        if len(tokens) != 1:
+            raise FeedError(f"run {run.name!r}: its ranks have different TCP tokens; attach to one with --tcp")
+        return cls([f"tcp:{m.tcp}" for m in run.ranks], label=run.name, token=tokens.pop())
 
     def _connect(self, path: str) -> socket.socket:
+        if path.startswith("tcp:"):
+            return self._connect_tcp(path)
         try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise FeedError(f"{path}: {exc.strerror}") from None
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FeedError(f"{path} is not a socket")
-        if st.st_uid != os.getuid():
-            raise FeedError(f"{path} belongs to uid {st.st_uid}, not to you: refused")
+            rundir.check_private(Path(path), want_dir=False)
+        except rundir.RunDirError as exc:
+            raise FeedError(str(exc)) from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)
         except OSError as exc:
             sock.close()
             raise FeedError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        return sock
+
+    def _connect_tcp(self, endpoint: str) -> socket.socket:
+        if not self.token:
+            raise FeedError(f"{endpoint}: a TCP viewer needs the run's token (--token-file or $XRAY_TUI_TOKEN)")
+        try:
+            host, port = parse_tcp(endpoint[4:])
+        except ValueError as exc:
+            raise FeedError(str(exc)) from None
+        try:
+            sock = socket.create_connection((host, port), timeout=5.0)
+            sock.sendall(handshake(self.token))
+        except OSError as exc:
+            raise FeedError(f"cannot connect to {endpoint}: {exc.strerror or exc}") from None
         return sock
 
     def batches(self, stop: threading.Event | None = None, hello_timeout: float = 5.0) -> Iterator[Batch]:
@@ -101,7 +143,9 @@ class SocketSource:
                     reader = readers[sock]
                     if not data:
                         if reader.hello is None:
-                            raise FeedError(f"{reader.source}: closed before saying hello (not an xray-tui probe?)")
+                            why = ("closed before saying hello (wrong token?)" if reader.source.startswith("tcp:")
+                                   else "closed before saying hello (not an xray-tui probe?)")
+                            raise FeedError(f"{reader.source}: {why}")
                         sel.unregister(sock)
                         sock.close()
                         del readers[sock]
