@@ -135,7 +135,36 @@ class End(Struct, tag="end", frozen=True):
     reason: str = "finished"
 
 
-Message = Union[Hello, Step, Alert, Note, End]
+class Spectral(Struct, tag="spectral", frozen=True):
+    """Spectral health of one weight matrix (WeightWatcher's metrics; probes/spectral.py).
+
+    ``layer`` is the parameter name; eigenvalues are those of W^T W. ``alpha``
+    (power-law exponent, None when the fit failed), ``xmin`` and ``ks`` (the
+    KS distance at xmin) come from the continuous MLE with xmin at the least
+    KS distance. ``esd`` counts eigenvalues in log10-spaced bins from
+    ``esd_lo`` to ``esd_hi`` (log10 units). ``method`` says how the
+    eigenvalues were obtained ("exact", "conv-slices" or "lowrank").
+    """
+
+    step: Count
+    rank: Count
+    layer: str
+    alpha: float | None
+    alpha_weighted: float | None
+    log_norm: float
+    log_spectral_norm: float
+    stable_rank: float
+    n_evals: Count
+    xmin: float | None = None
+    ks: float | None = None
+    shape: list[int] = []
+    esd_lo: float = 0.0
+    esd_hi: float = 0.0
+    esd: list[Count] = []
+    method: str = "exact"
+
+
+Message = Union[Hello, Step, Alert, Note, End, Spectral]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
