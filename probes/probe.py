@@ -24,11 +24,14 @@ import torch
 from torch import nn
 
 from . import histogram, rundir, wire
-from .reduce import COL, Batch
+from .reduce import COL, Batch, dead_units
 from .rules import RuleEngine
 from .server import Publisher
 
 log = logging.getLogger("xray-tui")
+
+#: Activation elements held for a batched reduction before it runs early.
+ACT_HOLD_LIMIT = 1 << 24
 
 
 def _is_activation(module: nn.Module) -> bool:
@@ -153,10 +156,10 @@ class XRay:
         self.step_index = 0
         self._sampling = True
         self._seen: set[str] = set()
-        self._batch = Batch()
         self._gen = torch.Generator().manual_seed(seed)
+        self._batch = self._new_batch()
         self._subsets: dict[str, torch.Tensor | None] = {}
-        self._snapshots: dict[str, torch.Tensor] = {}
+        self._snapshot: torch.Tensor | None = None  # update subsets of every trainable weight, concatenated
         self._handles: list = []
         self._closed = False
         self._failed: set[str] = set()
@@ -170,6 +173,8 @@ class XRay:
         self.params = [(_unwrap_name(n), p) for n, p in model.named_parameters() if p.is_floating_point()]
         modules = [(_unwrap_name(n), m) for n, m in select_modules(model, include, exclude)]
         hooked = {n: m for n, m in modules}
+        self._activations = {n for n, m in modules if _is_activation(m)}
+        self.trainable = [(n, p) for n, p in self.params if p.requires_grad]
         rank, world = _rank_and_world()
         self.rank = rank
         self.run = name or os.path.splitext(os.path.basename(sys.argv[0] or "run"))[0] or "run"
@@ -193,6 +198,8 @@ class XRay:
             self.publisher.subscribe(self._alert_listener)
         for mname, module in modules:
             self._handles.append(module.register_forward_hook(self._make_hook(mname)))
+        # the forward is over: reduce the held activations together, then let them go
+        self._handles.append(model.register_forward_hook(lambda *_: self._reduce_held()))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_update()))
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.after_update()))
@@ -230,11 +237,24 @@ class XRay:
                 if x is None or not x.is_floating_point():
                     return
                 self._seen.add(name)  # gradient checkpointing runs forward twice
-                self._batch.add(name, "act", x, self.eps, self.hist_k, self._gen, dead=True)
+                dead = dead_units(x, self.eps) if name in self._activations else None
+                self._batch.hold(name, "act", x, dead=dead)
+                if self._batch.held_elements > ACT_HOLD_LIMIT:
+                    self._batch.reduce()  # bound the memory that held activations keep alive
             except Exception:
                 self._fail("act")
 
         return hook
+
+    def _new_batch(self) -> Batch:
+        return Batch(self.eps, self.hist_k, self._gen)
+
+    def _reduce_held(self) -> None:
+        if self._sampling and "act" not in self._failed:
+            try:
+                self._batch.reduce()
+            except Exception:
+                self._fail("act")
 
     def _alert_listener(self, msg: wire.Message) -> None:
         """Runs on the publisher thread: act on alerts as ``on_alert`` says."""
@@ -262,10 +282,17 @@ class XRay:
             )
         return self._subsets[name]
 
-    def _take(self, name: str, p: torch.Tensor) -> torch.Tensor:
-        idx = self._subset(name, p)
-        flat = p.detach().reshape(-1)
-        return (flat if idx is None else flat[idx]).float().clone()
+    def _take_subsets(self) -> torch.Tensor | None:
+        """The update subsets of all trainable weights, in one new float32 buffer."""
+        if not self.trainable:
+            return None
+        device = self.trainable[0][1].device
+        pieces = []
+        for name, p in self.trainable:
+            idx = self._subset(name, p)
+            flat = p.detach().reshape(-1)
+            pieces.append((flat if idx is None else flat[idx]).to(device=device, dtype=torch.float32))
+        return torch.cat(pieces)  # a copy: the optimizer's in-place update cannot reach it
 
     def before_update(self) -> None:
         """Read weights and gradients, and keep the update subset (sampled steps)."""
@@ -273,7 +300,7 @@ class XRay:
             return
         try:
             self._read_params()
-            self._snapshots = {n: self._take(n, p) for n, p in self.params if p.requires_grad}
+            self._snapshot = self._take_subsets()
         except Exception:
             self._fail("params")
 
@@ -307,27 +334,29 @@ class XRay:
             self._flush()
         self._advance()
         if self._sampling:
-            self._snapshots = {n: self._take(n, p) for n, p in self.params if p.requires_grad}
+            self._snapshot = self._take_subsets()
 
     def _read_params(self) -> None:
         b = self._batch
         for name, p in self.params:
-            b.add(name, "weight", p, self.eps, self.hist_k, self._gen)
+            b.hold(name, "weight", p)
             if p.grad is not None:
-                b.add(name, "grad", p.grad, self.eps, self.hist_k, self._gen)
+                b.hold(name, "grad", p.grad)
+        b.reduce()  # now, before the optimizer changes them
 
     def _read_updates(self) -> None:
-        snaps, self._snapshots = self._snapshots, {}
-        for name, p in self.params:
-            before = snaps.get(name)
-            if before is None:
-                continue
-            delta = self._take(name, p) - before
-            ref = (before * before).sum(dtype=torch.float64)
-            self._batch.add(name, "update", delta, self.eps, self.hist_k, None, ref_sumsq=ref)
+        before, self._snapshot = self._snapshot, None
+        if before is None:
+            return
+        delta = self._take_subsets() - before
+        lengths = [p.numel() if self._subsets[n] is None else self.update_k for n, p in self.trainable]
+        refs = torch.segment_reduce((before * before).double(), "sum",
+                                    lengths=torch.tensor(lengths, device=before.device), unsafe=True)
+        for (name, _), d, ref in zip(self.trainable, delta.split(lengths), refs):
+            self._batch.hold(name, "update", d, ref_sumsq=ref)
 
     def _flush(self) -> None:
-        batch, self._batch = self._batch, Batch()
+        batch, self._batch = self._batch, self._new_batch()
         self._seen.clear()
         if not len(batch) or self._closed:
             return

@@ -1,8 +1,13 @@
-"""On-device reductions: a tensor in, a short row of sufficient statistics out.
+"""On-device reductions: tensors in, short rows of sufficient statistics out.
 
-Everything stays on the tensor's device; nothing here synchronises with the
-host. :class:`Batch` gathers the rows and histogram bin indices of one
-sampled step and brings them to the host in one go at :meth:`Batch.to_host`.
+Everything stays on the tensors' device and nothing synchronises with the
+host until :meth:`Batch.to_host`. The cost on small tensors is the number
+of kernel launches (and, on a busy CPU, of OpenMP parallel regions), not
+the bytes, so tensors are not reduced one by one: a :class:`Batch` holds
+them and reduces a whole group at once, by concatenating them into one flat
+buffer (in buckets of at most ``BUCKET`` elements) and taking segment sums,
+minima and maxima over it. The histograms of the group are binned by one
+pass over the concatenated samples and counted by one ``bincount``.
 """
 
 from __future__ import annotations
@@ -22,32 +27,59 @@ COLUMNS = (
 )
 COL = {name: i for i, name in enumerate(COLUMNS)}
 NCOL = len(COLUMNS)
+_NBASE = COL["dead_units"]  # columns computed by the reduction itself
 _TRASH = histogram.NUM_BINS  # bin index of non-finite values
+#: Largest flat buffer reduced at once (elements).
+BUCKET = 1 << 22
+#: Tensors at least this large are reduced alone.
+ALONE = 1 << 16
 
 
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    """A flat float32/float64 view (or copy, for half types) of ``x``."""
+def _flat32(x: torch.Tensor) -> torch.Tensor:
+    """A flat float32 view (or copy, for other float types) of ``x``."""
     x = x.detach()
-    if x.dtype not in (torch.float32, torch.float64):
+    if x.dtype != torch.float32:
         x = x.float()
     return x.reshape(-1)
 
 
-def stats_row(x: torch.Tensor, eps: float, dead_units: torch.Tensor | None = None,
-              ref_sumsq: torch.Tensor | None = None) -> torch.Tensor:
-    """The exact statistics of every element of ``x``, as a float64 row."""
-    f = _as_float(x)
-    nan = torch.tensor(math.nan, dtype=torch.float64, device=f.device)
-    if f.numel() == 0:
-        row = torch.full((NCOL,), math.nan, dtype=torch.float64, device=f.device)
-        row[[0, 1, 2, 3, 6, 7, 8, 9, 10]] = 0.0
-        return row
+def segment_rows(flat: torch.Tensor, lengths: list[int], eps: float) -> torch.Tensor:
+    """Exact statistics of consecutive segments of ``flat``: ``[len(lengths), _NBASE]``.
+
+    Sums are accumulated in float64. A NaN in a segment makes its sums, min
+    and max NaN, as they are for the tensor itself; the counts stay exact.
+    """
+    lens = torch.tensor(lengths, device=flat.device)
+
+    def seg(data: torch.Tensor, how: str = "sum") -> torch.Tensor:
+        return torch.segment_reduce(data, how, lengths=lens, unsafe=True).double()
+
+    d = flat.double()
+    a = flat.abs()
+    cols = [
+        lens.double(),
+        seg(d),
+        seg(d * d),
+        seg(a.double()),
+        seg(flat, "min"),
+        seg(flat, "max"),
+        seg((a < eps).double()),
+        seg((flat == 0).double()),
+        seg(torch.isnan(flat).double()),
+        seg((flat == math.inf).double()),
+        seg((flat == -math.inf).double()),
+    ]
+    return torch.stack(cols, 1)
+
+
+def tensor_row(f: torch.Tensor, eps: float) -> torch.Tensor:
+    """The same statistics for one large flat tensor (no segment bookkeeping)."""
     a = f.abs()
     mn, mx = torch.aminmax(f)
-    parts = [
+    cols = [
         torch.tensor(float(f.numel()), dtype=torch.float64, device=f.device),
         f.sum(dtype=torch.float64),
-        (f * f).sum(dtype=torch.float64),
+        torch.linalg.vector_norm(f, dtype=torch.float64).square(),  # squares in float64, like segment_rows
         a.sum(dtype=torch.float64),
         mn.double(),
         mx.double(),
@@ -56,27 +88,25 @@ def stats_row(x: torch.Tensor, eps: float, dead_units: torch.Tensor | None = Non
         torch.isnan(f).sum().double(),
         (f == math.inf).sum().double(),
         (f == -math.inf).sum().double(),
-        nan if dead_units is None else dead_units.double(),
-        nan if ref_sumsq is None else ref_sumsq.double(),
     ]
-    return torch.stack(parts)
+    return torch.stack(cols)
 
 
 def hist_sample(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """At most ``k`` elements of ``x`` for the histogram.
+    """At most ``k`` elements of ``x`` (flat float32) for the histogram.
 
     A plain stride aliases with row widths (DESIGN.md); we take an odd
     stride coprime with the last dimension and a random offset.
     """
-    f = _as_float(x)
+    f = _flat32(x)
     n = f.numel()
     if n <= k:
         return f
     width = x.shape[-1] if x.dim() else 1
-    stride = max(1, n // k) | 1
+    stride = -(-n // k) | 1
     while math.gcd(stride, width) != 1:
         stride += 2
-    offset = int(torch.randint(stride, (1,), generator=generator).item()) if generator else 0
+    offset = int(torch.randint(stride, (1,), generator=generator)) if generator is not None else 0
     return f[offset::stride][:k]
 
 
@@ -93,50 +123,101 @@ def bin_index(sample: torch.Tensor) -> torch.Tensor:
 
 def dead_units(x: torch.Tensor, eps: float) -> torch.Tensor | None:
     """Fraction of last-dimension units never above eps in the batch."""
-    if x.dim() < 2 or x.shape[-1] == 0:
+    if x.dim() < 2 or x.shape[-1] == 0 or x.numel() == 0:
         return None
     alive = (x.detach().abs() > eps).reshape(-1, x.shape[-1]).any(0)
     return 1.0 - alive.float().mean()
 
 
 class Batch:
-    """The statistics of one sampled step, gathered on the device."""
+    """The statistics of one sampled step, gathered on the device.
 
-    def __init__(self) -> None:
-        self.meta: list[tuple[str, str]] = []  # (layer, kind) per row
-        self.rows: list[torch.Tensor] = []
-        self.bins: list[torch.Tensor] = []
+    :meth:`hold` queues a tensor; :meth:`reduce` reduces everything queued
+    (call it before the tensors change: weights before the optimizer step);
+    :meth:`to_host` reduces what is left and copies all rows and histogram
+    counts to the host in one transfer.
+    """
+
+    def __init__(self, eps: float, hist_k: int, generator: torch.Generator | None = None) -> None:
+        self.eps = eps
+        self.hist_k = hist_k
+        self.generator = generator
+        self.meta: list[tuple[str, str]] = []  # (layer, kind) per reduced row
         self.hist_n: list[int] = []
+        self._rows: list[torch.Tensor] = []  # [n, NCOL] blocks, in meta order
+        self._counts: list[torch.Tensor] = []  # [n, NUM_BINS] blocks
+        self._held: list[tuple[str, str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+        self.held_elements = 0
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.meta) + len(self._held)
 
-    def add(self, layer: str, kind: str, x: torch.Tensor, eps: float, hist_k: int,
-            generator: torch.Generator | None = None, *, dead: bool = False,
-            ref_sumsq: torch.Tensor | None = None) -> None:
-        """Reduce ``x`` and remember it under (layer, kind)."""
-        du = dead_units(x, eps) if dead else None
-        self.rows.append(stats_row(x, eps, du, ref_sumsq))
-        sample = hist_sample(x, hist_k, generator)
-        self.bins.append(bin_index(sample))
-        self.hist_n.append(sample.numel())
-        self.meta.append((layer, kind))
+    def hold(self, layer: str, kind: str, x: torch.Tensor, *, dead: torch.Tensor | None = None,
+             ref_sumsq: torch.Tensor | None = None) -> None:
+        """Queue ``x`` (its values must not change until :meth:`reduce`)."""
+        self._held.append((layer, kind, x.detach(), dead, ref_sumsq))
+        self.held_elements += x.numel()
+
+    def reduce(self) -> None:
+        """Reduce every held tensor, grouped by device, and let them go."""
+        held, self._held, self.held_elements = self._held, [], 0
+        by_device: dict[torch.device, list] = {}
+        for item in held:
+            by_device.setdefault(item[2].device, []).append(item)
+        for items in by_device.values():
+            self._reduce_group(items)
+
+    def _reduce_group(self, items: list) -> None:
+        eps = self.eps
+        flats = [_flat32(x) for _, _, x, _, _ in items]
+        device = flats[0].device
+        rows = torch.full((len(items), NCOL), math.nan, dtype=torch.float64, device=device)
+        # Small tensors share segment reductions; large ones (where the bytes,
+        # not the launches, cost) are reduced alone, without a concatenated copy.
+        start, size = 0, 0
+        for i, f in enumerate(flats + [None]):
+            n = f.numel() if f is not None else 0
+            if f is None or size + n > BUCKET or n >= ALONE or (i > 0 and flats[i - 1].numel() >= ALONE):
+                idx = [j for j in range(start, i) if flats[j].numel()]
+                if len(idx) == 1:
+                    rows[idx[0], :_NBASE] = tensor_row(flats[idx[0]], eps)
+                elif idx:
+                    block = segment_rows(torch.cat([flats[j] for j in idx]), [flats[j].numel() for j in idx], eps)
+                    rows[idx, :_NBASE] = block
+                start, size = i, 0
+            size += n
+        for i, (_, _, x, _, _) in enumerate(items):
+            if x.numel() == 0:
+                rows[i, :_NBASE] = torch.tensor([0, 0, 0, 0, math.nan, math.nan, 0, 0, 0, 0, 0],
+                                                dtype=torch.float64, device=device)
+        extras = [(i, COL["dead_units"], dead) for i, (_, _, _, dead, _) in enumerate(items) if dead is not None]
+        extras += [(i, COL["ref_sumsq"], ref) for i, (_, _, _, _, ref) in enumerate(items) if ref is not None]
+        if extras:
+            rows[[i for i, _, _ in extras], [c for _, c, _ in extras]] = torch.stack(
+                [v.to(device=device, dtype=torch.float64) for _, _, v in extras])
+        # histograms: one pass over every sample, one bincount with per-tensor offsets
+        samples = [hist_sample(x, self.hist_k, self.generator) for _, _, x, _, _ in items]
+        lengths = torch.tensor([s.numel() for s in samples], device=device)
+        width = histogram.NUM_BINS + 1
+        offsets = torch.repeat_interleave(torch.arange(len(items), device=device) * width, lengths)
+        bins = bin_index(torch.cat(samples)) + offsets
+        counts = torch.bincount(bins, minlength=len(items) * width).view(len(items), width)
+        self._rows.append(rows)
+        self._counts.append(counts[:, : histogram.NUM_BINS])
+        self.meta += [(layer, kind) for layer, kind, _, _, _ in items]
+        self.hist_n += [s.numel() for s in samples]
 
     def to_host(self) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``[n, NCOL]`` and histograms ``[n, NUM_BINS]`` on the host.
 
-        The histograms of all tensors are counted by one ``bincount`` over
-        offset bin indices, so a step costs one kernel, not one per tensor,
-        and rows and counts travel to the host in one copy (counts are exact
-        in float64 up to 2**53).
+        Rows and counts travel in one copy (counts are exact in float64 up
+        to 2**53).
         """
-        if not self.rows:
+        self.reduce()
+        if not self._rows:
             return np.zeros((0, NCOL)), np.zeros((0, histogram.NUM_BINS), dtype=np.int64)
-        width = histogram.NUM_BINS + 1
-        device = self.rows[0].device
-        rows = torch.stack([r.to(device) for r in self.rows])
-        offsets = [b.to(device) + i * width for i, b in enumerate(self.bins)]
-        counts = torch.bincount(torch.cat(offsets), minlength=len(self.bins) * width)
-        counts = counts.view(len(self.bins), width)[:, : histogram.NUM_BINS]
-        host = torch.cat([rows, counts.to(torch.float64)], dim=1).cpu().numpy()
+        device = self._rows[0].device
+        rows = torch.cat([r.to(device) for r in self._rows])
+        counts = torch.cat([c.to(device) for c in self._counts]).to(torch.float64)
+        host = torch.cat([rows, counts], dim=1).cpu().numpy()
         return host[:, :NCOL], host[:, NCOL:].astype(np.int64)

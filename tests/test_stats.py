@@ -8,7 +8,7 @@ import torch
 
 from probes import histogram, stats
 from probes.probe import build_step
-from probes.reduce import Batch, bin_index
+from probes.reduce import BUCKET, Batch, bin_index, dead_units
 from tui import synthetic
 
 EPS = 0.05
@@ -16,8 +16,8 @@ EPS = 0.05
 
 def probe_sample(x: torch.Tensor, kind="weight", hist_k=1 << 30):
     """The probe's own sample of ``x`` (device reductions + host build)."""
-    b = Batch()
-    b.add("t", kind, x, EPS, hist_k, torch.Generator().manual_seed(0), dead=(kind == "act"))
+    b = Batch(EPS, hist_k, torch.Generator().manual_seed(0))
+    b.hold("t", kind, x, dead=dead_units(x, EPS) if kind == "act" else None)
     rows, hists = b.to_host()
     return build_step(0, 0, 0.0, b.meta, rows, hists, b.hist_n).samples[0]
 
@@ -123,3 +123,23 @@ def test_export_dict_matches_contract():
         "type": "sample", "step": 7, "rank": 1, "layer": "a.b.weight", "kind": "weight", "count": 4}
     assert d["near_zero"] == 0.5 and d["zeros"] == 0.25 and d["absmax"] == 3.0
     assert len(d["hist"]["edges"]) == len(d["hist"]["counts"]) + 1
+
+
+def test_a_batch_of_many_tensors_equals_each_alone():
+    """Small tensors share segment reductions, big ones go alone: same numbers."""
+    torch.manual_seed(0)
+    xs = [torch.randn(n) * s for n, s in [(7, 1.0), (0, 1.0), (1000, 0.01), (BUCKET // 3, 2.0), (50, 1e-9),
+                                          (BUCKET + 5, 0.5), (3, 1e6)]]
+    xs[2][5] = math.nan
+    b = Batch(EPS, 4096, torch.Generator().manual_seed(0))
+    for i, x in enumerate(xs):
+        b.hold(f"t{i}", "weight", x)
+    rows, hists = b.to_host()
+    batched = build_step(0, 0, 0.0, b.meta, rows, hists, b.hist_n).samples
+    for x, s in zip(xs, batched):
+        alone = probe_sample(x, hist_k=4096)
+        assert (s.count, s.nan, s.zeros, s.near_zero, s.hist_n) == (alone.count, alone.nan, alone.zeros,
+                                                                   alone.near_zero, alone.hist_n)
+        for f in ("sum", "sumsq", "abssum", "min", "max"):
+            a, c = getattr(s, f), getattr(alone, f)
+            assert (math.isnan(a) and math.isnan(c)) or a == pytest.approx(c, rel=1e-9), f
