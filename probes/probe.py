@@ -432,6 +432,8 @@ def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np
                 hist_n=int(n),
                 dead_units=None if np.isnan(dead) else float(dead),
                 ratio=ratio,
+                sum3=float(row[COL["sum3"]]),
+                sum4=float(row[COL["sum4"]]),
             )
         )
     return wire.Step(step=step, rank=rank, time=t, samples=samples)

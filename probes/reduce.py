@@ -22,7 +22,7 @@ from . import histogram
 # Column layout of a statistics row (float64).
 COLUMNS = (
     "count", "sum", "sumsq", "abssum", "min", "max",
-    "near_zero", "zeros", "nan", "posinf", "neginf",
+    "near_zero", "zeros", "nan", "posinf", "neginf", "sum3", "sum4",
     "dead_units", "ref_sumsq",
 )
 COL = {name: i for i, name in enumerate(COLUMNS)}
@@ -55,11 +55,12 @@ def segment_rows(flat: torch.Tensor, lengths: list[int], eps: float) -> torch.Te
         return torch.segment_reduce(data, how, lengths=lens, unsafe=True).double()
 
     d = flat.double()
+    d2 = d * d
     a = flat.abs()
     cols = [
         lens.double(),
         seg(d),
-        seg(d * d),
+        seg(d2),
         seg(a.double()),
         seg(flat, "min"),
         seg(flat, "max"),
@@ -68,6 +69,8 @@ def segment_rows(flat: torch.Tensor, lengths: list[int], eps: float) -> torch.Te
         seg(torch.isnan(flat).double()),
         seg((flat == math.inf).double()),
         seg((flat == -math.inf).double()),
+        seg(d2 * d),
+        seg(d2 * d2),
     ]
     return torch.stack(cols, 1)
 
@@ -76,6 +79,7 @@ def tensor_row(f: torch.Tensor, eps: float) -> torch.Tensor:
     """The same statistics for one large flat tensor (no segment bookkeeping)."""
     a = f.abs()
     mn, mx = torch.aminmax(f)
+    d2 = f.double().square()
     cols = [
         torch.tensor(float(f.numel()), dtype=torch.float64, device=f.device),
         f.sum(dtype=torch.float64),
@@ -88,6 +92,8 @@ def tensor_row(f: torch.Tensor, eps: float) -> torch.Tensor:
         torch.isnan(f).sum().double(),
         (f == math.inf).sum().double(),
         (f == -math.inf).sum().double(),
+        (d2 * f).sum(),
+        d2.square().sum(),
     ]
     return torch.stack(cols)
 
@@ -188,7 +194,7 @@ class Batch:
             size += n
         for i, (_, _, x, _, _) in enumerate(items):
             if x.numel() == 0:
-                rows[i, :_NBASE] = torch.tensor([0, 0, 0, 0, math.nan, math.nan, 0, 0, 0, 0, 0],
+                rows[i, :_NBASE] = torch.tensor([0, 0, 0, 0, math.nan, math.nan, 0, 0, 0, 0, 0, 0, 0],
                                                 dtype=torch.float64, device=device)
         extras = [(i, COL["dead_units"], dead) for i, (_, _, _, dead, _) in enumerate(items) if dead is not None]
         extras += [(i, COL["ref_sumsq"], ref) for i, (_, _, _, _, ref) in enumerate(items) if ref is not None]

@@ -52,6 +52,39 @@ def fraction(n: int, s: Sample) -> float:
     return n / s.count if s.count else math.nan
 
 
+def skewness(s: Sample) -> float:
+    """Population skewness E[(x-m)^3] / std^3 (NaN for a constant tensor)."""
+    if not s.count:
+        return math.nan
+    n, m = s.count, s.sum / s.count
+    var = s.sumsq / n - m * m
+    if not var > 0:
+        return math.nan
+    m3 = s.sum3 / n - 3 * m * s.sumsq / n + 2 * m**3
+    return m3 / var**1.5
+
+
+def kurtosis(s: Sample) -> float:
+    """Excess kurtosis E[(x-m)^4] / std^4 - 3 (0 for a normal distribution)."""
+    if not s.count:
+        return math.nan
+    n, m = s.count, s.sum / s.count
+    var = s.sumsq / n - m * m
+    if not var > 0:
+        return math.nan
+    m4 = s.sum4 / n - 4 * m * s.sum3 / n + 6 * m * m * s.sumsq / n - 3 * m**4
+    return m4 / var**2 - 3.0
+
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def quantiles(s: Sample) -> dict[str, float]:
+    """p05/p25/median/p75/p95 from the histogram (within one bin, see probes.histogram)."""
+    values = histogram.quantiles(s.hist_lo, s.hist, QUANTILES)
+    return dict(zip(("p05", "p25", "median", "p75", "p95"), (float(v) for v in values)))
+
+
 def nonfinite(s: Sample) -> int:
     """NaN plus infinite elements."""
     return s.nan + s.posinf + s.neginf
@@ -76,7 +109,12 @@ def export_dict(s: Sample, step: int, rank: int) -> dict:
         "min": s.min,
         "max": s.max,
         "absmax": absmax(s),
+        "l1": s.abssum / s.count if s.count else math.nan,
         "l2": l2(s),
+        "rms": rms(s),
+        "skewness": skewness(s),
+        "kurtosis": kurtosis(s),
+        **quantiles(s),
         "near_zero": fraction(s.near_zero, s),
         "zeros": fraction(s.zeros, s),
         "nan": s.nan,

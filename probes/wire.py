@@ -90,6 +90,8 @@ class Sample(Struct, frozen=True, array_like=True):
     hist_n: Count
     dead_units: float | None = None  # act: fraction of last-dim units never above eps
     ratio: float | None = None  # update: ||dW|| / ||W|| on the element subset
+    sum3: float = float("nan")  # third and fourth power sums, for skewness and kurtosis
+    sum4: float = float("nan")
 
 
 class Step(Struct, tag="step", frozen=True):

@@ -46,6 +46,14 @@ def test_statistics_equal_numpy(name):
     assert s.near_zero == (np.abs(x.numpy()) < EPS).sum()
     assert s.zeros == (a == 0).sum()
     assert s.nan == s.posinf == s.neginf == 0
+    if a.size > 2 and a.std() > 0:
+        z = (a - a.mean()) / a.std()
+        assert stats.skewness(s) == pytest.approx((z**3).mean(), rel=1e-4, abs=1e-6)
+        assert stats.kurtosis(s) == pytest.approx((z**4).mean() - 3, rel=1e-4, abs=1e-6)
+        q = stats.quantiles(s)
+        for name, p in zip(("p05", "p25", "median", "p75", "p95"), stats.QUANTILES):
+            want = np.quantile(a, p)
+            assert abs(q[name] - want) <= 0.25 * abs(want) + 2.0**histogram.EXP_LO + 1e-6 * np.abs(a).max()
     # the histogram is exactly numpy's reference binning of the same values
     assert np.array_equal(histogram.expand(s.hist_lo, s.hist), histogram.histogram(x.numpy()))
     assert sum(s.hist) == a.size

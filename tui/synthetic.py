@@ -34,6 +34,8 @@ def sample_of(layer: str, kind: str, x: np.ndarray, eps: float = 0.05, *,
             hist_n=int(x.size),
             dead_units=dead_units,
             ratio=ratio,
+            sum3=float((x64**3).sum()),
+            sum4=float((x64**4).sum()),
         )
 
 
