@@ -177,6 +177,8 @@ class XRay:
         self.trainable = [(n, p) for n, p in self.params if p.requires_grad]
         rank, world = _rank_and_world()
         self.rank = rank
+        self.world = world
+        self._rank_norms: torch.Tensor | None = None
         self.run = name or os.path.splitext(os.path.basename(sys.argv[0] or "run"))[0] or "run"
         if serve and world == 1:
             self.run = _unique_run_name(self.run)
@@ -303,6 +305,8 @@ class XRay:
             self._snapshot = self._take_subsets()
         except Exception:
             self._fail("params")
+        if self.world > 1:
+            self._gather_grad_norms()
 
     def after_update(self) -> None:
         """Reduce the updates, ship the step, and move to the next one."""
@@ -355,18 +359,42 @@ class XRay:
         for (name, _), d, ref in zip(self.trainable, delta.split(lengths), refs):
             self._batch.hold(name, "update", d, ref_sumsq=ref)
 
+    def _gather_grad_norms(self) -> None:
+        """Every rank's total gradient norm, with torch.distributed itself.
+
+        A collective, so every rank must sample the same steps (same
+        ``every``); it moves one number per rank.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or "ranks" in self._failed:
+            return
+        try:
+            grads = [p.grad.detach() for _, p in self.params if p.grad is not None]
+            if grads:
+                local = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+            else:
+                local = torch.zeros((), device=self.params[0][1].device if self.params else "cpu")
+            gathered = [torch.empty_like(local) for _ in range(self.world)]
+            dist.all_gather(gathered, local)
+            self._rank_norms = torch.stack(gathered)
+        except Exception:
+            self._fail("ranks")
+
     def _flush(self) -> None:
         batch, self._batch = self._batch, self._new_batch()
+        norms, self._rank_norms = self._rank_norms, None
         self._seen.clear()
         if not len(batch) or self._closed:
             return
         try:
             rows, hists = batch.to_host()  # the one device-to-host copy of the step
+            rank_norms = norms.cpu().tolist() if norms is not None else None
         except Exception:
             self._fail("transfer")
             return
         step, rank, t = self.step_index, self.rank, time.time()
-        self.publisher.submit(lambda: build_step(step, rank, t, batch.meta, rows, hists, batch.hist_n))
+        self.publisher.submit(
+            lambda: build_step(step, rank, t, batch.meta, rows, hists, batch.hist_n, rank_norms))
 
     def _advance(self) -> None:
         self.step_index += 1
@@ -402,7 +430,8 @@ class XRay:
         self.close(reason)
 
 
-def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np.ndarray, hist_n) -> wire.Step:
+def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np.ndarray, hist_n,
+               rank_grad_norms: list[float] | None = None) -> wire.Step:
     """Turn the host copy of a step's rows into a :class:`wire.Step` (publisher thread)."""
     samples = []
     for (layer, kind), row, counts, n in zip(meta, rows, hists, hist_n):
@@ -436,7 +465,7 @@ def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np
                 sum4=float(row[COL["sum4"]]),
             )
         )
-    return wire.Step(step=step, rank=rank, time=t, samples=samples)
+    return wire.Step(step=step, rank=rank, time=t, samples=samples, rank_grad_norms=rank_grad_norms)
 
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kwargs) -> XRay:
