@@ -1,0 +1,574 @@
+"""Spectral health of weight matrices: WeightWatcher's metrics, on the weight's device.
+
+For a weight W (N x M, M <= N) the empirical spectral density (ESD) is the
+set of eigenvalues λ of WᵀW, the squared singular values of W. From them,
+with WeightWatcher's definitions (weightwatcher 0.7.x, ``analyze()`` with
+its defaults):
+
+- ``alpha``: the continuous power-law exponent by maximum likelihood,
+  α = 1 + n / Σ ln(λᵢ/λ_min) over the n eigenvalues ≥ λ_min, where λ_min is
+  the candidate (every eigenvalue above 1e-5 but the largest) whose fit has
+  the smallest Kolmogorov-Smirnov distance; with fewer than 20 eigenvalues,
+  WeightWatcher's small-sample variant (bias-corrected MLE (n-1)/Σ, tails of
+  at least 8 eigenvalues);
+- ``alpha_weighted`` = α · log10 λmax; ``log_norm`` = log10 Σλ (the squared
+  Frobenius norm); ``log_spectral_norm`` = log10 λmax; ``stable_rank`` =
+  Σλ / λmax;
+- an ESD histogram with log10-spaced bins.
+
+How the eigenvalues are computed (see docs/spectral.md):
+
+- dense (Linear, Embedding, HF Conv1D): the M x M Gram matrix WᵀW in
+  float32 (float64 on a GPU, or when the float32 matmul precision is not
+  "highest", because TF32 or bf16 Gram matrices lose small eigenvalues), then
+  ``eigvalsh`` in float64. The cost is linear in the long side N, so a 50k-row
+  embedding is computed exactly (WeightWatcher itself skips N > 50,000);
+- conv weights (out, in, k...) are cut into the k-position slices of
+  out x in, as WeightWatcher does, their eigenvalues pooled and, as
+  WeightWatcher's default ``conv2d_norm`` does, halved;
+- when the short side M exceeds ``max_dim`` (default 4096) a full
+  eigendecomposition is too slow for a background pass: the top ``max_dim``
+  eigenvalues come from a randomised SVD (``torch.svd_lowrank``) and the
+  power law is fitted on them; ``log_norm`` and ``stable_rank`` still use the
+  exact Σλ = ‖W‖²_F. ``method`` says "lowrank".
+
+LoRA (peft-style modules with ``base_layer``, ``lora_A``, ``lora_B``,
+``scaling``): the metrics are those of the merged W + B·A·scaling.
+
+:class:`SpectralMonitor` runs the pass in a background thread at a low
+cadence and sends one :class:`probes.wire.Spectral` per matrix plus
+``spectral`` alerts through the probe's publisher.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import wire
+
+log = logging.getLogger("xray-tui")
+
+#: WeightWatcher's EVALS_THRESH: eigenvalues at or below it are left out of the fit.
+EVALS_THRESH = 1e-5
+#: WeightWatcher's DEFAULT_MIN_EVALS: matrices with fewer eigenvalues are skipped.
+MIN_EVALS = 8
+#: WeightWatcher's SMALL_N_CUTOFF: below it the small-sample fit is used.
+SMALL_N = 20
+#: WeightWatcher's bands: alpha below is "over-trained", above "under-trained".
+ALPHA_LOW, ALPHA_HIGH = 2.0, 6.0
+#: Elements of the candidate x tail matrix of the vectorised fit held at once.
+_FIT_CHUNK = 1 << 22
+
+
+# -- eigenvalues ------------------------------------------------------------------
+
+
+def _gram_dtype(device: torch.device) -> torch.dtype:
+    """float32 Gram matrices on a CPU with exact float32 matmuls, else float64."""
+    if device.type == "cpu" and torch.get_float32_matmul_precision() == "highest":
+        return torch.float32
+    return torch.float64
+
+
+def _slices(w: torch.Tensor) -> torch.Tensor:
+    """The matrices of a weight as a batch [B, N, M] with N >= M.
+
+    2-D weights are one matrix; conv weights (out, in, k1, k2...) are cut into
+    one out x in matrix per kernel position (WeightWatcher's pooled conv).
+    """
+    w = w.detach()
+    if w.dim() == 2:
+        b = w.unsqueeze(0)
+    else:
+        b = w.reshape(w.shape[0], w.shape[1], -1).permute(2, 0, 1)
+    if b.shape[1] < b.shape[2]:
+        b = b.transpose(1, 2)
+    return b
+
+
+@dataclass
+class Eigen:
+    """Eigenvalues of WᵀW (ascending, float64, host) and how they were got."""
+
+    evals: np.ndarray
+    total: float  # Σλ over all eigenvalues (= ‖W‖²_F, exact even for "lowrank")
+    method: str
+    shape: tuple
+
+
+def eigenvalues(w: torch.Tensor, *, max_dim: int = 4096, conv_norm: bool = True,
+                generator: torch.Generator | None = None) -> Eigen:
+    """Eigenvalues of WᵀW for a weight ``w`` (2-D, or a conv weight), on its device."""
+    shape = tuple(w.shape)
+    b = _slices(w)
+    n_mats, _, m = b.shape
+    conv = w.dim() > 2
+    scale = 0.5 if conv and conv_norm else 1.0  # WeightWatcher scales conv W by sqrt(1/2)
+    if m > max_dim and not conv:
+        x = b[0].float()
+        total = float((x.double() ** 2).sum()) * scale
+        q = max_dim
+        _, s, _ = torch.svd_lowrank(x, q=q, niter=4)
+        evals = np.sort((s.double() ** 2).cpu().numpy())[-q:] * scale
+        return Eigen(evals, total, "lowrank", shape)
+    dt = _gram_dtype(b.device)
+    x = b.to(dt)
+    gram = x.transpose(1, 2) @ x  # [B, M, M]
+    ev = torch.linalg.eigvalsh(gram.double()).clamp_min(0.0)
+    evals = np.sort(ev.reshape(-1).cpu().numpy()) * scale
+    return Eigen(evals, float(evals.sum()), "conv-slices" if conv else "exact", shape)
+
+
+# -- the power-law fit --------------------------------------------------------------
+
+
+@dataclass
+class PowerLaw:
+    """A continuous power-law fit of the ESD tail."""
+
+    alpha: float | None
+    xmin: float | None
+    ks: float | None
+    n_tail: int = 0
+
+
+def _fit_standard(data: np.ndarray) -> PowerLaw:
+    """WeightWatcher's WWFit.fit_power_law_standard, vectorised over xmin."""
+    n_all = len(data)
+    x = torch.from_numpy(data)
+    logx = torch.log(x)
+    suffix = torch.flip(torch.cumsum(torch.flip(logx, [0]), 0), [0])  # Σ_{j>=i} ln x_j
+    idx = torch.arange(n_all - 1, dtype=torch.float64)
+    n = n_all - idx
+    with np.errstate(divide="ignore"):
+        alphas = 1.0 + n / (suffix[:-1] - n * logx[:-1])
+    ds = torch.ones(n_all - 1, dtype=torch.float64)
+    rows = max(1, _FIT_CHUNK // n_all)
+    for a in range(0, n_all - 1, rows):
+        b = min(n_all - 1, a + rows)
+        cand = torch.arange(a, b)
+        j = torch.arange(a, n_all)
+        al = alphas[a:b, None]
+        # theoretical CDF 1 - (x_j/xmin)^(1-alpha) minus the empirical (j-i)/n, for j >= i
+        fit = 1.0 - torch.exp((1.0 - al) * (logx[None, a:] - logx[a:b, None]))
+        emp = (j[None, :] - cand[:, None]).to(torch.float64) / n[a:b, None]
+        diff = (fit - emp).abs()
+        diff = torch.where(j[None, :] >= cand[:, None], diff, torch.zeros((), dtype=torch.float64))
+        d = diff.amax(1)
+        ok = (al[:, 0] > 1) & torch.isfinite(al[:, 0])
+        ds[a:b] = torch.where(ok, d, ds[a:b])
+    i = int(torch.argmin(ds))
+    return PowerLaw(float(alphas[i]), float(data[i]), float(ds[i]), n_all - i)
+
+
+def _fit_small(data: np.ndarray, k_min: int = 8) -> PowerLaw:
+    """WeightWatcher's fit for fewer than 20 eigenvalues, as weightwatcher 0.7.7 runs it.
+
+    ``WWFit.fit_powerlaw_smallN`` computes bias-corrected alphas (n-1)/Σln
+    for tails of at least ``k_min`` and picks xmin by D - 0.868/√n, but
+    ``WWFit.__init__`` then re-picks xmin by the least KS distance D over the
+    same candidates (D = 1 for those skipped), and that is what ``analyze()``
+    reports; we reproduce the reported result.
+    """
+    n_all = len(data)
+    logx = np.log(data)
+    alphas = np.zeros(n_all - 1)
+    ds = np.ones(n_all - 1)
+    js = np.full(n_all - 1, np.inf)
+    for i in range(n_all - 1):
+        n = n_all - i
+        if n < k_min:
+            continue
+        s = logx[i:].sum() - n * logx[i]
+        if s <= 1e-12:
+            continue
+        alphas[i] = 1.0 + (n - 1.0) / s
+        if alphas[i] <= 1.0:
+            continue
+        fit = 1.0 - (data[i:] / data[i]) ** (1.0 - alphas[i])
+        ds[i] = float(np.max(np.abs(np.arange(n) / n - fit)))
+        js[i] = ds[i] - 0.868 / math.sqrt(n)
+    if not np.isfinite(js).any():  # WeightWatcher's fallback: the whole set as the tail
+        s = logx.sum() - n_all * logx[0]
+        if s <= 1e-12:
+            return PowerLaw(None, None, None, 0)
+        alphas[0] = 1.0 + (n_all - 1.0) / s
+        fit = 1.0 - (data / data[0]) ** (1.0 - alphas[0])
+        ds[0] = float(np.max(np.abs(np.arange(n_all) / n_all - fit)))
+    i = int(np.argmin(ds))
+    if alphas[i] <= 1.0:
+        return PowerLaw(None, None, None, 0)
+    return PowerLaw(float(alphas[i]), float(data[i]), float(ds[i]), n_all - i)
+
+
+def fit_power_law(evals: np.ndarray, thresh: float = EVALS_THRESH) -> PowerLaw:
+    """Fit the tail of the ESD (eigenvalues above ``thresh``) as WeightWatcher does."""
+    data = np.sort(np.asarray(evals, dtype=np.float64))
+    data = data[data > thresh]
+    if len(data) < 2:
+        return PowerLaw(None, None, None, len(data))
+    fit = _fit_small(data) if len(data) < SMALL_N else _fit_standard(data)
+    if fit.alpha is None or not math.isfinite(fit.alpha):
+        return PowerLaw(None, None, None, 0)
+    return fit
+
+
+# -- metrics ----------------------------------------------------------------------
+
+
+@dataclass
+class Metrics:
+    """WeightWatcher's metrics of one matrix (see the module docstring)."""
+
+    name: str
+    shape: tuple
+    n_evals: int
+    alpha: float | None
+    alpha_weighted: float | None
+    log_norm: float
+    log_spectral_norm: float
+    stable_rank: float
+    lambda_max: float
+    xmin: float | None
+    ks: float | None
+    n_tail: int
+    method: str
+    esd_lo: float
+    esd_hi: float
+    esd: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def warning(self) -> str:
+        """WeightWatcher's label: "over-trained", "under-trained" or ""."""
+        return band(self.alpha)
+
+    def as_dict(self) -> dict:
+        """Plain JSON-able fields (for layer_statistics.json)."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["shape"] = list(self.shape)
+        d["warning"] = self.warning
+        return d
+
+    def to_wire(self, step: int, rank: int) -> wire.Spectral:
+        """The :class:`probes.wire.Spectral` message of these metrics."""
+        return wire.Spectral(step=step, rank=rank, layer=self.name, alpha=self.alpha,
+                             alpha_weighted=self.alpha_weighted, log_norm=self.log_norm,
+                             log_spectral_norm=self.log_spectral_norm, stable_rank=self.stable_rank,
+                             n_evals=self.n_evals, xmin=self.xmin, ks=self.ks, shape=list(self.shape),
+                             esd_lo=self.esd_lo, esd_hi=self.esd_hi, esd=self.esd, method=self.method)
+
+
+def band(alpha: float | None, low: float = ALPHA_LOW, high: float = ALPHA_HIGH) -> str:
+    """WeightWatcher's reading of alpha: below ``low`` over-, above ``high`` under-trained."""
+    if alpha is None:
+        return ""
+    return "over-trained" if alpha < low else ("under-trained" if alpha > high else "")
+
+
+def esd_histogram(evals: np.ndarray, bins: int = 32, thresh: float = EVALS_THRESH) -> tuple[float, float, list[int]]:
+    """Counts of the eigenvalues above ``thresh`` in ``bins`` log10-spaced bins.
+
+    Returns (log10 of the lowest edge, log10 of the highest edge, counts).
+    """
+    pos = evals[evals > thresh]
+    if not len(pos):
+        return 0.0, 0.0, []
+    lo, hi = float(np.log10(pos.min())), float(np.log10(pos.max()))
+    if hi <= lo:
+        hi = lo + 1e-6
+    counts, _ = np.histogram(np.log10(pos), bins=bins, range=(lo, hi))
+    return lo, hi, counts.astype(int).tolist()
+
+
+def metrics_of(eig: Eigen, name: str = "", bins: int = 32) -> Metrics:
+    """WeightWatcher's metrics from the eigenvalues ``eig``."""
+    evals = eig.evals
+    lmax = float(evals.max()) if len(evals) else 0.0
+    total = eig.total
+    fit = fit_power_law(evals)
+    log_spec = math.log10(lmax) if lmax > 0 else -math.inf
+    lo, hi, counts = esd_histogram(evals, bins)
+    return Metrics(
+        name=name, shape=eig.shape, n_evals=len(evals), alpha=fit.alpha,
+        alpha_weighted=None if fit.alpha is None else fit.alpha * log_spec,
+        log_norm=math.log10(total) if total > 0 else -math.inf, log_spectral_norm=log_spec,
+        stable_rank=total / lmax if lmax > 0 else 0.0, lambda_max=lmax, xmin=fit.xmin, ks=fit.ks,
+        n_tail=fit.n_tail, method=eig.method, esd_lo=lo, esd_hi=hi, esd=counts,
+    )
+
+
+def analyze_matrix(w: torch.Tensor, name: str = "", *, max_dim: int = 4096, bins: int = 32) -> Metrics:
+    """Eigenvalues and metrics of one weight (2-D or conv) in one call."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        m = metrics_of(eigenvalues(w, max_dim=max_dim), name, bins)
+    m.seconds = time.perf_counter() - t0
+    return m
+
+
+# -- which weights --------------------------------------------------------------------
+
+
+def _unwrap(name: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+@dataclass
+class Target:
+    """One matrix to analyse: a parameter, and the LoRA adapters to merge into it."""
+
+    name: str
+    param: torch.Tensor
+    lora: list = field(default_factory=list)  # (A, B, scaling, fan_in_fan_out)
+
+    def tensor(self) -> torch.Tensor:
+        """The weight to analyse: the parameter, or W + B·A·scaling with LoRA."""
+        w = self.param.detach()
+        if not self.lora:
+            return w
+        w = w.float().clone()
+        for a, b, scaling, fan_in_fan_out in self.lora:
+            delta = (b.detach().float() @ a.detach().float()) * scaling
+            w += delta.T if fan_in_fan_out else delta
+        return w
+
+
+def _lora_parts(module: nn.Module) -> list:
+    """peft-style adapters of ``module`` (active, unmerged ones) as (A, B, scaling, fan_in_fan_out)."""
+    la, lb = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+    if not isinstance(la, nn.ModuleDict) or not isinstance(lb, nn.ModuleDict) or getattr(module, "merged", False):
+        return []
+    active = getattr(module, "active_adapters", None) or list(la.keys())
+    if isinstance(active, str):
+        active = [active]
+    scaling = getattr(module, "scaling", {}) or {}
+    parts = []
+    for key in active:
+        if key in la and key in lb and hasattr(la[key], "weight") and hasattr(lb[key], "weight"):
+            parts.append((la[key].weight, lb[key].weight, float(scaling.get(key, 1.0)),
+                          bool(getattr(module, "fan_in_fan_out", False))))
+    return parts
+
+
+def targets(model: nn.Module, min_evals: int = MIN_EVALS) -> tuple[list[Target], list[tuple[str, str]]]:
+    """The matrices of ``model`` to analyse, and the (name, reason) of weights left out.
+
+    Every floating-point parameter with 2 or more dimensions counts, in
+    ``named_parameters`` order, except LoRA's own A/B factors (they are merged
+    into their base weight) and matrices with fewer than ``min_evals``
+    eigenvalues (WeightWatcher's ``min_evals``), which are listed as skipped.
+    """
+    lora_of: dict[int, list] = {}
+    lora_params: set[int] = set()
+    for module in model.modules():
+        parts = _lora_parts(module)
+        base = getattr(module, "base_layer", None)
+        if parts and base is not None and getattr(base, "weight", None) is not None:
+            lora_of[id(base.weight)] = parts
+            for a, b, *_ in parts:
+                lora_params.update((id(a), id(b)))
+    out, skipped = [], []
+    for pname, p in model.named_parameters():
+        if not p.is_floating_point() or p.dim() < 2 or id(p) in lora_params:
+            continue
+        name = _unwrap(pname)
+        short = min(p.shape[0], p.shape[1]) if p.dim() == 2 else min(p.shape[0], p.shape[1]) * int(np.prod(p.shape[2:]))
+        if short < min_evals:
+            skipped.append((name, f"{short} eigenvalues < min_evals {min_evals}"))
+            continue
+        out.append(Target(name, p, lora_of.get(id(p), [])))
+    return out, skipped
+
+
+def analyze_model(model: nn.Module, *, max_dim: int = 4096, bins: int = 32, progress=None) -> list[Metrics]:
+    """Metrics of every target matrix of ``model`` (in the calling thread)."""
+    tg, _ = targets(model)
+    out = []
+    for t in tg:
+        out.append(analyze_matrix(t.tensor(), t.name, max_dim=max_dim, bins=bins))
+        if progress is not None:
+            progress(t.name)
+    return out
+
+
+# -- alerts -------------------------------------------------------------------------------
+
+
+class SpectralAlerts:
+    """The ``spectral`` rule: alpha outside WeightWatcher's bands.
+
+    Each pass is a full measurement, so one bad pass fires (warning); the alert
+    fires once per layer while it lasts and says once, at ``info``, when alpha
+    is back in the band.
+    """
+
+    def __init__(self, low: float = ALPHA_LOW, high: float = ALPHA_HIGH) -> None:
+        self.low, self.high = low, high
+        self.active: set[str] = set()
+
+    def evaluate(self, m: Metrics, step: int, rank: int) -> wire.Alert | None:
+        """An alert for ``m`` if its state changed, else None."""
+        what = band(m.alpha, self.low, self.high)
+        if what and m.name not in self.active:
+            self.active.add(m.name)
+            thr = self.low if what == "over-trained" else self.high
+            side = "below" if what == "over-trained" else "above"
+            hint = ("heavy-tailed: the layer may be over-fitting or over-regularised; check its learning rate"
+                    if what == "over-trained" else "close to random: the layer has learnt little yet")
+            return wire.Alert(step, rank, "warning", "spectral", m.name, "weight", float(m.alpha), thr,
+                              f"alpha {m.alpha:.2f} {side} {thr:g} ({what}; WeightWatcher): {hint}")
+        if not what and m.name in self.active and m.alpha is not None:
+            self.active.discard(m.name)
+            return wire.Alert(step, rank, "info", "spectral", m.name, "weight", float(m.alpha), self.low,
+                              f"alpha {m.alpha:.2f} back in [{self.low:g}, {self.high:g}]")
+        return None
+
+
+# -- the background monitor --------------------------------------------------------------
+
+
+class SpectralMonitor:
+    """Runs the spectral pass of a probe's model in a background thread.
+
+    Every ``every`` steps (and on :meth:`request`) the thread walks the target
+    matrices one at a time: it copies the weight between optimizer steps (a
+    sequence counter bumped by the optimizer's pre- and post-step hooks tells
+    it when a copy may have raced an update; it then copies again), computes
+    the metrics on the weight's device (on a side CUDA stream on GPUs), and
+    hands a :class:`wire.Spectral` per matrix, and any ``spectral`` alert, to
+    the probe's publisher. The training thread only bumps a counter per step.
+    """
+
+    def __init__(self, xr, every: int = 500, *, max_dim: int = 4096, bins: int = 32,
+                 alerts: SpectralAlerts | None = None, poll: float = 0.2) -> None:
+        if every < 1:
+            raise ValueError(f"spectral_every must be >= 1, got {every}")
+        self.xr = xr
+        self.every = every
+        self.max_dim = max_dim
+        self.bins = bins
+        self.alerts = alerts if alerts is not None else SpectralAlerts()
+        self.poll = poll
+        self.passes = 0  # completed passes
+        self.last: dict[str, Metrics] = {}
+        self._seq = 0  # odd while an optimizer step runs
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._requested = False
+        self._next = every  # the step of the next scheduled pass
+        self._handles = []
+        opt = getattr(xr, "optimizer", None)
+        if opt is not None:
+            self._handles.append(opt.register_step_pre_hook(self._bump))
+            self._handles.append(opt.register_step_post_hook(self._bump))
+        self._thread = threading.Thread(target=self._run, name="xray-tui-spectral", daemon=True)
+        self._thread.start()
+
+    def _bump(self, *_) -> None:
+        self._seq += 1  # training thread: one integer add per hook call
+
+    def request(self) -> None:
+        """Run a pass as soon as possible (on demand, e.g. from the app)."""
+        self._requested = True
+        self._wake.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread (a pass in progress stops after its current matrix)."""
+        self._stop.set()
+        self._wake.set()
+        for h in self._handles:
+            h.remove()
+        self._thread.join(timeout)
+
+    def wait_pass(self, n: int = 1, timeout: float = 60.0) -> bool:
+        """Block until ``n`` passes have completed (for tests and scripts)."""
+        deadline = time.monotonic() + timeout
+        while self.passes < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.passes >= n
+
+    def _closed(self) -> bool:
+        return self._stop.is_set() or getattr(self.xr, "_closed", False)
+
+    def _due(self) -> int | None:
+        step = self.xr.step_index
+        if self._requested or step >= self._next:
+            self._requested = False
+            self._next = (step // self.every + 1) * self.every
+            return step
+        return None
+
+    def _run(self) -> None:
+        try:
+            while not self._closed():
+                self._wake.wait(self.poll)
+                self._wake.clear()
+                if self._closed():
+                    break
+                step = self._due()
+                if step is not None:
+                    self._pass(step)
+                    self.passes += 1
+        except Exception:  # the probe's own failure must never reach training
+            log.exception("xray-tui: the spectral monitor failed and is switched off")
+        finally:
+            for h in self._handles:
+                h.remove()
+
+    def _snapshot(self, t: Target, stream) -> torch.Tensor:
+        """A copy of the target's weight taken while no optimizer step ran."""
+        for _ in range(20):
+            s1 = self._seq
+            if s1 % 2:
+                time.sleep(0.001)
+                continue
+            if stream is not None:
+                stream.wait_stream(torch.cuda.default_stream(t.param.device))
+                with torch.cuda.stream(stream):
+                    w = t.tensor().clone()
+                stream.synchronize()
+            else:
+                w = t.tensor().clone()
+            if self._seq == s1:
+                return w
+        return w  # training steps back to back without a gap: a copy at most one update off
+
+    def _pass(self, step: int) -> None:
+        tg, _ = targets(self.xr.model)
+        rank = self.xr.rank
+        pub = self.xr.publisher
+        for t in tg:
+            if self._closed():
+                return
+            dev = t.param.device
+            stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+            try:
+                with torch.no_grad():
+                    w = self._snapshot(t, stream)
+                    if stream is not None:
+                        with torch.cuda.stream(stream):
+                            m = analyze_matrix(w, t.name, max_dim=self.max_dim, bins=self.bins)
+                    else:
+                        m = analyze_matrix(w, t.name, max_dim=self.max_dim, bins=self.bins)
+            except Exception:
+                log.exception("xray-tui: spectral metrics of %s failed; skipped", t.name)
+                continue
+            del w
+            self.last[t.name] = m
+            msg = m.to_wire(step, rank)
+            pub.submit(lambda msg=msg: msg)
+            alert = self.alerts.evaluate(m, step, rank)
+            if alert is not None:
+                pub.submit(lambda a=alert: a)
