@@ -1,14 +1,24 @@
 """Alert rules over the statistics stream: one pure module, numpy only.
 
 The probe runs them (so alerts fire with nobody attached); headless mode
-and the viewer read the alerts the probe sends. A :class:`RuleEngine` keeps
-a little history per stream, needs ``k`` consecutive bad samples before it
-fires (hysteresis), fires once per (rule, layer, kind, rank) while the
-condition lasts, and says once, at severity ``info``, when it recovers.
+can run them again over a stream or a recording with other thresholds
+(``--rules FILE``). A :class:`RuleEngine` keeps a little history per stream
+(one stream per layer, kind and rank), needs ``k`` consecutive bad samples
+before it fires (hysteresis), fires once per (rule, layer, kind, rank) while
+the condition lasts, and says once, at severity ``info``, when it recovers.
+
+Rules (ids as in DESIGN.md): ``nonfinite``, ``exploding``, ``vanishing``,
+``dead``, ``stalled``, ``no-grad``, ``update-too-large``,
+``rank-divergence``. ``spectral`` is reserved: the wire carries no spectral
+statistics yet. Thresholds live in :class:`RuleConfig`; per-layer overrides
+are glob patterns over layer names (see :mod:`probes.rules_config` for the
+TOML file).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,32 +28,97 @@ import numpy as np
 from . import stats
 from .wire import Alert, Sample, Step
 
+#: Every rule id this module knows, in the order they are evaluated.
+RULES = ("nonfinite", "exploding", "vanishing", "dead", "stalled", "no-grad", "update-too-large",
+         "rank-divergence", "spectral")
+
+#: Layer name of alerts about a whole rank rather than one layer (rank-divergence).
+ALL_LAYERS = "(all)"
+
+_MAD_SIGMA = 1.4826  # MAD -> standard deviation of a normal distribution
+
 
 @dataclass(frozen=True)
 class RuleConfig:
-    """Thresholds, with the defaults documented in the README."""
+    """Thresholds, with the defaults documented in the README and docs/alerts.md.
+
+    ``disabled`` switches rules off by id. ``overrides`` is a tuple of
+    ``(glob pattern, {field: value})`` pairs applied in order to layers whose
+    name matches (later ones win); :meth:`for_layer` resolves them.
+    """
 
     explode_factor: float = 10.0  # l2 above this many times its recent median...
     explode_k: int = 2  # ...for this many samples in a row (gradients of small tensors are spiky)
     explode_now: float = 100.0  # ...or this many times, at once
+    explode_mad: float = 20.0  # and above median + this many robust sigmas (1.4826 MAD): noisy streams need more
     explode_window: int = 16  # samples in that median
     explode_min_history: int = 4  # samples needed before the relative test applies
     explode_abs_cap: float = 1e4  # absmax of an activation or gradient above this
+    vanish_zeros: float = 0.5  # exact-zero fraction of a gradient at least this...
+    vanish_zeros_jump: float = 0.4  # ...and this much above its own recent median (underflow)
+    vanish_factor: float = 1e-3  # or gradient l2 below this times its recent median
+    vanish_k: int = 3
     dead_near_zero: float = 0.99  # near-zero fraction of an activation function's output
     dead_zeros: float = 0.99  # exact-zero fraction of any other module's output
     dead_units: float = 0.5  # fraction of units never above eps
     dead_k: int = 3
     stall_ratio: float = 1e-7  # update ratio below this counts as not moving
     stall_k: int = 3
+    nograd_k: int = 3  # sampled steps in a row without a gradient
+    update_max: float = 1.0  # update ratio ||dW||/||W|| above this in one step...
+    update_factor: float = 30.0  # ...or this many times its own recent median
+    update_k: int = 2
+    rank_factor: float = 2.0  # a rank's total grad norm this many times off the other ranks' median
+    rank_k: int = 2
     recover_k: int = 3
+    disabled: frozenset = frozenset()
+    overrides: tuple = ()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.disabled) - set(RULES)
+        if unknown:
+            raise ValueError(f"unknown rule id(s) {', '.join(sorted(unknown))}; known: {', '.join(RULES)}")
+        object.__setattr__(self, "disabled", frozenset(self.disabled))
+
+    def for_layer(self, layer: str) -> "RuleConfig":
+        """The thresholds that apply to ``layer`` (overrides resolved)."""
+        cfg = self
+        for pattern, changes in self.overrides:
+            if fnmatch.fnmatchcase(layer, pattern):
+                changes = dict(changes)
+                if "disabled" in changes:
+                    changes["disabled"] = frozenset(changes["disabled"])
+                if "enabled" in changes:  # rules switched back on for this pattern
+                    changes["disabled"] = (changes.get("disabled", cfg.disabled)) - frozenset(changes.pop("enabled"))
+                cfg = dataclasses.replace(cfg, **changes)
+        return cfg if cfg is self else dataclasses.replace(cfg, overrides=())
+
+    def on(self, rule: str) -> bool:
+        """Whether ``rule`` is enabled."""
+        return rule not in self.disabled
 
 
 @dataclass
 class _StreamState:
-    history: deque = field(default_factory=lambda: deque(maxlen=64))
+    hist: dict = field(default_factory=dict)  # series name -> recent good values
     bad: dict = field(default_factory=dict)  # rule -> consecutive bad samples
     good: dict = field(default_factory=dict)  # rule -> consecutive good samples while active
     active: set = field(default_factory=set)
+
+    def series(self, name: str) -> deque:
+        return self.hist.setdefault(name, deque(maxlen=64))
+
+
+def _median(values, window: int, need: int) -> float:
+    """Median of the last ``window`` values, NaN with fewer than ``need``."""
+    if len(values) < need:
+        return math.nan
+    return float(np.median(list(values)[-window:]))
+
+
+def _mad(values, window: int) -> float:
+    v = np.asarray(list(values)[-window:], dtype=float)
+    return float(np.median(np.abs(v - np.median(v)))) if len(v) else 0.0
 
 
 class RuleEngine:
@@ -52,48 +127,69 @@ class RuleEngine:
     def __init__(self, config: RuleConfig | None = None) -> None:
         self.config = config or RuleConfig()
         self._streams: dict[tuple[str, str, int], _StreamState] = {}
+        self._configs: dict[str, RuleConfig] = {}
         # kinds with an active nonfinite alert: later layers are collateral
         self._nonfinite_active: dict[tuple[str, int], str] = {}
         self._activations: set[str] = set()
+        self._trainable: set[str] | None = None  # parameter names with requires_grad, once known
 
     def set_layers(self, layers) -> None:
         """Tell the engine the model's layers (a Hello's ``layers``): the
         near-zero and dead-unit tests apply to activation functions only,
-        since other modules' outputs are legitimately small at init."""
+        since other modules' outputs are legitimately small at init; and
+        ``no-grad`` watches only parameters that require a gradient."""
+        layers = list(layers)
         self._activations = {li.name for li in layers if li.role == "activation"}
+        self._trainable = {f"{li.name}.{p}" if li.name else p
+                           for li in layers for p in li.params if p not in li.frozen}
+
+    def cfg(self, layer: str) -> RuleConfig:
+        """The resolved thresholds of ``layer`` (cached)."""
+        c = self._configs.get(layer)
+        if c is None:
+            c = self._configs[layer] = self.config.for_layer(layer) if self.config.overrides else self.config
+        return c
 
     def evaluate(self, step: Step) -> list[Alert]:
         """Alerts that fire or recover at this step."""
         out: list[Alert] = []
         out += self._nonfinite(step)
+        grads = {s.layer for s in step.samples if s.kind == "grad"}
+        missing = self._no_grad(step, grads, out)
         for s in step.samples:
             if stats.nonfinite(s):
                 continue  # the nonfinite rule owns this sample; others would be collateral
             st = self._streams.setdefault((s.layer, s.kind, step.rank), _StreamState())
+            c = self.cfg(s.layer)
             if s.kind in ("weight", "grad", "act"):
-                self._exploding(step, s, st, out)
-            if s.kind == "act":
-                self._dead(step, s, st, out)
-            if s.kind == "update":
-                self._stalled(step, s, st, out)
+                self._norms(step, s, st, c, out)
+            if s.kind == "act" and c.on("dead"):
+                self._dead(step, s, st, c, out)
+            if s.kind == "update" and s.layer not in missing:  # no-grad owns a parameter without gradient
+                if c.on("stalled"):
+                    self._stalled(step, s, st, c, out)
+                if c.on("update-too-large"):
+                    self._update_too_large(step, s, st, c, out)
+        self._rank_divergence(step, out)
         return out
 
     # -- helpers ---------------------------------------------------------
 
-    def _alert(self, step: Step, s: Sample, severity, rule, value, threshold, message) -> Alert:
+    def _alert(self, step: Step, s: Sample, severity, rule, value, threshold, message, kind=None,
+               layer=None, rank=None) -> Alert:
         return Alert(
             step=step.step,
-            rank=step.rank,
+            rank=step.rank if rank is None else rank,
             severity=severity,
             rule=rule,
-            layer=s.layer,
-            kind=s.kind,
+            layer=s.layer if layer is None else layer,
+            kind=kind or s.kind,
             value=float(value),
             threshold=float(threshold),
             message=message,
         )
 
-    def _track(self, step, s, st, rule, bad, k, fire, out) -> None:
+    def _track(self, step, s, st, rule, bad, k, fire, out, kind=None, layer=None, rank=None) -> None:
         """Hysteresis and de-duplication shared by every per-stream rule."""
         if bad:
             st.good[rule] = 0
@@ -105,11 +201,12 @@ class RuleEngine:
             st.bad[rule] = 0
             if rule in st.active:
                 st.good[rule] = st.good.get(rule, 0) + 1
-                if st.good[rule] >= self.config.recover_k:
+                if st.good[rule] >= self.cfg(s.layer if layer is None else layer).recover_k:
                     st.active.discard(rule)
-                    out.append(
-                        self._alert(step, s, "info", rule, 0.0, 0.0, f"{rule} on {s.layer} ({s.kind}) recovered")
-                    )
+                    kind = kind or s.kind
+                    layer = s.layer if layer is None else layer
+                    out.append(self._alert(step, s, "info", rule, 0.0, 0.0,
+                                           f"{rule} on {layer} ({kind}) recovered", kind, layer, rank))
 
     # -- rules -----------------------------------------------------------
 
@@ -118,7 +215,8 @@ class RuleEngine:
         activations and weights, backward order for gradients."""
         out = []
         for kind in ("act", "weight", "grad"):
-            bad = [s for s in step.samples if s.kind == kind and stats.nonfinite(s) > 0]
+            bad = [s for s in step.samples if s.kind == kind and stats.nonfinite(s) > 0
+                   and self.cfg(s.layer).on("nonfinite")]
             key = (kind, step.rank)
             if not bad:
                 if key in self._nonfinite_active:
@@ -144,27 +242,41 @@ class RuleEngine:
             )
         return out
 
-    def _exploding(self, step, s, st, out) -> None:
-        c = self.config
+    def _norms(self, step, s, st, c, out) -> None:
+        """``exploding`` (weights, gradients, activations) and ``vanishing``
+        (gradients) against the stream's own recent history."""
         value = stats.l2(s)
         if not math.isfinite(value):
             return  # the nonfinite rule owns this sample
-        hist = [v for v in st.history]
-        median = float(np.median(hist[-c.explode_window :])) if len(hist) >= c.explode_min_history else math.nan
-        rel = median > 0 and value > c.explode_factor * median
-        now = median > 0 and value > c.explode_now * median
+        hist = st.series("l2")
+        median = _median(hist, c.explode_window, c.explode_min_history)
+        explode = vanish = False
+        if c.on("exploding"):
+            explode = self._exploding(step, s, st, c, value, median, hist, out)
+        if s.kind == "grad" and c.on("vanishing"):
+            vanish = self._vanishing(step, s, st, c, value, median, out)
+        # a stream's history is its healthy past: bad values do not move the baseline
+        if not (explode or vanish or st.active & {"exploding", "vanishing"}):
+            hist.append(value)
+
+    def _exploding(self, step, s, st, c, value, median, hist, out) -> bool:
+        threshold = c.explode_factor * median
+        if median > 0:
+            threshold = max(threshold, median + c.explode_mad * _MAD_SIGMA * _mad(hist, c.explode_window))
+        rel = median > 0 and value > threshold
+        now = median > 0 and value > max(threshold, c.explode_now * median)
         absmax = stats.absmax(s)
         cap = s.kind in ("act", "grad") and absmax > c.explode_abs_cap
         bad = bool(rel or cap)
-        if not bad and "exploding" not in st.active:
-            st.history.append(value)
         # a jump far out of range, or past the cap, needs no confirmation
         k = 1 if (now or cap) else c.explode_k
 
         def fire():
             if rel:
+                # 10x its own history is a precursor worth a look (early training can grow that
+                # much when a plateau breaks); 100x at once is an explosion
                 return self._alert(
-                    step, s, "critical", "exploding", value, c.explode_factor * median,
+                    step, s, "critical" if now else "warning", "exploding", value, threshold,
                     f"{s.kind} L2 norm {value:.3g} is {value / median:.0f}x its recent median "
                     f"{median:.3g}: lower the learning rate or clip gradients",
                 )
@@ -175,9 +287,35 @@ class RuleEngine:
             )
 
         self._track(step, s, st, "exploding", bad, k, fire, out)
+        return bad
 
-    def _dead(self, step, s, st, out) -> None:
-        c = self.config
+    def _vanishing(self, step, s, st, c, value, median, out) -> bool:
+        zeros = stats.fraction(s.zeros, s)
+        zhist = st.series("zeros")
+        zmed = _median(zhist, c.explode_window, c.explode_min_history)
+        underflow = zmed == zmed and zeros >= c.vanish_zeros and zeros - zmed >= c.vanish_zeros_jump
+        shrunk = median > 0 and value < c.vanish_factor * median
+        bad = bool(underflow or shrunk)
+        if not (bad or "vanishing" in st.active):
+            zhist.append(zeros)
+
+        def fire():
+            if underflow:
+                return self._alert(
+                    step, s, "warning", "vanishing", zeros, c.vanish_zeros,
+                    f"{zeros:.0%} of {s.layer}'s gradient is exactly zero (it was {zmed:.0%}): gradients "
+                    "underflow; under fp16 use a GradScaler (or bf16), or check for a saturated activation",
+                )
+            return self._alert(
+                step, s, "warning", "vanishing", value, c.vanish_factor * median,
+                f"gradient L2 norm {value:.3g} fell below {c.vanish_factor:g}x its recent median "
+                f"{median:.3g}: gradients vanish; check loss scaling, saturated activations, depth",
+            )
+
+        self._track(step, s, st, "vanishing", bad, c.vanish_k, fire, out)
+        return bad
+
+    def _dead(self, step, s, st, c, out) -> None:
         if s.layer in self._activations:
             near = stats.fraction(s.near_zero, s)
             units = s.dead_units if s.dead_units is not None else 0.0
@@ -203,17 +341,127 @@ class RuleEngine:
 
         self._track(step, s, st, "dead", bad, c.dead_k, fire, out)
 
-    def _stalled(self, step, s, st, out) -> None:
-        c = self.config
-        if s.ratio is None or not math.isfinite(s.ratio):
+    def _stalled(self, step, s, st, c, out) -> None:
+        if s.ratio is None:
+            if not (s.count and s.sumsq == 0):
+                return  # a zero weight (a LoRA B at init) that moved: no ratio to judge
+            ratio = 0.0  # a zero weight that did not move at all
+        elif not math.isfinite(s.ratio):
             return
-        bad = s.ratio < c.stall_ratio
+        else:
+            ratio = s.ratio
+        bad = ratio < c.stall_ratio
 
         def fire():
             return self._alert(
-                step, s, "warning", "stalled", s.ratio, c.stall_ratio,
-                f"update ratio {s.ratio:.2g} < {c.stall_ratio:g} for {c.stall_k} samples: "
-                "is the parameter in the optimizer, frozen, or at lr=0?",
+                step, s, "warning", "stalled", ratio, c.stall_ratio,
+                f"update ratio {ratio:.2g} < {c.stall_ratio:g} for {c.stall_k} samples: "
+                "is the parameter in the optimizer (a LoRA adapter's too), frozen, or at lr=0?",
             )
 
         self._track(step, s, st, "stalled", bad, c.stall_k, fire, out)
+
+    def _update_too_large(self, step, s, st, c, out) -> None:
+        if s.ratio is None or not math.isfinite(s.ratio):
+            return
+        ratio = s.ratio
+        hist = st.series("ratio")
+        median = _median(hist, c.explode_window, c.explode_min_history)
+        threshold = c.update_max
+        if median > 0:
+            threshold = min(threshold, c.update_factor * median)
+        bad = ratio > threshold
+        if not (bad or "update-too-large" in st.active):
+            hist.append(ratio)
+
+        def fire():
+            return self._alert(
+                step, s, "warning", "update-too-large", ratio, threshold,
+                f"update ratio {ratio:.1e} >> {threshold:.1e} (healthy runs sit near 1e-3): "
+                "learning rate too high, or warm-up missing?",
+            )
+
+        self._track(step, s, st, "update-too-large", bad, c.update_k, fire, out)
+
+    def _no_grad(self, step, grads: set[str], out) -> set[str]:
+        """Trainable parameters without a gradient at a step where others
+        have one (a detached branch, an unused module); returns them."""
+        if self._trainable is None or not grads:
+            return set()  # without the model's layers, frozen parameters are not known
+        missing = set()
+        for s in step.samples:
+            if s.kind != "weight" or s.layer not in self._trainable:
+                continue
+            c = self.cfg(s.layer)
+            if not c.on("no-grad"):
+                continue
+            st = self._streams.setdefault((s.layer, "grad", step.rank), _StreamState())
+            bad = s.layer not in grads
+            if bad:
+                missing.add(s.layer)
+            n = st.bad.get("no-grad", 0) + 1
+
+            def fire(n=n, s=s, c=c):
+                return self._alert(
+                    step, s, "warning", "no-grad", n, c.nograd_k,
+                    f"{s.layer} requires a gradient but got none in {n} sampled steps: is it on a "
+                    "detached branch (.detach(), torch.no_grad()), or unused in forward?", kind="grad",
+                )
+
+            self._track(step, s, st, "no-grad", bad, c.nograd_k, fire, out, kind="grad")
+        return missing
+
+    def _rank_divergence(self, step: Step, out) -> None:
+        """One rank's total gradient norm far from the other ranks'.
+
+        Every rank ships the same all-gathered list, so only rank 0's step is
+        judged (one alert, not one per rank); the alert names the outlying
+        rank. With two ranks both are "far from the other": the one further
+        from its own history is blamed (ties: the larger norm).
+        """
+        norms = step.rank_grad_norms
+        c = self.cfg(ALL_LAYERS)
+        if not norms or len(norms) < 2 or step.rank != 0 or not c.on("rank-divergence"):
+            return
+        v = np.asarray(norms, dtype=float)
+        off = np.zeros(len(v))
+        for r in range(len(v)):
+            others = np.delete(v, r)
+            others = others[np.isfinite(others)]
+            if not len(others):
+                continue
+            ref = float(np.median(others))
+            if not math.isfinite(v[r]):
+                off[r] = math.inf
+            elif ref > 0 and v[r] > 0:
+                off[r] = abs(math.log(v[r] / ref))
+            elif v[r] != ref:
+                off[r] = math.inf
+        limit = math.log(c.rank_factor)
+        suspects = [r for r in range(len(v)) if off[r] > limit]
+        blamed = None
+        if suspects:
+            def own(r):
+                st = self._streams.get((ALL_LAYERS, "grad", r))
+                med = _median(st.series("l2"), c.explode_window, 1) if st else math.nan
+                if not (math.isfinite(v[r]) and med > 0 and v[r] > 0):
+                    return (math.inf, 0.0) if not math.isfinite(v[r]) else (0.0, v[r])
+                return (abs(math.log(v[r] / med)), v[r])
+            blamed = max(suspects, key=lambda r: (off[r], own(r)))
+        for r in range(len(v)):
+            st = self._streams.setdefault((ALL_LAYERS, "grad", r), _StreamState())
+            bad = r == blamed
+            if not bad and "rank-divergence" not in st.active and math.isfinite(v[r]):
+                st.series("l2").append(float(v[r]))
+            others = np.delete(v, r)
+            ref = float(np.median(others[np.isfinite(others)])) if np.isfinite(others).any() else math.nan
+            probe = Sample(ALL_LAYERS, "grad", 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, [], 0)
+
+            def fire(r=r, ref=ref):
+                return self._alert(
+                    step, probe, "critical", "rank-divergence", v[r], c.rank_factor * ref, rank=r,
+                    message=f"rank {r}'s total gradient norm {v[r]:.3g} is far from the other ranks' "
+                            f"{ref:.3g}: a corrupted gradient, a rank out of sync, or faulty hardware on it",
+                )
+
+            self._track(step, probe, st, "rank-divergence", bad, c.rank_k, fire, out, rank=r)
