@@ -500,6 +500,7 @@ class Publisher:
         viewer.push(wire.MAGIC + self._hello_frame)
         for _, frame in heapq.merge(self._steps, self._other):
             viewer.push(frame)
+        self.viewer_drops += viewer.dropped  # a backlog larger than the viewer's buffer
         if self.viewer_drops or self.dropped:
             # a newcomer learns that others, or the probe's queue, lost frames
             viewer.push(self._drops_note(viewer), counted=False)
