@@ -140,6 +140,7 @@ class XRay:
         alert_level: str = "critical",
         seed: int = 0,
         tcp: str | int | bool | None = None,
+        spectral_every: int | None = 500,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -205,6 +206,12 @@ class XRay:
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_update()))
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.after_update()))
+        #: spectral health (WeightWatcher's metrics) in a background thread every N steps; None: off
+        self.spectral = None
+        if spectral_every:
+            from .spectral import SpectralMonitor
+
+            self.spectral = SpectralMonitor(self, every=spectral_every)
         atexit.register(self.close)  # socket, manifest and recording are cleaned up at exit
 
     def _layer_infos(self, hooked: dict[str, nn.Module]) -> list[wire.LayerInfo]:

@@ -1,0 +1,226 @@
+"""Spectral metrics against weightwatcher, numpy and known power laws; the live monitor."""
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import probes
+from probes import spectral, wire
+
+METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank")
+#: Documented tolerance (docs/spectral.md): relative, per metric. The eigenvalues
+#: differ from weightwatcher's float64 SVD by ~1e-7 relative (float32 Gram).
+RTOL = 1e-5
+
+
+def _matrices():
+    rng = np.random.default_rng(0)
+    return {
+        "gauss": rng.standard_normal((300, 120)),
+        "student_t": rng.standard_t(2.5, size=(400, 200)),
+        "pareto": rng.pareto(1.5, size=(256, 128)) * rng.choice([-1, 1], size=(256, 128)),
+        "wide": rng.standard_t(4, size=(96, 333)),
+        "small_n": rng.standard_normal((40, 12)),  # 12 eigenvalues: weightwatcher's small-N fit
+    }
+
+
+def _linear_model(mats):
+    model = nn.Sequential(*[nn.Linear(v.shape[1], v.shape[0], bias=False) for v in mats.values()])
+    for lin, v in zip(model, mats.values()):
+        lin.weight.data = torch.tensor(v, dtype=torch.float32)
+    return model
+
+
+def _ww_details(model):
+    ww = pytest.importorskip("weightwatcher")
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    return ww.WeightWatcher(model=model).analyze()
+
+
+def _param_names(model, details) -> list[str]:
+    """Our name (from named_parameters) of each weight weightwatcher analysed (by module).
+
+    Tied weights (GPT-2's lm_head and wte) are one parameter to us, two layers to it.
+    """
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(model.get_submodule(n).weight)] for n in details["longname"]]
+
+
+def _compare(details, ours: dict, model):
+    names = _param_names(model, details)
+    assert set(names) == set(ours)
+    for name, (_, row) in zip(names, details.iterrows()):
+        m = ours[name]
+        for k in METRICS:
+            assert getattr(m, k) == pytest.approx(float(row[k]), rel=RTOL), (row["longname"], k)
+        assert m.xmin == pytest.approx(float(row["xmin"]), rel=RTOL)
+
+
+def test_matches_weightwatcher_on_random_matrices():
+    mats = _matrices()
+    model = _linear_model(mats)
+    details = _ww_details(model)
+    ours = {m.name: m for m in spectral.analyze_model(model)}
+    _compare(details, ours, model)
+    # the matrices span the bands: heavy tails below 6, the Gaussian above
+    assert ours["2.weight"].alpha < 2.5 and ours["0.weight"].alpha > 6
+
+
+def test_matches_weightwatcher_on_conv2d():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Conv2d(32, 24, (1, 2)))
+    details = _ww_details(model)
+    ours = {m.name: m for m in spectral.analyze_model(model)}
+    _compare(details, ours, model)
+    assert ours["0.weight"].method == "conv-slices" and ours["0.weight"].n_evals == 16 * 9
+
+
+def test_matches_weightwatcher_on_gpt2_shaped_model():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=96, n_head=4, n_positions=128, vocab_size=500)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # trained-like heavy tails in one block, the random init elsewhere
+        w = model.transformer.h[0].mlp.c_fc.weight
+        w.copy_(0.02 * torch.distributions.StudentT(2.0).sample(w.shape))
+    details = _ww_details(model)
+    ours = {m.name: m for m in spectral.analyze_model(model)}
+    assert len(details) == len(ours) + 1  # lm_head is tied to wte
+    _compare(details, ours, model)
+
+
+def test_fit_recovers_a_known_power_law():
+    rng = np.random.default_rng(1)
+    for alpha in (2.0, 3.0, 4.5):
+        x = 0.5 * rng.random(4000) ** (-1.0 / (alpha - 1.0))  # Pareto with pdf ~ x^-alpha above 0.5
+        fit = spectral.fit_power_law(x)
+        assert fit.alpha == pytest.approx(alpha, abs=0.15)
+        assert fit.xmin >= 0.5
+
+
+def test_fit_is_the_least_ks_candidate_by_brute_force():
+    rng = np.random.default_rng(2)
+    data = np.sort(rng.lognormal(0, 1, 300))
+    fit = spectral.fit_power_law(data)
+    best = (np.inf, None)
+    for i in range(len(data) - 1):
+        tail = data[i:]
+        n = len(tail)
+        a = 1 + n / np.sum(np.log(tail / tail[0]))
+        d = np.max(np.abs(1 - (tail / tail[0]) ** (1 - a) - np.arange(n) / n))
+        if d < best[0]:
+            best = (d, a)
+    assert fit.ks == pytest.approx(best[0], rel=1e-9)
+    assert fit.alpha == pytest.approx(best[1], rel=1e-9)
+
+
+def test_eigenvalues_and_norms_against_numpy():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((20000, 48)).astype(np.float32)  # a tall, embedding-like matrix
+    ref = np.sort(np.linalg.svd(w.astype(np.float64), compute_uv=False) ** 2)
+    e = spectral.eigenvalues(torch.from_numpy(w))
+    np.testing.assert_allclose(e.evals, ref, rtol=1e-5)
+    m = spectral.metrics_of(e)
+    assert m.log_norm == pytest.approx(math.log10((w.astype(np.float64) ** 2).sum()), rel=1e-6)
+    assert m.stable_rank == pytest.approx(ref.sum() / ref.max(), rel=1e-5)
+    assert sum(m.esd) == np.sum(ref > spectral.EVALS_THRESH)
+
+
+def test_lowrank_path_keeps_the_top_of_the_spectrum_and_exact_norms():
+    torch.manual_seed(4)
+    w = 0.05 * torch.distributions.StudentT(2.5).sample((600, 300))
+    exact = spectral.analyze_matrix(w)
+    low = spectral.analyze_matrix(w, max_dim=200)
+    assert low.method == "lowrank" and low.n_evals == 200
+    assert low.log_norm == pytest.approx(exact.log_norm, rel=1e-6)
+    assert low.stable_rank == pytest.approx(exact.stable_rank, rel=1e-4)
+    assert low.log_spectral_norm == pytest.approx(exact.log_spectral_norm, rel=1e-3)
+    assert low.alpha == pytest.approx(exact.alpha, rel=0.05)
+
+
+class _LoraLinear(nn.Module):
+    """The shape of a peft LoRA layer: base_layer, lora_A/lora_B ModuleDicts, scaling."""
+
+    def __init__(self, n_in, n_out, r):
+        super().__init__()
+        self.base_layer = nn.Linear(n_in, n_out)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(n_in, r, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, n_out, bias=False)})
+        self.scaling = {"default": 2.0}
+        nn.init.normal_(self.lora_B["default"].weight)
+
+
+def test_lora_metrics_are_those_of_the_merged_weight():
+    torch.manual_seed(5)
+    model = nn.Sequential(_LoraLinear(64, 80, 4))
+    tg, _ = spectral.targets(model)
+    assert [t.name for t in tg] == ["0.base_layer.weight"]  # A and B are not analysed alone
+    layer = model[0]
+    merged = layer.base_layer.weight + 2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    got = spectral.analyze_model(model)[0]
+    want = spectral.analyze_matrix(merged.detach())
+    base = spectral.analyze_matrix(layer.base_layer.weight.detach())
+    for k in METRICS:
+        assert getattr(got, k) == pytest.approx(getattr(want, k), rel=1e-6)
+    assert got.log_spectral_norm != pytest.approx(base.log_spectral_norm, rel=1e-2)
+
+
+def test_small_matrices_are_listed_as_skipped_not_dropped():
+    model = nn.Sequential(nn.Linear(4, 100), nn.Linear(100, 50))
+    tg, skipped = spectral.targets(model)
+    assert [t.name for t in tg] == ["1.weight"]
+    assert skipped and skipped[0][0] == "0.weight" and "min_evals" in skipped[0][1]
+
+
+def test_alerts_use_weightwatchers_bands_and_recover():
+    rules = spectral.SpectralAlerts()
+    m = spectral.analyze_matrix(torch.randn(200, 100), "w")
+    assert m.alpha > 6
+    a = rules.evaluate(m, 10, 0)
+    assert a.rule == "spectral" and a.severity == "warning" and a.threshold == 6.0 and "under-trained" in a.message
+    assert rules.evaluate(m, 20, 0) is None  # once while it lasts
+    custom = spectral.SpectralAlerts(low=2.0, high=100.0)
+    assert custom.evaluate(m, 10, 0) is None
+    m.alpha = 3.0
+    assert rules.evaluate(m, 30, 0).severity == "info"
+
+
+def test_monitor_sends_spectral_messages_and_alerts_without_stalling(tmp_path):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16))
+    with torch.no_grad():  # a Cauchy-tailed layer (alpha ~1.5) next to a random one (alpha ~4)
+        model[0].weight.copy_(torch.distributions.StudentT(1.0).sample((128, 64)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: exact ground truth
+    log = tmp_path / "run.xray"
+    xr = probes.attach(model, opt, every=1, serve=False, log=str(log), spectral_every=3)
+    x = torch.randn(8, 64)
+    for _ in range(4):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert xr.spectral.wait_pass(1, timeout=60)
+    xr.close()
+    msgs, torn = wire.read_file(str(log))
+    spec = {m.layer: m for m in msgs if isinstance(m, wire.Spectral)}
+    assert set(spec) == {"0.weight", "2.weight"}
+    for name, p in (("0.weight", model[0].weight), ("2.weight", model[2].weight)):
+        want = spectral.analyze_matrix(p.detach())
+        assert spec[name].alpha == pytest.approx(want.alpha, rel=1e-9)
+        assert spec[name].stable_rank == pytest.approx(want.stable_rank, rel=1e-9)
+        assert spec[name].step >= 3
+    alerts = [m for m in msgs if isinstance(m, wire.Alert) and m.rule == "spectral"]
+    assert [a.layer for a in alerts] == ["0.weight"] and alerts[0].value < 2.0
+    assert isinstance(msgs[-1], wire.End)
+
+
+def test_monitor_off_and_bad_cadence():
+    model = nn.Linear(16, 16)
+    xr = probes.attach(model, serve=False, spectral_every=None)
+    assert xr.spectral is None
+    xr.close()
+    with pytest.raises(ValueError):
+        spectral.SpectralMonitor(object(), every=0)
