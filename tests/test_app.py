@@ -182,7 +182,8 @@ async def test_help_screen_lists_bindings():
         await pilot.press("question_mark")
         await pilot.pause()
         text = screen_text(app)
-        for word in ("quit", "pause", "filter", "focus", "next layer", "help"):
+        for word in ("quit", "pause", "filter", "focus", "next layer", "help", "sort", "rank", "theme",
+                     "screenshot", "detail", "|x| < eps", "update ratio"):
             assert word in text
         await pilot.press("escape")
         await pilot.pause()
@@ -220,14 +221,34 @@ async def test_feed_error_is_shown_and_data_kept():
         assert app.is_running
 
 
-@pytest.mark.parametrize("size", [(80, 24), (160, 50), (40, 12)])
+@pytest.mark.parametrize("size", [(80, 24), (160, 50), (60, 15)])
 async def test_sizes_render(size):
     app = XRayApp(ListSource(feed()))
     async with app.run_test(size=size) as pilot:
         await settle(pilot, app)
         text = screen_text(app)
         assert "layers.0" in text
-        assert "unit-run" in text or size[0] < 60
+        assert "unit-run" in text
+        assert "too small" not in text
+
+
+async def test_below_minimum_size_says_so_and_recovers():
+    app = XRayApp(ListSource(feed()))
+    async with app.run_test(size=(40, 12)) as pilot:
+        await settle(pilot, app)
+        await pilot.pause(0.1)
+        text = screen_text(app)
+        assert "Terminal too small: 40x12" in text and "60x15" in text
+        assert "layers.0" not in text
+        await pilot.resize_terminal(80, 24)
+        for _ in range(50):
+            await pilot.pause(0.02)
+            if not app.has_class("-too-small"):
+                break
+        app._paint()
+        await pilot.pause()
+        text = screen_text(app)
+        assert "too small" not in text and "model.layers.0.fc" in text
 
 
 async def test_light_theme_and_unknown_theme():
@@ -297,9 +318,497 @@ def test_app_never_imports_torch():
 
     code = (
         "import sys, tui.app\n"
-        "ok = ('wire', 'stats', 'histogram', 'rules', 'rundir')\n"
+        "ok = ('wire', 'stats', 'histogram', 'rules', 'rundir', 'server')  # numpy/msgspec only\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')\n"
         "       or (m.startswith('probes.') and m.split('.')[1] not in ok)]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- issue 5: detail, sort, kinds, ranks, themes, screenshot, re-attach ----
+
+import math
+import os
+import threading
+import time
+
+import msgspec
+import numpy as np
+
+import themes
+from probes import histogram, stats, wire
+from tui.chooser import ChooserScreen
+from tui.detail import MATRIX_UNAVAILABLE, DetailScreen, current_vs_initial
+from tui.reattach import DISCONNECTED, ENDED, ReattachSource, Status
+from tui.state import MIN_DEPTH, RunState, merge_samples
+from tui.widgets.heatmap import hot_matrix
+from tui.widgets.layer_table import BADGES, SORTS
+
+
+async def shows(pilot, app, text: str) -> bool:
+    """Whether ``text`` appears on screen within a second (toasts fade in)."""
+    for _ in range(50):
+        if text in screen_text(app):
+            return True
+        await pilot.pause(0.02)
+    return False
+
+
+class HoldSource:
+    """Yields its batches, then stays connected (a live run that is quiet)."""
+
+    label = "held"
+
+    def __init__(self, batches):
+        self._batches = batches
+
+    def batches(self, stop=None):
+        yield from self._batches
+        stop.wait()
+
+
+def two_rank_feed(n_layers: int = 6, n_steps: int = 3) -> list[list]:
+    """Two ranks of one run, with different data per rank."""
+    out = [[synthetic.hello(n_layers, run="ddp", rank=r, world_size=2)] for r in (0, 1)]
+    for r in (0, 1):
+        out += [[s] for s in synthetic.steps(n_layers, n_steps, elements=128, seed=10 + r, rank=r)]
+    return out
+
+
+async def test_enter_opens_detail_with_every_panel_and_keys_switch_kind():
+    app = XRayApp(ListSource(feed(n_steps=6)))
+    async with app.run_test(size=(160, 50)) as pilot:
+        await settle(pilot, app, step=5)
+        await pilot.press("down", "down", "down", "enter")
+        await pilot.pause(0.2)
+        screen = app.screen
+        assert isinstance(screen, DetailScreen)
+        assert screen.row.name == f"model.layers.{DEAD}.fc" and screen.kind == "weight"
+        text = screen_text(app)
+        assert f"model.layers.{DEAD}.fc" in text and "6 samples kept" in text
+        assert "HOT weight" in text and "step 0" in text and "step 5" in text
+        assert "L2 norm" in text and "mean and std" in text and "near zero" in text
+        assert "Weight matrix heatmap: not available" in text
+        assert "Spectral figures" in text and "none in this stream" in text
+        assert "WARNING" in text and "dead" in text  # the layer's alert
+        for key, kind in (("g", "grad"), ("a", "act"), ("u", "update"), ("w", "weight")):
+            await pilot.press(key)
+            await pilot.pause(0.1)
+            assert screen.kind == kind
+            assert f"HOT {kind}" in screen_text(app)
+        await pilot.press("a")
+        await pilot.pause(0.1)
+        assert "dead units" in screen_text(app)  # the act plot adds the dead-unit share
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, DetailScreen)
+        assert app.table.cursor_row.name == f"model.layers.{DEAD}.fc"
+
+
+async def test_detail_follows_new_data_and_does_not_crash_at_80x24():
+    app = XRayApp(ListSource(feed(n_steps=3)))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app, step=2)
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        screen = app.screen
+        assert " 3 samples " in screen_text(app)
+        for s in synthetic.steps(N_LAYERS, 5, elements=64)[3:]:
+            app.post_message(XRayApp.Batch([s]))
+            app._slots.acquire()
+        await pilot.pause(0.2)
+        app._paint()
+        await pilot.pause(0.1)
+        assert " 5 samples " in screen_text(app)
+        assert screen.query_one("#matrix").render().plain.startswith(MATRIX_UNAVAILABLE[:30])
+
+
+def test_hot_matrix_keeps_counts_and_puts_large_values_on_top():
+    rng = np.random.default_rng(1)
+    series = [(st, synthetic.sample_of("w", "weight", rng.normal(0, 0.1 * (1 + st), 4000))) for st in range(7)]
+    m, edges, steps = hot_matrix(series, max_rows=20, max_cols=5)
+    assert steps == [2, 3, 4, 5, 6]  # the most recent columns
+    assert m.shape == (len(edges) - 1, 5) and m.shape[0] <= 20
+    # Grouping bins loses no element: each column sums back to its sample size.
+    np.testing.assert_allclose(np.expm1(m).sum(axis=0), 4000, rtol=1e-9)
+    # Row 0 is the top of the value axis: compare with numpy's own count above the top edges.
+    x = rng.normal(0, 1, 4000)
+    m1, e1, _ = hot_matrix([(0, synthetic.sample_of("w", "weight", x))], 8, 1)
+    top_lo = e1[-2]
+    assert round(np.expm1(m1[0, 0])) == np.sum(x.astype(np.float32) >= top_lo)
+    assert e1[0] <= x.min() and e1[-1] >= x.max()
+
+
+def test_current_vs_initial_matches_numpy_shares():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0, 1, 3000), rng.normal(1, 0.5, 3000)
+    series = [(0, synthetic.sample_of("w", "weight", a)), (9, synthetic.sample_of("w", "weight", b))]
+    x, now, first = current_vs_initial(series, width=10)
+    assert len(x) == 10
+    assert math.isclose(sum(now), 1) and math.isclose(sum(first), 1)
+    # The shifted distribution's mass sits to the right of the first one's.
+    assert np.dot(x, now) > np.dot(x, first)
+    assert abs(np.dot(x, first) - a.mean()) < 0.25 and abs(np.dot(x, now) - b.mean()) < 0.25
+
+
+@pytest.mark.parametrize("sort", SORTS)
+async def test_sort_orders(sort):
+    app = XRayApp(ListSource(feed()))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        for _ in range(SORTS.index(sort)):
+            await pilot.press("s")
+        table = app.table
+        assert table.sort == sort
+        names = [r.name for r in table.view]
+        rows = {r.name: r for r in app.state.rows}
+        if sort == "model":
+            assert names == [f"model.layers.{i}.fc" for i in range(N_LAYERS)]
+        elif sort == "severity":
+            assert names[:2] == ["model.layers.7.fc", f"model.layers.{DEAD}.fc"]  # critical, then warning
+            assert names[2:] == [n for n in (f"model.layers.{i}.fc" for i in range(N_LAYERS)) if n not in names[:2]]
+        elif sort == "name":
+            assert names == sorted(names)
+        elif sort == "depth":
+            assert [rows[n].depth for n in names] == sorted(rows[n].depth for n in names)
+        else:
+            norms = [math.sqrt(app.state.latest(rows[n], "grad").sumsq) for n in names]
+            assert norms == sorted(norms, reverse=True)
+        if sort != "model":
+            assert f"layer ↓{sort}" in screen_text(app)
+
+
+async def test_sort_keeps_cursor_on_its_layer():
+    app = XRayApp(ListSource(feed()))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        await pilot.press("down", "down", "down", "down", "down")
+        name = app.table.cursor_row.name
+        await pilot.press("s", "s")
+        assert app.table.cursor_row.name == name
+
+
+async def test_kind_columns_toggle():
+    app = XRayApp(ListSource(feed()))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        header = lambda: screen_text(app).splitlines()[2]  # noqa: E731 (the table's header line)
+        assert "weight" in header() and "grad" in header()
+        await pilot.press("1")
+        await pilot.pause()
+        assert "weight" not in header() and "grad" in header()
+        await pilot.press("2", "3")
+        await pilot.pause()
+        assert app.table.shown == ()
+        assert "grad " not in header() and "‖grad‖" in header()
+        await pilot.press("1", "2", "3")
+        assert app.table.shown == ("weight", "grad", "act")
+
+
+def test_merge_samples_equals_numpy_on_the_concatenation():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0, 1, 500), rng.normal(0, 1e-3, 700)
+    b[:3] = 0.0
+    sa, sb = synthetic.sample_of("w", "grad", a), synthetic.sample_of("w", "grad", b)
+    merged = merge_samples([sa, sb])
+    truth = synthetic.sample_of("w", "grad", np.concatenate([a, b]))
+    for f in ("count", "near_zero", "zeros", "nan", "posinf", "neginf", "hist_n"):
+        assert getattr(merged, f) == getattr(truth, f), f
+    assert merged.min == truth.min and merged.max == truth.max
+    assert math.isclose(merged.sumsq, truth.sumsq, rel_tol=1e-12)
+    np.testing.assert_array_equal(histogram.expand(merged.hist_lo, merged.hist),
+                                  histogram.expand(truth.hist_lo, truth.hist))
+    assert merge_samples([sa]) is sa and merge_samples([]) is None
+    bad = synthetic.sample_of("w", "grad", np.array([np.nan, np.inf, 1.0]))
+    assert merge_samples([bad, bad]).nan == 2 and merge_samples([bad, bad]).posinf == 2
+
+
+async def test_rank_view_cycles_merged_and_each_rank():
+    app = XRayApp(ListSource(two_rank_feed()))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app, step=2, alerts=0)
+        row = app.state.rows[0]
+        assert app.table.rank is None
+        assert "(merged)" in screen_text(app)
+        shown = lambda: app.table._grad_norm(row)  # noqa: E731 (what the ‖grad‖ column and its sort use)
+        r0, r1 = (app.state.latest(row, "grad", r) for r in (0, 1))
+        assert math.isclose(shown(), math.sqrt(r0.sumsq + r1.sumsq))
+        await pilot.press("r")
+        assert app.table.rank == 0 and math.isclose(shown(), stats.l2(r0))
+        assert "(rank 0)" in screen_text(app)
+        await pilot.press("r")
+        assert app.table.rank == 1 and math.isclose(shown(), stats.l2(r1))
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert app.screen.rank == 1 and "rank 1" in screen_text(app)
+        await pilot.press("r")
+        assert app.table.rank is None and app.screen.rank is None
+
+
+async def test_rank_key_with_one_rank_says_so():
+    app = XRayApp(ListSource(feed()))
+    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+        await settle(pilot, app)
+        await pilot.press("r")
+        await pilot.pause()
+        assert app.table.rank is None
+        assert await shows(pilot, app, "one rank")
+
+
+async def test_theme_key_cycles_all_xray_themes():
+    app = XRayApp(ListSource(feed()))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        seen = [app.theme]
+        for _ in themes.THEMES:
+            await pilot.press("t")
+            await pilot.pause()
+            seen.append(app.theme)
+            assert "model.layers.0.fc" in screen_text(app)
+        assert set(seen) == set(themes.THEMES) and seen[-1] == seen[0]
+        assert {"xray-dark", "xray-light", "xray-high-contrast", "xray-colorblind"} <= set(themes.THEMES)
+
+
+def test_themes_define_every_meaning_and_badges_do_not_rely_on_colour():
+    for theme in themes.THEMES.values():
+        assert set(themes.DEFAULTS) <= set(theme.variables), theme.name
+    cb = themes.THEMES["xray-colorblind"].variables
+    assert len({cb["xray-ok"], cb["xray-warning"], cb["xray-critical"], cb["xray-dead"]}) == 4
+    # Each severity has its own symbol and word, so it reads in monochrome too.
+    labels = {BADGES[s] for s in ("ok", "warning", "critical")}
+    assert len({b.split()[0] for b in labels}) == 3 and all(any(c.isalpha() for c in b) for b in labels)
+
+
+def test_no_hard_coded_colours_in_widgets():
+    import re
+    import tui.widgets
+
+    folder = os.path.dirname(tui.widgets.__file__)
+    paths = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".py")]
+    paths += [os.path.join(os.path.dirname(folder), f) for f in ("app.py", "detail.py", "chooser.py")]
+    for path in paths:
+        src = open(path, encoding="utf-8").read()
+        assert not re.search(r"#[0-9a-fA-F]{6}\b|\b(red|green|yellow|blue|magenta|cyan)\b", src), path
+
+
+async def test_screenshot_key_writes_svg(tmp_path):
+    app = XRayApp(ListSource(feed()), screenshot_dir=str(tmp_path))
+    async with app.run_test(size=(100, 30), notifications=True) as pilot:
+        await settle(pilot, app)
+        await pilot.press("S")
+        await pilot.pause()
+        files = list(tmp_path.glob("*.svg"))
+        assert len(files) == 1
+        assert files[0].read_text().lstrip().startswith("<svg") and "model.layers" in files[0].read_text()
+        assert await shows(pilot, app, "screenshot saved")
+
+
+def test_help_lists_every_binding():
+    from tui.app import HELP
+    from tui.widgets.alerts import AlertList
+
+    shown = " ".join(k for k, _ in HELP)
+    names = {"question_mark": "?", "slash": "/", "up": "↑", "down": "↓", "pageup": "pgup",
+             "pagedown": "pgdn", "backspace": "escape"}
+    for cls in (XRayApp, LayerTable, AlertList, DetailScreen):
+        for binding in cls.BINDINGS:
+            for key in binding.key.split(","):
+                assert names.get(key, key) in shown.split() + list(shown), (cls.__name__, key)
+
+
+async def test_status_items_show_state_keep_data_and_reset_on_a_new_run():
+    first = feed(n_steps=4)
+    again = [[synthetic.hello(N_LAYERS, run="unit-run")], [synthetic.steps(N_LAYERS, 1, elements=64)[0]]]
+    gate = threading.Event()
+
+    class Source:
+        label = "unit-run"
+
+        def batches(self, stop=None):
+            yield from first
+            yield [Status(DISCONNECTED)]
+            gate.wait(5)
+            yield [Status("live", fresh=True)]
+            yield from again
+            stop.wait()
+
+    app = XRayApp(Source())
+    async with app.run_test(size=(120, 40)) as pilot:
+        for _ in range(100):
+            await pilot.pause(0.02)
+            if app.connection == DISCONNECTED:
+                break
+        app._paint()
+        await pilot.pause()
+        text = screen_text(app)
+        assert "disconnected — retrying" in text and "step 3" in text and "model.layers.0.fc" in text
+        assert len(app.state.alerts) == 2
+        gate.set()
+        for _ in range(100):
+            await pilot.pause(0.02)
+            if app.connection == "live" and app.state.step == 0:
+                break
+        app._paint()
+        await pilot.pause()
+        assert app.state.step == 0 and len(app.state.alerts) == 0  # the old run's data is gone
+        assert "● live" in screen_text(app)
+
+
+def test_state_memory_budget_shrinks_rings_but_keeps_a_minimum():
+    state = RunState(depth=64, budget=1000)
+    state.ingest(synthetic.hello(50))
+    steps = synthetic.steps(50, 70, elements=16)
+    for s in steps:
+        state.ingest(s)
+    # 200 streams x 64 > 1000: rings halve down to the minimum, never below.
+    assert state.stream_depth == MIN_DEPTH
+    assert all(len(b) == MIN_DEPTH for b in state.history.values())
+    assert state.series("model.layers.0.fc.weight", "weight")[-1][0] == 69  # the newest are kept
+    small = RunState(depth=64, budget=10_000)
+    small.ingest(synthetic.hello(10))
+    for s in steps[:70]:
+        small.ingest(msgspec.structs.replace(s, samples=s.samples[:40]))
+    assert small.stream_depth == 64 and len(small.history[("model.layers.0.fc.weight", "weight", 0)]) == 64
+
+
+# -- live sources: re-attach and the chooser ---------------------------------
+
+def publisher(name: str, started: float, n_layers: int = 4):
+    from probes.server import Publisher
+
+    hello = msgspec.structs.replace(synthetic.hello(n_layers, run=name), pid=os.getpid(), started=started)
+    return Publisher(hello)
+
+
+def collect(source, stop, out):
+    for batch in source.batches(stop):
+        out.extend(batch)
+
+
+def wait_for(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_reattach_source_follows_a_run_across_restarts(tmp_path):
+    steps = synthetic.steps(4, 3, elements=32)
+    pub = publisher("again", started=1.0)
+    for s in steps:
+        pub.submit(lambda s=s: s)
+    got, stop = [], threading.Event()
+    source = ReattachSource("again", poll=0.05, record=str(tmp_path / "rec.xray"))
+    reader = threading.Thread(target=collect, args=(source, stop, got), daemon=True)
+    reader.start()
+    try:
+        assert wait_for(lambda: sum(isinstance(m, wire.Step) for m in got) == 3)
+        pub.submit(lambda: wire.End(step=2, rank=0))
+        pub.close()
+        assert wait_for(lambda: Status(ENDED) in got)
+        assert got[0] == Status("live", fresh=False)
+        # The same name comes back as a new run: re-attached by itself, marked fresh.
+        pub = publisher("again", started=2.0)
+        pub.submit(lambda: steps[0])
+        assert wait_for(lambda: Status("live", fresh=True) in got)
+        assert wait_for(lambda: sum(isinstance(m, wire.Hello) for m in got) == 2)
+        # Killed without an End: "disconnected — retrying", never "run ended".
+        pub.close()
+        assert wait_for(lambda: got[-1] == Status(DISCONNECTED))
+    finally:
+        stop.set()
+        pub.close()
+        reader.join(5)
+    msgs, torn = wire.read_file(str(tmp_path / "rec.xray"))
+    assert torn == 0
+    assert [type(m).__name__ for m in msgs].count("Hello") == 2
+    assert not any(isinstance(m, Status) for m in msgs)
+
+
+async def test_chooser_lists_live_runs_and_attaches_to_the_chosen_one():
+    pubs = [publisher("alpha", started=1.0), publisher("beta", started=2.0)]
+    for p in pubs:
+        p.submit(lambda: synthetic.steps(4, 1, elements=32)[0])
+    try:
+        source = ReattachSource(None, poll=0.05)
+        assert source.needs_choice()
+        app = XRayApp(source)
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot.pause(0.2)
+            assert isinstance(app.screen, ChooserScreen)
+            text = screen_text(app)
+            assert "2 runs are live" in text and "alpha" in text and "beta" in text
+            await pilot.press("down", "enter")
+            for _ in range(200):
+                await pilot.pause(0.02)
+                if app.state.run == "beta" and app.state.step >= 0:
+                    break
+            assert source.name == "beta" and app.state.run == "beta"
+            assert app.connection == "live"
+    finally:
+        for p in pubs:
+            p.close()
+
+
+async def test_chooser_escape_quits():
+    pubs = [publisher("one", started=1.0), publisher("two", started=2.0)]
+    try:
+        app = XRayApp(ReattachSource(None, poll=0.05))
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot.pause(0.2)
+            await pilot.press("escape")
+            await pilot.pause(0.1)
+            assert not app.is_running
+    finally:
+        for p in pubs:
+            p.close()
+
+
+# -- snapshots over sizes and states (the header shows the probe's clock, never the wall clock) --
+
+async def _live(pilot) -> None:
+    await settle(pilot, pilot.app)
+
+
+async def _paused(pilot) -> None:
+    await settle(pilot, pilot.app)
+    await pilot.press("p")
+    await pilot.pause()
+
+
+async def _detail(pilot) -> None:
+    await settle(pilot, pilot.app)
+    await pilot.press("n", "enter")
+    await pilot.pause(0.3)
+
+
+def _state_feed(state: str) -> object:
+    batches = feed(n_layers=40, n_steps=6)
+    if state == "live":
+        return HoldSource(batches[:-1])  # no alerts yet
+    if state == "disconnected":
+        return ListSource(batches + [[Status(DISCONNECTED)]])
+    return HoldSource(batches)  # alerting, paused, detail
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 50)], ids=["80x24", "160x50"])
+@pytest.mark.parametrize("state", ["live", "paused", "disconnected", "alerting", "detail"])
+def test_snapshot_states(snap_compare, size, state):
+    app = XRayApp(_state_feed(state))
+
+    async def run_before(pilot) -> None:
+        if state == "live":
+            await settle(pilot, pilot.app, step=5, alerts=0)
+        elif state == "paused":
+            await _paused(pilot)
+        elif state == "detail":
+            await _detail(pilot)
+        else:
+            await settle(pilot, pilot.app, step=5)
+        pilot.app._paint()
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)

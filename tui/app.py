@@ -10,23 +10,28 @@ burst of data costs one paint, not one per message.
 
 from __future__ import annotations
 
+import re
 import threading
 
-from textual import on, work
+from rich.markup import escape
+from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Static
 
 import themes
+from tui.chooser import ChooserScreen
+from tui.detail import DetailScreen
 from tui.feed import FeedError
+from tui.reattach import Status
 from tui.state import RunState
 from tui.widgets.alerts import AlertList
 from tui.widgets.header import HeaderInfo, XRayHeader
-from tui.widgets.layer_table import LayerTable
+from tui.widgets.layer_table import SORTS, LayerTable
 
 #: Repaints per second; data arriving faster is folded into the next paint.
 PAINT_HZ = 4
@@ -36,32 +41,77 @@ MAX_IN_FLIGHT = 16
 
 
 class HelpScreen(ModalScreen[None]):
-    """Every key binding, with what it does."""
+    """Every key binding, with what it does, and what the columns mean."""
 
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
-    HelpScreen > Static {
-        width: auto; max-width: 90%; height: auto; max-height: 90%;
+    HelpScreen > VerticalScroll {
+        width: auto; max-width: 96%; height: auto; max-height: 96%;
         padding: 1 2; background: $panel; border: round $primary;
     }
+    HelpScreen Static { width: auto; }
     """
     BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
 
-    def __init__(self, lines: list[tuple[str, str]]) -> None:
+    def __init__(self, lines: list[tuple[str, str]], legend: list[tuple[str, str]] = ()) -> None:
         super().__init__()
         self.lines = lines
+        self.legend = list(legend)
 
     def compose(self) -> ComposeResult:
-        width = max(len(k) for k, _ in self.lines)
-        body = "\n".join(f"[b]{k.ljust(width)}[/b]  {d}" for k, d in self.lines)
-        yield Static("[b]xray-tui keys[/b]\n\n" + body + "\n\n[dim]escape closes[/dim]")
+        width = max(len(k) for k, _ in self.lines + self.legend)
+        body = "\n".join(f"[b]{escape(k.ljust(width))}[/b]  {escape(d)}" for k, d in self.lines)
+        text = "[b]xray-tui keys[/b]\n\n" + body
+        if self.legend:
+            text += "\n\n[b]what the table shows[/b]\n\n" + "\n".join(
+                f"[b]{escape(k.ljust(width))}[/b]  {escape(d)}" for k, d in self.legend)
+        with VerticalScroll():
+            yield Static(text + "\n\n[dim]escape closes[/dim]")
+
+
+#: Every key and what it does: the help screen lists exactly these.
+HELP: list[tuple[str, str]] = [
+    ("q", "quit"),
+    ("?", "this help"),
+    ("↑ ↓ / j k", "move the cursor"),
+    ("pgup pgdn", "move a page"),
+    ("home end", "first / last row"),
+    ("enter", "(table) open the layer's detail screen; (alerts) go to the alert's layer"),
+    ("tab", "switch focus between the layer table and the alerts"),
+    ("n", "jump to the next layer with an active alert"),
+    ("/", "filter layers by name (regex); enter keeps it, escape closes"),
+    ("s", "sort rows: model order → severity → name → depth → grad norm"),
+    ("1 2 3", "show / hide the weight, grad, act sparkline columns"),
+    ("r", "per-rank vs merged view: merged → rank 0 → rank 1 …"),
+    ("p", "pause / resume the screen (data keeps arriving)"),
+    ("t", "next theme (dark, light, high contrast, colour-blind safe)"),
+    ("S", "save a screenshot of the screen as SVG (in the current directory)"),
+    ("w g a u", "(detail) show weight / grad / act / update"),
+    ("escape", "(detail) back to the table; close the filter"),
+]
+
+#: What each column and mark means.
+LEGEND: list[tuple[str, str]] = [
+    ("weight grad act", "histogram of the latest sample, over its own [min, max]; a blank cell is an empty bin"),
+    ("act ≈ 0", "share of activation elements with |x| < eps (0.05); ▮▮▮▮ at ≥ 99% means dead"),
+    ("‖grad‖", "L2 norm of the gradient of the layer's main weight"),
+    ("upd/w", "update ratio ‖ΔW‖/‖W‖ of the last optimizer step (healthy ≈ 1e-3)"),
+    ("status", "✓ ok · ▲ warn (warning) · ✖ CRIT (critical): the worst active alert"),
+    ("header", "run · step · training steps/s · ranks attached/world size · connection"),
+    ("detail", "HOT chart: x = step, y = value bin (signed, log-spaced), colour = log(1 + count)"),
+]
+
+#: Below this many columns x lines the app shows a message instead of the views.
+MIN_SIZE = (60, 15)
 
 
 class XRayApp(App):
     """Shows a run's layers and alerts live from ``source``.
 
     ``source`` is any object with a ``label`` and a blocking
-    ``batches(stop_event)`` generator of message lists (see :mod:`tui.feed`).
+    ``batches(stop_event)`` generator of message lists (see :mod:`tui.feed`);
+    batches may carry :class:`tui.reattach.Status` items, and a source with
+    ``needs_choice()`` true gets the run chooser first.
     ``state`` (the :class:`RunState`) and ``connection`` are public.
     """
 
@@ -70,17 +120,26 @@ class XRayApp(App):
 
     BINDINGS = [
         Binding("q", "quit", "Quit"),
-        Binding("p", "toggle_pause", "Pause"),
-        Binding("slash", "filter", "Filter"),
-        Binding("tab", "switch_focus", "Table/alerts", priority=True),
-        Binding("n", "next_alert", "Next alert"),
         Binding("question_mark", "help", "Help"),
+        Binding("enter", "detail", "Detail"),
+        Binding("slash", "filter", "Filter"),
+        Binding("s", "cycle_sort", "Sort"),
+        Binding("n", "next_alert", "Next alert"),
+        Binding("p", "toggle_pause", "Pause"),
+        Binding("r", "cycle_rank", "Rank"),
+        Binding("t", "cycle_theme", "Theme"),
+        Binding("tab", "switch_focus", "Table/alerts", priority=True),
+        Binding("1", "toggle_kind('weight')", "Weight col", show=False),
+        Binding("2", "toggle_kind('grad')", "Grad col", show=False),
+        Binding("3", "toggle_kind('act')", "Act col", show=False),
+        Binding("S", "screenshot_svg", "Screenshot", show=False),
         Binding("escape", "close_filter", "Close filter", show=False),
     ]
 
-    #: "connecting" | "live" | "run ended" | "disconnected" | "error: ..."
+    #: "connecting" | "live" | "run ended" | "disconnected" | "error: ..." or a
+    #: :class:`~tui.reattach.Status` text such as "disconnected — retrying".
     connection: reactive[str] = reactive("connecting")
-    #: While paused the data is still ingested but the table is not repainted.
+    #: While paused the data is still ingested but the views are not repainted.
     paused: reactive[bool] = reactive(False)
 
     class Batch(Message):
@@ -97,7 +156,8 @@ class XRayApp(App):
             super().__init__()
             self.error = error
 
-    def __init__(self, source, *, theme: str | None = None, title: str | None = None) -> None:
+    def __init__(self, source, *, theme: str | None = None, title: str | None = None,
+                 screenshot_dir: str = ".") -> None:
         super().__init__()
         themes.register(self)
         name = theme or themes.DEFAULT_THEME
@@ -108,9 +168,11 @@ class XRayApp(App):
         self.title = title or self.TITLE
         self.source = source
         self.state = RunState()
+        self.screenshot_dir = screenshot_dir
         self._stop = threading.Event()
         self._slots = threading.Semaphore(MAX_IN_FLIGHT)
         self._dirty = True
+        self._sized = None
 
     def get_theme_variable_defaults(self) -> dict[str, str]:
         """Values for the ``$xray-*`` variables under themes that lack them."""
@@ -119,31 +181,64 @@ class XRayApp(App):
     # -- layout -----------------------------------------------------------
 
     def compose(self) -> ComposeResult:
-        yield XRayHeader(id="header")
+        self._header = XRayHeader(id="header")
+        self._table = LayerTable(self.state, id="layers")
+        self._alerts = AlertList(self.state, id="alerts")
+        yield self._header
         with Vertical(id="body"):
-            yield LayerTable(self.state, id="layers")
-            yield AlertList(self.state, id="alerts")
+            yield self._table
+            yield self._alerts
+        yield Static(id="too-small")
         yield Input(placeholder="filter layers by regex (enter: keep, escape: close)", id="filter")
         yield Footer()
 
     @property
     def table(self) -> LayerTable:
-        """The layer table widget."""
-        return self.query_one(LayerTable)
+        """The layer table widget (on the main screen, whichever screen is on top)."""
+        return self._table
 
     @property
     def alert_list(self) -> AlertList:
         """The alerts pane widget."""
-        return self.query_one(AlertList)
+        return self._alerts
 
     def on_mount(self) -> None:
         self.table.focus()
+        self._check_size()
         self._paint()
         self.set_interval(1 / PAINT_HZ, self._tick)
+        needs_choice = getattr(self.source, "needs_choice", None)
+        if needs_choice is not None and needs_choice():
+            self.connection = "choose a run"
+            self.push_screen(ChooserScreen(self.source.runs()), self._chosen)
+        else:
+            self._read()
+
+    def _chosen(self, name: str | None) -> None:
+        if name is None:
+            self.exit()
+            return
+        self.source.choose(name)
+        self.connection = "connecting"
         self._read()
 
     def on_unmount(self) -> None:
         self._stop.set()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._check_size()
+
+    def _check_size(self) -> None:
+        """Swap the views for a message when the terminal is below MIN_SIZE."""
+        w, h = self._sized = self.size
+        small = w < MIN_SIZE[0] or h < MIN_SIZE[1]
+        if small:
+            text = (f"Terminal too small: {w}x{h}.\nxray-tui needs at least {MIN_SIZE[0]}x{MIN_SIZE[1]}; "
+                    "enlarge the window (q quits).")
+            for screen in self.screen_stack:
+                for box in screen.query("#too-small"):
+                    box.update(text)
+        self.set_class(small, "-too-small")
 
     # -- reader thread ----------------------------------------------------
 
@@ -174,10 +269,15 @@ class XRayApp(App):
         try:
             ingest = self.state.ingest
             for msg in event.messages:
-                ingest(msg)
+                if isinstance(msg, Status):
+                    if msg.fresh:
+                        self.state.reset()  # a new connection's backlog repeats the history
+                    self.connection = msg.connection
+                else:
+                    ingest(msg)
         finally:
             self._slots.release()
-        if self.connection == "connecting":
+        if self.connection == "connecting" and self.state.hellos:
             self.connection = "live"
         self._dirty = True
 
@@ -193,6 +293,8 @@ class XRayApp(App):
     # -- painting ---------------------------------------------------------
 
     def _tick(self) -> None:
+        if self.size != self._sized:
+            self._check_size()  # the App does not always get Resize events; the tick does not miss one
         if self._dirty:
             self._paint()
 
@@ -202,11 +304,19 @@ class XRayApp(App):
         table = self.table
         if not self.paused:
             table.refresh_data()
-        self.alert_list.refresh_data()
+            self.alert_list.refresh_data()
+            if isinstance(self.screen, DetailScreen):
+                self.screen.refresh_data()
         flt = table.filter.pattern if table.filter is not None else ""
-        self.query_one(XRayHeader).show(HeaderInfo.from_state(
+        self._header.show(HeaderInfo.from_state(
             self.state, label=getattr(self.source, "label", ""), connection=self.connection,
-            paused=self.paused, layers_shown=len(table.view), filter=flt, title=self.title))
+            paused=self.paused, layers_shown=len(table.view), filter=flt, title=self.title,
+            view=self._view_label()))
+
+    def _view_label(self) -> str:
+        if len(self.state.hellos) <= 1:
+            return ""
+        return "merged" if self.table.rank is None else f"rank {self.table.rank}"
 
     def watch_connection(self) -> None:
         self._dirty = True
@@ -218,18 +328,22 @@ class XRayApp(App):
     # -- actions ----------------------------------------------------------
 
     def action_toggle_pause(self) -> None:
-        """Freeze the table (data keeps arriving) or resume."""
+        """Freeze the views (data keeps arriving) or resume."""
         self.paused = not self.paused
         self._paint()
 
     def action_filter(self) -> None:
         """Open the name filter."""
+        if isinstance(self.screen, DetailScreen):
+            return
         box = self.query_one("#filter", Input)
         box.add_class("visible")
         box.focus()
 
     def action_close_filter(self) -> None:
         """Hide the filter box; the filter stays applied."""
+        if isinstance(self.screen, DetailScreen):
+            return
         box = self.query_one("#filter", Input)
         if box.has_class("visible"):
             box.remove_class("visible")
@@ -237,8 +351,6 @@ class XRayApp(App):
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
-        import re
-
         box = event.input
         try:
             self.table.set_filter(event.value)
@@ -256,8 +368,8 @@ class XRayApp(App):
 
     def action_switch_focus(self) -> None:
         """Move the focus between the layer table and the alerts pane."""
-        if isinstance(self.screen, HelpScreen):
-            return  # tab is a priority binding: do not move focus under the modal
+        if self.screen is not self.screen_stack[0]:
+            return  # tab is a priority binding: do not move focus under a modal or the detail
         if self.table.has_focus:
             self.alert_list.focus()
         else:
@@ -277,21 +389,66 @@ class XRayApp(App):
         else:
             self.notify(f"layer {name!r} is not in the table", severity="warning", timeout=4)
 
+    def action_detail(self) -> None:
+        """Open the detail screen of the layer under the cursor."""
+        if self.screen is not self.screen_stack[0] or not self.table.has_focus:
+            return
+        row = self.table.cursor_row
+        if row is None:
+            self.notify("no layer yet", timeout=3)
+            return
+        self.push_screen(DetailScreen(self.state, row, rank=self.table.rank))
+
+    def action_cycle_sort(self) -> None:
+        """Order the rows by the next of model order, severity, name, depth, grad norm."""
+        table = self.table
+        table.set_sort(SORTS[(SORTS.index(table.sort) + 1) % len(SORTS)])
+        self.notify(f"rows sorted by {table.sort}", timeout=2)
+        self._paint()
+
+    def action_toggle_kind(self, kind: str) -> None:
+        """Show or hide one kind's sparkline column."""
+        table = self.table
+        shown = set(table.shown)
+        shown ^= {kind}
+        table.set_shown(tuple(shown))
+        self.notify(f"{kind} column {'shown' if kind in shown else 'hidden'}", timeout=2)
+        self._paint()
+
+    def action_cycle_rank(self) -> None:
+        """Per-rank vs merged: merged, then each rank in turn."""
+        ranks = self.state.ranks
+        if len(ranks) <= 1:
+            self.notify("this run has one rank: its view is the merged view", timeout=3)
+            return
+        views: list[int | None] = [None, *ranks]
+        current = self.table.rank
+        nxt = views[(views.index(current) + 1) % len(views)] if current in views else None
+        self.table.set_rank(nxt)
+        if isinstance(self.screen, DetailScreen):
+            self.screen.set_rank(nxt)
+        self.notify("merged view of all ranks" if nxt is None else f"rank {nxt} only", timeout=2)
+        self._paint()
+
+    def action_cycle_theme(self) -> None:
+        """Switch to the next xray theme."""
+        self.theme = themes.next_theme(self.theme)
+        self.notify(f"theme {self.theme}", timeout=2)
+
+    def action_screenshot_svg(self) -> None:
+        """Save the screen as an SVG file (Textual's own screenshot)."""
+        try:
+            path = self.save_screenshot(path=self.screenshot_dir)
+        except OSError as exc:
+            self.notify(f"screenshot failed: {exc.strerror or exc}", severity="error", timeout=6)
+        else:
+            self.notify(f"screenshot saved to {path}", timeout=5)
+
     def action_help(self) -> None:
-        """Show every key binding."""
-        lines = [
-            ("q", "quit"),
-            ("p", "pause / resume the table (data keeps arriving)"),
-            ("/", "filter layers by name (regex); enter keeps it, escape closes"),
-            ("tab", "switch focus between the layer table and the alerts"),
-            ("n", "jump to the next layer with an active alert"),
-            ("?", "this help"),
-            ("↑ ↓ / j k", "move the cursor"),
-            ("pgup pgdn", "move a page"),
-            ("home end", "first / last row"),
-            ("enter", "(alerts) go to the alert's layer"),
-        ]
-        self.push_screen(HelpScreen(lines))
+        """Show every key binding and what the columns mean."""
+        if isinstance(self.screen, HelpScreen):
+            return
+        self.push_screen(HelpScreen(HELP, LEGEND))
 
     async def action_quit(self) -> None:
         """Stop the reader and exit."""

@@ -79,9 +79,22 @@ def _tcp_source(args):
     return feed.SocketSource([f"tcp:{args.tcp}"], label=args.run or args.tcp, token=token)
 
 
+def _rules_engine(args):
+    """A RuleEngine with the thresholds of ``--rules FILE``, or None without it."""
+    if not getattr(args, "rules", None):
+        return None
+    from probes.rules import RuleEngine
+    from probes.rules_config import RulesConfigError, load
+
+    try:
+        return RuleEngine(load(args.rules))
+    except RulesConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _headless(source, args, *, live: bool) -> int:
     """Print alerts from ``source``; record them if asked; pick the exit code."""
-    printer = AlertPrinter(as_json=args.json)
+    printer = AlertPrinter(as_json=args.json, rules=_rules_engine(args))
     seen_hello = False
     try:
         for batch in source.batches():
@@ -110,15 +123,28 @@ def _run_app(source, args) -> int:
     except ValueError as exc:  # an unknown theme
         raise CliError(str(exc)) from None
     app.run()
-    return EXIT_OK
+    return app.return_code or EXIT_OK
 
 
 def cmd_attach(args) -> int:
-    """Watch a live run: the app, or alerts on stdout with --headless."""
-    source = _live_source(args)
-    if args.headless:
-        return _headless(source, args, live=True)
-    return _run_app(source, args)
+    """Watch a live run: the app, or alerts on stdout with --headless.
+
+    The app follows the run by name: it keeps the last data when the run ends
+    or disconnects and re-attaches when a run of that name is live again;
+    with no name and several live runs it asks which (tui.reattach, tui.chooser).
+    """
+    if args.headless or args.socket:
+        source = _live_source(args)
+        if args.headless:
+            return _headless(source, args, live=True)
+        return _run_app(source, args)
+    from .reattach import ReattachSource, live_runs
+
+    if args.run is not None:
+        feed.resolve_run(args.run)  # an unknown name is a one-line error, as in headless mode
+    elif not live_runs():
+        feed.resolve_run(None)  # "no live runs (start one with ...)"
+    return _run_app(ReattachSource(args.run, record=args.log), args)
 
 
 def cmd_replay(args) -> int:
@@ -166,9 +192,16 @@ def cmd_demo(args) -> int:
                        "pip install 'xray-tui[demo]' torch==2.13.0") from None
     if args.headless:
         printer = AlertPrinter(as_json=args.json)
+        extra = {}
+        if args.rules:  # the probe itself evaluates the rules with these thresholds
+            import inspect
+
+            if "rules" not in inspect.signature(demo.train).parameters:
+                raise CliError("demo --rules needs probes.demo.train(rules=...); use it with attach or replay")
+            extra["rules"] = _rules_engine(args)
         try:
             demo.train(steps=args.steps or 300, every=args.every, fault=args.fault, fault_step=args.fault_step,
-                       name=args.name, log=args.log, listener=printer.handle)
+                       name=args.name, log=args.log, listener=printer.handle, **extra)
         except KeyboardInterrupt:
             return 130
         return EXIT_ALERT if printer.failed(args.fail_on) else EXIT_OK
@@ -222,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--theme", default=None, help="colour theme of the app")
         if log:
             sp.add_argument("--log", metavar="FILE", help="record the full stream to FILE (replay it later)")
+        sp.add_argument("--rules", metavar="FILE", help="with --headless: alert thresholds from a TOML file "
+                        "(docs/alerts.md); the rules are evaluated again with them")
 
     d = sub.add_parser("demo", help="train a small GPT-2 with the probe attached and watch it",
                        description="Train a small GPT-2 (built from a config, char-level, on a bundled "
@@ -273,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "rules", None) and not args.headless:
+            raise CliError("--rules works with --headless (the app shows the alerts the probe sent)")
         return args.func(args)
     except (CliError, feed.FeedError, wire.WireError, rundir.RunDirError) as exc:
         print(f"xray-tui: error: {exc}", file=sys.stderr)

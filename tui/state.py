@@ -3,8 +3,17 @@
 Pure Python and numpy (no Textual, no torch): the app, headless mode and the
 tests share it. One :class:`RunState` is fed every decoded message with
 :meth:`RunState.ingest` on one thread (the app's), keeps a ring buffer of
-recent samples per stream (``depth`` samples), the latest sample per row and
-kind, the alerts, and which alerts are active.
+recent samples per stream, the latest sample per row and kind, the alerts,
+and which alerts are active.
+
+Memory is bounded whatever the run's size or length. Each stream (layer x
+kind x rank) keeps its last ``stream_depth`` samples: ``depth`` (256) while
+``streams x depth`` fits in ``budget`` (131,072 samples), halved as more
+streams appear, never below ``MIN_DEPTH`` (16). A decoded sample with a
+realistic histogram (~220 bins) takes ~2.4 KB, so the history holds at most
+~320 MB at the budget; alerts keep the newest ``max_alerts``, notes the
+newest ``max_notes``. A 300-stream run keeps 256 samples per stream; the
+2,000-layer benchmark (8,000 streams) keeps 16.
 """
 
 from __future__ import annotations
@@ -16,6 +25,58 @@ from probes import wire
 
 SEVERITY_RANK = {"ok": 0, "info": 1, "warning": 2, "critical": 3}
 KINDS = ("weight", "grad", "act", "update")
+#: The spectral message type, once probes.wire defines one (another issue's work).
+_SPECTRAL = getattr(wire, "Spectral", None)
+#: Fewest samples a stream keeps however many streams there are.
+MIN_DEPTH = 16
+
+
+def merge_samples(samples: list[wire.Sample]) -> wire.Sample | None:
+    """One sample from several ranks' samples of one stream (sufficient stats add).
+
+    Counts, sums and histograms add, min/max take the extremes; the dead-unit
+    fraction is averaged and the update ratio takes the worst (largest) rank.
+    Fields added to :class:`~probes.wire.Sample` later add up when they are
+    numbers (power sums, counts). Returns the single sample itself when there
+    is one, None for none.
+    """
+    if not samples:
+        return None
+    if len(samples) == 1:
+        return samples[0]
+    with_hist = [s for s in samples if s.hist]
+    lo = min((s.hist_lo for s in with_hist), default=0)
+    hi = max((s.hist_lo + len(s.hist) for s in with_hist), default=lo)
+    hist = [0] * (hi - lo)
+    for s in with_hist:
+        off = s.hist_lo - lo
+        for i, c in enumerate(s.hist):
+            hist[off + i] += c
+    first = samples[0]
+    out = {}
+    for name in wire.Sample.__struct_fields__:
+        values = [getattr(s, name) for s in samples]
+        if name in ("layer", "kind"):
+            out[name] = values[0]
+        elif name == "min":
+            out[name] = min(values)
+        elif name == "max":
+            out[name] = max(values)
+        elif name == "hist_lo":
+            out[name] = lo
+        elif name == "hist":
+            out[name] = hist
+        elif name == "dead_units":
+            known = [v for v in values if v is not None]
+            out[name] = sum(known) / len(known) if known else None
+        elif name == "ratio":
+            known = [v for v in values if v is not None]
+            out[name] = max(known) if known else None
+        elif all(isinstance(v, (int, float)) for v in values):
+            out[name] = sum(values)
+        else:
+            out[name] = getattr(first, name)
+    return wire.Sample(**out)
 
 
 @dataclass
@@ -54,7 +115,9 @@ class RunState:
     """Everything the viewer shows about one run, across its ranks."""
 
     depth: int = 256
+    budget: int = 131_072
     max_alerts: int = 10_000
+    max_notes: int = 1_000
     run: str = ""
     hellos: dict = field(default_factory=dict)  # rank -> Hello
     rows: list[Row] = field(default_factory=list)
@@ -62,12 +125,38 @@ class RunState:
     history: dict = field(default_factory=dict)  # (layer, kind, rank) -> deque[(step, Sample)]
     alerts: deque = field(default_factory=deque)
     active: dict = field(default_factory=dict)  # (rule, layer, kind, rank) -> Alert
-    notes: list = field(default_factory=list)
+    notes: deque = field(default_factory=deque)
     ended: dict = field(default_factory=dict)  # rank -> End
+    #: layer -> its latest spectral figures. The place for the future ``Spectral``
+    #: wire message (alpha, stable rank, ...); empty until the probe sends one.
+    spectral: dict = field(default_factory=dict)
     drops: int = 0
     samples_seen: int = 0
     _times: deque = field(default_factory=lambda: deque(maxlen=16))
     _row_index: dict = field(default_factory=dict)
+    stream_depth: int = 0  # samples each stream keeps now (0: not yet set)
+
+    def reset(self) -> None:
+        """Forget everything (a new run of the same name replaced the old one)."""
+        fresh = RunState(depth=self.depth, budget=self.budget, max_alerts=self.max_alerts,
+                         max_notes=self.max_notes)
+        self.__dict__.update(fresh.__dict__)
+
+    def _new_stream(self, key) -> deque:
+        """A ring for a new stream; shrinks every ring if the budget needs it."""
+        if not self.stream_depth:
+            self.stream_depth = self.depth
+        n = len(self.history) + 1
+        if n * self.stream_depth > self.budget and self.stream_depth > MIN_DEPTH:
+            depth = self.stream_depth
+            while n * depth > self.budget and depth > MIN_DEPTH:
+                depth = max(depth // 2, MIN_DEPTH)
+            self.stream_depth = depth
+            # Rare (at most log2(depth / MIN_DEPTH) times a run): rebuild the rings.
+            for k, old in self.history.items():
+                self.history[k] = deque(old, maxlen=depth)
+        buf = self.history[key] = deque(maxlen=self.stream_depth)
+        return buf
 
     # -- ingest -----------------------------------------------------------
 
@@ -88,7 +177,7 @@ class RunState:
                 key = (s.layer, s.kind, msg.rank)
                 buf = self.history.get(key)
                 if buf is None:
-                    buf = self.history[key] = deque(maxlen=self.depth)
+                    buf = self._new_stream(key)
                 buf.append((msg.step, s))
             self.samples_seen += len(msg.samples)
         elif isinstance(msg, wire.Alert):
@@ -101,9 +190,13 @@ class RunState:
             else:
                 self.active[key] = msg
         elif isinstance(msg, wire.Note):
+            if len(self.notes) >= self.max_notes:
+                self.notes.popleft()
             self.notes.append(msg)
         elif isinstance(msg, wire.End):
             self.ended[msg.rank] = msg
+        elif _SPECTRAL is not None and isinstance(msg, _SPECTRAL):
+            self.spectral[msg.layer] = msg
 
     # -- queries ----------------------------------------------------------
 
@@ -131,15 +224,48 @@ class RunState:
             return layer
         return layer.rpartition(".")[0]
 
-    def latest(self, row: Row, kind: str, rank: int = 0) -> wire.Sample | None:
-        """The newest sample of a row's column, or None."""
+    @property
+    def ranks(self) -> list[int]:
+        """Ranks that said hello, in order."""
+        return sorted(self.hellos)
+
+    def latest(self, row: Row, kind: str, rank: int | None = 0) -> wire.Sample | None:
+        """The newest sample of a row's column, or None.
+
+        ``rank=None`` merges every rank's newest sample (the merged view).
+        """
         stream = row.stream(kind)
-        buf = self.history.get((stream, kind, rank)) if stream is not None else None
+        if stream is None:
+            return None
+        if rank is None:
+            if len(self.hellos) <= 1:
+                rank = next(iter(self.hellos), 0)
+            else:
+                bufs = (self.history.get((stream, kind, r)) for r in self.hellos)
+                return merge_samples([b[-1][1] for b in bufs if b])
+        buf = self.history.get((stream, kind, rank))
         return buf[-1][1] if buf else None
 
-    def series(self, layer: str, kind: str, rank: int = 0) -> list:
-        """The ring buffer of (step, Sample) of one stream, oldest first."""
+    def series(self, layer: str, kind: str, rank: int | None = 0) -> list:
+        """The ring buffer of (step, Sample) of one stream, oldest first.
+
+        ``rank=None`` merges the ranks step by step (steps every rank has).
+        """
+        if rank is None:
+            if len(self.hellos) <= 1:
+                rank = next(iter(self.hellos), 0)
+            else:
+                by_step: dict[int, list] = {}
+                for r in self.hellos:
+                    for step, s in self.history.get((layer, kind, r), ()):
+                        by_step.setdefault(step, []).append(s)
+                n = len(self.hellos)
+                return [(st, merge_samples(v)) for st, v in sorted(by_step.items()) if len(v) == n]
         return list(self.history.get((layer, kind, rank), ()))
+
+    def stream_alerts(self, row: Row) -> list:
+        """Every alert (active or past, newest first) whose layer is this row."""
+        return [a for a in reversed(self.alerts) if self.row_of(a.layer) == row.name]
 
     def row_severity(self, row: Row) -> str:
         """Worst active alert on this row: ok, warning or critical."""

@@ -33,16 +33,18 @@ class HeaderInfo:
     layers_total: int
     filter: str = ""
     title: str = "xray-tui"
+    view: str = ""  # "merged" or "rank N" when the run has several ranks
 
     @classmethod
     def from_state(cls, state: RunState, *, label: str, connection: str, paused: bool,
-                   layers_shown: int, filter: str = "", title: str = "xray-tui") -> "HeaderInfo":
+                   layers_shown: int, filter: str = "", title: str = "xray-tui",
+                   view: str = "") -> "HeaderInfo":
         """Summarise ``state`` (on the app's thread)."""
         return cls(run=state.run or label, step=state.step, steps_per_s=state.steps_per_s,
                    ranks=len(state.hellos), world_size=state.world_size, connection=connection,
                    paused=paused, samples=state.samples_seen, drops=state.drops,
                    active_alerts=len(state.active), layers_shown=layers_shown,
-                   layers_total=len(state.rows), filter=filter, title=title)
+                   layers_total=len(state.rows), filter=filter, title=title, view=view)
 
 
 class XRayHeader(Widget):
@@ -89,11 +91,11 @@ class XRayHeader(Widget):
     def _connection_style(self, connection: str):
         if connection == "live":
             return self._style("ok")
-        if connection == "run ended":
+        if connection.startswith("run ended"):
             return self._style("info")
         if connection.startswith("error"):
             return self._style("critical")
-        if connection == "disconnected":
+        if connection.startswith("disconnected"):
             return self._style("warning")
         return self._style("muted")
 
@@ -109,7 +111,8 @@ class XRayHeader(Widget):
         speed = f"{info.steps_per_s:.2f} steps/s" if info.steps_per_s else "— steps/s"
         left1 = Text.assemble(" ", (info.title, self._style("title")), "  ", (info.run or "?", "bold"),
                               sep, ("step ", muted), step, sep, speed, sep,
-                              ("ranks ", muted), f"{info.ranks}/{info.world_size}")
+                              ("ranks ", muted), f"{info.ranks}/{info.world_size}",
+                              *(((" ", muted), (f"({info.view})", "bold")) if info.view else ()))
         right1 = Text.assemble(("● ", self._connection_style(info.connection)),
                                (info.connection, self._connection_style(info.connection)), " ")
         layers = f"{info.layers_total:,}" if not info.filter else f"{info.layers_shown:,}/{info.layers_total:,}"

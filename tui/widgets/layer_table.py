@@ -37,6 +37,8 @@ BADGE_W, NUM_W, GAUGE_W = 6, 7, 9
 #: Near-zero share at which an activation counts as dead (DESIGN.md: >= 99%).
 DEAD_FRACTION = 0.99
 BADGES = {"ok": "✓ ok", "info": "✓ ok", "warning": "▲ warn", "critical": "✖ CRIT"}
+#: Row orders the `s` key cycles through ("model" is the forward-definition order).
+SORTS = ("model", "severity", "name", "depth", "grad norm")
 
 
 @dataclass(frozen=True)
@@ -52,13 +54,14 @@ class Columns:
     ratio: bool
 
 
-def plan_columns(width: int) -> Columns:
+def plan_columns(width: int, shown: tuple[str, ...] = SPARK_KINDS) -> Columns:
     """Choose the columns for ``width`` cells, dropping the least useful first.
 
     Order of sacrifice as the terminal narrows: the weight sparkline, then
     the gradient one, then the update ratio, the activation sparkline, the
     gauge and the grad norm. The name keeps at least ``NAME_MIN`` cells when
     it can, and whatever is left over once the sparklines reach their cap.
+    ``shown`` are the sparkline kinds the user has toggled on.
     """
     configs = [
         (SPARK_KINDS, True, True, True),
@@ -70,6 +73,7 @@ def plan_columns(width: int) -> Columns:
         ((), False, False, False),
     ]
     for kinds, gauge, norm, ratio in configs:
+        kinds = tuple(k for k in kinds if k in shown)
         fixed = BADGE_W + (GAUGE_W + 1) * gauge + (NUM_W + 1) * norm + (NUM_W + 1) * ratio + 1
         spark = 0
         if kinds:
@@ -186,6 +190,12 @@ class LayerTable(ScrollView, can_focus=True):
         self._cache_key: tuple = ()
         self._severity: dict[str, str] = {}  # row name -> worst active severity
         self._indent_base = 0
+        #: Row order, one of :data:`SORTS`.
+        self.sort = "model"
+        #: Sparkline kinds toggled on (the width may still drop some).
+        self.shown: tuple[str, ...] = SPARK_KINDS
+        #: Rank whose samples are shown; None merges every rank.
+        self.rank: int | None = None
 
     # -- data -------------------------------------------------------------
 
@@ -218,7 +228,8 @@ class LayerTable(ScrollView, can_focus=True):
             if SEVERITY_RANK[alert.severity] > SEVERITY_RANK[sev.get(name, "ok")]:
                 sev[name] = alert.severity
         self._severity = sev
-        if (id(state.rows), len(state.rows)) != self._rows_seen:
+        # Data-driven orders move rows as the data changes: re-sort each paint.
+        if (id(state.rows), len(state.rows)) != self._rows_seen or self.sort in ("severity", "grad norm"):
             self._rebuild_view()
         self._version += 1
         self.refresh()
@@ -233,12 +244,54 @@ class LayerTable(ScrollView, can_focus=True):
         self._version += 1
         self.refresh()
 
+    def set_sort(self, sort: str) -> None:
+        """Order rows by one of :data:`SORTS`; the cursor stays on its layer."""
+        if sort not in SORTS:
+            raise ValueError(f"unknown sort {sort!r} (known: {', '.join(SORTS)})")
+        self.sort = sort
+        self._changed()
+
+    def set_shown(self, kinds: tuple[str, ...]) -> None:
+        """Show the sparklines of ``kinds`` only (in the fixed column order)."""
+        self.shown = tuple(k for k in SPARK_KINDS if k in kinds)
+        self._changed()
+
+    def set_rank(self, rank: int | None) -> None:
+        """Show one rank's samples, or None for every rank merged."""
+        self.rank = rank
+        self._changed()
+
+    def _changed(self) -> None:
+        self._rebuild_view()
+        self._version += 1
+        self.refresh()
+
+    def _grad_norm(self, row: Row) -> float:
+        g = self.state.latest(row, "grad", self.rank)
+        if g is None:
+            return -1.0
+        v = stats.l2(g)
+        return math.inf if math.isnan(v) or stats.nonfinite(g) else v
+
+    def _order(self, indices: list[int]) -> list[int]:
+        rows = self.state.rows
+        if self.sort == "severity":
+            sev = self._severity
+            return sorted(indices, key=lambda i: -SEVERITY_RANK[sev.get(rows[i].name, "ok")])
+        if self.sort == "name":
+            return sorted(indices, key=lambda i: rows[i].name)
+        if self.sort == "depth":
+            return sorted(indices, key=lambda i: rows[i].depth)
+        if self.sort == "grad norm":
+            return sorted(indices, key=lambda i: -self._grad_norm(rows[i]))
+        return indices  # model order; sorted() above is stable, so ties keep it too
+
     def _rebuild_view(self) -> None:
         current = self.cursor_row.name if self._view else None
         rows = self.state.rows
         self._rows_seen = (id(rows), len(rows))
         flt = self.filter
-        self._view = [i for i, r in enumerate(rows) if flt is None or flt.search(r.name)]
+        self._view = self._order([i for i, r in enumerate(rows) if flt is None or flt.search(r.name)])
         # Indent relative to the shallowest row so a flat model is not pushed right.
         self._indent_base = min((rows[i].depth for i in self._view), default=0)
         self.virtual_size = Size(self.scrollable_content_region.width, len(self._view) + 1)
@@ -325,13 +378,13 @@ class LayerTable(ScrollView, can_focus=True):
         # The vertical scrollbar takes its cells out of the content region.
         width = self.scrollable_content_region.width
         base = self.rich_style
-        cols = plan_columns(width)
+        cols = plan_columns(width, self.shown)
         if y == 0:
             return self._header(cols).apply_style(base + self.get_component_rich_style("layer-table--header"))
         pos = round(self.scroll_offset.y) + y - 1
         if pos >= len(self._view):
             return Strip.blank(width, base)
-        key = (self._version, width)
+        key = (self._version, width, self.shown)
         if key != self._cache_key:
             self._cache, self._cache_key = {}, key
         index = self._view[pos]
@@ -343,7 +396,10 @@ class LayerTable(ScrollView, can_focus=True):
         return strip.apply_style(base)
 
     def _header(self, cols: Columns) -> Strip:
-        parts = [fit_name("layer", 0, cols.name)]
+        label = "layer" if self.sort == "model" else f"layer ↓{self.sort}"
+        if self.rank is not None and len(self.state.hellos) > 1:
+            label += f" [rank {self.rank}]"
+        parts = [fit_name(label, 0, cols.name)]
         parts += [k.center(cols.spark) for k in cols.kinds]
         if cols.gauge:
             parts.append("act ≈ 0".center(GAUGE_W))
@@ -361,7 +417,7 @@ class LayerTable(ScrollView, can_focus=True):
         sev = self._severity.get(row.name, "ok")
         segs = [Segment(fit_name(row.name, row.depth - self._indent_base, cols.name),
                         self._style(sev) if sev in ("warning", "critical") else None)]
-        latest = {k: state.latest(row, k) for k in ("weight", "grad", "act", "update")}
+        latest = {k: state.latest(row, k, self.rank) for k in ("weight", "grad", "act", "update")}
         for kind in cols.kinds:
             s = latest[kind]
             bad = s is not None and stats.nonfinite(s) > 0

@@ -1,0 +1,236 @@
+"""The layer detail screen: one layer's history, kind by kind.
+
+Shows, for the chosen kind (weight, grad, act, update):
+- the histogram-over-time ("HOT") chart: x = step, y = histogram bin (signed,
+  log-spaced, largest values on top), colour = log(1 + count);
+- the current histogram against the first one still kept;
+- L2 norm, mean / std and the near-zero share (or the update ratio) over time;
+- the weight matrix and spectral figures, or why they are not shown;
+- the layer's alerts.
+
+The screen reads the app's :class:`~tui.state.RunState` when the app paints
+(:meth:`DetailScreen.refresh_data`), never from the reader thread, and
+rebuilds its charts only when the stream has a new sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+
+from probes import histogram, stats
+from tui.state import KINDS, Row, RunState
+from tui.widgets.alerts import alert_text
+from tui.widgets.heatmap import HotChart
+from tui.widgets.plots import Chart, Series
+
+#: What the stream cannot show, said plainly instead of drawing something made up.
+MATRIX_UNAVAILABLE = (
+    "Weight matrix heatmap: not available. The probe streams histograms and "
+    "statistics of each tensor, not the tensor itself, so the matrix cannot be "
+    "drawn from this stream. The HOT chart and the histograms on the left show "
+    "how its values are distributed."
+)
+#: Where spectral figures (WeightWatcher's alpha, stable rank, log norms) go
+#: once the probe sends them as ``Spectral`` messages; see :func:`spectral_text`.
+SPECTRAL_PENDING = (
+    "Spectral figures (alpha, stable rank, log spectral norm): none in this "
+    "stream. They appear here when the probe computes them (a low-cadence pass "
+    "on 2-D weights)."
+)
+KIND_KEYS = {"weight": "w", "grad": "g", "act": "a", "update": "u"}
+
+
+def spectral_text(state: RunState, row: Row) -> str:
+    """The spectral panel's text for ``row``.
+
+    The place for spectral figures: RunState keeps the latest ``Spectral``
+    message per layer in ``state.spectral`` once probes.wire defines one;
+    until then this says that there are none.
+    """
+    latest = state.spectral.get(row.name) or state.spectral.get(row.stream("weight") or "")
+    if latest is None:
+        return SPECTRAL_PENDING
+    import msgspec
+
+    fields = {k: v for k, v in msgspec.structs.asdict(latest).items() if isinstance(v, (int, float))}
+    return "[b]spectral[/b]  " + "  ".join(f"{k} {v:.3g}" for k, v in fields.items())
+
+
+def time_series(series: list) -> dict[str, tuple]:
+    """Steps and the statistics over time of a list of (step, Sample)."""
+    steps = tuple(st for st, _ in series)
+    return {
+        "step": steps,
+        "l2": tuple(stats.l2(s) for _, s in series),
+        "mean": tuple(stats.mean(s) for _, s in series),
+        "std": tuple(stats.std(s) for _, s in series),
+        "near_zero": tuple(100 * stats.fraction(s.near_zero, s) for _, s in series),
+        "ratio": tuple(s.ratio if s.ratio is not None else float("nan") for _, s in series),
+        "dead": tuple(100 * s.dead_units if s.dead_units is not None else float("nan") for _, s in series),
+    }
+
+
+def current_vs_initial(series: list, width: int = 40) -> tuple[tuple, tuple, tuple]:
+    """x (value) and the share of elements per column, now and first kept.
+
+    Both histograms are spread over the same linear range (the union of their
+    min and max), as fractions so that different sample sizes compare.
+    """
+    (_, first), (_, last) = series[0], series[-1]
+    lo = min(first.min, last.min)
+    hi = max(first.max, last.max)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+        return (), (), ()
+    a = histogram.rebin_linear(first.hist_lo, first.hist, lo, hi, width)
+    b = histogram.rebin_linear(last.hist_lo, last.hist, lo, hi, width)
+    x = tuple(lo + (i + 0.5) * (hi - lo) / width for i in range(width))
+    return x, tuple(b / max(b.sum(), 1)), tuple(a / max(a.sum(), 1))
+
+
+class DetailScreen(Screen):
+    """Everything the stream says about one layer (escape goes back)."""
+
+    DEFAULT_CSS = """
+    DetailScreen { layout: vertical; background: $surface; }
+    #detail-title { height: auto; background: $panel; padding: 0 1; }
+    #detail-body { height: 1fr; }
+    #detail-left { width: 3fr; }
+    #detail-right { width: 2fr; min-width: 30; border-left: solid $panel; }
+    #hot-title { height: 1; color: $xray-muted; padding: 0 1; }
+    #hot { height: 1fr; min-height: 5; }
+    #hist { height: 12; }
+    .note { color: $xray-muted; padding: 0 1; margin-top: 1; height: auto; }
+    #layer-alerts { padding: 0 1; margin-top: 1; height: auto; }
+    """
+
+    BINDINGS = [
+        Binding("escape,backspace", "app.pop_screen", "Back"),
+        Binding("w", "kind('weight')", "Weight"),
+        Binding("g", "kind('grad')", "Grad"),
+        Binding("a", "kind('act')", "Act"),
+        Binding("u", "kind('update')", "Update"),
+    ]
+
+    def __init__(self, state: RunState, row: Row, *, rank: int | None = None, kind: str | None = None) -> None:
+        super().__init__()
+        self.state = state
+        self.row = row
+        self.rank = rank
+        self.kind = kind or self._first_kind()
+        self._seen: tuple | None = None
+
+    def _first_kind(self) -> str:
+        for k in ("weight", "act", "grad", "update"):
+            if self.row.stream(k) is not None:
+                return k
+        return "weight"
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="detail-title")
+        yield Static(id="too-small")
+        with Horizontal(id="detail-body"):
+            with Vertical(id="detail-left"):
+                yield Static(id="hot-title")
+                yield HotChart(id="hot")
+                yield Chart(title="histogram: now vs first kept (share of elements per value bin)", id="hist")
+            with VerticalScroll(id="detail-right"):
+                yield Chart(title="L2 norm ‖x‖₂ over steps (log scale)", log_y=True, id="norm")
+                yield Chart(title="mean and std over steps", id="meanstd")
+                yield Chart(title="near zero, % of elements with |x| < eps", id="nearzero")
+                yield Static(MATRIX_UNAVAILABLE, id="matrix", classes="note")
+                yield Static(id="spectral", classes="note")
+                yield Static(id="layer-alerts")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.app._check_size()
+        self.refresh_data(force=True)
+
+    def action_kind(self, kind: str) -> None:
+        """Show the HOT chart and plots of another kind of this layer."""
+        self.kind = kind
+        self.refresh_data(force=True)
+
+    def set_rank(self, rank: int | None) -> None:
+        """Follow the table's rank view (None = merged)."""
+        self.rank = rank
+        self.refresh_data(force=True)
+
+    def refresh_data(self, force: bool = False) -> None:
+        """Rebuild from the state if the stream moved (the app's thread only)."""
+        state, row, kind = self.state, self.row, self.kind
+        stream = row.stream(kind)
+        series = state.series(stream, kind, self.rank) if stream is not None else []
+        key = (kind, self.rank, len(series), series[-1][0] if series else None, len(state.alerts))
+        if key == self._seen and not force:
+            return
+        self._seen = key
+        view = "merged ranks" if self.rank is None else f"rank {self.rank}"
+        kinds = "  ".join(f"[b]{KIND_KEYS[k]}[/b] {k}" + (" ◀" if k == kind else "")
+                          for k in KINDS if row.stream(k) is not None)
+        depth = state.stream_depth or state.depth
+        self.query_one("#detail-title", Static).update(
+            f"[b]{row.name}[/b]  {row.type}  params: {', '.join(row.params) or '—'}  ·  {view}  ·  "
+            f"{len(series)} samples kept (ring of {depth})\n{kinds}   [dim]escape: back[/dim]")
+        self._show_hot(stream, kind, series)
+        self._show_plots(kind, series)
+        self.query_one("#spectral", Static).update(spectral_text(state, row))
+        self._show_alerts()
+
+    def _show_hot(self, stream: str | None, kind: str, series: list) -> None:
+        hot = self.query_one("#hot", HotChart)
+        self.query_one("#hot-title", Static).update(
+            f"HOT {kind}: x = step, y = value (signed, log-spaced bins), colour = log(1 + count)")
+        if stream is None:
+            why = "this layer's output is not hooked" if kind == "act" else "this layer has no parameters"
+            hot.show_series([], empty_text=f"no {kind} stream: {why}")
+            return
+        hot.show_series(series, empty_text=f"no {kind} samples yet")
+
+    def _show_plots(self, kind: str, series: list) -> None:
+        color = f"xray-{kind}"
+        hist, norm = self.query_one("#hist", Chart), self.query_one("#norm", Chart)
+        meanstd, near = self.query_one("#meanstd", Chart), self.query_one("#nearzero", Chart)
+        if not series:
+            for chart in (hist, norm, meanstd, near):
+                chart.show([], empty_text=f"no {kind} samples yet")
+            return
+        x, now, first = current_vs_initial(series)
+        if not x:
+            last = series[-1][1]
+            hist.show([], empty_text=f"every value is {last.min:g} now (min = max): no spread to draw")
+        else:
+            hist.show([Series(x, first, f"first kept (step {series[0][0]})", "xray-muted"),
+                       Series(x, now, f"now (step {series[-1][0]})", color)])
+        ts = time_series(series)
+        steps = ts["step"]
+        norm.show([Series(steps, ts["l2"], "‖x‖₂", color)])
+        meanstd.show([Series(steps, ts["mean"], "mean", color), Series(steps, ts["std"], "std", "xray-muted")])
+        if kind == "update":
+            near.show([Series(steps, ts["ratio"], "‖ΔW‖/‖W‖", color)],
+                       title="update ratio ‖ΔW‖/‖W‖ over steps (healthy ~1e-3)")
+        elif kind == "act" and any(v == v for v in ts["dead"]):
+            near.show([Series(steps, ts["near_zero"], "|x|<eps %", color),
+                       Series(steps, ts["dead"], "dead units %", "xray-dead")],
+                      title="near zero and dead units, % (dead: never above eps)")
+        else:
+            near.show([Series(steps, ts["near_zero"], "|x|<eps %", color)],
+                      title="near zero, % of elements with |x| < eps")
+
+    def _show_alerts(self) -> None:
+        alerts = self.state.stream_alerts(self.row)
+        box = self.query_one("#layer-alerts", Static)
+        if not alerts:
+            box.update("[b]alerts[/b]\n[dim]none for this layer[/dim]")
+            return
+        multi = self.state.world_size > 1
+        lines = [f"[b]alerts[/b] ({len(alerts)}, newest first)"]
+        for a in alerts[:20]:
+            step, sev, rest = alert_text(a, multi_rank=multi)
+            lines.append(f"{step.strip():>6} {sev.strip():<8} {rest}".replace("[", r"\["))
+        box.update("\n".join(lines))

@@ -1,0 +1,176 @@
+"""Heatmaps drawn with half-block cells: two pixels per terminal cell.
+
+Each cell prints ``▀`` with the upper pixel's colour as foreground and the
+lower pixel's as background, so a 40-line widget shows 80 rows of data. The
+colour ramp comes from the theme (``$xray-heat-low`` .. ``$xray-heat-high``);
+an empty pixel takes the widget's background, so "nothing here" and "a little
+here" stay apart.
+
+:func:`hot_matrix` builds the histogram-over-time ("HOT") matrix of a stream
+(x = step, y = histogram bin, value = log(1 + count), as in fastai's
+``color_dim``); :class:`Heatmap` draws any matrix with axis labels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from rich.style import Style
+from rich.text import Text
+from textual.color import Color
+from textual.widget import Widget
+
+from probes import histogram
+
+#: Colours in the ramp; more would not be told apart on a terminal.
+LEVELS = 24
+HALF = "▀"
+
+
+def hot_matrix(series: list, max_rows: int, max_cols: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The HOT matrix of ``series`` (list of (step, Sample)), fitted to a size.
+
+    Returns ``(matrix, edges, steps)``: ``matrix[r, c]`` is log(1 + count) of
+    row ``r`` (row 0 = the largest values, at the top) at column ``c``;
+    ``edges`` the value edges of the rows (len rows + 1, ascending from the
+    bottom row); ``steps`` the step of each column. Only the most recent
+    ``max_cols`` samples are drawn; adjacent bins are summed so the non-empty
+    range fits ``max_rows``.
+    """
+    series = series[-max_cols:] if max_cols > 0 else []
+    present = [(st, s) for st, s in series if s.hist]
+    if not present or max_rows <= 0:
+        return np.zeros((0, len(series))), np.zeros(1), [st for st, _ in series]
+    lo = min(s.hist_lo for _, s in present)
+    hi = max(s.hist_lo + len(s.hist) for _, s in present)
+    counts = np.zeros((hi - lo, len(series)))
+    for c, (_, s) in enumerate(series):
+        if s.hist:
+            counts[s.hist_lo - lo : s.hist_lo - lo + len(s.hist), c] = s.hist
+    group = max(1, math.ceil((hi - lo) / max_rows))
+    pad = (-(hi - lo)) % group
+    if pad:  # pad on top so the groups line up with the bottom (lowest) bin
+        counts = np.vstack([counts, np.zeros((pad, counts.shape[1]))])
+    rows = counts.reshape(-1, group, counts.shape[1]).sum(axis=1)
+    edges = histogram.EDGES[lo : lo + rows.shape[0] * group + 1 : group]
+    if len(edges) < rows.shape[0] + 1:  # the padded top ran past the last edge
+        edges = np.append(edges, histogram.EDGES[min(lo + rows.shape[0] * group, histogram.NUM_BINS)])
+    return np.log1p(rows[::-1]), edges, [st for st, _ in series]
+
+
+def short(value: float) -> str:
+    """A tick label of at most 8 cells: ``-1.2e-03``; the zero bin's edges read ``0``."""
+    if not math.isfinite(value):
+        return str(value)
+    if abs(value) <= 2.0**histogram.EXP_LO:
+        return "0"
+    return f"{value:.1e}"
+
+
+class Heatmap(Widget):
+    """A matrix drawn in half-block cells with a value axis and a step axis.
+
+    Set :attr:`matrix` (rows top to bottom), :attr:`row_labels` (one per text
+    line, optional) and :attr:`x_labels` (left and right ends) with
+    :meth:`show`; an empty matrix shows :attr:`empty_text`.
+    """
+
+    DEFAULT_CSS = """
+    Heatmap { height: 1fr; min-height: 4; background: $surface; color: $foreground; }
+    """
+    GUTTER = 9
+
+    def __init__(self, *, empty_text: str = "no data yet", id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.matrix = np.zeros((0, 0))
+        self.y_top = self.y_bottom = ""
+        self.x_labels: tuple[str, str] = ("", "")
+        self.empty_text = empty_text
+        self._palette: list[Style] = []
+        self._palette_theme = ""
+
+    def show(self, matrix: np.ndarray, *, y_top: str = "", y_bottom: str = "",
+             x_labels: tuple[str, str] = ("", ""), empty_text: str | None = None) -> None:
+        """Draw ``matrix`` (values >= 0; 0 = empty) with its axis labels."""
+        self.matrix = matrix
+        self.y_top, self.y_bottom, self.x_labels = y_top, y_bottom, x_labels
+        if empty_text is not None:
+            self.empty_text = empty_text
+        self.refresh()
+
+    def _ramp(self) -> list[Color]:
+        """LEVELS colours from the theme's heat variables (low, mid, high)."""
+        if self._palette_theme != self.app.theme or not self._palette:
+            var = self.app.get_css_variables()
+            low, mid, high = (Color.parse(var[f"xray-heat-{k}"]) for k in ("low", "mid", "high"))
+            colors = []
+            for i in range(LEVELS):
+                t = i / (LEVELS - 1)
+                colors.append(low.blend(mid, t * 2) if t < 0.5 else mid.blend(high, (t - 0.5) * 2))
+            self._palette = colors
+            self._palette_theme = self.app.theme
+        return self._palette
+
+    def render(self) -> Text:
+        """The matrix resampled to the widget, two rows of data per line."""
+        width, height = self.size.width, self.size.height
+        plot_w = max(width - self.GUTTER, 1)
+        plot_h = max(height - 1, 1)  # the last line holds the step axis
+        m = self.matrix
+        if m.size == 0 or not np.any(m > 0):
+            return Text(" " + self.empty_text, style="dim")
+        # Resample to (2 * plot_h) x plot_w pixels by nearest neighbour.
+        rows = np.minimum((np.arange(2 * plot_h) * m.shape[0] / (2 * plot_h)).astype(int), m.shape[0] - 1)
+        cols = np.minimum((np.arange(plot_w) * m.shape[1] / plot_w).astype(int), m.shape[1] - 1)
+        px = m[np.ix_(rows, cols)]
+        top = px.max()
+        level = np.where(px > 0, 1 + np.floor(px / top * (LEVELS - 1)).astype(int), 0)
+        ramp = self._ramp()
+        bg = self.rich_style.bgcolor
+        colors = [None] + [c.rich_color for c in ramp] + [ramp[-1].rich_color]
+        styles: dict[tuple[int, int], Style] = {}
+        out = Text(no_wrap=True, overflow="crop")
+        for line in range(plot_h):
+            label = self.y_top if line == 0 else self.y_bottom if line == plot_h - 1 else ""
+            out.append(label.rjust(self.GUTTER - 1)[: self.GUTTER - 1] + "┤", style="dim")
+            up, down = level[2 * line], level[2 * line + 1]
+            for u, d in zip(up.tolist(), down.tolist()):
+                st = styles.get((u, d))
+                if st is None:
+                    st = styles[(u, d)] = Style(color=colors[u] or bg, bgcolor=colors[d] or bg)
+                out.append(HALF, st)
+            out.append("\n")
+        left, right = self.x_labels
+        axis = " " * self.GUTTER + left + " " * max(plot_w - len(left) - len(right), 1) + right
+        out.append(axis[:width], style="dim")
+        return out
+
+
+class HotChart(Heatmap):
+    """The histogram-over-time chart of one stream, fitted to its own size."""
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.series: list = []
+        self._fitted: tuple | None = None
+
+    def show_series(self, series: list, *, empty_text: str = "no samples yet") -> None:
+        """Draw ``series`` (list of (step, Sample)); the matrix is built at paint time."""
+        self.series = series
+        self.empty_text = empty_text
+        self._fitted = None
+        self.refresh()
+
+    def render(self) -> Text:
+        """Rebuild the HOT matrix for the current size, then draw it."""
+        size = (self.size.width, self.size.height)
+        if self._fitted != size:
+            self._fitted = size
+            rows = max(2 * (size[1] - 1), 2)
+            cols = max(size[0] - self.GUTTER, 1)
+            matrix, edges, steps = hot_matrix(self.series, rows, cols)
+            self.matrix = matrix
+            self.y_top, self.y_bottom = short(float(edges[-1])), short(float(edges[0]))
+            self.x_labels = (f"step {steps[0]}", f"step {steps[-1]}") if steps else ("", "")
+        return super().render()
