@@ -22,6 +22,7 @@ import fnmatch
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -86,16 +87,22 @@ class RuleConfig:
         for pattern, changes in self.overrides:
             if fnmatch.fnmatchcase(layer, pattern):
                 changes = dict(changes)
-                if "disabled" in changes:
-                    changes["disabled"] = frozenset(changes["disabled"])
-                if "enabled" in changes:  # rules switched back on for this pattern
-                    changes["disabled"] = (changes.get("disabled", cfg.disabled)) - frozenset(changes.pop("enabled"))
+                # "disabled" adds to the rules already off; "enabled" switches some back on
+                off = cfg.disabled | frozenset(changes.pop("disabled", ()))
+                changes["disabled"] = off - frozenset(changes.pop("enabled", ()))
                 cfg = dataclasses.replace(cfg, **changes)
         return cfg if cfg is self else dataclasses.replace(cfg, overrides=())
 
     def on(self, rule: str) -> bool:
         """Whether ``rule`` is enabled."""
         return rule not in self.disabled
+
+
+class _Where(NamedTuple):
+    """What an alert is about when it is not one sample (rank-divergence)."""
+
+    layer: str
+    kind: str
 
 
 @dataclass
@@ -455,7 +462,7 @@ class RuleEngine:
                 st.series("l2").append(float(v[r]))
             others = np.delete(v, r)
             ref = float(np.median(others[np.isfinite(others)])) if np.isfinite(others).any() else math.nan
-            probe = Sample(ALL_LAYERS, "grad", 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, [], 0)
+            probe = _Where(ALL_LAYERS, "grad")
 
             def fire(r=r, ref=ref):
                 return self._alert(

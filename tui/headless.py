@@ -14,6 +14,7 @@ import sys
 from typing import TextIO
 
 from probes import wire
+from probes.rules import RuleEngine
 
 SEVERITIES = ("info", "warning", "critical")
 
@@ -44,14 +45,23 @@ def fault_json(n: wire.Note) -> dict:
 
 
 class AlertPrinter:
-    """Prints alerts and faults; remembers the worst severity seen."""
+    """Prints alerts and faults; remembers the worst severity seen.
 
-    def __init__(self, out: TextIO | None = None, as_json: bool = False, min_severity: str = "info") -> None:
+    With ``rules`` (a :class:`~probes.rules.RuleEngine`, e.g. from ``--rules
+    FILE``) the printer evaluates every step itself with those thresholds and
+    prints its own alerts instead of the ones the probe sent; alerts of rules
+    it does not evaluate (``spectral``, from the probe's spectral monitor)
+    still pass through.
+    """
+
+    def __init__(self, out: TextIO | None = None, as_json: bool = False, min_severity: str = "info",
+                 rules: RuleEngine | None = None) -> None:
         self.out = out or sys.stdout
         self.as_json = as_json
         self.min_rank = SEVERITIES.index(min_severity)
         self.worst: str | None = None
         self.ended: dict[int, wire.End] = {}
+        self.rules = rules
 
     def _print(self, line: str) -> None:
         self.out.write(line + "\n")
@@ -59,17 +69,17 @@ class AlertPrinter:
 
     def handle(self, msg: wire.Message) -> None:
         """Print what a person or a script should see of ``msg``."""
-        if isinstance(msg, wire.Alert):
-            rank = SEVERITIES.index(msg.severity)
-            if self.worst is None or rank > SEVERITIES.index(self.worst):
-                self.worst = msg.severity
-            if rank < self.min_rank:
+        if self.rules is not None:
+            if isinstance(msg, wire.Hello):
+                self.rules.set_layers(msg.layers)
+            elif isinstance(msg, wire.Step):
+                for alert in self.rules.evaluate(msg):
+                    self._alert(alert)
                 return
-            if self.as_json:
-                self._print(json.dumps(alert_json(msg)))
-            else:
-                self._print(f"step {msg.step:>7}  rank {msg.rank}  {msg.severity.upper():<8}  {msg.rule:<10}  "
-                            f"{msg.layer} [{msg.kind}]  {msg.message}")
+            elif isinstance(msg, wire.Alert) and msg.rule != "spectral":
+                return  # re-evaluated above with the --rules thresholds
+        if isinstance(msg, wire.Alert):
+            self._alert(msg)
         elif isinstance(msg, wire.Note) and msg.event == "fault":
             if self.as_json:
                 self._print(json.dumps(fault_json(msg)))
@@ -77,6 +87,18 @@ class AlertPrinter:
                 self._print(f"step {msg.step:>7}  FAULT     {msg.data.get('fault')} injected into {msg.data.get('layer')}")
         elif isinstance(msg, wire.End):
             self.ended[msg.rank] = msg
+
+    def _alert(self, msg: wire.Alert) -> None:
+        rank = SEVERITIES.index(msg.severity)
+        if self.worst is None or rank > SEVERITIES.index(self.worst):
+            self.worst = msg.severity
+        if rank < self.min_rank:
+            return
+        if self.as_json:
+            self._print(json.dumps(alert_json(msg)))
+        else:
+            self._print(f"step {msg.step:>7}  rank {msg.rank}  {msg.severity.upper():<8}  {msg.rule:<10}  "
+                        f"{msg.layer} [{msg.kind}]  {msg.message}")
 
     def failed(self, fail_on: str | None) -> bool:
         """Whether an alert at or above ``fail_on`` was seen."""

@@ -1,0 +1,355 @@
+"""The alert rules on synthetic streams whose statistics are numpy ground
+truth (tui.synthetic.sample_of), the TOML thresholds file, and --rules in
+headless mode. Real fault-injected trainings are in test_fault_zoo.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from probes import wire
+from probes.rules import ALL_LAYERS, RuleConfig, RuleEngine
+from probes.rules_config import RulesConfigError, load, parse
+from tui.headless import AlertPrinter
+from tui.synthetic import sample_of
+
+RNG = np.random.default_rng(0)
+
+
+def step(i, *samples, rank=0, norms=None):
+    return wire.Step(step=i, rank=rank, time=float(i), samples=list(samples), rank_grad_norms=norms)
+
+
+def grad(scale, name="fc.weight", n=256, zeros=0.0):
+    x = RNG.normal(0, scale, n)
+    x[: int(zeros * n)] = 0.0
+    return sample_of(name, "grad", x)
+
+
+def run(engine, steps):
+    return [a for s in steps for a in engine.evaluate(s)]
+
+
+def fired(alerts, rule=None):
+    return [a for a in alerts if a.severity != "info" and (rule is None or a.rule == rule)]
+
+
+# -- exploding -------------------------------------------------------------
+
+def test_exploding_needs_two_samples_at_10x_and_fires_once_then_recovers_once():
+    eng = RuleEngine()
+    base = [step(i, grad(1e-3)) for i in range(10)]
+    spike = [step(10 + i, grad(3e-2)) for i in range(5)]  # 30x for 5 samples
+    back = [step(15 + i, grad(1e-3)) for i in range(5)]
+    alerts = run(eng, base) + run(eng, spike[:1])
+    assert alerts == []  # one sample is not enough
+    alerts = run(eng, spike[1:]) + run(eng, back)
+    (a,) = fired(alerts)
+    assert (a.rule, a.step, a.severity, a.layer, a.kind) == ("exploding", 11, "warning", "fc.weight", "grad")
+    median = np.median([np.sqrt(s.samples[0].sumsq) for s in base])  # numpy ground truth
+    assert a.threshold == pytest.approx(max(10 * median, a.threshold))
+    assert a.value == pytest.approx(np.sqrt(spike[1].samples[0].sumsq))
+    recovered = [x for x in alerts if x.severity == "info"]
+    assert [(x.rule, x.step) for x in recovered] == [("exploding", 17)]  # third good sample
+
+
+def test_exploding_100x_is_critical_at_once():
+    eng = RuleEngine()
+    alerts = run(eng, [step(i, grad(1e-3)) for i in range(6)] + [step(6, grad(0.5))])
+    (a,) = fired(alerts)
+    assert (a.step, a.severity) == (6, "critical")
+
+
+def test_exploding_is_robust_to_a_noisy_stream():
+    """A spiky stream (small tensors' gradients) needs a bigger jump: median + 20 MAD-sigmas."""
+    vals = [1.0, 8.0] * 8
+    eng = RuleEngine()
+    alerts = run(eng, [step(i, sample_of("b", "grad", np.full(1, v))) for i, v in enumerate(vals)])
+    assert alerts == []
+    med = np.median(vals)
+    mad = np.median(np.abs(np.array(vals) - med))
+    jump = 12 * med  # above 10x the median, inside the MAD band
+    assert jump < med + 20 * 1.4826 * mad
+    alerts = run(eng, [step(20 + i, sample_of("b", "grad", np.full(1, jump))) for i in range(3)])
+    assert alerts == []
+    far = med + 25 * 1.4826 * mad
+    eng = RuleEngine()
+    run(eng, [step(i, sample_of("b", "grad", np.full(1, v))) for i, v in enumerate(vals)])
+    alerts = run(eng, [step(30 + i, sample_of("b", "grad", np.full(1, far))) for i in range(2)])
+    assert [a.rule for a in fired(alerts)] == ["exploding"]
+
+
+def test_activation_abs_cap_fires_at_once():
+    eng = RuleEngine()
+    alerts = run(eng, [step(0, sample_of("blk", "act", np.array([1.0, 2e4])))])
+    assert [(a.rule, a.severity, a.value) for a in alerts] == [("exploding", "critical", 2e4)]
+
+
+# -- vanishing -------------------------------------------------------------
+
+def test_underflow_to_exact_zeros_fires_vanishing_with_the_gradscaler_hint():
+    eng = RuleEngine()
+    alerts = run(eng, [step(i, grad(1e-3)) for i in range(8)])
+    alerts += run(eng, [step(8 + i, grad(1e-3, zeros=0.7)) for i in range(3)])
+    (a,) = fired(alerts)
+    assert (a.rule, a.step, a.kind, a.severity) == ("vanishing", 10, "grad", "warning")
+    assert a.value == pytest.approx(0.7, abs=1 / 256)
+    assert "GradScaler" in a.message
+
+
+def test_a_gradient_that_is_always_mostly_zero_is_not_vanishing():
+    """An embedding's gradient: most rows are not in the batch, every step."""
+    eng = RuleEngine()
+    assert run(eng, [step(i, grad(1e-3, name="wte.weight", zeros=0.95)) for i in range(30)]) == []
+
+
+def test_a_gradient_norm_collapsing_1000x_fires_vanishing():
+    eng = RuleEngine()
+    alerts = run(eng, [step(i, grad(1e-2)) for i in range(8)] + [step(8 + i, grad(1e-6)) for i in range(3)])
+    assert [(a.rule, a.step) for a in fired(alerts)] == [("vanishing", 10)]
+
+
+# -- dead, nonfinite -------------------------------------------------------
+
+def test_dead_fires_once_over_a_long_run():
+    eng = RuleEngine()
+    eng.set_layers([wire.LayerInfo("mlp.act", "ReLU", [], True, "activation")])
+    alerts = run(eng, [step(i, sample_of("mlp.act", "act", np.zeros(64), dead_units=1.0)) for i in range(1000)])
+    assert [(a.rule, a.step) for a in alerts] == [("dead", 2)]
+
+
+def test_nonfinite_names_the_first_layer_forward_for_acts_and_backward_for_grads():
+    bad = np.array([1.0, np.nan])
+    ok = np.ones(2)
+    s = step(0, sample_of("a", "act", ok), sample_of("b", "act", bad), sample_of("c", "act", bad),
+             sample_of("a.w", "grad", bad), sample_of("b.w", "grad", bad), sample_of("c.w", "grad", ok))
+    alerts = RuleEngine().evaluate(s)
+    assert {(a.kind, a.layer) for a in alerts} == {("act", "b"), ("grad", "b.w")}
+    assert all(a.rule == "nonfinite" and a.severity == "critical" for a in alerts)
+
+
+# -- stalled, no-grad, update-too-large --------------------------------------
+
+def upd(name, ratio, x=None):
+    return sample_of(name, "update", np.full(16, 1e-3) if x is None else x, ratio=ratio)
+
+
+def test_stalled_fires_on_a_parameter_that_does_not_move():
+    eng = RuleEngine()
+    alerts = run(eng, [step(i, upd("w", 0.0, np.zeros(16))) for i in range(5)])
+    assert [(a.rule, a.step, a.value) for a in alerts] == [("stalled", 2, 0.0)]
+    assert "optimizer" in alerts[0].message
+
+
+def test_stalled_sees_a_zero_initialised_lora_b_that_never_moves():
+    """ratio is undefined for a zero weight; a zero update of it is still 'not moving'."""
+    eng = RuleEngine()
+    stuck = run(eng, [step(i, upd("lora_B.weight", None, np.zeros(16))) for i in range(3)])
+    assert [(a.rule, a.layer) for a in stuck] == [("stalled", "lora_B.weight")]
+    moving = run(RuleEngine(), [step(i, upd("lora_B.weight", None)) for i in range(5)])
+    assert moving == []
+
+
+def layers_with(frozen=()):
+    return [wire.LayerInfo("a", "Linear", ["weight", "bias"], True, "", list(frozen)),
+            wire.LayerInfo("b", "Linear", ["weight"], True)]
+
+
+def params_step(i, with_grad):
+    samples = []
+    for name in ("a.weight", "a.bias", "b.weight"):
+        samples.append(sample_of(name, "weight", np.ones(4)))
+        if name in with_grad:
+            samples.append(sample_of(name, "grad", np.ones(4)))
+        samples.append(upd(name, 1e-3 if name in with_grad else 0.0, None if name in with_grad else np.zeros(16)))
+    return step(i, *samples)
+
+
+def test_no_grad_fires_for_a_trainable_parameter_without_gradient_and_owns_its_stall():
+    eng = RuleEngine()
+    eng.set_layers(layers_with())
+    alerts = run(eng, [params_step(i, {"a.weight", "a.bias"}) for i in range(5)])
+    assert [(a.rule, a.layer, a.kind, a.step) for a in alerts] == [("no-grad", "b.weight", "grad", 2)]
+    assert "detached" in alerts[0].message
+
+
+def test_no_grad_ignores_frozen_parameters_and_steps_without_any_gradient():
+    eng = RuleEngine()
+    eng.set_layers(layers_with(frozen=["bias"]))
+    # a.bias is frozen: no gradient, no update sample (the probe does not snapshot it)
+    steps = []
+    for i in range(5):
+        s = params_step(i, {"a.weight", "b.weight"})
+        steps.append(step(i, *[x for x in s.samples if not (x.layer == "a.bias" and x.kind == "update")]))
+    assert run(eng, steps) == []
+    assert run(eng, [step(10 + i, sample_of("b.weight", "weight", np.ones(4))) for i in range(5)]) == []
+
+
+def test_no_grad_is_off_without_the_model_layers():
+    alerts = run(RuleEngine(), [params_step(i, {"a.weight"}) for i in range(5)])
+    assert [a.rule for a in alerts] == ["stalled", "stalled"]  # frozen or not is unknown: no no-grad
+
+
+def test_update_too_large_against_history_and_the_absolute_cap():
+    eng = RuleEngine()
+    alerts = run(eng, [step(i, upd("w", 1e-3)) for i in range(8)] + [step(8 + i, upd("w", 3e-1)) for i in range(2)])
+    (a,) = fired(alerts)
+    assert (a.rule, a.step, a.threshold) == ("update-too-large", 9, pytest.approx(30 * 1e-3))
+    assert "3.0e-01 >>" in a.message and "learning rate" in a.message
+    alerts = run(RuleEngine(), [step(i, upd("v", 2.0)) for i in range(2)])
+    assert [a.rule for a in alerts] == ["update-too-large"]
+
+
+# -- rank-divergence -------------------------------------------------------
+
+def rank_steps(norms_per_step, rank=0):
+    return [step(i, rank=rank, norms=list(n)) for i, n in enumerate(norms_per_step)]
+
+
+def test_rank_divergence_names_the_corrupted_rank_of_two():
+    healthy = [(1.0 + 0.01 * i, 1.0 + 0.01 * i) for i in range(6)]
+    corrupt = [(1.05, 40.0)] * 3
+    eng = RuleEngine()
+    alerts = run(eng, rank_steps(healthy + corrupt + [(1.0, 1.0)] * 3))
+    fired_ = fired(alerts)
+    assert [(a.rule, a.rank, a.step, a.layer, a.severity) for a in fired_] == \
+        [("rank-divergence", 1, 7, ALL_LAYERS, "critical")]
+    assert fired_[0].value == 40.0 and "rank 1" in fired_[0].message
+    assert [(a.rank, a.step) for a in alerts if a.severity == "info"] == [(1, 11)]
+    # every rank ships the same all-gathered list: only rank 0's step is judged
+    assert run(RuleEngine(), rank_steps(healthy + corrupt, rank=1)) == []
+
+
+def test_rank_divergence_outlier_of_four_and_nonfinite_rank():
+    eng = RuleEngine()
+    alerts = run(eng, rank_steps([(1, 1.1, 0.9, 1)] * 4 + [(1, 1.1, 0.2, 1)] * 2))
+    assert [(a.rank, a.step) for a in fired(alerts)] == [(2, 5)]
+    alerts = run(RuleEngine(), rank_steps([(1.0, 1.0)] * 3 + [(1.0, float("nan"))] * 2))
+    assert [(a.rank, a.step) for a in fired(alerts)] == [(1, 4)]
+
+
+def test_ranks_within_the_factor_never_fire():
+    rng = np.random.default_rng(1)
+    norms = np.exp(rng.normal(0, 0.2, (500, 4)))  # +-20% per-rank noise
+    assert run(RuleEngine(), rank_steps(norms)) == []
+
+
+# -- configuration -----------------------------------------------------------
+
+def test_per_layer_overrides_and_disabled_rules():
+    cfg = RuleConfig(disabled={"update-too-large"},
+                     overrides=(("emb.*", {"disabled": {"dead"}}), ("mlp.*", {"dead_k": 1})))
+    eng = RuleEngine(cfg)
+    eng.set_layers([wire.LayerInfo(n, "ReLU", [], True, "activation") for n in ("emb.act", "mlp.act", "x.act")])
+    dead = [sample_of(n, "act", np.zeros(8), dead_units=1.0) for n in ("emb.act", "mlp.act", "x.act")]
+    alerts = run(eng, [step(i, *dead, upd("w", 5.0)) for i in range(3)])
+    assert [(a.layer, a.step) for a in alerts] == [("mlp.act", 0), ("x.act", 2)]
+    with pytest.raises(ValueError, match="unknown rule"):
+        RuleConfig(disabled={"nope"})
+
+
+TOML = """
+recover_k = 5
+[exploding]
+factor = 20.0
+k = 3
+[update-too-large]
+enabled = false
+[[layers]]
+pattern = "transformer.wte.*"
+vanishing = { enabled = false }
+dead = { units = 0.8, k = 1 }
+[[layers]]
+pattern = "*.lora_*"
+update-too-large = { enabled = true, max = 0.5 }
+"""
+
+
+def test_toml_file_sets_thresholds_globally_and_per_layer_pattern(tmp_path):
+    f = tmp_path / "rules.toml"
+    f.write_text(TOML)
+    cfg = load(str(f))
+    assert (cfg.recover_k, cfg.explode_factor, cfg.explode_k) == (5, 20.0, 3)
+    assert cfg.disabled == {"update-too-large"}
+    wte = cfg.for_layer("transformer.wte.weight")
+    assert wte.disabled == {"update-too-large", "vanishing"} and (wte.dead_units, wte.dead_k) == (0.8, 1)
+    lora = cfg.for_layer("h.0.attn.lora_A.weight")
+    assert lora.disabled == frozenset() and lora.update_max == 0.5
+    plain = cfg.for_layer("h.0.mlp.c_fc.weight")  # no pattern matches: the global thresholds
+    assert (plain.disabled, plain.dead_units, plain.update_max) == ({"update-too-large"}, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("doc, why", [
+    ({"exploding": {"factr": 2}}, "exploding.factr: unknown threshold; exploding has:"),
+    ({"dead": {"k": 0}}, "dead.k: expected an integer >= 1"),
+    ({"dead": {"k": 2.5}}, "dead.k: expected an integer >= 1"),
+    ({"stalled": {"ratio": "small"}}, "stalled.ratio: expected a number"),
+    ({"stalled": {"enabled": 1}}, "stalled.enabled: expected true or false"),
+    ({"explode": {}}, "unknown key 'explode'"),
+    ({"layers": [{"dead": {}}]}, "layers[0]: needs pattern"),
+    ({"layers": [{"pattern": "x", "deadd": {}}]}, "layers[0]: unknown key 'deadd'"),
+])
+def test_bad_rules_documents_give_one_line_errors(doc, why):
+    with pytest.raises(RulesConfigError) as exc:
+        parse(doc, where="r.toml")
+    assert why in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_unreadable_or_malformed_files(tmp_path):
+    with pytest.raises(RulesConfigError, match="No such file"):
+        load(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dead\n")
+    with pytest.raises(RulesConfigError, match="not valid TOML"):
+        load(str(bad))
+
+
+# -- headless --rules --------------------------------------------------------
+
+def recording(path, steps, alerts=()):
+    layers = [wire.LayerInfo("fc", "Linear", ["weight"], True)]
+    hello = wire.Hello(version=wire.PROTOCOL_VERSION, run="r", every=1, layers=layers)
+    with open(path, "wb") as f:
+        f.write(wire.MAGIC + wire.encode(hello))
+        for m in [*steps, *alerts]:
+            f.write(wire.encode(m))
+
+
+def test_printer_with_rules_reevaluates_and_keeps_spectral_alerts():
+    import io
+
+    out = io.StringIO()
+    eng = RuleEngine(RuleConfig(stall_ratio=1e-2))
+    p = AlertPrinter(out=out, as_json=True, rules=eng)
+    p.handle(wire.Hello(version=wire.PROTOCOL_VERSION, run="r", layers=[]))
+    for i in range(3):
+        p.handle(step(i, upd("fc.weight", 1e-3)))
+    p.handle(wire.Alert(3, 0, "critical", "dead", "fc", "act", 1.0, 0.99, "from the probe"))
+    p.handle(wire.Alert(3, 0, "warning", "spectral", "fc", "weight", 1.5, 2.0, "alpha < 2"))
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [(x["rule"], x["step"]) for x in lines] == [("stalled", 2), ("spectral", 3)]
+    assert p.worst == "warning"
+
+
+def test_cli_replay_headless_rules(tmp_path):
+    rec = tmp_path / "r.xray"
+    recording(rec, [step(i, upd("fc.weight", 1e-3)) for i in range(4)])
+    rules = tmp_path / "rules.toml"
+    rules.write_text("[stalled]\nratio = 1e-2\nk = 2\n")
+    cmd = [sys.executable, "-m", "tui.cli", "replay", str(rec), "--headless", "--json"]
+    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert (plain.returncode, plain.stdout) == (0, "")
+    tuned = subprocess.run(cmd + ["--rules", str(rules), "--fail-on", "warning"], capture_output=True, text=True,
+                           timeout=60)
+    assert tuned.returncode == 3, tuned.stderr
+    (line,) = [json.loads(x) for x in tuned.stdout.splitlines()]
+    assert (line["rule"], line["step"], line["threshold"]) == ("stalled", 1, 0.01)
+    rules.write_text("[stalled]\nratio = -1\n")
+    bad = subprocess.run(cmd + ["--rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "stalled.ratio" in bad.stderr
+    app = subprocess.run(cmd[:-2] + ["--rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert app.returncode == 2 and "--rules works with --headless" in app.stderr
