@@ -233,6 +233,40 @@ def _demo_app(args) -> int:
             os.unlink(logf.name)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block numbers like 0,1,2, got {text!r}")
+
+
+def cmd_inspect(args) -> int:
+    """Offline statistics, spectral metrics and pictures of a local causal-LM directory."""
+    if not os.path.exists(args.model):
+        raise CliError(f"{args.model}: no such directory")
+    if not os.path.isdir(args.model):
+        raise CliError(f"{args.model}: not a directory (give a transformers model directory)")
+    try:  # torch and transformers are imported here only: the viewer never needs them
+        from probes import inspect as inspection
+    except ImportError as exc:
+        raise CliError(f"inspect needs torch and transformers ({exc.name} is missing): "
+                       "pip install 'xray-tui[demo]' torch==2.13.0") from None
+    opts = inspection.Options(layers=args.layers, weights=not args.no_weights, activations=not args.no_activations,
+                              gradients=not args.no_gradients, bins=args.bins, device=args.device,
+                              progress=sys.stderr.isatty())
+    if args.text is not None:
+        opts.text = args.text
+    try:
+        report = inspection.inspect(args.model, args.out, opts)
+    except inspection.InspectError as exc:
+        raise CliError(str(exc)) from None
+    print(f"wrote {report.entries} tensors' statistics to {report.json_path}, {len(report.pictures)} pictures "
+          f"and the recording {report.recording} (loss {report.loss:.4g})", file=sys.stderr)
+    if args.tui:
+        return _run_app(feed.FileSource(str(report.recording)), args)
+    return EXIT_OK
+
+
 # -- parser -----------------------------------------------------------------
 
 
@@ -301,6 +335,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="jsonl", help="output format (jsonl)")
     e.add_argument("-o", "--output", metavar="OUT", help="write to OUT instead of stdout")
     e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("inspect", help="statistics, spectral metrics and pictures of a model directory",
+                       description="Load a local GPT-2, LLaMA or any AutoModelForCausalLM directory (local files "
+                                   "only), run one forward/backward pass on a text, and write "
+                                   "layer_statistics.json, SVG histograms and heatmaps (weights/, activations/, "
+                                   "gradients/) and inspection.xray (a recording) into --out.")
+    i.add_argument("model", metavar="MODEL_DIR", help="a transformers model directory (config.json and weights)")
+    i.add_argument("--out", required=True, metavar="DIR", help="output directory (created if needed)")
+    i.add_argument("--text", default=None, help="text for the forward/backward pass (default: a Dickens line)")
+    i.add_argument("--layers", type=_int_list, default=None, metavar="0,1,2",
+                   help="only these transformer blocks (default: the whole model)")
+    i.add_argument("--no-weights", action="store_true", help="leave out weights (and their spectral metrics)")
+    i.add_argument("--no-activations", action="store_true", help="leave out activations")
+    i.add_argument("--no-gradients", action="store_true", help="leave out gradients (no backward pass)")
+    i.add_argument("--bins", type=int, default=64, metavar="N", help="bins of the pictures' histograms (default 64)")
+    i.add_argument("--device", default="cpu", metavar="DEV", help="torch device, e.g. cuda:0 (default cpu)")
+    i.add_argument("--tui", action="store_true", help="open the result in the app afterwards")
+    i.add_argument("--theme", default=None, help="colour theme of the app (with --tui)")
+    i.set_defaults(func=cmd_inspect)
     return p
 
 

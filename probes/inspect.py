@@ -1,0 +1,444 @@
+"""`xray-tui inspect`: offline statistics and pictures of a local causal-LM directory.
+
+Loads a transformers model directory (GPT-2, LLaMA or anything
+``AutoModelForCausalLM`` loads) from local files only, runs one forward and
+backward pass on a text with the probe attached (so the statistics are the
+live stream's, from :mod:`probes.reduce`), computes the spectral metrics of
+every weight matrix (:mod:`probes.spectral`), and writes into ``out``:
+
+- ``layer_statistics.json``: one entry per (layer, kind), the export
+  contract's statistics (README, ``xray-tui export``) plus a linear
+  ``histogram`` with ``bins`` bins and, for weights, ``spectral``;
+- ``weights/``, ``activations/``, ``gradients/``: an SVG histogram per tensor
+  and, for matrices, an SVG heatmap (hand-written SVG, no matplotlib);
+- ``inspection.xray``: the same as a recording (Hello, one Step, the
+  Spectral messages, End), which ``xray-tui replay`` or ``--tui`` opens.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import html
+import json
+import math
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import spectral, stats, wire
+
+DEFAULT_TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, "
+                "it was the age of foolishness.")
+KIND_DIRS = {"weight": "weights", "act": "activations", "grad": "gradients"}
+#: Files whose presence means the directory has its own tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+#: Largest heatmap side in cells; bigger matrices are block-averaged down to it.
+HEATMAP_MAX = 128
+#: Elements read for a picture's linear histogram (a strided sample above it).
+PICTURE_SAMPLE = 1 << 20
+
+
+class InspectError(Exception):
+    """A model directory that cannot be inspected; the message is one line."""
+
+
+@dataclass
+class Options:
+    """What `xray-tui inspect` computes and where it writes."""
+
+    text: str = DEFAULT_TEXT
+    layers: list[int] | None = None  # transformer block indices; None: all
+    weights: bool = True
+    activations: bool = True
+    gradients: bool = True
+    bins: int = 64
+    device: str = "cpu"
+    progress: bool = True
+    max_dim: int = 4096
+
+
+@dataclass
+class Report:
+    """What was written."""
+
+    out: Path
+    json_path: Path
+    recording: Path
+    entries: int
+    pictures: list[Path] = field(default_factory=list)
+    loss: float | None = None
+
+
+# -- loading --------------------------------------------------------------------------
+
+
+def load(path: str, device: str = "cpu"):
+    """The model (and a tokenizer, or None) of a local causal-LM directory."""
+    p = Path(path)
+    if not p.exists():
+        raise InspectError(f"{path}: no such directory")
+    if not p.is_dir():
+        raise InspectError(f"{path}: not a directory (give a transformers model directory)")
+    if not (p / "config.json").is_file():
+        raise InspectError(f"{path}: not a transformers model directory (no config.json)")
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError as exc:
+        raise InspectError(f"inspect needs transformers ({exc}): pip install 'xray-tui[demo]'") from None
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise InspectError(f"{path}: unreadable config.json: {_one_line(exc)}") from None
+    archs = list(getattr(config, "architectures", None) or [])
+    causal = ("ForCausalLM", "LMHeadModel")
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not any(a.endswith(causal)
+                                                                                        for a in archs)):
+        what = archs[0] if archs else f"{config.model_type!r} model"
+        raise InspectError(f"{path}: a {what} is not a causal language model (inspect loads "
+                           "AutoModelForCausalLM directories: GPT-2, LLaMA, ...)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except Exception as exc:
+        raise InspectError(f"{path}: cannot load the model: {_one_line(exc)}") from None
+    try:
+        model.to(device)
+    except Exception as exc:
+        raise InspectError(f"device {device!r}: {_one_line(exc)}") from None
+    tokenizer = None  # a bare checkpoint: the text's bytes become token ids
+    if any((p / f).is_file() for f in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception:
+            tokenizer = None
+    return model, tokenizer
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def token_ids(text: str, tokenizer, vocab_size: int, max_len: int | None = None) -> torch.Tensor:
+    """Token ids of ``text``: the tokenizer's, or its UTF-8 bytes modulo the vocabulary;
+    cut to the model's ``max_len`` positions."""
+    ids = None
+    if tokenizer is not None:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        if ids.numel() < 2 or int(ids.max()) >= vocab_size:
+            ids = None  # a tokenizer that does not fit this model
+    if ids is None:
+        ids = torch.tensor([[b % vocab_size for b in text.encode("utf-8")]])
+    if ids.shape[1] < 2:
+        raise InspectError("the text must give at least 2 tokens")
+    return ids[:, :max_len] if max_len else ids
+
+
+# -- selection ------------------------------------------------------------------------------
+
+
+def block_prefix(model: nn.Module) -> str | None:
+    """The path of the model's list of transformer blocks (e.g. ``transformer.h``)."""
+    best = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and any(True for _ in m[0].children()):
+            if best is None or len(m) > best[1]:
+                best = (name, len(m))
+    return best[0] if best else None
+
+
+def layer_patterns(model: nn.Module, layers: list[int] | None) -> list[str] | None:
+    """Glob patterns of the module paths of blocks ``layers``; None for everything."""
+    if layers is None:
+        return None
+    prefix = block_prefix(model)
+    if prefix is None:
+        raise InspectError("--layers: this model has no list of transformer blocks")
+    n = len(model.get_submodule(prefix))
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise InspectError(f"--layers {','.join(map(str, bad))}: the model has blocks 0..{n - 1}")
+    return [p for i in layers for p in (f"{prefix}.{i}", f"{prefix}.{i}.*")]
+
+
+def _selected(name: str, patterns: list[str] | None) -> bool:
+    return patterns is None or any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+# -- pictures (hand-written SVG) -----------------------------------------------------------------
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "tensor"
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def svg_histogram(edges: np.ndarray, counts: np.ndarray, title: str, width: int = 480, height: int = 240) -> str:
+    """An SVG bar chart of a linear histogram (log-scaled bar heights: log(1+count))."""
+    left, right, top, bottom = 10, 10, 28, 30
+    w, h = width - left - right, height - top - bottom
+    c = np.log1p(np.asarray(counts, dtype=np.float64))
+    cmax = c.max() if len(c) and c.max() > 0 else 1.0
+    bw = w / max(len(c), 1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="11">',
+             f'<rect width="{width}" height="{height}" fill="#1e1e2e"/>',
+             f'<text x="{left}" y="16" fill="#cdd6f4">{html.escape(title)}</text>']
+    for i, v in enumerate(c):
+        bh = h * v / cmax
+        parts.append(f'<rect x="{left + i * bw:.2f}" y="{top + h - bh:.2f}" width="{max(bw - 0.5, 0.5):.2f}" '
+                     f'height="{bh:.2f}" fill="#89b4fa"><title>[{_fmt(edges[i])}, {_fmt(edges[i + 1])}): '
+                     f'{int(counts[i])}</title></rect>')
+    y = height - 10
+    parts.append(f'<text x="{left}" y="{y}" fill="#a6adc8">{_fmt(edges[0])}</text>')
+    parts.append(f'<text x="{width - right}" y="{y}" fill="#a6adc8" text-anchor="end">{_fmt(edges[-1])}</text>')
+    if edges[0] < 0 < edges[-1]:
+        x0 = left + w * (0 - edges[0]) / (edges[-1] - edges[0])
+        parts.append(f'<line x1="{x0:.2f}" y1="{top}" x2="{x0:.2f}" y2="{top + h}" stroke="#f38ba8" '
+                     'stroke-dasharray="3,3"/>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    """A PNG file of an [H, W, 3] uint8 image (zlib and CRC by hand: no imaging library)."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))  # filter 0 per row
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def colours(m: np.ndarray) -> np.ndarray:
+    """Diverging colours: blue (negative), dark (0), red (positive), scaled to the
+    largest |value|; non-finite cells yellow. Returns [H, W, 3] uint8."""
+    finite = np.isfinite(m)
+    scale = float(np.abs(m[finite]).max()) if finite.any() else 0.0
+    v = np.where(finite, m, 0.0) / (scale or 1.0)
+    base = np.array([30, 30, 46], dtype=np.float64)
+    pos, neg = np.array([243, 139, 168.0]), np.array([137, 180, 250.0])
+    a = np.abs(v)[..., None]
+    rgb = base + (np.where(v[..., None] > 0, pos, neg) - base) * a
+    rgb[~finite] = (249, 226, 175)
+    return rgb.round().astype(np.uint8)
+
+
+def downsample(x: torch.Tensor, max_side: int = HEATMAP_MAX) -> np.ndarray:
+    """Block means of a 2-D tensor so that neither side exceeds ``max_side`` (on its device)."""
+    rows, cols = x.shape
+    x = x.detach().float()
+    if rows > max_side or cols > max_side:
+        size = (min(rows, max_side), min(cols, max_side))
+        x = torch.nn.functional.adaptive_avg_pool2d(x[None, None], size)[0, 0]
+    return x.cpu().numpy().astype(np.float64)
+
+
+def svg_heatmap(m: np.ndarray, title: str, shape: tuple, cell: int = 3) -> str:
+    """An SVG heatmap of a (downsampled) matrix: a pixelated PNG image inside an SVG."""
+    rows, cols = m.shape
+    top = 28
+    width, height = max(cols * cell + 20, 320), rows * cell + top + 24
+    finite = np.abs(m[np.isfinite(m)])
+    scale = float(finite.max()) if finite.size else 0.0
+    data = base64.b64encode(_png(colours(m))).decode("ascii")
+    return "\n".join([
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="#1e1e2e"/>',
+        f'<text x="10" y="16" fill="#cdd6f4">{html.escape(title)}</text>',
+        f'<image x="10" y="{top}" width="{cols * cell}" height="{rows * cell}" preserveAspectRatio="none" '
+        f'style="image-rendering:pixelated" href="data:image/png;base64,{data}"/>',
+        f'<text x="10" y="{height - 8}" fill="#a6adc8">{"x".join(map(str, shape))}; '
+        f'{rows}x{cols} block means; blue - 0 - red up to |{_fmt(scale)}|</text>',
+        "</svg>",
+    ])
+
+
+def _as_matrix(x: torch.Tensor) -> torch.Tensor | None:
+    """A 2-D view for the heatmap: matrices as they are, activations as (tokens, units),
+    conv weights as (out, in x kernel)."""
+    if x.dim() < 2:
+        return None
+    if x.dim() > 2 and x.shape[-1] < 16:  # a conv kernel: keep output channels as rows
+        return x.reshape(x.shape[0], -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def linear_histogram(x: torch.Tensor, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """A linear histogram of the finite values of ``x`` (strided sample above 1M elements)."""
+    f = x.detach().float().reshape(-1)
+    if f.numel() > PICTURE_SAMPLE:
+        f = f[:: math.ceil(f.numel() / PICTURE_SAMPLE) | 1]
+    a = f.cpu().numpy()
+    a = a[np.isfinite(a)]
+    if not a.size:
+        return np.array([0.0, 1.0]), np.zeros(1, dtype=np.int64)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts, edges = np.histogram(a, bins=bins, range=(lo, hi))
+    return edges, counts
+
+
+# -- the inspection ---------------------------------------------------------------------------
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=True)
+
+
+def inspect(path: str, out: str, opts: Options | None = None) -> Report:
+    """Inspect the model directory ``path``; write statistics and pictures into ``out``."""
+    from .probe import attach
+
+    opts = opts or Options()
+    if opts.bins < 1:
+        raise InspectError(f"--bins must be >= 1, got {opts.bins}")
+    model, tokenizer = load(path, opts.device)
+    patterns = layer_patterns(model, opts.layers)
+    outdir = Path(out)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        for kind, sub in KIND_DIRS.items():
+            if getattr(opts, {"weight": "weights", "act": "activations", "grad": "gradients"}[kind]):
+                (outdir / sub).mkdir(exist_ok=True)
+    except OSError as exc:
+        raise InspectError(f"{out}: {exc.strerror or exc}") from None
+    recording = outdir / "inspection.xray"
+    if recording.exists():
+        recording.unlink()  # an inspection's own output is replaced, not numbered
+
+    cfg = model.config
+    max_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    ids = token_ids(opts.text, tokenizer, cfg.vocab_size, max_len).to(opts.device)
+    acts: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            x = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and name not in acts:
+                acts[name] = x.detach()
+        return hook
+
+    model.train(False)  # no dropout: the statistics of the model as it is
+    xr = attach(model, every=1, serve=False, log=str(recording), include=patterns,
+                name=f"inspect {Path(path).name}", spectral_every=None)
+    handles = []
+    try:
+        if opts.activations:
+            from .probe import select_modules
+
+            for name, module in select_modules(model, patterns):
+                handles.append(module.register_forward_hook(keep(name)))
+        try:
+            with torch.enable_grad():
+                loss = model(input_ids=ids, labels=ids).loss
+                if opts.gradients:
+                    loss.backward()
+        except Exception as exc:  # a model this code cannot run: one line, not a traceback
+            raise InspectError(f"{path}: the forward/backward pass failed: {_one_line(exc)}") from None
+        params = [(n, p) for n, p in model.named_parameters() if _selected(n.rpartition(".")[0], patterns)]
+        xr.step()  # one sampled step (step 0): weights, gradients and activations, reduced as live
+        spec = _spectral(model, params, opts, xr) if opts.weights else {}
+    finally:
+        for h in handles:
+            h.remove()
+        xr.close()
+    msgs, _ = wire.read_file(str(recording))
+    step = next(m for m in msgs if isinstance(m, wire.Step))
+    want = {"weight": opts.weights, "grad": opts.gradients, "act": opts.activations}
+    tensors: dict[tuple[str, str], torch.Tensor] = {}
+    for n, p in params:
+        tensors[(n, "weight")] = p
+        if p.grad is not None:
+            tensors[(n, "grad")] = p.grad
+    for n, x in acts.items():
+        tensors[(n, "act")] = x
+    entries, pictures = [], []
+    samples = [s for s in step.samples if want.get(s.kind) and (s.layer, s.kind) in tensors]
+    with _progress(opts.progress) as bar:
+        task = bar.add_task("pictures", total=len(samples))
+        for s in samples:
+            entry = stats.export_dict(s, step.step, step.rank)
+            x = tensors[(s.layer, s.kind)]
+            edges, counts = linear_histogram(x, opts.bins)
+            entry["histogram"] = {"edges": edges.tolist(), "counts": counts.tolist()}
+            entry["shape"] = list(x.shape)
+            if s.kind == "weight" and s.layer in spec:
+                entry["spectral"] = spec[s.layer]
+            sub = outdir / KIND_DIRS[s.kind]
+            stem = _safe(s.layer)
+            hist_path = sub / f"{stem}.hist.svg"
+            hist_path.write_text(svg_histogram(edges, counts, f"{s.kind} {s.layer}"))
+            entry["pictures"] = [str(hist_path.relative_to(outdir))]
+            pictures.append(hist_path)
+            mat = _as_matrix(x)
+            if mat is not None:
+                heat_path = sub / f"{stem}.heatmap.svg"
+                heat_path.write_text(svg_heatmap(downsample(mat), f"{s.kind} {s.layer}", tuple(x.shape)))
+                entry["pictures"].append(str(heat_path.relative_to(outdir)))
+                pictures.append(heat_path)
+            entries.append(_clean(entry))
+            bar.advance(task)
+    doc = {
+        "model": str(Path(path).resolve()),
+        "model_type": model.config.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "text": opts.text,
+        "tokens": int(ids.shape[1]),
+        "loss": float(loss.detach()),
+        "layers": opts.layers,
+        "spectral_skipped": [{"layer": n, "reason": r} for n, r in spectral.targets(model)[1]
+                             if _selected(n.rpartition(".")[0], patterns)] if opts.weights else [],
+        "entries": entries,
+    }
+    json_path = outdir / "layer_statistics.json"
+    json_path.write_text(json.dumps(doc, indent=1))
+    return Report(outdir, json_path, recording, len(entries), pictures, float(loss.detach()))
+
+
+def _spectral(model, params, opts: Options, xr) -> dict[str, dict]:
+    """Spectral metrics of the selected weight matrices, also sent to the recording."""
+    chosen = {id(p) for _, p in params}
+    tg = [t for t in spectral.targets(model)[0] if id(t.param) in chosen]
+    out = {}
+    with _progress(opts.progress) as bar:
+        task = bar.add_task("spectral", total=len(tg))
+        for t in tg:
+            m = spectral.analyze_matrix(t.tensor(), t.name, max_dim=opts.max_dim)
+            out[t.name] = m.as_dict()
+            msg = m.to_wire(0, xr.rank)
+            xr.publisher.submit(lambda msg=msg: msg)
+            bar.advance(task)
+    return out
+
+
+def _clean(d):
+    """JSON without NaN/inf (null instead), as the export contract writes them."""
+    if isinstance(d, dict):
+        return {k: _clean(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_clean(v) for v in d]
+    if isinstance(d, float) and not math.isfinite(d):
+        return None
+    if isinstance(d, np.generic):
+        return _clean(d.item())
+    return d

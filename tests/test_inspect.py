@@ -1,0 +1,158 @@
+"""`xray-tui inspect` on tiny GPT-2 and LLaMA directories built from configs (never downloaded)."""
+
+import json
+import struct
+import xml.etree.ElementTree as ET
+import base64
+import re
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from probes import spectral, wire  # noqa: E402
+from probes.inspect import token_ids, DEFAULT_TEXT  # noqa: E402
+from tui import cli, feed  # noqa: E402
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=300, bos_token_id=0, eos_token_id=0))
+    gpt2.save_pretrained(root / "gpt2")
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, max_position_embeddings=64, bos_token_id=0, eos_token_id=0))
+    llama.save_pretrained(root / "llama")
+    bert = transformers.BertModel(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100))
+    bert.save_pretrained(root / "bert")
+    (root / "empty").mkdir()
+    (root / "file.txt").write_text("not a model")
+    return root
+
+
+def run(capsys, *argv):
+    rc = cli.main(["inspect", *map(str, argv)])
+    return rc, capsys.readouterr().err
+
+
+def entries(out):
+    doc = json.loads((out / "layer_statistics.json").read_text())
+    return doc, {(e["layer"], e["kind"]): e for e in doc["entries"]}
+
+
+def test_gpt2_statistics_match_torch_ground_truth(model_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--bins", 16)
+    assert rc == 0, err
+    doc, by = entries(out)
+    assert doc["model_type"] == "gpt2" and {k for _, k in by} == {"weight", "grad", "act"}
+
+    # ground truth: the same model, the same tokens, one forward/backward by hand
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dirs / "gpt2", local_files_only=True)
+    acts = {}
+    model.transformer.h[1].mlp.act.register_forward_hook(lambda m, i, o: acts.update(gelu=o.detach()))
+    ids = token_ids(DEFAULT_TEXT, None, 300, 64)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert doc["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+
+    w = model.transformer.h[0].mlp.c_fc.weight
+    e = by[("transformer.h.0.mlp.c_fc.weight", "weight")]
+    x = w.detach().double().numpy()
+    assert e["mean"] == pytest.approx(x.mean(), rel=1e-6) and e["std"] == pytest.approx(x.std(), rel=1e-6)
+    assert e["min"] == pytest.approx(x.min()) and e["max"] == pytest.approx(x.max())
+    assert e["shape"] == [64, 256] and sum(e["histogram"]["counts"]) == x.size
+    assert len(e["histogram"]["counts"]) == 16
+    want = spectral.analyze_matrix(w.detach())
+    assert e["spectral"]["alpha"] == pytest.approx(want.alpha, rel=1e-9)
+    assert e["spectral"]["stable_rank"] == pytest.approx(want.stable_rank, rel=1e-9)
+
+    g = by[("transformer.h.0.mlp.c_fc.weight", "grad")]
+    assert g["l2"] == pytest.approx(float(w.grad.norm()), rel=1e-4)
+    a = by[("transformer.h.1.mlp.act", "act")]
+    assert a["mean"] == pytest.approx(float(acts["gelu"].double().mean()), rel=1e-4)
+    assert a["count"] == acts["gelu"].numel()
+
+    # pictures: a histogram per tensor and a heatmap per matrix, valid SVG, PNG inside
+    for (layer, kind), entry in by.items():
+        assert entry["pictures"][0].endswith(".hist.svg")
+        for pic in entry["pictures"]:
+            root = ET.parse(out / pic).getroot()
+            assert root.tag == f"{SVG}svg"
+    heat = (out / "weights" / "transformer.h.0.mlp.c_fc.weight.heatmap.svg").read_text()
+    png = base64.b64decode(re.search(r"base64,([^\"]+)", heat).group(1))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", png[16:24]) == (128, 64)  # 64x256 block-averaged to at most 128 a side
+    assert (out / "activations").is_dir() and (out / "gradients").is_dir()
+
+
+def test_llama_and_layer_selection(model_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, err = run(capsys, model_dirs / "llama", "--out", out, "--layers", "1", "--no-gradients")
+    assert rc == 0, err
+    doc, by = entries(out)
+    assert doc["model_type"] == "llama" and doc["layers"] == [1]
+    assert by and all(".layers.1." in layer or layer.endswith("layers.1") for layer, _ in by)
+    assert {k for _, k in by} == {"weight", "act"}
+    assert ("model.layers.1.mlp.down_proj.weight", "weight") in by
+    assert by[("model.layers.1.mlp.down_proj.weight", "weight")]["spectral"]["n_evals"] == 64
+    assert not (out / "gradients").exists()
+
+
+def test_recording_replays_in_the_app(model_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--no-activations")
+    assert rc == 0, err
+    msgs, torn = wire.read_file(str(out / "inspection.xray"))
+    assert torn == 0 and isinstance(msgs[0], wire.Hello) and isinstance(msgs[-1], wire.End)
+    kinds = [type(m).__name__ for m in msgs]
+    assert kinds.count("Step") == 1 and "Spectral" in kinds
+    assert kinds.index("Step") < kinds.index("Spectral")
+    _, by = entries(out)
+    assert {k for _, k in by} == {"weight", "grad"}
+    spec = {m.layer: m for m in msgs if isinstance(m, wire.Spectral)}
+    for (layer, kind), e in by.items():
+        if "spectral" in e:
+            assert spec[layer].alpha == pytest.approx(e["spectral"]["alpha"])
+
+
+async def test_tui_source_loads_spectral_into_the_app_state(model_dirs, tmp_path, capsys):
+    from tui.app import XRayApp
+
+    out = tmp_path / "out"
+    rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--no-activations", "--no-gradients")
+    assert rc == 0, err
+    app = XRayApp(feed.FileSource(str(out / "inspection.xray")))
+    async with app.run_test(size=(120, 40)) as pilot:
+        for _ in range(50):
+            await pilot.pause(0.05)
+            if app.state.spectral and app.state.rows:
+                break
+        assert "transformer.h.0.mlp.c_fc.weight" in app.state.spectral
+        assert len(app.state.rows) > 0
+
+
+@pytest.mark.parametrize("target, message", [
+    ("missing", "no such directory"),
+    ("file.txt", "not a directory"),
+    ("empty", "no config.json"),
+    ("bert", "not a causal language model"),
+])
+def test_bad_model_directories_are_one_line_errors(model_dirs, tmp_path, capsys, target, message):
+    rc, err = run(capsys, model_dirs / target, "--out", tmp_path / "out")
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("xray-tui")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+
+
+def test_bad_layers_are_one_line_errors(model_dirs, tmp_path, capsys):
+    rc, err = run(capsys, model_dirs / "gpt2", "--out", tmp_path / "out", "--layers", "7")
+    assert rc == 2 and "blocks 0..1" in err and "Traceback" not in err
