@@ -184,7 +184,7 @@ def decode(body: bytes) -> Message:
     """Decode and validate one frame body."""
     try:
         msg = _decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.MsgspecError, ValueError) as exc:  # ValueError: invalid UTF-8 in a string, found by fuzzing
         raise WireError(f"malformed frame: {exc}") from None
     if isinstance(msg, Hello) and msg.version != PROTOCOL_VERSION:
         raise WireError(
@@ -193,6 +193,12 @@ def decode(body: bytes) -> Message:
         )
     if isinstance(msg, Sample):  # pragma: no cover - Sample is never a top-level message
         raise WireError("malformed frame: bare sample")
+    if isinstance(msg, Step):
+        # the schema bounds hist_lo, not the run's end: a run past the last bin would
+        # break every consumer of the fixed edges (quantiles, export, the sparkline)
+        for s in msg.samples:
+            if s.hist_lo + len(s.hist) > histogram.NUM_BINS:
+                raise WireError(f"malformed frame: histogram of {s.layer[:80]!r} runs past bin {histogram.NUM_BINS - 1}")
     return msg
 
 
