@@ -189,7 +189,8 @@ def build(vocab: int, activation: str):
 
 
 def alerts(msgs, severities=("warning", "critical")):
-    return [m for m in msgs if isinstance(m, wire.Alert) and m.severity in severities]
+    """The RuleEngine's alerts; ``spectral`` comes from probes.spectral's own monitor and is not judged here."""
+    return [m for m in msgs if isinstance(m, wire.Alert) and m.severity in severities and m.rule != "spectral"]
 
 
 def first_hit(case: Case, msgs):
@@ -238,6 +239,9 @@ def main() -> None:
           f"{sum(a.severity == 'warning' for a in found)} warning")
     for a in found:
         print(f"  step {a.step} {a.severity} {a.rule} {a.layer} [{a.kind}] {a.message}")
+    spectral = alerts(msgs, ("warning", "critical")) and [m for m in msgs if isinstance(m, wire.Alert)
+                                                          and m.rule == "spectral" and m.severity != "info"]
+    print(f"(and {len(spectral or [])} spectral warnings from probes.spectral's monitor)")
 
 
 if __name__ == "__main__":
