@@ -323,3 +323,19 @@ def absurd(**kw) -> wire.Sample:
 def test_derived_statistics_of_absurd_values_are_nan_not_exceptions(sample):
     row = stats.export_dict(sample, 0, 0)
     json.dumps(clean(row), allow_nan=False)
+
+
+@pytest.mark.parametrize("what,data,message", [
+    ("another protocol version", wire.MAGIC + wire.encode(msgspec.structs.replace(HELLO, version=2)), "protocol version 2"),
+    ("a garbled frame", wire.MAGIC + wire.encode(HELLO) + frame(b"\xc1\xc1"), "malformed frame"),
+    ("not a recording", b"PK\x03\x04 a zip file, say", "bad magic"),
+])
+def test_cli_replay_and_export_of_a_recording_that_is_not_ours_is_one_line_and_exit_2(tmp_path, what, data, message):
+    import subprocess
+    import sys
+
+    path = tmp_path / "bad.xray"
+    path.write_bytes(data)
+    for cmd in (["replay", str(path), "--headless"], ["export", str(path)]):
+        out = subprocess.run([sys.executable, "-m", "tui.cli", *cmd], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, (what, out.stderr)
