@@ -1,12 +1,19 @@
-"""Probe overhead on the demo model, measured side by side in one process.
+"""Probe overhead against the baseline and the usual alternatives, side by side.
 
-Each configuration trains its own copy of the model; blocks of steps of all
-configurations are interleaved (in a shuffled order per round) so that
-machine noise hits them alike. A block's mean step time includes its
-sampled steps; we report the median over rounds and the ratio to the
-baseline of the same rounds.
+Configurations (each trains its own copy of the same model):
+  baseline              no monitoring
+  probe/N               xray-tui's probe, every=N
+  tensorboard/N         SummaryWriter.add_histogram of every parameter and gradient, every N steps
+  histc/N               wandb.watch-style: per tensor torch.histc(64) + min/max .item(), every N steps
+  fastai/N              fastai-style forward hooks copying each activation to the CPU, every N steps
 
-    python bench/overhead.py [--rounds 7] [--block 50] [--width 128 --layers 4]
+Blocks of steps of all configurations are interleaved (shuffled order per
+round), so machine noise hits them alike. A block's mean step time includes
+its sampled steps; the table gives the median over rounds and the median of
+the per-round ratios to the baseline.
+
+    python bench/overhead.py                      # the demo model
+    python bench/overhead.py --gpt2-small --rounds 3 --block 20 --configs baseline,probe/10,tensorboard/10,histc/10
 """
 
 from __future__ import annotations
@@ -15,12 +22,74 @@ import argparse
 import platform
 import random
 import statistics
+import tempfile
 import time
 
 import torch
 
 import probes
 from probes import demo, wire
+from probes.probe import select_modules
+
+DEFAULT = "baseline,probe/50,probe/10,probe/1,tensorboard/10,histc/10,fastai/10"
+
+
+class Every:
+    """Calls ``fn(step)`` after every N-th optimizer step."""
+
+    def __init__(self, opt, n: int, fn) -> None:
+        self.n, self.fn, self.step = n, fn, 0
+        opt.register_step_post_hook(self._hook)
+
+    def _hook(self, *_):
+        if self.step % self.n == 0:
+            self.fn(self.step)
+        self.step += 1
+
+
+def tensorboard(model, opt, n):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(tempfile.mkdtemp(prefix="xray-bench-tb-"))
+
+    def log(step):
+        for name, p in model.named_parameters():
+            writer.add_histogram(name, p, step)
+            if p.grad is not None:
+                writer.add_histogram(name + ".grad", p.grad, step)
+
+    Every(opt, n, log)
+    return writer.close
+
+
+def histc(model, opt, n):
+    def log(step):
+        for p in model.parameters():
+            for t in (p, p.grad):
+                if t is not None:
+                    t = t.detach()
+                    torch.histc(t, bins=64, min=t.min().item(), max=t.max().item()).cpu()
+
+    Every(opt, n, log)
+
+
+def fastai(model, opt, n):
+    state = {"on": True}
+    stats = []
+
+    def hook(module, inputs, output):
+        if state["on"] and isinstance(output, torch.Tensor):
+            o = output.detach().cpu()
+            stats.append((o.mean().item(), o.std().item(), torch.histc(o.float(), 40, -7, 7)))
+
+    for _, m in select_modules(model):
+        m.register_forward_hook(hook)
+
+    def toggle(step):
+        state["on"] = (step + 1) % n == 0  # the next step is sampled
+
+    Every(opt, 1, toggle)
+    state["on"] = True
 
 
 def make(args, seed=0):
@@ -45,51 +114,62 @@ def run_block(data, model, opt, steps, batch):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--block", type=int, default=50, help="steps per block (a multiple of 50)")
+    p.add_argument("--block", type=int, default=50, help="steps per block (a multiple of every N)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--block-len", type=int, default=64)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--gpt2-small", action="store_true", help="12 layers x 768 wide, 12 heads, batch 4 x 128")
+    p.add_argument("--configs", default=DEFAULT)
     args = p.parse_args()
+    if args.gpt2_small:
+        args.layers, args.width, args.heads, args.batch, args.block_len = 12, 768, 12, 4, 128
 
-    configs = {"baseline": None, "probe every=50": 50, "probe every=10": 10, "probe every=1": 1}
-    setups, frame_bytes = {}, []
-    for name, every in configs.items():
+    names = args.configs.split(",")
+    setups, frame_bytes, closers = {}, [], []
+    for name in names:
         data, model, opt = make(args)
-        xr = None
-        if every is not None:
-            xr = probes.attach(model, opt, every=every, name=f"bench-{every}")
-            if every == 1:
-                xr.publisher.subscribe(lambda m: frame_bytes.append(len(wire.encode(m))) if isinstance(m, wire.Step) else None)
-        setups[name] = (data, model, opt, xr)
-        run_block(data, model, opt, 5, args.batch)  # warm-up
+        kind, _, n = name.partition("/")
+        n = int(n or 0)
+        if kind == "probe":
+            xr = probes.attach(model, opt, every=n, name=f"bench-{n}")
+            closers.append(xr.close)
+            xr.publisher.subscribe(
+                lambda m: frame_bytes.append(len(wire.encode(m))) if isinstance(m, wire.Step) else None)
+        elif kind == "tensorboard":
+            closers.append(tensorboard(model, opt, n))
+        elif kind == "histc":
+            histc(model, opt, n)
+        elif kind == "fastai":
+            fastai(model, opt, n)
+        elif kind != "baseline":
+            p.error(f"unknown configuration {name!r}")
+        setups[name] = (data, model, opt)
+        run_block(data, model, opt, 2, args.batch)  # warm-up
 
-    times = {name: [] for name in configs}
+    times = {name: [] for name in names}
     for r in range(args.rounds):
-        order = list(configs)
+        order = list(names)
         random.Random(r).shuffle(order)
         for name in order:
-            data, model, opt, _ = setups[name]
-            times[name].append(run_block(data, model, opt, args.block, args.batch))
+            times[name].append(run_block(*setups[name], args.block, args.batch))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
-    for *_, xr in setups.values():
-        if xr is not None:
-            xr.close()
+    for close in closers:
+        close()
 
-    nparams = sum(p.numel() for p in setups["baseline"][1].parameters())
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    nparams = sum(q.numel() for q in setups[names[0]][1].parameters())
+    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model: GPT-2 {args.layers} layers x {args.width} wide, {nparams / 1e6:.2f} M parameters, "
           f"batch {args.batch} x {args.block_len} tokens; {args.rounds} rounds of {args.block} steps\n")
-    print("| configuration | median step (ms) | ratio to baseline (median of per-round ratios) |")
+    print("| configuration | median step (ms) | ratio to baseline |")
     print("|---|---:|---:|")
-    base = times["baseline"]
+    base = times.get("baseline")
     for name, ts in times.items():
-        ratios = [t / b for t, b in zip(ts, base)]
-        print(f"| {name} | {statistics.median(ts) * 1e3:.1f} | {statistics.median(ratios):.3f} |")
+        ratio = statistics.median(t / b for t, b in zip(ts, base)) if base else float("nan")
+        print(f"| {name} | {statistics.median(ts) * 1e3:.1f} | {ratio:.3f} |")
     if frame_bytes:
-        print(f"\nStep frame (all streams of one sampled step): median {statistics.median(frame_bytes) / 1024:.1f} KiB, "
-              f"{len(setups['probe every=1'][3].publisher.hello.layers)} layers")
+        print(f"\nStep frame (every stream of one sampled step): median {statistics.median(frame_bytes) / 1024:.1f} KiB")
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def inject(fault: str, model, optimizer) -> tuple[str, str]:
 
 def train(*, steps: int, every: int = 5, fault: str = "none", fault_step: int = 50, name: str = "demo",
           log: str | None = None, serve: bool = True, listener=None, batch: int = 16,
-          lr: float = 1e-3, seed: int = 0) -> int:
+          lr: float = 1e-3, seed: int = 0, rules=None) -> int:
     """Train for ``steps`` steps (0: until interrupted); returns the steps done."""
     torch.manual_seed(seed)
     data = CharData(corpus(), seed=seed)
@@ -86,7 +86,7 @@ def train(*, steps: int, every: int = 5, fault: str = "none", fault_step: int = 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     step = 0
-    with probes.attach(model, optimizer, every=every, name=name, log=log, serve=serve) as xr:
+    with probes.attach(model, optimizer, every=every, name=name, log=log, serve=serve, rules=rules) as xr:
         if listener is not None:
             xr.publisher.subscribe(listener)
         while steps <= 0 or step < steps:

@@ -47,3 +47,6 @@ def test_a_corrupted_rank_shows_in_the_gathered_norms(tmp_path):
     norms = [st.rank_grad_norms for st in steps(r0)]
     assert all(n[1] == pytest.approx(n[0], rel=1e-5) for n in norms[:3])
     assert all(n[1] > 50 * n[0] for n in norms[3:])
+    # rank 0's probe judges the gathered norms and names the outlier rank
+    (alert,) = [a for a in r0 if isinstance(a, wire.Alert) and a.rule == "rank-divergence"]
+    assert alert.rank == 1 and 3 <= alert.step <= 5 and alert.severity in ("warning", "critical")

@@ -225,3 +225,13 @@ async def test_app_attached_after_50_steps_shows_them_on_its_first_screen():
             assert "history" in text and "step 49" in text and "0.weight" not in text and "✓ ok" in text
     finally:
         xr.close()
+
+
+def test_a_reader_that_goes_away_is_no_error(tmp_path):
+    log = tmp_path / "run.xray"
+    model, opt = small_model()
+    with probes.attach(model, opt, every=1, log=str(log), serve=False):
+        train(model, opt, 20)
+    out = subprocess.run(f"{sys.executable} -m tui.cli export {log} | head -1", shell=True,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith('{"type": "sample"') and "Traceback" not in out.stderr

@@ -192,16 +192,10 @@ def cmd_demo(args) -> int:
                        "pip install 'xray-tui[demo]' torch==2.13.0") from None
     if args.headless:
         printer = AlertPrinter(as_json=args.json)
-        extra = {}
-        if args.rules:  # the probe itself evaluates the rules with these thresholds
-            import inspect
-
-            if "rules" not in inspect.signature(demo.train).parameters:
-                raise CliError("demo --rules needs probes.demo.train(rules=...); use it with attach or replay")
-            extra["rules"] = _rules_engine(args)
+        rules = _rules_engine(args)  # the probe itself evaluates the rules with these thresholds
         try:
             demo.train(steps=args.steps or 300, every=args.every, fault=args.fault, fault_step=args.fault_step,
-                       name=args.name, log=args.log, listener=printer.handle, **extra)
+                       name=args.name, log=args.log, listener=printer.handle, rules=rules)
         except KeyboardInterrupt:
             return 130
         return EXIT_ALERT if printer.failed(args.fail_on) else EXIT_OK
@@ -367,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, feed.FeedError, wire.WireError, rundir.RunDirError) as exc:
         print(f"xray-tui: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":
