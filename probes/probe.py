@@ -464,7 +464,7 @@ def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np
                 posinf=int(row[COL["posinf"]]),
                 neginf=int(row[COL["neginf"]]),
                 hist_lo=lo,
-                hist=run.tolist(),
+                hist_counts=wire.encode_counts(run, int(n)),
                 hist_n=int(n),
                 dead_units=None if np.isnan(dead) else float(dead),
                 ratio=ratio,

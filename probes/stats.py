@@ -8,6 +8,7 @@ Definitions follow DESIGN.md: std is the population standard deviation
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -16,11 +17,27 @@ from . import histogram
 from .wire import Sample
 
 
+def _nan_on_error(fn):
+    """Derived statistics of absurd sums (from an untrusted peer, or overflow
+    in float64) are NaN, never an exception in the viewer."""
+
+    @functools.wraps(fn)
+    def safe(s: Sample) -> float:
+        try:
+            return fn(s)
+        except (ArithmeticError, ValueError):
+            return math.nan
+
+    return safe
+
+
+@_nan_on_error
 def mean(s: Sample) -> float:
     """Arithmetic mean (NaN if the tensor held a NaN or both infinities)."""
     return s.sum / s.count if s.count else math.nan
 
 
+@_nan_on_error
 def std(s: Sample) -> float:
     """Population standard deviation."""
     if not s.count:
@@ -32,16 +49,19 @@ def std(s: Sample) -> float:
     return math.sqrt(max(var, 0.0))
 
 
+@_nan_on_error
 def l2(s: Sample) -> float:
     """Euclidean norm."""
     return math.sqrt(s.sumsq) if s.sumsq >= 0 else math.nan
 
 
+@_nan_on_error
 def rms(s: Sample) -> float:
     """Root mean square."""
     return math.sqrt(s.sumsq / s.count) if s.count else math.nan
 
 
+@_nan_on_error
 def absmax(s: Sample) -> float:
     """Largest magnitude among the finite elements (inf counts apart)."""
     return max(abs(s.min), abs(s.max)) if s.count else math.nan
@@ -52,6 +72,7 @@ def fraction(n: int, s: Sample) -> float:
     return n / s.count if s.count else math.nan
 
 
+@_nan_on_error
 def skewness(s: Sample) -> float:
     """Population skewness E[(x-m)^3] / std^3 (NaN for a constant tensor)."""
     if not s.count:
@@ -64,6 +85,7 @@ def skewness(s: Sample) -> float:
     return m3 / var**1.5
 
 
+@_nan_on_error
 def kurtosis(s: Sample) -> float:
     """Excess kurtosis E[(x-m)^4] / std^4 - 3 (0 for a normal distribution)."""
     if not s.count:
@@ -121,5 +143,5 @@ def export_dict(s: Sample, step: int, rank: int) -> dict:
         "inf": s.posinf + s.neginf,
         "dead_units": s.dead_units,
         "ratio": s.ratio,
-        "hist": {"edges": hist_edges(s).tolist(), "counts": list(s.hist), "sampled": s.hist_n},
+        "hist": {"edges": hist_edges(s).tolist(), "counts": s.hist.tolist(), "sampled": s.hist_n},
     }

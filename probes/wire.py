@@ -15,11 +15,12 @@ import struct
 from typing import Annotated, Iterator, Literal, Union
 
 import msgspec
+import numpy as np
 from msgspec import Meta, Struct
 
 from . import histogram
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"XRAYTUI\x01"
 #: Largest frame accepted; a bigger length prefix is refused before reading.
 MAX_FRAME = 64 * 1024 * 1024
@@ -69,7 +70,9 @@ class Sample(Struct, frozen=True, array_like=True):
     (so a single NaN makes ``sum`` NaN, as the tensor's true sum is).
     The histogram covers the finite elements of a sample of ``hist_n``
     elements: ``hist`` holds the counts of bins ``hist_lo ..`` in the fixed
-    edge set of :mod:`probes.histogram`.
+    edge set of :mod:`probes.histogram`. On the wire the counts are one
+    little-endian array (uint16 when ``hist_n`` < 2**16, else uint32), so a
+    viewer decodes a sample without making an object per bin.
     """
 
     layer: str
@@ -86,12 +89,27 @@ class Sample(Struct, frozen=True, array_like=True):
     posinf: Count
     neginf: Count
     hist_lo: BinIndex
-    hist: list[Count]
+    hist_counts: bytes
     hist_n: Count
     dead_units: float | None = None  # act: fraction of last-dim units never above eps
     ratio: float | None = None  # update: ||dW|| / ||W|| on the element subset
     sum3: float = float("nan")  # third and fourth power sums, for skewness and kurtosis
     sum4: float = float("nan")
+
+    @property
+    def hist(self) -> np.ndarray:
+        """The histogram counts (a read-only array over the frame's bytes)."""
+        return np.frombuffer(self.hist_counts, dtype=counts_dtype(self.hist_n))
+
+
+def counts_dtype(hist_n: int) -> str:
+    """The wire dtype of a histogram's counts: none can exceed ``hist_n``."""
+    return "<u2" if hist_n < 1 << 16 else "<u4"
+
+
+def encode_counts(counts, hist_n: int) -> bytes:
+    """Histogram counts as :attr:`Sample.hist_counts` bytes."""
+    return np.asarray(counts).astype(counts_dtype(hist_n)).tobytes()
 
 
 class Step(Struct, tag="step", frozen=True):
@@ -197,6 +215,8 @@ def decode(body: bytes) -> Message:
         # the schema bounds hist_lo, not the run's end: a run past the last bin would
         # break every consumer of the fixed edges (quantiles, export, the sparkline)
         for s in msg.samples:
+            if len(s.hist_counts) % (2 if s.hist_n < 1 << 16 else 4):
+                raise WireError(f"malformed frame: histogram of {s.layer[:80]!r} is not a whole number of counts")
             if s.hist_lo + len(s.hist) > histogram.NUM_BINS:
                 raise WireError(f"malformed frame: histogram of {s.layer[:80]!r} runs past bin {histogram.NUM_BINS - 1}")
     return msg

@@ -129,7 +129,7 @@ def test_probe_recording_replays_and_exports_exactly(tmp_path):
     assert len(rows) == len(samples) == 5 * (3 * 4 + 3)  # 5 steps x (4 params x 3 kinds + 3 acts)
     for row, (step, s) in zip(rows, samples):
         assert (row["step"], row["layer"], row["kind"], row["count"], row["max"]) == (step, s.layer, s.kind, s.count, s.max)
-        assert row["hist"]["counts"] == s.hist
+        assert row["hist"]["counts"] == s.hist.tolist()
     # stdout when no -o is given
     assert len(xray("export", str(log)).stdout.splitlines()) == len(rows)
 

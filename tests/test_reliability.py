@@ -135,14 +135,14 @@ def test_a_viewer_that_falls_behind_loses_whole_oldest_frames_is_told_how_many_a
 
 
 def test_the_next_viewer_is_told_about_drops_and_gets_the_backlog():
-    pub = Publisher(synthetic.hello(2, run="told"), viewer_buffer=64 * 1024, backlog_steps=20)
+    pub = Publisher(synthetic.hello(2, run="told"), viewer_buffer=128 * 1024, backlog_steps=20)
     stuck = socket.socket(socket.AF_UNIX)
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.connect(str(pub.socket_path))
     wait_for(lambda: len(pub._viewers) == 1)
     shrink_kernel_buffers(pub)
     steps = synthetic.steps(2, 300, elements=2048)
-    assert 20 * max(len(wire.encode(s)) for s in steps) < 64 * 1024 < sum(len(wire.encode(s)) for s in steps) // 2
+    assert 20 * max(len(wire.encode(s)) for s in steps) < 128 * 1024 < sum(len(wire.encode(s)) for s in steps) // 2
     for s in steps:
         pub.submit(lambda s=s: s)
         wait_for(lambda: pub.queue.empty() and pub._last_step == s.step)

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from probes import wire
 
 SEVERITY_RANK = {"ok": 0, "info": 1, "warning": 2, "critical": 3}
@@ -44,14 +46,13 @@ def merge_samples(samples: list[wire.Sample]) -> wire.Sample | None:
         return None
     if len(samples) == 1:
         return samples[0]
-    with_hist = [s for s in samples if s.hist]
+    with_hist = [s for s in samples if s.hist.size]
     lo = min((s.hist_lo for s in with_hist), default=0)
     hi = max((s.hist_lo + len(s.hist) for s in with_hist), default=lo)
-    hist = [0] * (hi - lo)
+    hist = np.zeros(hi - lo, dtype=np.int64)
     for s in with_hist:
-        off = s.hist_lo - lo
-        for i, c in enumerate(s.hist):
-            hist[off + i] += c
+        hist[s.hist_lo - lo : s.hist_lo - lo + s.hist.size] += s.hist
+    hist_n = sum(s.hist_n for s in samples)
     first = samples[0]
     out = {}
     for name in wire.Sample.__struct_fields__:
@@ -64,8 +65,8 @@ def merge_samples(samples: list[wire.Sample]) -> wire.Sample | None:
             out[name] = max(values)
         elif name == "hist_lo":
             out[name] = lo
-        elif name == "hist":
-            out[name] = hist
+        elif name == "hist_counts":
+            out[name] = wire.encode_counts(hist, hist_n)
         elif name == "dead_units":
             known = [v for v in values if v is not None]
             out[name] = sum(known) / len(known) if known else None

@@ -39,14 +39,14 @@ def hot_matrix(series: list, max_rows: int, max_cols: int) -> tuple[np.ndarray, 
     range fits ``max_rows``.
     """
     series = series[-max_cols:] if max_cols > 0 else []
-    present = [(st, s) for st, s in series if s.hist]
+    present = [(st, s) for st, s in series if s.hist.size]
     if not present or max_rows <= 0:
         return np.zeros((0, len(series))), np.zeros(1), [st for st, _ in series]
     lo = min(s.hist_lo for _, s in present)
     hi = max(s.hist_lo + len(s.hist) for _, s in present)
     counts = np.zeros((hi - lo, len(series)))
     for c, (_, s) in enumerate(series):
-        if s.hist:
+        if s.hist.size:
             counts[s.hist_lo - lo : s.hist_lo - lo + len(s.hist), c] = s.hist
     group = max(1, math.ceil((hi - lo) / max_rows))
     pad = (-(hi - lo)) % group

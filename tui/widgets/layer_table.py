@@ -91,7 +91,7 @@ def sparkline(sample: Sample | None, width: int) -> str:
     Heights are scaled to the tallest column; an empty column is a blank so
     that gaps in a distribution stay visible.
     """
-    if sample is None or not sample.hist:
+    if sample is None or not sample.hist.size:
         return " " * width
     cols = histogram.rebin_linear(sample.hist_lo, sample.hist, sample.min, sample.max, width)
     top = cols.max()
