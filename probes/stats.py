@@ -72,30 +72,30 @@ def fraction(n: int, s: Sample) -> float:
     return n / s.count if s.count else math.nan
 
 
-@_nan_on_error
-def skewness(s: Sample) -> float:
-    """Population skewness E[(x-m)^3] / std^3 (NaN for a constant tensor)."""
+def _raw_moments(s: Sample) -> tuple[float, float, float, float]:
+    """Mean, variance and the third and fourth raw moments (E[x^3], E[x^4])."""
     if not s.count:
-        return math.nan
+        raise ZeroDivisionError("empty sample")
     n, m = s.count, s.sum / s.count
     var = s.sumsq / n - m * m
     if not var > 0:
-        return math.nan
-    m3 = s.sum3 / n - 3 * m * s.sumsq / n + 2 * m**3
-    return m3 / var**1.5
+        raise ZeroDivisionError("no spread")
+    return m, var, s.sum3 / n, s.sum4 / n
+
+
+@_nan_on_error
+def skewness(s: Sample) -> float:
+    """Population skewness E[(x-m)^3] / std^3 (NaN for a constant tensor)."""
+    m, var, e3, _ = _raw_moments(s)
+    return (e3 - 3 * m * var - m**3) / var**1.5
 
 
 @_nan_on_error
 def kurtosis(s: Sample) -> float:
     """Excess kurtosis E[(x-m)^4] / std^4 - 3 (0 for a normal distribution)."""
-    if not s.count:
-        return math.nan
-    n, m = s.count, s.sum / s.count
-    var = s.sumsq / n - m * m
-    if not var > 0:
-        return math.nan
-    m4 = s.sum4 / n - 4 * m * s.sum3 / n + 6 * m * m * s.sumsq / n - 3 * m**4
-    return m4 / var**2 - 3.0
+    m, var, e3, e4 = _raw_moments(s)
+    e2 = var + m * m
+    return (e4 - 4 * m * e3 + 6 * m * m * e2 - 3 * m**4) / var**2 - 3.0
 
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
