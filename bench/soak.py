@@ -14,7 +14,7 @@ SIGSTOPped for the whole run; the resident memory of the trainer and of the
 viewer and the recording's size are printed every 10,000 steps.
 
     python bench/soak.py faults [--rounds 5] [--block 20]
-    python bench/soak.py soak [--steps 100000] [--every 10]
+    python bench/soak.py soak [--steps 100000] [--every 10] [--viewer-buffer MIB]
 """
 
 from __future__ import annotations
@@ -181,6 +181,8 @@ def soak(args) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     log = os.path.join(tempfile.mkdtemp(prefix="xray-soak-"), "soak.xray")
     xr = probes.attach(model, opt, every=args.every, name="soak", log=log)
+    if args.viewer_buffer:
+        xr.publisher._viewer_buffer = args.viewer_buffer << 20  # a bench-only knob: reach the cap sooner
     x, y = torch.randn(64, 32), torch.randn(64, 1)
 
     def step():
@@ -229,6 +231,8 @@ def main() -> None:
     s = sub.add_parser("soak")
     s.add_argument("--steps", type=int, default=100_000)
     s.add_argument("--every", type=int, default=10)
+    s.add_argument("--viewer-buffer", type=int, default=0, metavar="MIB",
+                   help="per-viewer buffer cap in MiB (default: the probe's, 64)")
     args = p.parse_args()
     faults(args) if args.mode == "faults" else soak(args)
 

@@ -54,6 +54,10 @@ TOKEN_LEN = 32
 HANDSHAKE_LEN = len(TOKEN_PREFIX) + TOKEN_LEN + 1
 #: Seconds a TCP connection has to send the handshake before it is closed.
 HANDSHAKE_TIMEOUT = 1.0
+#: New connections accepted per second at most. Each one costs the publisher thread the
+#: backlog's worth of work while holding the GIL, so a connect storm would otherwise slow
+#: training; beyond the rate, connections wait in the kernel's listen queue.
+ACCEPT_RATE = 20
 
 
 def handshake(token: str) -> bytes:
@@ -240,6 +244,8 @@ class Publisher:
         self._viewer_buffer = viewer_buffer
         self._max_viewers = max_viewers
         self._last_step = 0
+        self._accepts: deque[float] = deque()  # times of recent accepts, for ACCEPT_RATE
+        self._paused_until = 0.0  # listeners are off the selector until then
         self._rules_on = True
         self._dead = False
         self._closing = threading.Event()
@@ -384,6 +390,7 @@ class Publisher:
             while True:
                 for key, events in self._sel.select(timeout=self._select_timeout()):
                     self._on_event(key, events)
+                self._resume_listeners()
                 self._expire_handshakes()
                 self._drain()
                 if self._closing.is_set() and self.queue.empty():
@@ -395,10 +402,37 @@ class Publisher:
             self._cleanup()
 
     def _select_timeout(self) -> float:
-        if not self._pending:
+        deadlines = [p.deadline for p in self._pending.values()]
+        if self._paused_until:
+            deadlines.append(self._paused_until)
+        if not deadlines:
             return 0.5
-        soonest = min(p.deadline for p in self._pending.values())
-        return min(0.5, max(0.0, soonest - time.monotonic()))
+        return min(0.5, max(0.0, min(deadlines) - time.monotonic()))
+
+    def _rate_limited(self) -> bool:
+        """True (and the listeners paused) when ACCEPT_RATE accepts happened in the last second."""
+        now = time.monotonic()
+        while self._accepts and self._accepts[0] <= now - 1.0:
+            self._accepts.popleft()
+        if len(self._accepts) < ACCEPT_RATE:
+            self._accepts.append(now)
+            return False
+        self._paused_until = self._accepts[0] + 1.0
+        for s in (self._listen, self._listen_tcp):
+            if s is not None:
+                try:
+                    self._sel.unregister(s)
+                except (KeyError, ValueError):
+                    pass
+        return True
+
+    def _resume_listeners(self) -> None:
+        if not self._paused_until or time.monotonic() < self._paused_until:
+            return
+        self._paused_until = 0.0
+        for s, tag in ((self._listen, "listen"), (self._listen_tcp, "listen-tcp")):
+            if s is not None:
+                self._sel.register(s, selectors.EVENT_READ, tag)
 
     def _on_event(self, key, events) -> None:
         if key.data == "wake":
@@ -436,7 +470,7 @@ class Publisher:
                 self._drop_viewer(viewer)
 
     def _accept(self, listener: socket.socket | None, tcp: bool) -> None:
-        if listener is None:
+        if listener is None or self._rate_limited():
             return
         try:
             conn, _ = listener.accept()
