@@ -398,6 +398,7 @@ class Publisher:
             self._finish()
         except Exception:  # the probe's own failure must never reach training
             self._dead = True
+            self._drain_queue()
             log.exception("xray-tui: the publisher failed and is switched off; training goes on")
             self._cleanup()
 
@@ -622,6 +623,14 @@ class Publisher:
                 self._flush_viewer(viewer)
             time.sleep(0.01)
         self._cleanup()
+
+    def _drain_queue(self) -> None:
+        # Builders queued before the failure hold tensors; release them, since nothing will run them now.
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                return
 
     def _cleanup(self) -> None:
         for viewer in list(self._viewers.values()):

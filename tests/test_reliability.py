@@ -276,7 +276,8 @@ def test_sigkill_of_training_keeps_every_whole_frame(tmp_path, run_dir):
     proc = subprocess.Popen([sys.executable, SCRIPT, "killed", "100000", "--log", str(log), "--sleep", "0.002"],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
-    wait_for(lambda: log.stat().st_size > 100_000, timeout=60, what="some recording")
+    wait_for(lambda: sum(isinstance(m, wire.Step) for m in wire.read_file(str(log))[0]) > 20, timeout=60,
+             what="twenty recorded steps")
     proc.kill()
     proc.wait()
     msgs, torn = wire.read_file(str(log))
