@@ -69,6 +69,40 @@ def select_modules(model: nn.Module, include: Iterable[str] | None = None,
     return chosen
 
 
+def block_list(model: nn.Module) -> tuple[str, int] | None:
+    """The model's list of transformer blocks: its (unwrapped) path, e.g.
+    ``transformer.h``, and length. It is the longest ``ModuleList`` of
+    composite modules (the first of equals, in model order); None if the
+    model has none."""
+    best = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and any(True for _ in m[0].children()):
+            if best is None or len(m) > best[1]:
+                best = (_unwrap_name(name), len(m))
+    return best
+
+
+def block_filter(model: nn.Module, layers: Iterable[int]):
+    """A predicate over (unwrapped) module or parameter paths: inside one of
+    the transformer blocks ``layers`` (indices into :func:`block_list`).
+    Raises ValueError for a model without blocks or an index it lacks."""
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers=[]: give at least one block index, or None for every layer")
+    found = block_list(model)
+    if found is None:
+        raise ValueError(f"layers={layers}: this model has no list of transformer blocks "
+                         "(a ModuleList of composite modules); use include/exclude patterns")
+    prefix, n = found
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        raise ValueError(f"layers={layers}: no block {', '.join(map(repr, bad))}; "
+                         f"{prefix} has blocks 0..{n - 1}")
+    heads = tuple(f"{prefix}.{i}" for i in sorted(set(layers)))
+    starts = tuple(h + "." for h in heads)
+    return lambda path: path in heads or path.startswith(starts)
+
+
 def _first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
@@ -141,6 +175,7 @@ class XRay:
         seed: int = 0,
         tcp: str | int | bool | None = None,
         spectral_every: int | None = 500,
+        layers: Iterable[int] | None = None,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -171,8 +206,12 @@ class XRay:
         #: Set when an alert at ``alert_level`` fired and ``on_alert="stop"``: the loop should stop.
         self.should_stop = False
 
+        inside = block_filter(model, layers) if layers is not None else None  # ValueError before any hook
         self.params = [(_unwrap_name(n), p) for n, p in model.named_parameters() if p.is_floating_point()]
         modules = [(_unwrap_name(n), m) for n, m in select_modules(model, include, exclude)]
+        if inside is not None:
+            self.params = [(n, p) for n, p in self.params if inside(n)]
+            modules = [(n, m) for n, m in modules if inside(n)]
         hooked = {n: m for n, m in modules}
         self._activations = {n for n, m in modules if _is_activation(m)}
         self.trainable = [(n, p) for n, p in self.params if p.requires_grad]
@@ -491,7 +530,11 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **k
     (the least severity that raises or stops: ``"critical"``), ``tcp``
     (also listen on TCP: ``True`` for a free port on 127.0.0.1, ``PORT`` or
     ``"HOST:PORT"``; viewers need the random token the probe writes, readable
-    by you only, next to its socket; see docs/reliability.md).
+    by you only, next to its socket; see docs/reliability.md), ``layers``
+    (transformer-block indices, e.g. ``[0, 1, 2]``: only modules and
+    parameters inside those items of the model's block ``ModuleList``, e.g.
+    ``transformer.h.0``, are watched; ValueError for an index the model does
+    not have).
     Usable as a context manager; without an optimizer call ``xr.step()``.
     """
     return XRay(model, optimizer, **kwargs)

@@ -236,3 +236,64 @@ def test_on_alert_callable_and_stop():
 def test_bad_on_alert_is_refused():
     with pytest.raises(ValueError, match="on_alert"):
         probes.attach(Net(), on_alert="explode", serve=False)
+
+
+class TinyGPT(nn.Module):
+    """Embedding, a ModuleList of four blocks, a head: the shape ``layers=`` selects in."""
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.ln = nn.LayerNorm(d)
+            self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+        def forward(self, x):
+            return x + self.mlp(self.ln(x))
+
+    def __init__(self, d=8, n=4):
+        super().__init__()
+        self.wte = nn.Embedding(16, d)
+        self.transformer = nn.Module()
+        self.transformer.h = nn.ModuleList(self.Block(d) for _ in range(n))
+        self.head = nn.Linear(d, 16)
+
+    def forward(self, ids):
+        x = self.wte(ids)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.head(x)
+
+
+def test_layers_keeps_only_the_chosen_blocks():
+    model = TinyGPT()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xr = probes.attach(model, opt, every=1, serve=False, layers=[0, 2], spectral_every=None)
+    msgs = collect(xr)
+    model(torch.randint(0, 16, (2, 5))).sum().backward()
+    opt.step()
+    xr.close()
+    inside = ("transformer.h.0", "transformer.h.2")
+
+    def chosen(path):
+        return any(path == b or path.startswith(b + ".") for b in inside)
+
+    want_params = {n for n, _ in model.named_parameters() if chosen(n)}
+    want_acts = {n for n, _ in probes.probe.select_modules(model) if chosen(n)}
+    assert len(want_params) == 2 * 6 and {"transformer.h.0", "transformer.h.2.mlp.1"} <= want_acts
+    samples = steps_of(msgs)[0].samples
+    for kind, want in (("weight", want_params), ("grad", want_params), ("update", want_params), ("act", want_acts)):
+        assert {s.layer for s in samples if s.kind == kind} == want, kind
+    hello = xr.publisher.hello
+    assert all(chosen(li.name) for li in hello.layers) and {li.name for li in hello.layers} >= want_acts
+    # the selected blocks' statistics are the real ones
+    assert_matches(by_key(steps_of(msgs)[0])[("transformer.h.2.mlp.0.weight", "weight")],
+                   model.transformer.h[2].mlp[0].weight.detach() + 0.1 * model.transformer.h[2].mlp[0].weight.grad)
+
+
+@pytest.mark.parametrize("layers, why", [([4], "no block 4; transformer.h has blocks 0..3"),
+                                         ([0, -1], "no block -1"), ([], "at least one block index")])
+def test_layers_refuses_blocks_the_model_lacks(layers, why):
+    with pytest.raises(ValueError, match=why):
+        probes.attach(TinyGPT(), every=1, serve=False, layers=layers, spectral_every=None)
+    with pytest.raises(ValueError, match="no list of transformer blocks"):
+        probes.attach(Net(), every=1, serve=False, layers=[0], spectral_every=None)
