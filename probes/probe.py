@@ -238,6 +238,16 @@ class XRay:
         self.publisher = Publisher(hello, serve=serve, log_path=log, rules=rules, tcp=tcp if serve else None)
         if on_alert is not None:
             self.publisher.subscribe(self._alert_listener)
+        # distance from initialisation: the update subsets as they are at attach, kept for the run
+        self._init: torch.Tensor | None = None
+        self._init_sumsq: torch.Tensor | None = None
+        try:
+            self._init = self._take_subsets()
+            if self._init is not None:
+                self._init_sumsq = self._segment_sumsq(self._init)
+        except Exception:
+            self._init = None
+            self._fail("init")
         for mname, module in modules:
             self._handles.append(module.register_forward_hook(self._make_hook(mname)))
         # the forward is over: reduce the held activations together, then let them go
@@ -394,16 +404,29 @@ class XRay:
                 b.hold(name, "grad", p.grad)
         b.reduce()  # now, before the optimizer changes them
 
+    def _subset_lengths(self) -> list[int]:
+        return [p.numel() if self._subsets[n] is None else self.update_k for n, p in self.trainable]
+
+    def _segment_sumsq(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sum of squares (float64) of each trainable weight's piece of a subsets buffer."""
+        lengths = torch.tensor(self._subset_lengths(), device=flat.device)
+        return torch.segment_reduce(flat.double().square(), "sum", lengths=lengths, unsafe=True)
+
     def _read_updates(self) -> None:
         before, self._snapshot = self._snapshot, None
         if before is None:
             return
-        delta = self._take_subsets() - before
-        lengths = [p.numel() if self._subsets[n] is None else self.update_k for n, p in self.trainable]
-        refs = torch.segment_reduce((before * before).double(), "sum",
-                                    lengths=torch.tensor(lengths, device=before.device), unsafe=True)
-        for (name, _), d, ref in zip(self.trainable, delta.split(lengths), refs):
-            self._batch.hold(name, "update", d, ref_sumsq=ref)
+        after = self._take_subsets()
+        delta = after - before
+        refs = self._segment_sumsq(before)
+        dists = [None] * len(self.trainable)
+        if self._init is not None and "init" not in self._failed:
+            try:  # ||W_t - W_0|| / ||W_0|| on the same subset
+                dists = (self._segment_sumsq(after - self._init) / self._init_sumsq).sqrt()
+            except Exception:
+                self._fail("init")
+        for (name, _), d, ref, dist in zip(self.trainable, delta.split(self._subset_lengths()), refs, dists):
+            self._batch.hold(name, "update", d, ref_sumsq=ref, init_dist=dist)
 
     def _gather_grad_norms(self) -> None:
         """Every rank's total gradient norm, with torch.distributed itself.
@@ -484,9 +507,11 @@ def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np
         lo, run = histogram.trim(counts)
         dead = row[COL["dead_units"]]
         ref = row[COL["ref_sumsq"]]
-        ratio = None
+        ratio = init_dist = None
         if kind == "update" and ref > 0:
             ratio = float(np.sqrt(row[COL["sumsq"]] / ref))
+        if kind == "update" and np.isfinite(row[COL["init_dist"]]):
+            init_dist = float(row[COL["init_dist"]])  # NaN/inf: a weight that was all zeros at attach
         samples.append(
             wire.Sample(
                 layer=layer,
@@ -509,6 +534,7 @@ def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np
                 ratio=ratio,
                 sum3=float(row[COL["sum3"]]),
                 sum4=float(row[COL["sum4"]]),
+                init_dist=init_dist,
             )
         )
     return wire.Step(step=step, rank=rank, time=t, samples=samples, rank_grad_norms=rank_grad_norms)

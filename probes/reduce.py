@@ -23,7 +23,7 @@ from . import histogram
 COLUMNS = (
     "count", "sum", "sumsq", "abssum", "min", "max",
     "near_zero", "zeros", "nan", "posinf", "neginf", "sum3", "sum4",
-    "dead_units", "ref_sumsq",
+    "dead_units", "ref_sumsq", "init_dist",
 )
 COL = {name: i for i, name in enumerate(COLUMNS)}
 NCOL = len(COLUMNS)
@@ -152,16 +152,26 @@ class Batch:
         self.hist_n: list[int] = []
         self._rows: list[torch.Tensor] = []  # [n, NCOL] blocks, in meta order
         self._counts: list[torch.Tensor] = []  # [n, NUM_BINS] blocks
-        self._held: list[tuple[str, str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+        self._held: list[tuple[str, str, torch.Tensor, dict[str, torch.Tensor]]] = []
         self.held_elements = 0
 
     def __len__(self) -> int:
         return len(self.meta) + len(self._held)
 
     def hold(self, layer: str, kind: str, x: torch.Tensor, *, dead: torch.Tensor | None = None,
-             ref_sumsq: torch.Tensor | None = None) -> None:
-        """Queue ``x`` (its values must not change until :meth:`reduce`)."""
-        self._held.append((layer, kind, x.detach(), dead, ref_sumsq))
+             **extra: torch.Tensor | None) -> None:
+        """Queue ``x`` (its values must not change until :meth:`reduce`).
+
+        ``dead`` and the other keywords are 0-d tensors computed elsewhere
+        that fill the columns of their name (``dead_units``, ``ref_sumsq``,
+        ``init_dist``); None leaves a column NaN.
+        """
+        if dead is not None:
+            extra["dead_units"] = dead
+        for col in extra:
+            if col not in COL or COL[col] < _NBASE:
+                raise ValueError(f"{col!r} is not an extra statistics column")
+        self._held.append((layer, kind, x.detach(), {k: v for k, v in extra.items() if v is not None}))
         self.held_elements += x.numel()
 
     def reduce(self) -> None:
@@ -175,7 +185,7 @@ class Batch:
 
     def _reduce_group(self, items: list) -> None:
         eps = self.eps
-        flats = [_flat32(x) for _, _, x, _, _ in items]
+        flats = [_flat32(x) for _, _, x, _ in items]
         device = flats[0].device
         rows = torch.full((len(items), NCOL), math.nan, dtype=torch.float64, device=device)
         # Small tensors share segment reductions; large ones (where the bytes,
@@ -192,17 +202,16 @@ class Batch:
                     rows[idx, :_NBASE] = block
                 start, size = i, 0
             size += n
-        for i, (_, _, x, _, _) in enumerate(items):
+        for i, (_, _, x, _) in enumerate(items):
             if x.numel() == 0:
                 rows[i, :_NBASE] = torch.tensor([0, 0, 0, 0, math.nan, math.nan, 0, 0, 0, 0, 0, 0, 0],
                                                 dtype=torch.float64, device=device)
-        extras = [(i, COL["dead_units"], dead) for i, (_, _, _, dead, _) in enumerate(items) if dead is not None]
-        extras += [(i, COL["ref_sumsq"], ref) for i, (_, _, _, _, ref) in enumerate(items) if ref is not None]
+        extras = [(i, COL[col], v) for i, (_, _, _, extra) in enumerate(items) for col, v in extra.items()]
         if extras:
             rows[[i for i, _, _ in extras], [c for _, c, _ in extras]] = torch.stack(
                 [v.to(device=device, dtype=torch.float64) for _, _, v in extras])
         # histograms: one pass over every sample, one bincount with per-tensor offsets
-        samples = [hist_sample(x, self.hist_k, self.generator) for _, _, x, _, _ in items]
+        samples = [hist_sample(x, self.hist_k, self.generator) for _, _, x, _ in items]
         lengths = torch.tensor([s.numel() for s in samples], device=device)
         width = histogram.NUM_BINS + 1
         offsets = torch.repeat_interleave(torch.arange(len(items), device=device) * width, lengths)
@@ -210,7 +219,7 @@ class Batch:
         counts = torch.bincount(bins, minlength=len(items) * width).view(len(items), width)
         self._rows.append(rows)
         self._counts.append(counts[:, : histogram.NUM_BINS])
-        self.meta += [(layer, kind) for layer, kind, _, _, _ in items]
+        self.meta += [(layer, kind) for layer, kind, _, _ in items]
         self.hist_n += [s.numel() for s in samples]
 
     def to_host(self) -> tuple[np.ndarray, np.ndarray]:

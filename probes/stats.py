@@ -143,5 +143,6 @@ def export_dict(s: Sample, step: int, rank: int) -> dict:
         "inf": s.posinf + s.neginf,
         "dead_units": s.dead_units,
         "ratio": s.ratio,
+        "init_dist": s.init_dist,
         "hist": {"edges": hist_edges(s).tolist(), "counts": s.hist.tolist(), "sampled": s.hist_n},
     }

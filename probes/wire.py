@@ -95,6 +95,10 @@ class Sample(Struct, frozen=True, array_like=True):
     ratio: float | None = None  # update: ||dW|| / ||W|| on the element subset
     sum3: float = float("nan")  # third and fourth power sums, for skewness and kurtosis
     sum4: float = float("nan")
+    # update: ||W_t - W_0|| / ||W_0|| on the element subset (W_0: the weight at attach); None when
+    # unknown (older probes, a weight that was all zeros at attach). Defaulted fields go last, so
+    # frames without them (older recordings) still decode.
+    init_dist: float | None = None
 
     @property
     def hist(self) -> np.ndarray:

@@ -212,8 +212,10 @@ class DetailScreen(Screen):
         norm.show([Series(steps, ts["l2"], "‖x‖₂", color)])
         meanstd.show([Series(steps, ts["mean"], "mean", color), Series(steps, ts["std"], "std", "xray-muted")])
         if kind == "update":
+            init = next((s.init_dist for _, s in reversed(series) if s.init_dist is not None), None)
+            since = "" if init is None else f"; from init ‖W−W₀‖/‖W₀‖ now {init:.3g}"
             near.show([Series(steps, ts["ratio"], "‖ΔW‖/‖W‖", color)],
-                       title="update ratio ‖ΔW‖/‖W‖ over steps (healthy ~1e-3)")
+                       title=f"update ratio ‖ΔW‖/‖W‖ over steps (healthy ~1e-3){since}")
         elif kind == "act" and any(v == v for v in ts["dead"]):
             near.show([Series(steps, ts["near_zero"], "|x|<eps %", color),
                        Series(steps, ts["dead"], "dead units %", "xray-dead")],

@@ -37,7 +37,8 @@ def merge_samples(samples: list[wire.Sample]) -> wire.Sample | None:
     """One sample from several ranks' samples of one stream (sufficient stats add).
 
     Counts, sums and histograms add, min/max take the extremes; the dead-unit
-    fraction is averaged and the update ratio takes the worst (largest) rank.
+    fraction is averaged and the update ratio and distance from initialisation
+    take the worst (largest) rank.
     Fields added to :class:`~probes.wire.Sample` later add up when they are
     numbers (power sums, counts). Returns the single sample itself when there
     is one, None for none.
@@ -70,7 +71,7 @@ def merge_samples(samples: list[wire.Sample]) -> wire.Sample | None:
         elif name == "dead_units":
             known = [v for v in values if v is not None]
             out[name] = sum(known) / len(known) if known else None
-        elif name == "ratio":
+        elif name in ("ratio", "init_dist"):
             known = [v for v in values if v is not None]
             out[name] = max(known) if known else None
         elif all(isinstance(v, (int, float)) for v in values):
