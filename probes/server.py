@@ -59,6 +59,9 @@ HANDSHAKE_TIMEOUT = 1.0
 #: training; beyond the rate, connections wait in the kernel's listen queue.
 ACCEPT_RATE = 20
 
+#: Connections the kernel keeps waiting for accept() on each listener.
+LISTEN_BACKLOG = 16
+
 
 def handshake(token: str) -> bytes:
     """The bytes a TCP viewer sends first to prove it holds ``token``."""
@@ -329,7 +332,7 @@ class Publisher:
         # the directory is 0700, so nobody else can reach the socket between bind and chmod
         sock.bind(str(path))
         os.chmod(path, 0o600)
-        sock.listen(16)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         self._sel.register(sock, selectors.EVENT_READ, "listen")
         self.socket_path = path
@@ -341,7 +344,7 @@ class Publisher:
             self._listen_tcp = t
             t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             t.bind((host, port))
-            t.listen(16)
+            t.listen(LISTEN_BACKLOG)
             t.setblocking(False)
             self.token = secrets.token_hex(TOKEN_LEN // 2)
             self.token_path = d / f"{stem}.token"
@@ -494,6 +497,20 @@ class Publisher:
             return
         self._start_viewer(conn)
 
+    def _accept_waiting(self) -> None:
+        """At the end, serve the Unix viewers still in the listen queue.
+
+        They connected before the run ended, so they get the whole stream
+        up to its End frame rather than a connection reset. Bounded by the
+        listen backlog; the accept rate limit does not apply to this one pass.
+        """
+        self._accepts.clear()
+        for _ in range(LISTEN_BACKLOG):
+            before = len(self._viewers)
+            self._accept(self._listen, tcp=False)
+            if len(self._viewers) == before:
+                return
+
     def _on_handshake(self, fd: int) -> None:
         p = self._pending.get(fd)
         if p is None:
@@ -617,6 +634,7 @@ class Publisher:
 
     def _finish(self) -> None:
         """Give viewers a moment to take the last frames, then clean up."""
+        self._accept_waiting()
         deadline = time.monotonic() + 2.0
         while any(v.out for v in self._viewers.values()) and time.monotonic() < deadline:
             for viewer in list(self._viewers.values()):

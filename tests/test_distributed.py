@@ -16,7 +16,7 @@ def run(tmp_path, *extra):
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--standalone", SCRIPT, str(tmp_path), "6", *extra],
                          capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, out.stderr[-8000:]
     return [wire.read_file(str(tmp_path / f"rank{r}.xray"))[0] for r in (0, 1)]
 
 

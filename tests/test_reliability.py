@@ -413,8 +413,11 @@ EXIT_SCRIPT = textwrap.dedent("""
 def test_every_exit_removes_socket_and_manifest_and_closes_the_recording(tmp_path, run_dir, mode, reason, codes):
     script, log = tmp_path / "ending.py", tmp_path / "end.xray"
     script.write_text(EXIT_SCRIPT)
+    # A runner that started us in the background (CI does) hands on SIGINT ignored, and Python then
+    # keeps it ignored: give the child the default disposition a terminal gives.
     proc = subprocess.Popen([sys.executable, str(script), mode, str(log)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if mode == "ctrl-c":
         assert proc.stdout.readline().strip() == "ready"
         assert any(p.suffix == ".sock" for p in run_dir.iterdir())
