@@ -19,11 +19,16 @@ the per-round ratios to the baseline.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
+
+# run as a script, bench/ comes first on sys.path, where bench/tui.py would hide the tui package
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 

@@ -22,7 +22,11 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
+
+# run as a script, bench/ comes first on sys.path, where bench/tui.py would hide the tui package
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
 import torch

@@ -10,11 +10,15 @@ process. Blocks of steps are timed in each phase and the medians compared.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import statistics
 import subprocess
 import sys
 import time
+
+# run as a script, bench/ comes first on sys.path, where bench/tui.py would hide the tui package
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 
