@@ -18,7 +18,13 @@ Viewers connect over the Unix socket (checked: the peer must be the same
 user) or, when asked, over TCP on 127.0.0.1 with a random token that only
 the owner can read (a 0600 file in the 0700 run directory). A TCP viewer
 must send :func:`handshake` within :data:`HANDSHAKE_TIMEOUT` seconds or is
-closed. Nothing a viewer sends is interpreted beyond that comparison.
+closed. After that a viewer may send :class:`probes.wire.Request` frames
+(at most :data:`probes.wire.MAX_REQUEST` bytes each) and nothing else: a
+request for a kind registered with :meth:`Publisher.on_request` calls its
+callback at most once per ``request_interval`` seconds (all viewers
+together), and the asking viewer alone gets a ``request`` Note saying
+whether it was accepted; anything else a viewer sends is read and thrown
+away (:class:`probes.wire.RequestReader`). Nothing received is evaluated.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import heapq
 import hmac
 import itertools
 import logging
+import math
 import os
 import queue
 import secrets
@@ -58,6 +65,13 @@ HANDSHAKE_TIMEOUT = 1.0
 #: backlog's worth of work while holding the GIL, so a connect storm would otherwise slow
 #: training; beyond the rate, connections wait in the kernel's listen queue.
 ACCEPT_RATE = 20
+#: Seconds between two accepted requests of one kind (all viewers together).
+REQUEST_INTERVAL = 10.0
+#: Seconds between two answers to one viewer; requests beyond are dropped unanswered.
+REPLY_INTERVAL = 1.0
+
+#: A request callback returns (accepted, reason); the reason is shown to the viewer.
+RequestCallback = Callable[[], "tuple[bool, str]"]
 
 #: Connections the kernel keeps waiting for accept() on each listener.
 LISTEN_BACKLOG = 16
@@ -108,6 +122,8 @@ class _Viewer:
         self.limit = limit
         self.dropped = 0
         self.reported = 0  # drops the viewer has been told about (queued a note for)
+        self.requests = wire.RequestReader()  # what the viewer sends: Request frames or ignored
+        self.replied = -math.inf  # monotonic time of the last answer to a request
 
     def push(self, frame: bytes, counted: bool = True) -> None:
         self.out.append((frame, counted))
@@ -229,8 +245,12 @@ class Publisher:
         viewer_buffer: int = 64 * 1024 * 1024,
         max_viewers: int = 64,
         tcp: str | int | bool | None = None,
+        request_interval: float = REQUEST_INTERVAL,
     ) -> None:
         self.hello = hello
+        self.request_interval = request_interval
+        #: kind -> [callback, monotonic time of the last accepted request]
+        self._requests: dict[str, list] = {}
         self.rules = rules if rules is not None else RuleEngine()
         self.rules.set_layers(hello.layers)
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -307,6 +327,18 @@ class Publisher:
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(msg)`` on the publisher thread for every message."""
         self._listeners.append(listener)
+
+    def on_request(self, what: str, callback: RequestCallback) -> None:
+        """Honour viewers' ``Request(what)`` by calling ``callback`` on the publisher thread.
+
+        ``callback()`` must be quick and return (accepted, reason). It runs
+        at most once per ``request_interval`` seconds for all viewers
+        together; the Hello sent to viewers from now on lists ``what`` in
+        ``accepts``, so a viewer can tell the user what the probe offers.
+        """
+        self._requests[what] = [callback, -math.inf]
+        self.hello = msgspec.structs.replace(self.hello, accepts=sorted(self._requests))
+        self._hello_frame = wire.encode(self.hello)
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued, then stop serving and remove the socket."""
@@ -457,21 +489,51 @@ class Publisher:
                 return
             try:
                 if events & selectors.EVENT_READ:
-                    # viewers have nothing to say; what they send is read and thrown away
+                    # viewers may only send small Request frames; anything else is thrown away
                     try:
                         data = viewer.sock.recv(4096)
                     except (BlockingIOError, InterruptedError):
-                        data = b"?"
+                        data = None
                     except OSError:
                         data = b""
-                    if not data:
+                    if data is not None and not data:
                         self._drop_viewer(viewer)
                         return
+                    if data:
+                        for req in viewer.requests.feed(data):
+                            self._on_request(viewer, req)
                 if events & selectors.EVENT_WRITE:
                     self._flush_viewer(viewer)
             except Exception:  # one viewer's trouble never stops the others
                 log.exception("xray-tui: dropped a viewer after an error")
                 self._drop_viewer(viewer)
+
+    def _on_request(self, viewer: _Viewer, req: wire.Request) -> None:
+        """Rate-limit a viewer's request, call its callback, answer that viewer alone."""
+        now = time.monotonic()
+        if now - viewer.replied < REPLY_INTERVAL:
+            return  # a viewer repeating itself faster than once a second is not answered
+        viewer.replied = now
+        entry = self._requests.get(req.what)
+        what = req.what if entry is not None else "?"  # never echo a kind we do not know
+        if entry is None:
+            ok, why = False, "not available: this probe does not take that request"
+        elif now - entry[1] < self.request_interval:
+            ok, why = False, (f"rate limited: one per {self.request_interval:g} s; "
+                              f"try again in {math.ceil(self.request_interval - (now - entry[1]))} s")
+        else:
+            try:
+                ok, why = entry[0]()
+            except Exception:
+                log.exception("xray-tui: the %s request handler failed; removed", req.what)
+                self._requests.pop(req.what, None)
+                ok, why = False, "failed in the probe"
+            if ok:
+                entry[1] = now
+        if viewer.sock.fileno() in self._viewers:
+            viewer.push(wire.encode(wire.Note(self._last_step, self.hello.rank, "request", {
+                "what": what, "accepted": bool(ok), "reason": str(why)[:200]})), counted=False)
+            self._flush_viewer(viewer)
 
     def _accept(self, listener: socket.socket | None, tcp: bool) -> None:
         if listener is None or self._rate_limited():

@@ -469,12 +469,16 @@ class SpectralMonitor:
         self._requested = False
         self._next = every  # the step of the next scheduled pass
         self._handles = []
+        self._running = False  # a pass is in progress
         opt = getattr(xr, "optimizer", None)
         if opt is not None:
             self._handles.append(opt.register_step_pre_hook(self._bump))
             self._handles.append(opt.register_step_post_hook(self._bump))
         self._thread = threading.Thread(target=self._run, name="xray-tui-spectral", daemon=True)
         self._thread.start()
+        pub = getattr(xr, "publisher", None)
+        if pub is not None and hasattr(pub, "on_request"):
+            pub.on_request("spectral", self.viewer_request)  # the app's key asks for a pass
 
     def _bump(self, *_) -> None:
         self._seq += 1  # training thread: one integer add per hook call
@@ -483,6 +487,20 @@ class SpectralMonitor:
         """Run a pass as soon as possible (on demand, e.g. from the app)."""
         self._requested = True
         self._wake.set()
+
+    def viewer_request(self) -> tuple[bool, str]:
+        """A viewer asked for a pass (publisher thread): at most one pass in flight.
+
+        Returns (accepted, reason) for the viewer. A request while a pass
+        runs or is already due is refused, so viewers cannot queue up work;
+        the publisher also limits how often this is called.
+        """
+        if self._closed() or not self._thread.is_alive():
+            return False, "the spectral monitor has stopped"
+        if self._running or self._requested:
+            return False, "a spectral pass is already running"
+        self.request()
+        return True, "spectral pass started"
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread (a pass in progress stops after its current matrix)."""
@@ -505,6 +523,7 @@ class SpectralMonitor:
     def _due(self) -> int | None:
         step = self.xr.step_index
         if self._requested or step >= self._next:
+            self._running = True  # before the flag drops, so a viewer never sees neither
             self._requested = False
             self._next = (step // self.every + 1) * self.every
             return step
@@ -519,7 +538,10 @@ class SpectralMonitor:
                     break
                 step = self._due()
                 if step is not None:
-                    self._pass(step)
+                    try:
+                        self._pass(step)
+                    finally:
+                        self._running = False
                     self.passes += 1
         except Exception:  # the probe's own failure must never reach training
             log.exception("xray-tui: the spectral monitor failed and is switched off")

@@ -61,6 +61,8 @@ class Hello(Struct, tag="hello", frozen=True):
     eps: float = 0.05
     hist: str = histogram.SPEC
     layers: list[LayerInfo] = []
+    #: the :class:`Request` kinds this probe honours (e.g. ["spectral"]); [] from older probes
+    accepts: list[str] = []
 
 
 class Sample(Struct, frozen=True, array_like=True):
@@ -190,6 +192,30 @@ class Spectral(Struct, tag="spectral", frozen=True):
 
 Message = Union[Hello, Step, Alert, Note, End, Spectral]
 
+
+# -- viewer -> probe ---------------------------------------------------------
+
+#: Largest frame body a viewer may send to a probe. A Request is about 30 bytes.
+MAX_REQUEST = 256
+#: Request frames one read may complete; more in one read is a flood, not a person pressing a key.
+MAX_REQUESTS_PER_READ = 16
+
+
+class Request(Struct, tag="request", frozen=True):
+    """A viewer asks the probe for something: the only message a probe reads.
+
+    ``what`` names one of the kinds in the probe's :attr:`Hello.accepts`;
+    today only ``"spectral"`` (run a spectral pass now). The probe answers
+    the asking viewer alone with a ``request`` :class:`Note`
+    (``{"what", "accepted", "reason"}``). Not part of :data:`Message`: a
+    probe never sends one, and a viewer never decodes one.
+    """
+
+    what: Annotated[str, Meta(min_length=1, max_length=32)]
+
+
+_request_decoder = msgspec.msgpack.Decoder(Request)
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
@@ -200,6 +226,62 @@ def encode(msg: Message) -> bytes:
     if len(body) > MAX_FRAME:
         raise WireError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte cap")
     return _LEN.pack(len(body)) + body
+
+
+def encode_request(what: str) -> bytes:
+    """The frame a viewer sends to ask for ``what`` (length prefix plus msgpack)."""
+    body = _encoder.encode(Request(what))
+    if len(body) > MAX_REQUEST:
+        raise WireError(f"request of {len(body)} bytes exceeds the {MAX_REQUEST}-byte cap")
+    return _LEN.pack(len(body)) + body
+
+
+class RequestReader:
+    """The probe's reader of one viewer's bytes: :class:`Request` frames and nothing else.
+
+    Memory is bounded: it holds at most one partial frame (4 + MAX_REQUEST
+    bytes). The first thing that is not a Request frame (a length prefix
+    over :data:`MAX_REQUEST`, a body that is not a Request, more than
+    :data:`MAX_REQUESTS_PER_READ` frames in one read) makes the reader
+    ``deaf``: from then on every byte from that viewer is discarded, as
+    before requests existed, and the viewer keeps receiving the stream.
+    Nothing received is evaluated: a body is only msgspec-decoded into a
+    Request with a short string field.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.deaf = False
+        #: Why the reader went deaf ("" while it listens).
+        self.why = ""
+
+    def _stop(self, why: str) -> list:
+        self.deaf = True
+        self.why = why
+        self._buf = bytearray()
+        return []
+
+    def feed(self, data: bytes) -> list[Request]:
+        """Add bytes; return the requests they complete (nothing once deaf)."""
+        if self.deaf:
+            return []
+        self._buf += data
+        out: list[Request] = []
+        while len(self._buf) >= _LEN.size:
+            (size,) = _LEN.unpack_from(self._buf)
+            if size > MAX_REQUEST:
+                return self._stop(f"frame of {size} bytes exceeds the {MAX_REQUEST}-byte request cap")
+            if len(self._buf) < _LEN.size + size:
+                break
+            body = bytes(self._buf[_LEN.size : _LEN.size + size])
+            del self._buf[: _LEN.size + size]
+            try:
+                out.append(_request_decoder.decode(body))
+            except (msgspec.MsgspecError, ValueError):
+                return self._stop("a frame that is not a request")
+            if len(out) > MAX_REQUESTS_PER_READ:
+                return self._stop(f"more than {MAX_REQUESTS_PER_READ} requests in one read")
+        return out
 
 
 def decode(body: bytes) -> Message:

@@ -183,7 +183,7 @@ async def test_help_screen_lists_bindings():
         await pilot.pause()
         text = screen_text(app)
         for word in ("quit", "pause", "filter", "focus", "next layer", "help", "sort", "rank", "theme",
-                     "screenshot", "detail", "|x| < eps", "update ratio"):
+                     "screenshot", "detail", "|x| < eps", "update ratio", "spectral pass"):
             assert word in text
         await pilot.press("escape")
         await pilot.pause()

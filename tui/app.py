@@ -24,6 +24,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Static
 
 import themes
+from probes import wire
 from tui.chooser import ChooserScreen
 from tui.detail import DetailScreen
 from tui.feed import FeedError
@@ -86,6 +87,7 @@ HELP: list[tuple[str, str]] = [
     ("p", "pause / resume the screen (data keeps arriving)"),
     ("t", "next theme (dark, light, high contrast, colour-blind safe)"),
     ("S", "save a screenshot of the screen as SVG (in the current directory)"),
+    ("e", "ask the live run for a spectral pass now (WeightWatcher's alpha; one per 10 s)"),
     ("w g a u", "(detail) show weight / grad / act / update"),
     ("escape", "(detail) back to the table; close the filter"),
 ]
@@ -128,6 +130,7 @@ class XRayApp(App):
         Binding("p", "toggle_pause", "Pause"),
         Binding("r", "cycle_rank", "Rank"),
         Binding("t", "cycle_theme", "Theme"),
+        Binding("e", "request_spectral", "Spectral pass", show=False),
         Binding("tab", "switch_focus", "Table/alerts", priority=True),
         Binding("1", "toggle_kind('weight')", "Weight col", show=False),
         Binding("2", "toggle_kind('grad')", "Grad col", show=False),
@@ -173,6 +176,7 @@ class XRayApp(App):
         self._slots = threading.Semaphore(MAX_IN_FLIGHT)
         self._dirty = True
         self._sized = None
+        self._asked = False  # a request went to the probe and its answer is awaited
 
     def get_theme_variable_defaults(self) -> dict[str, str]:
         """Values for the ``$xray-*`` variables under themes that lack them."""
@@ -274,6 +278,8 @@ class XRayApp(App):
                         self.state.reset()  # a new connection's backlog repeats the history
                     self.connection = msg.connection
                 else:
+                    if self._asked and isinstance(msg, wire.Note) and msg.event == "request":
+                        self._answered(msg)
                     ingest(msg)
         finally:
             self._slots.release()
@@ -443,6 +449,35 @@ class XRayApp(App):
             self.notify(f"screenshot failed: {exc.strerror or exc}", severity="error", timeout=6)
         else:
             self.notify(f"screenshot saved to {path}", timeout=5)
+
+    def action_request_spectral(self) -> None:
+        """Ask the live probe(s) for a spectral pass now; say what happened."""
+        ask = getattr(self.source, "request", None)
+        if ask is None:
+            self.notify("spectral pass not available: this is a replay or recording, not a live run", timeout=4)
+            return
+        hellos = list(self.state.hellos.values())
+        if hellos and not any("spectral" in h.accepts for h in hellos):
+            self.notify("spectral pass not available: the run has the spectral monitor off "
+                        "(spectral_every=None) or an older probe", severity="warning", timeout=5)
+            return
+        sent = ask("spectral")
+        if not sent:
+            self.notify("spectral pass not available: not connected to a live run", severity="warning", timeout=4)
+            return
+        self._asked = True
+        ranks = f" from {sent} ranks" if sent > 1 else ""
+        self.notify(f"spectral pass requested{ranks}; figures appear in each layer's detail screen", timeout=4)
+
+    def _answered(self, note) -> None:
+        """Show the probe's answer to our request (a ``request`` Note sent to us alone)."""
+        data = note.data
+        who = f"rank {note.rank}: " if len(self.state.hellos) > 1 else ""
+        why = str(data.get("reason") or "")[:200]
+        if data.get("accepted"):
+            self.notify(f"{who}{why or 'accepted'}", timeout=4, markup=False)
+        else:
+            self.notify(f"{who}spectral pass refused: {why}", severity="warning", timeout=5, markup=False)
 
     def action_help(self) -> None:
         """Show every key binding and what the columns mean."""

@@ -67,13 +67,34 @@ class SocketSource:
     An endpoint is a Unix socket path, which must be a socket of ours with
     no access for others, or ``tcp:HOST:PORT``, which is sent the
     ``token`` handshake first. Whatever arrives is only ever decoded as
-    frames: never evaluated, unpickled or used as a path.
+    frames: never evaluated, unpickled or used as a path. The only thing
+    sent back is a :class:`probes.wire.Request` (:meth:`request`).
     """
 
     def __init__(self, paths: Iterable[str], label: str = "", token: str | None = None) -> None:
         self.paths = list(paths)
         self.label = label or ", ".join(self.paths)
         self.token = token
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []  # connected while batches() runs
+
+    def request(self, what: str) -> int:
+        """Ask every connected rank for ``what`` (e.g. "spectral"); the number of ranks asked.
+
+        Safe from any thread while :meth:`batches` runs on another. Never
+        blocks: a request frame is ~30 bytes, written with one non-blocking
+        send; a socket that cannot take it whole now is skipped.
+        """
+        frame = wire.encode_request(what)
+        sent = 0
+        with self._lock:
+            for sock in self._socks:
+                try:
+                    if sock.send(frame, socket.MSG_DONTWAIT) == len(frame):
+                        sent += 1
+                except OSError:  # gone, or its buffer is full: this rank is not asked
+                    pass
+        return sent
 
     @classmethod
     def for_run(cls, name: str | None, tcp: bool = False) -> "SocketSource":
@@ -129,6 +150,8 @@ class SocketSource:
                 sock.setblocking(False)
                 readers[sock] = wire.FrameReader(source=path)
                 sel.register(sock, selectors.EVENT_READ)
+                with self._lock:
+                    self._socks.append(sock)
             started = time.monotonic()
             while readers and not stop.is_set():
                 out: Batch = []
@@ -147,7 +170,9 @@ class SocketSource:
                                    else "closed before saying hello (not an xray-tui probe?)")
                             raise FeedError(f"{reader.source}: {why}")
                         sel.unregister(sock)
-                        sock.close()
+                        with self._lock:
+                            self._socks.remove(sock)
+                            sock.close()
                         del readers[sock]
                         continue
                     try:
@@ -160,8 +185,10 @@ class SocketSource:
                     bad = next(r.source for r in readers.values() if r.hello is None)
                     raise FeedError(f"{bad}: no hello within {hello_timeout:g}s (not an xray-tui probe?)")
         finally:
-            for sock in list(readers):
-                sock.close()
+            with self._lock:
+                self._socks.clear()
+                for sock in list(readers):
+                    sock.close()
             sel.close()
 
 
@@ -216,6 +243,12 @@ class PidSource:
         self.label = label
         self.timeout = timeout
         self.alive = alive or (lambda: True)
+        self._live: SocketSource | None = None
+
+    def request(self, what: str) -> int:
+        """Ask the trainer's probe for ``what`` (0 before it serves); see :meth:`SocketSource.request`."""
+        live = self._live
+        return live.request(what) if live is not None else 0
 
     def batches(self, stop: threading.Event | None = None) -> Iterator[Batch]:
         """Poll the run directory for the process's sockets, then stream them."""
@@ -227,7 +260,11 @@ class PidSource:
             except rundir.RunDirError as exc:
                 raise FeedError(str(exc)) from None
             if found:
-                yield from SocketSource([m.socket for m in found], label=found[0].run).batches(stop)
+                self._live = SocketSource([m.socket for m in found], label=found[0].run)
+                try:
+                    yield from self._live.batches(stop)
+                finally:
+                    self._live = None
                 return
             if not self.alive():
                 raise FeedError(f"the trainer (pid {self.pid}) exited before serving; see its log")
@@ -247,6 +284,11 @@ class RecordingSource:
         self.inner = inner
         self.path = free_log_path(path)
         self.label = inner.label
+
+    def request(self, what: str) -> int | None:
+        """The inner source's :meth:`SocketSource.request`; None when it cannot send."""
+        ask = getattr(self.inner, "request", None)
+        return ask(what) if ask is not None else None
 
     def batches(self, stop: threading.Event | None = None) -> Iterator[Batch]:
         """Yield the inner source's batches after recording them."""

@@ -65,6 +65,12 @@ class ReattachSource:
         self.poll = poll
         self.record = free_log_path(record) if record else None
         self.attaches = 0
+        self._live: SocketSource | None = None
+
+    def request(self, what: str) -> int:
+        """Ask the run's probes for ``what`` (0 while not connected); see :meth:`SocketSource.request`."""
+        live = self._live
+        return live.request(what) if live is not None else 0
 
     @property
     def label(self) -> str:
@@ -122,8 +128,9 @@ class ReattachSource:
                 self.attaches += 1
                 yield [Status("live", fresh=fresh)]
                 hellos, ends = set(), set()
+                self._live = SocketSource([m.socket for m in run.ranks], label=run.name)
                 try:
-                    for batch in SocketSource([m.socket for m in run.ranks], label=run.name).batches(stop):
+                    for batch in self._live.batches(stop):
                         for msg in batch:
                             if isinstance(msg, wire.Hello):
                                 hellos.add(msg.rank)
@@ -133,6 +140,7 @@ class ReattachSource:
                                 recorder.write(wire.encode(msg))
                         yield batch
                 except FeedError as exc:
+                    self._live = None
                     if not hellos:
                         # Could not even say hello: the run went away between the
                         # listing and the connect, or the socket is not a probe.
@@ -140,6 +148,7 @@ class ReattachSource:
                         yield [Status(said)]
                         stop.wait(self.poll)
                         continue
+                self._live = None
                 if stop.is_set():
                     return
                 if hellos and hellos <= ends:
