@@ -191,9 +191,15 @@ class XRay:
         self.update_k = update_sample
         self.step_index = 0
         self._sampling = True
+        #: the activation hooks' one flag: this forward pass is sampled (set per forward by the root pre-hook)
+        self._active = True
+        self._phase: str | None = None  # "train" or "eval" inside a forward of the model, else None
+        self._eval_armed = True  # the next evaluation forward is sampled (re-armed by each sampled step)
         self._seen: set[str] = set()
+        self._eval_seen: set[str] = set()
         self._gen = torch.Generator().manual_seed(seed)
         self._batch = self._new_batch()
+        self._eval_batch = self._new_batch()
         self._subsets: dict[str, torch.Tensor | None] = {}
         self._snapshot: torch.Tensor | None = None  # update subsets of every trainable weight, concatenated
         self._handles: list = []
@@ -250,8 +256,10 @@ class XRay:
             self._fail("init")
         for mname, module in modules:
             self._handles.append(module.register_forward_hook(self._make_hook(mname)))
+        # which pass this is (training or evaluation), and whether it is sampled
+        self._handles.append(model.register_forward_pre_hook(self._begin_forward))
         # the forward is over: reduce the held activations together, then let them go
-        self._handles.append(model.register_forward_hook(lambda *_: self._reduce_held()))
+        self._handles.append(model.register_forward_hook(self._end_forward))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_update()))
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.after_update()))
@@ -284,35 +292,83 @@ class XRay:
 
     # -- hooks ----------------------------------------------------------
 
+    def _begin_forward(self, module, args) -> None:
+        """Root pre-hook: a training pass (grad enabled, ``model.train()``) is
+        sampled with its step; an evaluation pass (``torch.no_grad()``,
+        ``inference_mode`` or ``model.eval()``) when armed: the first one
+        after each sampled training step."""
+        if not (self._sampling or self._eval_armed):
+            return  # _active is already False
+        if torch.is_grad_enabled() and self.model.training:
+            self._phase, self._active = "train", self._sampling
+        else:
+            self._phase, self._active = "eval", self._eval_armed and "eval" not in self._failed
+
+    def _end_forward(self, module, args, output) -> None:
+        """Root hook: the forward is over; reduce what it held (and ship an eval pass)."""
+        phase, self._phase = self._phase, None
+        if phase == "eval":
+            if self._active:
+                self._flush_eval()
+            self._active = self._sampling
+        elif self._sampling:
+            self._reduce_held()
+
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
-            if not self._sampling or name in self._seen or "act" in self._failed:
+            if not self._active:
                 return
-            if not torch.is_grad_enabled():
-                return  # evaluation passes are not training activations
-            try:
-                x = _first_tensor(output)
-                if x is None or not x.is_floating_point():
-                    return
-                self._seen.add(name)  # gradient checkpointing runs forward twice
-                dead = dead_units(x, self.eps) if name in self._activations else None
-                self._batch.hold(name, "act", x, dead=dead)
-                if self._batch.held_elements > ACT_HOLD_LIMIT:
-                    self._batch.reduce()  # bound the memory that held activations keep alive
-            except Exception:
-                self._fail("act")
+            self._take_act(name, output)
 
         return hook
+
+    def _take_act(self, name: str, output) -> None:
+        """Hold one module's output (sampled passes only)."""
+        if self._phase == "eval":
+            part, batch, seen = "eval", self._eval_batch, self._eval_seen
+        elif self._phase is None and not torch.is_grad_enabled():
+            return  # called outside a forward of the model, under no_grad: not a training activation
+        else:
+            part, batch, seen = "act", self._batch, self._seen
+        if name in seen or part in self._failed:
+            return
+        try:
+            x = _first_tensor(output)
+            if x is None or not x.is_floating_point():
+                return
+            seen.add(name)  # gradient checkpointing runs forward twice
+            dead = dead_units(x, self.eps) if name in self._activations else None
+            batch.hold(name, "act", x, dead=dead)
+            if batch.held_elements > ACT_HOLD_LIMIT:
+                batch.reduce()  # bound the memory that held activations keep alive
+        except Exception:
+            self._fail(part)
 
     def _new_batch(self) -> Batch:
         return Batch(self.eps, self.hist_k, self._gen)
 
     def _reduce_held(self) -> None:
-        if self._sampling and "act" not in self._failed:
+        if "act" not in self._failed:
             try:
                 self._batch.reduce()
             except Exception:
                 self._fail("act")
+
+    def _flush_eval(self) -> None:
+        """Ship the evaluation pass's activations as their own Step (``phase="eval"``)."""
+        batch, self._eval_batch = self._eval_batch, self._new_batch()
+        self._eval_seen.clear()
+        self._eval_armed = False
+        if not len(batch) or self._closed or "eval" in self._failed:
+            return
+        try:
+            rows, hists = batch.to_host()  # one device-to-host copy for the pass
+        except Exception:
+            self._fail("eval")
+            return
+        step, rank, t = self.step_index, self.rank, time.time()
+        self.publisher.submit(
+            lambda: build_step(step, rank, t, batch.meta, rows, hists, batch.hist_n, phase="eval"))
 
     def _alert_listener(self, msg: wire.Message) -> None:
         """Runs on the publisher thread: act on alerts as ``on_alert`` says."""
@@ -453,6 +509,7 @@ class XRay:
         batch, self._batch = self._batch, self._new_batch()
         norms, self._rank_norms = self._rank_norms, None
         self._seen.clear()
+        self._eval_armed = True  # the next evaluation pass is sampled
         if not len(batch) or self._closed:
             return
         try:
@@ -467,7 +524,7 @@ class XRay:
 
     def _advance(self) -> None:
         self.step_index += 1
-        self._sampling = self.step_index % self.every == 0
+        self._sampling = self._active = self.step_index % self.every == 0
         alert, self._pending_alert = self._pending_alert, None
         if alert is not None and not self._closed:
             raise AlertRaised(alert)
@@ -500,7 +557,7 @@ class XRay:
 
 
 def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np.ndarray, hist_n,
-               rank_grad_norms: list[float] | None = None) -> wire.Step:
+               rank_grad_norms: list[float] | None = None, phase: str = "train") -> wire.Step:
     """Turn the host copy of a step's rows into a :class:`wire.Step` (publisher thread)."""
     samples = []
     for (layer, kind), row, counts, n in zip(meta, rows, hists, hist_n):
@@ -537,7 +594,7 @@ def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np
                 init_dist=init_dist,
             )
         )
-    return wire.Step(step=step, rank=rank, time=t, samples=samples, rank_grad_norms=rank_grad_norms)
+    return wire.Step(step=step, rank=rank, time=t, samples=samples, rank_grad_norms=rank_grad_norms, phase=phase)
 
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kwargs) -> XRay:

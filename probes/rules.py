@@ -158,7 +158,9 @@ class RuleEngine:
         return c
 
     def evaluate(self, step: Step) -> list[Alert]:
-        """Alerts that fire or recover at this step."""
+        """Alerts that fire or recover at this step (none for an evaluation pass's step)."""
+        if step.phase != "train":
+            return []  # eval activations are another distribution: they must not move training baselines
         out: list[Alert] = []
         out += self._nonfinite(step)
         grads = {s.layer for s in step.samples if s.kind == "grad"}

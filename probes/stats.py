@@ -117,12 +117,13 @@ def hist_edges(s: Sample) -> np.ndarray:
     return histogram.edges_for(s.hist_lo, len(s.hist))
 
 
-def export_dict(s: Sample, step: int, rank: int) -> dict:
-    """The documented export JSONL object for one sample."""
+def export_dict(s: Sample, step: int, rank: int, phase: str = "train") -> dict:
+    """The documented export JSONL object for one sample (``phase``: its Step's)."""
     return {
         "type": "sample",
         "step": step,
         "rank": rank,
+        "phase": phase,
         "layer": s.layer,
         "kind": s.kind,
         "count": s.count,

@@ -150,7 +150,7 @@ def test_gradient_checkpointing_counts_activations_once():
     assert sorted(acts) == ["act", "fc1", "fc2"]
 
 
-def test_eval_passes_and_int_outputs_are_ignored():
+def test_eval_passes_are_their_own_step_and_int_outputs_are_ignored():
     emb = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 2))
     opt = torch.optim.SGD(emb.parameters(), lr=0.01)
     xr = probes.attach(emb, opt, every=1, serve=False)
@@ -160,8 +160,11 @@ def test_eval_passes_and_int_outputs_are_ignored():
     emb(torch.tensor([[1, 2, 3]])).sum().backward()
     opt.step()
     xr.close()
-    acts = {s.layer: s for s in steps_of(msgs)[0].samples if s.kind == "act"}
+    train = [s for s in steps_of(msgs) if s.phase == "train"]
+    acts = {s.layer: s for s in train[0].samples if s.kind == "act"}
     assert acts["0"].count == 3 * 8  # the training forward, not the eval one
+    (ev,) = [s for s in steps_of(msgs) if s.phase == "eval"]
+    assert {(s.layer, s.kind, s.count) for s in ev.samples} == {("0", "act", 2 * 8), ("1", "act", 2 * 2)}
 
 
 def test_a_failing_hook_never_reaches_training(monkeypatch, caplog):
@@ -297,3 +300,70 @@ def test_layers_refuses_blocks_the_model_lacks(layers, why):
         probes.attach(TinyGPT(), every=1, serve=False, layers=layers, spectral_every=None)
     with pytest.raises(ValueError, match="no list of transformer blocks"):
         probes.attach(Net(), every=1, serve=False, layers=[0], spectral_every=None)
+
+
+def _eval_run(with_eval: bool):
+    """Train Net for 8 steps at every=2; with_eval: before training and after every step, an
+    evaluation loop of 5 batches whose inputs are 1e5 times larger (they would trip `exploding`
+    if they reached a training stream)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = torch.randn(8, 16, 12, generator=torch.Generator().manual_seed(1))
+    evals = torch.randn(6, 5, 16, 12, generator=torch.Generator().manual_seed(2)) * 1e5
+    xr = probes.attach(model, opt, every=2, serve=False, spectral_every=None)
+    msgs = collect(xr)
+    truth = []  # (step, fc1 output of the first batch of each evaluation loop)
+
+    def evaluate(i, mode):
+        model.eval()
+        with mode():
+            for j, x in enumerate(evals[i]):
+                out = model[0](x) if j == 0 else None
+                model(x)
+                if out is not None:
+                    truth.append((xr.step_index, out))
+        model.train()
+
+    if with_eval:
+        evaluate(0, torch.inference_mode)
+    for step in range(8):
+        model.train()
+        model(data[step]).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if with_eval:
+            evaluate(1 + step % 5, torch.no_grad)
+    xr.close()
+    alerts = [m for m in msgs if isinstance(m, wire.Alert)]
+    return steps_of(msgs), alerts, truth
+
+
+def test_eval_passes_are_sampled_marked_and_kept_out_of_training_streams():
+    from tui.state import RunState
+
+    plain, plain_alerts, _ = _eval_run(False)
+    steps, alerts, truth = _eval_run(True)
+    train = [s for s in steps if s.phase == "train"]
+    evals = [s for s in steps if s.phase == "eval"]
+    # training streams are exactly those of the run without evaluation
+    assert [s.step for s in train] == [s.step for s in plain] == [0, 2, 4, 6]
+    for a, b in zip(train, plain):
+        assert a.samples == b.samples
+    # one sampled evaluation forward before training and after each sampled step; only activations
+    assert [s.step for s in evals] == [0, 1, 3, 5, 7]
+    assert all(s.kind == "act" for e in evals for s in e.samples)
+    assert {s.layer for s in evals[0].samples} == {"0", "1", "3"}
+    sampled = {st: out for st, out in truth if st in (0, 1, 3, 5, 7)}
+    for e in evals:
+        assert_matches(by_key(e)[("0", "act")], sampled[e.step])
+        assert stats.absmax(by_key(e)[("0", "act")]) > 1e4  # the cap `exploding` would have fired on
+    # no alert came from the 1e5-scaled evaluation inputs: the rules saw training steps only
+    assert alerts == plain_alerts == []
+    # the viewer keeps them apart too
+    state = RunState()
+    for m in steps:
+        state.ingest(m)
+    assert [st for st, _ in state.series("0", "act")] == [0, 2, 4, 6]
+    assert [st for st, _ in state.eval_series("0")] == [0, 1, 3, 5, 7]
+    assert state.step == 6

@@ -169,7 +169,7 @@ def cmd_export(args) -> int:
             for msg in batch:
                 if isinstance(msg, wire.Step):
                     for s in msg.samples:
-                        out.write(json.dumps(clean(stats.export_dict(s, msg.step, msg.rank))) + "\n")
+                        out.write(json.dumps(clean(stats.export_dict(s, msg.step, msg.rank, msg.phase))) + "\n")
                         n += 1
     except BrokenPipeError:
         return EXIT_OK

@@ -209,7 +209,12 @@ class DetailScreen(Screen):
                        Series(x, now, f"now (step {series[-1][0]})", color)])
         ts = time_series(series)
         steps = ts["step"]
-        norm.show([Series(steps, ts["l2"], "‖x‖₂", color)])
+        lines = [Series(steps, ts["l2"], "‖x‖₂", color)]
+        evals = self.state.eval_series(self.row.name, rank=self.rank) if kind == "act" else []
+        if evals:  # evaluation passes, drawn beside the training ones, never mixed into them
+            lines.append(Series(tuple(st for st, _ in evals), tuple(stats.l2(s) for _, s in evals),
+                                "‖x‖₂ eval", "xray-muted"))
+        norm.show(lines)
         meanstd.show([Series(steps, ts["mean"], "mean", color), Series(steps, ts["std"], "std", "xray-muted")])
         if kind == "update":
             init = next((s.init_dist for _, s in reversed(series) if s.init_dist is not None), None)

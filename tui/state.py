@@ -124,7 +124,8 @@ class RunState:
     hellos: dict = field(default_factory=dict)  # rank -> Hello
     rows: list[Row] = field(default_factory=list)
     step: int = -1
-    history: dict = field(default_factory=dict)  # (layer, kind, rank) -> deque[(step, Sample)]
+    # (layer, kind, rank) -> deque[(step, Sample)]; evaluation passes under (layer, kind, rank, "eval")
+    history: dict = field(default_factory=dict)
     alerts: deque = field(default_factory=deque)
     active: dict = field(default_factory=dict)  # (rule, layer, kind, rank) -> Alert
     notes: deque = field(default_factory=deque)
@@ -170,6 +171,15 @@ class RunState:
             if not self.rows or msg.rank == 0:
                 self.rows = [Row(li.name, li.type, list(li.params), li.act) for li in msg.layers]
                 self._row_index = {r.name: i for i, r in enumerate(self.rows)}
+        elif isinstance(msg, wire.Step) and msg.phase != "train":
+            # an evaluation pass: its own streams, so training columns, sparklines and plots never mix them
+            for s in msg.samples:
+                key = (s.layer, s.kind, msg.rank, msg.phase)
+                buf = self.history.get(key)
+                if buf is None:
+                    buf = self._new_stream(key)
+                buf.append((msg.step, s))
+            self.samples_seen += len(msg.samples)
         elif isinstance(msg, wire.Step):
             self.step = max(self.step, msg.step)
             self.drops = max(self.drops, msg.drops)
@@ -264,6 +274,14 @@ class RunState:
                 n = len(self.hellos)
                 return [(st, merge_samples(v)) for st, v in sorted(by_step.items()) if len(v) == n]
         return list(self.history.get((layer, kind, rank), ()))
+
+    def eval_series(self, layer: str, kind: str = "act", rank: int | None = 0) -> list:
+        """The (step, Sample) ring of a stream's evaluation passes, oldest first
+        (``step``: training steps done when the pass ran). ``rank=None``: the
+        first rank's."""
+        if rank is None:
+            rank = min(self.hellos, default=0)
+        return list(self.history.get((layer, kind, rank, "eval"), ()))
 
     def stream_alerts(self, row: Row) -> list:
         """Every alert (active or past, newest first) whose layer is this row."""
