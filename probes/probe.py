@@ -103,6 +103,15 @@ def block_filter(model: nn.Module, layers: Iterable[int]):
     return lambda path: path in heads or path.startswith(starts)
 
 
+def _unreadable(t: torch.Tensor) -> str:
+    """Why the probe cannot read ``t`` ("" if it can): no values, or not a dense tensor."""
+    if t.is_meta:
+        return "on the meta device: it has no values"
+    if t.layout != torch.strided:
+        return f"{str(t.layout).replace('torch.', '')} layout: only dense (strided) tensors are read"
+    return ""
+
+
 def _first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
@@ -213,10 +222,28 @@ class XRay:
         self.should_stop = False
 
         inside = block_filter(model, layers) if layers is not None else None  # ValueError before any hook
-        self.params = [(_unwrap_name(n), p) for n, p in model.named_parameters() if p.is_floating_point()]
+        self._skipped: set[tuple[str, str]] = set()  # (tensor name, kind) already noted as unreadable
+        self._skip_notes: list[tuple[str, str, str]] = []  # noted before the publisher existed
+        #: module -> {"weight": why, "weight.grad": why, ...}: tensors the probe does not read
+        self._unread: dict[str, dict[str, str]] = {}
+        self.params = []
+        for n, p in model.named_parameters():
+            n = _unwrap_name(n)
+            if not p.is_floating_point() or (inside is not None and not inside(n)):
+                continue
+            why = _unreadable(p)
+            if why:
+                mod, _, short = n.rpartition(".")
+                self._unread.setdefault(mod, {})[short] = why
+                self._skip(n, "weight", why)
+                continue
+            self.params.append((n, p))
+        watched = {id(p) for _, p in self.params}
+        for mname, m in model.named_modules():  # gradients known to come sparse
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and id(m.weight) in watched:
+                self._unread.setdefault(_unwrap_name(mname), {})["weight.grad"] = "sparse gradient (sparse=True)"
         modules = [(_unwrap_name(n), m) for n, m in select_modules(model, include, exclude)]
         if inside is not None:
-            self.params = [(n, p) for n, p in self.params if inside(n)]
             modules = [(n, m) for n, m in modules if inside(n)]
         hooked = {n: m for n, m in modules}
         self._activations = {n for n, m in modules if _is_activation(m)}
@@ -244,6 +271,9 @@ class XRay:
         self.publisher = Publisher(hello, serve=serve, log_path=log, rules=rules, tcp=tcp if serve else None)
         if on_alert is not None:
             self.publisher.subscribe(self._alert_listener)
+        for n, kind, why in self._skip_notes:
+            self.note("skipped", layer=n, kind=kind, why=why)
+        self._skip_notes.clear()
         # distance from initialisation: the update subsets as they are at attach, kept for the run
         self._init: torch.Tensor | None = None
         self._init_sumsq: torch.Tensor | None = None
@@ -282,13 +312,25 @@ class XRay:
         infos = []
         for mname, module in self.model.named_modules():
             mname = _unwrap_name(mname)
-            if mname in by_module or mname in hooked:
+            if mname in by_module or mname in hooked or mname in self._unread:
                 role = "activation" if _is_activation(module) else ("block" if mname in hooked and
                                                                      mname not in by_module and
                                                                      any(True for _ in module.children()) else "")
                 infos.append(wire.LayerInfo(mname, type(module).__name__, by_module.pop(mname, []),
-                                            mname in hooked, role, frozen.get(mname, [])))
+                                            mname in hooked, role, frozen.get(mname, []),
+                                            skipped=dict(self._unread.get(mname, {}))))
         return infos
+
+    def _skip(self, name: str, kind: str, why: str) -> None:
+        """Leave a tensor out, saying why once per (name, kind): an info log and a ``skipped`` Note."""
+        if (name, kind) in self._skipped:
+            return
+        self._skipped.add((name, kind))
+        log.info("xray-tui: %s (%s) is not read: %s", name, kind, why)
+        if hasattr(self, "publisher"):
+            self.note("skipped", layer=name, kind=kind, why=why)
+        else:
+            self._skip_notes.append((name, kind, why))
 
     # -- hooks ----------------------------------------------------------
 
@@ -335,6 +377,9 @@ class XRay:
         try:
             x = _first_tensor(output)
             if x is None or not x.is_floating_point():
+                return
+            if x.layout != torch.strided or x.is_meta:
+                self._skip(name, "act", _unreadable(x))
                 return
             seen.add(name)  # gradient checkpointing runs forward twice
             dead = dead_units(x, self.eps) if name in self._activations else None
@@ -456,8 +501,12 @@ class XRay:
         b = self._batch
         for name, p in self.params:
             b.hold(name, "weight", p)
-            if p.grad is not None:
-                b.hold(name, "grad", p.grad)
+            g = p.grad
+            if g is not None:
+                if g.layout != torch.strided or g.is_meta:
+                    self._skip(name, "grad", _unreadable(g))
+                else:
+                    b.hold(name, "grad", g)
         b.reduce()  # now, before the optimizer changes them
 
     def _subset_lengths(self) -> list[int]:
@@ -494,7 +543,7 @@ class XRay:
         if not (dist.is_available() and dist.is_initialized()) or "ranks" in self._failed:
             return
         try:
-            grads = [p.grad.detach() for _, p in self.params if p.grad is not None]
+            grads = [p.grad.detach() for _, p in self.params if p.grad is not None and p.grad.layout == torch.strided]
             if grads:
                 local = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
             else:

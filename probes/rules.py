@@ -148,7 +148,8 @@ class RuleEngine:
         layers = list(layers)
         self._activations = {li.name for li in layers if li.role == "activation"}
         self._trainable = {f"{li.name}.{p}" if li.name else p
-                           for li in layers for p in li.params if p not in li.frozen}
+                           for li in layers for p in li.params
+                           if p not in li.frozen and f"{p}.grad" not in li.skipped}  # e.g. sparse gradients
 
     def cfg(self, layer: str) -> RuleConfig:
         """The resolved thresholds of ``layer`` (cached)."""

@@ -45,6 +45,9 @@ class LayerInfo(Struct, frozen=True):
     act: bool = False  # whether its output is hooked
     role: str = ""  # "activation" (an activation function), "block" (a transformer block) or ""
     frozen: list[str] = []  # params (short names) with requires_grad=False
+    # tensors of this module the probe does not read, and why: "weight" (a meta or sparse
+    # parameter, absent from ``params``), "weight.grad" (gradients that come sparse), ...
+    skipped: dict[str, str] = {}
 
 
 class Hello(Struct, tag="hello", frozen=True):

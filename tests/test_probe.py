@@ -367,3 +367,62 @@ def test_eval_passes_are_sampled_marked_and_kept_out_of_training_streams():
     assert [st for st, _ in state.series("0", "act")] == [0, 2, 4, 6]
     assert [st for st, _ in state.eval_series("0")] == [0, 1, 3, 5, 7]
     assert state.step == 6
+
+
+class SparseAndMeta(nn.Module):
+    """A sparse-gradient embedding, and a submodule left on the meta device (its output too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6, sparse=True)
+        self.fc = nn.Linear(6, 3)
+        self.lazy = nn.Linear(4, 4, device="meta")
+
+    def forward(self, ids):
+        self.lazy(torch.empty(2, 4, device="meta"))  # an output with no values
+        return self.fc(self.emb(ids))
+
+
+def test_meta_and_sparse_tensors_are_skipped_with_one_note_each(caplog, tmp_path):
+    import logging
+
+    torch.manual_seed(0)
+    model = SparseAndMeta()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)  # plain SGD takes sparse gradients
+    caplog.set_level(logging.INFO, logger="xray-tui")
+    xr = probes.attach(model, opt, every=1, serve=False, spectral_every=None, log=str(tmp_path / "r.xray"))
+    ids = torch.tensor([[1, 2, 3, 2]])
+    for _ in range(4):
+        w_emb, w_fc = model.emb.weight.detach().clone(), model.fc.weight.detach().clone()
+        model(ids).pow(2).sum().backward()
+        assert model.emb.weight.grad.is_sparse
+        g_fc = model.fc.weight.grad.clone()
+        opt.step()
+        opt.zero_grad()
+    xr.close()
+    assert xr._failed == set()  # nothing was switched off
+    assert xr.step_index == 4
+    msgs, _ = wire.read_file(str(tmp_path / "r.xray"))
+    notes = [(m.data["layer"], m.data["kind"]) for m in msgs if isinstance(m, wire.Note) and m.event == "skipped"]
+    # once each, though 4 steps were sampled: parameters at attach, the rest when first met
+    assert notes == [("lazy.weight", "weight"), ("lazy.bias", "weight"), ("lazy", "act"), ("emb.weight", "grad")]
+    logged = [r.getMessage() for r in caplog.records if "is not read" in r.getMessage()]
+    assert sorted(logged) == sorted([
+        "xray-tui: lazy.weight (weight) is not read: on the meta device: it has no values",
+        "xray-tui: lazy.bias (weight) is not read: on the meta device: it has no values",
+        "xray-tui: emb.weight (grad) is not read: sparse_coo layout: only dense (strided) tensors are read",
+        "xray-tui: lazy (act) is not read: on the meta device: it has no values",
+    ])
+    last = by_key(steps_of(msgs)[-1])
+    assert not any(k[0].startswith("lazy") for k in last)
+    assert ("emb.weight", "grad") not in last
+    assert_matches(last[("emb.weight", "weight")], w_emb)  # the dense weight is read...
+    assert_matches(last[("emb.weight", "update")], model.emb.weight.detach() - w_emb)  # ...and its update
+    assert_matches(last[("fc.weight", "grad")], g_fc)
+    assert_matches(last[("fc.weight", "update")], model.fc.weight.detach() - w_fc)
+    # the Hello says what is not read; the no-grad rule does not blame the sparse embedding
+    infos = {li.name: li for li in xr.publisher.hello.layers}
+    assert infos["emb"].skipped == {"weight.grad": "sparse gradient (sparse=True)"}
+    assert set(infos["lazy"].skipped) == {"weight", "bias"} and infos["lazy"].params == []
+    assert not [m for m in msgs if isinstance(m, wire.Alert) and m.rule == "no-grad"]
+    assert len(steps_of(msgs)) == 4  # 3 samples in a row without a gradient would have fired it
