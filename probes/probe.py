@@ -338,22 +338,29 @@ class XRay:
         """Root pre-hook: a training pass (grad enabled, ``model.train()``) is
         sampled with its step; an evaluation pass (``torch.no_grad()``,
         ``inference_mode`` or ``model.eval()``) when armed: the first one
-        after each sampled training step."""
-        if not (self._sampling or self._eval_armed):
-            return  # _active is already False
+        after each sampled training step. A training pass reads only
+        ``_sampling`` and an eval pass only ``_eval_armed``, so torch.compile
+        keeps two variants of each kind of pass, not one per combination."""
         if torch.is_grad_enabled() and self.model.training:
             self._phase, self._active = "train", self._sampling
         else:
             self._phase, self._active = "eval", self._eval_armed and "eval" not in self._failed
 
     def _end_forward(self, module, args, output) -> None:
-        """Root hook: the forward is over; reduce what it held (and ship an eval pass)."""
+        """Root hook: the forward is over; reduce what it held (and ship an eval pass).
+
+        When torch.compile traces this hook, nothing is reduced here (that
+        would break the graph): the held activations are reduced with the
+        parameters at the optimizer step, and an eval pass is shipped then.
+        """
         phase, self._phase = self._phase, None
         if phase == "eval":
             if self._active:
-                self._flush_eval()
-            self._active = self._sampling
-        elif self._sampling:
+                self._eval_armed = False
+                if not torch.compiler.is_compiling():
+                    self._flush_eval()
+            self._active = False  # the next forward's pre-hook sets it (not _sampling: one guard less)
+        elif self._sampling and not torch.compiler.is_compiling():
             self._reduce_held()
 
     def _make_hook(self, name: str):
@@ -372,6 +379,14 @@ class XRay:
             return  # called outside a forward of the model, under no_grad: not a training activation
         else:
             part, batch, seen = "act", self._batch, self._seen
+        if torch.compiler.is_compiling():
+            # traced by torch.compile: tensor ops and list appends only, so the hook adds graph
+            # outputs instead of breaking the graph (no logging, no early reduction, and no
+            # read of the `seen` set, whose contents dynamo would guard on)
+            x = _first_tensor(output)
+            if x is not None and x.is_floating_point() and x.layout == torch.strided and part not in self._failed:
+                batch.hold(name, "act", x, dead=dead_units(x, self.eps) if name in self._activations else None)
+            return
         if name in seen or part in self._failed:
             return
         try:
@@ -401,9 +416,10 @@ class XRay:
 
     def _flush_eval(self) -> None:
         """Ship the evaluation pass's activations as their own Step (``phase="eval"``)."""
+        if not len(self._eval_batch):
+            return
         batch, self._eval_batch = self._eval_batch, self._new_batch()
         self._eval_seen.clear()
-        self._eval_armed = False
         if not len(batch) or self._closed or "eval" in self._failed:
             return
         try:
@@ -455,6 +471,8 @@ class XRay:
 
     def before_update(self) -> None:
         """Read weights and gradients, and keep the update subset (sampled steps)."""
+        if len(self._eval_batch):
+            self._flush_eval()  # an eval pass that torch.compile traced
         if not self._sampling or "params" in self._failed:
             return
         try:
@@ -486,6 +504,8 @@ class XRay:
                 log.warning("xray-tui: step() ignored: the optimizer's own hooks count steps")
                 self._warned_step = True
             return
+        if len(self._eval_batch):
+            self._flush_eval()  # an eval pass that torch.compile traced
         if self._sampling:
             try:
                 self._read_params()
@@ -589,6 +609,8 @@ class XRay:
         """Remove the hooks, send what is queued, close socket and recording."""
         if self._closed:
             return
+        if len(self._eval_batch):
+            self._flush_eval()  # an eval pass that torch.compile traced
         self._closed = True
         atexit.unregister(self.close)
         for h in self._handles:

@@ -1,0 +1,107 @@
+"""torch.compile'd models with the probe attached: statistics on sampled steps, no graph
+break (fullgraph=True would raise on one), at most twice the unprobed run's graphs, and
+training identical to an unprobed compiled run."""
+
+import shutil
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+from torch._dynamo.utils import counters
+
+import probes
+from probes import stats, wire
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 4))
+
+
+DATA = torch.randn(6, 16, 12, generator=torch.Generator().manual_seed(1))
+EVAL = torch.randn(3, 16, 12, generator=torch.Generator().manual_seed(2))
+
+
+def train(backend: str, order: str | None):
+    """Six steps at every=2 and, after step 2, an evaluation loop of three batches.
+    ``order``: "attach-compile", "compile-attach", or None (no probe)."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    xr, msgs = None, []
+    if order == "attach-compile":
+        xr = probes.attach(model, opt, every=2, serve=False, spectral_every=None)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    if order == "compile-attach":
+        xr = probes.attach(compiled, opt, every=2, serve=False, spectral_every=None)
+    if xr is not None:
+        xr.publisher.subscribe(msgs.append)
+    truth = {}
+    for i, x in enumerate(DATA):
+        compiled(x).pow(2).mean().backward()
+        with torch.no_grad():  # the ground truth, without the hooks: functional calls
+            w, b = model[0].weight, model[0].bias
+            truth[i] = (w.detach().clone(), w.grad.clone(), nn.functional.linear(x, w, b))
+        opt.step()
+        opt.zero_grad()
+        if i == 2:
+            model.eval()
+            with torch.no_grad():
+                for e in EVAL:
+                    compiled(e)
+            truth["eval"] = nn.functional.linear(EVAL[0], model[0].weight, model[0].bias).detach()
+            model.train()
+    if xr is not None:
+        xr.close()
+    graphs = counters["stats"]["unique_graphs"]
+    breaks = sum(counters["graph_break"].values())
+    return model, [m for m in msgs if isinstance(m, wire.Step)], truth, graphs, breaks
+
+
+def close(s, t: torch.Tensor, rel=1e-5):
+    a = t.detach().double().reshape(-1)
+    assert s.count == a.numel()
+    assert stats.l2(s) == pytest.approx(a.norm().item(), rel=rel)
+    assert stats.mean(s) == pytest.approx(a.mean().item(), rel=rel, abs=1e-7)
+    assert (s.min, s.max) == (pytest.approx(a.min().item(), rel=rel), pytest.approx(a.max().item(), rel=rel))
+
+
+def check(backend, order, exact=True):
+    plain, _, _, plain_graphs, _ = train(backend, None)
+    model, steps, truth, graphs, breaks = train(backend, order)
+    # training is the unprobed compiled run's
+    for p, q in zip(model.parameters(), plain.parameters()):
+        if exact:
+            assert torch.equal(p, q)
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert breaks == 0
+    assert graphs <= 2 * plain_graphs  # sampled and unsampled variants of each, nothing per step
+    train_steps = [s for s in steps if s.phase == "train"]
+    assert [s.step for s in train_steps] == [0, 2, 4]
+    for st in train_steps:
+        by = {(s.layer, s.kind): s for s in st.samples}
+        assert {k for k, _ in by} == {"0", "1", "2", "3"} | {f"{m}.{p}" for m in "013" for p in ("weight", "bias")}
+        w, g, out = truth[st.step]
+        close(by[("0.weight", "weight")], w)
+        close(by[("0.weight", "grad")], g)
+        close(by[("0", "act")], out, rel=1e-4)
+        assert by[("2", "act")].dead_units is not None
+        assert by[("0.weight", "update")].ratio > 0
+    (ev,) = [s for s in steps if s.phase == "eval"]
+    assert ev.step == 3 and {s.kind for s in ev.samples} == {"act"}
+    close({s.layer: s for s in ev.samples}["0"], truth["eval"], rel=1e-4)
+
+
+@pytest.mark.parametrize("order", ["attach-compile", "compile-attach"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_model_keeps_its_graphs_and_its_training(backend, order):
+    check(backend, order)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+def test_inductor_compiled_model():
+    check("inductor", "attach-compile", exact=False)
