@@ -103,6 +103,35 @@ def block_filter(model: nn.Module, layers: Iterable[int]):
     return lambda path: path in heads or path.startswith(starts)
 
 
+def lora_adapters(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module, nn.Module, float]]:
+    """peft-style LoRA adapters: (wrapper path, base_layer, A module, B module, scale).
+
+    A LoRA layer (peft's ``LoraLayer``, or a hand-written one with the same
+    attributes) has a ``base_layer`` and ``lora_A``/``lora_B``, each a module
+    or a ``ModuleDict`` of one module per adapter name; ``scaling`` is a dict
+    (adapter name -> float) or a float (``scale`` is read too), default 1.
+    The change it makes to the base weight is ``B @ A * scale`` (A and B
+    flattened to matrices: conv adapters too).
+    """
+    out = []
+    for mname, m in model.named_modules():
+        base, la, lb = (getattr(m, a, None) for a in ("base_layer", "lora_A", "lora_B"))
+        if not all(isinstance(x, nn.Module) for x in (base, la, lb)):
+            continue
+        if isinstance(la, nn.ModuleDict) != isinstance(lb, nn.ModuleDict):
+            continue
+        pairs = [(k, la[k], lb[k]) for k in la.keys() if k in lb] if isinstance(la, nn.ModuleDict) else [("", la, lb)]
+        scaling = getattr(m, "scaling", getattr(m, "scale", 1.0))
+        for key, a, b in pairs:
+            scale = scaling.get(key, 1.0) if isinstance(scaling, dict) else scaling
+            try:
+                scale = float(scale)
+            except (TypeError, ValueError):
+                continue
+            out.append((_unwrap_name(mname), base, a, b, scale))
+    return out
+
+
 def _unreadable(t: torch.Tensor) -> str:
     """Why the probe cannot read ``t`` ("" if it can): no values, or not a dense tensor."""
     if t.is_meta:
@@ -245,6 +274,7 @@ class XRay:
         modules = [(_unwrap_name(n), m) for n, m in select_modules(model, include, exclude)]
         if inside is not None:
             modules = [(n, m) for n, m in modules if inside(n)]
+        self._find_lora()
         hooked = {n: m for n, m in modules}
         self._activations = {n for n, m in modules if _is_activation(m)}
         self.trainable = [(n, p) for n, p in self.params if p.requires_grad]
@@ -316,10 +346,58 @@ class XRay:
                 role = "activation" if _is_activation(module) else ("block" if mname in hooked and
                                                                      mname not in by_module and
                                                                      any(True for _ in module.children()) else "")
+                base = self._adapter_of.get(mname, "")
                 infos.append(wire.LayerInfo(mname, type(module).__name__, by_module.pop(mname, []),
-                                            mname in hooked, role, frozen.get(mname, []),
-                                            skipped=dict(self._unread.get(mname, {}))))
+                                            mname in hooked, "lora" if base else role, frozen.get(mname, []),
+                                            skipped=dict(self._unread.get(mname, {})), adapter_of=base))
+        # each base module's adapters follow it, whatever order the modules were registered in
+        adapters = [li for li in infos if li.adapter_of]
+        infos = [li for li in infos if not li.adapter_of]
+        for li in adapters:
+            at = next((i for i, x in enumerate(infos) if x.name == li.adapter_of), None)
+            if at is None:
+                infos.append(li)
+                continue
+            while at + 1 < len(infos) and infos[at + 1].adapter_of == li.adapter_of:
+                at += 1
+            infos.insert(at + 1, li)
         return infos
+
+    def _find_lora(self) -> None:
+        """The LoRA adapters whose base weight and B are watched: their shift is
+        computed on sampled steps, and the Hello groups them with their base."""
+        #: (B weight name, A weight, B weight, scale) per adapter
+        self._lora: list[tuple[str, torch.Tensor, torch.Tensor, float]] = []
+        self._lora_bases: dict[str, str] = {}  # B weight name -> base weight name
+        self._adapter_of: dict[str, str] = {}  # adapter module path -> base module path
+        names = {id(p): n for n, p in self.params}
+        paths = {id(m): _unwrap_name(n) for n, m in self.model.named_modules()}
+        for _, base, a, b, scale in lora_adapters(self.model):
+            w, wa, wb = (getattr(x, "weight", None) for x in (base, a, b))
+            if not all(isinstance(t, torch.Tensor) and id(t) in names for t in (w, wa, wb)):
+                continue  # a quantised base weight, or outside ``layers``
+            if wa.dim() < 2 or wb.dim() < 2 or wb.reshape(wb.shape[0], -1).shape[1] != wa.shape[0]:
+                continue  # not the B @ A shape
+            self._lora.append((names[id(wb)], wa, wb, scale))
+            self._lora_bases[names[id(wb)]] = names[id(w)]
+            for x in (a, b):
+                self._adapter_of[paths[id(x)]] = paths[id(base)]
+
+    def _lora_sumsq(self) -> dict[str, torch.Tensor]:
+        """||B A scale||_F^2 of every adapter, on the device and without forming B A:
+        trace((B^T B)(A A^T)) with r x r matrices."""
+        out: dict[str, torch.Tensor] = {}
+        if not self._lora or "lora" in self._failed:
+            return out
+        try:
+            for bname, wa, wb, scale in self._lora:
+                a = wa.detach().reshape(wa.shape[0], -1).float()
+                b = wb.detach().reshape(wb.shape[0], -1).float()
+                out[bname] = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0) * (scale * scale)
+        except Exception:
+            self._fail("lora")
+            return {}
+        return out
 
     def _skip(self, name: str, kind: str, why: str) -> None:
         """Leave a tensor out, saying why once per (name, kind): an info log and a ``skipped`` Note."""
@@ -519,8 +597,9 @@ class XRay:
 
     def _read_params(self) -> None:
         b = self._batch
+        lora = self._lora_sumsq()
         for name, p in self.params:
-            b.hold(name, "weight", p)
+            b.hold(name, "weight", p, lora_sumsq=lora.get(name))
             g = p.grad
             if g is not None:
                 if g.layout != torch.strided or g.is_meta:
@@ -589,7 +668,8 @@ class XRay:
             return
         step, rank, t = self.step_index, self.rank, time.time()
         self.publisher.submit(
-            lambda: build_step(step, rank, t, batch.meta, rows, hists, batch.hist_n, rank_norms))
+            lambda: build_step(step, rank, t, batch.meta, rows, hists, batch.hist_n, rank_norms,
+                               lora_bases=self._lora_bases))
 
     def _advance(self) -> None:
         self.step_index += 1
@@ -628,9 +708,15 @@ class XRay:
 
 
 def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np.ndarray, hist_n,
-               rank_grad_norms: list[float] | None = None, phase: str = "train") -> wire.Step:
-    """Turn the host copy of a step's rows into a :class:`wire.Step` (publisher thread)."""
+               rank_grad_norms: list[float] | None = None, phase: str = "train",
+               lora_bases: dict[str, str] | None = None) -> wire.Step:
+    """Turn the host copy of a step's rows into a :class:`wire.Step` (publisher thread).
+
+    ``lora_bases`` maps each LoRA B weight to its base weight, whose row gives
+    the ||W|| of the adapter's relative shift."""
     samples = []
+    weight_sumsq = {layer: row[COL["sumsq"]] for (layer, kind), row in zip(meta, rows)
+                    if kind == "weight"} if lora_bases else {}
     for (layer, kind), row, counts, n in zip(meta, rows, hists, hist_n):
         lo, run = histogram.trim(counts)
         dead = row[COL["dead_units"]]
@@ -640,6 +726,11 @@ def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np
             ratio = float(np.sqrt(row[COL["sumsq"]] / ref))
         if kind == "update" and np.isfinite(row[COL["init_dist"]]):
             init_dist = float(row[COL["init_dist"]])  # NaN/inf: a weight that was all zeros at attach
+        shift = None
+        if kind == "weight" and lora_bases and layer in lora_bases and np.isfinite(row[COL["lora_sumsq"]]):
+            ref = weight_sumsq.get(lora_bases[layer], np.nan)
+            if ref > 0:
+                shift = float(np.sqrt(row[COL["lora_sumsq"]] / ref))
         samples.append(
             wire.Sample(
                 layer=layer,
@@ -663,6 +754,7 @@ def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np
                 sum3=float(row[COL["sum3"]]),
                 sum4=float(row[COL["sum4"]]),
                 init_dist=init_dist,
+                lora_shift=shift,
             )
         )
     return wire.Step(step=step, rank=rank, time=t, samples=samples, rank_grad_norms=rank_grad_norms, phase=phase)

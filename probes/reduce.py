@@ -23,7 +23,7 @@ from . import histogram
 COLUMNS = (
     "count", "sum", "sumsq", "abssum", "min", "max",
     "near_zero", "zeros", "nan", "posinf", "neginf", "sum3", "sum4",
-    "dead_units", "ref_sumsq", "init_dist",
+    "dead_units", "ref_sumsq", "init_dist", "lora_sumsq",
 )
 COL = {name: i for i, name in enumerate(COLUMNS)}
 NCOL = len(COLUMNS)
@@ -164,7 +164,7 @@ class Batch:
 
         ``dead`` and the other keywords are 0-d tensors computed elsewhere
         that fill the columns of their name (``dead_units``, ``ref_sumsq``,
-        ``init_dist``); None leaves a column NaN.
+        ``init_dist``, ``lora_sumsq``); None leaves a column NaN.
         """
         if dead is not None:
             extra["dead_units"] = dead

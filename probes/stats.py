@@ -145,5 +145,6 @@ def export_dict(s: Sample, step: int, rank: int, phase: str = "train") -> dict:
         "dead_units": s.dead_units,
         "ratio": s.ratio,
         "init_dist": s.init_dist,
+        "lora_shift": s.lora_shift,
         "hist": {"edges": hist_edges(s).tolist(), "counts": s.hist.tolist(), "sampled": s.hist_n},
     }

@@ -43,11 +43,14 @@ class LayerInfo(Struct, frozen=True):
     type: str = ""
     params: list[str] = []  # short names, e.g. ["weight", "bias"]
     act: bool = False  # whether its output is hooked
-    role: str = ""  # "activation" (an activation function), "block" (a transformer block) or ""
+    role: str = ""  # "activation" (an activation function), "block" (a transformer block), "lora" or ""
     frozen: list[str] = []  # params (short names) with requires_grad=False
     # tensors of this module the probe does not read, and why: "weight" (a meta or sparse
     # parameter, absent from ``params``), "weight.grad" (gradients that come sparse), ...
     skipped: dict[str, str] = {}
+    # a LoRA adapter's A or B module (role "lora"): the path of the base module it changes;
+    # adapters follow their base module in ``Hello.layers``
+    adapter_of: str = ""
 
 
 class Hello(Struct, tag="hello", frozen=True):
@@ -104,6 +107,9 @@ class Sample(Struct, frozen=True, array_like=True):
     # unknown (older probes, a weight that was all zeros at attach). Defaulted fields go last, so
     # frames without them (older recordings) still decode.
     init_dist: float | None = None
+    # weight of a LoRA B: the adapter's relative shift ||B A scale||_F / ||W_base||_F (exact, on
+    # the whole matrices); 0 while B is zero
+    lora_shift: float | None = None
 
     @property
     def hist(self) -> np.ndarray:

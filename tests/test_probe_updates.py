@@ -110,3 +110,104 @@ def test_frames_without_the_new_fields_still_decode():
 def test_merged_ranks_take_the_largest_distance():
     merged = merge_samples([_sample(init_dist=0.1), _sample(init_dist=0.3), _sample()])
     assert merged.init_dist == 0.3 and merged.count == 12
+
+
+class PlainLoRA(nn.Module):
+    """Adapters as plain submodules and a float ``scale`` (as in tests/test_fault_zoo.py)."""
+
+    def __init__(self, base: nn.Linear, r: int = 4, alpha: float = 8.0):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+        self.scale = alpha / r
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scale
+
+
+class PeftLoRA(nn.Module):
+    """peft's LoraLayer attribute layout: ModuleDicts per adapter name and a ``scaling`` dict;
+    the adapters are registered before the base layer here, to check the grouping."""
+
+    def __init__(self, base: nn.Linear, r: int = 2, alpha: float = 6.0, names=("default", "other")):
+        super().__init__()
+        self.lora_A = nn.ModuleDict({k: nn.Linear(base.in_features, r, bias=False) for k in names})
+        self.lora_B = nn.ModuleDict({k: nn.Linear(r, base.out_features, bias=False) for k in names})
+        self.base_layer = base
+        self.scaling = {k: alpha / r * (i + 1) for i, k in enumerate(names)}
+        for k in names:
+            nn.init.zeros_(self.lora_B[k].weight)
+
+    def forward(self, x):
+        out = self.base_layer(x)
+        for k in self.lora_A:
+            out = out + self.lora_B[k](self.lora_A[k](x)) * self.scaling[k]
+        return out
+
+
+class Adapted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = PlainLoRA(nn.Linear(16, 24))
+        self.act = nn.GELU()
+        self.v = PeftLoRA(nn.Linear(24, 8))
+
+    def forward(self, x):
+        return self.v(self.act(self.q(x)))
+
+
+def _adapters(model):
+    return {"q.lora_B.weight": (model.q.lora_A.weight, model.q.lora_B.weight, model.q.scale, model.q.base_layer),
+            **{f"v.lora_B.{k}.weight": (model.v.lora_A[k].weight, model.v.lora_B[k].weight, model.v.scaling[k],
+                                         model.v.base_layer) for k in ("default", "other")}}
+
+
+def test_lora_shift_equals_the_full_product_and_stays_zero_for_a_b_that_never_moves():
+    torch.manual_seed(0)
+    model = Adapted()
+    for n, p in model.named_parameters():
+        p.requires_grad = "lora_" in n
+    # the "other" adapter's B is left out of the optimizer (a classic mistake): it never moves
+    trained = [p for n, p in model.named_parameters() if "lora_" in n and "lora_B.other" not in n]
+    opt = torch.optim.Adam(trained, lr=1e-2)
+    xr = probes.attach(model, opt, every=1, serve=False, spectral_every=None)
+    msgs = collect(xr)
+    truth = []
+    for _ in range(5):
+        model(torch.randn(8, 16)).pow(2).mean().backward()
+        truth.append({b: ((wb @ wa) * s).norm().item() / base.weight.norm().item()
+                      for b, (wa, wb, s, base) in _adapters(model).items()})
+        opt.step()
+        opt.zero_grad()
+    xr.close()
+    steps = steps_of(msgs)
+    assert len(steps) == 5
+    for st, want in zip(steps, truth):
+        weights = {s.layer: s for s in st.samples if s.kind == "weight"}
+        for b, shift in want.items():
+            assert weights[b].lora_shift == pytest.approx(shift, rel=1e-5, abs=1e-12)
+            assert stats.export_dict(weights[b], st.step, 0)["lora_shift"] == weights[b].lora_shift
+        assert weights["v.lora_B.other.weight"].lora_shift == 0.0  # exactly: B is still zero
+        assert weights["q.base_layer.weight"].lora_shift is None  # only B weights carry it
+    assert steps[0].samples and truth[0]["q.lora_B.weight"] == 0.0 < truth[-1]["q.lora_B.weight"]
+    # the adapter that never moves is flagged
+    stalled = {m.layer for m in msgs if isinstance(m, wire.Alert) and m.rule == "stalled"}
+    assert "v.lora_B.other.weight" in stalled and "q.lora_B.weight" not in stalled
+    # the Hello groups each adapter with its base module
+    layers = xr.publisher.hello.layers
+    names = [li.name for li in layers]
+    info = {li.name: li for li in layers}
+    for adapter, base in (("q.lora_A", "q.base_layer"), ("q.lora_B", "q.base_layer"),
+                          ("v.lora_A.default", "v.base_layer"), ("v.lora_B.other", "v.base_layer")):
+        assert (info[adapter].role, info[adapter].adapter_of) == ("lora", base)
+    assert info["q.base_layer"].adapter_of == "" and info["q.base_layer"].role == ""
+    v = names.index("v.base_layer")
+    assert names[v:v + 5] == ["v.base_layer", "v.lora_A.default", "v.lora_A.other",
+                              "v.lora_B.default", "v.lora_B.other"]
+
+
+def test_lora_shift_merges_and_old_frames_lack_it():
+    assert merge_samples([_sample(lora_shift=0.01), _sample(lora_shift=0.02)]).lora_shift == 0.02
+    assert _sample().lora_shift is None

@@ -176,7 +176,9 @@ class DetailScreen(Screen):
         depth = state.stream_depth or state.depth
         self.query_one("#detail-title", Static).update(
             f"[b]{row.name}[/b]  {row.type}  params: {', '.join(row.params) or '—'}  ·  {view}  ·  "
-            f"{len(series)} samples kept (ring of {depth})\n{kinds}   [dim]escape: back[/dim]")
+            f"{len(series)} samples kept (ring of {depth})"
+            + (f"  ·  LoRA adapter of [b]{row.adapter_of}[/b]" if row.adapter_of else "")
+            + f"\n{kinds}   [dim]escape: back[/dim]")
         self._show_hot(stream, kind, series)
         self._show_plots(kind, series)
         self.query_one("#spectral", Static).update(spectral_text(state, row))
@@ -218,9 +220,13 @@ class DetailScreen(Screen):
         meanstd.show([Series(steps, ts["mean"], "mean", color), Series(steps, ts["std"], "std", "xray-muted")])
         if kind == "update":
             init = next((s.init_dist for _, s in reversed(series) if s.init_dist is not None), None)
-            since = "" if init is None else f"; from init ‖W−W₀‖/‖W₀‖ now {init:.3g}"
-            near.show([Series(steps, ts["ratio"], "‖ΔW‖/‖W‖", color)],
-                       title=f"update ratio ‖ΔW‖/‖W‖ over steps (healthy ~1e-3){since}")
+            title = ("update ratio ‖ΔW‖/‖W‖ over steps (healthy ~1e-3)" if init is None else
+                     f"‖ΔW‖/‖W‖ (healthy ~1e-3) · from init ‖W−W₀‖/‖W₀‖ {init:.3g}")
+            near.show([Series(steps, ts["ratio"], "‖ΔW‖/‖W‖", color)], title=title)
+        elif kind == "weight" and any(s.lora_shift is not None for _, s in series):
+            shift = tuple(s.lora_shift if s.lora_shift is not None else float("nan") for _, s in series)
+            near.show([Series(steps, shift, "‖B·A·s‖/‖W‖", color)],
+                      title=f"LoRA shift ‖B·A·scale‖/‖W_base‖, now {series[-1][1].lora_shift or 0:.3g}")
         elif kind == "act" and any(v == v for v in ts["dead"]):
             near.show([Series(steps, ts["near_zero"], "|x|<eps %", color),
                        Series(steps, ts["dead"], "dead units %", "xray-dead")],

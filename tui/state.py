@@ -37,8 +37,8 @@ def merge_samples(samples: list[wire.Sample]) -> wire.Sample | None:
     """One sample from several ranks' samples of one stream (sufficient stats add).
 
     Counts, sums and histograms add, min/max take the extremes; the dead-unit
-    fraction is averaged and the update ratio and distance from initialisation
-    take the worst (largest) rank.
+    fraction is averaged and the update ratio, distance from initialisation
+    and LoRA shift take the worst (largest) rank.
     Fields added to :class:`~probes.wire.Sample` later add up when they are
     numbers (power sums, counts). Returns the single sample itself when there
     is one, None for none.
@@ -71,7 +71,7 @@ def merge_samples(samples: list[wire.Sample]) -> wire.Sample | None:
         elif name == "dead_units":
             known = [v for v in values if v is not None]
             out[name] = sum(known) / len(known) if known else None
-        elif name in ("ratio", "init_dist"):
+        elif name in ("ratio", "init_dist", "lora_shift"):
             known = [v for v in values if v is not None]
             out[name] = max(known) if known else None
         elif all(isinstance(v, (int, float)) for v in values):
@@ -89,6 +89,7 @@ class Row:
     type: str = ""
     params: list[str] = field(default_factory=list)
     act: bool = False
+    adapter_of: str = ""  # a LoRA adapter's A or B: the base module it changes
 
     @property
     def depth(self) -> int:
@@ -169,7 +170,7 @@ class RunState:
             self.hellos[msg.rank] = msg
             self.run = msg.run
             if not self.rows or msg.rank == 0:
-                self.rows = [Row(li.name, li.type, list(li.params), li.act) for li in msg.layers]
+                self.rows = [Row(li.name, li.type, list(li.params), li.act, li.adapter_of) for li in msg.layers]
                 self._row_index = {r.name: i for i, r in enumerate(self.rows)}
         elif isinstance(msg, wire.Step) and msg.phase != "train":
             # an evaluation pass: its own streams, so training columns, sparklines and plots never mix them
