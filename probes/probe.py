@@ -103,6 +103,13 @@ def block_filter(model: nn.Module, layers: Iterable[int]):
     return lambda path: path in heads or path.startswith(starts)
 
 
+def _eager(fn):
+    """Never compiled, nor anything it calls: a hook that runs eagerly inside a
+    torch.compile'd call (a frame dynamo skipped or fell back on) would
+    otherwise have each function it calls compiled on its own."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 def lora_adapters(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module, nn.Module, float]]:
     """peft-style LoRA adapters: (wrapper path, base_layer, A module, B module, scale).
 
@@ -465,6 +472,10 @@ class XRay:
             if x is not None and x.is_floating_point() and x.layout == torch.strided and part not in self._failed:
                 batch.hold(name, "act", x, dead=dead_units(x, self.eps) if name in self._activations else None)
             return
+        self._take_act_eager(name, output, part, batch, seen)
+
+    @_eager
+    def _take_act_eager(self, name: str, output, part: str, batch: Batch, seen: set) -> None:
         if name in seen or part in self._failed:
             return
         try:
@@ -485,6 +496,7 @@ class XRay:
     def _new_batch(self) -> Batch:
         return Batch(self.eps, self.hist_k, self._gen)
 
+    @_eager
     def _reduce_held(self) -> None:
         if "act" not in self._failed:
             try:
@@ -492,6 +504,7 @@ class XRay:
             except Exception:
                 self._fail("act")
 
+    @_eager
     def _flush_eval(self) -> None:
         """Ship the evaluation pass's activations as their own Step (``phase="eval"``)."""
         if not len(self._eval_batch):
@@ -547,6 +560,7 @@ class XRay:
             pieces.append((flat if idx is None else flat[idx]).to(device=device, dtype=torch.float32))
         return torch.cat(pieces)  # a copy: the optimizer's in-place update cannot reach it
 
+    @_eager
     def before_update(self) -> None:
         """Read weights and gradients, and keep the update subset (sampled steps)."""
         if len(self._eval_batch):
@@ -561,6 +575,7 @@ class XRay:
         if self.world > 1:
             self._gather_grad_norms()
 
+    @_eager
     def after_update(self) -> None:
         """Reduce the updates, ship the step, and move to the next one."""
         if self._sampling:
@@ -571,6 +586,7 @@ class XRay:
             self._flush()
         self._advance()
 
+    @_eager
     def step(self) -> None:
         """Mark a step boundary in loops that did not pass an optimizer.
 

@@ -105,3 +105,67 @@ def test_compiled_model_keeps_its_graphs_and_its_training(backend, order):
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
 def test_inductor_compiled_model():
     check("inductor", "attach-compile", exact=False)
+
+
+class Looping(nn.Module):
+    """A forward dynamo cannot compile whole (a graph break inside a loop): it falls back
+    to running the frame eagerly, so the probe's hooks run outside any graph while
+    dynamo still compiles the frames they call, unless the probe stops it."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+            if x.abs().max().item() > 1e6:  # .item() breaks the graph, in a loop
+                x = x / 2
+        return x
+
+
+def traced_frames(steps: int = 10):
+    """Train Looping with the probe (every=2) and return, per step, the frames dynamo traced."""
+    import logging
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Looping()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    xr = probes.attach(model, opt, every=2, serve=False, spectral_every=None)
+    msgs, traced = [], []
+    xr.publisher.subscribe(msgs.append)
+    compiled = torch.compile(model, backend="eager")
+
+    class Frames(logging.Handler):
+        def emit(self, record):
+            text = record.getMessage()
+            if "start tracing" in text:
+                traced[-1].append(text.split("start tracing ")[1])
+
+    handler = Frames()
+    torch._logging.set_logs(dynamo=logging.INFO)
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        for x in torch.randn(steps, 8, 16, generator=torch.Generator().manual_seed(3)):
+            traced.append([])
+            compiled(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+        torch._logging.set_logs()
+    xr.close()
+    return traced, [m for m in msgs if isinstance(m, wire.Step)]
+
+
+def test_a_forward_dynamo_falls_back_on_does_not_get_the_probe_compiled():
+    traced, steps = traced_frames()
+    assert [s.step for s in steps] == [0, 2, 4, 6, 8]
+    assert {s.layer for s in steps[-1].samples if s.kind == "act"} == {
+        f"blocks.{i}{j}" for i in range(3) for j in ("", ".0", ".1")}
+    # only the hooks' entry points are traced (and compile to nothing on unsampled steps);
+    # never the reductions, which dynamo would compile function by function on every sampled step
+    probe_frames = {f.split()[0] for step in traced for f in step if "/probes/" in f}
+    assert probe_frames <= {"_begin_forward", "_end_forward", "hook", "_take_act"}, probe_frames
+    assert not any(traced[4:]), traced[4:]  # both variants compiled in the first two sampled cycles
