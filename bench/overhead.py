@@ -25,6 +25,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 # run as a script, bench/ comes first on sys.path, where bench/tui.py would hide the tui package
@@ -106,13 +107,33 @@ def make(args, seed=0):
     return data, model, opt
 
 
-def run_block(data, model, opt, steps, batch):
+def wait_for_publisher(xr) -> None:
+    """Block until the probe's publisher thread has handled every step queued so far.
+
+    The publisher builds, judges, encodes and records steps after the
+    training thread has moved on; on a CPU-only run that work competes with
+    training for the same cores, so a block's time includes it (otherwise
+    the next configuration's block would pay for it).
+    """
+    done = threading.Event()
+
+    def marker():
+        done.set()
+        return wire.Note(xr.step_index, xr.rank, "bench-sync", {})
+
+    xr.publisher.submit(marker)
+    done.wait(60)
+
+
+def run_block(data, model, opt, steps, batch, xr=None):
     t0 = time.perf_counter()
     for _ in range(steps):
         x = data.batch(batch)
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if xr is not None:
+        wait_for_publisher(xr)
     return (time.perf_counter() - t0) / steps
 
 
@@ -127,21 +148,27 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--gpt2-small", action="store_true", help="12 layers x 768 wide, 12 heads, batch 4 x 128")
     p.add_argument("--configs", default=DEFAULT)
+    p.add_argument("--spectral-every", type=int, default=0, metavar="N",
+                   help="also run the spectral monitor every N steps (default: off, so that the table is the "
+                        "statistics' cost; the monitor's own cost is in bench/spectral.py)")
     args = p.parse_args()
     if args.gpt2_small:
         args.layers, args.width, args.heads, args.batch, args.block_len = 12, 768, 12, 4, 128
 
     names = args.configs.split(",")
-    setups, frame_bytes, closers = {}, [], []
+    setups, frame_bytes, closers, probes_of = {}, [], [], {}
+    spectral = args.spectral_every or None
     for name in names:
         data, model, opt = make(args)
         kind, _, n = name.partition("/")
         n = int(n or 0)
+        xr = None
         if kind == "probe":
-            xr = probes.attach(model, opt, every=n, name=f"bench-{n}")
+            xr = probes.attach(model, opt, every=n, name=f"bench-{n}", spectral_every=spectral)
             closers.append(xr.close)
             xr.publisher.subscribe(
-                lambda m: frame_bytes.append(len(wire.encode(m))) if isinstance(m, wire.Step) else None)
+                lambda m: frame_bytes.append((len(wire.encode(m)), len(m.samples)))
+                if isinstance(m, wire.Step) and m.phase == "train" else None)
         elif kind == "tensorboard":
             closers.append(tensorboard(model, opt, n))
         elif kind == "histc":
@@ -151,14 +178,15 @@ def main() -> None:
         elif kind != "baseline":
             p.error(f"unknown configuration {name!r}")
         setups[name] = (data, model, opt)
-        run_block(data, model, opt, 2, args.batch)  # warm-up
+        probes_of[name] = xr
+        run_block(data, model, opt, 2, args.batch, xr)  # warm-up
 
     times = {name: [] for name in names}
     for r in range(args.rounds):
         order = list(names)
         random.Random(r).shuffle(order)
         for name in order:
-            times[name].append(run_block(*setups[name], args.block, args.batch))
+            times[name].append(run_block(*setups[name], args.block, args.batch, probes_of[name]))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     for close in closers:
         close()
@@ -174,7 +202,10 @@ def main() -> None:
         ratio = statistics.median(t / b for t, b in zip(ts, base)) if base else float("nan")
         print(f"| {name} | {statistics.median(ts) * 1e3:.1f} | {ratio:.3f} |")
     if frame_bytes:
-        print(f"\nStep frame (every stream of one sampled step): median {statistics.median(frame_bytes) / 1024:.1f} KiB")
+        size = statistics.median(b for b, _ in frame_bytes)
+        per = statistics.median(b / n for b, n in frame_bytes)
+        print(f"\nStep frame (every stream of one sampled training step): median {size / 1024:.1f} KiB, "
+              f"{statistics.median(n for _, n in frame_bytes)} samples, {per:.0f} bytes per sample")
 
 
 if __name__ == "__main__":

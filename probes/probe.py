@@ -212,7 +212,7 @@ class XRay:
         serve: bool = True,
         include: Iterable[str] | None = None,
         exclude: Iterable[str] | None = None,
-        hist_sample: int = 65536,
+        hist_sample: int = 65535,  # counts then fit 16 bits on the wire
         update_sample: int = 4096,
         rules: RuleEngine | None = None,
         on_alert=None,

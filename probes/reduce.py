@@ -33,6 +33,8 @@ _TRASH = histogram.NUM_BINS  # bin index of non-finite values
 BUCKET = 1 << 22
 #: Tensors at least this large are reduced alone.
 ALONE = 1 << 16
+#: Largest |x| for which x^3 and x^4 are summed in float32 (n * x^4 stays below ~1e25).
+POW4_SAFE = 1e4
 
 
 def _flat32(x: torch.Tensor) -> torch.Tensor:
@@ -76,24 +78,45 @@ def segment_rows(flat: torch.Tensor, lengths: list[int], eps: float) -> torch.Te
 
 
 def tensor_row(f: torch.Tensor, eps: float) -> torch.Tensor:
-    """The same statistics for one large flat tensor (no segment bookkeeping)."""
-    a = f.abs()
+    """The same statistics for one large flat tensor (no segment bookkeeping).
+
+    Here the passes over memory cost, not the launches, so the row is built
+    from few of them: norms give the sums of |x|, x^2 and x^4 without
+    materialising a copy, one float32 ``x*x`` serves x^3 and x^4 as dot
+    products (in float64 where |x| is large or the device is not the CPU,
+    which would need a host read to tell), and on the CPU, where a host read
+    is free, the NaN/Inf counts are skipped when the sums show the tensor is
+    finite. Sums of x and x^2 accumulate in float64, like :func:`segment_rows`.
+    """
+    n = f.numel()
+    s1 = f.sum(dtype=torch.float64)
+    s2 = torch.linalg.vector_norm(f, dtype=torch.float64).square()
+    zero = torch.zeros((), dtype=torch.float64, device=f.device)
+    if f.device.type == "cpu" and bool(torch.isfinite(s1 + s2)):
+        nan = posinf = neginf = zero  # a NaN or an Inf anywhere would make the sums non-finite
+    else:
+        nan = torch.isnan(f).sum().double()
+        posinf = (f == math.inf).sum().double()
+        neginf = (f == -math.inf).sum().double()
     mn, mx = torch.aminmax(f)
-    d2 = f.double().square()
+    if f.device.type == "cpu" and bool(torch.maximum(-mn, mx) <= POW4_SAFE):
+        sq = f * f  # float32 suffices: x^4 and its sum stay far from float32's overflow
+    else:
+        f, sq = f.double(), f.double().square()
     cols = [
-        torch.tensor(float(f.numel()), dtype=torch.float64, device=f.device),
-        f.sum(dtype=torch.float64),
-        torch.linalg.vector_norm(f, dtype=torch.float64).square(),  # squares in float64, like segment_rows
-        a.sum(dtype=torch.float64),
+        zero + n,
+        s1,
+        s2,
+        torch.linalg.vector_norm(f, 1, dtype=torch.float64),
         mn.double(),
         mx.double(),
-        (a < eps).sum().double(),
-        (f == 0).sum().double(),
-        torch.isnan(f).sum().double(),
-        (f == math.inf).sum().double(),
-        (f == -math.inf).sum().double(),
-        (d2 * f).sum(),
-        d2.square().sum(),
+        (f.abs() < eps).sum().double(),
+        (n - torch.count_nonzero(f)).double(),
+        nan,
+        posinf,
+        neginf,
+        torch.dot(sq, f).double(),
+        torch.dot(sq, sq).double(),
     ]
     return torch.stack(cols)
 
@@ -116,15 +139,30 @@ def hist_sample(x: torch.Tensor, k: int, generator: torch.Generator | None = Non
     return f[offset::stride][:k]
 
 
+#: A float32's "code": its top bits (sign, exponent, MANTISSA_BITS of mantissa), which alone decide its bin.
+CODE_SHIFT = 23 - histogram.MANTISSA_BITS
+NUM_CODES = 1 << (32 - CODE_SHIFT)
+
+
+def _code_bins() -> torch.Tensor:
+    """The bin of every code (numpy's reference binning of the code's smallest value)."""
+    codes = (np.arange(NUM_CODES, dtype=np.int64) << CODE_SHIFT).astype(np.uint32)
+    return torch.from_numpy(histogram.bin_index(codes.view(np.float32)))
+
+
+#: Bin of each code; NaN and Inf codes map to ``_TRASH``.
+CODE_BINS = _code_bins()
+
+
+def float_codes(sample: torch.Tensor) -> torch.Tensor:
+    """The code of each element (two integer ops on the float32 bits)."""
+    bits = sample.float().contiguous().view(torch.int32)
+    return (bits >> CODE_SHIFT) & (NUM_CODES - 1)
+
+
 def bin_index(sample: torch.Tensor) -> torch.Tensor:
     """Bin of each element, read from the float32 bits (see probes.histogram)."""
-    bits = sample.float().contiguous().view(torch.int32)
-    exp = ((bits >> 23) & 0xFF) - 127
-    mant = (bits >> (23 - histogram.MANTISSA_BITS)) & (histogram.BINS_PER_OCTAVE - 1)
-    mag = ((exp - histogram.EXP_LO) * histogram.BINS_PER_OCTAVE + mant).clamp(-1, histogram.MAG_BINS - 1)
-    z = histogram.ZERO_BIN
-    idx = torch.where(mag < 0, z, torch.where(bits < 0, z - 1 - mag, z + 1 + mag))
-    return torch.where(torch.isfinite(sample), idx, _TRASH).long()
+    return CODE_BINS.to(sample.device)[float_codes(sample).long()]
 
 
 def dead_units(x: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -212,11 +250,14 @@ class Batch:
                 [v.to(device=device, dtype=torch.float64) for _, _, v in extras])
         # histograms: one pass over every sample, one bincount with per-tensor offsets
         samples = [hist_sample(x, self.hist_k, self.generator) for _, _, x, _ in items]
+        # Elements are counted per code (the float's top bits), and the few thousand code counts per
+        # tensor are then folded into bins: two integer ops per element instead of a dozen.
         lengths = torch.tensor([s.numel() for s in samples], device=device)
-        width = histogram.NUM_BINS + 1
-        offsets = torch.repeat_interleave(torch.arange(len(items), device=device) * width, lengths)
-        bins = bin_index(torch.cat(samples)) + offsets
-        counts = torch.bincount(bins, minlength=len(items) * width).view(len(items), width)
+        offsets = torch.repeat_interleave(torch.arange(len(items), device=device, dtype=torch.int32) * NUM_CODES,
+                                          lengths)
+        codes = torch.bincount(float_codes(torch.cat(samples)) + offsets, minlength=len(items) * NUM_CODES)
+        counts = torch.zeros(len(items), histogram.NUM_BINS + 1, dtype=codes.dtype, device=device)
+        counts.index_add_(1, CODE_BINS.to(device), codes.view(len(items), NUM_CODES))
         self._rows.append(rows)
         self._counts.append(counts[:, : histogram.NUM_BINS])
         self.meta += [(layer, kind) for layer, kind, _, _ in items]
