@@ -169,3 +169,48 @@ def test_a_forward_dynamo_falls_back_on_does_not_get_the_probe_compiled():
     probe_frames = {f.split()[0] for step in traced for f in step if "/probes/" in f}
     assert probe_frames <= {"_begin_forward", "_end_forward", "hook", "_take_act"}, probe_frames
     assert not any(traced[4:]), traced[4:]  # both variants compiled in the first two sampled cycles
+
+
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)
+
+    def inner(self, x):
+        return self.act(self.a(x))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.b(checkpoint(self.inner, x, use_reentrant=False))
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_gradient_checkpointing_inside_a_compiled_model(fullgraph, monkeypatch):
+    """Without fullgraph the checkpointed region breaks the graph on sampled steps (cached);
+    fullgraph=True needs dynamo told that the hooks' side effect need not be replayed in backward."""
+    if fullgraph:
+        monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Checkpointed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xr = probes.attach(model, opt, every=2, serve=False, spectral_every=None)
+    msgs = []
+    xr.publisher.subscribe(msgs.append)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+    xs = torch.randn(4, 4, 8, generator=torch.Generator().manual_seed(5))
+    outs = {}
+    for i, x in enumerate(xs):
+        with torch.no_grad():
+            outs[i] = nn.functional.linear(x, model.a.weight, model.a.bias)
+        compiled(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    xr.close()
+    steps = [m for m in msgs if isinstance(m, wire.Step)]
+    assert [s.step for s in steps] == [0, 2]
+    for st in steps:
+        acts = {s.layer: s for s in st.samples if s.kind == "act"}
+        assert set(acts) == {"a", "act", "b"}
+        close(acts["a"], outs[st.step], rel=1e-4)  # once, not again for the recomputation
