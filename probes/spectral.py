@@ -565,7 +565,9 @@ class SpectralMonitor:
                 w = t.tensor().clone()
             if self._seq == s1:
                 return w
-        return w  # training steps back to back without a gap: a copy at most one update off
+        # training steps back to back without a gap (or always mid-step when we looked): a copy at most
+        # one update off
+        return t.tensor().clone()
 
     def _pass(self, step: int) -> None:
         tg, _ = targets(self.xr.model)
