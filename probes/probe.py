@@ -470,7 +470,8 @@ class XRay:
             # read of the `seen` set, whose contents dynamo would guard on)
             x = _first_tensor(output)
             if x is not None and x.is_floating_point() and x.layout == torch.strided and part not in self._failed:
-                batch.hold(name, "act", x, dead=dead_units(x, self.eps) if name in self._activations else None)
+                batch.hold(name, "act", x, dead=dead_units(x, self.eps) if name in self._activations else None,
+                           detach=False)
             return
         self._take_act_eager(name, output, part, batch, seen)
 

@@ -197,19 +197,22 @@ class Batch:
         return len(self.meta) + len(self._held)
 
     def hold(self, layer: str, kind: str, x: torch.Tensor, *, dead: torch.Tensor | None = None,
-             **extra: torch.Tensor | None) -> None:
+             detach: bool = True, **extra: torch.Tensor | None) -> None:
         """Queue ``x`` (its values must not change until :meth:`reduce`).
 
         ``dead`` and the other keywords are 0-d tensors computed elsewhere
         that fill the columns of their name (``dead_units``, ``ref_sumsq``,
         ``init_dist``, ``lora_sumsq``); None leaves a column NaN.
+        ``detach=False`` keeps ``x`` itself (it is detached when reduced):
+        under torch.compile a detached view would be an aliased graph output,
+        which inductor's alias replay got wrong on GPT-2's logits.
         """
         if dead is not None:
             extra["dead_units"] = dead
         for col in extra:
             if col not in COL or COL[col] < _NBASE:
                 raise ValueError(f"{col!r} is not an extra statistics column")
-        self._held.append((layer, kind, x.detach(), {k: v for k, v in extra.items() if v is not None}))
+        self._held.append((layer, kind, x.detach() if detach else x, {k: v for k, v in extra.items() if v is not None}))
         self.held_elements += x.numel()
 
     def reduce(self) -> None:

@@ -214,3 +214,30 @@ def test_gradient_checkpointing_inside_a_compiled_model(fullgraph, monkeypatch):
         acts = {s.layer: s for s in st.samples if s.kind == "act"}
         assert set(acts) == {"a", "act", "b"}
         close(acts["a"], outs[st.step], rel=1e-4)  # once, not again for the recomputation
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+def test_inductor_on_the_demo_gpt2():
+    """HF GPT-2 under inductor: a held *detached view* of an activation became an aliased graph
+    output that inductor replayed with a garbage shape (a RuntimeError in training)."""
+    from probes import demo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = demo.build_model(vocab=256)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    xr = probes.attach(model, opt, every=3, serve=False, spectral_every=None)
+    msgs = []
+    xr.publisher.subscribe(msgs.append)
+    compiled = torch.compile(model, backend="inductor")
+    data = torch.randint(0, 256, (7, 8, 64), generator=torch.Generator().manual_seed(1))
+    for ids in data:
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    xr.close()
+    steps = [m for m in msgs if isinstance(m, wire.Step)]
+    assert [s.step for s in steps] == [0, 3, 6]
+    acts = {s.layer: s for s in steps[-1].samples if s.kind == "act"}
+    assert acts["lm_head"].count == 8 * 64 * 256 and acts["transformer.h.0"].count == 8 * 64 * 128
