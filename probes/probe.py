@@ -420,13 +420,16 @@ class XRay:
     # -- hooks ----------------------------------------------------------
 
     def _begin_forward(self, module, args) -> None:
-        """Root pre-hook: a training pass (grad enabled, ``model.train()``) is
-        sampled with its step; an evaluation pass (``torch.no_grad()``,
-        ``inference_mode`` or ``model.eval()``) when armed: the first one
-        after each sampled training step. A training pass reads only
+        """Root pre-hook: a training pass (gradients enabled) is sampled with
+        its step; an evaluation pass (``torch.no_grad()`` or
+        ``inference_mode``) when armed: the first one after each sampled
+        training step. ``model.eval()`` alone does not make a pass an
+        evaluation: a pass that can be backpropagated is training (dropout-free
+        fine-tuning and ``xray-tui inspect`` run ``model.eval()`` with a
+        backward). A training pass reads only
         ``_sampling`` and an eval pass only ``_eval_armed``, so torch.compile
         keeps two variants of each kind of pass, not one per combination."""
-        if torch.is_grad_enabled() and self.model.training:
+        if torch.is_grad_enabled():
             self._phase, self._active = "train", self._sampling
         else:
             self._phase, self._active = "eval", self._eval_armed and "eval" not in self._failed

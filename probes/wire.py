@@ -138,7 +138,7 @@ class Step(Struct, tag="step", frozen=True):
     # with several ranks: every rank's total gradient L2 norm at this step (all-gathered)
     rank_grad_norms: list[float] | None = None
     # "train": the training step's samples; "eval": the activations (kind "act" only) of one
-    # evaluation forward (no_grad, inference_mode or model.eval()) taken while ``step`` steps
+    # evaluation forward (under no_grad or inference_mode) taken while ``step`` steps
     # were done. Eval steps feed no training stream and no rule.
     phase: Literal["train", "eval"] = "train"
 

@@ -426,3 +426,18 @@ def test_meta_and_sparse_tensors_are_skipped_with_one_note_each(caplog, tmp_path
     assert set(infos["lazy"].skipped) == {"weight", "bias"} and infos["lazy"].params == []
     assert not [m for m in msgs if isinstance(m, wire.Alert) and m.rule == "no-grad"]
     assert len(steps_of(msgs)) == 4  # 3 samples in a row without a gradient would have fired it
+
+
+def test_a_pass_with_gradients_under_model_eval_is_training():
+    """Dropout-free fine-tuning (and xray-tui inspect) run model.eval() with a backward."""
+    model = Net().eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    xr = probes.attach(model, opt, every=1, serve=False, spectral_every=None)
+    msgs = collect(xr)
+    x = torch.randn(4, 12)
+    model(x).sum().backward()
+    opt.step()
+    xr.close()
+    (st,) = steps_of(msgs)
+    assert st.phase == "train"
+    assert {(s.layer, s.kind) for s in st.samples} >= {("fc1", "act"), ("fc1.weight", "grad")}
