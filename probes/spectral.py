@@ -53,6 +53,16 @@ import torch
 from torch import nn
 
 from . import wire
+from .spectral_rule import (  # noqa: F401  (the rule lives in a torch-free module; re-exported here)
+    ALPHA_HIGH,
+    ALPHA_LOW,
+    BAND_SIGMAS,
+    MIN_TAIL,
+    SpectralAlerts,
+    alpha_sigma,
+    band,
+    untrusted,
+)
 
 log = logging.getLogger("xray-tui")
 
@@ -62,8 +72,6 @@ EVALS_THRESH = 1e-5
 MIN_EVALS = 8
 #: WeightWatcher's SMALL_N_CUTOFF: below it the small-sample fit is used.
 SMALL_N = 20
-#: WeightWatcher's bands: alpha below is "over-trained", above "under-trained".
-ALPHA_LOW, ALPHA_HIGH = 2.0, 6.0
 #: Elements of the candidate x tail matrix of the vectorised fit held at once.
 _FIT_CHUNK = 1 << 22
 
@@ -251,27 +259,28 @@ class Metrics:
         """WeightWatcher's label: "over-trained", "under-trained" or ""."""
         return band(self.alpha)
 
+    @property
+    def sigma(self) -> float | None:
+        """Standard error of alpha, (alpha - 1) / sqrt(n_tail): WeightWatcher's ``sigma`` column."""
+        return alpha_sigma(self.alpha, self.n_tail)
+
     def as_dict(self) -> dict:
         """Plain JSON-able fields (for layer_statistics.json)."""
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["shape"] = list(self.shape)
         d["warning"] = self.warning
+        d["sigma"] = self.sigma
+        d["untrusted"] = untrusted(self)
         return d
 
-    def to_wire(self, step: int, rank: int) -> wire.Spectral:
-        """The :class:`probes.wire.Spectral` message of these metrics."""
+    def to_wire(self, step: int, rank: int, untrusted: str = "") -> wire.Spectral:
+        """The :class:`probes.wire.Spectral` message of these metrics (``untrusted``: why the fit is not)."""
         return wire.Spectral(step=step, rank=rank, layer=self.name, alpha=self.alpha,
                              alpha_weighted=self.alpha_weighted, log_norm=self.log_norm,
                              log_spectral_norm=self.log_spectral_norm, stable_rank=self.stable_rank,
                              n_evals=self.n_evals, xmin=self.xmin, ks=self.ks, shape=list(self.shape),
-                             esd_lo=self.esd_lo, esd_hi=self.esd_hi, esd=self.esd, method=self.method)
-
-
-def band(alpha: float | None, low: float = ALPHA_LOW, high: float = ALPHA_HIGH) -> str:
-    """WeightWatcher's reading of alpha: below ``low`` over-, above ``high`` under-trained."""
-    if alpha is None:
-        return ""
-    return "over-trained" if alpha < low else ("under-trained" if alpha > high else "")
+                             esd_lo=self.esd_lo, esd_hi=self.esd_hi, esd=self.esd, method=self.method,
+                             n_tail=self.n_tail, sigma=self.sigma, untrusted=untrusted)
 
 
 def esd_histogram(evals: np.ndarray, bins: int = 32, thresh: float = EVALS_THRESH) -> tuple[float, float, list[int]]:
@@ -401,39 +410,6 @@ def analyze_model(model: nn.Module, *, max_dim: int = 4096, bins: int = 32, prog
         if progress is not None:
             progress(t.name)
     return out
-
-
-# -- alerts -------------------------------------------------------------------------------
-
-
-class SpectralAlerts:
-    """The ``spectral`` rule: alpha outside WeightWatcher's bands.
-
-    Each pass is a full measurement, so one bad pass fires (warning); the alert
-    fires once per layer while it lasts and says once, at ``info``, when alpha
-    is back in the band.
-    """
-
-    def __init__(self, low: float = ALPHA_LOW, high: float = ALPHA_HIGH) -> None:
-        self.low, self.high = low, high
-        self.active: set[str] = set()
-
-    def evaluate(self, m: Metrics, step: int, rank: int) -> wire.Alert | None:
-        """An alert for ``m`` if its state changed, else None."""
-        what = band(m.alpha, self.low, self.high)
-        if what and m.name not in self.active:
-            self.active.add(m.name)
-            thr = self.low if what == "over-trained" else self.high
-            side = "below" if what == "over-trained" else "above"
-            hint = ("heavy-tailed: the layer may be over-fitting or over-regularised; check its learning rate"
-                    if what == "over-trained" else "close to random: the layer has learnt little yet")
-            return wire.Alert(step, rank, "warning", "spectral", m.name, "weight", float(m.alpha), thr,
-                              f"alpha {m.alpha:.2f} {side} {thr:g} ({what}; WeightWatcher): {hint}")
-        if not what and m.name in self.active and m.alpha is not None:
-            self.active.discard(m.name)
-            return wire.Alert(step, rank, "info", "spectral", m.name, "weight", float(m.alpha), self.low,
-                              f"alpha {m.alpha:.2f} back in [{self.low:g}, {self.high:g}]")
-        return None
 
 
 # -- the background monitor --------------------------------------------------------------
@@ -591,7 +567,7 @@ class SpectralMonitor:
                 continue
             del w
             self.last[t.name] = m
-            msg = m.to_wire(step, rank)
+            msg = m.to_wire(step, rank, self.alerts.untrusted(m))
             pub.submit(lambda msg=msg: msg)
             alert = self.alerts.evaluate(m, step, rank)
             if alert is not None:

@@ -183,6 +183,8 @@ class Spectral(Struct, tag="spectral", frozen=True):
     KS distance. ``esd`` counts eigenvalues in log10-spaced bins from
     ``esd_lo`` to ``esd_hi`` (log10 units). ``method`` says how the
     eigenvalues were obtained ("exact", "conv-slices" or "lowrank").
+    ``untrusted`` says why the ``spectral`` alert ignored this fit (too few
+    tail eigenvalues, or a band crossing within alpha's standard error).
     """
 
     step: Count
@@ -201,6 +203,12 @@ class Spectral(Struct, tag="spectral", frozen=True):
     esd_hi: float = 0.0
     esd: list[Count] = []
     method: str = "exact"
+    # the fit's tail: eigenvalues >= xmin (WeightWatcher's num_pl_spikes), and alpha's
+    # standard error (alpha - 1) / sqrt(n_tail) (its sigma); 0 / None from older probes
+    n_tail: Count = 0
+    sigma: float | None = None
+    # why the probe does not trust this fit enough to alert on it ("" = trusted, or an older probe)
+    untrusted: str = ""
 
 
 Message = Union[Hello, Step, Alert, Note, End, Spectral]

@@ -58,6 +58,9 @@ def _compare(details, ours: dict, model):
         for k in METRICS:
             assert getattr(m, k) == pytest.approx(float(row[k]), rel=RTOL), (row["longname"], k)
         assert m.xmin == pytest.approx(float(row["xmin"]), rel=RTOL)
+        # the trust gate's inputs are weightwatcher's own: num_pl_spikes and sigma
+        assert m.n_tail == int(row["num_pl_spikes"]), row["longname"]
+        assert m.sigma == pytest.approx(float(row["sigma"]), rel=RTOL)
 
 
 def test_matches_weightwatcher_on_random_matrices():
@@ -176,28 +179,106 @@ def test_small_matrices_are_listed_as_skipped_not_dropped():
     assert skipped and skipped[0][0] == "0.weight" and "min_evals" in skipped[0][1]
 
 
+class Fit:
+    """What the spectral rule reads of a fit (a Metrics or a wire.Spectral has these too)."""
+
+    def __init__(self, alpha, n_tail, n_evals=768, name="w"):
+        self.alpha, self.n_tail, self.n_evals, self.name = alpha, n_tail, n_evals, name
+
+
 def test_alerts_use_weightwatchers_bands_and_recover():
     rules = spectral.SpectralAlerts()
-    m = spectral.analyze_matrix(torch.randn(200, 100), "w")
-    assert m.alpha > 6
+    m = Fit(9.0, 400)  # sigma 0.4: 3 above 6 is 7.5 sigma
     a = rules.evaluate(m, 10, 0)
     assert a.rule == "spectral" and a.severity == "warning" and a.threshold == 6.0 and "under-trained" in a.message
+    assert "tail of 400" in a.message
     assert rules.evaluate(m, 20, 0) is None  # once while it lasts
     custom = spectral.SpectralAlerts(low=2.0, high=100.0)
     assert custom.evaluate(m, 10, 0) is None
     m.alpha = 3.0
     assert rules.evaluate(m, 30, 0).severity == "info"
+    low = rules.evaluate(Fit(1.4, 200, name="v"), 40, 0)  # sigma 0.028
+    assert low.severity == "warning" and low.threshold == 2.0 and "over-trained" in low.message
+
+
+def test_a_heavy_tailed_matrix_fires_over_trained():
+    torch.manual_seed(1)
+    m = spectral.analyze_matrix(torch.distributions.StudentT(1.0).sample((512, 256)), "t")
+    assert m.alpha < 2 and m.n_tail >= spectral.MIN_TAIL and spectral.untrusted(m) == ""
+    assert spectral.SpectralAlerts().evaluate(m, 1, 0).severity == "warning"
+
+
+@pytest.mark.parametrize("fit, why", [
+    (Fit(1.6, 12, 32), "tail of 12 eigenvalues < 50 (of 32)"),  # the small-model false alarm
+    (Fit(7.0, 8, 128), "tail of 8 eigenvalues"),  # a random matrix's top handful
+    (Fit(1.92, 400), "within 2 standard errors"),  # sigma 0.046: 0.08 below 2 is 1.7 sigma
+    (Fit(6.3, 100), "within 2 standard errors"),  # sigma 0.53: 0.3 above 6 is noise
+    (Fit(None, 0), "no power-law fit"),
+])
+def test_untrusted_fits_neither_fire_nor_recover(fit, why):
+    assert why in spectral.untrusted(fit)
+    rules = spectral.SpectralAlerts()
+    assert rules.evaluate(fit, 1, 0) is None
+    rules.active.add("w")  # an alert raised by an earlier, trusted fit...
+    assert rules.evaluate(fit, 2, 0) is None  # ...is not cleared by an untrusted one
+    assert "w" in rules.active
+
+
+def test_the_gate_is_the_tail_and_the_standard_error_not_a_moved_band():
+    # the band edges stay WeightWatcher's 2 and 6: a well-measured alpha just past them fires
+    assert spectral.SpectralAlerts().evaluate(Fit(1.85, 2000), 1, 0) is not None  # sigma 0.019
+    assert spectral.SpectralAlerts().evaluate(Fit(6.3, 5000), 1, 0) is not None  # sigma 0.075
+    # the same alphas from tails below MIN_TAIL do not
+    assert spectral.SpectralAlerts().evaluate(Fit(1.85, spectral.MIN_TAIL - 1), 1, 0) is None
+    # and the thresholds are the rule's own arguments
+    lax = spectral.SpectralAlerts(min_tail=8, sigmas=0.0)
+    assert lax.evaluate(Fit(1.6, 12, 32), 1, 0) is not None
+
+
+def test_spectral_messages_carry_the_tail_sigma_and_why_untrusted():
+    torch.manual_seed(2)
+    m = spectral.analyze_matrix(torch.randn(64, 32), "small")
+    why = spectral.untrusted(m)
+    assert why.startswith(f"tail of {m.n_tail} eigenvalues")
+    msg = wire.decode(wire.encode(m.to_wire(5, 0, why))[4:])
+    assert (msg.n_tail, msg.untrusted) == (m.n_tail, why)
+    assert msg.sigma == pytest.approx((m.alpha - 1) / math.sqrt(m.n_tail))
+    d = m.as_dict()
+    assert d["untrusted"] == why and d["sigma"] == msg.sigma
+    # a Spectral from an older probe (no tail fields) still decodes, trusted by default
+    import msgspec
+
+    old = msgspec.msgpack.encode({"type": "spectral", "step": 1, "rank": 0, "layer": "x", "alpha": 1.5,
+                                  "alpha_weighted": 1.0, "log_norm": 0.0, "log_spectral_norm": 0.0,
+                                  "stable_rank": 1.0, "n_evals": 32})
+    got = wire.decode(old)
+    assert (got.n_tail, got.sigma, got.untrusted) == (0, None, "")
+
+
+def test_the_detail_screen_says_an_alpha_is_not_trusted():
+    from tui.detail import spectral_text
+    from tui.state import RunState
+
+    state = RunState()
+    state.ingest(wire.Hello(version=wire.PROTOCOL_VERSION, run="r", layers=[wire.LayerInfo("lin", params=["weight"])]))
+    fit = wire.Spectral(step=500, rank=0, layer="lin.weight", alpha=1.6, alpha_weighted=1.0, log_norm=0.0,
+                        log_spectral_norm=0.0, stable_rank=3.0, n_evals=32, n_tail=12, sigma=0.17,
+                        untrusted="tail of 12 eigenvalues < 50 [of 32]")
+    state.ingest(fit)
+    text = spectral_text(state, state.rows[0])
+    assert "alpha 1.6" in text and "n_tail 12" in text
+    assert "alpha not trusted" in text and r"\[of 32]" in text  # the reason is escaped, not markup
 
 
 def test_monitor_sends_spectral_messages_and_alerts_without_stalling(tmp_path):
     torch.manual_seed(6)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16))
-    with torch.no_grad():  # a Cauchy-tailed layer (alpha ~1.5) next to a random one (alpha ~4)
-        model[0].weight.copy_(torch.distributions.StudentT(1.0).sample((128, 64)))
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 16))
+    with torch.no_grad():  # a Cauchy-tailed layer (alpha ~1.4, a long tail) next to a 16-eigenvalue one
+        model[0].weight.copy_(torch.distributions.StudentT(1.0).sample((512, 256)))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: exact ground truth
     log = tmp_path / "run.xray"
     xr = probes.attach(model, opt, every=1, serve=False, log=str(log), spectral_every=3)
-    x = torch.randn(8, 64)
+    x = torch.randn(8, 256)
     for _ in range(4):
         model(x).square().mean().backward()
         opt.step()
@@ -214,6 +295,9 @@ def test_monitor_sends_spectral_messages_and_alerts_without_stalling(tmp_path):
         assert spec[name].step >= 3
     alerts = [m for m in msgs if isinstance(m, wire.Alert) and m.rule == "spectral"]
     assert [a.layer for a in alerts] == ["0.weight"] and alerts[0].value < 2.0
+    assert spec["0.weight"].untrusted == ""
+    # 16 eigenvalues: alpha shown, marked untrusted with the reason, no alert
+    assert spec["2.weight"].untrusted.startswith(f"tail of {spec['2.weight'].n_tail} eigenvalues")
     assert isinstance(msgs[-1], wire.End)
 
 

@@ -58,7 +58,13 @@ def spectral_text(state: RunState, row: Row) -> str:
     import msgspec
 
     fields = {k: v for k, v in msgspec.structs.asdict(latest).items() if isinstance(v, (int, float))}
-    return "[b]spectral[/b]  " + "  ".join(f"{k} {v:.3g}" for k, v in fields.items())
+    text = "[b]spectral[/b]  " + "  ".join(f"{k} {v:.3g}" for k, v in fields.items())
+    why = getattr(latest, "untrusted", "")
+    if why:  # alpha shown, but the probe does not alert on it (probes/spectral_rule.py)
+        from rich.markup import escape
+
+        text += f"\n[b]alpha not trusted[/b] (no spectral alert): {escape(why[:200])}"
+    return text
 
 
 def time_series(series: list) -> dict[str, tuple]:
