@@ -304,6 +304,7 @@ class XRay:
             eps=eps,
             hist=histogram.SPEC,
             layers=self._layer_infos(hooked),
+            accepts=["spectral"] if spectral_every else [],  # so the recorded Hello equals the served one
         )
         self.publisher = Publisher(hello, serve=serve, log_path=log, rules=rules, tcp=tcp if serve else None)
         if on_alert is not None:

@@ -337,8 +337,9 @@ class Publisher:
         ``accepts``, so a viewer can tell the user what the probe offers.
         """
         self._requests[what] = [callback, -math.inf]
-        self.hello = msgspec.structs.replace(self.hello, accepts=sorted(self._requests))
-        self._hello_frame = wire.encode(self.hello)
+        if what not in self.hello.accepts:  # the probe usually lists it up front, so the recording agrees
+            self.hello = msgspec.structs.replace(self.hello, accepts=sorted({*self.hello.accepts, what}))
+            self._hello_frame = wire.encode(self.hello)
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued, then stop serving and remove the socket."""
