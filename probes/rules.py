@@ -9,8 +9,9 @@ the condition lasts, and says once, at severity ``info``, when it recovers.
 
 Rules (ids as in DESIGN.md): ``nonfinite``, ``exploding``, ``vanishing``,
 ``dead``, ``stalled``, ``no-grad``, ``update-too-large``,
-``rank-divergence``. ``spectral`` is reserved: the wire carries no spectral
-statistics yet. Thresholds live in :class:`RuleConfig`; per-layer overrides
+``rank-divergence``. ``spectral`` is evaluated over spectral passes by
+:mod:`probes.spectral_rule`, with its thresholds from the same
+:class:`RuleConfig` (``spectral_*``). Thresholds live in :class:`RuleConfig`; per-layer overrides
 are glob patterns over layer names (see :mod:`probes.rules_config` for the
 TOML file).
 """
@@ -71,6 +72,11 @@ class RuleConfig:
     update_k: int = 2
     rank_factor: float = 2.0  # a rank's total grad norm this many times off the other ranks' median
     rank_k: int = 2
+    # spectral (evaluated by probes.spectral_rule over each spectral pass, not per step):
+    spectral_alpha_low: float = 2.0  # WeightWatcher's alpha below this: "over-trained"...
+    spectral_alpha_high: float = 6.0  # ...above this: "under-trained"
+    spectral_min_tail: int = 50  # a fit with fewer tail eigenvalues (>= xmin) is not trusted
+    spectral_sigmas: float = 2.0  # nor one within this many standard errors of the band edge (0: off)
     recover_k: int = 3
     disabled: frozenset = frozenset()
     overrides: tuple = ()

@@ -14,6 +14,12 @@ per-rule tables that apply to matching layer names (later entries win)::
     [update-too-large]
     enabled = false
 
+    [spectral]           # WeightWatcher's alpha bands, behind the trust gate
+    alpha_low = 2.0      # RuleConfig.spectral_alpha_low
+    alpha_high = 6.0
+    min_tail = 50        # tail eigenvalues a fit needs before it may alert
+    sigmas = 2.0         # standard errors alpha must be past the band edge (0: off)
+
     [[layers]]
     pattern = "transformer.wte.*"
     vanishing = { enabled = false }
@@ -41,7 +47,7 @@ PREFIX = {
     "update-too-large": "update_",
     "rank-divergence": "rank_",
     "nonfinite": None,  # no thresholds: only ``enabled``
-    "spectral": None,  # evaluated by probes.spectral; only ``enabled`` here
+    "spectral": "spectral_",  # evaluated over spectral passes by probes.spectral_rule
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(RuleConfig) if f.name not in ("disabled", "overrides")}
 _TOP = {"recover_k"}
@@ -60,7 +66,7 @@ def _value(where: str, name: str, value):
         if not isinstance(value, int) or value < 1:
             raise RulesConfigError(f"{where}: expected an integer >= 1, got {value!r}")
         return value
-    if not value > 0 and not (name == "vanish_zeros_jump" and value == 0):
+    if not value > 0 and not (name in ("vanish_zeros_jump", "spectral_sigmas") and value == 0):
         raise RulesConfigError(f"{where}: expected a positive number, got {value!r}")
     return float(value)
 
@@ -106,9 +112,20 @@ def parse(doc: dict, where: str = "rules") -> RuleConfig:
             raise RulesConfigError(f"{where}: unknown key {key!r}; expected one of: "
                                    f"{', '.join(list(PREFIX) + sorted(_TOP) + ['layers'])}")
     try:
-        return RuleConfig(**changes, disabled=frozenset(disabled), overrides=tuple(overrides))
+        cfg = RuleConfig(**changes, disabled=frozenset(disabled), overrides=tuple(overrides))
     except (TypeError, ValueError) as exc:  # pragma: no cover - every key was checked above
         raise RulesConfigError(f"{where}: {exc}") from None
+    _check_bands(f"{where}: spectral", cfg)
+    for i, (pattern, changes) in enumerate(overrides):
+        numbers = {k: v for k, v in changes.items() if k not in ("disabled", "enabled")}
+        _check_bands(f"{where}: layers[{i}] ({pattern}): spectral", dataclasses.replace(cfg, **numbers))
+    return cfg
+
+
+def _check_bands(where: str, cfg: RuleConfig) -> None:
+    if not cfg.spectral_alpha_low < cfg.spectral_alpha_high:
+        raise RulesConfigError(f"{where}: alpha_low {cfg.spectral_alpha_low:g} must be below "
+                               f"alpha_high {cfg.spectral_alpha_high:g}")
 
 
 def _layer_entry(where: str, entry) -> tuple[str, dict]:

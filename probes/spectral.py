@@ -435,7 +435,8 @@ class SpectralMonitor:
         self.every = every
         self.max_dim = max_dim
         self.bins = bins
-        self.alerts = alerts if alerts is not None else SpectralAlerts()
+        rules = getattr(getattr(xr, "publisher", None), "rules", None)  # attach(rules=...): its [spectral] bands
+        self.alerts = alerts if alerts is not None else SpectralAlerts(config=getattr(rules, "config", None))
         self.poll = poll
         self.passes = 0  # completed passes
         self.last: dict[str, Metrics] = {}

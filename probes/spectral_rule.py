@@ -17,6 +17,7 @@ MLE over a handful of points swings by its standard error (alpha-1)/sqrt(n).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from . import wire
 
@@ -79,6 +80,14 @@ def untrusted(fit, *, low: float = ALPHA_LOW, high: float = ALPHA_HIGH,
     return ""
 
 
+class _Bands(NamedTuple):
+    on: bool
+    low: float
+    high: float
+    min_tail: int
+    sigmas: float
+
+
 class SpectralAlerts:
     """The ``spectral`` rule: a trusted fit with alpha outside WeightWatcher's bands.
 
@@ -88,28 +97,51 @@ class SpectralAlerts:
     nor recovers: its alpha is still sent, marked ``untrusted`` with the reason.
     ``evaluate`` takes a :class:`probes.spectral.Metrics` (``name``) or a
     :class:`probes.wire.Spectral` (``layer``).
+
+    The thresholds are the arguments, or, with ``config`` (a
+    :class:`probes.rules.RuleConfig`, e.g. from a rules TOML file), its
+    ``spectral_*`` fields, resolved per layer (``[[layers]]`` overrides,
+    ``enabled = false``) as for every other rule.
     """
 
     def __init__(self, low: float = ALPHA_LOW, high: float = ALPHA_HIGH, *,
-                 min_tail: int = MIN_TAIL, sigmas: float = BAND_SIGMAS) -> None:
+                 min_tail: int = MIN_TAIL, sigmas: float = BAND_SIGMAS, config=None) -> None:
+        if config is not None:
+            low, high = config.spectral_alpha_low, config.spectral_alpha_high
+            min_tail, sigmas = config.spectral_min_tail, config.spectral_sigmas
         self.low, self.high = low, high
         self.min_tail, self.sigmas = min_tail, sigmas
+        self.config = config
         self.active: set[str] = set()
+        self._bands: dict[str, _Bands] = {}
+
+    def bands(self, name: str) -> _Bands:
+        """Whether the rule is on for layer ``name``, and its thresholds there."""
+        b = self._bands.get(name)
+        if b is None:
+            c = self.config.for_layer(name) if self.config is not None else None
+            b = (_Bands(True, self.low, self.high, self.min_tail, self.sigmas) if c is None else
+                 _Bands(c.on("spectral"), c.spectral_alpha_low, c.spectral_alpha_high,
+                        c.spectral_min_tail, c.spectral_sigmas))
+            self._bands[name] = b
+        return b
 
     def untrusted(self, fit) -> str:
-        """Why ``fit`` cannot back an alert under these thresholds ("" when it can)."""
-        return untrusted(fit, low=self.low, high=self.high, min_tail=self.min_tail, sigmas=self.sigmas)
+        """Why ``fit`` cannot back an alert under its layer's thresholds ("" when it can)."""
+        b = self.bands(getattr(fit, "name", None) or fit.layer)
+        return untrusted(fit, low=b.low, high=b.high, min_tail=b.min_tail, sigmas=b.sigmas)
 
     def evaluate(self, fit, step: int, rank: int) -> wire.Alert | None:
         """An alert for ``fit`` if its state changed, else None."""
         name = getattr(fit, "name", None) or fit.layer
-        if self.untrusted(fit):
+        b = self.bands(name)
+        if not b.on or self.untrusted(fit):
             return None
         alpha = fit.alpha
-        what = band(alpha, self.low, self.high)
+        what = band(alpha, b.low, b.high)
         if what and name not in self.active:
             self.active.add(name)
-            thr = self.low if what == "over-trained" else self.high
+            thr = b.low if what == "over-trained" else b.high
             side = "below" if what == "over-trained" else "above"
             hint = ("heavy-tailed: the layer may be over-fitting or over-regularised; check its learning rate"
                     if what == "over-trained" else "close to random: the layer has learnt little yet")
@@ -119,6 +151,6 @@ class SpectralAlerts:
                               f"tail of {fit.n_tail} eigenvalues): {hint}")
         if not what and name in self.active:
             self.active.discard(name)
-            return wire.Alert(step, rank, "info", "spectral", name, "weight", float(alpha), self.low,
-                              f"alpha {alpha:.2f} back in [{self.low:g}, {self.high:g}]")
+            return wire.Alert(step, rank, "info", "spectral", name, "weight", float(alpha), b.low,
+                              f"alpha {alpha:.2f} back in [{b.low:g}, {b.high:g}]")
         return None

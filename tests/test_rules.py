@@ -353,3 +353,93 @@ def test_cli_replay_headless_rules(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "stalled.ratio" in bad.stderr
     app = subprocess.run(cmd[:-2] + ["--rules", str(rules)], capture_output=True, text=True, timeout=60)
     assert app.returncode == 2 and "--rules works with --headless" in app.stderr
+
+
+# -- the spectral rule's bands and trust gate from TOML --------------------------------
+
+SPECTRAL_TOML = """
+[spectral]
+alpha_low = 1.5
+min_tail = 20
+sigmas = 0
+[[layers]]
+pattern = "transformer.wte.*"
+spectral = { enabled = false }
+[[layers]]
+pattern = "*.c_fc.weight"
+spectral = { alpha_high = 8.0, min_tail = 100 }
+"""
+
+
+def spectral_fit(layer, alpha, n_tail, step=500, rank=0):
+    return wire.Spectral(step=step, rank=rank, layer=layer, alpha=alpha, alpha_weighted=0.0, log_norm=0.0,
+                         log_spectral_norm=0.0, stable_rank=1.0, n_evals=128, n_tail=n_tail)
+
+
+def test_spectral_defaults_are_the_rules_own_and_documented():
+    from probes import spectral_rule
+
+    cfg = RuleConfig()
+    assert (cfg.spectral_alpha_low, cfg.spectral_alpha_high, cfg.spectral_min_tail, cfg.spectral_sigmas) == (
+        spectral_rule.ALPHA_LOW, spectral_rule.ALPHA_HIGH, spectral_rule.MIN_TAIL, spectral_rule.BAND_SIGMAS)
+    assert parse({}).spectral_min_tail == 50
+
+
+def test_toml_sets_the_spectral_bands_and_gate_globally_and_per_layer(tmp_path):
+    from probes.spectral_rule import SpectralAlerts
+
+    f = tmp_path / "rules.toml"
+    f.write_text(SPECTRAL_TOML)
+    cfg = load(str(f))
+    assert (cfg.spectral_alpha_low, cfg.spectral_alpha_high, cfg.spectral_min_tail, cfg.spectral_sigmas) == (
+        1.5, 6.0, 20, 0.0)
+    rule = SpectralAlerts(config=cfg)
+    # global: alpha 1.7 is inside [1.5, 6] now; 1.4 from a 25-eigenvalue tail fires (min_tail 20, no sigma margin)
+    assert rule.evaluate(spectral_fit("h.0.attn.c_attn.weight", 1.7, 25), 500, 0) is None
+    a = rule.evaluate(spectral_fit("h.0.attn.c_proj.weight", 1.4, 25), 500, 0)
+    assert (a.rule, a.threshold, a.layer) == ("spectral", 1.5, "h.0.attn.c_proj.weight")
+    # [[layers]]: switched off for the embedding; its own bands and gate for c_fc
+    assert rule.evaluate(spectral_fit("transformer.wte.weight", 1.0, 500), 500, 0) is None
+    assert rule.evaluate(spectral_fit("h.0.mlp.c_fc.weight", 7.0, 500), 500, 0) is None  # below 8
+    assert rule.evaluate(spectral_fit("h.1.mlp.c_fc.weight", 9.0, 60), 500, 0) is None  # tail < 100
+    assert "< 100" in rule.untrusted(spectral_fit("h.1.mlp.c_fc.weight", 9.0, 60))
+    assert rule.evaluate(spectral_fit("h.1.mlp.c_fc.weight", 9.0, 150), 500, 0).threshold == 8.0
+
+
+@pytest.mark.parametrize("doc, why", [
+    ({"spectral": {"alpha_low": 6.0}}, "spectral: alpha_low 6 must be below alpha_high 6"),
+    ({"spectral": {"alpha_high": 1.0}}, "alpha_low 2 must be below alpha_high 1"),
+    ({"layers": [{"pattern": "x", "spectral": {"alpha_low": 7.0}}]}, "layers[0] (x): spectral: alpha_low 7"),
+    ({"spectral": {"min_tail": 0}}, "spectral.min_tail: expected an integer >= 1"),
+    ({"spectral": {"min_tail": 8.5}}, "spectral.min_tail: expected an integer >= 1"),
+    ({"spectral": {"sigmas": -1}}, "spectral.sigmas: expected a positive number"),
+    ({"spectral": {"alpha": 2}}, "spectral has: alpha_high, alpha_low, min_tail, sigmas, enabled"),
+])
+def test_bad_spectral_tables_give_one_line_errors(doc, why):
+    with pytest.raises(RulesConfigError) as exc:
+        parse(doc, where="r.toml")
+    assert why in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_printer_with_rules_rejudges_spectral_fits_with_the_files_bands():
+    import io
+
+    def printed(cfg, msgs):
+        out = io.StringIO()
+        p = AlertPrinter(out=out, as_json=True, rules=RuleEngine(cfg))
+        for m in msgs:
+            p.handle(m)
+        return [(x["rule"], x["layer"], x["threshold"]) for x in map(json.loads, out.getvalue().splitlines())]
+
+    hello = wire.Hello(version=wire.PROTOCOL_VERSION, run="r", layers=[])
+    small = spectral_fit("fc.weight", 1.6, 12)  # the probe (default gate) marked it untrusted and sent no alert
+    assert printed(RuleConfig(), [hello, small]) == []
+    assert printed(RuleConfig(spectral_min_tail=8, spectral_sigmas=0.0), [hello, small]) == [
+        ("spectral", "fc.weight", 2.0)]
+    # the probe's own spectral alert on a layer we judge again is not printed twice
+    probe_alert = wire.Alert(500, 0, "warning", "spectral", "fc.weight", "weight", 1.6, 2.0, "from the probe")
+    assert printed(RuleConfig(), [hello, small, probe_alert]) == []
+    # an older probe's Spectral has no tail size: its alert passes through as sent
+    old = wire.Spectral(step=500, rank=0, layer="fc.weight", alpha=1.6, alpha_weighted=0.0, log_norm=0.0,
+                        log_spectral_norm=0.0, stable_rank=1.0, n_evals=32)
+    assert printed(RuleConfig(), [hello, old, probe_alert]) == [("spectral", "fc.weight", 2.0)]

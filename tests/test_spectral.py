@@ -308,3 +308,35 @@ def test_monitor_off_and_bad_cadence():
     xr.close()
     with pytest.raises(ValueError):
         spectral.SpectralMonitor(object(), every=0)
+
+
+def test_attach_rules_set_the_monitors_bands_and_gate(tmp_path):
+    from probes.rules import RuleEngine
+    from probes.rules_config import load
+
+    torch.manual_seed(6)
+    w = torch.distributions.StudentT(1.0).sample((128, 64))  # alpha ~1.4 from a tail of ~30: below MIN_TAIL
+    m = spectral.analyze_matrix(w)
+    assert m.alpha < 2 and 20 <= m.n_tail < spectral.MIN_TAIL
+
+    def alerts_with(rules):
+        model = nn.Linear(64, 128)
+        with torch.no_grad():
+            model.weight.copy_(w)
+        log = tmp_path / f"run-{len(list(tmp_path.iterdir()))}.xray"
+        xr = probes.attach(model, every=1, serve=False, log=str(log), spectral_every=10**9, rules=rules)
+        xr.spectral.request()
+        assert xr.spectral.wait_pass(1, timeout=60)
+        xr.close()
+        msgs, _ = wire.read_file(str(log))
+        spec = [x for x in msgs if isinstance(x, wire.Spectral)]
+        return spec, [x for x in msgs if isinstance(x, wire.Alert) and x.rule == "spectral"]
+
+    spec, fired = alerts_with(None)
+    assert fired == [] and spec[0].untrusted.startswith("tail of")
+    f = tmp_path / "rules.toml"
+    f.write_text("[spectral]\nmin_tail = 20\n")
+    spec, fired = alerts_with(RuleEngine(load(str(f))))
+    assert spec[0].untrusted == "" and [a.layer for a in fired] == ["weight"]
+    f.write_text("[spectral]\nmin_tail = 20\nenabled = false\n")
+    assert alerts_with(RuleEngine(load(str(f))))[1] == []

@@ -15,6 +15,7 @@ from typing import TextIO
 
 from probes import wire
 from probes.rules import RuleEngine
+from probes.spectral_rule import SpectralAlerts
 
 SEVERITIES = ("info", "warning", "critical")
 
@@ -49,9 +50,10 @@ class AlertPrinter:
 
     With ``rules`` (a :class:`~probes.rules.RuleEngine`, e.g. from ``--rules
     FILE``) the printer evaluates every step itself with those thresholds and
-    prints its own alerts instead of the ones the probe sent; alerts of rules
-    it does not evaluate (``spectral``, from the probe's spectral monitor)
-    still pass through.
+    prints its own alerts instead of the ones the probe sent. ``spectral``
+    is judged again from each ``Spectral`` message (alpha, tail size) with
+    the file's ``[spectral]`` bands; a ``Spectral`` from an older probe has
+    no tail size, so that layer's spectral alerts pass through as sent.
     """
 
     def __init__(self, out: TextIO | None = None, as_json: bool = False, min_severity: str = "info",
@@ -62,6 +64,8 @@ class AlertPrinter:
         self.worst: str | None = None
         self.ended: dict[int, wire.End] = {}
         self.rules = rules
+        self._spectral: dict[int, SpectralAlerts] = {}  # rank -> the spectral rule, with --rules
+        self._rejudged: set[tuple[int, str]] = set()  # (rank, layer) whose spectral fits we judge
 
     def _print(self, line: str) -> None:
         self.out.write(line + "\n")
@@ -76,7 +80,20 @@ class AlertPrinter:
                 for alert in self.rules.evaluate(msg):
                     self._alert(alert)
                 return
-            elif isinstance(msg, wire.Alert) and msg.rule != "spectral":
+            elif isinstance(msg, wire.Spectral):
+                key = (msg.rank, msg.layer)
+                if msg.n_tail > 0 or msg.alpha is None:
+                    self._rejudged.add(key)
+                    judge = self._spectral.get(msg.rank)
+                    if judge is None:
+                        judge = self._spectral[msg.rank] = SpectralAlerts(config=self.rules.config)
+                    alert = judge.evaluate(msg, msg.step, msg.rank)
+                    if alert is not None:
+                        self._alert(alert)
+                else:
+                    self._rejudged.discard(key)
+                return
+            elif isinstance(msg, wire.Alert) and (msg.rule != "spectral" or (msg.rank, msg.layer) in self._rejudged):
                 return  # re-evaluated above with the --rules thresholds
         if isinstance(msg, wire.Alert):
             self._alert(msg)
