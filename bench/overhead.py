@@ -3,6 +3,7 @@
 Configurations (each trains its own copy of the same model):
   baseline              no monitoring
   probe/N               xray-tui's probe, every=N
+  probe-torch/N         the same with the CPU kernel off (XRAY_TUI_CPU_KERNEL=0): torch's ops only
   tensorboard/N         SummaryWriter.add_histogram of every parameter and gradient, every N steps
   histc/N               wandb.watch-style: per tensor torch.histc(64) + min/max .item(), every N steps
   fastai/N              fastai-style forward hooks copying each activation to the CPU, every N steps
@@ -34,7 +35,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch
 
 import probes
-from probes import demo, wire
+from probes import cpu_kernel, demo, wire
 from probes.probe import select_modules
 
 DEFAULT = "baseline,probe/50,probe/10,probe/1,tensorboard/10,histc/10,fastai/10"
@@ -125,16 +126,22 @@ def wait_for_publisher(xr) -> None:
     done.wait(60)
 
 
-def run_block(data, model, opt, steps, batch, xr=None):
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        x = data.batch(batch)
-        model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    if xr is not None:
-        wait_for_publisher(xr)
-    return (time.perf_counter() - t0) / steps
+def run_block(data, model, opt, steps, batch, xr=None, kernel=True):
+    load = cpu_kernel.load
+    if not kernel:
+        cpu_kernel.load = lambda: None  # this block's reductions take the torch path
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            x = data.batch(batch)
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if xr is not None:
+            wait_for_publisher(xr)
+        return (time.perf_counter() - t0) / steps
+    finally:
+        cpu_kernel.load = load
 
 
 def main() -> None:
@@ -163,8 +170,8 @@ def main() -> None:
         kind, _, n = name.partition("/")
         n = int(n or 0)
         xr = None
-        if kind == "probe":
-            xr = probes.attach(model, opt, every=n, name=f"bench-{n}", spectral_every=spectral)
+        if kind in ("probe", "probe-torch"):
+            xr = probes.attach(model, opt, every=n, name=f"bench-{kind}-{n}", spectral_every=spectral)
             closers.append(xr.close)
             xr.publisher.subscribe(
                 lambda m: frame_bytes.append((len(wire.encode(m)), len(m.samples)))
@@ -179,15 +186,17 @@ def main() -> None:
             p.error(f"unknown configuration {name!r}")
         setups[name] = (data, model, opt)
         probes_of[name] = xr
-        run_block(data, model, opt, 2, args.batch, xr)  # warm-up
+        run_block(data, model, opt, 2, args.batch, xr, kind != "probe-torch")  # warm-up
 
     times = {name: [] for name in names}
     for r in range(args.rounds):
         order = list(names)
         random.Random(r).shuffle(order)
         for name in order:
-            times[name].append(run_block(*setups[name], args.block, args.batch, probes_of[name]))
+            times[name].append(run_block(*setups[name], args.block, args.batch, probes_of[name],
+                                         not name.startswith("probe-torch/")))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
+    memory = {name: xr.memory() for name, xr in probes_of.items() if xr is not None}
     for close in closers:
         close()
 
@@ -201,6 +210,12 @@ def main() -> None:
     for name, ts in times.items():
         ratio = statistics.median(t / b for t, b in zip(ts, base)) if base else float("nan")
         print(f"| {name} | {statistics.median(ts) * 1e3:.1f} | {ratio:.3f} |")
+    param_bytes = sum(q.numel() * q.element_size() for q in setups[names[0]][1].parameters())
+    for name, mem in memory.items():
+        total = mem["buffers"] + mem["backlog"]
+        print(f"\n{name}: probe memory {total / 2**20:.1f} MiB = buffers {mem['buffers'] / 2**20:.2f} MiB "
+              f"({mem['buffers'] / param_bytes:.2%} of the {param_bytes / 2**20:.1f} MiB of parameters) "
+              f"+ backlog {mem['backlog'] / 2**20:.1f} MiB")
     if frame_bytes:
         size = statistics.median(b for b, _ in frame_bytes)
         per = statistics.median(b / n for b, n in frame_bytes)

@@ -701,6 +701,14 @@ class XRay:
 
     # -- lifecycle --------------------------------------------------------
 
+    def memory(self) -> dict[str, int]:
+        """Bytes the probe itself holds now: ``buffers`` on the model's device (the
+        update subsets' indices, W_0 and the snapshot between a sampled step's two
+        hooks) and the publisher's ``backlog`` of Step frames for late viewers."""
+        tensors = [self._init, self._init_sumsq, self._snapshot, *self._subsets.values()]
+        held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return {"buffers": held, "backlog": self.publisher.backlog_size}
+
     def note(self, event: str, **data) -> None:
         """Send an event (e.g. an injected fault) along with the statistics."""
         step, rank = self.step_index, self.rank

@@ -226,7 +226,8 @@ class Publisher:
     """Serves one rank's stream; see the module docstring.
 
     Memory is bounded: the queue holds ``queue_size`` step builders, the
-    backlog ``backlog_steps`` Step frames and ``backlog_alerts`` others, and
+    backlog the newest ``backlog_steps`` Step frames that fit in
+    ``backlog_bytes`` (at least one) and ``backlog_alerts`` others, and
     each viewer at most ``viewer_buffer`` bytes of frames (frames are shared
     with the backlog and between viewers, not copied). At most
     ``max_viewers`` viewers are served at once; more are closed at once.
@@ -241,6 +242,7 @@ class Publisher:
         rules: RuleEngine | None = None,
         queue_size: int = 64,
         backlog_steps: int = 512,
+        backlog_bytes: int = 32 * 1024 * 1024,
         backlog_alerts: int = 2000,
         viewer_buffer: int = 64 * 1024 * 1024,
         max_viewers: int = 64,
@@ -260,7 +262,12 @@ class Publisher:
         self._listeners: list[Listener] = []
         self._hello_frame = wire.encode(hello)
         self._seq = itertools.count()
-        self._steps: deque[tuple[int, bytes]] = deque(maxlen=backlog_steps)
+        self._steps: deque[tuple[int, bytes]] = deque()
+        self._backlog_steps = backlog_steps
+        # a large model's Step frame is ~0.3-1 MiB: 512 of them would cost more than the probe may
+        self._backlog_bytes = backlog_bytes
+        #: Bytes of the Step frames in the backlog.
+        self.backlog_size = 0
         self._other: deque[tuple[int, bytes]] = deque(maxlen=backlog_alerts)
         self._viewers: dict[int, _Viewer] = {}
         self._pending: dict[int, _Pending] = {}
@@ -676,7 +683,14 @@ class Publisher:
                 msg = msgspec.structs.replace(msg, drops=self.dropped)
         frame = wire.encode(msg)
         item = (next(self._seq), frame)
-        (self._steps if isinstance(msg, wire.Step) else self._other).append(item)
+        if isinstance(msg, wire.Step):
+            self._steps.append(item)
+            self.backlog_size += len(frame)
+            while len(self._steps) > 1 and (len(self._steps) > self._backlog_steps
+                                            or self.backlog_size > self._backlog_bytes):
+                self.backlog_size -= len(self._steps.popleft()[1])
+        else:
+            self._other.append(item)
         if self.recorder:
             self.recorder.write(frame)
         for viewer in list(self._viewers.values()):

@@ -12,3 +12,17 @@ def run_dir(tmp_path_factory, monkeypatch):
     os.chmod(d, 0o700)
     monkeypatch.setenv("XRAY_TUI_RUN_DIR", str(d))
     return d
+
+
+@pytest.fixture
+def cpu_kernel_lib():
+    """The probe's C kernel, built: a test of it skips only where there is no C compiler at all."""
+    import shutil
+
+    from probes import cpu_kernel
+
+    if shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler: the probe uses its torch path here")
+    lib = cpu_kernel.load()
+    assert lib is not None, "a C compiler is here but the kernel did not build (see the xray-tui log)"
+    return lib

@@ -162,6 +162,20 @@ def test_the_next_viewer_is_told_about_drops_and_gets_the_backlog():
     assert [m.step for m in got if isinstance(m, wire.Step)] == list(range(280, 300))
 
 
+def test_the_backlog_keeps_the_newest_steps_that_fit_its_byte_budget():
+    steps = synthetic.steps(3, 60, elements=2048)
+    size = max(len(wire.encode(s)) for s in steps)
+    budget = 10 * size + size // 2  # room for 10 frames, not 11
+    pub = Publisher(synthetic.hello(3, run="budget"), backlog_bytes=budget, serve=False)
+    for s in steps:
+        pub.submit(lambda s=s: s)
+    wait_for(lambda: pub.queue.empty() and pub._last_step == 59)
+    kept = [wire.decode(frame[4:]).step for _, frame in pub._steps]  # a frame is a 4-byte length, then the body
+    assert pub.backlog_size == sum(len(f) for _, f in pub._steps) <= budget
+    assert kept == list(range(60 - len(kept), 60)) and len(kept) == 10
+    pub.close()
+
+
 def test_ten_viewers_attaching_and_detaching_in_a_loop_leave_nothing_behind():
     model, opt = small_model()
     xr = probes.attach(model, opt, every=1, name="churn")

@@ -6,12 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from probes import histogram, stats
+from probes import cpu_kernel, histogram, stats
 from probes.probe import build_step
 from probes.reduce import BUCKET, Batch, bin_index, dead_units
 from tui import synthetic
 
 EPS = 0.05
+
+
+@pytest.fixture(autouse=True, params=["cpu-kernel", "torch"])
+def reduction_path(request, monkeypatch):
+    """Every test here runs on both CPU paths: the C kernel and torch's ops."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    else:
+        request.getfixturevalue("cpu_kernel_lib")
+    return request.param
 
 
 def probe_sample(x: torch.Tensor, kind="weight", hist_k=1 << 30):

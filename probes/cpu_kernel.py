@@ -1,0 +1,165 @@
+"""The probe's one-pass CPU kernel: ``cpu_kernel.c``, compiled on first use and cached.
+
+On the CPU, torch reads a tensor about eleven times to build one statistics
+row (sums, norms, min/max, the near-zero and zero counts, x^3 and x^4), and
+that, not the launches, is what a sampled step costs (docs/benchmarks.md).
+The C kernel reads each float once, with every accumulator in registers, and
+counts the histogram sample's float codes in the same call.
+
+It is plain C with no torch headers, built with the system's C compiler
+(``$CC`` or ``cc``) in well under a second into
+``$XDG_CACHE_HOME/xray-tui`` (``~/.cache/xray-tui``), keyed by a hash of the
+source, the compiler and the flags, and loaded with ctypes, which lets go of
+the GIL while it runs. A cache directory that is not ours alone is not
+trusted with a shared library: the build then goes to a private temporary
+directory. Without a compiler, or with ``XRAY_TUI_CPU_KERNEL=0``, the probe
+uses the torch path (the same statistics, slower), saying so once at info
+level on the ``xray-tui`` logger.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("xray-tui")
+
+SOURCE = Path(__file__).with_name("cpu_kernel.c")
+#: -fopenmp-simd: the loops' ``omp simd`` pragmas vectorise; no OpenMP runtime is linked.
+FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared"]
+NROW = 13
+_ptr = ctypes.c_void_p
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path | None:
+    """Our private cache directory, or None when there is none we can trust."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = Path(root) / "xray-tui"
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return None
+    private = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+    return path if private else None
+
+
+def _build(cc: str, out_dir: Path) -> Path:
+    """Compile the kernel into ``out_dir`` (atomically: concurrent ranks may build at once)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = out_dir / f"cpu_kernel-{key}.so"
+    if target.exists():
+        return target
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, built on first use; None where it cannot be had (logged once)."""
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("XRAY_TUI_CPU_KERNEL", "1") == "0":
+            log.info("xray-tui: CPU kernel off (XRAY_TUI_CPU_KERNEL=0): statistics use torch")
+            return None
+        cc = shutil.which(os.environ.get("CC") or "cc")
+        if cc is None:
+            log.info("xray-tui: no C compiler found: CPU statistics use torch (slower; set CC to enable the kernel)")
+            return None
+        try:
+            out_dir = _cache_dir() or Path(tempfile.mkdtemp(prefix="xray-tui-kernel-"))
+            lib = ctypes.CDLL(str(_build(cc, out_dir)))
+            lib.xray_reduce.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_float, ctypes.c_int,
+                                        _ptr, _ptr]
+            lib.xray_reduce.restype = None
+            if lib.xray_nrow() != NROW:
+                raise RuntimeError("row layout differs from probes/reduce.py")
+            _lib = lib
+        except Exception as e:  # any failure leaves the (correct, slower) torch path
+            log.info("xray-tui: CPU kernel unavailable (%s): statistics use torch", e)
+        return _lib
+
+
+def _call(lib, flats, plans, eps: float, shift: int, rows: np.ndarray, codes: np.ndarray, idx: list[int],
+          errors: list[BaseException]) -> None:
+    try:
+        _run(lib, flats, plans, eps, shift, rows, codes, idx)
+    except BaseException as e:  # re-raised by the calling thread
+        errors.append(e)
+
+
+def _run(lib, flats, plans, eps: float, shift: int, rows: np.ndarray, codes: np.ndarray, idx: list[int]) -> None:
+    m = len(idx)
+    if not m:
+        return
+    ptrs = np.array([flats[i].data_ptr() for i in idx], dtype=np.uint64)
+    numels = np.array([flats[i].numel() for i in idx], dtype=np.int64)
+    plan = np.array([plans[i] for i in idx], dtype=np.int64).reshape(m, 3)
+    off, stride, k = (np.ascontiguousarray(plan[:, j]) for j in range(3))
+    r = np.empty((m, NROW), dtype=np.float64)
+    c = np.empty((m, codes.shape[1]), dtype=np.int64)
+    lib.xray_reduce(m, ptrs.ctypes.data, numels.ctypes.data, off.ctypes.data, stride.ctypes.data, k.ctypes.data,
+                    eps, shift, r.ctypes.data, c.ctypes.data)
+    rows[idx] = r
+    codes[idx] = c
+
+
+def reduce(flats: list[torch.Tensor], plans: list[tuple[int, int, int]], eps: float, shift: int,
+           threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``[m, NROW]`` (float64) and float-code counts ``[m, 2**(32-shift)]`` of contiguous float32 CPU tensors.
+
+    ``plans[i] = (offset, stride, k)`` picks the histogram sample
+    ``flats[i][offset::stride][:k]``. The tensors are shared among
+    ``threads`` threads (largest first, each to the least loaded), which run
+    the kernel without the GIL.
+    """
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the CPU kernel is not available")
+    m = len(flats)
+    rows = np.empty((m, NROW), dtype=np.float64)
+    codes = np.empty((m, 1 << (32 - shift)), dtype=np.int64)
+    groups: list[list[int]] = [[] for _ in range(max(1, min(threads, m)))]
+    loads = [0] * len(groups)
+    for i in sorted(range(m), key=lambda i: -flats[i].numel()):
+        g = loads.index(min(loads))
+        groups[g].append(i)
+        loads[g] += flats[i].numel() + 4096  # a small tensor still costs a call's bookkeeping
+    errors: list[BaseException] = []
+    workers = [threading.Thread(target=_call, args=(lib, flats, plans, eps, shift, rows, codes, g, errors),
+                                daemon=True) for g in groups[1:] if g]
+    for w in workers:
+        w.start()
+    _call(lib, flats, plans, eps, shift, rows, codes, groups[0], errors)
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return rows, codes

@@ -1,0 +1,145 @@
+"""The one-pass C kernel (probes/cpu_kernel.c) against numpy and against the torch path."""
+
+import logging
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from probes import cpu_kernel, reduce
+from probes.reduce import COLUMNS, NUM_CODES, Batch, sample_plan
+
+EPS = 0.05
+ROW = COLUMNS[:13]
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    with_nonfinite = torch.randn(5000, generator=g)
+    with_nonfinite[[1, 50, 700]] = math.nan
+    with_nonfinite[9] = math.inf
+    with_nonfinite[[10, 11]] = -math.inf
+    signed_zeros = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 0.049999997, 0.05, -0.05, 1.0])
+    return {
+        "normal": torch.randn(300, 70, generator=g) * 0.02,
+        "nonfinite": with_nonfinite,
+        "only-inf": torch.tensor([math.inf, 1.0, -2.0]),
+        "zeros-and-eps-edges": signed_zeros,
+        "huge": torch.randn(1000, generator=g) * 1e30,  # x^4 overflows float32, not the float64 sums
+        "subnormal": torch.full((64,), 1e-40),
+        "single": torch.tensor([3.5]),
+        "empty": torch.empty(0, 8),
+        "transposed": torch.randn(64, 48, generator=g).t(),
+        "float16": (torch.randn(4096, generator=g) * 3).half(),
+        "bfloat16": (torch.randn(4096, generator=g) * 3).bfloat16(),
+        "float64": torch.randn(2048, generator=g, dtype=torch.float64),
+        "large": torch.randn(reduce.BUCKET + 5, generator=g) * 0.5,
+    }
+
+
+TENSORS = _tensors()
+
+
+def numpy_row(x: torch.Tensor) -> dict:
+    """The row's ground truth, from the float32 values in float64 numpy."""
+    f = x.detach().float().reshape(-1).numpy()
+    a = f.astype(np.float64)
+    finite = a[np.isfinite(a)]
+    has_nan = np.isnan(a).any()
+    with np.errstate(over="ignore", invalid="ignore"):
+        return {
+            "count": a.size, "sum": a.sum(), "sumsq": (a * a).sum(), "abssum": np.abs(a).sum(),
+            "min": math.nan if has_nan or not a.size else a.min(), "max": math.nan if has_nan or not a.size else a.max(),
+            "near_zero": (np.abs(f) < np.float32(EPS)).sum(), "zeros": (a == 0).sum(), "nan": np.isnan(a).sum(),
+            "posinf": (a == math.inf).sum(), "neginf": (a == -math.inf).sum(),
+            "sum3": (a**3).sum(), "sum4": (a**4).sum(), "_finite": finite.size == a.size,
+        }
+
+
+def kernel_rows(xs, k=65535, threads=1):
+    flats = [reduce._flat32(x).contiguous() for x in xs]
+    plans = [sample_plan(x, k, torch.Generator().manual_seed(i)) for i, x in enumerate(xs)]
+    return cpu_kernel.reduce(flats, plans, EPS, reduce.CODE_SHIFT, threads), flats, plans
+
+
+def same(a: float, b: float, rel: float = 1e-12) -> bool:
+    if math.isnan(b):
+        return math.isnan(a)
+    if math.isinf(b):
+        return a == b
+    return a == pytest.approx(b, rel=rel, abs=1e-300)
+
+
+@pytest.mark.parametrize("name", sorted(TENSORS))
+def test_kernel_rows_equal_numpy(name, cpu_kernel_lib):
+    x = TENSORS[name]
+    (rows, _), _, _ = kernel_rows([x])
+    want = numpy_row(x)
+    for col, got in zip(ROW, rows[0]):
+        if col in ("sum", "sumsq", "abssum", "sum3", "sum4"):
+            if want["_finite"]:
+                # float64 sums in another order than numpy's pairwise ones
+                assert same(got, want[col], rel=1e-9), col
+            else:
+                assert not math.isfinite(got), col  # a NaN or Inf makes the sums non-finite, as in torch
+        else:
+            assert same(got, want[col]), (col, got, want[col])
+
+
+@pytest.mark.parametrize("name", sorted(TENSORS))
+def test_kernel_equals_the_torch_path_rows_and_histograms(name, cpu_kernel_lib, monkeypatch):
+    x = TENSORS[name]
+
+    def batch_rows():
+        b = Batch(EPS, 4096, torch.Generator().manual_seed(3))
+        b.hold("t", "weight", x)
+        return b.to_host(), b.hist_n
+
+    (k_rows, k_hist), k_n = batch_rows()
+    monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    (t_rows, t_hist), t_n = batch_rows()
+    assert np.array_equal(k_hist, t_hist) and k_n == t_n  # the same sample, binned the same
+    for col, a, b in zip(ROW, k_rows[0], t_rows[0]):
+        if col in ("sum3", "sum4"):
+            # the torch path sums x^3 and x^4 in float32 on the CPU (subnormal cubes flush to 0); the kernel in float64
+            assert (not math.isfinite(b) and not math.isfinite(a)) or a == pytest.approx(b, rel=1e-4, abs=1e-30), col
+        else:
+            assert same(a, b, rel=1e-9), (col, a, b)
+
+
+def test_code_counts_equal_torch_bincount_and_threads_change_nothing(cpu_kernel_lib):
+    xs = list(TENSORS.values())
+    (rows1, codes1), flats, plans = kernel_rows(xs, k=1000, threads=1)
+    ref = Batch._count_codes(flats, plans).view(len(xs), NUM_CODES).numpy()
+    assert np.array_equal(codes1, ref)
+    for threads in (2, 3, 16):
+        (rows, codes), _, _ = kernel_rows(xs, k=1000, threads=threads)
+        assert np.array_equal(codes, codes1)
+        assert np.array_equal(rows, rows1, equal_nan=True)
+
+
+def test_an_untrusted_cache_directory_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    mine = cpu_kernel._cache_dir()
+    assert mine == tmp_path / "xray-tui" and (os.stat(mine).st_mode & 0o777) == 0o700
+    os.chmod(mine, 0o777)  # someone else could plant a library there
+    assert cpu_kernel._cache_dir() is None
+
+
+@pytest.mark.parametrize("how", ["switched off", "no compiler"])
+def test_without_the_kernel_the_torch_path_answers_and_says_so_once(how, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    if how == "switched off":
+        monkeypatch.setenv("XRAY_TUI_CPU_KERNEL", "0")
+    else:
+        monkeypatch.setenv("CC", "/nonexistent/cc")
+    with caplog.at_level(logging.INFO, logger="xray-tui"):
+        assert cpu_kernel.load() is None and cpu_kernel.load() is None
+        b = Batch(EPS, 4096)
+        b.hold("t", "weight", torch.arange(10.0))
+        rows, _ = b.to_host()
+    assert rows[0, 1] == 45.0
+    assert len([r for r in caplog.records if "kernel" in r.getMessage()]) == 1
