@@ -177,12 +177,43 @@ def _unique_run_name(name: str) -> str:
     return candidate
 
 
+#: Path components that FSDP1 (``FullyShardedDataParallel``) and activation checkpointing's
+#: ``CheckpointWrapper`` insert anywhere in a name, not only in front (``_fsdp_wrapped_module.0._fsdp_wrapped_module.weight``)
+_WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
 def _unwrap_name(name: str) -> str:
-    """Parameter names without DDP/compile wrappers' prefixes."""
+    """Parameter and module names without DDP/compile/FSDP1/checkpoint wrappers' parts."""
     for prefix in ("module.", "_orig_mod."):
         while name.startswith(prefix):
             name = name[len(prefix):]
+    if "_wrapped_module" in name:
+        name = ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
     return name
+
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without distributed
+    _DTensor = ()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's own shard (FSDP2's parameters and gradients), else ``t``.
+
+    Each rank measures its shard: the statistics are mergeable, so the ranks'
+    samples merge into those of the whole tensor, and nothing is gathered
+    (DTensor ops on the whole tensor would run collectives inside the probe).
+    """
+    return t.to_local() if isinstance(t, _DTensor) else t
+
+
+def _is_sharded(raw_name: str, p: torch.Tensor) -> bool:
+    """Each rank holds a different piece of ``p``: an FSDP2 DTensor sharded on
+    some mesh dimension, or a parameter under an FSDP1 wrapper (its name says so)."""
+    if isinstance(p, _DTensor):
+        return any(pl.is_shard() for pl in p.placements)
+    return "_fsdp_wrapped_module" in raw_name.split(".")
 
 
 class AlertRaised(RuntimeError):
@@ -263,8 +294,9 @@ class XRay:
         #: module -> {"weight": why, "weight.grad": why, ...}: tensors the probe does not read
         self._unread: dict[str, dict[str, str]] = {}
         self.params = []
-        for n, p in model.named_parameters():
-            n = _unwrap_name(n)
+        self._sharded: set[int] = set()  # ids of parameters each rank holds a different piece of (FSDP)
+        for raw, p in model.named_parameters():
+            n = _unwrap_name(raw)
             if not p.is_floating_point() or (inside is not None and not inside(n)):
                 continue
             why = _unreadable(p)
@@ -274,6 +306,8 @@ class XRay:
                 self._skip(n, "weight", why)
                 continue
             self.params.append((n, p))
+            if _is_sharded(raw, p):
+                self._sharded.add(id(p))
         watched = {id(p) for _, p in self.params}
         for mname, m in model.named_modules():  # gradients known to come sparse
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and id(m.weight) in watched:
@@ -348,8 +382,12 @@ class XRay:
             if not p.requires_grad:
                 frozen.setdefault(mod, []).append(short)
         infos = []
+        # a wrapper (FSDP1, CheckpointWrapper) has the unwrapped name of the module it wraps; that
+        # module comes after it in named_modules, so it is the one kept, in the wrapper's place
+        named = {}
         for mname, module in self.model.named_modules():
-            mname = _unwrap_name(mname)
+            named[_unwrap_name(mname)] = module
+        for mname, module in named.items():
             if mname in by_module or mname in hooked or mname in self._unread:
                 role = "activation" if _is_activation(module) else ("block" if mname in hooked and
                                                                      mname not in by_module and
@@ -546,7 +584,7 @@ class XRay:
 
     def _subset(self, name: str, p: torch.Tensor) -> torch.Tensor | None:
         if name not in self._subsets:
-            n = p.numel()
+            n = _local(p).numel()  # a subset of this rank's shard
             self._subsets[name] = (
                 None if n <= self.update_k
                 else torch.randperm(n, generator=self._gen)[: self.update_k].sort().values.to(p.device)
@@ -561,7 +599,7 @@ class XRay:
         pieces = []
         for name, p in self.trainable:
             idx = self._subset(name, p)
-            flat = p.detach().reshape(-1)
+            flat = _local(p).detach().reshape(-1)
             pieces.append((flat if idx is None else flat[idx]).to(device=device, dtype=torch.float32))
         return torch.cat(pieces)  # a copy: the optimizer's in-place update cannot reach it
 
@@ -620,9 +658,13 @@ class XRay:
         b = self._batch
         lora = self._lora_sumsq()
         for name, p in self.params:
-            b.hold(name, "weight", p, lora_sumsq=lora.get(name))
+            w = _local(p)
+            b.hold(name, "weight", w, lora_sumsq=lora.get(name))
             g = p.grad
+            if g is None and w.numel() == 0 and p.requires_grad:
+                g = w  # FSDP1 leaves an empty shard's gradient None: read it as the empty gradient it is
             if g is not None:
+                g = _local(g)
                 if g.layout != torch.strided or g.is_meta:
                     self._skip(name, "grad", _unreadable(g))
                 else:
@@ -630,7 +672,7 @@ class XRay:
         b.reduce()  # now, before the optimizer changes them
 
     def _subset_lengths(self) -> list[int]:
-        return [p.numel() if self._subsets[n] is None else self.update_k for n, p in self.trainable]
+        return [_local(p).numel() if self._subsets[n] is None else self.update_k for n, p in self.trainable]
 
     def _segment_sumsq(self, flat: torch.Tensor) -> torch.Tensor:
         """Sum of squares (float64) of each trainable weight's piece of a subsets buffer."""
@@ -662,8 +704,14 @@ class XRay:
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or "ranks" in self._failed:
             return
+        # Only replicated parameters' gradients count: under FSDP each rank holds a different piece
+        # of a sharded gradient, whose norms differ from rank to rank in a healthy run. A model
+        # with nothing replicated sends no norms (the same on every rank: no collective).
+        if self._sharded and len(self._sharded) == len(self.params):
+            return
         try:
-            grads = [p.grad.detach() for _, p in self.params if p.grad is not None and p.grad.layout == torch.strided]
+            grads = [_local(p.grad).detach() for _, p in self.params
+                     if p.grad is not None and p.grad.layout == torch.strided and id(p) not in self._sharded]
             if grads:
                 local = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
             else:

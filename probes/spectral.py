@@ -328,10 +328,18 @@ def analyze_matrix(w: torch.Tensor, name: str = "", *, max_dim: int = 4096, bins
 
 
 def _unwrap(name: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name
+    from .probe import _unwrap_name  # one list of wrappers (DDP, compile, FSDP1, checkpointing) for both
+
+    return _unwrap_name(name)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """An FSDP2 (DTensor) parameter: this rank holds only a shard of it."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 @dataclass
@@ -393,6 +401,11 @@ def targets(model: nn.Module, min_evals: int = MIN_EVALS) -> tuple[list[Target],
         if not p.is_floating_point() or p.dim() < 2 or id(p) in lora_params:
             continue
         name = _unwrap(pname)
+        if _is_dtensor(p):
+            # FSDP2: this rank holds a shard; the spectrum needs the whole matrix, and DTensor ops
+            # here would run collectives from the monitor's thread, out of step with training's
+            skipped.append((name, "sharded (DTensor): the spectrum needs the whole matrix"))
+            continue
         short = min(p.shape[0], p.shape[1]) if p.dim() == 2 else min(p.shape[0], p.shape[1]) * int(np.prod(p.shape[2:]))
         if short < min_evals:
             skipped.append((name, f"{short} eigenvalues < min_evals {min_evals}"))

@@ -18,6 +18,7 @@ newest ``max_notes``. A 300-stream run keeps 256 samples per stream; the
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -60,10 +61,11 @@ def merge_samples(samples: list[wire.Sample]) -> wire.Sample | None:
         values = [getattr(s, name) for s in samples]
         if name in ("layer", "kind"):
             out[name] = values[0]
-        elif name == "min":
-            out[name] = min(values)
-        elif name == "max":
-            out[name] = max(values)
+        elif name in ("min", "max"):
+            # an empty rank's (an empty FSDP shard's) NaN says nothing; a NaN of a tensor holding one wins
+            known = [v for s, v in zip(samples, values) if s.count]
+            pick = min if name == "min" else max
+            out[name] = math.nan if not known or any(math.isnan(v) for v in known) else pick(known)
         elif name == "hist_lo":
             out[name] = lo
         elif name == "hist_counts":

@@ -1,0 +1,107 @@
+"""PyTorch Lightning integration: ``Trainer(callbacks=[XRayCallback(every=10)])``.
+
+The callback takes the same keyword arguments as :func:`probes.attach`, plus
+``ranks`` (the ranks that attach a probe; default: all). It works with
+``lightning`` (``lightning.pytorch``) or the standalone ``pytorch_lightning``;
+importing :mod:`probes` imports neither.
+
+Where the numbers are read, in Lightning 2.x (``Precision._after_closure``)::
+
+    closure (training_step, backward) -> GradScaler.unscale_ (16-mixed only)
+    -> on_before_optimizer_step -> configure_gradient_clipping -> optimizer update
+    -> on_train_batch_end
+
+Lightning clips *after* ``on_before_optimizer_step``, inside the
+LightningModule's ``configure_gradient_clipping`` hook, so a callback's
+``on_before_optimizer_step`` sees unscaled but unclipped gradients. To read
+what the optimizer uses, the callback wraps that hook on the module instance
+while attached (the class is untouched; the instance attribute is removed at
+close): weights and gradients are read right after the clipping (the
+default or the user's own), before the optimizer changes the weights. Under
+manual optimization Lightning does not call that hook (the user clips before
+``opt.step()``), so there they are read in ``on_before_optimizer_step``.
+Updates are read in ``on_train_batch_end`` of a batch that stepped (the
+optimizer is done by then; a step that GradScaler skipped reads as zero).
+The probe closes at the end of ``fit`` or when it raises.
+"""
+
+from __future__ import annotations
+
+import functools
+
+try:
+    from lightning.pytorch import Callback
+except ImportError:  # the standalone package; Lightning calls callbacks' hooks by name either way
+    from pytorch_lightning import Callback
+
+from .probe import XRay, _rank_and_world
+
+_HOOK = "configure_gradient_clipping"
+
+
+class XRayCallback(Callback):
+    """Attach an xray-tui probe to the LightningModule a ``Trainer`` fits."""
+
+    def __init__(self, ranks: tuple[int, ...] | None = None, **kwargs) -> None:
+        self.kwargs = kwargs
+        self.ranks = ranks
+        self.xray: XRay | None = None
+        self._module = None  # the module whose clipping hook is wrapped
+        self._pending = False  # weights and gradients were read; the update is not yet
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Attach to the module (after the strategy set it up: the process group exists)."""
+        rank, _ = _rank_and_world()
+        if self.xray is not None or (self.ranks is not None and rank not in self.ranks):
+            return
+        self.xray = XRay(pl_module, None, **self.kwargs)
+        original = getattr(pl_module, _HOOK)
+
+        @functools.wraps(original)  # __wrapped__: Lightning's is_overridden still sees the user's hook
+        def clip_then_read(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self._read()
+            return out
+
+        setattr(pl_module, _HOOK, clip_then_read)  # an instance attribute; close() deletes it
+        self._module = pl_module
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        """Manual optimization only: Lightning calls no clipping hook there."""
+        if not pl_module.automatic_optimization:
+            self._read()
+
+    def _read(self) -> None:
+        # once per training batch: a second optimizer stepped in one batch (manual
+        # optimization) is read at the next sampled batch, not as a step of its own
+        if self.xray is not None and not self._pending:
+            self._pending = True
+            self.xray.before_update()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Updates, after the batch's optimizer step; then the step is shipped."""
+        if self.xray is None or not self._pending:
+            return  # an accumulation batch: the optimizer did not step
+        self._pending = False
+        try:
+            self.xray.after_update()  # raises AlertRaised with on_alert="raise"
+        finally:
+            if self.xray.should_stop:
+                trainer.should_stop = True
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        """Close the probe: socket and manifest removed, recording flushed."""
+        self._close("finished")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Close the probe when fit raises (or is interrupted)."""
+        self._close("interrupted" if isinstance(exception, KeyboardInterrupt) else "error")
+
+    def _close(self, reason: str) -> None:
+        if self._module is not None:
+            self._module.__dict__.pop(_HOOK, None)
+            self._module = None
+        if self.xray is not None:
+            self.xray.close(reason)
+            self.xray = None
+        self._pending = False
