@@ -5,9 +5,10 @@
  * float once and keeps every accumulator in registers. Plain C, no torch
  * headers, so it compiles in well under a second with any C compiler; the
  * loops are written for `#pragma omp simd` (-fopenmp-simd: vectorisation
- * only, no OpenMP runtime) and compiled once for AVX2+FMA and once generic on
- * x86-64 (target_clones: the loader picks the one this CPU runs), so a
- * cached library never holds instructions another node of a cluster lacks.
+ * only, no OpenMP runtime) and, on x86-64 with GCC, compiled for AVX-512
+ * (x86-64-v4), AVX2 (v3) and the baseline (target_clones: the loader picks
+ * what this CPU runs), so a cached library never holds instructions another
+ * node of a cluster lacks.
  *
  * Row layout (double), as probes/reduce.py's COLUMNS[:13]:
  *   count sum sumsq abssum min max near_zero zeros nan posinf neginf sum3 sum4
@@ -17,32 +18,56 @@
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define XRAY_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define XRAY_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define XRAY_CLONES
 #endif
 
 enum { COUNT, SUM, SUMSQ, ABSSUM, MIN, MAX, NEAR, ZEROS, NAN_, POSINF, NEGINF, SUM3, SUM4, NROW };
 
-/* Sums in float64 over blocks of float32 partial sums would be faster, but
- * float64 throughout keeps the row as exact as torch's float64 path. */
+/* Elements per block: float32 partial sums and int32 counts within a block, float64 across. */
+#define BLOCK 1024
+/* |x| range where x^4, summed over a block in float32, neither overflows nor sinks into
+ * subnormals (as probes/reduce.py's POW4_SAFE and POW4_TINY): outside it, float64. */
+#define POW4_SAFE 1e4f
+#define POW4_TINY 1e-7f
+
+/* Sum, sum of squares and sum of |x| accumulate in float64 throughout: the variance is a
+ * difference of the first two, which float32 partials would ruin for a tensor whose mean
+ * dwarfs its spread (a LayerNorm weight near 1). x^3 and x^4 go through float32 partials per
+ * block (16 lanes instead of 8; ~1e-6 relative, as torch's own float32 path for them), redone
+ * in float64 when the tensor's largest |x| is outside [POW4_TINY, POW4_SAFE]. */
 XRAY_CLONES
 static void row_of(const float *x, int64_t n, float eps, double *row) {
-    double s1 = 0, s2 = 0, s3 = 0, s4 = 0, sa = 0, near = 0, zeros = 0;
+    double s1 = 0, s2 = 0, s3 = 0, s4 = 0, sa = 0;
+    int64_t near = 0, zeros = 0;
     float mn = INFINITY, mx = -INFINITY;
-#pragma omp simd reduction(+ : s1, s2, s3, s4, sa, near, zeros) reduction(min : mn) reduction(max : mx)
-    for (int64_t i = 0; i < n; i++) {
-        float v = x[i];
-        double d = v, d2 = d * d;
-        s1 += d;
-        s2 += d2;
-        s3 += d2 * d;
-        s4 += d2 * d2;
-        sa += fabs(d);
-        near += fabsf(v) < eps ? 1.0 : 0.0; /* false for NaN, as torch's abs() < eps */
-        zeros += v == 0.0f ? 1.0 : 0.0;
-        mn = v < mn ? v : mn; /* a NaN never wins a comparison: handled below */
-        mx = v > mx ? v : mx;
+    for (int64_t j = 0; j < n; j += BLOCK) {
+        int64_t end = j + BLOCK < n ? j + BLOCK : n;
+        double b1 = 0, b2 = 0, ba = 0;
+        float f3 = 0, f4 = 0;
+        int32_t cn = 0, cz = 0;
+#pragma omp simd reduction(+ : b1, b2, ba, f3, f4, cn, cz) reduction(min : mn) reduction(max : mx)
+        for (int64_t i = j; i < end; i++) {
+            float v = x[i], v2 = v * v;
+            double d = v;
+            b1 += d;
+            b2 += d * d;
+            f3 += v2 * v;
+            f4 += v2 * v2;
+            ba += fabs(d);
+            cn += fabsf(v) < eps; /* false for NaN, as torch's abs() < eps */
+            cz += v == 0.0f;
+            mn = v < mn ? v : mn; /* a NaN never wins a comparison: handled below */
+            mx = v > mx ? v : mx;
+        }
+        s1 += b1;
+        s2 += b2;
+        s3 += f3;
+        s4 += f4;
+        sa += ba;
+        near += cn;
+        zeros += cz;
     }
     double nan = 0, posinf = 0, neginf = 0;
     if (!isfinite(s1 + s2)) { /* a NaN or an Inf somewhere: count them (a second pass, rarely) */
@@ -52,6 +77,13 @@ static void row_of(const float *x, int64_t n, float eps, double *row) {
             posinf += v == INFINITY;
             neginf += v == -INFINITY;
         }
+    } else if (n > 0 && (fmaxf(-mn, mx) > POW4_SAFE || fmaxf(-mn, mx) < POW4_TINY)) {
+        s3 = s4 = 0; /* huge or tiny values: x^3 and x^4 in float64 (a second pass, rarely) */
+        for (int64_t i = 0; i < n; i++) {
+            double d = x[i], d2 = d * d;
+            s3 += d2 * d;
+            s4 += d2 * d2;
+        }
     }
     row[COUNT] = (double)n;
     row[SUM] = s1;
@@ -60,8 +92,8 @@ static void row_of(const float *x, int64_t n, float eps, double *row) {
     /* torch's aminmax is NaN when the tensor holds a NaN, and so are its sums */
     row[MIN] = n == 0 ? NAN : (nan > 0 ? NAN : mn);
     row[MAX] = n == 0 ? NAN : (nan > 0 ? NAN : mx);
-    row[NEAR] = near;
-    row[ZEROS] = zeros;
+    row[NEAR] = (double)near;
+    row[ZEROS] = (double)zeros;
     row[NAN_] = nan;
     row[POSINF] = posinf;
     row[NEGINF] = neginf;

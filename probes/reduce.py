@@ -40,6 +40,8 @@ BUCKET = 1 << 22
 ALONE = 1 << 16
 #: Largest |x| for which x^3 and x^4 are summed in float32 (n * x^4 stays below ~1e25).
 POW4_SAFE = 1e4
+#: Below this largest |x|, x^4 would sink into float32's subnormals (a vanishing gradient's kurtosis).
+POW4_TINY = 1e-7
 
 
 def _flat32(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,7 @@ def tensor_row(f: torch.Tensor, eps: float) -> torch.Tensor:
     Here the passes over memory cost, not the launches, so the row is built
     from few of them: norms give the sums of |x|, x^2 and x^4 without
     materialising a copy, one float32 ``x*x`` serves x^3 and x^4 as dot
-    products (in float64 where |x| is large or the device is not the CPU,
+    products (in float64 where |x| is huge or tiny, or the device is not the CPU,
     which would need a host read to tell), and on the CPU, where a host read
     is free, the NaN/Inf counts are skipped when the sums show the tensor is
     finite. Sums of x and x^2 accumulate in float64, like :func:`segment_rows`.
@@ -104,7 +106,7 @@ def tensor_row(f: torch.Tensor, eps: float) -> torch.Tensor:
         posinf = (f == math.inf).sum().double()
         neginf = (f == -math.inf).sum().double()
     mn, mx = torch.aminmax(f)
-    if f.device.type == "cpu" and bool(torch.maximum(-mn, mx) <= POW4_SAFE):
+    if f.device.type == "cpu" and POW4_TINY <= float(torch.maximum(-mn, mx)) <= POW4_SAFE:
         sq = f * f  # float32 suffices: x^4 and its sum stay far from float32's overflow
     else:
         f, sq = f.double(), f.double().square()
