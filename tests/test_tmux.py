@@ -86,10 +86,20 @@ def test_demo_in_tmux_help_sort_detail_quit(run_dir):
         tmux.keys("j", "Enter")
         screen = tmux.wait_for("HOT weight")
         assert "samples kept" in screen and "escape: back" in screen
+        # The detail's footer offers only keys that work there; its charts carry their legends.
+        screen = tmux.wait_for("esc Back")
+        footer = next(line for line in screen.splitlines() if "esc Back" in line)
+        assert "Back" in footer and "Filter" not in footer and "Sort" not in footer, footer
+        assert "━ first kept" in screen and "▚ first kept" not in screen
         tmux.keys("Escape")
         tmux.wait_for("layer ↓severity")
+        tmux.keys("p")
+        screen = tmux.wait_for("PAUSED")
+        assert "p resumes" in screen
+        tmux.keys("p")
         tmux.keys("q")
         screen = tmux.wait_for("EXITED", timeout=30)
         assert "EXITED 0" in screen and "Traceback" not in screen
+        assert "act ≈ 0" not in screen  # the app's screen is gone: the terminal is back to the shell
     finally:
         tmux.kill()

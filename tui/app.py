@@ -10,10 +10,12 @@ burst of data costs one paint, not one per message.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 
-from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -47,10 +49,10 @@ class HelpScreen(ModalScreen[None]):
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
     HelpScreen > VerticalScroll {
-        width: auto; max-width: 96%; height: auto; max-height: 96%;
+        width: 110; max-width: 96%; height: auto; max-height: 96%;
         padding: 1 2; background: $panel; border: round $primary;
     }
-    HelpScreen Static { width: auto; }
+    HelpScreen Static { width: 100%; }
     """
     BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
 
@@ -59,15 +61,23 @@ class HelpScreen(ModalScreen[None]):
         self.lines = lines
         self.legend = list(legend)
 
+    def _grid(self, rows: list[tuple[str, str]]) -> Table:
+        """Keys (or marks) and what they mean; long meanings wrap under themselves."""
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True)
+        grid.add_column(ratio=1)
+        for key, what in rows:  # Text, not markup: "[min, max]" is meant literally
+            grid.add_row(Text(key, style="bold"), Text(what))
+        return grid
+
     def compose(self) -> ComposeResult:
-        width = max(len(k) for k, _ in self.lines + self.legend)
-        body = "\n".join(f"[b]{escape(k.ljust(width))}[/b]  {escape(d)}" for k, d in self.lines)
-        text = "[b]xray-tui keys[/b]\n\n" + body
-        if self.legend:
-            text += "\n\n[b]what the table shows[/b]\n\n" + "\n".join(
-                f"[b]{escape(k.ljust(width))}[/b]  {escape(d)}" for k, d in self.legend)
         with VerticalScroll():
-            yield Static(text + "\n\n[dim]escape closes[/dim]")
+            yield Static("[b]xray-tui keys[/b]\n")
+            yield Static(self._grid(self.lines))
+            if self.legend:
+                yield Static("\n[b]what the table shows[/b]\n")
+                yield Static(self._grid(self.legend))
+            yield Static("\n[dim]escape, ? or q closes · ↑ ↓ pgup pgdn scroll[/dim]")
 
 
 #: Every key and what it does: the help screen lists exactly these.
@@ -77,10 +87,11 @@ HELP: list[tuple[str, str]] = [
     ("↑ ↓ / j k", "move the cursor"),
     ("pgup pgdn", "move a page"),
     ("home end", "first / last row"),
-    ("enter", "(table) open the layer's detail screen; (alerts) go to the alert's layer"),
+    ("enter", "(table) open the layer's detail screen, which lists its alerts in full; "
+              "(alerts) go to the alert's layer"),
     ("tab", "switch focus between the layer table and the alerts"),
     ("n", "jump to the next layer with an active alert"),
-    ("/", "filter layers by name (regex); enter keeps it, escape closes"),
+    ("/", "filter layers by name (regex); enter keeps it, escape closes; clear the text to show all"),
     ("s", "sort rows: model order → severity → name → depth → grad norm"),
     ("1 2 3", "show / hide the weight, grad, act sparkline columns"),
     ("r", "per-rank vs merged view: merged → rank 0 → rank 1 …"),
@@ -92,16 +103,25 @@ HELP: list[tuple[str, str]] = [
     ("escape", "(detail) back to the table; close the filter"),
 ]
 
-#: What each column and mark means.
+#: What each column and mark means; ``{eps}`` is the run's near-zero threshold.
 LEGEND: list[tuple[str, str]] = [
     ("weight grad act", "histogram of the latest sample, over its own [min, max]; a blank cell is an empty bin"),
-    ("act ≈ 0", "share of activation elements with |x| < eps (0.05); ▮▮▮▮ at ≥ 99% means dead"),
+    ("✖ NaN 3%", "(in a column) the tensor holds NaN or inf: that share of its elements"),
+    ("act ≈ 0", "share of activation elements with |x| < eps ({eps}); highlighted at ≥ 99%, which is dead "
+                "for an activation function (embeddings and norms can sit there healthily: the status says)"),
     ("‖grad‖", "L2 norm of the gradient of the layer's main weight"),
     ("upd/w", "update ratio ‖ΔW‖/‖W‖ of the last optimizer step (healthy ≈ 1e-3)"),
+    ("—", "no such stream: a module without parameters has no gradient or update"),
     ("status", "✓ ok · ▲ warn (warning) · ✖ CRIT (critical): the worst active alert"),
-    ("header", "run · step · training steps/s · ranks attached/world size · connection"),
+    ("header", "run · step · training steps/s (the probe's clock) · ranks attached/world size · connection"),
+    ("samples drops", "statistics received; samples the probe dropped because it fell behind (never slows training)"),
     ("detail", "HOT chart: x = step, y = value bin (signed, log-spaced), colour = log(1 + count)"),
 ]
+
+#: Actions that act on the main screen's table, filter or alerts: off (and out of the
+#: footer) while another screen is on top, where they would change what nobody sees.
+MAIN_SCREEN_ACTIONS = frozenset({"detail", "filter", "close_filter", "cycle_sort", "next_alert",
+                                 "toggle_kind", "switch_focus"})
 
 #: Below this many columns x lines the app shows a message instead of the views.
 MIN_SIZE = (60, 15)
@@ -176,7 +196,14 @@ class XRayApp(App):
         self._slots = threading.Semaphore(MAX_IN_FLIGHT)
         self._dirty = True
         self._sized = None
+        self._shown_step = -1  # the run's step at the last repaint of the views
         self._asked = False  # a request went to the probe and its answer is awaited
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Main-screen actions only on the main screen (the footer then lists only what works)."""
+        if action in MAIN_SCREEN_ACTIONS and self.screen is not self.screen_stack[0]:
+            return False
+        return True
 
     def get_theme_variable_defaults(self) -> dict[str, str]:
         """Values for the ``$xray-*`` variables under themes that lack them."""
@@ -309,6 +336,7 @@ class XRayApp(App):
         self._dirty = False
         table = self.table
         if not self.paused:
+            self._shown_step = self.state.step
             table.refresh_data()
             self.alert_list.refresh_data()
             if isinstance(self.screen, DetailScreen):
@@ -317,7 +345,7 @@ class XRayApp(App):
         self._header.show(HeaderInfo.from_state(
             self.state, label=getattr(self.source, "label", ""), connection=self.connection,
             paused=self.paused, layers_shown=len(table.view), filter=flt, title=self.title,
-            view=self._view_label()))
+            view=self._view_label(), shown_step=self._shown_step if self.paused else None))
 
     def _view_label(self) -> str:
         if len(self.state.hellos) <= 1:
@@ -334,8 +362,13 @@ class XRayApp(App):
     # -- actions ----------------------------------------------------------
 
     def action_toggle_pause(self) -> None:
-        """Freeze the views (data keeps arriving) or resume."""
+        """Freeze the views at the step shown (data keeps arriving) or resume.
+
+        While paused the table shows no sample newer than that step, also
+        when it is scrolled, filtered or sorted, and the header says both steps.
+        """
         self.paused = not self.paused
+        self.table.set_until(self._shown_step if self.paused else None)
         self._paint()
 
     def action_filter(self) -> None:
@@ -444,7 +477,7 @@ class XRayApp(App):
     def action_screenshot_svg(self) -> None:
         """Save the screen as an SVG file (Textual's own screenshot)."""
         try:
-            path = self.save_screenshot(path=self.screenshot_dir)
+            path = os.path.abspath(self.save_screenshot(path=self.screenshot_dir))
         except OSError as exc:
             self.notify(f"screenshot failed: {exc.strerror or exc}", severity="error", timeout=6)
         else:
@@ -483,7 +516,10 @@ class XRayApp(App):
         """Show every key binding and what the columns mean."""
         if isinstance(self.screen, HelpScreen):
             return
-        self.push_screen(HelpScreen(HELP, LEGEND))
+        eps = sorted({h.eps for h in self.state.hellos.values()})
+        said = (f"eps = {', '.join(f'{e:g}' for e in eps)} in this run" if eps
+                else "eps is set by the probe, 0.05 by default")
+        self.push_screen(HelpScreen(HELP, [(k, d.replace("{eps}", said)) for k, d in LEGEND]))
 
     async def action_quit(self) -> None:
         """Stop the reader and exit."""

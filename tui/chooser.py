@@ -31,7 +31,7 @@ class ChooserScreen(ModalScreen[str | None]):
         width: 90%; max-width: 110; height: auto; max-height: 80%;
         background: $panel; border: round $primary; padding: 1 2;
     }
-    ChooserScreen OptionList { height: auto; max-height: 20; }
+    ChooserScreen OptionList { height: auto; max-height: 20; text-wrap: nowrap; text-overflow: ellipsis; }
     ChooserScreen #chooser-help { color: $xray-muted; margin-top: 1; }
     """
     BINDINGS = [Binding("escape,q", "dismiss(None)", "Quit")]
@@ -43,6 +43,7 @@ class ChooserScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Static(f"[b]{len(self.runs)} runs are live: which one?[/b]")
+            # One line per run, cut at the edge (see the CSS): a wrapped command reads as another run.
             yield OptionList(*(Option(run_line(r), id=r.name) for r in self.runs), id="runs")
             yield Static("↑ ↓ choose · enter attach · escape quit   "
                          "(`xray-tui attach NAME` skips this)", id="chooser-help")

@@ -115,11 +115,11 @@ def _headless(source, args, *, live: bool) -> int:
     return EXIT_OK
 
 
-def _run_app(source, args) -> int:
+def _run_app(source, args, title: str | None = None) -> int:
     from .app import XRayApp  # Textual is imported only for the app
 
     try:
-        app = XRayApp(source, theme=args.theme)
+        app = XRayApp(source, theme=args.theme, title=title)
     except ValueError as exc:  # an unknown theme
         raise CliError(str(exc)) from None
     app.run()
@@ -154,7 +154,8 @@ def cmd_replay(args) -> int:
     source = feed.FileSource(args.file)
     if args.headless:
         return _headless(source, args, live=False)
-    return _run_app(source, args)
+    # The header says it is a recording, so nobody takes it for a live run.
+    return _run_app(source, args, title=f"replay: {os.path.basename(args.file)}")
 
 
 def cmd_export(args) -> int:
@@ -262,7 +263,8 @@ def cmd_inspect(args) -> int:
     print(f"wrote {report.entries} tensors' statistics to {report.json_path}, {len(report.pictures)} pictures "
           f"and the recording {report.recording} (loss {report.loss:.4g})", file=sys.stderr)
     if args.tui:
-        return _run_app(feed.FileSource(str(report.recording)), args)
+        title = f"inspect: {os.path.basename(os.path.abspath(args.model))}"
+        return _run_app(feed.FileSource(str(report.recording)), args, title=title)
     return EXIT_OK
 
 

@@ -107,7 +107,7 @@ class DetailScreen(Screen):
     #detail-body { height: 1fr; }
     #detail-left { width: 3fr; }
     #detail-right { width: 2fr; min-width: 30; border-left: solid $panel; }
-    #hot-title { height: 1; color: $xray-muted; padding: 0 1; }
+    #hot-title { height: auto; color: $xray-muted; padding: 0 1; }
     #hot { height: 1fr; min-height: 5; }
     #hist { height: 12; }
     .note { color: $xray-muted; padding: 0 1; margin-top: 1; height: auto; }
@@ -172,16 +172,17 @@ class DetailScreen(Screen):
         state, row, kind = self.state, self.row, self.kind
         stream = row.stream(kind)
         series = state.series(stream, kind, self.rank) if stream is not None else []
-        key = (kind, self.rank, len(series), series[-1][0] if series else None, len(state.alerts))
+        key = (kind, self.rank, len(series), series[-1][0] if series else None, state.alerts_seen)
         if key == self._seen and not force:
             return
         self._seen = key
-        view = "merged ranks" if self.rank is None else f"rank {self.rank}"
+        # One rank: no "merged ranks" to puzzle over.
+        view = "" if len(state.hellos) <= 1 else "merged ranks  ·  " if self.rank is None else f"rank {self.rank}  ·  "
         kinds = "  ".join(f"[b]{KIND_KEYS[k]}[/b] {k}" + (" ◀" if k == kind else "")
                           for k in KINDS if row.stream(k) is not None)
         depth = state.stream_depth or state.depth
         self.query_one("#detail-title", Static).update(
-            f"[b]{row.name}[/b]  {row.type}  params: {', '.join(row.params) or '—'}  ·  {view}  ·  "
+            f"[b]{row.name}[/b]  {row.type}  params: {', '.join(row.params) or '—'}  ·  {view}"
             f"{len(series)} samples kept (ring of {depth})"
             + (f"  ·  LoRA adapter of [b]{row.adapter_of}[/b]" if row.adapter_of else "")
             + f"\n{kinds}   [dim]escape: back[/dim]")
@@ -193,7 +194,7 @@ class DetailScreen(Screen):
     def _show_hot(self, stream: str | None, kind: str, series: list) -> None:
         hot = self.query_one("#hot", HotChart)
         self.query_one("#hot-title", Static).update(
-            f"HOT {kind}: x = step, y = value (signed, log-spaced bins), colour = log(1 + count)")
+            f"[b]HOT {kind}[/b]: x step · y value (signed, log-spaced bins) · colour log(1 + count)")
         if stream is None:
             why = "this layer's output is not hooked" if kind == "act" else "this layer has no parameters"
             hot.show_series([], empty_text=f"no {kind} stream: {why}")
@@ -213,8 +214,12 @@ class DetailScreen(Screen):
             last = series[-1][1]
             hist.show([], empty_text=f"every value is {last.min:g} now (min = max): no spread to draw")
         else:
+            last = series[-1][1]
+            bad = stats.nonfinite(last)
+            # NaN/inf have no bin: say so, or a flat "now" line reads as "all values gone to zero".
+            unbinned = f", {100 * bad / last.count:.3g}% NaN/inf unbinned" if bad and last.count else ""
             hist.show([Series(x, first, f"first kept (step {series[0][0]})", "xray-muted"),
-                       Series(x, now, f"now (step {series[-1][0]})", color)])
+                       Series(x, now, f"now (step {series[-1][0]}){unbinned}", color)])
         ts = time_series(series)
         steps = ts["step"]
         lines = [Series(steps, ts["l2"], "‖x‖₂", color)]

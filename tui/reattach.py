@@ -124,9 +124,6 @@ class ReattachSource:
                         yield [Status(WAITING)]
                     stop.wait(self.poll)
                     continue
-                fresh = self.attaches > 0
-                self.attaches += 1
-                yield [Status("live", fresh=fresh)]
                 hellos, ends = set(), set()
                 self._live = SocketSource([m.socket for m in run.ranks], label=run.name)
                 try:
@@ -138,6 +135,13 @@ class ReattachSource:
                                 ends.add(msg.rank)
                             if recorder is not None:
                                 recorder.write(wire.encode(msg))
+                        if said != "live" and hellos:
+                            # Live (and, after an earlier attach, fresh: forget the old data) only
+                            # once the run said hello: a listed run whose socket is stale or gone
+                            # must not wipe the last data the viewer still shows.
+                            said = "live"
+                            batch = [Status("live", fresh=self.attaches > 0), *batch]
+                            self.attaches += 1
                         yield batch
                 except FeedError as exc:
                     self._live = None

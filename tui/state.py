@@ -83,6 +83,18 @@ def merge_samples(samples: list[wire.Sample]) -> wire.Sample | None:
     return wire.Sample(**out)
 
 
+def _newest(buf, until: int | None) -> wire.Sample | None:
+    """The last sample of a ring of (step, Sample), or the last at step ``until`` or before."""
+    if not buf:
+        return None
+    if until is None:
+        return buf[-1][1]
+    for step, sample in reversed(buf):
+        if step <= until:
+            return sample
+    return None
+
+
 @dataclass
 class Row:
     """One layer (module) of the table."""
@@ -138,6 +150,8 @@ class RunState:
     spectral: dict = field(default_factory=dict)
     drops: int = 0
     samples_seen: int = 0
+    #: Alerts received in all (``alerts`` keeps the newest ``max_alerts`` of them).
+    alerts_seen: int = 0
     _times: deque = field(default_factory=lambda: deque(maxlen=16))
     _row_index: dict = field(default_factory=dict)
     stream_depth: int = 0  # samples each stream keeps now (0: not yet set)
@@ -199,6 +213,7 @@ class RunState:
             if len(self.alerts) >= self.max_alerts:
                 self.alerts.popleft()
             self.alerts.append(msg)
+            self.alerts_seen += 1
             key = (msg.rule, msg.layer, msg.kind, msg.rank)
             if msg.severity == "info":
                 self.active.pop(key, None)
@@ -244,10 +259,11 @@ class RunState:
         """Ranks that said hello, in order."""
         return sorted(self.hellos)
 
-    def latest(self, row: Row, kind: str, rank: int | None = 0) -> wire.Sample | None:
+    def latest(self, row: Row, kind: str, rank: int | None = 0, until: int | None = None) -> wire.Sample | None:
         """The newest sample of a row's column, or None.
 
-        ``rank=None`` merges every rank's newest sample (the merged view).
+        ``rank=None`` merges every rank's newest sample (the merged view);
+        ``until`` takes the newest of step ``until`` or before (a paused view).
         """
         stream = row.stream(kind)
         if stream is None:
@@ -256,10 +272,9 @@ class RunState:
             if len(self.hellos) <= 1:
                 rank = next(iter(self.hellos), 0)
             else:
-                bufs = (self.history.get((stream, kind, r)) for r in self.hellos)
-                return merge_samples([b[-1][1] for b in bufs if b])
-        buf = self.history.get((stream, kind, rank))
-        return buf[-1][1] if buf else None
+                found = (_newest(self.history.get((stream, kind, r)), until) for r in self.hellos)
+                return merge_samples([s for s in found if s is not None])
+        return _newest(self.history.get((stream, kind, rank)), until)
 
     def series(self, layer: str, kind: str, rank: int | None = 0) -> list:
         """The ring buffer of (step, Sample) of one stream, oldest first.

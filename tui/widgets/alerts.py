@@ -23,11 +23,21 @@ from tui.state import RunState
 SEVERITY_LABEL = {"info": "INFO", "warning": "WARNING", "critical": "CRITICAL"}
 
 
-def alert_text(alert: Alert, *, multi_rank: bool = False) -> tuple[str, str, str]:
-    """The three parts of an alert line: step, severity label, the rest."""
+def alert_text(alert: Alert, *, multi_rank: bool = False, width: int | None = None) -> tuple[str, str, str]:
+    """The three parts of an alert line: step, severity label, the rest.
+
+    With ``width`` (the line's cells) a long layer name is cut from the left
+    to a third of the line, so the message still shows on a narrow screen
+    (the tail of a module path tells layers apart; the detail has it whole).
+    """
     step = f"{alert.step:>7}"
     where = f"r{alert.rank} " if multi_rank else ""
-    rest = f"{alert.rule:<12}  {where}{alert.layer}  {alert.message}"
+    layer = alert.layer
+    if width is not None:
+        cap = max(20, width // 3)
+        if len(layer) > cap:
+            layer = "…" + layer[-(cap - 1):]
+    rest = f"{alert.rule:<12}  {where}{layer}  {alert.message}"
     return step, f"{SEVERITY_LABEL.get(alert.severity, alert.severity.upper()):<8}", rest
 
 
@@ -78,6 +88,10 @@ class AlertList(ScrollView, can_focus=True):
         super().__init__(name=name, id=id, classes=classes)
         self.state = state
         self._count = 0  # alerts shown as of the last refresh_data
+        self._seen = 0  # state.alerts_seen as of the last refresh_data
+        # The deque counted at the last refresh_data: a reset state gets a new, shorter
+        # one, which must not be indexed with the old count before the next refresh.
+        self._alerts = state.alerts
         self._version = 0
         self._cache: dict[int, Strip] = {}
         self._cache_key: tuple = ()
@@ -85,26 +99,36 @@ class AlertList(ScrollView, can_focus=True):
 
     def refresh_data(self) -> None:
         """Catch up with the state's alerts, keeping the cursor on its alert."""
-        n = len(self.state.alerts)
-        if n != self._count:
+        state = self.state
+        seen = state.alerts_seen
+        if state.alerts is not self._alerts:  # the state was reset (a new run of the same name)
+            self._alerts, self._seen, self._count, self.cursor = state.alerts, 0, 0, 0
+            self._changed()
+        if seen != self._seen:
             # New alerts go on top: shift the cursor so it stays on the same one,
-            # unless it sits on the newest (then it follows the news).
+            # unless it sits on the newest (then it follows the news). Counted with
+            # alerts_seen, not len(): the deque stops growing at max_alerts.
             if self.cursor > 0:
-                self.cursor += n - self._count
-            self._count = n
-            self.virtual_size = Size(self.scrollable_content_region.width, max(n, 1))
-            self._version += 1
-            active = len(self.state.active)
-            self.border_title = f"alerts · {active} active · {n} total"
-            self.refresh()
+                self.cursor += seen - self._seen
+            self._seen = seen
+            self._count = len(self._alerts)
+            self._changed()
+
+    def _changed(self) -> None:
+        self.virtual_size = Size(self.scrollable_content_region.width, max(self._count, 1))
+        self._version += 1
+        active = len(self.state.active)
+        self.border_title = f"alerts · {active} active · {self._seen:,} total" if self._seen else "alerts"
+        self.refresh()
 
     def alert_at(self, pos: int) -> Alert | None:
         """The alert on line ``pos`` (0 = newest), as of the last refresh."""
-        alerts = self.state.alerts
+        alerts = self._alerts
         if not 0 <= pos < self._count:
             return None
         # The deque may have grown since the last refresh: count from its end.
-        return alerts[len(alerts) - 1 - pos - (len(alerts) - self._count)]
+        i = len(alerts) - 1 - pos - (self.state.alerts_seen - self._seen if alerts is self.state.alerts else 0)
+        return alerts[i] if 0 <= i < len(alerts) else None
 
     def validate_cursor(self, value: int) -> int:
         return max(0, min(value, self._count - 1)) if self._count else 0
@@ -166,7 +190,9 @@ class AlertList(ScrollView, can_focus=True):
         strip = self._cache.get(pos)
         if strip is None:
             alert = self.alert_at(pos)
-            step, sev, rest = alert_text(alert, multi_rank=self.state.world_size > 1)
+            if alert is None:  # dropped from the oldest end since the last refresh
+                return Strip.blank(width, base)
+            step, sev, rest = alert_text(alert, multi_rank=self.state.world_size > 1, width=width)
             strip = Strip([
                 Segment(step, self._style("muted")),
                 Segment("  "),

@@ -34,13 +34,18 @@ class HeaderInfo:
     filter: str = ""
     title: str = "xray-tui"
     view: str = ""  # "merged" or "rank N" when the run has several ranks
+    live_step: int = -1  # the run's step; differs from ``step`` while the view is paused
 
     @classmethod
     def from_state(cls, state: RunState, *, label: str, connection: str, paused: bool,
                    layers_shown: int, filter: str = "", title: str = "xray-tui",
-                   view: str = "") -> "HeaderInfo":
-        """Summarise ``state`` (on the app's thread)."""
-        return cls(run=state.run or label, step=state.step, steps_per_s=state.steps_per_s,
+                   view: str = "", shown_step: int | None = None) -> "HeaderInfo":
+        """Summarise ``state`` (on the app's thread).
+
+        ``shown_step`` is the step the (paused) table shows, if not the newest.
+        """
+        step = state.step if shown_step is None else shown_step
+        return cls(run=state.run or label, step=step, live_step=state.step, steps_per_s=state.steps_per_s,
                    ranks=len(state.hellos), world_size=state.world_size, connection=connection,
                    paused=paused, samples=state.samples_seen, drops=state.drops,
                    active_alerts=len(state.active), layers_shown=layers_shown,
@@ -109,7 +114,8 @@ class XRayHeader(Widget):
         sep = (" · ", muted)
         step = f"{info.step:,}" if info.step >= 0 else "—"
         speed = f"{info.steps_per_s:.2f} steps/s" if info.steps_per_s else "— steps/s"
-        left1 = Text.assemble(" ", (info.title, self._style("title")), "  ", (info.run or "?", "bold"),
+        run = (info.run, "bold") if info.run else ("no run yet", muted)
+        left1 = Text.assemble(" ", (info.title, self._style("title")), "  ", run,
                               sep, ("step ", muted), step, sep, speed, sep,
                               ("ranks ", muted), f"{info.ranks}/{info.world_size}",
                               *(((" ", muted), (f"({info.view})", "bold")) if info.view else ()))
@@ -123,9 +129,18 @@ class XRayHeader(Widget):
                               ("alerts ", muted),
                               (f"{info.active_alerts} active",
                                self._style("warning") if info.active_alerts else None))
-        right2 = Text(" PAUSED ", style=self._style("paused")) if info.paused else Text("")
+        right2 = Text("")
+        if info.paused:
+            behind = f" · run at step {info.live_step:,}" if info.live_step > info.step else ""
+            right2 = Text(f" PAUSED{behind} · p resumes ", style=self._style("paused"))
         lines = []
         for left, right in ((left1, right1), (left2, right2)):
+            # A long status ("disconnected — retrying (cannot connect to …)") must not push
+            # the run's name and step off the line: it gets at most what the left part spares.
+            room = max(width - min(left.cell_len, width // 2) - 1, 12)
+            if right.cell_len > room:
+                right.truncate(room - 1, overflow="ellipsis")
+                right.append(" ")
             gap = width - left.cell_len - right.cell_len
             if gap < 1:
                 # Narrow terminal: the status matters more than the tail of the left part.

@@ -21,7 +21,7 @@ from rich.text import Text
 from textual.color import Color
 from textual.widget import Widget
 
-from probes import histogram
+from probes import histogram, stats
 
 #: Colours in the ramp; more would not be told apart on a terminal.
 LEVELS = 24
@@ -87,6 +87,9 @@ class Heatmap(Widget):
         self.y_top = self.y_bottom = ""
         self.x_labels: tuple[str, str] = ("", "")
         self.empty_text = empty_text
+        #: Per matrix column: whether that column's data held NaN or inf. When any
+        #: does, the top line is a strip marking those columns in $xray-critical.
+        self.flags: list[bool] = []
         self._palette: list[Style] = []
         self._palette_theme = ""
 
@@ -112,27 +115,40 @@ class Heatmap(Widget):
             self._palette_theme = self.app.theme
         return self._palette
 
+    def label_for(self, line: int, lines: int) -> str:
+        """The value-axis label of text line ``line`` of ``lines`` ("" for none)."""
+        return self.y_top if line == 0 else self.y_bottom if line == lines - 1 else ""
+
     def render(self) -> Text:
         """The matrix resampled to the widget, two rows of data per line."""
         width, height = self.size.width, self.size.height
         plot_w = max(width - self.GUTTER, 1)
-        plot_h = max(height - 1, 1)  # the last line holds the step axis
         m = self.matrix
-        if m.size == 0 or not np.any(m > 0):
+        flagged = any(self.flags)
+        plot_h = max(height - 1 - flagged, 1)  # the last line holds the step axis
+        if (m.size == 0 or not np.any(m > 0)) and not flagged:
             return Text(" " + self.empty_text, style="dim")
+        if m.size == 0:
+            m = np.zeros((1, len(self.flags)))
         # Resample to (2 * plot_h) x plot_w pixels by nearest neighbour.
         rows = np.minimum((np.arange(2 * plot_h) * m.shape[0] / (2 * plot_h)).astype(int), m.shape[0] - 1)
         cols = np.minimum((np.arange(plot_w) * m.shape[1] / plot_w).astype(int), m.shape[1] - 1)
         px = m[np.ix_(rows, cols)]
         top = px.max()
-        level = np.where(px > 0, 1 + np.floor(px / top * (LEVELS - 1)).astype(int), 0)
+        level = np.where(px > 0, 1 + np.floor(px / max(top, 1e-300) * (LEVELS - 1)).astype(int), 0)
         ramp = self._ramp()
         bg = self.rich_style.bgcolor
         colors = [None] + [c.rich_color for c in ramp] + [ramp[-1].rich_color]
         styles: dict[tuple[int, int], Style] = {}
         out = Text(no_wrap=True, overflow="crop")
+        if flagged:
+            bad = Style(color=Color.parse(self.app.get_css_variables()["xray-critical"]).rich_color)
+            out.append("NaN/inf".rjust(self.GUTTER - 1)[: self.GUTTER - 1] + "┤", style=bad)
+            marks = [self.flags[c] if c < len(self.flags) else False for c in cols.tolist()]
+            out.append("".join("▄" if f else " " for f in marks), style=bad)
+            out.append("\n")
         for line in range(plot_h):
-            label = self.y_top if line == 0 else self.y_bottom if line == plot_h - 1 else ""
+            label = self.label_for(line, plot_h)
             out.append(label.rjust(self.GUTTER - 1)[: self.GUTTER - 1] + "┤", style="dim")
             up, down = level[2 * line], level[2 * line + 1]
             for u, d in zip(up.tolist(), down.tolist()):
@@ -154,6 +170,7 @@ class HotChart(Heatmap):
         super().__init__(id=id)
         self.series: list = []
         self._fitted: tuple | None = None
+        self._edges = np.zeros(1)
 
     def show_series(self, series: list, *, empty_text: str = "no samples yet") -> None:
         """Draw ``series`` (list of (step, Sample)); the matrix is built at paint time."""
@@ -170,7 +187,29 @@ class HotChart(Heatmap):
             rows = max(2 * (size[1] - 1), 2)
             cols = max(size[0] - self.GUTTER, 1)
             matrix, edges, steps = hot_matrix(self.series, rows, cols)
-            self.matrix = matrix
+            self.matrix, self._edges = matrix, edges
             self.y_top, self.y_bottom = short(float(edges[-1])), short(float(edges[0]))
             self.x_labels = (f"step {steps[0]}", f"step {steps[-1]}") if steps else ("", "")
+            # NaN/inf have no bin: mark their steps on a strip of their own instead of a gap.
+            shown = self.series[-cols:] if cols > 0 else []
+            self.flags = [stats.nonfinite(s) > 0 for _, s in shown]
         return super().render()
+
+    def label_for(self, line: int, lines: int) -> str:
+        """The ends, ``0`` on the line that holds zero, and the value at the top of every third line.
+
+        The bins are signed and log-spaced, so a linear guess between two
+        end labels would be wrong: more labels are the only honest axis.
+        """
+        if line == 0 or line == lines - 1:
+            return super().label_for(line, lines)
+        n = self.matrix.shape[0]
+        if n == 0 or len(self._edges) != n + 1:
+            return ""
+        first = min(int(line * n / lines), n - 1)
+        last = max(min(int((line + 1) * n / lines), n), first + 1)
+        upper = self._edges[::-1]  # upper[r]: the upper edge of matrix row r (row 0 at the top)
+        if any(upper[r + 1] <= 0 <= upper[r] for r in range(first, last)):
+            return "0"
+        near_end = line >= lines - 2 or line <= 1
+        return short(float(upper[first])) if line % 3 == 0 and not near_end else ""

@@ -101,6 +101,23 @@ def sparkline(sample: Sample | None, width: int) -> str:
     return "".join(BLOCKS[i] for i in idx)
 
 
+def nonfinite_cell(sample: Sample, width: int) -> str:
+    """What a cell says instead of a sparkline or gauge when the tensor holds NaN or inf.
+
+    ``✖ NaN 100%``, shortened to ``✖ NaN`` and ``✖`` as the cell narrows; the
+    share is of all elements (``<1%`` for a few). A sparkline of the finite
+    rest would hide the one thing that matters.
+    """
+    bad = stats.nonfinite(sample)
+    what = "NaN" if sample.nan else "inf"
+    share = min(bad / sample.count * 100, 100.0) if sample.count else 100.0
+    pct = f"{share:.0f}%" if share >= 1 else "<1%"
+    for text in (f"✖ {what} {pct}", f"✖ {what}", "✖"):
+        if len(text) <= width:
+            return text.center(width)
+    return "✖"[:width]
+
+
 def gauge(fraction: float) -> str:
     """A four-cell near-zero gauge with its percentage, e.g. ``▮▮▯▯  42%``."""
     if math.isnan(fraction):
@@ -183,7 +200,11 @@ class LayerTable(ScrollView, can_focus=True):
         super().__init__(name=name, id=id, classes=classes)
         self.state = state
         self.filter: re.Pattern | None = None
-        self._view: list[int] = []  # indices into state.rows that pass the filter
+        self._view: list[int] = []  # indices into self._rows that pass the filter
+        # The row list the view was built from. The state may replace its rows (a new
+        # run of the same name resets it) between two paints; until the next rebuild
+        # every lookup goes through this list, never a newer, shorter one.
+        self._rows: list[Row] = []
         self._rows_seen: tuple[int, int] = (0, 0)  # (id(rows), len(rows)) the view was built from
         self._version = 0
         self._cache: dict[int, Strip] = {}  # row index -> unstyled strip at _version
@@ -196,13 +217,15 @@ class LayerTable(ScrollView, can_focus=True):
         self.shown: tuple[str, ...] = SPARK_KINDS
         #: Rank whose samples are shown; None merges every rank.
         self.rank: int | None = None
+        #: Show no sample newer than this step (the app's pause); None: the newest.
+        self.until: int | None = None
 
     # -- data -------------------------------------------------------------
 
     @property
     def view(self) -> list[Row]:
         """The rows shown, in order (after the filter)."""
-        rows = self.state.rows
+        rows = self._rows
         return [rows[i] for i in self._view]
 
     @property
@@ -210,7 +233,7 @@ class LayerTable(ScrollView, can_focus=True):
         """The highlighted row, if any."""
         if not self._view:
             return None
-        return self.state.rows[self._view[min(self.cursor, len(self._view) - 1)]]
+        return self._rows[self._view[min(self.cursor, len(self._view) - 1)]]
 
     def severity(self, row: Row) -> str:
         """Worst active severity of ``row`` as of the last data refresh."""
@@ -261,20 +284,24 @@ class LayerTable(ScrollView, can_focus=True):
         self.rank = rank
         self._changed()
 
+    def set_until(self, step: int | None) -> None:
+        """Freeze the rows at ``step`` (samples after it are kept but not shown), or None to follow the run."""
+        self.until = step
+        self._changed()
+
     def _changed(self) -> None:
         self._rebuild_view()
         self._version += 1
         self.refresh()
 
     def _grad_norm(self, row: Row) -> float:
-        g = self.state.latest(row, "grad", self.rank)
+        g = self.state.latest(row, "grad", self.rank, self.until)
         if g is None:
             return -1.0
         v = stats.l2(g)
         return math.inf if math.isnan(v) or stats.nonfinite(g) else v
 
-    def _order(self, indices: list[int]) -> list[int]:
-        rows = self.state.rows
+    def _order(self, rows: list[Row], indices: list[int]) -> list[int]:
         if self.sort == "severity":
             sev = self._severity
             return sorted(indices, key=lambda i: -SEVERITY_RANK[sev.get(rows[i].name, "ok")])
@@ -289,9 +316,10 @@ class LayerTable(ScrollView, can_focus=True):
     def _rebuild_view(self) -> None:
         current = self.cursor_row.name if self._view else None
         rows = self.state.rows
+        self._rows = rows
         self._rows_seen = (id(rows), len(rows))
         flt = self.filter
-        self._view = self._order([i for i, r in enumerate(rows) if flt is None or flt.search(r.name)])
+        self._view = self._order(rows, [i for i, r in enumerate(rows) if flt is None or flt.search(r.name)])
         # Indent relative to the shallowest row so a flat model is not pushed right.
         self._indent_base = min((rows[i].depth for i in self._view), default=0)
         self.virtual_size = Size(self.scrollable_content_region.width, len(self._view) + 1)
@@ -305,7 +333,7 @@ class LayerTable(ScrollView, can_focus=True):
 
         Returns False when the run has no such row.
         """
-        rows = self.state.rows
+        rows = self._rows
         for pos, i in enumerate(self._view):
             if rows[i].name == name:
                 self.cursor = pos
@@ -318,7 +346,7 @@ class LayerTable(ScrollView, can_focus=True):
     def next_alerting(self) -> Row | None:
         """Move to the next row (after the cursor, wrapping) with an active alert."""
         n = len(self._view)
-        rows = self.state.rows
+        rows = self._rows
         for step in range(1, n + 1):
             pos = (self.cursor + step) % n
             if self._severity.get(rows[self._view[pos]].name, "ok") in ("warning", "critical"):
@@ -390,7 +418,7 @@ class LayerTable(ScrollView, can_focus=True):
         index = self._view[pos]
         strip = self._cache.get(index)
         if strip is None:
-            strip = self._cache[index] = self._row_strip(self.state.rows[index], cols)
+            strip = self._cache[index] = self._row_strip(self._rows[index], cols)
         if pos == self.cursor:
             return strip.apply_style(base + self._style("cursor"))
         return strip.apply_style(base)
@@ -415,18 +443,30 @@ class LayerTable(ScrollView, can_focus=True):
         state = self.state
         muted = self._style("muted")
         sev = self._severity.get(row.name, "ok")
-        segs = [Segment(fit_name(row.name, row.depth - self._indent_base, cols.name),
-                        self._style(sev) if sev in ("warning", "critical") else None)]
-        latest = {k: state.latest(row, k, self.rank) for k in ("weight", "grad", "act", "update")}
+        name = " " * (row.depth - self._indent_base) + row.name
+        if row.type and len(name) + 2 + len(row.type) <= cols.name:
+            # The module's type where there is room: "0  Linear" says more than "0".
+            segs = [Segment(name, self._style(sev) if sev in ("warning", "critical") else None),
+                    Segment(f"  {row.type}".ljust(cols.name - len(name)), muted)]
+        else:
+            segs = [Segment(fit_name(row.name, row.depth - self._indent_base, cols.name),
+                            self._style(sev) if sev in ("warning", "critical") else None)]
+        latest = {k: state.latest(row, k, self.rank, self.until) for k in ("weight", "grad", "act", "update")}
+        critical = self._style("critical")
         for kind in cols.kinds:
             s = latest[kind]
-            bad = s is not None and stats.nonfinite(s) > 0
-            segs += [Segment(" "), Segment(sparkline(s, cols.spark), self._style("critical" if bad else kind))]
+            if s is not None and stats.nonfinite(s) > 0:
+                segs += [Segment(" "), Segment(nonfinite_cell(s, cols.spark), critical)]
+            else:
+                segs += [Segment(" "), Segment(sparkline(s, cols.spark), self._style(kind))]
         if cols.gauge:
             act = latest["act"]
-            frac = stats.fraction(act.near_zero, act) if act is not None else math.nan
-            style = self._style("dead") if frac >= DEAD_FRACTION else (muted if math.isnan(frac) else None)
-            segs += [Segment(" "), Segment(gauge(frac), style)]
+            if act is not None and stats.nonfinite(act) > 0:
+                segs += [Segment(" "), Segment(nonfinite_cell(act, GAUGE_W), critical)]
+            else:
+                frac = stats.fraction(act.near_zero, act) if act is not None else math.nan
+                style = self._style("dead") if frac >= DEAD_FRACTION else (muted if math.isnan(frac) else None)
+                segs += [Segment(" "), Segment(gauge(frac), style)]
         if cols.norm:
             g = latest["grad"]
             bad = g is not None and stats.nonfinite(g) > 0

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import plotext
+from rich.style import Style
 from rich.text import Text
 from textual.color import Color
 from textual.widget import Widget
@@ -27,41 +28,98 @@ class Series:
     color: str = "xray-weight"
 
 
-def build_chart(series: list[Series], width: int, height: int, *, title: str = "", log_y: bool = False,
+def step_ticks(xs: list, width: int) -> list[int]:
+    """Whole-number ticks over ``xs`` at a 1-2-5 spacing, about one per 10 cells.
+
+    Steps are counts: an axis of steps reads 0, 50, 100, never 53.3.
+    """
+    lo, hi = int(math.floor(min(xs))), int(math.ceil(max(xs)))
+    if hi <= lo:
+        return [lo]
+    want = max(2, min(8, width // 10))
+    raw = (hi - lo) / (want - 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    # The finest 1-2-5 spacing that gives at most one tick more than wanted.
+    gap = next((k * mag for k in (1, 2, 5, 10) if (hi - lo) / (k * mag) <= want), 10 * mag)
+    gap = max(1, int(gap))
+    first = -(-lo // gap) * gap
+    return list(range(first, hi + 1, gap)) or [lo]
+
+
+def build_chart(series: list[Series], width: int, height: int, *, log_y: bool = False,
                 colors: dict[str, str] | None = None) -> str:
     """The plotext rendering of ``series`` as an ANSI string of ``height`` lines.
 
-    Non-finite points are left out (and, with ``log_y``, values <= 0);
-    ``colors`` maps theme variable names to colours (the app's CSS variables).
+    Non-finite points are left out (and, with ``log_y``, values <= 0; see
+    :func:`left_out`); ``colors`` maps theme variable names to colours (the
+    app's CSS variables). No title and no legend: plotext draws its legend as
+    a box over the data, so :class:`Chart` says both on a line of its own.
+    When every x is a whole number (steps) the x ticks are whole numbers.
     """
     fig = plotext.figure
     fig.clear()
     plotext.terminal.limit(False, False)
     fig.plot_size(max(width, 10), max(height, 4))
     fig.theme("simple")
-    if title:
-        fig.title(title)
-    drawn = 0
+    drawn, all_x = 0, []
     for s in series:
-        pts = [(x, y) for x, y in zip(s.x, s.y) if y is not None and math.isfinite(y) and (not log_y or y > 0)]
+        pts = [(x, y) for x, y in zip(s.x, s.y) if _drawable(y, log_y)]
         if not pts:
             continue
         xs, ys = zip(*pts)
-        # An unknown variable falls back to the theme's foreground, never a fixed colour.
-        colour = (colors or {}).get(s.color) or (colors or {}).get("foreground")
+        all_x += xs
+        colour = _colour(s.color, colors)
         marker = plotext.marker(pixel=plotext.pixel(foreground=Color.parse(colour).rgb)) if colour else None
-        sig = fig.signal(list(xs), list(ys), marker=marker).lines()
-        if s.label:
-            sig.label(s.label)
-        fig.draw(sig)
+        fig.draw(fig.signal(list(xs), list(ys), marker=marker).lines())
         drawn += 1
     if drawn and log_y:
         fig.ruler("y").scale("log")
+    if all_x and all(isinstance(x, int) for x in all_x):
+        ticks = step_ticks(all_x, width)
+        fig.ruler("x").ticks(ticks, [str(t) for t in ticks])
     return fig.build().string()
 
 
+def _drawable(y, log_y: bool) -> bool:
+    return y is not None and math.isfinite(y) and (not log_y or y > 0)
+
+
+def _colour(name: str, colors: dict[str, str] | None) -> str | None:
+    # An unknown variable falls back to the theme's foreground, never a fixed colour.
+    return (colors or {}).get(name) or (colors or {}).get("foreground")
+
+
+def _style(name: str, colors: dict[str, str] | None) -> Style:
+    """A Rich style in the colour of theme variable ``name``."""
+    colour = _colour(name, colors)
+    return Style(color=Color.parse(colour).rich_color) if colour else Style()
+
+
+def left_out(s: Series, log_y: bool = False, *, named: bool = True) -> str:
+    """Why some of a series' points are not drawn ("" when all are).
+
+    A chart that silently stops where the values went NaN reads as "the run
+    stopped"; this says what happened, and from which step. ``named`` puts
+    the series' label first (for a chart of several).
+    """
+    bad = [x for x, y in zip(s.x, s.y) if y is None or not math.isfinite(y)]
+    low = [x for x, y in zip(s.x, s.y) if log_y and y is not None and math.isfinite(y) and y <= 0]
+    whole = all(isinstance(x, int) for x in s.x)
+    parts = []
+    for xs, what in ((bad, "NaN/inf"), (low, "≤ 0 (log scale)")):
+        if xs:
+            where = f" from step {xs[0]}" if whole else ""
+            parts.append(f"{s.label + ' ' if named else ''}{what}{where} ({len(xs)} of {len(s.x)}) not drawn")
+    return "; ".join(parts)
+
+
 class Chart(Widget):
-    """A plotext chart that redraws itself at its widget's size."""
+    """A plotext chart that redraws itself at its widget's size.
+
+    The first line holds the title and, for two or more series, a legend in
+    the series' colours (``━ label``); a line under it says which points
+    could not be drawn (NaN, inf, or <= 0 on a log scale), if any.
+    """
 
     DEFAULT_CSS = """
     Chart { height: 10; min-height: 6; background: $surface; color: $foreground; }
@@ -85,6 +143,24 @@ class Chart(Widget):
             self.empty_text = empty_text
         self.refresh()
 
+    def _heading(self, width: int, colors: dict[str, str]) -> list[Text]:
+        """The title line (with the legend when it fits, else on a line of its own) and the notes."""
+        title = Text(" " + self.title, style="bold")
+        legend = Text()
+        if len(self.series) > 1:
+            for s in self.series:
+                legend.append("  ━ ", style=_style(s.color, colors))
+                legend.append(s.label)
+        lines = [title + legend] if title.cell_len + legend.cell_len <= width else [title, Text(" ") + legend]
+        named = len(self.series) > 1
+        notes = "; ".join(n for n in (left_out(s, self.log_y, named=named) for s in self.series) if n)
+        if notes:
+            lines.append(Text(" ✖ " + notes, style=_style("xray-critical", colors)))
+        for line in lines:
+            line.truncate(width, overflow="ellipsis")
+            line.no_wrap = True
+        return [line for line in lines if line.plain.strip()]
+
     def render(self) -> Text:
         """The chart, rebuilt only when its data, size or theme changed."""
         width, height = self.size.width, self.size.height
@@ -92,9 +168,17 @@ class Chart(Widget):
             return Text(f" {self.title}\n {self.empty_text}", style="dim", no_wrap=True)
         key = (tuple(self.series), width, height, self.app.theme, self.title, self.log_y)
         if self._cache is None or self._cache[0] != key:
-            ansi = build_chart(self.series, width, height, title=self.title, log_y=self.log_y,
-                               colors=self.app.get_css_variables())
-            text = Text.from_ansi(ansi, no_wrap=True)
+            colors = self.app.get_css_variables()
+            heading = self._heading(width, colors)
+            text = Text("\n").join(heading)
+            if any(_drawable(y, self.log_y) for s in self.series for y in s.y):
+                ansi = build_chart(self.series, width, max(height - len(heading), 4), log_y=self.log_y,
+                                   colors=colors)
+                text.append("\n")
+                text.append_text(Text.from_ansi(ansi, no_wrap=True))
+            else:
+                text.append(f"\n {self.empty_text if not self.series else 'nothing to draw'}", style="dim")
+            text.no_wrap = True
             text.overflow = "crop"
             self._cache = (key, text)
         return self._cache[1]
