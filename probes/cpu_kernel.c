@@ -119,4 +119,22 @@ void xray_reduce(int64_t m, const float *const *ptrs, const int64_t *numels, con
     }
 }
 
+/* Units (the last dimension, `cols` wide) whose |x| tops eps in none of the `rows` rows: how
+ * many. A NaN tops nothing, as torch's (abs(x) > eps).any(0); colmax is scratch of `cols` floats. */
+XRAY_CLONES
+int64_t xray_dead_units(const float *x, int64_t rows, int64_t cols, float eps, float *colmax) {
+    for (int64_t c = 0; c < cols; c++) colmax[c] = 0.0f;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * cols;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; c++) {
+            float a = fabsf(row[c]);
+            colmax[c] = a > colmax[c] ? a : colmax[c];
+        }
+    }
+    int64_t dead = 0;
+    for (int64_t c = 0; c < cols; c++) dead += !(colmax[c] > eps);
+    return dead;
+}
+
 int xray_nrow(void) { return NROW; }

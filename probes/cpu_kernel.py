@@ -99,6 +99,8 @@ def load() -> ctypes.CDLL | None:
             lib.xray_reduce.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_float, ctypes.c_int,
                                         _ptr, _ptr]
             lib.xray_reduce.restype = None
+            lib.xray_dead_units.argtypes = [_ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, _ptr]
+            lib.xray_dead_units.restype = ctypes.c_int64
             if lib.xray_nrow() != NROW:
                 raise RuntimeError("row layout differs from probes/reduce.py")
             _lib = lib
@@ -163,3 +165,13 @@ def reduce(flats: list[torch.Tensor], plans: list[tuple[int, int, int]], eps: fl
     if errors:
         raise errors[0]
     return rows, codes
+
+
+def dead_fraction(x: torch.Tensor, eps: float) -> float:
+    """Share of the last dimension's units of a contiguous float32 CPU tensor that never top ``eps``."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the CPU kernel is not available")
+    cols = x.shape[-1]
+    scratch = np.empty(cols, dtype=np.float32)
+    return lib.xray_dead_units(x.data_ptr(), x.numel() // cols, cols, eps, scratch.ctypes.data) / cols

@@ -38,6 +38,8 @@ _TRASH = histogram.NUM_BINS  # bin index of non-finite values
 BUCKET = 1 << 22
 #: Tensors at least this large are reduced alone.
 ALONE = 1 << 16
+#: Elements of a batch from which the CPU kernel runs on torch's thread count (one thread below).
+PARALLEL_ELEMENTS = 1 << 25
 #: Largest |x| for which x^3 and x^4 are summed in float32 (n * x^4 stays below ~1e25).
 POW4_SAFE = 1e4
 #: Below this largest |x|, x^4 would sink into float32's subnormals (a vanishing gradient's kurtosis).
@@ -176,9 +178,11 @@ def dead_units(x: torch.Tensor, eps: float) -> torch.Tensor | None:
     """Fraction of last-dimension units never above eps in the batch."""
     if x.dim() < 2 or x.shape[-1] == 0 or x.numel() == 0:
         return None
-    # a unit is alive if its largest |x| tops eps (a NaN unit counts as dead); one
-    # column-wise max reads x ~3x faster than comparing every element and then any()
-    alive = x.detach().abs().reshape(-1, x.shape[-1]).amax(0) > eps
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernel.load() is not None:
+        # one read of x instead of abs, compare and any(); a traced hook keeps the torch ops
+        flat = x.detach().float().contiguous()
+        return torch.tensor(cpu_kernel.dead_fraction(flat, eps), dtype=torch.float64)
+    alive = (x.detach().abs() > eps).reshape(-1, x.shape[-1]).any(0)
     return 1.0 - alive.float().mean()
 
 
@@ -239,8 +243,10 @@ class Batch:
         device = flats[0].device
         rows = torch.full((len(items), NCOL), math.nan, dtype=torch.float64, device=device)
         if device.type == "cpu" and cpu_kernel.load() is not None:
-            base, codes = cpu_kernel.reduce([f.contiguous() for f in flats], plans, self.eps, CODE_SHIFT,
-                                            torch.get_num_threads())
+            # more threads pay only for large batches: on the demo model's ~9 M elements beside
+            # training, torch's spinning OpenMP workers made two threads slower than one
+            threads = torch.get_num_threads() if sum(f.numel() for f in flats) >= PARALLEL_ELEMENTS else 1
+            base, codes = cpu_kernel.reduce([f.contiguous() for f in flats], plans, self.eps, CODE_SHIFT, threads)
             rows[:, :_NBASE] = torch.from_numpy(base)
             codes = torch.from_numpy(codes)
         else:

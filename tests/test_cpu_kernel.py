@@ -150,3 +150,17 @@ def test_without_the_kernel_the_torch_path_answers_and_says_so_once(how, monkeyp
         rows, _ = b.to_host()
     assert rows[0, 1] == 45.0
     assert len([r for r in caplog.records if "kernel" in r.getMessage()]) == 1
+
+
+def test_dead_units_equal_the_torch_path_nan_columns_included(cpu_kernel_lib, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 16, 24, generator=g)
+    x[..., :5] = 0.01  # five units never top eps
+    x[0, 0, 5] = math.nan  # a NaN beside large values: alive
+    x[..., 6] = math.nan  # all NaN: tops nothing, dead
+    cases = [x, x.bfloat16(), x.transpose(0, 1), torch.relu(torch.randn(4, 7, generator=g) - 3)]
+    kernel = [float(reduce.dead_units(c, EPS)) for c in cases]
+    monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    torch_path = [float(reduce.dead_units(c, EPS)) for c in cases]
+    assert kernel == pytest.approx(torch_path, abs=1e-7)
+    assert kernel[0] == 6 / 24
