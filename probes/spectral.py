@@ -253,6 +253,9 @@ class Metrics:
     esd_hi: float
     esd: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    #: The matrix's magnitude as a grid for the viewer's heatmap (see :func:`heat_grid`).
+    heat_shape: tuple = ()
+    heat: bytes = b""
 
     @property
     def warning(self) -> str:
@@ -266,7 +269,7 @@ class Metrics:
 
     def as_dict(self) -> dict:
         """Plain JSON-able fields (for layer_statistics.json)."""
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("heat", "heat_shape")}
         d["shape"] = list(self.shape)
         d["warning"] = self.warning
         d["sigma"] = self.sigma
@@ -280,7 +283,8 @@ class Metrics:
                              log_spectral_norm=self.log_spectral_norm, stable_rank=self.stable_rank,
                              n_evals=self.n_evals, xmin=self.xmin, ks=self.ks, shape=list(self.shape),
                              esd_lo=self.esd_lo, esd_hi=self.esd_hi, esd=self.esd, method=self.method,
-                             n_tail=self.n_tail, sigma=self.sigma, untrusted=untrusted)
+                             n_tail=self.n_tail, sigma=self.sigma, untrusted=untrusted,
+                             heat_shape=list(self.heat_shape), heat=self.heat)
 
 
 def esd_histogram(evals: np.ndarray, bins: int = 32, thresh: float = EVALS_THRESH) -> tuple[float, float, list[int]]:
@@ -315,11 +319,28 @@ def metrics_of(eig: Eigen, name: str = "", bins: int = 32) -> Metrics:
     )
 
 
+def heat_grid(w: torch.Tensor, rows: int = wire.HEAT_MAX_ROWS, cols: int = wire.HEAT_MAX_COLS
+              ) -> tuple[tuple[int, int], bytes]:
+    """The matrix's magnitude on a grid of at most ``rows`` x ``cols`` cells, for the viewer's heatmap.
+
+    Each cell is the RMS of its block of W (a conv weight as out x in*kh*kw),
+    so a dead row or column, an outlier feature or a block of large weights
+    shows even where many elements share one terminal cell; a plain strided
+    pick would miss them. float16 little-endian (capped at its largest finite
+    value; NaN stays NaN): 16 KiB for the largest grid.
+    """
+    w2 = w.detach().float().reshape(w.shape[0], -1)
+    shape = (min(rows, w2.shape[0]), min(cols, w2.shape[1]))
+    rms = torch.nn.functional.adaptive_avg_pool2d(w2.square()[None, None], shape)[0, 0].sqrt()
+    return shape, rms.clamp(max=65504.0).to(torch.float16).cpu().numpy().astype("<f2").tobytes()
+
+
 def analyze_matrix(w: torch.Tensor, name: str = "", *, max_dim: int = 4096, bins: int = 32) -> Metrics:
-    """Eigenvalues and metrics of one weight (2-D or conv) in one call."""
+    """Eigenvalues, metrics and the heatmap grid of one weight (2-D or conv) in one call."""
     t0 = time.perf_counter()
     with torch.no_grad():
         m = metrics_of(eigenvalues(w, max_dim=max_dim), name, bins)
+        m.heat_shape, m.heat = heat_grid(w)
     m.seconds = time.perf_counter() - t0
     return m
 

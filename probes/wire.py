@@ -24,6 +24,8 @@ PROTOCOL_VERSION = 2
 MAGIC = b"XRAYTUI\x01"
 #: Largest frame accepted; a bigger length prefix is refused before reading.
 MAX_FRAME = 64 * 1024 * 1024
+#: Largest weight heatmap grid a Spectral message carries (cells; a terminal shows fewer).
+HEAT_MAX_ROWS, HEAT_MAX_COLS = 64, 128
 _LEN = struct.Struct(">I")
 
 Count = Annotated[int, Meta(ge=0)]
@@ -209,6 +211,16 @@ class Spectral(Struct, tag="spectral", frozen=True):
     sigma: float | None = None
     # why the probe does not trust this fit enough to alert on it ("" = trusted, or an older probe)
     untrusted: str = ""
+    # the matrix's magnitude for the viewer's heatmap: heat_shape = [rows, cols] cells (each the RMS
+    # of its block of W), heat = rows*cols float16 little-endian; empty from older probes
+    heat_shape: Annotated[list[Annotated[int, Meta(ge=1, le=HEAT_MAX_COLS)]], Meta(max_length=2)] = []
+    heat: bytes = b""
+
+    def heat_matrix(self) -> "np.ndarray | None":
+        """The heatmap grid as a float array, or None when this message has none (or a bad one)."""
+        if len(self.heat_shape) != 2 or len(self.heat) != 2 * self.heat_shape[0] * self.heat_shape[1]:
+            return None
+        return np.frombuffer(self.heat, dtype="<f2").astype(np.float32).reshape(self.heat_shape)
 
 
 Message = Union[Hello, Step, Alert, Note, End, Spectral]

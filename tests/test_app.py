@@ -339,7 +339,7 @@ import numpy as np
 import themes
 from probes import histogram, stats, wire
 from tui.chooser import ChooserScreen
-from tui.detail import MATRIX_UNAVAILABLE, DetailScreen, current_vs_initial
+from tui.detail import MATRIX_PENDING, DetailScreen, current_vs_initial
 from tui.reattach import DISCONNECTED, ENDED, ReattachSource, Status
 from tui.state import MIN_DEPTH, RunState, merge_samples
 from tui.widgets.heatmap import hot_matrix
@@ -389,7 +389,7 @@ async def test_enter_opens_detail_with_every_panel_and_keys_switch_kind():
         assert f"model.layers.{DEAD}.fc" in text and "6 samples kept" in text
         assert "HOT weight" in text and "step 0" in text and "step 5" in text
         assert "L2 norm" in text and "mean and std" in text and "near zero" in text
-        assert "Weight matrix heatmap: not available" in text
+        assert MATRIX_PENDING[:20] in screen.query_one("#matrix").render().plain  # the last panel, may need a scroll
         assert "Spectral figures" in text and "none in this stream" in text
         assert "WARNING" in text and "dead" in text  # the layer's alert
         for key, kind in (("g", "grad"), ("a", "act"), ("u", "update"), ("w", "weight")):
@@ -421,7 +421,24 @@ async def test_detail_follows_new_data_and_does_not_crash_at_80x24():
         app._paint()
         await pilot.pause(0.1)
         assert " 5 samples " in screen_text(app)
-        assert screen.query_one("#matrix").render().plain.startswith(MATRIX_UNAVAILABLE[:30])
+        assert MATRIX_PENDING[:30] in screen.query_one("#matrix").render().plain  # no spectral pass yet
+        # a spectral pass brings the weight's heatmap: a 32x48 weight as 16x24 cells, rows 8-15 all zero
+        layer = app.table.cursor_row.stream("weight")
+        grid = np.full((16, 24), 0.02, dtype="<f2")
+        grid[4:8] = 0.0
+        app.post_message(XRayApp.Batch([wire.Spectral(
+            step=4, rank=0, layer=layer, alpha=3.0, alpha_weighted=1.0, log_norm=0.0, log_spectral_norm=0.0,
+            stable_rank=1.0, n_evals=32, shape=[32, 48], heat_shape=[16, 24], heat=grid.tobytes())]))
+        app._slots.acquire()
+        await pilot.pause(0.2)
+        app._paint()
+        await pilot.pause(0.1)
+        title = str(screen.query_one("#matrix-title").render())  # below the fold of the right column at 80x24
+        assert "weight matrix 32x48 at step 4, in 16x24 cells" in title and ".. 0.02" in title
+        drawn = screen.query_one("#matrix").render().plain.splitlines()
+        assert drawn[0].startswith("   row 0┤") and "row 31" in "".join(drawn) and "col 47" in drawn[-1]
+        assert all(set(line.split("┤", 1)[1]) == {"▀"} for line in drawn[:-1])  # half-block cells
+        assert np.array_equal(screen.query_one("#matrix").matrix, grid.astype(np.float32))  # zero rows stay 0
 
 
 def test_hot_matrix_keeps_counts_and_puts_large_values_on_top():

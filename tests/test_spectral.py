@@ -293,6 +293,12 @@ def test_monitor_sends_spectral_messages_and_alerts_without_stalling(tmp_path):
         assert spec[name].alpha == pytest.approx(want.alpha, rel=1e-9)
         assert spec[name].stable_rank == pytest.approx(want.stable_rank, rel=1e-9)
         assert spec[name].step >= 3
+        # the heatmap grid: RMS of each block of W, in float16
+        rows, cols = min(64, p.shape[0]), min(128, p.shape[1])
+        blocks = p.detach().double().numpy().reshape(rows, p.shape[0] // rows, cols, p.shape[1] // cols)
+        want_heat = np.minimum(np.sqrt((blocks**2).mean(axis=(1, 3))), 65504.0)  # float16's largest
+        assert spec[name].heat_shape == [rows, cols]
+        assert np.allclose(spec[name].heat_matrix(), want_heat, rtol=2e-3, atol=1e-6)
     alerts = [m for m in msgs if isinstance(m, wire.Alert) and m.rule == "spectral"]
     assert [a.layer for a in alerts] == ["0.weight"] and alerts[0].value < 2.0
     assert spec["0.weight"].untrusted == ""
@@ -340,3 +346,30 @@ def test_attach_rules_set_the_monitors_bands_and_gate(tmp_path):
     assert spec[0].untrusted == "" and [a.layer for a in fired] == ["weight"]
     f.write_text("[spectral]\nmin_tail = 20\nenabled = false\n")
     assert alerts_with(RuleEngine(load(str(f))))[1] == []
+
+
+def test_heat_grid_shows_dead_rows_outlier_columns_and_conv_weights():
+    w = torch.randn(300, 500) * 0.02
+    w[:, 7] = 5.0  # an outlier input feature
+    w[40:80] = 0.0  # dead output units
+    (rows, cols), heat = spectral.heat_grid(w)
+    grid = np.frombuffer(heat, dtype="<f2").astype(np.float64).reshape(rows, cols)
+    assert (rows, cols) == (64, 128)
+    # adaptive pooling: cell i covers rows floor(i*300/64) .. ceil((i+1)*300/64)
+    assert (grid[9:17] == 0).all() and (grid[[8, 17]] > 0).all()  # rows 42..79 fill cells 9..16 alone
+    alive = np.delete(grid, range(9, 17), axis=0)
+    assert alive[:, 1].min() > 1.0 and np.median(alive[:, 20:]) == pytest.approx(0.02, rel=0.1)
+    conv = torch.randn(16, 3, 5, 5)
+    shape, heat = spectral.heat_grid(conv)
+    assert shape == (16, 75) and len(heat) == 2 * 16 * 75
+    # an old message without a grid, or a grid whose bytes do not match its shape, gives None
+    m = spectral.analyze_matrix(w, "w").to_wire(0, 0)
+    assert m.heat_matrix().shape == (64, 128)
+    assert msgspec_replace(m, heat=m.heat[:-2]).heat_matrix() is None
+    assert msgspec_replace(m, heat_shape=[], heat=b"").heat_matrix() is None
+
+
+def msgspec_replace(msg, **changes):
+    import msgspec
+
+    return msgspec.structs.replace(msg, **changes)

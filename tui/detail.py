@@ -25,15 +25,13 @@ from textual.widgets import Footer, Static
 from probes import histogram, stats
 from tui.state import KINDS, Row, RunState
 from tui.widgets.alerts import alert_text
-from tui.widgets.heatmap import HotChart
+from tui.widgets.heatmap import Heatmap, HotChart
 from tui.widgets.plots import Chart, Series
 
-#: What the stream cannot show, said plainly instead of drawing something made up.
-MATRIX_UNAVAILABLE = (
-    "Weight matrix heatmap: not available. The probe streams histograms and "
-    "statistics of each tensor, not the tensor itself, so the matrix cannot be "
-    "drawn from this stream. The HOT chart and the histograms on the left show "
-    "how its values are distributed."
+#: Why there is no weight heatmap (yet), said plainly instead of drawing something made up.
+MATRIX_PENDING = (
+    "none yet: the probe sends one with each spectral pass (every 500 steps by default; "
+    "e asks a live run for one now), for 2-D and conv weights of at least 8 rows and columns"
 )
 #: Where spectral figures (WeightWatcher's alpha, stable rank, log norms) go
 #: once the probe sends them as ``Spectral`` messages; see :func:`spectral_text`.
@@ -45,6 +43,11 @@ SPECTRAL_PENDING = (
 KIND_KEYS = {"weight": "w", "grad": "g", "act": "a", "update": "u"}
 
 
+def spectral_of(state: RunState, row: Row):
+    """The latest ``Spectral`` message of ``row``'s weight, or None."""
+    return state.spectral.get(row.name) or state.spectral.get(row.stream("weight") or "")
+
+
 def spectral_text(state: RunState, row: Row) -> str:
     """The spectral panel's text for ``row``.
 
@@ -52,12 +55,13 @@ def spectral_text(state: RunState, row: Row) -> str:
     message per layer in ``state.spectral`` once probes.wire defines one;
     until then this says that there are none.
     """
-    latest = state.spectral.get(row.name) or state.spectral.get(row.stream("weight") or "")
+    latest = spectral_of(state, row)
     if latest is None:
         return SPECTRAL_PENDING
     import msgspec
 
-    fields = {k: v for k, v in msgspec.structs.asdict(latest).items() if isinstance(v, (int, float))}
+    fields = {k: v for k, v in msgspec.structs.asdict(latest).items()
+              if isinstance(v, (int, float)) and k not in ("step", "rank")}
     text = "[b]spectral[/b]  " + "  ".join(f"{k} {v:.3g}" for k, v in fields.items())
     why = getattr(latest, "untrusted", "")
     if why:  # alpha shown, but the probe does not alert on it (probes/spectral_rule.py)
@@ -111,6 +115,8 @@ class DetailScreen(Screen):
     #hot { height: 1fr; min-height: 5; }
     #hist { height: 12; }
     .note { color: $xray-muted; padding: 0 1; margin-top: 1; height: auto; }
+    #matrix-title { color: $xray-muted; padding: 0 1; margin-top: 1; height: auto; }
+    #matrix { height: 12; }
     #layer-alerts { padding: 0 1; margin-top: 1; height: auto; }
     """
 
@@ -148,9 +154,10 @@ class DetailScreen(Screen):
                 yield Chart(title="L2 norm ‖x‖₂ over steps (log scale)", log_y=True, id="norm")
                 yield Chart(title="mean and std over steps", id="meanstd")
                 yield Chart(title="near zero, % of elements with |x| < eps", id="nearzero")
-                yield Static(MATRIX_UNAVAILABLE, id="matrix", classes="note")
-                yield Static(id="spectral", classes="note")
                 yield Static(id="layer-alerts")
+                yield Static(id="spectral", classes="note")
+                yield Static(id="matrix-title")  # last: the tallest panel, scrolled to on small screens
+                yield Heatmap(id="matrix", empty_text=MATRIX_PENDING)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -172,7 +179,8 @@ class DetailScreen(Screen):
         state, row, kind = self.state, self.row, self.kind
         stream = row.stream(kind)
         series = state.series(stream, kind, self.rank) if stream is not None else []
-        key = (kind, self.rank, len(series), series[-1][0] if series else None, state.alerts_seen)
+        key = (kind, self.rank, len(series), series[-1][0] if series else None, state.alerts_seen,
+               id(spectral_of(state, row)))  # a spectral pass brings new figures and a new heatmap
         if key == self._seen and not force:
             return
         self._seen = key
@@ -188,6 +196,7 @@ class DetailScreen(Screen):
             + f"\n{kinds}   [dim]escape: back[/dim]")
         self._show_hot(stream, kind, series)
         self._show_plots(kind, series)
+        self._show_matrix()
         self.query_one("#spectral", Static).update(spectral_text(state, row))
         self._show_alerts()
 
@@ -245,6 +254,23 @@ class DetailScreen(Screen):
         else:
             near.show([Series(steps, ts["near_zero"], "|x|<eps %", color)],
                       title="near zero, % of elements with |x| < eps")
+
+    def _show_matrix(self) -> None:
+        """The weight's magnitude as a heatmap, from the latest spectral pass."""
+        latest = spectral_of(self.state, self.row)
+        grid = latest.heat_matrix() if latest is not None else None
+        title, box = self.query_one("#matrix-title", Static), self.query_one("#matrix", Heatmap)
+        if grid is None:
+            title.update("[b]weight matrix[/b]")
+            box.show(np.zeros((0, 0)), empty_text=MATRIX_PENDING)
+            return
+        rows, cols = (list(latest.shape) + [grid.shape[0], grid.shape[1]])[:2]
+        finite = grid[np.isfinite(grid)]
+        top = float(finite.max()) if finite.size else float("nan")
+        title.update(f"[b]weight matrix[/b] {rows}x{cols} at step {latest.step}, in {grid.shape[0]}x{grid.shape[1]} "
+                     f"cells · colour: RMS of each cell's block, 0 (blank) .. {top:.2g}")
+        box.show(np.nan_to_num(grid, nan=0.0, posinf=0.0), y_top="row 0", y_bottom=f"row {rows - 1}",
+                 x_labels=("col 0", f"col {cols - 1}"))
 
     def _show_alerts(self) -> None:
         alerts = self.state.stream_alerts(self.row)
