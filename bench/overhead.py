@@ -127,9 +127,9 @@ def wait_for_publisher(xr) -> None:
 
 
 def run_block(data, model, opt, steps, batch, xr=None, kernel=True):
-    load = cpu_kernel.load
+    ready = cpu_kernel.ready
     if not kernel:
-        cpu_kernel.load = lambda: None  # this block's reductions take the torch path
+        cpu_kernel.ready = lambda: None  # this block's reductions take the torch path
     try:
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -141,7 +141,7 @@ def run_block(data, model, opt, steps, batch, xr=None, kernel=True):
             wait_for_publisher(xr)
         return (time.perf_counter() - t0) / steps
     finally:
-        cpu_kernel.load = load
+        cpu_kernel.ready = ready
 
 
 def main() -> None:

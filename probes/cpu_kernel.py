@@ -6,8 +6,9 @@ that, not the launches, is what a sampled step costs (docs/benchmarks.md).
 The C kernel reads each float once, with every accumulator in registers, and
 counts the histogram sample's float codes in the same call.
 
-It is plain C with no torch headers, built with the system's C compiler
-(``$CC`` or ``cc``) in well under a second into
+It is plain C with no torch headers, built in a background thread when a
+probe attaches (:func:`ready`), with the system's C compiler (``$CC`` or
+``cc``) in well under a second into
 ``$XDG_CACHE_HOME/xray-tui`` (``~/.cache/xray-tui``), keyed by a hash of the
 source, the compiler and the flags, and loaded with ctypes, which lets go of
 the GIL while it runs. A cache directory that is not ours alone is not
@@ -44,6 +45,9 @@ _ptr = ctypes.c_void_p
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_done = threading.Event()  # load() has finished, with or without a library
+_builder: threading.Thread | None = None
+_start = threading.Lock()
 
 
 def _cache_dir() -> Path | None:
@@ -79,8 +83,29 @@ def _build(cc: str, out_dir: Path) -> Path:
     return target
 
 
+def ready() -> ctypes.CDLL | None:
+    """The kernel library if it is built; else None, starting the build in a background thread
+    the first time. Never waits: a training step must not wait for a compiler (the probe uses
+    torch's ops until the library is there)."""
+    global _builder
+    if _done.is_set():
+        return _lib
+    with _start:  # not _lock, which the build holds while the compiler runs
+        if _builder is None:
+            _builder = threading.Thread(target=load, name="xray-tui-kernel-build", daemon=True)
+            _builder.start()
+    return None
+
+
 def load() -> ctypes.CDLL | None:
-    """The kernel library, built on first use; None where it cannot be had (logged once)."""
+    """The kernel library, built now if need be (waits); None where it cannot be had (logged once)."""
+    try:
+        return _load()
+    finally:
+        _done.set()
+
+
+def _load() -> ctypes.CDLL | None:
     global _lib, _tried
     with _lock:
         if _tried:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import histogram, rundir, wire
+from . import cpu_kernel, histogram, rundir, wire
 from .reduce import COL, Batch, dead_units
 from .rules import RuleEngine
 from .server import Publisher
@@ -309,6 +309,8 @@ class XRay:
             self.params.append((n, p))
             if _is_sharded(raw, p):
                 self._sharded.add(id(p))
+        if any(p.device.type == "cpu" for _, p in self.params):
+            cpu_kernel.ready()  # start building the CPU kernel now, off the training thread
         watched = {id(p) for _, p in self.params}
         for mname, m in model.named_modules():  # gradients known to come sparse
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and id(m.weight) in watched:

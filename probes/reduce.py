@@ -178,7 +178,7 @@ def dead_units(x: torch.Tensor, eps: float) -> torch.Tensor | None:
     """Fraction of last-dimension units never above eps in the batch."""
     if x.dim() < 2 or x.shape[-1] == 0 or x.numel() == 0:
         return None
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernel.load() is not None:
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernel.ready() is not None:
         # one read of x instead of abs, compare and any(); a traced hook keeps the torch ops
         flat = x.detach().float().contiguous()
         return torch.tensor(cpu_kernel.dead_fraction(flat, eps), dtype=torch.float64)
@@ -242,7 +242,7 @@ class Batch:
         plans = [sample_plan(x, self.hist_k, self.generator) for _, _, x, _ in items]
         device = flats[0].device
         rows = torch.full((len(items), NCOL), math.nan, dtype=torch.float64, device=device)
-        if device.type == "cpu" and cpu_kernel.load() is not None:
+        if device.type == "cpu" and cpu_kernel.ready() is not None:
             # more threads pay only for large batches: on the demo model's ~9 M elements beside
             # training, torch's spinning OpenMP workers made two threads slower than one
             threads = torch.get_num_threads() if sum(f.numel() for f in flats) >= PARALLEL_ELEMENTS else 1

@@ -3,6 +3,9 @@
 import logging
 import math
 import os
+import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -104,7 +107,7 @@ def test_kernel_equals_the_torch_path_rows_and_histograms(name, cpu_kernel_lib, 
         return b.to_host(), b.hist_n
 
     (k_rows, k_hist), k_n = batch_rows()
-    monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    monkeypatch.setattr(cpu_kernel, "ready", lambda: None)
     (t_rows, t_hist), t_n = batch_rows()
     assert np.array_equal(k_hist, t_hist) and k_n == t_n  # the same sample, binned the same
     for col, a, b in zip(ROW, k_rows[0], t_rows[0]):
@@ -135,10 +138,32 @@ def test_an_untrusted_cache_directory_is_not_used(tmp_path, monkeypatch):
     assert cpu_kernel._cache_dir() is None
 
 
+def fresh_kernel_state(monkeypatch):
+    """As if no probe had asked for the kernel yet in this process."""
+    for name, value in (("_tried", False), ("_lib", None), ("_done", threading.Event()), ("_builder", None)):
+        monkeypatch.setattr(cpu_kernel, name, value)
+
+
+def test_ready_never_waits_for_the_compiler(tmp_path, monkeypatch, cpu_kernel_lib):
+    fresh_kernel_state(monkeypatch)
+    slow_cc = tmp_path / "slow-cc"
+    slow_cc.write_text(f"#!/bin/sh\nsleep 1\nexec {shutil.which('cc')} \"$@\"\n")
+    slow_cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(slow_cc))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing built there yet
+    t0 = time.monotonic()
+    assert cpu_kernel.ready() is None and cpu_kernel.ready() is None  # the build runs in the background
+    b = Batch(EPS, 4096)
+    b.hold("t", "weight", torch.arange(10.0))
+    rows, _ = b.to_host()  # meanwhile the torch path answers
+    assert rows[0, 1] == 45.0 and time.monotonic() - t0 < 0.9
+    cpu_kernel._builder.join(60)
+    assert cpu_kernel.ready() is not None and list((tmp_path / "cache" / "xray-tui").glob("cpu_kernel-*.so"))
+
+
 @pytest.mark.parametrize("how", ["switched off", "no compiler"])
 def test_without_the_kernel_the_torch_path_answers_and_says_so_once(how, monkeypatch, caplog):
-    monkeypatch.setattr(cpu_kernel, "_tried", False)
-    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    fresh_kernel_state(monkeypatch)
     if how == "switched off":
         monkeypatch.setenv("XRAY_TUI_CPU_KERNEL", "0")
     else:
@@ -160,7 +185,7 @@ def test_dead_units_equal_the_torch_path_nan_columns_included(cpu_kernel_lib, mo
     x[..., 6] = math.nan  # all NaN: tops nothing, dead
     cases = [x, x.bfloat16(), x.transpose(0, 1), torch.relu(torch.randn(4, 7, generator=g) - 3)]
     kernel = [float(reduce.dead_units(c, EPS)) for c in cases]
-    monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    monkeypatch.setattr(cpu_kernel, "ready", lambda: None)
     torch_path = [float(reduce.dead_units(c, EPS)) for c in cases]
     assert kernel == pytest.approx(torch_path, abs=1e-7)
     assert kernel[0] == 6 / 24
