@@ -241,12 +241,7 @@ async def test_below_minimum_size_says_so_and_recovers():
         assert "Terminal too small: 40x12" in text and "60x15" in text
         assert "layers.0" not in text
         await pilot.resize_terminal(80, 24)
-        for _ in range(50):
-            await pilot.pause(0.02)
-            if not app.has_class("-too-small"):
-                break
-        app._paint()
-        await pilot.pause()
+        await until(pilot, app, lambda: not app.has_class("-too-small"))
         text = screen_text(app)
         assert "too small" not in text and "model.layers.0.fc" in text
 
@@ -344,6 +339,16 @@ from tui.reattach import DISCONNECTED, ENDED, ReattachSource, Status
 from tui.state import MIN_DEPTH, RunState, merge_samples
 from tui.widgets.heatmap import hot_matrix
 from tui.widgets.layer_table import BADGES, SORTS
+
+
+async def until(pilot, app, done, tries: int = 50) -> None:
+    """Let the app ingest until ``done()`` holds (at most ``tries`` x 20 ms), then paint once."""
+    for _ in range(tries):
+        await pilot.pause(0.02)
+        if done():
+            break
+    app._paint()
+    await pilot.pause()
 
 
 async def shows(pilot, app, text: str) -> bool:
@@ -652,22 +657,12 @@ async def test_status_items_show_state_keep_data_and_reset_on_a_new_run():
 
     app = XRayApp(Source())
     async with app.run_test(size=(120, 40)) as pilot:
-        for _ in range(100):
-            await pilot.pause(0.02)
-            if app.connection == DISCONNECTED:
-                break
-        app._paint()
-        await pilot.pause()
+        await until(pilot, app, lambda: app.connection == DISCONNECTED, tries=100)
         text = screen_text(app)
         assert "disconnected — retrying" in text and "step 3" in text and "model.layers.0.fc" in text
         assert len(app.state.alerts) == 2
         gate.set()
-        for _ in range(100):
-            await pilot.pause(0.02)
-            if app.connection == "live" and app.state.step == 0:
-                break
-        app._paint()
-        await pilot.pause()
+        await until(pilot, app, lambda: app.connection == "live" and app.state.step == 0, tries=100)
         assert app.state.step == 0 and len(app.state.alerts) == 0  # the old run's data is gone
         assert "● live" in screen_text(app)
 

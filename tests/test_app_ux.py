@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from probes import rundir, wire
-from test_app import DEAD, N_LAYERS, HoldSource, feed, publisher, screen_text, settle, shows, wait_for
+from test_app import DEAD, N_LAYERS, HoldSource, feed, publisher, screen_text, settle, shows, until, wait_for
 from tui import reattach, synthetic
 from tui.app import XRayApp
 from tui.feed import ListSource
@@ -65,12 +65,7 @@ async def test_alerts_pane_keeps_up_after_the_alert_buffer_is_full():
         newer = synthetic.alert(9, "model.layers.5.fc", rule="vanishing", kind="grad")
         app.post_message(XRayApp.Batch([newer]))
         app._slots.acquire()
-        for _ in range(50):
-            await pilot.pause(0.02)
-            if app.state.alerts_seen == 3:
-                break
-        app._paint()
-        await pilot.pause()
+        await until(pilot, app, lambda: app.state.alerts_seen == 3)
         text = screen_text(app)
         assert "3 total" in text and "vanishing" in text and "model.layers.5.fc" in text
         assert app.alert_list.alert_at(0) is newer
@@ -116,12 +111,7 @@ async def test_a_long_connection_status_leaves_the_run_and_step_on_the_header():
     app = XRayApp(HoldSource(feed() + [[Status(why)]]))
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(pilot, app)
-        for _ in range(50):
-            await pilot.pause(0.02)
-            if app.connection == why:
-                break
-        app._paint()
-        await pilot.pause()
+        await until(pilot, app, lambda: app.connection == why)
         top = screen_text(app).splitlines()[0]
         assert "unit-run" in top and "step 3" in top and "disconnected — retrying" in top and "…" in top, top
 
@@ -146,12 +136,7 @@ async def test_pause_freezes_rows_at_one_step_even_when_scrolled_filtered_or_sor
         for s in synthetic.steps(N_LAYERS, 5, elements=64, seed=7)[2:]:
             app.post_message(XRayApp.Batch([s]))
             app._slots.acquire()
-        for _ in range(50):
-            await pilot.pause(0.02)
-            if app.state.step == 4:
-                break
-        app._paint()
-        await pilot.pause()
+        await until(pilot, app, lambda: app.state.step == 4)
         header = screen_text(app).splitlines()[:2]
         assert "step 1 ·" in header[0] and "PAUSED · run at step 4 · p resumes" in header[1]
         name = "model.layers.5.fc"
@@ -332,11 +317,7 @@ async def test_alerts_pane_is_as_tall_as_its_alerts_up_to_a_third_of_the_screen(
         many = [synthetic.alert(3, f"model.layers.{i % 40}.fc") for i in range(200)]
         app.post_message(XRayApp.Batch(many))
         app._slots.acquire()
-        for _ in range(50):
-            await pilot.pause(0.02)
-            if app.state.alerts_seen == 200:
-                break
-        app._paint()
+        await until(pilot, app, lambda: app.state.alerts_seen == 200)
         await pilot.pause(0.1)
         assert app.alert_list.outer_size.height == int(0.3 * app.query_one("#body").size.height)
         assert app.table.size.height < rows_quiet
