@@ -107,13 +107,16 @@ static void codes_of(const float *x, int64_t offset, int64_t stride, int64_t k, 
     for (int64_t j = 0; j < k; j++) codes[bits[offset + j * stride] >> shift]++;
 }
 
-/* The rows and code counts of `m` tensors: rows is [m][NROW], codes [m][1 << (32 - shift)] (zeroed here). */
+/* The rows and code counts of `m` tensors: tensor t's row goes to rows[slots[t]] (NROW doubles)
+ * and its codes to codes[slots[t]] (1 << (32 - shift) counts, zeroed here), so threads that
+ * share the tensors write into one output without copies. */
 void xray_reduce(int64_t m, const float *const *ptrs, const int64_t *numels, const int64_t *offsets,
-                 const int64_t *strides, const int64_t *ks, float eps, int shift, double *rows, int64_t *codes) {
+                 const int64_t *strides, const int64_t *ks, const int64_t *slots, float eps, int shift,
+                 double *rows, int64_t *codes) {
     const int64_t ncodes = (int64_t)1 << (32 - shift);
     for (int64_t t = 0; t < m; t++) {
-        row_of(ptrs[t], numels[t], eps, rows + t * NROW);
-        int64_t *c = codes + t * ncodes;
+        row_of(ptrs[t], numels[t], eps, rows + slots[t] * NROW);
+        int64_t *c = codes + slots[t] * ncodes;
         memset(c, 0, sizeof(int64_t) * (size_t)ncodes);
         codes_of(ptrs[t], offsets[t], strides[t], ks[t], shift, c);
     }

@@ -1,4 +1,4 @@
-"""The probe's one-pass CPU kernel: ``cpu_kernel.c``, compiled on first use and cached.
+"""The probe's one-pass CPU kernel: ``cpu_kernel.c``, compiled in the background and cached.
 
 On the CPU, torch reads a tensor about eleven times to build one statistics
 row (sums, norms, min/max, the near-zero and zero counts, x^3 and x^4), and
@@ -121,8 +121,8 @@ def _load() -> ctypes.CDLL | None:
         try:
             out_dir = _cache_dir() or Path(tempfile.mkdtemp(prefix="xray-tui-kernel-"))
             lib = ctypes.CDLL(str(_build(cc, out_dir)))
-            lib.xray_reduce.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_float, ctypes.c_int,
-                                        _ptr, _ptr]
+            lib.xray_reduce.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_float,
+                                        ctypes.c_int, _ptr, _ptr]
             lib.xray_reduce.restype = None
             lib.xray_dead_units.argtypes = [_ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, _ptr]
             lib.xray_dead_units.restype = ctypes.c_int64
@@ -143,19 +143,15 @@ def _call(lib, flats, plans, eps: float, shift: int, rows: np.ndarray, codes: np
 
 
 def _run(lib, flats, plans, eps: float, shift: int, rows: np.ndarray, codes: np.ndarray, idx: list[int]) -> None:
-    m = len(idx)
-    if not m:
+    """The kernel over ``flats[i] for i in idx``, writing rows[i] and codes[i] in place."""
+    if not idx:
         return
     ptrs = np.array([flats[i].data_ptr() for i in idx], dtype=np.uint64)
     numels = np.array([flats[i].numel() for i in idx], dtype=np.int64)
-    plan = np.array([plans[i] for i in idx], dtype=np.int64).reshape(m, 3)
-    off, stride, k = (np.ascontiguousarray(plan[:, j]) for j in range(3))
-    r = np.empty((m, NROW), dtype=np.float64)
-    c = np.empty((m, codes.shape[1]), dtype=np.int64)
-    lib.xray_reduce(m, ptrs.ctypes.data, numels.ctypes.data, off.ctypes.data, stride.ctypes.data, k.ctypes.data,
-                    eps, shift, r.ctypes.data, c.ctypes.data)
-    rows[idx] = r
-    codes[idx] = c
+    off, stride, k = np.array([plans[i] for i in idx], dtype=np.int64).reshape(len(idx), 3).T.copy()
+    slots = np.array(idx, dtype=np.int64)
+    lib.xray_reduce(len(idx), ptrs.ctypes.data, numels.ctypes.data, off.ctypes.data, stride.ctypes.data,
+                    k.ctypes.data, slots.ctypes.data, eps, shift, rows.ctypes.data, codes.ctypes.data)
 
 
 def reduce(flats: list[torch.Tensor], plans: list[tuple[int, int, int]], eps: float, shift: int,

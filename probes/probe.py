@@ -800,7 +800,8 @@ def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np
     occupied = hists != 0
     first = occupied.argmax(1)
     last = hists.shape[1] - occupied[:, ::-1].argmax(1)
-    first[~occupied.any(1)] = last[~occupied.any(1)] = 0
+    empty = ~occupied.any(1)
+    first[empty] = last[empty] = 0
     c = COL
     weight_sumsq = {layer: r[c["sumsq"]] for (layer, kind), r in zip(meta, table) if kind == "weight"} \
         if lora_bases else {}
