@@ -15,6 +15,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -27,99 +28,154 @@ enum { COUNT, SUM, SUMSQ, ABSSUM, MIN, MAX, NEAR, ZEROS, NAN_, POSINF, NEGINF, S
 
 /* Elements per block: float32 partial sums and int32 counts within a block, float64 across. */
 #define BLOCK 1024
-/* |x| range where x^4, summed over a block in float32, neither overflows nor sinks into
- * subnormals (as probes/reduce.py's POW4_SAFE and POW4_TINY): outside it, float64. */
+/* Blocks read ahead: a tensor is usually out of cache by the time the probe reads it (an
+ * activation written early in the forward), and the arithmetic per float is enough that the
+ * hardware prefetcher alone leaves the core waiting on memory. */
+#define AHEAD 4
+/* |x| range where powers of x - c, summed over a block in float32, neither overflow nor sink
+ * into subnormals (as probes/reduce.py's POW4_SAFE and POW4_TINY): outside it, float64. */
 #define POW4_SAFE 1e4f
 #define POW4_TINY 1e-7f
+/* Histogram sub-counters, used in turn: consecutive samples often share a code, and one
+ * counter would make each increment wait for the previous one's store. Samples smaller than
+ * LANES_FROM are counted straight into their bins (clearing and folding the sub-counters
+ * would cost more). */
+#define LANES 4
+#define LANES_FROM 8192
 
-/* Sum, sum of squares and sum of |x| accumulate in float64 throughout: the variance is a
- * difference of the first two, which float32 partials would ruin for a tensor whose mean
- * dwarfs its spread (a LayerNorm weight near 1). x^3 and x^4 go through float32 partials per
- * block (16 lanes instead of 8; ~1e-6 relative, as torch's own float32 path for them), redone
- * in float64 when the tensor's largest |x| is outside [POW4_TINY, POW4_SAFE]. */
+/* The five sums in float64, exactly as torch's float64 path; for the rare tensor that needs it. */
+static void exact_sums(const float *x, int64_t n, double *row) {
+    double s1 = 0, s2 = 0, s3 = 0, s4 = 0, sa = 0, nan = 0, posinf = 0, neginf = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        double d = v, d2 = d * d;
+        s1 += d;
+        s2 += d2;
+        s3 += d2 * d;
+        s4 += d2 * d2;
+        sa += fabs(d);
+        nan += v != v;
+        posinf += v == INFINITY;
+        neginf += v == -INFINITY;
+    }
+    row[SUM] = s1;
+    row[SUMSQ] = s2;
+    row[ABSSUM] = sa;
+    row[SUM3] = s3;
+    row[SUM4] = s4;
+    row[NAN_] = nan;
+    row[POSINF] = posinf;
+    row[NEGINF] = neginf;
+}
+
+/* The row of x[0..n) and the histogram of the sample x[offset + j*stride], j < k, counted
+ * while each block is in L1: by float code (the top 32 - shift bits) into `lanes` (LANES x
+ * ncodes), or, when lanes is NULL, straight into hist[code_bins[code]].
+ *
+ * Within a block the powers of y = x - c, where c is the mean of the blocks before (of the
+ * first block, for the first), are summed in float32 (16 lanes instead of 8), and turned into
+ * sums of powers of x in float64 after each block. Shifting keeps the variance exact where it
+ * matters: a tensor whose mean dwarfs its spread (a LayerNorm weight near 1) has small y, so
+ * the float32 rounding is relative to the spread, not the mean (~1e-7 of the sum of |x - c|^p:
+ * docs/benchmarks.md). Tensors that contain a NaN or an Inf, or whose largest |x| is outside
+ * [POW4_TINY, POW4_SAFE], get a second, float64 pass (exact_sums). */
 XRAY_CLONES
-static void row_of(const float *x, int64_t n, float eps, double *row) {
+static void row_of(const float *x, int64_t n, float eps, double *row, int64_t offset, int64_t stride, int64_t k,
+                   int shift, int64_t ncodes, uint32_t *lanes, const int32_t *code_bins, int64_t *hist) {
     double s1 = 0, s2 = 0, s3 = 0, s4 = 0, sa = 0;
-    int64_t near = 0, zeros = 0;
+    int64_t near = 0, zeros = 0, next = offset, last = k > 0 ? offset + (k - 1) * stride : -1;
     float mn = INFINITY, mx = -INFINITY;
+    const uint32_t *bits = (const uint32_t *)x;
+    unsigned lane = 0;
     for (int64_t j = 0; j < n; j += BLOCK) {
         int64_t end = j + BLOCK < n ? j + BLOCK : n;
-        double b1 = 0, b2 = 0, ba = 0;
-        float f3 = 0, f4 = 0;
+        if (end + AHEAD * BLOCK <= n)
+            for (int64_t q = 0; q < BLOCK; q += 64 / sizeof(float)) __builtin_prefetch(x + end + (AHEAD - 1) * BLOCK + q);
+        float c;
+        if (j == 0) { /* the first block's own mean (it is read into L1 for the pass below anyway) */
+            float f = 0;
+#pragma omp simd reduction(+ : f)
+            for (int64_t i = 0; i < end; i++) f += x[i];
+            c = f / (float)end;
+        } else {
+            c = (float)(s1 / (double)j);
+        }
+        if (!isfinite(c)) c = 0; /* the sums are redone in float64 below anyway */
+        float p1 = 0, p2 = 0, p3 = 0, p4 = 0, pa = 0;
         int32_t cn = 0, cz = 0;
-#pragma omp simd reduction(+ : b1, b2, ba, f3, f4, cn, cz) reduction(min : mn) reduction(max : mx)
+#pragma omp simd reduction(+ : p1, p2, p3, p4, pa, cn, cz) reduction(min : mn) reduction(max : mx)
         for (int64_t i = j; i < end; i++) {
-            float v = x[i], v2 = v * v;
-            double d = v;
-            b1 += d;
-            b2 += d * d;
-            f3 += v2 * v;
-            f4 += v2 * v2;
-            ba += fabs(d);
+            float v = x[i], y = v - c, y2 = y * y;
+            p1 += y;
+            p2 += y2;
+            p3 += y2 * y;
+            p4 += y2 * y2;
+            pa += fabsf(v);
             cn += fabsf(v) < eps; /* false for NaN, as torch's abs() < eps */
             cz += v == 0.0f;
             mn = v < mn ? v : mn; /* a NaN never wins a comparison: handled below */
             mx = v > mx ? v : mx;
         }
-        s1 += b1;
-        s2 += b2;
-        s3 += f3;
-        s4 += f4;
-        sa += ba;
+        /* sums of x^p from sums of (x - c)^p, binomially, in float64 */
+        double nb = (double)(end - j), d = c, d2 = d * d;
+        s1 += p1 + nb * d;
+        s2 += p2 + 2 * d * p1 + nb * d2;
+        s3 += p3 + 3 * d * p2 + 3 * d2 * p1 + nb * d2 * d;
+        s4 += p4 + 4 * d * p3 + 6 * d2 * p2 + 4 * d2 * d * p1 + nb * d2 * d2;
+        sa += pa;
         near += cn;
         zeros += cz;
-    }
-    double nan = 0, posinf = 0, neginf = 0;
-    if (!isfinite(s1 + s2)) { /* a NaN or an Inf somewhere: count them (a second pass, rarely) */
-        for (int64_t i = 0; i < n; i++) {
-            float v = x[i];
-            nan += v != v;
-            posinf += v == INFINITY;
-            neginf += v == -INFINITY;
-        }
-    } else if (n > 0 && (fmaxf(-mn, mx) > POW4_SAFE || fmaxf(-mn, mx) < POW4_TINY)) {
-        s3 = s4 = 0; /* huge or tiny values: x^3 and x^4 in float64 (a second pass, rarely) */
-        for (int64_t i = 0; i < n; i++) {
-            double d = x[i], d2 = d * d;
-            s3 += d2 * d;
-            s4 += d2 * d2;
+        if (lanes != NULL) {
+            for (; next < end && next <= last; next += stride) {
+                lanes[lane * ncodes + (bits[next] >> shift)]++;
+                lane = (lane + 1) % LANES;
+            }
+        } else {
+            for (; next < end && next <= last; next += stride) hist[code_bins[bits[next] >> shift]]++;
         }
     }
     row[COUNT] = (double)n;
     row[SUM] = s1;
     row[SUMSQ] = s2;
     row[ABSSUM] = sa;
-    /* torch's aminmax is NaN when the tensor holds a NaN, and so are its sums */
-    row[MIN] = n == 0 ? NAN : (nan > 0 ? NAN : mn);
-    row[MAX] = n == 0 ? NAN : (nan > 0 ? NAN : mx);
-    row[NEAR] = (double)near;
-    row[ZEROS] = (double)zeros;
-    row[NAN_] = nan;
-    row[POSINF] = posinf;
-    row[NEGINF] = neginf;
     row[SUM3] = s3;
     row[SUM4] = s4;
+    row[NAN_] = row[POSINF] = row[NEGINF] = 0;
+    float amax = fmaxf(-mn, mx);
+    if (!isfinite(s1 + s2 + s3 + s4 + sa) || amax > POW4_SAFE || (amax < POW4_TINY && amax > 0))
+        exact_sums(x, n, row); /* also counts the NaNs and Infs */
+    row[NEAR] = (double)near;
+    row[ZEROS] = (double)zeros;
+    /* torch's aminmax is NaN when the tensor holds a NaN, and so are its sums */
+    row[MIN] = n == 0 || row[NAN_] > 0 ? NAN : mn;
+    row[MAX] = n == 0 || row[NAN_] > 0 ? NAN : mx;
 }
 
-/* Count the float codes (the top 32 - shift bits) of x[offset + j*stride], j < k. */
-static void codes_of(const float *x, int64_t offset, int64_t stride, int64_t k, int shift, int64_t *codes) {
-    const uint32_t *bits = (const uint32_t *)x;
-    for (int64_t j = 0; j < k; j++) codes[bits[offset + j * stride] >> shift]++;
-}
-
-/* The rows and code counts of `m` tensors: tensor t's row goes to rows[slots[t]] (NROW doubles)
- * and its codes to codes[slots[t]] (1 << (32 - shift) counts, zeroed here), so threads that
- * share the tensors write into one output without copies. */
-void xray_reduce(int64_t m, const float *const *ptrs, const int64_t *numels, const int64_t *offsets,
-                 const int64_t *strides, const int64_t *ks, const int64_t *slots, float eps, int shift,
-                 double *rows, int64_t *codes) {
+/* The rows and histograms of `m` tensors. Tensor t's row goes to rows[slots[t]] (NROW
+ * doubles) and its sample's counts to hists[slots[t]] (nbins counts, zeroed here), each
+ * float code counted in the bin code_bins[code]; threads that share the tensors write into
+ * one output. Returns 0, or -1 when out of memory. */
+int xray_reduce(int64_t m, const float *const *ptrs, const int64_t *numels, const int64_t *offsets,
+                const int64_t *strides, const int64_t *ks, const int64_t *slots, float eps, int shift,
+                const int32_t *code_bins, int64_t nbins, double *rows, int64_t *hists) {
     const int64_t ncodes = (int64_t)1 << (32 - shift);
+    uint32_t *lanes = malloc(sizeof(uint32_t) * LANES * (size_t)ncodes);
+    if (lanes == NULL) return -1;
     for (int64_t t = 0; t < m; t++) {
-        row_of(ptrs[t], numels[t], eps, rows + slots[t] * NROW);
-        int64_t *c = codes + slots[t] * ncodes;
-        memset(c, 0, sizeof(int64_t) * (size_t)ncodes);
-        codes_of(ptrs[t], offsets[t], strides[t], ks[t], shift, c);
+        int64_t *h = hists + slots[t] * nbins;
+        memset(h, 0, sizeof(int64_t) * (size_t)nbins);
+        int use_lanes = ks[t] >= LANES_FROM;
+        if (use_lanes) memset(lanes, 0, sizeof(uint32_t) * LANES * (size_t)ncodes);
+        row_of(ptrs[t], numels[t], eps, rows + slots[t] * NROW, offsets[t], strides[t], ks[t], shift, ncodes,
+               use_lanes ? lanes : NULL, code_bins, h);
+        for (int64_t c = 0; use_lanes && c < ncodes; c++) {
+            int64_t count = 0;
+            for (int l = 0; l < LANES; l++) count += lanes[l * ncodes + c];
+            h[code_bins[c]] += count;
+        }
     }
+    free(lanes);
+    return 0;
 }
 
 /* Units (the last dimension, `cols` wide) whose |x| tops eps in none of the `rows` rows: how

@@ -4,7 +4,7 @@ On the CPU, torch reads a tensor about eleven times to build one statistics
 row (sums, norms, min/max, the near-zero and zero counts, x^3 and x^4), and
 that, not the launches, is what a sampled step costs (docs/benchmarks.md).
 The C kernel reads each float once, with every accumulator in registers, and
-counts the histogram sample's float codes in the same call.
+counts the histogram sample in the same pass, block by block.
 
 It is plain C with no torch headers, built in a background thread when a
 probe attaches (:func:`ready`), with the system's C compiler (``$CC`` or
@@ -122,8 +122,8 @@ def _load() -> ctypes.CDLL | None:
             out_dir = _cache_dir() or Path(tempfile.mkdtemp(prefix="xray-tui-kernel-"))
             lib = ctypes.CDLL(str(_build(cc, out_dir)))
             lib.xray_reduce.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_float,
-                                        ctypes.c_int, _ptr, _ptr]
-            lib.xray_reduce.restype = None
+                                        ctypes.c_int, _ptr, ctypes.c_int64, _ptr, _ptr]
+            lib.xray_reduce.restype = ctypes.c_int
             lib.xray_dead_units.argtypes = [_ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, _ptr]
             lib.xray_dead_units.restype = ctypes.c_int64
             if lib.xray_nrow() != NROW:
@@ -134,41 +134,48 @@ def _load() -> ctypes.CDLL | None:
         return _lib
 
 
-def _call(lib, flats, plans, eps: float, shift: int, rows: np.ndarray, codes: np.ndarray, idx: list[int],
-          errors: list[BaseException]) -> None:
+def _call(lib, flats, plans, eps: float, shift: int, code_bins: np.ndarray, rows: np.ndarray, hists: np.ndarray,
+          idx: list[int], errors: list[BaseException]) -> None:
     try:
-        _run(lib, flats, plans, eps, shift, rows, codes, idx)
+        _run(lib, flats, plans, eps, shift, code_bins, rows, hists, idx)
     except BaseException as e:  # re-raised by the calling thread
         errors.append(e)
 
 
-def _run(lib, flats, plans, eps: float, shift: int, rows: np.ndarray, codes: np.ndarray, idx: list[int]) -> None:
-    """The kernel over ``flats[i] for i in idx``, writing rows[i] and codes[i] in place."""
+def _run(lib, flats, plans, eps: float, shift: int, code_bins: np.ndarray, rows: np.ndarray, hists: np.ndarray,
+         idx: list[int]) -> None:
+    """The kernel over ``flats[i] for i in idx``, writing rows[i] and hists[i] in place."""
     if not idx:
         return
     ptrs = np.array([flats[i].data_ptr() for i in idx], dtype=np.uint64)
     numels = np.array([flats[i].numel() for i in idx], dtype=np.int64)
     off, stride, k = np.array([plans[i] for i in idx], dtype=np.int64).reshape(len(idx), 3).T.copy()
     slots = np.array(idx, dtype=np.int64)
-    lib.xray_reduce(len(idx), ptrs.ctypes.data, numels.ctypes.data, off.ctypes.data, stride.ctypes.data,
-                    k.ctypes.data, slots.ctypes.data, eps, shift, rows.ctypes.data, codes.ctypes.data)
+    if lib.xray_reduce(len(idx), ptrs.ctypes.data, numels.ctypes.data, off.ctypes.data, stride.ctypes.data,
+                       k.ctypes.data, slots.ctypes.data, eps, shift, code_bins.ctypes.data, hists.shape[1],
+                       rows.ctypes.data, hists.ctypes.data):
+        raise MemoryError("the CPU kernel could not allocate its histogram counters")
 
 
 def reduce(flats: list[torch.Tensor], plans: list[tuple[int, int, int]], eps: float, shift: int,
-           threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``[m, NROW]`` (float64) and float-code counts ``[m, 2**(32-shift)]`` of contiguous float32 CPU tensors.
+           code_bins: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``[m, NROW]`` (float64) and histograms ``[m, code_bins.max() + 1]`` (int64) of contiguous
+    float32 CPU tensors.
 
     ``plans[i] = (offset, stride, k)`` picks the histogram sample
-    ``flats[i][offset::stride][:k]``. The tensors are shared among
-    ``threads`` threads (largest first, each to the least loaded), which run
-    the kernel without the GIL.
+    ``flats[i][offset::stride][:k]`` (k < 2**32); each sampled float is
+    counted in bin ``code_bins[code]`` of its code, the top ``32 - shift``
+    bits. The tensors are shared among ``threads`` threads (largest first,
+    each to the least loaded), which run the kernel without the GIL.
     """
     lib = load()
     if lib is None:
         raise RuntimeError("the CPU kernel is not available")
+    if code_bins.dtype != np.int32 or code_bins.shape != (1 << (32 - shift),) or not code_bins.flags.c_contiguous:
+        raise ValueError("code_bins must be a contiguous int32 array with one bin per code")
     m = len(flats)
     rows = np.empty((m, NROW), dtype=np.float64)
-    codes = np.empty((m, 1 << (32 - shift)), dtype=np.int64)
+    hists = np.empty((m, int(code_bins.max()) + 1), dtype=np.int64)
     groups: list[list[int]] = [[] for _ in range(max(1, min(threads, m)))]
     loads = [0] * len(groups)
     for i in sorted(range(m), key=lambda i: -flats[i].numel()):
@@ -176,16 +183,16 @@ def reduce(flats: list[torch.Tensor], plans: list[tuple[int, int, int]], eps: fl
         groups[g].append(i)
         loads[g] += flats[i].numel() + 4096  # a small tensor still costs a call's bookkeeping
     errors: list[BaseException] = []
-    workers = [threading.Thread(target=_call, args=(lib, flats, plans, eps, shift, rows, codes, g, errors),
-                                daemon=True) for g in groups[1:] if g]
+    args = (lib, flats, plans, eps, shift, code_bins, rows, hists)
+    workers = [threading.Thread(target=_call, args=(*args, g, errors), daemon=True) for g in groups[1:] if g]
     for w in workers:
         w.start()
-    _call(lib, flats, plans, eps, shift, rows, codes, groups[0], errors)
+    _call(*args, groups[0], errors)
     for w in workers:
         w.join()
     if errors:
         raise errors[0]
-    return rows, codes
+    return rows, hists
 
 
 def dead_fraction(x: torch.Tensor, eps: float) -> float:

@@ -161,6 +161,7 @@ def _code_bins() -> torch.Tensor:
 
 #: Bin of each code; NaN and Inf codes map to ``_TRASH``.
 CODE_BINS = _code_bins()
+CODE_BINS_INT32 = CODE_BINS.numpy().astype(np.int32)  # for the CPU kernel
 
 
 def float_codes(sample: torch.Tensor) -> torch.Tensor:
@@ -201,8 +202,9 @@ class Batch:
         self.generator = generator
         self.meta: list[tuple[str, str]] = []  # (layer, kind) per reduced row
         self.hist_n: list[int] = []
-        self._rows: list[torch.Tensor] = []  # [n, NCOL] blocks, in meta order
-        self._counts: list[torch.Tensor] = []  # [n, NUM_BINS] blocks
+        # [n, NCOL] and [n, NUM_BINS] blocks, in meta order: numpy from the CPU kernel, else on the device
+        self._rows: list[torch.Tensor | np.ndarray] = []
+        self._counts: list[torch.Tensor | np.ndarray] = []
         self._held: list[tuple[str, str, torch.Tensor, dict[str, torch.Tensor]]] = []
         self.held_elements = 0
 
@@ -241,26 +243,32 @@ class Batch:
         flats = [_flat32(x) for _, _, x, _ in items]
         plans = [sample_plan(x, self.hist_k, self.generator) for _, _, x, _ in items]
         device = flats[0].device
-        rows = torch.full((len(items), NCOL), math.nan, dtype=torch.float64, device=device)
         if device.type == "cpu" and cpu_kernel.ready() is not None:
             # more threads pay only for large batches: on the demo model's ~9 M elements beside
             # training, torch's spinning OpenMP workers made two threads slower than one
             threads = torch.get_num_threads() if sum(f.numel() for f in flats) >= PARALLEL_ELEMENTS else 1
-            base, codes = cpu_kernel.reduce([f.contiguous() for f in flats], plans, self.eps, CODE_SHIFT, threads)
-            rows[:, :_NBASE] = torch.from_numpy(base)
-            codes = torch.from_numpy(codes)
+            base, hists = cpu_kernel.reduce([f.contiguous() for f in flats], plans, self.eps, CODE_SHIFT,
+                                            CODE_BINS_INT32, threads)
+            rows = np.full((len(items), NCOL), math.nan)  # numpy from here on: no torch op per block
+            rows[:, :_NBASE] = base
+            for i, (_, _, _, extra) in enumerate(items):
+                for col, v in extra.items():
+                    rows[i, COL[col]] = float(v)
+            counts = hists[:, : histogram.NUM_BINS]
         else:
+            rows = torch.full((len(items), NCOL), math.nan, dtype=torch.float64, device=device)
             self._reduce_rows(flats, rows)
+            extras = [(i, COL[col], v) for i, (_, _, _, extra) in enumerate(items) for col, v in extra.items()]
+            if extras:
+                rows[[i for i, _, _ in extras], [c for _, c, _ in extras]] = torch.stack(
+                    [v.to(device=device, dtype=torch.float64) for _, _, v in extras])
             codes = self._count_codes(flats, plans)
-        extras = [(i, COL[col], v) for i, (_, _, _, extra) in enumerate(items) for col, v in extra.items()]
-        if extras:
-            rows[[i for i, _, _ in extras], [c for _, c, _ in extras]] = torch.stack(
-                [v.to(device=device, dtype=torch.float64) for _, _, v in extras])
-        # the few thousand code counts per tensor are folded into bins
-        counts = torch.zeros(len(items), histogram.NUM_BINS + 1, dtype=codes.dtype, device=device)
-        counts.index_add_(1, CODE_BINS.to(device), codes.view(len(items), NUM_CODES))
+            # the few thousand code counts per tensor are folded into bins
+            counts = torch.zeros(len(items), histogram.NUM_BINS + 1, dtype=codes.dtype, device=device)
+            counts.index_add_(1, CODE_BINS.to(device), codes.view(len(items), NUM_CODES))
+            counts = counts[:, : histogram.NUM_BINS]
         self._rows.append(rows)
-        self._counts.append(counts[:, : histogram.NUM_BINS])
+        self._counts.append(counts)
         self.meta += [(layer, kind) for layer, kind, _, _ in items]
         self.hist_n += [count for _, _, count in plans]
 
@@ -303,14 +311,22 @@ class Batch:
     def to_host(self) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``[n, NCOL]`` and histograms ``[n, NUM_BINS]`` on the host.
 
-        Rows and counts travel in one copy (counts are exact in float64 up
-        to 2**53).
+        The blocks the CPU kernel made are numpy already; the others travel in
+        one copy (rows and counts together: counts are exact in float64 up to
+        2**53).
         """
         self.reduce()
         if not self._rows:
             return np.zeros((0, NCOL)), np.zeros((0, histogram.NUM_BINS), dtype=np.int64)
-        device = self._rows[0].device
-        rows = torch.cat([r.to(device) for r in self._rows])
-        counts = torch.cat([c.to(device) for c in self._counts]).to(torch.float64)
-        host = torch.cat([rows, counts], dim=1).cpu().numpy()
-        return host[:, :NCOL], host[:, NCOL:].astype(np.int64)
+        rows, counts = list(self._rows), list(self._counts)
+        on_device = [i for i, r in enumerate(rows) if isinstance(r, torch.Tensor)]
+        if on_device:
+            device = rows[on_device[0]].device
+            host = torch.cat([torch.cat([rows[i].to(device), counts[i].to(device, torch.float64)], 1)
+                              for i in on_device]).cpu().numpy()
+            at = 0
+            for i in on_device:
+                n = len(rows[i])
+                rows[i], counts[i] = host[at : at + n, :NCOL], host[at : at + n, NCOL:]
+                at += n
+        return np.concatenate(rows), np.concatenate(counts).astype(np.int64)

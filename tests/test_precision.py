@@ -60,7 +60,9 @@ def test_bf16_autocast_activations_are_measured_as_the_bf16_tensor():
             assert_matches(samples[(layer, "act")], acts[layer])
             assert_hist(samples[(layer, "act")], acts[layer])
             s, a = samples[(layer, "act")], acts[layer].double().numpy()
-            assert s.sum == pytest.approx(a.sum(), rel=1e-12, abs=1e-12)  # exact: bf16 -> float32 is exact
+            # bf16 -> float32 is exact, so the sum is the bf16 values' to the kernel's float32 block
+            # rounding (~1e-7 of the sum of |x - mean|), far below bf16's own ~4e-3 steps
+            assert abs(s.sum - a.sum()) <= 1e-5 * np.abs(a - a.mean()).sum()
         for name, (w, g, dw) in params.items():
             assert w.dtype == g.dtype == torch.float32  # the parameters and gradients stay float32
             assert_matches(samples[(name, "weight")], w)
@@ -80,8 +82,10 @@ def test_low_precision_parameters_weights_grads_updates(dtype):
             for kind, t in (("weight", w), ("grad", g), ("update", dw)):
                 assert_matches(samples[(name, kind)], t)
                 assert_hist(samples[(name, kind)], t)
-                # float64 sums of the exact upcast values
-                assert samples[(name, kind)].sumsq == pytest.approx((t.double() ** 2).sum().item(), rel=1e-12)
+                # sums of the exact upcast values (to the kernel's float32 block rounding, ~1e-7 of
+                # the sum of (x - mean)^2: docs/benchmarks.md), not of values rounded to float32 first
+                a = t.double().numpy()
+                assert abs(samples[(name, kind)].sumsq - (a**2).sum()) <= 1e-5 * ((a - a.mean()) ** 2).sum() + 1e-12
             u = samples[(name, "update")]
             assert u.ratio == pytest.approx((dw.double().norm() / w.double().norm()).item(), rel=1e-6)
         assert_matches(samples[("fc1", "act")], acts["fc1"])

@@ -40,7 +40,8 @@ def by_key(step):
 def assert_matches(s, t: torch.Tensor):
     a = t.detach().double().numpy().reshape(-1)
     assert s.count == a.size
-    assert stats.mean(s) == pytest.approx(a.mean(), rel=1e-6, abs=1e-9)
+    # the CPU kernel sums in float32 within blocks of 1,024: the mean is good to ~1e-7 of the spread
+    assert stats.mean(s) == pytest.approx(a.mean(), rel=1e-6, abs=1e-6 * a.std() + 1e-12)
     assert stats.l2(s) == pytest.approx(np.linalg.norm(a), rel=1e-6, abs=1e-12)
     assert (s.min, s.max) == (pytest.approx(a.min()), pytest.approx(a.max()))
 
