@@ -196,4 +196,18 @@ int64_t xray_dead_units(const float *x, int64_t rows, int64_t cols, float eps, f
     return dead;
 }
 
+/* out = x_0[idx_0] ++ x_1[idx_1] ++ ... for `m` float32 tensors; idx_t is NULL for all of x_t.
+ * The probe's update subsets: one call instead of an index op per parameter. */
+void xray_gather(int64_t m, const float *const *ptrs, const int64_t *const *idx, const int64_t *counts, float *out) {
+    for (int64_t t = 0; t < m; t++) {
+        const float *x = ptrs[t];
+        const int64_t *ix = idx[t];
+        if (ix == NULL)
+            memcpy(out, x, sizeof(float) * (size_t)counts[t]);
+        else
+            for (int64_t j = 0; j < counts[t]; j++) out[j] = x[ix[j]];
+        out += counts[t];
+    }
+}
+
 int xray_nrow(void) { return NROW; }

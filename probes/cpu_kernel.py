@@ -126,6 +126,8 @@ def _load() -> ctypes.CDLL | None:
             lib.xray_reduce.restype = ctypes.c_int
             lib.xray_dead_units.argtypes = [_ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, _ptr]
             lib.xray_dead_units.restype = ctypes.c_int64
+            lib.xray_gather.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr]
+            lib.xray_gather.restype = None
             if lib.xray_nrow() != NROW:
                 raise RuntimeError("row layout differs from probes/reduce.py")
             _lib = lib
@@ -203,3 +205,17 @@ def dead_fraction(x: torch.Tensor, eps: float) -> float:
     cols = x.shape[-1]
     scratch = np.empty(cols, dtype=np.float32)
     return lib.xray_dead_units(x.data_ptr(), x.numel() // cols, cols, eps, scratch.ctypes.data) / cols
+
+
+def gather(flats: list[torch.Tensor], indices: list[torch.Tensor | None]) -> torch.Tensor:
+    """``torch.cat([f if i is None else f[i] for f, i in zip(flats, indices)])`` in one call, for
+    contiguous flat float32 CPU tensors and int64 index tensors (in range: they are not checked)."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the CPU kernel is not available")
+    counts = np.array([f.numel() if i is None else i.numel() for f, i in zip(flats, indices)], dtype=np.int64)
+    out = torch.empty(int(counts.sum()), dtype=torch.float32)
+    ptrs = np.array([f.data_ptr() for f in flats], dtype=np.uint64)
+    idx = np.array([0 if i is None else i.data_ptr() for i in indices], dtype=np.uint64)
+    lib.xray_gather(len(flats), ptrs.ctypes.data, idx.ctypes.data, counts.ctypes.data, out.data_ptr())
+    return out

@@ -599,11 +599,12 @@ class XRay:
         if not self.trainable:
             return None
         device = self.trainable[0][1].device
-        pieces = []
-        for name, p in self.trainable:
-            idx = self._subset(name, p)
-            flat = _local(p).detach().reshape(-1)
-            pieces.append((flat if idx is None else flat[idx]).to(device=device, dtype=torch.float32))
+        flats = [_local(p).detach().reshape(-1) for _, p in self.trainable]
+        indices = [self._subset(name, p) for name, p in self.trainable]
+        if (device.type == "cpu" and cpu_kernel.ready() is not None
+                and all(f.dtype == torch.float32 and f.device.type == "cpu" and f.is_contiguous() for f in flats)):
+            return cpu_kernel.gather(flats, indices)  # one call instead of an index op per parameter
+        pieces = [(f if i is None else f[i]).to(device=device, dtype=torch.float32) for f, i in zip(flats, indices)]
         return torch.cat(pieces)  # a copy: the optimizer's in-place update cannot reach it
 
     @_eager
@@ -695,6 +696,8 @@ class XRay:
                 dists = (self._segment_sumsq(after - self._init) / self._init_sumsq).sqrt()
             except Exception:
                 self._fail("init")
+        if refs.device.type == "cpu":  # Python floats: no 0-d tensor per parameter (on a GPU, no sync here)
+            refs, dists = refs.tolist(), dists.tolist() if isinstance(dists, torch.Tensor) else dists
         for (name, _), d, ref, dist in zip(self.trainable, delta.split(self._subset_lengths()), refs, dists):
             self._batch.hold(name, "update", d, ref_sumsq=ref, init_dist=dist)
 

@@ -212,10 +212,10 @@ class Batch:
         return len(self.meta) + len(self._held)
 
     def hold(self, layer: str, kind: str, x: torch.Tensor, *, dead: torch.Tensor | None = None,
-             detach: bool = True, **extra: torch.Tensor | None) -> None:
+             detach: bool = True, **extra: torch.Tensor | float | None) -> None:
         """Queue ``x`` (its values must not change until :meth:`reduce`).
 
-        ``dead`` and the other keywords are 0-d tensors computed elsewhere
+        ``dead`` and the other keywords are 0-d tensors (or floats) computed elsewhere
         that fill the columns of their name (``dead_units``, ``ref_sumsq``,
         ``init_dist``, ``lora_sumsq``); None leaves a column NaN.
         ``detach=False`` keeps ``x`` itself (it is detached when reduced):
@@ -261,7 +261,7 @@ class Batch:
             extras = [(i, COL[col], v) for i, (_, _, _, extra) in enumerate(items) for col, v in extra.items()]
             if extras:
                 rows[[i for i, _, _ in extras], [c for _, c, _ in extras]] = torch.stack(
-                    [v.to(device=device, dtype=torch.float64) for _, _, v in extras])
+                    [torch.as_tensor(v, dtype=torch.float64, device=device) for _, _, v in extras])
             codes = self._count_codes(flats, plans)
             # the few thousand code counts per tensor are folded into bins
             counts = torch.zeros(len(items), histogram.NUM_BINS + 1, dtype=codes.dtype, device=device)

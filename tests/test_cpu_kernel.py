@@ -226,3 +226,11 @@ def test_dead_units_equal_the_torch_path_nan_columns_included(cpu_kernel_lib, mo
     torch_path = [float(reduce.dead_units(c, EPS)) for c in cases]
     assert kernel == pytest.approx(torch_path, abs=1e-7)
     assert kernel[0] == 6 / 24
+
+
+def test_gather_equals_torch_indexing(cpu_kernel_lib):
+    g = torch.Generator().manual_seed(2)
+    flats = [torch.randn(1000, generator=g), torch.randn(7, generator=g), torch.empty(0), torch.randn(50, generator=g)]
+    indices = [torch.randperm(1000, generator=g)[:100].sort().values, None, None, torch.tensor([49, 0, 0])]
+    want = torch.cat([f if i is None else f[i] for f, i in zip(flats, indices)])
+    assert torch.equal(cpu_kernel.gather(flats, indices), want)
