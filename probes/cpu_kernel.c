@@ -10,8 +10,8 @@
  * what this CPU runs), so a cached library never holds instructions another
  * node of a cluster lacks.
  *
- * Row layout (double), as probes/reduce.py's COLUMNS[:13]:
- *   count sum sumsq abssum min max near_zero zeros nan posinf neginf sum3 sum4
+ * Row layout (double), as probes/reduce.py's COLUMNS[:14]:
+ *   count sum sumsq abssum min max near_zero zeros nan posinf neginf sum3 sum4 dead_units
  */
 #include <math.h>
 #include <stdint.h>
@@ -24,7 +24,7 @@
 #define XRAY_CLONES
 #endif
 
-enum { COUNT, SUM, SUMSQ, ABSSUM, MIN, MAX, NEAR, ZEROS, NAN_, POSINF, NEGINF, SUM3, SUM4, NROW };
+enum { COUNT, SUM, SUMSQ, ABSSUM, MIN, MAX, NEAR, ZEROS, NAN_, POSINF, NEGINF, SUM3, SUM4, DEAD, NROW };
 
 /* Elements per block: float32 partial sums and int32 counts within a block, float64 across. */
 #define BLOCK 1024
@@ -70,7 +70,8 @@ static void exact_sums(const float *x, int64_t n, double *row) {
 
 /* The row of x[0..n) and the histogram of the sample x[offset + j*stride], j < k, counted
  * while each block is in L1: by float code (the top 32 - shift bits) into `lanes` (LANES x
- * ncodes), or, when lanes is NULL, straight into hist[code_bins[code]].
+ * ncodes), or, when lanes is NULL, straight into hist[code_bins[code]]. With `colmax` (cols
+ * floats, zeroed), also the largest |x| of each unit of the last dimension, `cols` wide.
  *
  * Within a block the powers of y = x - c, where c is the mean of the blocks before (of the
  * first block, for the first), are summed in float32 (16 lanes instead of 8), and turned into
@@ -81,7 +82,8 @@ static void exact_sums(const float *x, int64_t n, double *row) {
  * [POW4_TINY, POW4_SAFE], get a second, float64 pass (exact_sums). */
 XRAY_CLONES
 static void row_of(const float *x, int64_t n, float eps, double *row, int64_t offset, int64_t stride, int64_t k,
-                   int shift, int64_t ncodes, uint32_t *lanes, const int32_t *code_bins, int64_t *hist) {
+                   int shift, int64_t ncodes, uint32_t *lanes, const int32_t *code_bins, int64_t *hist,
+                   int64_t cols, float *colmax) {
     double s1 = 0, s2 = 0, s3 = 0, s4 = 0, sa = 0;
     int64_t near = 0, zeros = 0, next = offset, last = k > 0 ? offset + (k - 1) * stride : -1;
     float mn = INFINITY, mx = -INFINITY;
@@ -125,6 +127,15 @@ static void row_of(const float *x, int64_t n, float eps, double *row, int64_t of
         sa += pa;
         near += cn;
         zeros += cz;
+        if (colmax != NULL) /* a NaN tops nothing, as torch's (abs(x) > eps).any(0) */
+            for (int64_t i = j, col = j % cols; i < end; col = 0) {
+                int64_t run = end - i < cols - col ? end - i : cols - col;
+                const float *seg = x + i;
+                float *cm = colmax + col;
+#pragma omp simd
+                for (int64_t r = 0; r < run; r++) cm[r] = fabsf(seg[r]) > cm[r] ? fabsf(seg[r]) : cm[r];
+                i += run;
+            }
         if (lanes != NULL) {
             for (; next < end && next <= last; next += stride) {
                 lanes[lane * ncodes + (bits[next] >> shift)]++;
@@ -149,15 +160,22 @@ static void row_of(const float *x, int64_t n, float eps, double *row, int64_t of
     /* torch's aminmax is NaN when the tensor holds a NaN, and so are its sums */
     row[MIN] = n == 0 || row[NAN_] > 0 ? NAN : mn;
     row[MAX] = n == 0 || row[NAN_] > 0 ? NAN : mx;
+    row[DEAD] = NAN;
+    if (colmax != NULL) { /* the share of units whose |x| never tops eps */
+        int64_t dead = 0;
+        for (int64_t c = 0; c < cols; c++) dead += !(colmax[c] > eps);
+        row[DEAD] = (double)dead / (double)cols;
+    }
 }
 
 /* The rows and histograms of `m` tensors. Tensor t's row goes to rows[slots[t]] (NROW
  * doubles) and its sample's counts to hists[slots[t]] (nbins counts, zeroed here), each
  * float code counted in the bin code_bins[code]; threads that share the tensors write into
- * one output. Returns 0, or -1 when out of memory. */
+ * one output. units[t] > 0 asks for tensor t's dead units over a last dimension that wide
+ * (NaN in the row otherwise). Returns 0, or -1 when out of memory. */
 int xray_reduce(int64_t m, const float *const *ptrs, const int64_t *numels, const int64_t *offsets,
-                const int64_t *strides, const int64_t *ks, const int64_t *slots, float eps, int shift,
-                const int32_t *code_bins, int64_t nbins, double *rows, int64_t *hists) {
+                const int64_t *strides, const int64_t *ks, const int64_t *units, const int64_t *slots, float eps,
+                int shift, const int32_t *code_bins, int64_t nbins, double *rows, int64_t *hists) {
     const int64_t ncodes = (int64_t)1 << (32 - shift);
     uint32_t *lanes = malloc(sizeof(uint32_t) * LANES * (size_t)ncodes);
     if (lanes == NULL) return -1;
@@ -166,8 +184,14 @@ int xray_reduce(int64_t m, const float *const *ptrs, const int64_t *numels, cons
         memset(h, 0, sizeof(int64_t) * (size_t)nbins);
         int use_lanes = ks[t] >= LANES_FROM;
         if (use_lanes) memset(lanes, 0, sizeof(uint32_t) * LANES * (size_t)ncodes);
+        float *colmax = NULL;
+        if (units[t] > 0 && (colmax = calloc((size_t)units[t], sizeof(float))) == NULL) {
+            free(lanes);
+            return -1;
+        }
         row_of(ptrs[t], numels[t], eps, rows + slots[t] * NROW, offsets[t], strides[t], ks[t], shift, ncodes,
-               use_lanes ? lanes : NULL, code_bins, h);
+               use_lanes ? lanes : NULL, code_bins, h, units[t], colmax);
+        free(colmax);
         for (int64_t c = 0; use_lanes && c < ncodes; c++) {
             int64_t count = 0;
             for (int l = 0; l < LANES; l++) count += lanes[l * ncodes + c];
@@ -176,24 +200,6 @@ int xray_reduce(int64_t m, const float *const *ptrs, const int64_t *numels, cons
     }
     free(lanes);
     return 0;
-}
-
-/* Units (the last dimension, `cols` wide) whose |x| tops eps in none of the `rows` rows: how
- * many. A NaN tops nothing, as torch's (abs(x) > eps).any(0); colmax is scratch of `cols` floats. */
-XRAY_CLONES
-int64_t xray_dead_units(const float *x, int64_t rows, int64_t cols, float eps, float *colmax) {
-    for (int64_t c = 0; c < cols; c++) colmax[c] = 0.0f;
-    for (int64_t r = 0; r < rows; r++) {
-        const float *row = x + r * cols;
-#pragma omp simd
-        for (int64_t c = 0; c < cols; c++) {
-            float a = fabsf(row[c]);
-            colmax[c] = a > colmax[c] ? a : colmax[c];
-        }
-    }
-    int64_t dead = 0;
-    for (int64_t c = 0; c < cols; c++) dead += !(colmax[c] > eps);
-    return dead;
 }
 
 /* out = x_0[idx_0] ++ x_1[idx_1] ++ ... for `m` float32 tensors; idx_t is NULL for all of x_t.

@@ -39,7 +39,7 @@ log = logging.getLogger("xray-tui")
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 #: -fopenmp-simd: the loops' ``omp simd`` pragmas vectorise; no OpenMP runtime is linked.
 FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared"]
-NROW = 13
+NROW = 14
 _ptr = ctypes.c_void_p
 
 _lock = threading.Lock()
@@ -121,11 +121,9 @@ def _load() -> ctypes.CDLL | None:
         try:
             out_dir = _cache_dir() or Path(tempfile.mkdtemp(prefix="xray-tui-kernel-"))
             lib = ctypes.CDLL(str(_build(cc, out_dir)))
-            lib.xray_reduce.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_float,
+            lib.xray_reduce.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_float,
                                         ctypes.c_int, _ptr, ctypes.c_int64, _ptr, _ptr]
             lib.xray_reduce.restype = ctypes.c_int
-            lib.xray_dead_units.argtypes = [_ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, _ptr]
-            lib.xray_dead_units.restype = ctypes.c_int64
             lib.xray_gather.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr]
             lib.xray_gather.restype = None
             if lib.xray_nrow() != NROW:
@@ -136,39 +134,42 @@ def _load() -> ctypes.CDLL | None:
         return _lib
 
 
-def _call(lib, flats, plans, eps: float, shift: int, code_bins: np.ndarray, rows: np.ndarray, hists: np.ndarray,
-          idx: list[int], errors: list[BaseException]) -> None:
+def _call(lib, flats, plans, units, eps: float, shift: int, code_bins: np.ndarray, rows: np.ndarray,
+          hists: np.ndarray, idx: list[int], errors: list[BaseException]) -> None:
     try:
-        _run(lib, flats, plans, eps, shift, code_bins, rows, hists, idx)
+        _run(lib, flats, plans, units, eps, shift, code_bins, rows, hists, idx)
     except BaseException as e:  # re-raised by the calling thread
         errors.append(e)
 
 
-def _run(lib, flats, plans, eps: float, shift: int, code_bins: np.ndarray, rows: np.ndarray, hists: np.ndarray,
-         idx: list[int]) -> None:
+def _run(lib, flats, plans, units, eps: float, shift: int, code_bins: np.ndarray, rows: np.ndarray,
+         hists: np.ndarray, idx: list[int]) -> None:
     """The kernel over ``flats[i] for i in idx``, writing rows[i] and hists[i] in place."""
     if not idx:
         return
     ptrs = np.array([flats[i].data_ptr() for i in idx], dtype=np.uint64)
     numels = np.array([flats[i].numel() for i in idx], dtype=np.int64)
     off, stride, k = np.array([plans[i] for i in idx], dtype=np.int64).reshape(len(idx), 3).T.copy()
+    cols = np.array([units[i] for i in idx], dtype=np.int64)
     slots = np.array(idx, dtype=np.int64)
     if lib.xray_reduce(len(idx), ptrs.ctypes.data, numels.ctypes.data, off.ctypes.data, stride.ctypes.data,
-                       k.ctypes.data, slots.ctypes.data, eps, shift, code_bins.ctypes.data, hists.shape[1],
-                       rows.ctypes.data, hists.ctypes.data):
-        raise MemoryError("the CPU kernel could not allocate its histogram counters")
+                       k.ctypes.data, cols.ctypes.data, slots.ctypes.data, eps, shift, code_bins.ctypes.data,
+                       hists.shape[1], rows.ctypes.data, hists.ctypes.data):
+        raise MemoryError("the CPU kernel could not allocate its scratch counters")
 
 
 def reduce(flats: list[torch.Tensor], plans: list[tuple[int, int, int]], eps: float, shift: int,
-           code_bins: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
+           code_bins: np.ndarray, threads: int, units: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``[m, NROW]`` (float64) and histograms ``[m, code_bins.max() + 1]`` (int64) of contiguous
     float32 CPU tensors.
 
     ``plans[i] = (offset, stride, k)`` picks the histogram sample
     ``flats[i][offset::stride][:k]`` (k < 2**32); each sampled float is
     counted in bin ``code_bins[code]`` of its code, the top ``32 - shift``
-    bits. The tensors are shared among ``threads`` threads (largest first,
-    each to the least loaded), which run the kernel without the GIL.
+    bits. ``units[i] > 0`` asks for the share of dead units of ``flats[i]``
+    seen as rows of that many units (the last column; NaN otherwise). The
+    tensors are shared among ``threads`` threads (largest first, each to the
+    least loaded), which run the kernel without the GIL.
     """
     lib = load()
     if lib is None:
@@ -176,6 +177,7 @@ def reduce(flats: list[torch.Tensor], plans: list[tuple[int, int, int]], eps: fl
     if code_bins.dtype != np.int32 or code_bins.shape != (1 << (32 - shift),) or not code_bins.flags.c_contiguous:
         raise ValueError("code_bins must be a contiguous int32 array with one bin per code")
     m = len(flats)
+    units = units or [0] * m
     rows = np.empty((m, NROW), dtype=np.float64)
     hists = np.empty((m, int(code_bins.max()) + 1), dtype=np.int64)
     groups: list[list[int]] = [[] for _ in range(max(1, min(threads, m)))]
@@ -185,7 +187,7 @@ def reduce(flats: list[torch.Tensor], plans: list[tuple[int, int, int]], eps: fl
         groups[g].append(i)
         loads[g] += flats[i].numel() + 4096  # a small tensor still costs a call's bookkeeping
     errors: list[BaseException] = []
-    args = (lib, flats, plans, eps, shift, code_bins, rows, hists)
+    args = (lib, flats, plans, units, eps, shift, code_bins, rows, hists)
     workers = [threading.Thread(target=_call, args=(*args, g, errors), daemon=True) for g in groups[1:] if g]
     for w in workers:
         w.start()
@@ -195,16 +197,6 @@ def reduce(flats: list[torch.Tensor], plans: list[tuple[int, int, int]], eps: fl
     if errors:
         raise errors[0]
     return rows, hists
-
-
-def dead_fraction(x: torch.Tensor, eps: float) -> float:
-    """Share of the last dimension's units of a contiguous float32 CPU tensor that never top ``eps``."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError("the CPU kernel is not available")
-    cols = x.shape[-1]
-    scratch = np.empty(cols, dtype=np.float32)
-    return lib.xray_dead_units(x.data_ptr(), x.numel() // cols, cols, eps, scratch.ctypes.data) / cols
 
 
 def gather(flats: list[torch.Tensor], indices: list[torch.Tensor | None]) -> torch.Tensor:

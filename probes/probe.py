@@ -532,8 +532,7 @@ class XRay:
                 self._skip(name, "act", _unreadable(x))
                 return
             seen.add(name)  # gradient checkpointing runs forward twice
-            dead = dead_units(x, self.eps) if name in self._activations else None
-            batch.hold(name, "act", x, dead=dead)
+            batch.hold(name, "act", x, units=name in self._activations)
             if batch.held_elements > ACT_HOLD_LIMIT:
                 batch.reduce()  # bound the memory that held activations keep alive
         except Exception:

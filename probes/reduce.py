@@ -32,7 +32,7 @@ COLUMNS = (
 )
 COL = {name: i for i, name in enumerate(COLUMNS)}
 NCOL = len(COLUMNS)
-_NBASE = COL["dead_units"]  # columns computed by the reduction itself
+_NBASE = COL["dead_units"]  # columns every reduction computes (the CPU kernel adds dead_units)
 _TRASH = histogram.NUM_BINS  # bin index of non-finite values
 #: Largest flat buffer reduced at once (elements).
 BUCKET = 1 << 22
@@ -176,15 +176,16 @@ def bin_index(sample: torch.Tensor) -> torch.Tensor:
 
 
 def dead_units(x: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """Fraction of last-dimension units never above eps in the batch."""
-    if x.dim() < 2 or x.shape[-1] == 0 or x.numel() == 0:
+    """Fraction of last-dimension units never above eps in the batch (torch ops: any device,
+    and traceable by torch.compile; the CPU kernel counts them in its own pass)."""
+    if not _has_units(x):
         return None
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernel.ready() is not None:
-        # one read of x instead of abs, compare and any(); a traced hook keeps the torch ops
-        flat = x.detach().float().contiguous()
-        return torch.tensor(cpu_kernel.dead_fraction(flat, eps), dtype=torch.float64)
     alive = (x.detach().abs() > eps).reshape(-1, x.shape[-1]).any(0)
     return 1.0 - alive.float().mean()
+
+
+def _has_units(x: torch.Tensor) -> bool:
+    return x.dim() >= 2 and x.shape[-1] > 0 and x.numel() > 0
 
 
 class Batch:
@@ -205,16 +206,19 @@ class Batch:
         # [n, NCOL] and [n, NUM_BINS] blocks, in meta order: numpy from the CPU kernel, else on the device
         self._rows: list[torch.Tensor | np.ndarray] = []
         self._counts: list[torch.Tensor | np.ndarray] = []
-        self._held: list[tuple[str, str, torch.Tensor, dict[str, torch.Tensor]]] = []
+        # (layer, kind, tensor, extra columns, dead units wanted)
+        self._held: list[tuple[str, str, torch.Tensor, dict[str, torch.Tensor | float], bool]] = []
         self.held_elements = 0
 
     def __len__(self) -> int:
         return len(self.meta) + len(self._held)
 
     def hold(self, layer: str, kind: str, x: torch.Tensor, *, dead: torch.Tensor | None = None,
-             detach: bool = True, **extra: torch.Tensor | float | None) -> None:
+             units: bool = False, detach: bool = True, **extra: torch.Tensor | float | None) -> None:
         """Queue ``x`` (its values must not change until :meth:`reduce`).
 
+        ``units=True`` has the reduction measure ``x``'s dead units (the
+        ``dead_units`` column) in the same pass.
         ``dead`` and the other keywords are 0-d tensors (or floats) computed elsewhere
         that fill the columns of their name (``dead_units``, ``ref_sumsq``,
         ``init_dist``, ``lora_sumsq``); None leaves a column NaN.
@@ -227,7 +231,8 @@ class Batch:
         for col in extra:
             if col not in COL or COL[col] < _NBASE:
                 raise ValueError(f"{col!r} is not an extra statistics column")
-        self._held.append((layer, kind, x.detach() if detach else x, {k: v for k, v in extra.items() if v is not None}))
+        self._held.append((layer, kind, x.detach() if detach else x, {k: v for k, v in extra.items() if v is not None},
+                           units and _has_units(x)))
         self.held_elements += x.numel()
 
     def reduce(self) -> None:
@@ -240,25 +245,28 @@ class Batch:
             self._reduce_group(items)
 
     def _reduce_group(self, items: list) -> None:
-        flats = [_flat32(x) for _, _, x, _ in items]
-        plans = [sample_plan(x, self.hist_k, self.generator) for _, _, x, _ in items]
+        flats = [_flat32(x) for _, _, x, _, _ in items]
+        plans = [sample_plan(x, self.hist_k, self.generator) for _, _, x, _, _ in items]
         device = flats[0].device
         if device.type == "cpu" and cpu_kernel.ready() is not None:
             # more threads pay only for large batches: on the demo model's ~9 M elements beside
             # training, torch's spinning OpenMP workers made two threads slower than one
             threads = torch.get_num_threads() if sum(f.numel() for f in flats) >= PARALLEL_ELEMENTS else 1
+            units = [x.shape[-1] if wanted else 0 for _, _, x, _, wanted in items]
             base, hists = cpu_kernel.reduce([f.contiguous() for f in flats], plans, self.eps, CODE_SHIFT,
-                                            CODE_BINS_INT32, threads)
+                                            CODE_BINS_INT32, threads, units)
             rows = np.full((len(items), NCOL), math.nan)  # numpy from here on: no torch op per block
-            rows[:, :_NBASE] = base
-            for i, (_, _, _, extra) in enumerate(items):
+            rows[:, : cpu_kernel.NROW] = base  # the statistics and the dead units
+            for i, (_, _, _, extra, _) in enumerate(items):
                 for col, v in extra.items():
                     rows[i, COL[col]] = float(v)
             counts = hists[:, : histogram.NUM_BINS]
         else:
             rows = torch.full((len(items), NCOL), math.nan, dtype=torch.float64, device=device)
             self._reduce_rows(flats, rows)
-            extras = [(i, COL[col], v) for i, (_, _, _, extra) in enumerate(items) for col, v in extra.items()]
+            extras = [(i, COL[col], v) for i, (_, _, _, extra, _) in enumerate(items) for col, v in extra.items()]
+            extras += [(i, COL["dead_units"], dead_units(x, self.eps))
+                       for i, (_, _, x, _, wanted) in enumerate(items) if wanted]
             if extras:
                 rows[[i for i, _, _ in extras], [c for _, c, _ in extras]] = torch.stack(
                     [torch.as_tensor(v, dtype=torch.float64, device=device) for _, _, v in extras])
@@ -269,7 +277,7 @@ class Batch:
             counts = counts[:, : histogram.NUM_BINS]
         self._rows.append(rows)
         self._counts.append(counts)
-        self.meta += [(layer, kind) for layer, kind, _, _ in items]
+        self.meta += [(layer, kind) for layer, kind, _, _, _ in items]
         self.hist_n += [count for _, _, count in plans]
 
     def _reduce_rows(self, flats: list[torch.Tensor], rows: torch.Tensor) -> None:

@@ -220,12 +220,23 @@ def test_dead_units_equal_the_torch_path_nan_columns_included(cpu_kernel_lib, mo
     x[..., :5] = 0.01  # five units never top eps
     x[0, 0, 5] = math.nan  # a NaN beside large values: alive
     x[..., 6] = math.nan  # all NaN: tops nothing, dead
-    cases = [x, x.bfloat16(), x.transpose(0, 1), torch.relu(torch.randn(4, 7, generator=g) - 3)]
-    kernel = [float(reduce.dead_units(c, EPS)) for c in cases]
+    wide = torch.randn(3, 3000, generator=g)  # rows wider than the kernel's blocks
+    wide[:, 2999] = 0
+    cases = [x, x.bfloat16(), x.transpose(0, 1), torch.relu(torch.randn(4, 7, generator=g) - 3), wide,
+             torch.randn(50, generator=g), torch.empty(0, 4)]
+
+    def dead_column():
+        b = Batch(EPS, 4096)
+        for i, c in enumerate(cases):
+            b.hold(str(i), "act", c, units=True)
+        return b.to_host()[0][:, reduce.COL["dead_units"]]
+
+    kernel = dead_column()
     monkeypatch.setattr(cpu_kernel, "ready", lambda: None)
-    torch_path = [float(reduce.dead_units(c, EPS)) for c in cases]
-    assert kernel == pytest.approx(torch_path, abs=1e-7)
-    assert kernel[0] == 6 / 24
+    torch_path = dead_column()
+    truth = [float(reduce.dead_units(c, EPS)) if c.dim() >= 2 and c.numel() else math.nan for c in cases]
+    assert np.allclose(kernel, truth, atol=1e-7, equal_nan=True) and np.allclose(torch_path, truth, atol=1e-7, equal_nan=True)
+    assert kernel[0] == 6 / 24 and kernel[4] == 1 / 3000 and math.isnan(kernel[5])
 
 
 def test_gather_equals_torch_indexing(cpu_kernel_lib):
