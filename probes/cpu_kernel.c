@@ -36,7 +36,7 @@ enum { COUNT, SUM, SUMSQ, ABSSUM, MIN, MAX, NEAR, ZEROS, NAN_, POSINF, NEGINF, S
  * into subnormals (as probes/reduce.py's POW4_SAFE and POW4_TINY): outside it, float64. */
 #define POW4_SAFE 1e4f
 #define POW4_TINY 1e-7f
-/* Histogram sub-counters, used in turn: consecutive samples often share a code, and one
+/* Histogram sub-counters (four), used in turn: consecutive samples often share a code, and one
  * counter would make each increment wait for the previous one's store. Samples smaller than
  * LANES_FROM are counted straight into their bins (clearing and folding the sub-counters
  * would cost more). */
@@ -88,7 +88,6 @@ static void row_of(const float *x, int64_t n, float eps, double *row, int64_t of
     int64_t near = 0, zeros = 0, next = offset, last = k > 0 ? offset + (k - 1) * stride : -1;
     float mn = INFINITY, mx = -INFINITY;
     const uint32_t *bits = (const uint32_t *)x;
-    unsigned lane = 0;
     for (int64_t j = 0; j < n; j += BLOCK) {
         int64_t end = j + BLOCK < n ? j + BLOCK : n;
         if (end + AHEAD * BLOCK <= n)
@@ -137,10 +136,15 @@ static void row_of(const float *x, int64_t n, float eps, double *row, int64_t of
                 i += run;
             }
         if (lanes != NULL) {
-            for (; next < end && next <= last; next += stride) {
-                lanes[lane * ncodes + (bits[next] >> shift)]++;
-                lane = (lane + 1) % LANES;
+            int64_t stop = end - 1 < last ? end - 1 : last; /* the last sample index in this block */
+            uint32_t *l0 = lanes, *l1 = lanes + ncodes, *l2 = lanes + 2 * ncodes, *l3 = lanes + 3 * ncodes;
+            for (; next + 3 * stride <= stop; next += 4 * stride) {
+                l0[bits[next] >> shift]++;
+                l1[bits[next + stride] >> shift]++;
+                l2[bits[next + 2 * stride] >> shift]++;
+                l3[bits[next + 3 * stride] >> shift]++;
             }
+            for (; next <= stop; next += stride) l0[bits[next] >> shift]++;
         } else {
             for (; next < end && next <= last; next += stride) hist[code_bins[bits[next] >> shift]]++;
         }
