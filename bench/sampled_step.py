@@ -26,8 +26,8 @@ import probes
 from probes import cpu_kernel, demo, probe, wire
 
 PARTS = {  # XRay method -> what it does, on the training thread
-    "_take_act_eager": "hooks: hold each activation, dead-unit fractions",
-    "_reduce_held": "activations' rows and histograms",
+    "_take_act_eager": "hooks: hold each activation",
+    "_reduce_held": "activations' rows, histograms and dead units",
     "_read_params": "weights' and gradients' rows and histograms",
     "_read_updates": "update subsets copied after the step, their deltas held",
     "_flush": "updates' rows, the host copy, hand-off to the publisher",

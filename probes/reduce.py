@@ -90,12 +90,13 @@ def tensor_row(f: torch.Tensor, eps: float) -> torch.Tensor:
     """The same statistics for one large flat tensor (no segment bookkeeping).
 
     Here the passes over memory cost, not the launches, so the row is built
-    from few of them: norms give the sums of |x|, x^2 and x^4 without
-    materialising a copy, one float32 ``x*x`` serves x^3 and x^4 as dot
-    products (in float64 where |x| is huge or tiny, or the device is not the CPU,
-    which would need a host read to tell), and on the CPU, where a host read
-    is free, the NaN/Inf counts are skipped when the sums show the tensor is
-    finite. Sums of x and x^2 accumulate in float64, like :func:`segment_rows`.
+    from few of them: norms give the sums of |x| and x^2 without
+    materialising a copy, one float32 ``y*y`` (y = x - mean) serves x^3 and
+    x^4 as dot products (in float64 where |x| is huge or tiny, or the device
+    is not the CPU, which would need a host read to tell), and on the CPU,
+    where a host read is free, the NaN/Inf counts are skipped when the sums
+    show the tensor is finite. Sums of x and x^2 accumulate in float64, like
+    :func:`segment_rows`.
     """
     n = f.numel()
     s1 = f.sum(dtype=torch.float64)
@@ -109,9 +110,19 @@ def tensor_row(f: torch.Tensor, eps: float) -> torch.Tensor:
         neginf = (f == -math.inf).sum().double()
     mn, mx = torch.aminmax(f)
     if f.device.type == "cpu" and POW4_TINY <= float(torch.maximum(-mn, mx)) <= POW4_SAFE:
-        sq = f * f  # float32 suffices: x^4 and its sum stay far from float32's overflow
+        # float32 suffices for powers of y = x - c, c the mean, as in the CPU kernel: the rounding
+        # is relative to the spread, so a mean that dwarfs it leaves skewness and kurtosis intact
+        c = float(np.float32(float(s1) / n))
+        y = f - c
+        sq = y * y
+        p1, p2 = y.sum(dtype=torch.float64), sq.sum(dtype=torch.float64)
+        p3, p4 = torch.dot(sq, y).double(), torch.dot(sq, sq).double()
+        sum3 = p3 + 3 * c * p2 + 3 * c * c * p1 + n * c**3
+        sum4 = p4 + 4 * c * p3 + 6 * c * c * p2 + 4 * c**3 * p1 + n * c**4
     else:
-        f, sq = f.double(), f.double().square()
+        d = f.double()
+        sq = d.square()
+        sum3, sum4 = torch.dot(sq, d), torch.dot(sq, sq)
     cols = [
         zero + n,
         s1,
@@ -124,8 +135,8 @@ def tensor_row(f: torch.Tensor, eps: float) -> torch.Tensor:
         nan,
         posinf,
         neginf,
-        torch.dot(sq, f).double(),
-        torch.dot(sq, sq).double(),
+        sum3,
+        sum4,
     ]
     return torch.stack(cols)
 

@@ -148,20 +148,24 @@ def test_histograms_equal_torch_bincount_and_threads_change_nothing(cpu_kernel_l
         assert np.array_equal(rows, rows1, equal_nan=True)
 
 
-def test_a_mean_that_dwarfs_the_spread_keeps_its_moments(cpu_kernel_lib):
-    """A LayerNorm-like weight, 1 + 1e-3 N(0, 1): raw float32 power sums would leave nothing of
-    its variance, skewness or kurtosis; sums of x - c, c near the mean, keep them."""
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_a_mean_that_dwarfs_the_spread_keeps_its_moments(path, cpu_kernel_lib, monkeypatch):
+    """A LayerNorm-like weight, 1 + 1e-3 N(0, 1) with a tail: raw float32 power sums would leave
+    nothing of its skewness or kurtosis; sums of powers of x - c, c near the mean, keep them."""
     from probes import stats
 
+    if path == "torch":
+        monkeypatch.setattr(cpu_kernel, "ready", lambda: None)
     g = torch.Generator().manual_seed(5)
     x = 1 + 1e-3 * torch.randn(200_000, generator=g)
     x[:100] = 1 + 0.05 * torch.rand(100, generator=g)  # a right tail: skewed, heavy
-    (rows, _), _, _ = kernel_rows([x])
-    a = x.double().numpy()
-    z = (a - a.mean()) / a.std()
-    r = dict(zip(ROW, rows[0].tolist()))
+    b = Batch(EPS, 4096)
+    b.hold("ln", "weight", x)
+    r = dict(zip(ROW, b.to_host()[0][0].tolist()))
     counts = {c: int(r[c]) for c in ("count", "near_zero", "zeros", "nan", "posinf", "neginf")}
     s = stats.Sample("ln", "weight", hist_lo=0, hist_counts=b"", hist_n=0, **{**r, **counts})
+    a = x.double().numpy()
+    z = (a - a.mean()) / a.std()
     assert stats.std(s) == pytest.approx(a.std(), rel=1e-5)
     assert stats.skewness(s) == pytest.approx((z**3).mean(), rel=1e-3)
     assert stats.kurtosis(s) == pytest.approx((z**4).mean() - 3, rel=1e-3)
