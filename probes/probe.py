@@ -256,6 +256,10 @@ class XRay:
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if not 1 <= hist_sample < 2**32:  # the kernel's and the wire's counts are 32-bit
+            raise ValueError(f"hist_sample must be between 1 and 2**32 - 1, got {hist_sample}")
+        if update_sample < 1:
+            raise ValueError(f"update_sample must be >= 1, got {update_sample}")
         if not (on_alert is None or callable(on_alert) or on_alert in ("raise", "stop")):
             raise ValueError(f"on_alert must be a callable, 'raise' or 'stop', got {on_alert!r}")
         if alert_level not in ("warning", "critical"):

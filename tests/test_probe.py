@@ -242,6 +242,13 @@ def test_bad_on_alert_is_refused():
         probes.attach(Net(), on_alert="explode", serve=False)
 
 
+@pytest.mark.parametrize("kwargs,what", [({"hist_sample": 0}, "hist_sample"), ({"hist_sample": 2**32}, "hist_sample"),
+                                         ({"update_sample": 0}, "update_sample")])
+def test_bad_sample_sizes_are_refused(kwargs, what):
+    with pytest.raises(ValueError, match=what):
+        probes.attach(Net(), serve=False, **kwargs)
+
+
 class TinyGPT(nn.Module):
     """Embedding, a ModuleList of four blocks, a head: the shape ``layers=`` selects in."""
 
