@@ -15,6 +15,7 @@ the per-round ratios to the baseline.
 
     python bench/overhead.py                      # the demo model
     python bench/overhead.py --gpt2-small --rounds 3 --block 20 --configs baseline,probe/10,tensorboard/10,histc/10
+    python bench/overhead.py --gpt2-small --device cuda --bf16 --batch 16 --configs baseline,probe/10,probe/1
 """
 
 from __future__ import annotations
@@ -103,9 +104,15 @@ def make(args, seed=0):
     torch.manual_seed(seed)
     data = demo.CharData(demo.corpus(), block=args.block_len, seed=seed)
     model = demo.build_model(len(data.chars), layers=args.layers, width=args.width, heads=args.heads,
-                             block=args.block_len)
+                             block=args.block_len).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     return data, model, opt
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a block's time is the work's (GPUs run ahead)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def wait_for_publisher(xr) -> None:
@@ -126,17 +133,22 @@ def wait_for_publisher(xr) -> None:
     done.wait(60)
 
 
-def run_block(data, model, opt, steps, batch, xr=None, kernel=True):
+def run_block(data, model, opt, steps, batch, xr=None, kernel=True, bf16=False):
     ready = cpu_kernel.ready
     if not kernel:
         cpu_kernel.ready = lambda: None  # this block's reductions take the torch path
+    device = next(model.parameters()).device
     try:
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            x = data.batch(batch)
-            model(input_ids=x, labels=x).loss.backward()
+            x = data.batch(batch).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        sync(device)
         if xr is not None:
             wait_for_publisher(xr)
         return (time.perf_counter() - t0) / steps
@@ -155,10 +167,17 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--gpt2-small", action="store_true", help="12 layers x 768 wide, 12 heads, batch 4 x 128")
     p.add_argument("--configs", default=DEFAULT)
+    p.add_argument("--device", default="cpu", help="where the model trains (cuda: the probe's torch path)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     p.add_argument("--spectral-every", type=int, default=0, metavar="N",
                    help="also run the spectral monitor every N steps (default: off, so that the table is the "
                         "statistics' cost; the monitor's own cost is in bench/spectral.py)")
     args = p.parse_args()
+    try:
+        args.device = torch.device(args.device)
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as exc:
+        p.error(f"--device {args.device}: {exc}")
     if args.gpt2_small:
         args.layers, args.width, args.heads, args.batch, args.block_len = 12, 768, 12, 4, 128
 
@@ -186,7 +205,7 @@ def main() -> None:
             p.error(f"unknown configuration {name!r}")
         setups[name] = (data, model, opt)
         probes_of[name] = xr
-        run_block(data, model, opt, 2, args.batch, xr, kind != "probe-torch")  # warm-up
+        run_block(data, model, opt, 2, args.batch, xr, kind != "probe-torch", args.bf16)  # warm-up
 
     times = {name: [] for name in names}
     for r in range(args.rounds):
@@ -194,14 +213,16 @@ def main() -> None:
         random.Random(r).shuffle(order)
         for name in order:
             times[name].append(run_block(*setups[name], args.block, args.batch, probes_of[name],
-                                         not name.startswith("probe-torch/")))
+                                         not name.startswith("probe-torch/"), args.bf16))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     memory = {name: xr.memory() for name, xr in probes_of.items() if xr is not None}
     for close in closers:
         close()
 
     nparams = sum(q.numel() for q in setups[names[0]][1].parameters())
-    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    where = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"\nmachine: {platform.machine()}, {where}, torch {torch.__version__}"
+          f"{', bf16 autocast' if args.bf16 else ''}")
     print(f"model: GPT-2 {args.layers} layers x {args.width} wide, {nparams / 1e6:.2f} M parameters, "
           f"batch {args.batch} x {args.block_len} tokens; {args.rounds} rounds of {args.block} steps\n")
     print("| configuration | median step (ms) | ratio to baseline |")
