@@ -96,6 +96,18 @@ def check(s, t: torch.Tensor):
     assert (s.min, s.max) == (pytest.approx(a.min(), rel=1e-6), pytest.approx(a.max(), rel=1e-6))
 
 
+def check_step(st: wire.Step, truth: dict, updates: bool = True) -> dict:
+    """Each parameter's weight, gradient (and update) samples in ``st`` are ``truth``'s
+    ``(w, g, w_after)``; returns the samples by (layer, kind)."""
+    got = {(s.layer, s.kind): s for s in st.samples}
+    for name, (w, g, w_after) in truth.items():
+        check(got[(name, "weight")], w)
+        check(got[(name, "grad")], g)
+        if updates:
+            check(got[(name, "update")], w_after - w)
+    return got
+
+
 def test_grads_are_read_after_clipping_weights_before_the_update(tmp_path):
     torch.manual_seed(0)
     model = Tiny()
@@ -107,13 +119,9 @@ def test_grads_are_read_after_clipping_weights_before_the_update(tmp_path):
     assert isinstance(msgs[-1], wire.End) and msgs[-1].reason == "finished"
     assert "configure_gradient_clipping" not in model.__dict__  # the module is as it was
     for st in steps:
-        got = {(s.layer, s.kind): s for s in st.samples}
         truth = model.truth[st.step]
         assert set(truth) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
-        for name, (w, g, w_after) in truth.items():
-            check(got[(name, "weight")], w)
-            check(got[(name, "grad")], g)
-            check(got[(name, "update")], w_after - w)
+        got = check_step(st, truth)
         # clipped to gradient_clip_val: the total norm the optimizer used
         total = sum(got[(n, "grad")].sumsq for n in truth) ** 0.5
         assert total == pytest.approx(1e-2, rel=1e-4)
@@ -136,10 +144,7 @@ def test_gradscaler_gradients_are_unscaled_and_eval_passes_sampled(tmp_path):
     train = [m for m in msgs if isinstance(m, wire.Step) and m.phase == "train"]
     assert [s.step for s in train] == sorted(model.truth) == [0, 1, 2]
     for st in train:
-        got = {(s.layer, s.kind): s for s in st.samples}
-        for name, (w, g, _) in model.truth[st.step].items():
-            check(got[(name, "grad")], g)
-            check(got[(name, "weight")], w)
+        got = check_step(st, model.truth[st.step], updates=False)
         # not the scaled gradients (4096 times larger), which backward left in .grad
         assert got[("fc1.weight", "grad")].sumsq ** 0.5 < 10
     (ev,) = [m for m in msgs if isinstance(m, wire.Step) and m.phase == "eval"]
@@ -189,11 +194,7 @@ def test_manual_optimization_reads_what_the_module_clipped(tmp_path):
     steps = [m for m in recorded(tmp_path / "m.xray") if isinstance(m, wire.Step)]
     assert [s.step for s in steps] == sorted(model.truth) == [0, 1, 2]
     for st in steps:
-        got = {(s.layer, s.kind): s for s in st.samples}
-        for name, (w, g, w_after) in model.truth[st.step].items():
-            check(got[(name, "weight")], w)
-            check(got[(name, "grad")], g)
-            check(got[(name, "update")], w_after - w)
+        got = check_step(st, model.truth[st.step])
         assert sum(got[(n, "grad")].sumsq for n in model.truth[st.step]) ** 0.5 == pytest.approx(1e-2, rel=1e-4)
 
 
