@@ -53,6 +53,9 @@ class LayerInfo(Struct, frozen=True):
     # a LoRA adapter's A or B module (role "lora"): the path of the base module it changes;
     # adapters follow their base module in ``Hello.layers``
     adapter_of: str = ""
+    # params (short names) that require a gradient but sit in none of the optimizer's param
+    # groups: they can never move (a LoRA adapter left out of the optimizer)
+    unoptimized: list[str] = []
 
 
 class Hello(Struct, tag="hello", frozen=True):
@@ -71,6 +74,14 @@ class Hello(Struct, tag="hello", frozen=True):
     layers: list[LayerInfo] = []
     #: the :class:`Request` kinds this probe honours (e.g. ["spectral"]); [] from older probes
     accepts: list[str] = []
+    #: the numeric precision of training as the probe knows it at attach: "fp32", "bf16", "fp16"
+    #: (the parameters' dtype), "+scaler" when a GradScaler is given ("fp16+scaler"); "" unknown.
+    #: Autocast, seen only in forward, is sent later as a ``precision`` :class:`Note`.
+    precision: str = ""
+    #: parameter name -> index of its optimizer param group (whose lr is scalar ``lr`` or ``lr/N``)
+    param_groups: dict[str, int] = {}
+    #: the step the run resumed at (0 for a fresh run): step indices continue from it
+    start_step: Count = 0
 
 
 class Sample(Struct, frozen=True, array_like=True):
@@ -143,6 +154,31 @@ class Step(Struct, tag="step", frozen=True):
     # evaluation forward (under no_grad or inference_mode) taken while ``step`` steps
     # were done. Eval steps feed no training stream and no rule.
     phase: Literal["train", "eval"] = "train"
+    # a GradScaler found non-finite gradients and skipped ``optimizer.step`` at this step: the
+    # weights and gradients are as they were read, and there is no update
+    skipped: bool = False
+
+
+class Scalars(Struct, tag="scalars", frozen=True):
+    """Run-level numbers of one training step: every step, sampled or not.
+
+    The probe keeps them (device scalars on the device) and ships them with
+    the next sampled step's one host copy, so they arrive in bursts, in step
+    order, right after that step's :class:`Step` (so a rule that sees a loss
+    spike has the step's per-layer statistics already). Names the probe fills in itself:
+    ``loss`` (the model output's ``.loss``, or ``xr.log(loss=...)``), ``lr``
+    (param group 0) and ``lr/N`` (group N), ``grad_norm`` (the global L2
+    norm of the gradients, sampled steps only), ``scale`` (a GradScaler's
+    scale), ``steps_per_s``, and ``tokens_per_s`` / ``samples_per_s`` when
+    known; any other name comes from ``xr.log(name=value)``.
+    """
+
+    step: Count
+    rank: Count
+    time: float
+    values: dict[str, float]
+    #: a GradScaler found inf/NaN gradients and skipped this step's ``optimizer.step``
+    skipped: bool = False
 
 
 class Alert(Struct, tag="alert", frozen=True):
@@ -168,12 +204,25 @@ class Note(Struct, tag="note", frozen=True):
     data: dict[str, str | int | float | bool | None] = {}
 
 
+#: How a run ended, as :attr:`End.reason` says; ``error`` comes from older probes (= crashed).
+END_REASONS = ("finished", "stopped", "crashed", "killed", "interrupted", "error")
+#: Reasons that mean the run did not end as planned (headless exits 1 for them).
+END_FAILED = frozenset({"crashed", "killed", "interrupted", "error"})
+
+
 class End(Struct, tag="end", frozen=True):
-    """The run stopped: ``reason`` is ``finished``, ``error`` or ``interrupted``."""
+    """The run stopped.
+
+    ``reason``: ``finished`` (closed normally), ``stopped`` (``on_alert="stop"``
+    asked the loop to stop), ``crashed`` (an exception left the training
+    loop; ``error`` says ``Type: message``), ``killed`` (a signal such as
+    SIGTERM) or ``interrupted`` (Ctrl-C). Older probes said ``error``.
+    """
 
     step: Count
     rank: Count
     reason: str = "finished"
+    error: str = ""
 
 
 class Spectral(Struct, tag="spectral", frozen=True):
@@ -223,7 +272,7 @@ class Spectral(Struct, tag="spectral", frozen=True):
         return np.frombuffer(self.heat, dtype="<f2").astype(np.float32).reshape(self.heat_shape)
 
 
-Message = Union[Hello, Step, Alert, Note, End, Spectral]
+Message = Union[Hello, Step, Scalars, Alert, Note, End, Spectral]
 
 
 # -- viewer -> probe ---------------------------------------------------------
