@@ -204,8 +204,9 @@ class RuleEngine:
 
     def note(self, msg) -> None:
         """Take a run :class:`~probes.wire.Note`; a ``precision`` note (autocast seen in
-        forward, e.g. ``{"precision": "bf16-autocast"}``) replaces the precision."""
-        if msg.event == "precision" and msg.data.get("precision"):
+        forward, e.g. ``{"precision": "bf16-autocast"}``) replaces the precision. Any other
+        message is ignored, so the publisher can hand it everything it publishes."""
+        if getattr(msg, "event", None) == "precision" and msg.data.get("precision"):
             self.precision = str(msg.data["precision"])
 
     def lr(self, param: str) -> tuple[float | None, int]:

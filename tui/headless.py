@@ -75,7 +75,9 @@ class AlertPrinter:
         """Print what a person or a script should see of ``msg``."""
         if self.rules is not None:
             if isinstance(msg, wire.Hello):
-                self.rules.set_layers(msg.layers)
+                self.rules.set_hello(msg)
+            elif isinstance(msg, wire.Note):
+                self.rules.note(msg)
             elif isinstance(msg, wire.Step):
                 for alert in self.rules.evaluate(msg):
                     self._alert(alert)
