@@ -89,6 +89,9 @@ class RuleConfig:
     spectral_alpha_high: float = 6.0  # ...above this: "under-trained"
     spectral_min_tail: int = 50  # a fit with fewer tail eigenvalues (>= xmin) is not trusted
     spectral_sigmas: float = 2.0  # nor one within this many standard errors of the band edge (0: off)
+    # alpha < alpha_low warns only when the top eigenvalue holds at least 1/this of ||W||_F^2 (a
+    # stable rank at most this): healthy small models sit at alpha 1.4-1.8 with stable ranks of 2.5-18
+    spectral_max_stable_rank: float = 2.0
     recover_k: int = 3
     disabled: frozenset = frozenset()
     overrides: tuple = ()

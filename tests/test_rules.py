@@ -413,7 +413,7 @@ def test_toml_sets_the_spectral_bands_and_gate_globally_and_per_layer(tmp_path):
     ({"spectral": {"min_tail": 0}}, "spectral.min_tail: expected an integer >= 1"),
     ({"spectral": {"min_tail": 8.5}}, "spectral.min_tail: expected an integer >= 1"),
     ({"spectral": {"sigmas": -1}}, "spectral.sigmas: expected a positive number"),
-    ({"spectral": {"alpha": 2}}, "spectral has: alpha_high, alpha_low, min_tail, sigmas, enabled"),
+    ({"spectral": {"alpha": 2}}, "spectral has: alpha_high, alpha_low, max_stable_rank, min_tail, sigmas, enabled"),
 ])
 def test_bad_spectral_tables_give_one_line_errors(doc, why):
     with pytest.raises(RulesConfigError) as exc:
