@@ -399,3 +399,26 @@ def msgspec_replace(msg, **changes):
     import msgspec
 
     return msgspec.structs.replace(msg, **changes)
+
+
+def test_only_rank_0_publishes_spectral_alerts(tmp_path):
+    """Under DDP every rank holds the same weights and judged the same fit: one warning per
+    job, not one per rank (issue 12). Every rank still sends its figures."""
+    torch.manual_seed(1)
+    w = torch.distributions.StudentT(1.0).sample((512, 256))  # alpha ~1.4, stable rank ~1.4: fires
+    out = {}
+    for rank in (0, 1):
+        model = nn.Linear(256, 512)
+        with torch.no_grad():
+            model.weight.copy_(w)
+        log = tmp_path / f"rank{rank}.xray"
+        xr = probes.attach(model, every=1, serve=False, log=str(log), spectral_every=10**9)
+        xr.rank = rank  # what torch.distributed would have set
+        xr.spectral.request()
+        assert xr.spectral.wait_pass(1, timeout=60)
+        xr.close()
+        msgs, _ = wire.read_file(str(log))
+        out[rank] = ([m for m in msgs if isinstance(m, wire.Spectral)],
+                     [m for m in msgs if isinstance(m, wire.Alert) and m.rule == "spectral"])
+    assert [a.layer for a in out[0][1]] == ["weight"] and out[1][1] == []
+    assert len(out[0][0]) == len(out[1][0]) == 1

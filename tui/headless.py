@@ -90,7 +90,7 @@ class AlertPrinter:
                     if judge is None:
                         judge = self._spectral[msg.rank] = SpectralAlerts(config=self.rules.config)
                     alert = judge.evaluate(msg, msg.step, msg.rank)
-                    if alert is not None:
+                    if alert is not None and msg.rank == 0:  # as the probe: rank 0 speaks for the job
                         self._alert(alert)
                 else:
                     self._rejudged.discard(key)
