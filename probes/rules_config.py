@@ -49,6 +49,7 @@ PREFIX = {
     "nonfinite": None,  # no thresholds: only ``enabled``
     "loss-spike": "spike_",  # evaluated over every step's Scalars by probes.scalar_rules
     "overflow": "overflow_",
+    "starved": "starved_",
     "spectral": "spectral_",  # evaluated over spectral passes by probes.spectral_rule
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(RuleConfig) if f.name not in ("disabled", "overrides")}
