@@ -718,6 +718,8 @@ class XRay:
         if len(self._eval_batch):
             self._flush_eval()  # an eval pass that torch.compile traced
         self._stepped = True
+        if self.scaler is not None:
+            self._scalars.keep_scale()
         if not self._sampling or "params" in self._failed:
             return
         try:
@@ -759,15 +761,16 @@ class XRay:
                     self._read_params()  # the gradients that overflowed (unscaled by scaler.step)
                 except Exception:
                     self._fail("params")
-            scale = self._scalars._scale()  # the scale this step used, before update() changes it
+            if skipped:
+                self._scalars.keep_scale()  # the scale this step used, before update() changes it
         finally:
             result = self._scaler_update(*args, **kwargs)
-        self._end_step(skipped, scale)
+        self._end_step(skipped)
         return result
 
-    def _end_step(self, skipped: bool = False, scale=None) -> None:
+    def _end_step(self, skipped: bool = False) -> None:
         """Close the step: its scalars; on a sampled step ship everything; then advance."""
-        self._scalars.end_step(self.step_index, skipped, scale)
+        self._scalars.end_step(self.step_index, skipped)
         if self._sampling:
             self._flush(skipped)
         elif self._scalars.full():

@@ -45,6 +45,7 @@ class ScalarLog:
         self._loss_n = 0
         self._tokens = self._samples = 0
         self._last_time: float | None = None
+        self._step_scale = None  # the scale this step used, kept before scaler.update() changes it
 
     def add_loss(self, loss) -> None:
         """A training forward's loss (a tensor or a float): the step's loss is their mean."""
@@ -71,7 +72,12 @@ class ScalarLog:
         scale = getattr(s, "_scale", None)  # a device tensor; get_scale() would read it on the host
         return scale.detach().clone() if isinstance(scale, torch.Tensor) else None
 
-    def end_step(self, step: int, skipped: bool = False, scale=None) -> None:
+    def keep_scale(self) -> None:
+        """Keep the scale this step uses (called before the optimizer steps: GradScaler's
+        ``update()`` changes it right after)."""
+        self._step_scale = self._scale()
+
+    def end_step(self, step: int, skipped: bool = False) -> None:
         """Close ``step``: learning rates, scale and rates are read now (no host sync)."""
         now = time.perf_counter()
         values = dict(self._current)
@@ -82,7 +88,8 @@ class ScalarLog:
                 lr = g.get("lr")
                 if lr is not None:
                     values["lr" if i == 0 else f"lr/{i}"] = _value(lr)
-        scale = self._scale() if scale is None else scale
+        scale = self._step_scale if self._step_scale is not None else self._scale()
+        self._step_scale = None
         if scale is not None:
             values["scale"] = scale
         if self._last_time is not None and now > self._last_time:
