@@ -595,7 +595,10 @@ class RuleEngine:
             hist.append(ratio)
         k = 1 if now else (c.update_k if rel else c.update_abs_k)
         lr = self._lr_text(s.layer)
-        lr = f"; {lr}" if lr else ""
+        # a step's lr arrives in its Scalars, after its Step: at the first sampled step it is not
+        # known yet, but the update's own size is (under Adam each element moves by about the lr)
+        moved = math.sqrt(s.sumsq / s.count) if s.count and s.sumsq >= 0 else math.nan
+        lr = (f"; {lr}" if lr else "") + (f"; elements moved by {moved:.2g} (rms) this step" if moved == moved else "")
 
         def fire():
             if now:
