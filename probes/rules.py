@@ -586,8 +586,9 @@ class RuleEngine:
         if median > 0:
             threshold = min(threshold, c.update_factor * median)
         rel = ratio > threshold
-        # biases, norms and zero-initialised tensors (ratio ~1/n while they grow) have no band
-        banded = self._param_kind(s.layer) in ("matrix", "embedding") and not self._zero_init.get(s.layer, False)
+        # weight matrices only: biases, norms and embeddings (rows a batch does not touch) move at
+        # their own pace, and a zero-initialised tensor's ratio is ~1/n while it grows
+        banded = self._param_kind(s.layer) == "matrix" and not self._zero_init.get(s.layer, False)
         now = banded and ratio > c.update_max
         over = banded and ratio > c.update_abs
         bad = rel or over
@@ -639,6 +640,8 @@ class RuleEngine:
         if s.ratio is None or not math.isfinite(s.ratio) or s.ratio < c.stall_ratio:
             return  # no ratio, or not moving at all: stalled's
         kind = self._param_kind(s.layer)
+        if kind != "matrix":
+            return  # biases and norm weights spread over 100x in healthy SGD runs; embeddings are sparse
         median, n = medians.get(kind, (math.nan, 0))
         if n < c.starved_min_peers or not median > 0:
             return  # nothing to compare with
