@@ -546,10 +546,11 @@ class RuleEngine:
                         if lora[1] else "B is zero at init and has not moved: is B's lr 0?")
             else:
                 hint = ("no gradient ever flows back: the units after it are all inactive (a ReLU layer dead "
-                        "from init, e.g. a large negative bias), or its output is multiplied by zero")
+                        "from init, e.g. a large negative bias), its output is multiplied by zero, or the loss "
+                        "does not use it (DDP fills an unused parameter's gradient with zeros)")
             return self._alert(
                 step, s, "warning", "dead", 1.0, c.dead_zeros,
-                f"{s.layer}'s gradient is exactly zero in all {st.bad.get('dead', 0) + 1} sampled steps since "
+                f"{s.layer}'s gradient is exactly zero in all {st.bad.get('dead', 0)} sampled steps since "
                 f"the start: {hint}",
             )
 
