@@ -638,3 +638,16 @@ def test_toml_sets_the_band_and_starved_thresholds(tmp_path):
     f.write_text('[update-too-large]\nabs = 0.5\nabs_k = 2\n[starved]\nfactor = 10.0\nk = 2\nmin_peers = 4\n')
     cfg = load(str(f))
     assert (cfg.update_abs, cfg.update_abs_k, cfg.starved_factor, cfg.starved_k, cfg.starved_min_peers) == (0.5, 2, 10.0, 2, 4)
+
+
+@pytest.mark.parametrize("precision, says", [
+    ("fp32", "the run is fp32, so this is not a low-precision overflow"),
+    ("fp16", "fp16 overflows above 65504"),
+    ("fp16+scaler", "an inf gradient now and then is normal"),
+    ("", "check its inputs, the learning rate and loss scaling"),
+])
+def test_nonfinite_hint_follows_the_precision(precision, says):
+    eng = RuleEngine()
+    eng.set_hello(hello([], precision))
+    (a,) = eng.evaluate(step(0, sample_of("a.w", "grad", np.array([1.0, np.inf]))))
+    assert a.rule == "nonfinite" and says in a.message
