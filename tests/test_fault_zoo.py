@@ -167,6 +167,14 @@ class LoraForgotten(Case):
         return list(adapters[0].lora_A.parameters()) + list(adapters[0].lora_B.parameters())
 
 
+class LoraTrained(LoraForgotten):
+    """The healthy LoRA run: base frozen, every adapter in the optimizer."""
+
+    def setup(self, model):
+        super().setup(model)
+        return [p for p in model.parameters() if p.requires_grad]
+
+
 class Fp16NoScaler(Case):
     """fp16 autocast from step ``at`` on, without a GradScaler. From step 0
     the loss is scaled as a mean over 1,024x more tokens (262k per batch, a
@@ -300,6 +308,7 @@ CONTROLS = [
     HeadGroup("head in its own group at the body's lr", None, None, head_lr=1e-3),
     Case("lr 1e-3 clipped", None, None, clip=1.0),
     DeadFromStart("ReLU MLP, no dead block", None, None, dead=()),
+    LoraTrained("LoRA, every adapter in the optimizer", None, None),
 ]
 
 
