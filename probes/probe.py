@@ -179,16 +179,23 @@ def _unique_run_name(name: str) -> str:
     return candidate
 
 
+#: Prefixes that wrappers put in front of every name: DDP's ``module.``, torch.compile's
+#: ``_orig_mod.``, and PEFT's ``base_model.model.`` (PeftModel -> LoraModel -> the model)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 #: Path components that FSDP1 (``FullyShardedDataParallel``) and activation checkpointing's
 #: ``CheckpointWrapper`` insert anywhere in a name, not only in front (``_fsdp_wrapped_module.0._fsdp_wrapped_module.weight``)
 _WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 def _unwrap_name(name: str) -> str:
-    """Parameter and module names without DDP/compile/FSDP1/checkpoint wrappers' parts."""
-    for prefix in ("module.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
+    """Parameter and module names without DDP/compile/PEFT/FSDP1/checkpoint wrappers' parts."""
+    stripped = True
+    while stripped:  # in any nesting: DDP(compile(model)), a compiled PEFT model, ...
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix) or name == prefix[:-1]:
+                name = name[len(prefix):]
+                stripped = True
     if "_wrapped_module" in name:
         name = ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
     return name
