@@ -637,7 +637,8 @@ def test_toml_sets_the_band_and_starved_thresholds(tmp_path):
     f = tmp_path / "r.toml"
     f.write_text('[update-too-large]\nabs = 0.5\nabs_k = 2\n[starved]\nfactor = 10.0\nk = 2\nmin_peers = 4\n')
     cfg = load(str(f))
-    assert (cfg.update_abs, cfg.update_abs_k, cfg.starved_factor, cfg.starved_k, cfg.starved_min_peers) == (0.5, 2, 10.0, 2, 4)
+    got = (cfg.update_abs, cfg.update_abs_k, cfg.starved_factor, cfg.starved_k, cfg.starved_min_peers)
+    assert got == (0.5, 2, 10.0, 2, 4)
 
 
 @pytest.mark.parametrize("precision, says", [
