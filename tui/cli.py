@@ -51,6 +51,10 @@ def cmd_ls(args) -> int:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.ranks[0].started))
         ranks = f"{len(r.ranks)}/{r.ranks[0].world_size}"
         print(f"{r.name:<24} {r.pid:>8} {ranks:>6}  {started:<19}  {' '.join(r.ranks[0].argv)[:60]}")
+        logs = [m.log for m in r.ranks if m.log]
+        if logs:  # where to replay it from later
+            more = f" (+{len(logs) - 1} more ranks)" if len(logs) > 1 else ""
+            print(f"{'':<24} recording: {logs[0]}{more}")
     return EXIT_OK
 
 
