@@ -347,7 +347,6 @@ class XRay:
         self.scaler = scaler
         # the step a resumed run is at: given, or the optimizer's own count (Adam-family state["step"])
         self.step_index = start_step if start_step is not None else _optimizer_step(optimizer)
-        self._start_step = self.step_index
         self._sampling = self.step_index % every == 0
         #: the activation hooks' one flag: this forward pass is sampled (set per forward by the root pre-hook)
         self._active = self._sampling
