@@ -63,6 +63,10 @@ class Options:
     device: str = "cpu"
     progress: bool = True
     max_dim: int = 4096
+    plots: bool = True  # False: the JSON statistics and the recording only, no SVG
+    heatmaps: bool = True  # False: histograms only
+    heatmap_max_dim: int = HEATMAP_MAX  # largest heatmap side in cells
+    eps: float = 0.05  # near-zero threshold (|x| < eps), also for dead units
 
 
 @dataclass
@@ -294,6 +298,23 @@ def linear_histogram(x: torch.Tensor, bins: int) -> tuple[np.ndarray, np.ndarray
     return edges, counts
 
 
+def exact_quantiles(x: torch.Tensor, qs=stats.QUANTILES) -> dict[str, float]:
+    """p05/p25/median/p75/p95 of the finite values of the whole tensor, exactly:
+    numpy's default (linear) method, the order statistics found by partition on the
+    float32 values and interpolated in float64. NaN for a tensor without finite values."""
+    a = x.detach().float().reshape(-1).cpu().numpy()
+    a = a[np.isfinite(a)]
+    names = ("p05", "p25", "median", "p75", "p95")
+    if not a.size:
+        return dict.fromkeys(names, math.nan)
+    pos = np.asarray(qs, dtype=np.float64) * (a.size - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, a.size - 1)
+    part = np.partition(a, np.unique(np.concatenate([lo, hi])))
+    below, above = part[lo].astype(np.float64), part[hi].astype(np.float64)
+    return dict(zip(names, (float(v) for v in below + (above - below) * (pos - lo))))
+
+
 # -- the inspection ---------------------------------------------------------------------------
 
 
@@ -305,20 +326,29 @@ def _progress(enabled: bool):
                     console=Console(stderr=True), disable=not enabled, transient=True)
 
 
+def check(opts: Options) -> None:
+    """One-line errors for options out of range (before any model is loaded)."""
+    if opts.bins < 1:
+        raise InspectError(f"--bins must be >= 1, got {opts.bins}")
+    if opts.heatmap_max_dim < 1:
+        raise InspectError(f"--heatmap-max-dim must be >= 1, got {opts.heatmap_max_dim}")
+    if not (math.isfinite(opts.eps) and opts.eps > 0):
+        raise InspectError(f"--eps must be a finite number > 0, got {opts.eps}")
+
+
 def inspect(path: str, out: str, opts: Options | None = None) -> Report:
     """Inspect the model directory ``path``; write statistics and pictures into ``out``."""
     from .probe import attach
 
     opts = opts or Options()
-    if opts.bins < 1:
-        raise InspectError(f"--bins must be >= 1, got {opts.bins}")
+    check(opts)
     model, tokenizer = load(path, opts.device)
     patterns = layer_patterns(model, opts.layers)
     outdir = Path(out)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
         for kind, sub in KIND_DIRS.items():
-            if getattr(opts, {"weight": "weights", "act": "activations", "grad": "gradients"}[kind]):
+            if opts.plots and getattr(opts, {"weight": "weights", "act": "activations", "grad": "gradients"}[kind]):
                 (outdir / sub).mkdir(exist_ok=True)
     except OSError as exc:
         raise InspectError(f"{out}: {exc.strerror or exc}") from None
@@ -340,7 +370,7 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
 
     model.train(False)  # no dropout: the statistics of the model as it is
     xr = attach(model, every=1, serve=False, log=str(recording), include=patterns,
-                name=f"inspect {Path(path).name}", spectral_every=None)
+                name=f"inspect {Path(path).name}", spectral_every=None, eps=opts.eps)
     handles = []
     try:
         if opts.activations:
@@ -379,25 +409,31 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
         for s in samples:
             entry = stats.export_dict(s, step.step, step.rank)
             x = tensors[(s.layer, s.kind)]
+            entry.update(exact_quantiles(x))  # the whole tensor is here: exact, not from the histogram
+            entry["quantiles"] = "exact"
             edges, counts = linear_histogram(x, opts.bins)
             entry["histogram"] = {"edges": edges.tolist(), "counts": counts.tolist()}
             entry["shape"] = list(x.shape)
             if s.kind == "weight" and s.layer in spec:
                 entry["spectral"] = spec[s.layer]
+            entry["pictures"] = []
+            entries.append(entry)  # cleaned of NaN/inf when written
+            bar.advance(task)
+            if not opts.plots:
+                continue
             sub = outdir / KIND_DIRS[s.kind]
             stem = _safe(s.layer)
             hist_path = sub / f"{stem}.hist.svg"
             hist_path.write_text(svg_histogram(edges, counts, f"{s.kind} {s.layer}"))
-            entry["pictures"] = [str(hist_path.relative_to(outdir))]
+            entry["pictures"].append(str(hist_path.relative_to(outdir)))
             pictures.append(hist_path)
-            mat = _as_matrix(x)
+            mat = _as_matrix(x) if opts.heatmaps else None
             if mat is not None:
                 heat_path = sub / f"{stem}.heatmap.svg"
-                heat_path.write_text(svg_heatmap(downsample(mat), f"{s.kind} {s.layer}", tuple(x.shape)))
+                heat_path.write_text(svg_heatmap(downsample(mat, opts.heatmap_max_dim), f"{s.kind} {s.layer}",
+                                                 tuple(x.shape)))
                 entry["pictures"].append(str(heat_path.relative_to(outdir)))
                 pictures.append(heat_path)
-            entries.append(_clean(entry))
-            bar.advance(task)
     doc = {
         "model": str(Path(path).resolve()),
         "model_type": model.config.model_type,
@@ -408,7 +444,7 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
         "layers": opts.layers,
         "spectral_skipped": [{"layer": n, "reason": r} for n, r in spectral.targets(model)[1]
                              if _selected(n.rpartition(".")[0], patterns)] if opts.weights else [],
-        "entries": entries,
+        "entries": [_clean(e) for e in entries],
     }
     json_path = outdir / "layer_statistics.json"
     json_path.write_text(json.dumps(doc, indent=1))

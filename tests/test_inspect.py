@@ -156,3 +156,107 @@ def test_bad_model_directories_are_one_line_errors(model_dirs, tmp_path, capsys,
 def test_bad_layers_are_one_line_errors(model_dirs, tmp_path, capsys):
     rc, err = run(capsys, model_dirs / "gpt2", "--out", tmp_path / "out", "--layers", "7")
     assert rc == 2 and "blocks 0..1" in err and "Traceback" not in err
+
+
+def _ground_truth(model_dir, text=DEFAULT_TEXT):
+    """The same model and tokens, one forward/backward by hand; module outputs and inputs kept."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    model.train(False)
+    outs, ins = {}, {}
+
+    def keep(name):
+        def hook(module, inputs, output):  # returns None: the output is not replaced
+            o = output[0] if isinstance(output, tuple) else output
+            if isinstance(o, torch.Tensor):
+                outs.setdefault(name, o.detach())
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                ins.setdefault(name, inputs[0].detach())
+        return hook
+
+    for name, m in model.named_modules():
+        m.register_forward_hook(keep(name))
+    ids = token_ids(text, None, model.config.vocab_size, 64)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return model, outs, ins, float(loss.detach())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_quantiles_are_exact_and_within_min_max(model_dirs, tmp_path, capsys, arch):
+    out = tmp_path / "out"
+    rc, err = run(capsys, model_dirs / arch, "--out", out, "--no-plots")
+    assert rc == 0, err
+    _, by = entries(out)
+    model, outs, ins, _ = _ground_truth(model_dirs / arch)
+    params = dict(model.named_parameters())
+    names = ("p05", "p25", "median", "p75", "p95")
+    for (layer, kind), e in by.items():
+        q = [e[n] for n in names]
+        assert all(e["min"] <= v <= e["max"] for v in q), (layer, kind, q, e["min"], e["max"])
+        assert q == sorted(q) and e["quantiles"] == "exact"
+        if kind in ("weight", "grad"):
+            p = params[layer]
+            a = (p if kind == "weight" else p.grad).detach().double().numpy().ravel()
+            # exact: numpy's linear method on the same float32 values (float64 interpolation)
+            assert q == pytest.approx(np.quantile(a, [0.05, 0.25, 0.5, 0.75, 0.95]), rel=1e-12, abs=1e-300)
+    norm = "transformer.h.0.ln_1" if arch == "gpt2" else "model.layers.0.input_layernorm"
+    w = by[(f"{norm}.weight", "weight")]  # fresh norm weights: all ones
+    assert w["min"] == w["max"] == 1.0 and all(w[n] == 1.0 for n in names)
+    if arch == "gpt2":
+        b = by[("transformer.h.0.ln_1.bias", "weight")]
+        assert all(b[n] == 0.0 for n in names)
+        act = by[("transformer.h.1.mlp.act", "act")]
+        a = outs["transformer.h.1.mlp.act"].double().numpy().ravel()
+        # activations: the same forward, float32 kernels may round differently: tolerance of a few ulps
+        assert [act[n] for n in names] == pytest.approx(np.quantile(a, [0.05, 0.25, 0.5, 0.75, 0.95]),
+                                                         rel=1e-5, abs=1e-6)
+
+
+def test_no_plots_no_heatmaps_and_heatmap_max_dim(model_dirs, tmp_path, capsys):
+    out = tmp_path / "plain"
+    rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--no-plots", "--no-activations")
+    assert rc == 0, err
+    _, by = entries(out)
+    assert by and all(e["pictures"] == [] and e["histogram"]["counts"] for e in by.values())
+    assert not list(out.rglob("*.svg")) and (out / "inspection.xray").is_file()
+
+    out = tmp_path / "hist"
+    rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--no-heatmaps", "--no-activations")
+    assert rc == 0, err
+    assert list(out.rglob("*.hist.svg")) and not list(out.rglob("*.heatmap.svg"))
+
+    out = tmp_path / "small"
+    rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--heatmap-max-dim", "20", "--no-activations")
+    assert rc == 0, err
+    for name, shape in [("transformer.h.0.mlp.c_fc.weight", (20, 20)), ("transformer.wpe.weight", (20, 20))]:
+        heat = (out / "weights" / f"{name}.heatmap.svg").read_text()
+        png = base64.b64decode(re.search(r"base64,([^\"]+)", heat).group(1))
+        assert struct.unpack(">II", png[16:24])[::-1] == shape  # PNG: width, height
+
+
+def test_eps_sets_the_near_zero_threshold(model_dirs, tmp_path, capsys):
+    model, _, _, _ = _ground_truth(model_dirs / "llama")
+    g = model.model.layers[0].mlp.down_proj.weight.grad.detach().double().numpy()
+    for eps in ("0.05", "1e-4"):
+        out = tmp_path / eps
+        rc, err = run(capsys, model_dirs / "llama", "--out", out, "--no-plots", "--eps", eps)
+        assert rc == 0, err
+        _, by = entries(out)
+        e = by[("model.layers.0.mlp.down_proj.weight", "grad")]
+        assert e["near_zero"] == pytest.approx(np.mean(np.abs(g) < float(eps)), abs=0.5 / g.size)
+    assert np.mean(np.abs(g) < 0.05) > np.mean(np.abs(g) < 1e-4)  # the switch changes something
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--heatmap-max-dim", "0", "--heatmap-max-dim must be >= 1"),
+    ("--heatmap-max-dim", "big", "--heatmap-max-dim must be a whole number"),
+    ("--eps", "-1", "--eps must be a finite number > 0"),
+    ("--eps", "nan", "--eps must be a finite number > 0"),
+    ("--eps", "x", "--eps must be a finite number > 0, got 'x'"),
+    ("--bins", "0", "--bins must be >= 1"),
+])
+def test_bad_switch_values_are_one_line_errors(model_dirs, tmp_path, capsys, flag, value, message):
+    rc, err = run(capsys, model_dirs / "gpt2", "--out", tmp_path / "out", flag, value)
+    assert rc == 2 and "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines()]
+    assert len(lines) == 1 and message in lines[0], err

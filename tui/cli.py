@@ -244,6 +244,14 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated block numbers like 0,1,2, got {text!r}")
 
 
+def _number(text: str, kind, flag: str, what: str):
+    """``text`` as an int or float, or a one-line error naming ``flag`` (checked for range later)."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise CliError(f"{flag} must be {what}, got {text!r}") from None
+
+
 def cmd_inspect(args) -> int:
     """Offline statistics, spectral metrics and pictures of a local causal-LM directory."""
     if not os.path.exists(args.model):
@@ -255,12 +263,16 @@ def cmd_inspect(args) -> int:
     except ImportError as exc:
         raise CliError(f"inspect needs torch and transformers ({exc.name} is missing): "
                        "pip install 'xray-tui[demo]' torch==2.13.0") from None
+    max_dim = _number(args.heatmap_max_dim, int, "--heatmap-max-dim", "a whole number >= 1")
+    eps = _number(args.eps, float, "--eps", "a finite number > 0")
     opts = inspection.Options(layers=args.layers, weights=not args.no_weights, activations=not args.no_activations,
                               gradients=not args.no_gradients, bins=args.bins, device=args.device,
-                              progress=sys.stderr.isatty())
+                              progress=sys.stderr.isatty(), plots=not args.no_plots, heatmaps=not args.no_heatmaps,
+                              heatmap_max_dim=max_dim, eps=eps)
     if args.text is not None:
         opts.text = args.text
     try:
+        inspection.check(opts)
         report = inspection.inspect(args.model, args.out, opts)
     except inspection.InspectError as exc:
         raise CliError(str(exc)) from None
@@ -356,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-gradients", action="store_true", help="leave out gradients (no backward pass)")
     i.add_argument("--bins", type=int, default=64, metavar="N", help="bins of the pictures' histograms (default 64)")
     i.add_argument("--device", default="cpu", metavar="DEV", help="torch device, e.g. cuda:0 (default cpu)")
+    i.add_argument("--no-plots", action="store_true", help="no pictures: layer_statistics.json and the recording only")
+    i.add_argument("--no-heatmaps", action="store_true", help="histograms only, no heatmaps")
+    i.add_argument("--heatmap-max-dim", default="128", metavar="N",
+                   help="largest heatmap side in cells; bigger matrices are pooled down to it (default 128)")
+    i.add_argument("--eps", default="0.05", metavar="EPS",
+                   help="near-zero threshold: near_zero is the share of |x| < EPS (default 0.05)")
     i.add_argument("--tui", action="store_true", help="open the result in the app afterwards")
     i.add_argument("--theme", default=None, help="colour theme of the app (with --tui)")
     i.set_defaults(func=cmd_inspect)
