@@ -378,6 +378,7 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
 
             for name, module in select_modules(model, patterns):
                 handles.append(module.register_forward_hook(keep(name)))
+            handles += _hook_extra(model, patterns, xr, acts)
         try:
             with torch.enable_grad():
                 loss = model(input_ids=ids, labels=ids).loss
@@ -449,6 +450,47 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
     json_path = outdir / "layer_statistics.json"
     json_path.write_text(json.dumps(doc, indent=1))
     return Report(outdir, json_path, recording, len(entries), pictures, float(loss.detach()))
+
+
+#: Modules whose *input* is read as an activation of its own, ``<module path>.input``: the
+#: attention context before the output projection (GPT-2 ``attn.c_proj``, LLaMA ``self_attn.o_proj``)
+#: and the SwiGLU product act(gate) * up before ``mlp.down_proj``; no module outputs them.
+INPUT_OF = ("attn.c_proj", "self_attn.o_proj", "mlp.down_proj")
+#: Fused query/key/value projections split into ``<module path>.q`` / ``.k`` / ``.v`` (GPT-2's ``c_attn``).
+FUSED_QKV = ("attn.c_attn",)
+
+
+def _ends(name: str, suffixes: tuple[str, ...]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def _hook_extra(model: nn.Module, patterns, xr, acts: dict) -> list:
+    """Hooks that hand the probe module inputs and split q/k/v, under their own names."""
+    def take(name: str, x) -> None:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and name not in acts:
+            acts[name] = x.detach()
+            xr._take_act(name, x)  # reduced with the step's other activations, and recorded
+
+    def pre(name):
+        return lambda module, inputs: take(f"{name}.input", inputs[0] if inputs else None)
+
+    def qkv(name):
+        def hook(module, inputs, output):
+            x = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(x, torch.Tensor) and x.shape[-1] % 3 == 0:
+                for part, t in zip("qkv", x.detach().chunk(3, dim=-1)):
+                    take(f"{name}.{part}", t.contiguous())
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if not _selected(name, patterns):
+            continue
+        if _ends(name, INPUT_OF):
+            handles.append(module.register_forward_pre_hook(pre(name)))
+        if _ends(name, FUSED_QKV):
+            handles.append(module.register_forward_hook(qkv(name)))
+    return handles
 
 
 def _spectral(model, params, opts: Options, xr) -> dict[str, dict]:

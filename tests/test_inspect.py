@@ -260,3 +260,38 @@ def test_bad_switch_values_are_one_line_errors(model_dirs, tmp_path, capsys, fla
     assert rc == 2 and "Traceback" not in err
     lines = [ln for ln in err.strip().splitlines()]
     assert len(lines) == 1 and message in lines[0], err
+
+
+@pytest.mark.parametrize("arch, extra", [
+    ("gpt2", {"transformer.h.1.attn.c_proj.input": ("transformer.h.1.attn.c_proj", "in"),
+              "transformer.h.1.attn.c_attn.q": ("transformer.h.1.attn.c_attn", 0),
+              "transformer.h.1.attn.c_attn.k": ("transformer.h.1.attn.c_attn", 1),
+              "transformer.h.1.attn.c_attn.v": ("transformer.h.1.attn.c_attn", 2)}),
+    ("llama", {"model.layers.1.self_attn.o_proj.input": ("model.layers.1.self_attn.o_proj", "in"),
+               "model.layers.1.mlp.down_proj.input": ("model.layers.1.mlp.down_proj", "in")}),
+])
+def test_module_inputs_and_split_qkv_are_activations(model_dirs, tmp_path, capsys, arch, extra):
+    out = tmp_path / "out"
+    rc, err = run(capsys, model_dirs / arch, "--out", out, "--no-gradients", "--no-weights")
+    assert rc == 0, err
+    _, by = entries(out)
+    model, outs, ins, _ = _ground_truth(model_dirs / arch)
+    for layer, (module, which) in extra.items():
+        e = by[(layer, "act")]
+        x = ins[module] if which == "in" else outs[module].chunk(3, dim=-1)[which]
+        a = x.double().numpy().ravel()
+        assert e["count"] == a.size and e["shape"] == list(x.shape)
+        assert e["mean"] == pytest.approx(a.mean(), rel=1e-4, abs=1e-7)
+        assert e["std"] == pytest.approx(a.std(), rel=1e-4)
+        assert e["max"] == pytest.approx(a.max(), rel=1e-5) and e["min"] == pytest.approx(a.min(), rel=1e-5)
+        assert e["median"] == pytest.approx(np.median(a), rel=1e-4, abs=1e-6)
+        assert (out / "activations" / f"{layer}.hist.svg").is_file()
+    if arch == "llama":  # the SwiGLU product: act(gate(x)) * up(x), checked against its own formula
+        mlp = model.model.layers[1].mlp
+        h = ins["model.layers.1.mlp.gate_proj"]
+        swiglu = (mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)).detach()
+        assert torch.allclose(swiglu, ins["model.layers.1.mlp.down_proj"], rtol=1e-5, atol=1e-7)
+    # the recording carries them too
+    msgs, _ = wire.read_file(str(out / "inspection.xray"))
+    step = next(m for m in msgs if isinstance(m, wire.Step))
+    assert set(extra) <= {s.layer for s in step.samples if s.kind == "act"}
