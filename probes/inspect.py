@@ -67,6 +67,8 @@ class Options:
     heatmaps: bool = True  # False: histograms only
     heatmap_max_dim: int = HEATMAP_MAX  # largest heatmap side in cells
     eps: float = 0.05  # near-zero threshold (|x| < eps), also for dead units
+    hist_scale: str = "linear"  # histogram bar heights: counts on a "linear" or "log" axis
+    heatmap_pool: str = "max"  # "max": largest |x| per block (outliers stay); "mean": block means
 
 
 @dataclass
@@ -188,31 +190,103 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def svg_histogram(edges: np.ndarray, counts: np.ndarray, title: str, width: int = 480, height: int = 240) -> str:
-    """An SVG bar chart of a linear histogram (log-scaled bar heights: log(1+count))."""
-    left, right, top, bottom = 10, 10, 28, 30
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Round tick values (1, 2, 2.5, 5 x 10^k steps) inside [lo, hi], about ``n`` of them."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return [lo] if math.isfinite(lo) else []
+    raw = (hi - lo) / max(n, 1)
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    ticks = []
+    k = 0
+    while first + k * step <= hi * (1 + 1e-12) + 1e-300:
+        v = first + k * step
+        ticks.append(0.0 if abs(v) < step * 1e-9 else v)
+        k += 1
+    return ticks
+
+
+def svg_histogram(edges: np.ndarray, counts: np.ndarray, title: str, summary: dict | None = None,
+                  scale: str = "linear", width: int = 560, height: int = 300) -> str:
+    """An SVG histogram with axes: bar heights are counts per bin (``scale="log"``: on a
+    log10(1 + count) axis), the x axis the value, and a box of mean/std/min/max (``summary``).
+
+    Bars are ``<rect class="bar" data-count=...>`` and tick labels carry ``data-value``, so the
+    picture can be checked by parsing it."""
+    if scale not in ("linear", "log"):
+        raise ValueError(f"scale must be linear or log, got {scale!r}")
+    left, right, top, bottom = 64, 14, 30, 46
     w, h = width - left - right, height - top - bottom
-    c = np.log1p(np.asarray(counts, dtype=np.float64))
-    cmax = c.max() if len(c) and c.max() > 0 else 1.0
-    bw = w / max(len(c), 1)
+    counts = np.asarray(counts, dtype=np.float64)
+    cmax = float(counts.max()) if counts.size else 0.0
+    if scale == "linear":
+        yticks = nice_ticks(0.0, max(cmax, 1.0))
+        if yticks[-1] < cmax:
+            yticks.append(yticks[-1] + (yticks[1] - yticks[0]))
+        ytop = yticks[-1]
+
+        def ypos(c):  # counts -> pixel height
+            return h * c / ytop
+    else:
+        decades = max(1, math.ceil(math.log10(1.0 + max(cmax, 1.0))))
+        yticks = [0.0] + [10.0**k for k in range(decades + 1)]
+        ytop = math.log10(1.0 + yticks[-1])
+
+        def ypos(c):
+            return h * math.log10(1.0 + c) / ytop
+    x0, x1 = float(edges[0]), float(edges[-1])
+
+    def xpos(v):
+        return left + w * (v - x0) / (x1 - x0) if x1 > x0 else left + w / 2
+
+    fg, dim = "#cdd6f4", "#a6adc8"
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="11">',
              f'<rect width="{width}" height="{height}" fill="#1e1e2e"/>',
-             f'<text x="{left}" y="16" fill="#cdd6f4">{html.escape(title)}</text>']
-    for i, v in enumerate(c):
-        bh = h * v / cmax
-        parts.append(f'<rect x="{left + i * bw:.2f}" y="{top + h - bh:.2f}" width="{max(bw - 0.5, 0.5):.2f}" '
-                     f'height="{bh:.2f}" fill="#89b4fa"><title>[{_fmt(edges[i])}, {_fmt(edges[i + 1])}): '
-                     f'{int(counts[i])}</title></rect>')
-    y = height - 10
-    parts.append(f'<text x="{left}" y="{y}" fill="#a6adc8">{_fmt(edges[0])}</text>')
-    parts.append(f'<text x="{width - right}" y="{y}" fill="#a6adc8" text-anchor="end">{_fmt(edges[-1])}</text>')
-    if edges[0] < 0 < edges[-1]:
-        x0 = left + w * (0 - edges[0]) / (edges[-1] - edges[0])
-        parts.append(f'<line x1="{x0:.2f}" y1="{top}" x2="{x0:.2f}" y2="{top + h}" stroke="#f38ba8" '
+             f'<text x="{left}" y="18" fill="{fg}">{html.escape(title)}</text>']
+    for t in yticks:  # grid lines and y tick labels
+        y = top + h - ypos(t)
+        parts.append(f'<line x1="{left}" y1="{y:.2f}" x2="{left + w}" y2="{y:.2f}" stroke="#313244"/>')
+        parts.append(f'<text class="ytick" data-value="{t:g}" x="{left - 5}" y="{y + 4:.2f}" fill="{dim}" '
+                     f'text-anchor="end">{_count_label(t)}</text>')
+    for i, c in enumerate(counts):
+        bh = ypos(c)
+        xa, xb = xpos(edges[i]), xpos(edges[i + 1])
+        parts.append(f'<rect class="bar" data-count="{int(c)}" x="{xa:.2f}" y="{top + h - bh:.2f}" '
+                     f'width="{max(xb - xa - 0.5, 0.5):.2f}" height="{bh:.2f}" fill="#89b4fa">'
+                     f'<title>[{_fmt(edges[i])}, {_fmt(edges[i + 1])}): {int(c)}</title></rect>')
+    for t in nice_ticks(x0, x1):
+        x = xpos(t)
+        parts.append(f'<line x1="{x:.2f}" y1="{top + h}" x2="{x:.2f}" y2="{top + h + 4}" stroke="{dim}"/>')
+        parts.append(f'<text class="xtick" data-value="{t!r}" x="{x:.2f}" y="{top + h + 16}" fill="{dim}" '
+                     f'text-anchor="middle">{_fmt(t)}</text>')
+    if x0 < 0 < x1:
+        x = xpos(0.0)
+        parts.append(f'<line x1="{x:.2f}" y1="{top}" x2="{x:.2f}" y2="{top + h}" stroke="#f38ba8" '
                      'stroke-dasharray="3,3"/>')
+    parts += [f'<line class="axis" data-axis="x" x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" '
+              f'stroke="{fg}"/>',
+              f'<line class="axis" data-axis="y" x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" stroke="{fg}"/>',
+              f'<text class="xlabel" x="{left + w / 2}" y="{height - 8}" fill="{fg}" text-anchor="middle">'
+              f'value ({len(counts)} bins of {_fmt((x1 - x0) / max(len(counts), 1))})</text>',
+              f'<text class="ylabel" x="14" y="{top + h / 2}" fill="{fg}" text-anchor="middle" '
+              f'transform="rotate(-90 14 {top + h / 2})">'
+              f'{"count per bin" if scale == "linear" else "count per bin (log scale)"}</text>']
+    if summary:
+        rows = [(k, summary.get(k)) for k in ("mean", "std", "min", "max") if summary.get(k) is not None]
+        bx, by = left + w - 128, top + 6
+        parts.append(f'<rect class="summary" x="{bx}" y="{by}" width="122" height="{14 * len(rows) + 8}" '
+                     f'fill="#181825" stroke="#585b70" opacity="0.9"/>')
+        for j, (k, v) in enumerate(rows):
+            parts.append(f'<text class="stat" data-name="{k}" data-value="{float(v)!r}" x="{bx + 6}" '
+                         f'y="{by + 16 + 14 * j}" fill="{fg}">{k:<5}{float(v): .4g}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def _count_label(c: float) -> str:
+    return f"{c:.0f}" if c == int(c) and c < 1e6 else f"{c:.3g}"
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -227,12 +301,14 @@ def _png(rgb: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 
 
-def colours(m: np.ndarray) -> np.ndarray:
-    """Diverging colours: blue (negative), dark (0), red (positive), scaled to the
-    largest |value|; non-finite cells yellow. Returns [H, W, 3] uint8."""
+def colours(m: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """Diverging colours: blue (negative), dark (0), red (positive), linear in x / ``scale``
+    (default: the largest finite |value|), clipped at full colour; non-finite cells yellow.
+    Returns [H, W, 3] uint8."""
     finite = np.isfinite(m)
-    scale = float(np.abs(m[finite]).max()) if finite.any() else 0.0
-    v = np.where(finite, m, 0.0) / (scale or 1.0)
+    if scale is None:
+        scale = float(np.abs(m[finite]).max()) if finite.any() else 0.0
+    v = np.clip(np.where(finite, m, 0.0) / (scale or 1.0), -1.0, 1.0)
     base = np.array([30, 30, 46], dtype=np.float64)
     pos, neg = np.array([243, 139, 168.0]), np.array([137, 180, 250.0])
     a = np.abs(v)[..., None]
@@ -241,35 +317,90 @@ def colours(m: np.ndarray) -> np.ndarray:
     return rgb.round().astype(np.uint8)
 
 
-def downsample(x: torch.Tensor, max_side: int = HEATMAP_MAX) -> np.ndarray:
-    """Block means of a 2-D tensor so that neither side exceeds ``max_side`` (on its device)."""
+POOLS = ("max", "mean")
+
+
+def downsample(x: torch.Tensor, max_side: int = HEATMAP_MAX, pool: str = "max") -> np.ndarray:
+    """Pool a 2-D tensor (on its device) so that neither side exceeds ``max_side``.
+
+    ``pool="max"``: each cell holds the block's element of largest magnitude, sign kept, so
+    an outlier stays visible at its true value; ``"mean"``: the block mean. Blocks are
+    adaptive pooling's: rows ``floor(i*H/h)`` to ``ceil((i+1)*H/h)``."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     rows, cols = x.shape
     x = x.detach().float()
     if rows > max_side or cols > max_side:
         size = (min(rows, max_side), min(cols, max_side))
-        x = torch.nn.functional.adaptive_avg_pool2d(x[None, None], size)[0, 0]
+        if pool == "mean":
+            x = torch.nn.functional.adaptive_avg_pool2d(x[None, None], size)[0, 0]
+        else:
+            finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # a NaN would win every block
+            _, idx = torch.nn.functional.adaptive_max_pool2d(finite.abs()[None, None], size, return_indices=True)
+            x = x.reshape(-1)[idx.reshape(-1)].reshape(size)
     return x.cpu().numpy().astype(np.float64)
 
 
-def svg_heatmap(m: np.ndarray, title: str, shape: tuple, cell: int = 3) -> str:
-    """An SVG heatmap of a (downsampled) matrix: a pixelated PNG image inside an SVG."""
+def svg_heatmap(m: np.ndarray, title: str, shape: tuple, vmin: float | None = None, vmax: float | None = None,
+                pool: str = "max") -> str:
+    """An SVG heatmap of a (pooled) matrix: a pixelated PNG image inside an SVG, with row and
+    column axes in the tensor's own indices and a colour bar whose ends are the true
+    -|x|max and +|x|max (``vmin``/``vmax``: the whole tensor's; default the picture's), with
+    the true min and max marked on it."""
     rows, cols = m.shape
-    top = 28
-    width, height = max(cols * cell + 20, 320), rows * cell + top + 24
-    finite = np.abs(m[np.isfinite(m)])
-    scale = float(finite.max()) if finite.size else 0.0
-    data = base64.b64encode(_png(colours(m))).decode("ascii")
-    return "\n".join([
+    finite = m[np.isfinite(m)]
+    vmin = float(finite.min()) if vmin is None and finite.size else (vmin if vmin is not None else 0.0)
+    vmax = float(finite.max()) if vmax is None and finite.size else (vmax if vmax is not None else 0.0)
+    scale = max(abs(vmin), abs(vmax))
+    cell = max(1, min(8, 384 // max(rows, cols)))
+    left, top, bottom = 58, 30, 44
+    iw, ih = cols * cell, rows * cell
+    bar_x = left + iw + 16
+    width, height = max(bar_x + 90, 360), top + max(ih, 120) + bottom
+    bh = max(ih, 120)
+    fg, dim = "#cdd6f4", "#a6adc8"
+    data = base64.b64encode(_png(colours(m, scale))).decode("ascii")
+    ramp = np.linspace(scale, -scale, 256)[:, None]  # top: +scale, bottom: -scale
+    bar = base64.b64encode(_png(colours(ramp, scale))).decode("ascii")
+    full_rows = shape[0] if len(shape) == 2 else int(np.prod(shape[:-1]))
+    full_cols = shape[-1] if len(shape) == 2 else int(np.prod(shape)) // max(full_rows, 1)
+
+    def ybar(v):
+        return top + bh * (scale - v) / (2 * scale) if scale > 0 else top + bh / 2
+
+    how = {"max": "largest |x| per block", "mean": "block means"}[pool]
+    pooled = f"pooled to {rows}x{cols}, {how}" if (rows, cols) != (full_rows, full_cols) else "every element"
+    parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="11">',
         f'<rect width="{width}" height="{height}" fill="#1e1e2e"/>',
-        f'<text x="10" y="16" fill="#cdd6f4">{html.escape(title)}</text>',
-        f'<image x="10" y="{top}" width="{cols * cell}" height="{rows * cell}" preserveAspectRatio="none" '
+        f'<text x="10" y="18" fill="{fg}">{html.escape(title)}</text>',
+        f'<image x="{left}" y="{top}" width="{iw}" height="{ih}" preserveAspectRatio="none" '
         f'style="image-rendering:pixelated" href="data:image/png;base64,{data}"/>',
-        f'<text x="10" y="{height - 8}" fill="#a6adc8">{"x".join(map(str, shape))}; '
-        f'{rows}x{cols} block means; blue - 0 - red up to |{_fmt(scale)}|</text>',
-        "</svg>",
-    ])
+        f'<line class="axis" data-axis="x" x1="{left}" y1="{top + ih}" x2="{left + iw}" y2="{top + ih}" stroke="{fg}"/>',
+        f'<line class="axis" data-axis="y" x1="{left}" y1="{top}" x2="{left}" y2="{top + ih}" stroke="{fg}"/>',
+        f'<text class="ytick" data-value="0" x="{left - 4}" y="{top + 9}" fill="{dim}" text-anchor="end">0</text>',
+        f'<text class="ytick" data-value="{full_rows - 1}" x="{left - 4}" y="{top + ih}" fill="{dim}" '
+        f'text-anchor="end">{full_rows - 1}</text>',
+        f'<text class="xtick" data-value="0" x="{left}" y="{top + ih + 13}" fill="{dim}">0</text>',
+        f'<text class="xtick" data-value="{full_cols - 1}" x="{left + iw}" y="{top + ih + 13}" fill="{dim}" '
+        f'text-anchor="end">{full_cols - 1}</text>',
+        f'<text class="ylabel" x="14" y="{top + ih / 2}" fill="{fg}" text-anchor="middle" '
+        f'transform="rotate(-90 14 {top + ih / 2})">row</text>',
+        f'<text class="xlabel" x="{left + iw / 2}" y="{top + ih + 26}" fill="{fg}" text-anchor="middle">column</text>',
+        f'<image class="colourbar" x="{bar_x}" y="{top}" width="12" height="{bh}" preserveAspectRatio="none" '
+        f'href="data:image/png;base64,{bar}"/>',
+    ]
+    for v in (scale, 0.0, -scale):
+        parts.append(f'<text class="cbar-tick" data-value="{v!r}" x="{bar_x + 16}" y="{ybar(v) + 4:.2f}" '
+                     f'fill="{dim}">{v: .3g}</text>')
+    for name, v in (("min", vmin), ("max", vmax)):
+        y = ybar(v)
+        parts.append(f'<line class="cbar-mark" data-name="{name}" data-value="{v!r}" x1="{bar_x - 4}" y1="{y:.2f}" '
+                     f'x2="{bar_x + 12}" y2="{y:.2f}" stroke="{fg}"/>')
+    parts += [f'<text class="caption" x="10" y="{height - 8}" fill="{dim}">{"x".join(map(str, shape))}; {pooled}; '
+              f'min {_fmt(vmin)} max {_fmt(vmax)}</text>', "</svg>"]
+    return "\n".join(parts)
 
 
 def _as_matrix(x: torch.Tensor) -> torch.Tensor | None:
@@ -332,6 +463,10 @@ def check(opts: Options) -> None:
         raise InspectError(f"--bins must be >= 1, got {opts.bins}")
     if opts.heatmap_max_dim < 1:
         raise InspectError(f"--heatmap-max-dim must be >= 1, got {opts.heatmap_max_dim}")
+    if opts.hist_scale not in ("linear", "log"):
+        raise InspectError(f"--hist-scale must be linear or log, got {opts.hist_scale!r}")
+    if opts.heatmap_pool not in POOLS:
+        raise InspectError(f"--heatmap-pool must be max or mean, got {opts.heatmap_pool!r}")
     if not (math.isfinite(opts.eps) and opts.eps > 0):
         raise InspectError(f"--eps must be a finite number > 0, got {opts.eps}")
 
@@ -425,14 +560,16 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
             sub = outdir / KIND_DIRS[s.kind]
             stem = _safe(s.layer)
             hist_path = sub / f"{stem}.hist.svg"
-            hist_path.write_text(svg_histogram(edges, counts, f"{s.kind} {s.layer}"))
+            summary = {k: entry[k] for k in ("mean", "std", "min", "max")}
+            hist_path.write_text(svg_histogram(edges, counts, f"{s.kind} {s.layer}", summary, opts.hist_scale))
             entry["pictures"].append(str(hist_path.relative_to(outdir)))
             pictures.append(hist_path)
             mat = _as_matrix(x) if opts.heatmaps else None
             if mat is not None:
                 heat_path = sub / f"{stem}.heatmap.svg"
-                heat_path.write_text(svg_heatmap(downsample(mat, opts.heatmap_max_dim), f"{s.kind} {s.layer}",
-                                                 tuple(x.shape)))
+                heat_path.write_text(svg_heatmap(downsample(mat, opts.heatmap_max_dim, opts.heatmap_pool),
+                                                 f"{s.kind} {s.layer}", tuple(x.shape), entry["min"], entry["max"],
+                                                 opts.heatmap_pool))
                 entry["pictures"].append(str(heat_path.relative_to(outdir)))
                 pictures.append(heat_path)
     doc = {

@@ -295,3 +295,125 @@ def test_module_inputs_and_split_qkv_are_activations(model_dirs, tmp_path, capsy
     msgs, _ = wire.read_file(str(out / "inspection.xray"))
     step = next(m for m in msgs if isinstance(m, wire.Step))
     assert set(extra) <= {s.layer for s in step.samples if s.kind == "act"}
+
+
+def _png_rgb(uri_svg_text, index=0):
+    """The RGB pixels of the ``index``-th PNG embedded in an SVG (our encoder: filter 0 rows)."""
+    import zlib
+    png = base64.b64decode(re.findall(r"base64,([^\"]+)", uri_svg_text)[index])
+    w, h = struct.unpack(">II", png[16:24])
+    pos, data = 8, b""
+    while pos < len(png):
+        n = struct.unpack(">I", png[pos:pos + 4])[0]
+        if png[pos + 4:pos + 8] == b"IDAT":
+            data += png[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    raw = np.frombuffer(zlib.decompress(data), dtype=np.uint8).reshape(h, 1 + 3 * w)
+    assert not raw[:, 0].any()
+    return raw[:, 1:].reshape(h, w, 3)
+
+
+def _maxpool_numpy(x, oh, ow):
+    """Largest-|x| element (sign kept) of each adaptive-pooling block: rows floor(i*H/oh)..ceil((i+1)*H/oh)."""
+    H, W = x.shape
+    out = np.empty((oh, ow))
+    for i in range(oh):
+        r0, r1 = (i * H) // oh, -((-(i + 1) * H) // oh)
+        for j in range(ow):
+            c0, c1 = (j * W) // ow, -((-(j + 1) * W) // ow)
+            b = x[r0:r1, c0:c1]
+            out[i, j] = b.flat[np.argmax(np.abs(b))]
+    return out
+
+
+def test_histogram_svg_has_axes_counts_and_a_summary(model_dirs, tmp_path, capsys):
+    from probes.inspect import svg_histogram
+
+    out = tmp_path / "out"
+    rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--bins", 24, "--no-activations", "--no-gradients")
+    assert rc == 0, err
+    _, by = entries(out)
+    name = "transformer.h.0.mlp.c_fc.weight"
+    model, _, _, _ = _ground_truth(model_dirs / "gpt2")
+    a = model.transformer.h[0].mlp.c_fc.weight.detach().numpy().ravel()
+    want_counts, _ = np.histogram(a, bins=24, range=(float(a.min()), float(a.max())))
+    root = ET.parse(out / "weights" / f"{name}.hist.svg").getroot()
+    axes = {el.get("data-axis") for el in root.iter(f"{SVG}line") if el.get("class") == "axis"}
+    assert axes == {"x", "y"}
+    labels = {el.get("class"): el.text for el in root.iter(f"{SVG}text")}
+    assert labels["ylabel"] == "count per bin" and labels["xlabel"].startswith("value")
+    bars = [el for el in root.iter(f"{SVG}rect") if el.get("class") == "bar"]
+    counts = [int(b.get("data-count")) for b in bars]
+    assert counts == want_counts.tolist() == by[(name, "weight")]["histogram"]["counts"]
+    # linear heights: a bar's top sits where the y axis says its count is
+    ticks = sorted((float(t.get("data-value")), float(t.get("y")) - 4) for t in root.iter(f"{SVG}text")
+                   if t.get("class") == "ytick")
+    (c0, y0), (c1, y1) = ticks[0], ticks[-1]
+    assert c0 == 0 and c1 >= max(counts) and len(ticks) >= 3
+    for b, c in zip(bars, counts):
+        top = float(b.get("y"))
+        assert top == pytest.approx(y0 + (y1 - y0) * c / c1, abs=0.02)  # 2-decimal coordinates
+    # bars span the x axis from min to max
+    xs = [(float(b.get("x")), float(b.get("x")) + float(b.get("width")) + 0.5) for b in bars]
+    xaxis = next(el for el in root.iter(f"{SVG}line") if el.get("data-axis") == "x")
+    assert xs[0][0] == pytest.approx(float(xaxis.get("x1")), abs=0.01)
+    assert xs[-1][1] == pytest.approx(float(xaxis.get("x2")), abs=0.02)
+    box = {t.get("data-name"): float(t.get("data-value")) for t in root.iter(f"{SVG}text") if t.get("class") == "stat"}
+    x64 = a.astype(np.float64)
+    assert box["mean"] == pytest.approx(x64.mean(), rel=1e-6, abs=1e-9)
+    assert box["std"] == pytest.approx(x64.std(), rel=1e-6)
+    assert box["min"] == a.min() and box["max"] == a.max()
+
+    # log option: heights proportional to log10(1 + count), the axis says so
+    edges = np.linspace(0, 1, 4)
+    svg = ET.fromstring(svg_histogram(edges, np.array([0, 1, 1000]), "t", scale="log"))
+    assert next(t.text for t in svg.iter(f"{SVG}text") if t.get("class") == "ylabel").endswith("(log scale)")
+    hs = [float(r.get("height")) for r in svg.iter(f"{SVG}rect") if r.get("class") == "bar"]
+    assert hs[0] == 0 and hs[1] / hs[2] == pytest.approx(np.log10(2) / np.log10(1001), abs=0.01)
+    svg = ET.fromstring(svg_histogram(edges, np.array([0, 1, 1000]), "t"))  # linear: one value is 0.1% tall
+    hs = [float(r.get("height")) for r in svg.iter(f"{SVG}rect") if r.get("class") == "bar"]
+    assert hs[1] / hs[2] == pytest.approx(1 / 1000, abs=0.01 / hs[2])
+
+
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_heatmap_pools_by_largest_magnitude_and_has_a_true_colour_bar(model_dirs, tmp_path, capsys, pool):
+    from probes.inspect import colours
+
+    out = tmp_path / "out"
+    rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--heatmap-max-dim", "20", "--heatmap-pool", pool,
+                  "--no-activations", "--no-gradients")
+    assert rc == 0, err
+    model, _, _, _ = _ground_truth(model_dirs / "gpt2")
+    x = model.transformer.h[0].mlp.c_fc.weight.detach().numpy()  # 64 x 256
+    text = (out / "weights" / "transformer.h.0.mlp.c_fc.weight.heatmap.svg").read_text()
+    root = ET.fromstring(text)
+    A = float(np.abs(x).max())
+    if pool == "max":
+        want = _maxpool_numpy(x.astype(np.float64), 20, 20)
+        assert np.abs(want).max() == A  # the outlier survives pooling
+    else:
+        want = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(x)[None, None], (20, 20))[0, 0].double().numpy()
+        assert np.abs(want).max() < A
+    assert np.array_equal(_png_rgb(text, 0), colours(want, A))  # colours scaled to the true |x|max
+    ticks = sorted(float(t.get("data-value")) for t in root.iter(f"{SVG}text") if t.get("class") == "cbar-tick")
+    assert ticks == [-A, 0.0, A]
+    marks = {m.get("data-name"): float(m.get("data-value")) for m in root.iter(f"{SVG}line")
+             if m.get("class") == "cbar-mark"}
+    assert marks == {"min": float(x.min()), "max": float(x.max())}
+    assert {el.get("data-axis") for el in root.iter(f"{SVG}line") if el.get("class") == "axis"} == {"x", "y"}
+    xt = sorted(int(t.get("data-value")) for t in root.iter(f"{SVG}text") if t.get("class") == "xtick")
+    assert xt == [0, 255]
+    bar = _png_rgb(text, 1)  # the colour bar: full red at the top, full blue at the bottom
+    assert np.array_equal(bar[0, 0], colours(np.array([[A]]), A)[0, 0])
+    assert np.array_equal(bar[-1, 0], colours(np.array([[-A]]), A)[0, 0])
+
+
+def test_downsample_max_keeps_an_outlier_and_its_sign():
+    from probes.inspect import downsample
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 77, generator=g) * 0.02
+    x[123, 45] = -0.5
+    got = downsample(x, 16, "max")
+    assert np.array_equal(got, _maxpool_numpy(x.double().numpy(), 16, 16))
+    assert got.min() == pytest.approx(-0.5) and downsample(x, 16, "mean").min() > -0.1

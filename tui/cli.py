@@ -268,7 +268,8 @@ def cmd_inspect(args) -> int:
     opts = inspection.Options(layers=args.layers, weights=not args.no_weights, activations=not args.no_activations,
                               gradients=not args.no_gradients, bins=args.bins, device=args.device,
                               progress=sys.stderr.isatty(), plots=not args.no_plots, heatmaps=not args.no_heatmaps,
-                              heatmap_max_dim=max_dim, eps=eps)
+                              heatmap_max_dim=max_dim, eps=eps, hist_scale=args.hist_scale,
+                              heatmap_pool=args.heatmap_pool)
     if args.text is not None:
         opts.text = args.text
     try:
@@ -372,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-heatmaps", action="store_true", help="histograms only, no heatmaps")
     i.add_argument("--heatmap-max-dim", default="128", metavar="N",
                    help="largest heatmap side in cells; bigger matrices are pooled down to it (default 128)")
+    i.add_argument("--hist-scale", choices=("linear", "log"), default="linear",
+                   help="histogram bar heights: counts per bin on a linear (default) or log axis")
+    i.add_argument("--heatmap-pool", choices=("max", "mean"), default="max",
+                   help="how a big matrix is pooled to the heatmap: the largest |x| of each block, sign kept "
+                        "(default: outliers stay visible), or the block mean")
     i.add_argument("--eps", default="0.05", metavar="EPS",
                    help="near-zero threshold: near_zero is the share of |x| < EPS (default 0.05)")
     i.add_argument("--tui", action="store_true", help="open the result in the app afterwards")
