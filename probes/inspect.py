@@ -25,6 +25,7 @@ import math
 import os
 import re
 import struct
+import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,13 +82,15 @@ class Report:
     entries: int
     pictures: list[Path] = field(default_factory=list)
     loss: float | None = None
+    notes: list[str] = field(default_factory=list)  # what was done instead of the expected
 
 
 # -- loading --------------------------------------------------------------------------
 
 
-def load(path: str, device: str = "cpu"):
-    """The model (and a tokenizer, or None) of a local causal-LM directory."""
+def load(path: str, device: str = "cpu", notes: list[str] | None = None):
+    """The model (and a tokenizer, or None) of a local causal-LM directory; what was done
+    instead of the expected is appended to ``notes``."""
     p = Path(path)
     if not p.exists():
         raise InspectError(f"{path}: no such directory")
@@ -123,9 +126,16 @@ def load(path: str, device: str = "cpu"):
     if any((p / f).is_file() for f in TOKENIZER_FILES):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception:
-            tokenizer = None
+        except Exception as exc:
+            _note(notes, f"the tokenizer in {path} does not load ({_one_line(exc)})")
+    else:
+        _note(notes, f"no tokenizer in {path} ({', '.join(TOKENIZER_FILES)})")
     return model, tokenizer
+
+
+def _note(notes: list[str] | None, text: str) -> None:
+    if notes is not None:
+        notes.append(text)
 
 
 def _one_line(exc: Exception) -> str:
@@ -133,19 +143,33 @@ def _one_line(exc: Exception) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def token_ids(text: str, tokenizer, vocab_size: int, max_len: int | None = None) -> torch.Tensor:
+def token_ids(text: str, tokenizer, vocab_size: int, max_len: int | None = None, eos_id: int | None = None,
+              notes: list[str] | None = None) -> torch.Tensor:
     """Token ids of ``text``: the tokenizer's, or its UTF-8 bytes modulo the vocabulary;
-    cut to the model's ``max_len`` positions."""
+    a text of one token gets ``eos_id`` appended (as Visible-Distribution does: a loss needs
+    two positions); cut to the model's ``max_len`` positions. Each of these is said in ``notes``."""
     ids = None
     if tokenizer is not None:
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
-        if ids.numel() < 2 or int(ids.max()) >= vocab_size:
+        if ids.numel() and int(ids.max()) >= vocab_size:
+            _note(notes, f"the tokenizer gives ids up to {int(ids.max())}, beyond the model's vocabulary "
+                         f"of {vocab_size}: not used")
             ids = None  # a tokenizer that does not fit this model
+        if ids is not None and tokenizer.eos_token_id is not None:
+            eos_id = tokenizer.eos_token_id
     if ids is None:
-        ids = torch.tensor([[b % vocab_size for b in text.encode("utf-8")]])
+        ids = torch.tensor([[b % vocab_size for b in text.encode("utf-8")]], dtype=torch.long)
+        _note(notes, f"the text was read as its {ids.shape[1]} UTF-8 bytes (modulo the vocabulary of "
+                     f"{vocab_size}) as token ids")
+    if ids.shape[1] == 1 and eos_id is not None and 0 <= eos_id < vocab_size:
+        ids = torch.cat([ids, torch.tensor([[eos_id]], dtype=ids.dtype)], dim=1)
+        _note(notes, f"the text gives one token: EOS (id {eos_id}) appended, so the loss has a target")
     if ids.shape[1] < 2:
-        raise InspectError("the text must give at least 2 tokens")
-    return ids[:, :max_len] if max_len else ids
+        raise InspectError("the text must give at least 2 tokens (and the model names no EOS token to append)")
+    if max_len and ids.shape[1] > max_len:
+        _note(notes, f"the text's {ids.shape[1]} tokens were cut to the model's {max_len} positions")
+        ids = ids[:, :max_len]
+    return ids
 
 
 # -- selection ------------------------------------------------------------------------------
@@ -477,7 +501,8 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
 
     opts = opts or Options()
     check(opts)
-    model, tokenizer = load(path, opts.device)
+    notes: list[str] = []
+    model, tokenizer = load(path, opts.device, notes)
     patterns = layer_patterns(model, opts.layers)
     outdir = Path(out)
     try:
@@ -493,7 +518,12 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
 
     cfg = model.config
     max_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-    ids = token_ids(opts.text, tokenizer, cfg.vocab_size, max_len).to(opts.device)
+    eos = getattr(cfg, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    ids = token_ids(opts.text, tokenizer, cfg.vocab_size, max_len, eos if isinstance(eos, int) else None,
+                    notes).to(opts.device)
+    for n in notes:  # said now, not only in the report: the pass below can take a while
+        print(f"xray-tui: note: {n}", file=sys.stderr)
     acts: dict[str, torch.Tensor] = {}
 
     def keep(name):
@@ -578,6 +608,8 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
         "parameters": sum(p.numel() for p in model.parameters()),
         "text": opts.text,
         "tokens": int(ids.shape[1]),
+        "token_ids": ids[0].tolist(),
+        "notes": notes,
         "loss": float(loss.detach()),
         "layers": opts.layers,
         "spectral_skipped": [{"layer": n, "reason": r} for n, r in spectral.targets(model)[1]
@@ -586,7 +618,7 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
     }
     json_path = outdir / "layer_statistics.json"
     json_path.write_text(json.dumps(doc, indent=1))
-    return Report(outdir, json_path, recording, len(entries), pictures, float(loss.detach()))
+    return Report(outdir, json_path, recording, len(entries), pictures, float(loss.detach()), notes)
 
 
 #: Modules whose *input* is read as an activation of its own, ``<module path>.input``: the

@@ -417,3 +417,38 @@ def test_downsample_max_keeps_an_outlier_and_its_sign():
     got = downsample(x, 16, "max")
     assert np.array_equal(got, _maxpool_numpy(x.double().numpy(), 16, 16))
     assert got.min() == pytest.approx(-0.5) and downsample(x, 16, "mean").min() > -0.1
+
+
+def test_fallbacks_are_said_on_stderr_and_in_the_report(model_dirs, tmp_path, capsys):
+    out = tmp_path / "bytes"
+    rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--no-plots", "--text", "a")
+    assert rc == 0, err
+    doc, _ = entries(out)
+    notes = [ln for ln in err.splitlines() if ln.startswith("xray-tui: note: ")]
+    assert [ln.removeprefix("xray-tui: note: ") for ln in notes] == doc["notes"] and len(notes) == 3
+    assert "no tokenizer" in notes[0] and "UTF-8 bytes" in notes[1] and "EOS (id 0) appended" in notes[2]
+    assert doc["token_ids"] == [ord("a"), 0] and doc["tokens"] == 2
+
+    long_text = "x" * 100  # 100 bytes, 64 positions
+    rc, err = run(capsys, model_dirs / "gpt2", "--out", tmp_path / "long", "--no-plots", "--text", long_text)
+    assert rc == 0 and "cut to the model's 64 positions" in err
+
+
+def test_a_one_token_text_gets_the_tokenizers_eos(model_dirs, tmp_path, capsys):
+    import shutil
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = tmp_path / "gpt2tok"
+    shutil.copytree(model_dirs / "gpt2", d)
+    tok = Tokenizer(models.WordLevel({"<eos>": 7, "hello": 1, "world": 2, "<unk>": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(d)
+    out = tmp_path / "out"
+    rc, err = run(capsys, d, "--out", out, "--no-plots", "--text", "hello")
+    assert rc == 0, err
+    doc, _ = entries(out)
+    assert doc["token_ids"] == [1, 7] and doc["notes"] == [
+        "the text gives one token: EOS (id 7) appended, so the loss has a target"]
+    rc, err = run(capsys, d, "--out", tmp_path / "two", "--no-plots", "--text", "hello world")
+    assert rc == 0 and "note" not in err  # nothing done behind the user's back: nothing said
+    assert entries(tmp_path / "two")[0]["token_ids"] == [1, 2]
