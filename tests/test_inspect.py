@@ -452,3 +452,126 @@ def test_a_one_token_text_gets_the_tokenizers_eos(model_dirs, tmp_path, capsys):
     rc, err = run(capsys, d, "--out", tmp_path / "two", "--no-plots", "--text", "hello world")
     assert rc == 0 and "note" not in err  # nothing done behind the user's back: nothing said
     assert entries(tmp_path / "two")[0]["token_ids"] == [1, 2]
+
+
+def _changed_gpt2(model_dirs, root):
+    """GPT-2 B: A with one matrix moved by a known delta, one outlier in it."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dirs / "gpt2", local_files_only=True)
+    g = torch.Generator().manual_seed(5)
+    w = model.transformer.h[0].mlp.c_fc.weight
+    delta = 0.01 * torch.randn(w.shape, generator=g)
+    delta[3, 7] = 0.3
+    with torch.no_grad():
+        w.add_(delta)
+    model.save_pretrained(root / "gpt2b")
+    return root / "gpt2b"
+
+
+def test_compare_two_checkpoints(model_dirs, tmp_path, capsys):
+    from probes.inspect import colours
+
+    b_dir = _changed_gpt2(model_dirs, tmp_path)
+    out = tmp_path / "cmp"
+    rc, err = run(capsys, model_dirs / "gpt2", b_dir, "--out", out, "--bins", 32, "--heatmap-max-dim", 16)
+    assert rc == 0, err
+    doc = json.loads((out / "layer_comparison.json").read_text())
+    by = {e["layer"]: e for e in doc["entries"]}
+    ma = transformers.AutoModelForCausalLM.from_pretrained(model_dirs / "gpt2", local_files_only=True)
+    mb = transformers.AutoModelForCausalLM.from_pretrained(b_dir, local_files_only=True)
+    pb = dict(mb.named_parameters())
+    assert set(by) == {n for n, _ in ma.named_parameters()} and doc["b_kind"] == "model"
+    for n, p in ma.named_parameters():
+        wa, wb = p.detach().double().numpy(), pb[n].detach().double().numpy()
+        na, nd = np.linalg.norm(wa), np.linalg.norm(wb - wa)
+        want = nd / na if na else 0.0
+        assert by[n]["rel_change"] == pytest.approx(want, rel=1e-12, abs=1e-300), n
+    name = "transformer.h.0.mlp.c_fc.weight"
+    e = by[name]
+    wa = ma.transformer.h[0].mlp.c_fc.weight.detach().numpy()
+    wb = mb.transformer.h[0].mlp.c_fc.weight.detach().numpy()
+    assert e["rel_change"] > 0.1 and e["delta_absmax"] == pytest.approx(np.abs(wb.astype(np.float64) - wa).max())
+    assert e["b"]["max"] == wb.max() and e["a"]["p95"] == pytest.approx(np.quantile(wa.astype(np.float64), 0.95))
+    # both histograms overlaid, on common edges
+    edges = np.array(e["histogram"]["edges"])
+    assert edges[0] == min(wa.min(), wb.min()) and edges[-1] == max(wa.max(), wb.max())
+    root = ET.parse(out / e["pictures"][0]).getroot()
+    for series, w in (("a", wa), ("b", wb)):
+        counts = [int(r.get("data-count")) for r in root.iter(f"{SVG}rect")
+                  if r.get("class") == "bar" and r.get("data-series") == series]
+        assert counts == np.histogram(w, bins=edges)[0].tolist() == e["histogram"][series]
+        stat = {t.get("data-name"): float(t.get("data-value")) for t in root.iter(f"{SVG}text")
+                if t.get("class") == "stat" and t.get("data-series") == series}
+        assert stat["min"] == w.min() and stat["max"] == w.max()
+    assert {el.get("data-axis") for el in root.iter(f"{SVG}line") if el.get("class") == "axis"} == {"x", "y"}
+    # the heatmap of the difference: max-|x| pooled, colour bar ends at the true |ΔW|max
+    d = wb.astype(np.float64) - wa.astype(np.float64)
+    heat = (out / e["pictures"][1]).read_text()
+    d32 = (torch.from_numpy(wb).double() - torch.from_numpy(wa).double()).float().double().numpy()
+    A = float(np.abs(d).max())
+    assert np.array_equal(_png_rgb(heat, 0), colours(_maxpool_numpy(d32, 16, 16), A))
+    ticks = sorted(float(t.get("data-value")) for t in ET.fromstring(heat).iter(f"{SVG}text")
+                   if t.get("class") == "cbar-tick")
+    assert ticks == pytest.approx([-A, 0.0, A], rel=1e-12)
+    # the spectral metrics of both
+    for side, m in (("spectral_a", ma), ("spectral_b", mb)):
+        want = spectral.analyze_matrix(m.transformer.h[0].mlp.c_fc.weight.detach())
+        assert e[side]["alpha"] == pytest.approx(want.alpha, rel=1e-9)
+    assert e["spectral_a"]["stable_rank"] != e["spectral_b"]["stable_rank"]
+    # the recording: A at step 0, B at step 1, each with its spectral metrics
+    msgs, torn = wire.read_file(str(out / "comparison.xray"))
+    assert torn == 0
+    steps = [m for m in msgs if isinstance(m, wire.Step)]
+    assert [s.step for s in steps] == [0, 1]
+    for s, w in zip(steps, (wa, wb)):
+        smp = next(x for x in s.samples if x.layer == name and x.kind == "weight")
+        assert smp.max == w.max()
+    assert {m.step for m in msgs if isinstance(m, wire.Spectral) and m.layer == name} == {0, 1}
+
+
+def test_compare_a_lora_adapter_as_its_merged_delta(model_dirs, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dirs / "llama", local_files_only=True)
+    torch.manual_seed(3)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(base, cfg)
+    pm.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "cmp"
+    rc, err = run(capsys, model_dirs / "llama", tmp_path / "adapter", "--out", out, "--no-plots")
+    assert rc == 0, err
+    doc = json.loads((out / "layer_comparison.json").read_text())
+    assert doc["b_kind"] == "lora-adapter" and "LoRA adapter" in doc["notes"][0] and "note: " in err
+    by = {e["layer"]: e for e in doc["entries"]}
+    layer = pm.base_model.model.model.layers[1].self_attn.q_proj
+    a = layer.lora_A["default"].weight.detach().double().numpy()
+    b = layer.lora_B["default"].weight.detach().double().numpy()
+    w = layer.base_layer.weight.detach().double().numpy()
+    want = np.linalg.norm(layer.scaling["default"] * b @ a) / np.linalg.norm(w)
+    # merged in float32: W + delta rounded, so the relative change is exact to float32 rounding of W
+    e = by["model.layers.1.self_attn.q_proj.weight"]
+    assert e["rel_change"] == pytest.approx(want, rel=1e-4)
+    assert by["model.layers.1.self_attn.k_proj.weight"]["rel_change"] == 0.0
+    assert by["model.layers.0.self_attn.v_proj.weight"]["rel_change"] > 0
+
+
+def test_compare_errors_are_one_line(model_dirs, tmp_path, capsys):
+    rc, err = run(capsys, model_dirs / "gpt2", tmp_path / "nowhere", "--out", tmp_path / "o")
+    assert rc == 2 and "no such directory" in err and "Traceback" not in err
+    rc, err = run(capsys, model_dirs / "gpt2", model_dirs / "gpt2", "--out", tmp_path / "o", "--no-weights")
+    assert rc == 2 and "compares weights" in err
+
+
+async def test_comparison_recording_opens_in_the_app(model_dirs, tmp_path, capsys):
+    from tui.app import XRayApp
+
+    b_dir = _changed_gpt2(model_dirs, tmp_path)
+    out = tmp_path / "cmp"
+    rc, err = run(capsys, model_dirs / "gpt2", b_dir, "--out", out, "--no-plots")
+    assert rc == 0, err
+    app = XRayApp(feed.FileSource(str(out / "comparison.xray")))
+    async with app.run_test(size=(120, 40)) as pilot:
+        for _ in range(50):
+            await pilot.pause(0.05)
+            if app.state.spectral and app.state.step == 1:
+                break
+        assert app.state.step == 1 and "transformer.h.0.mlp.c_fc.weight" in app.state.spectral
+        assert app.state.spectral["transformer.h.0.mlp.c_fc.weight"].step == 1  # B's metrics, the last step

@@ -274,9 +274,22 @@ def cmd_inspect(args) -> int:
         opts.text = args.text
     try:
         inspection.check(opts)
-        report = inspection.inspect(args.model, args.out, opts)
+        if args.other is not None:
+            from probes import compare
+
+            report = compare.compare(args.model, args.other, args.out, opts)
+        else:
+            report = inspection.inspect(args.model, args.out, opts)
     except inspection.InspectError as exc:
         raise CliError(str(exc)) from None
+    if args.other is not None:
+        print(f"wrote {report.entries} weights' comparison to {report.json_path}, {len(report.pictures)} pictures "
+              f"and the recording {report.recording}", file=sys.stderr)
+        if args.tui:
+            title = f"compare: {os.path.basename(os.path.abspath(args.model))} vs " \
+                    f"{os.path.basename(os.path.abspath(args.other))}"
+            return _run_app(feed.FileSource(str(report.recording)), args, title=title)
+        return EXIT_OK
     print(f"wrote {report.entries} tensors' statistics to {report.json_path}, {len(report.pictures)} pictures "
           f"and the recording {report.recording} (loss {report.loss:.4g})", file=sys.stderr)
     if args.tui:
@@ -360,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "layer_statistics.json, SVG histograms and heatmaps (weights/, activations/, "
                                    "gradients/) and inspection.xray (a recording) into --out.")
     i.add_argument("model", metavar="MODEL_DIR", help="a transformers model directory (config.json and weights)")
+    i.add_argument("other", nargs="?", default=None, metavar="OTHER_DIR",
+                   help="compare MODEL_DIR's weights with this one's (a fine-tune, a later checkpoint, or a "
+                        "peft LoRA adapter directory for MODEL_DIR, compared merged): relative change per "
+                        "weight, overlaid histograms, heatmap of the difference, spectral metrics of both")
     i.add_argument("--out", required=True, metavar="DIR", help="output directory (created if needed)")
     i.add_argument("--text", default=None, help="text for the forward/backward pass (default: a Dickens line)")
     i.add_argument("--layers", type=_int_list, default=None, metavar="0,1,2",
