@@ -373,8 +373,10 @@ def svg_heatmap(m: np.ndarray, title: str, shape: tuple, vmin: float | None = No
     the true min and max marked on it."""
     rows, cols = m.shape
     finite = m[np.isfinite(m)]
-    vmin = float(finite.min()) if vmin is None and finite.size else (vmin if vmin is not None else 0.0)
-    vmax = float(finite.max()) if vmax is None and finite.size else (vmax if vmax is not None else 0.0)
+    if vmin is None or not math.isfinite(vmin):
+        vmin = float(finite.min()) if finite.size else 0.0
+    if vmax is None or not math.isfinite(vmax):
+        vmax = float(finite.max()) if finite.size else 0.0
     scale = max(abs(vmin), abs(vmax))
     cell = max(1, min(8, 384 // max(rows, cols)))
     left, top, bottom = 58, 30, 44

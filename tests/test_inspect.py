@@ -199,6 +199,13 @@ def test_quantiles_are_exact_and_within_min_max(model_dirs, tmp_path, capsys, ar
             a = (p if kind == "weight" else p.grad).detach().double().numpy().ravel()
             # exact: numpy's linear method on the same float32 values (float64 interpolation)
             assert q == pytest.approx(np.quantile(a, [0.05, 0.25, 0.5, 0.75, 0.95]), rel=1e-12, abs=1e-300)
+    # the recording's samples: quantiles from the histogram, clamped, within [min, max] too
+    from probes import stats
+    msgs, _ = wire.read_file(str(out / "inspection.xray"))
+    step = next(m for m in msgs if isinstance(m, wire.Step))
+    for smp in step.samples:
+        hq = stats.quantiles(smp)
+        assert all(smp.min <= v <= smp.max for v in hq.values()), (smp.layer, smp.kind, hq)
     norm = "transformer.h.0.ln_1" if arch == "gpt2" else "model.layers.0.input_layernorm"
     w = by[(f"{norm}.weight", "weight")]  # fresh norm weights: all ones
     assert w["min"] == w["max"] == 1.0 and all(w[n] == 1.0 for n in names)
