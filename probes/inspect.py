@@ -366,7 +366,7 @@ def downsample(x: torch.Tensor, max_side: int = HEATMAP_MAX, pool: str = "max") 
 
 
 def svg_heatmap(m: np.ndarray, title: str, shape: tuple, vmin: float | None = None, vmax: float | None = None,
-                pool: str = "max") -> str:
+                pool: str = "max", axes: tuple[str, str] = ("row", "column")) -> str:
     """An SVG heatmap of a (pooled) matrix: a pixelated PNG image inside an SVG, with row and
     column axes in the tensor's own indices and a colour bar whose ends are the true
     -|x|max and +|x|max (``vmin``/``vmax``: the whole tensor's; default the picture's), with
@@ -412,8 +412,8 @@ def svg_heatmap(m: np.ndarray, title: str, shape: tuple, vmin: float | None = No
         f'<text class="xtick" data-value="{full_cols - 1}" x="{left + iw}" y="{top + ih + 13}" fill="{dim}" '
         f'text-anchor="end">{full_cols - 1}</text>',
         f'<text class="ylabel" x="14" y="{top + ih / 2}" fill="{fg}" text-anchor="middle" '
-        f'transform="rotate(-90 14 {top + ih / 2})">row</text>',
-        f'<text class="xlabel" x="{left + iw / 2}" y="{top + ih + 26}" fill="{fg}" text-anchor="middle">column</text>',
+        f'transform="rotate(-90 14 {top + ih / 2})">{html.escape(axes[0])}</text>',
+        f'<text class="xlabel" x="{left + iw / 2}" y="{top + ih + 26}" fill="{fg}" text-anchor="middle">{html.escape(axes[1])}</text>',
         f'<image class="colourbar" x="{bar_x}" y="{top}" width="12" height="{bh}" preserveAspectRatio="none" '
         f'href="data:image/png;base64,{bar}"/>',
     ]
@@ -601,7 +601,8 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
                 heat_path = sub / f"{stem}.heatmap.svg"
                 heat_path.write_text(svg_heatmap(downsample(mat, opts.heatmap_max_dim, opts.heatmap_pool),
                                                  f"{s.kind} {s.layer}", tuple(x.shape), entry["min"], entry["max"],
-                                                 opts.heatmap_pool))
+                                                 opts.heatmap_pool,
+                                                 ("token", "unit") if s.kind == "act" else ("row", "column")))
                 entry["pictures"].append(str(heat_path.relative_to(outdir)))
                 pictures.append(heat_path)
     doc = {

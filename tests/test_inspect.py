@@ -582,3 +582,14 @@ async def test_comparison_recording_opens_in_the_app(model_dirs, tmp_path, capsy
                 break
         assert app.state.step == 1 and "transformer.h.0.mlp.c_fc.weight" in app.state.spectral
         assert app.state.spectral["transformer.h.0.mlp.c_fc.weight"].step == 1  # B's metrics, the last step
+
+
+def test_activation_heatmaps_name_tokens_and_units(model_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--no-weights", "--no-gradients")
+    assert rc == 0, err
+    root = ET.parse(out / "activations" / "transformer.h.1.mlp.act.heatmap.svg").getroot()
+    labels = {t.get("class"): t.text for t in root.iter(f"{SVG}text")}
+    assert labels["ylabel"] == "token" and labels["xlabel"] == "unit"
+    ticks = sorted(int(t.get("data-value")) for t in root.iter(f"{SVG}text") if t.get("class") == "xtick")
+    assert ticks == [0, 255]  # the MLP's 4 x 64 units
