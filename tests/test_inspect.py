@@ -593,3 +593,14 @@ def test_activation_heatmaps_name_tokens_and_units(model_dirs, tmp_path, capsys)
     assert labels["ylabel"] == "token" and labels["xlabel"] == "unit"
     ticks = sorted(int(t.get("data-value")) for t in root.iter(f"{SVG}text") if t.get("class") == "xtick")
     assert ticks == [0, 255]  # the MLP's 4 x 64 units
+
+
+def test_compare_with_layer_selection(model_dirs, tmp_path, capsys):
+    b_dir = _changed_gpt2(model_dirs, tmp_path)
+    out = tmp_path / "cmp"
+    rc, err = run(capsys, model_dirs / "gpt2", b_dir, "--out", out, "--layers", "0", "--no-plots")
+    assert rc == 0, err
+    doc = json.loads((out / "layer_comparison.json").read_text())
+    layers = [e["layer"] for e in doc["entries"]]
+    assert layers and all(n.startswith("transformer.h.0.") for n in layers)
+    assert "transformer.h.0.mlp.c_fc.weight" in layers and doc["unmatched"] == []
