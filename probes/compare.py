@@ -226,8 +226,8 @@ def compare(path_a: str, path_b: str, out: str, opts: Options | None = None) -> 
             if opts.plots:
                 stem = ins._safe(n)
                 hp = outdir / "weights" / f"{stem}.compare.svg"
-                hp.write_text(svg_overlay(edges, ha, hb, f"weight {n}: {la} vs {lb}, ‖ΔW‖/‖W‖ = {ins._fmt(rel)}",
-                                          (la, lb), (sa, sb), opts.hist_scale))
+                title = f"weight {n}: {la} vs {lb}, ‖ΔW‖/‖W‖ = {ins._fmt(rel)}"
+                hp.write_text(svg_overlay(edges, ha, hb, title, (la, lb), (sa, sb), opts.hist_scale))
                 entry["pictures"].append(str(hp.relative_to(outdir)))
                 pictures.append(hp)
                 mat = ins._as_matrix(d) if opts.heatmaps else None

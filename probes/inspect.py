@@ -403,7 +403,8 @@ def svg_heatmap(m: np.ndarray, title: str, shape: tuple, vmin: float | None = No
         f'<text x="10" y="18" fill="{fg}">{html.escape(title)}</text>',
         f'<image x="{left}" y="{top}" width="{iw}" height="{ih}" preserveAspectRatio="none" '
         f'style="image-rendering:pixelated" href="data:image/png;base64,{data}"/>',
-        f'<line class="axis" data-axis="x" x1="{left}" y1="{top + ih}" x2="{left + iw}" y2="{top + ih}" stroke="{fg}"/>',
+        f'<line class="axis" data-axis="x" x1="{left}" y1="{top + ih}" x2="{left + iw}" y2="{top + ih}" '
+        f'stroke="{fg}"/>',
         f'<line class="axis" data-axis="y" x1="{left}" y1="{top}" x2="{left}" y2="{top + ih}" stroke="{fg}"/>',
         f'<text class="ytick" data-value="0" x="{left - 4}" y="{top + 9}" fill="{dim}" text-anchor="end">0</text>',
         f'<text class="ytick" data-value="{full_rows - 1}" x="{left - 4}" y="{top + ih}" fill="{dim}" '
@@ -413,7 +414,8 @@ def svg_heatmap(m: np.ndarray, title: str, shape: tuple, vmin: float | None = No
         f'text-anchor="end">{full_cols - 1}</text>',
         f'<text class="ylabel" x="14" y="{top + ih / 2}" fill="{fg}" text-anchor="middle" '
         f'transform="rotate(-90 14 {top + ih / 2})">{html.escape(axes[0])}</text>',
-        f'<text class="xlabel" x="{left + iw / 2}" y="{top + ih + 26}" fill="{fg}" text-anchor="middle">{html.escape(axes[1])}</text>',
+        f'<text class="xlabel" x="{left + iw / 2}" y="{top + ih + 26}" fill="{fg}" text-anchor="middle">'
+        f'{html.escape(axes[1])}</text>',
         f'<image class="colourbar" x="{bar_x}" y="{top}" width="12" height="{bh}" preserveAspectRatio="none" '
         f'href="data:image/png;base64,{bar}"/>',
     ]
