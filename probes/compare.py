@@ -145,7 +145,7 @@ def svg_overlay(edges: np.ndarray, counts_a, counts_b, title: str, labels: tuple
               f'value ({len(ca)} bins of {ins._fmt((x1 - x0) / max(len(ca), 1))})</text>',
               f'<text class="ylabel" x="14" y="{top + h / 2}" fill="{fg}" text-anchor="middle" '
               f'transform="rotate(-90 14 {top + h / 2})">'
-              f'{"count per bin" if scale == "linear" else "count per bin (log scale)"}</text>']
+              f'{ins._ylabel(scale)}</text>']
     bx, by = left + w - 210, top + 6
     parts.append(f'<rect class="summary" x="{bx}" y="{by}" width="204" height="{14 * 5 + 8}" fill="#181825" '
                  'stroke="#585b70" opacity="0.9"/>')

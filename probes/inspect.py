@@ -232,9 +232,10 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def svg_histogram(edges: np.ndarray, counts: np.ndarray, title: str, summary: dict | None = None,
-                  scale: str = "linear", width: int = 560, height: int = 300) -> str:
+                  scale: str = "linear", width: int = 560, height: int = 300, every: int = 1) -> str:
     """An SVG histogram with axes: bar heights are counts per bin (``scale="log"``: on a
-    log10(1 + count) axis), the x axis the value, and a box of mean/std/min/max (``summary``).
+    log10(1 + count) axis), the x axis the value, and a box of mean/std/min/max (``summary``);
+    ``every > 1``: the counts are of every ``every``-th element, and the y label says so.
 
     Bars are ``<rect class="bar" data-count=...>`` and tick labels carry ``data-value``, so the
     picture can be checked by parsing it."""
@@ -296,7 +297,7 @@ def svg_histogram(edges: np.ndarray, counts: np.ndarray, title: str, summary: di
               f'value ({len(counts)} bins of {_fmt((x1 - x0) / max(len(counts), 1))})</text>',
               f'<text class="ylabel" x="14" y="{top + h / 2}" fill="{fg}" text-anchor="middle" '
               f'transform="rotate(-90 14 {top + h / 2})">'
-              f'{"count per bin" if scale == "linear" else "count per bin (log scale)"}</text>']
+              f'{_ylabel(scale, every)}</text>']
     if summary:
         rows = [(k, summary.get(k)) for k in ("mean", "std", "min", "max") if summary.get(k) is not None]
         bx, by = left + w - 128, top + 6
@@ -307,6 +308,11 @@ def svg_histogram(edges: np.ndarray, counts: np.ndarray, title: str, summary: di
                          f'y="{by + 16 + 14 * j}" fill="{fg}">{k:<5}{float(v): .4g}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def _ylabel(scale: str, every: int = 1) -> str:
+    text = "count per bin" + (f", 1 in {every} elements" if every > 1 else "")
+    return text + (" (log scale)" if scale == "log" else "")
 
 
 def _count_label(c: float) -> str:
@@ -441,20 +447,26 @@ def _as_matrix(x: torch.Tensor) -> torch.Tensor | None:
     return x.reshape(-1, x.shape[-1])
 
 
-def linear_histogram(x: torch.Tensor, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """A linear histogram of the finite values of ``x`` (strided sample above 1M elements)."""
+def linear_histogram(x: torch.Tensor, bins: int, vmin: float | None = None,
+                     vmax: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """A linear histogram of the finite values of ``x`` on ``[vmin, vmax]`` (the whole
+    tensor's min and max when given, so a value outside a sample still sets the range),
+    counting every ``every``-th element above 1M elements: (edges, counts, every)."""
     f = x.detach().float().reshape(-1)
+    every = 1
     if f.numel() > PICTURE_SAMPLE:
-        f = f[:: math.ceil(f.numel() / PICTURE_SAMPLE) | 1]
+        every = math.ceil(f.numel() / PICTURE_SAMPLE) | 1
+        f = f[::every]
     a = f.cpu().numpy()
     a = a[np.isfinite(a)]
     if not a.size:
-        return np.array([0.0, 1.0]), np.zeros(1, dtype=np.int64)
-    lo, hi = float(a.min()), float(a.max())
+        return np.array([0.0, 1.0]), np.zeros(1, dtype=np.int64), every
+    lo = vmin if vmin is not None and math.isfinite(vmin) else float(a.min())
+    hi = vmax if vmax is not None and math.isfinite(vmax) else float(a.max())
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     counts, edges = np.histogram(a, bins=bins, range=(lo, hi))
-    return edges, counts
+    return edges, counts, every
 
 
 def exact_quantiles(x: torch.Tensor, qs=stats.QUANTILES) -> dict[str, float]:
@@ -581,8 +593,8 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
             x = tensors[(s.layer, s.kind)]
             entry.update(exact_quantiles(x))  # the whole tensor is here: exact, not from the histogram
             entry["quantiles"] = "exact"
-            edges, counts = linear_histogram(x, opts.bins)
-            entry["histogram"] = {"edges": edges.tolist(), "counts": counts.tolist()}
+            edges, counts, every = linear_histogram(x, opts.bins, entry["min"], entry["max"])
+            entry["histogram"] = {"edges": edges.tolist(), "counts": counts.tolist(), "every": every}
             entry["shape"] = list(x.shape)
             if s.kind == "weight" and s.layer in spec:
                 entry["spectral"] = spec[s.layer]
@@ -595,7 +607,8 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
             stem = _safe(s.layer)
             hist_path = sub / f"{stem}.hist.svg"
             summary = {k: entry[k] for k in ("mean", "std", "min", "max")}
-            hist_path.write_text(svg_histogram(edges, counts, f"{s.kind} {s.layer}", summary, opts.hist_scale))
+            hist_path.write_text(svg_histogram(edges, counts, f"{s.kind} {s.layer}", summary, opts.hist_scale,
+                                               every=every))
             entry["pictures"].append(str(hist_path.relative_to(outdir)))
             pictures.append(hist_path)
             mat = _as_matrix(x) if opts.heatmaps else None

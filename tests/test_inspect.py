@@ -604,3 +604,17 @@ def test_compare_with_layer_selection(model_dirs, tmp_path, capsys):
     layers = [e["layer"] for e in doc["entries"]]
     assert layers and all(n.startswith("transformer.h.0.") for n in layers)
     assert "transformer.h.0.mlp.c_fc.weight" in layers and doc["unmatched"] == []
+
+
+def test_a_sampled_picture_histogram_says_so_and_keeps_the_true_range(monkeypatch):
+    from probes import inspect as ins
+
+    monkeypatch.setattr(ins, "PICTURE_SAMPLE", 1000)
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    x[1] = 40.0  # not in the strided sample (every 11th element)
+    edges, counts, every = ins.linear_histogram(x, 8, float(x.min()), float(x.max()))
+    assert every == 11 and edges[-1] == 40.0 and counts.sum() == len(range(0, 10_000, 11))
+    assert np.array_equal(counts, np.histogram(x.numpy()[::11], bins=8, range=(float(x.min()), 40.0))[0])
+    root = ET.fromstring(ins.svg_histogram(edges, counts, "t", every=every))
+    assert next(t.text for t in root.iter(f"{SVG}text") if t.get("class") == "ylabel") == \
+        "count per bin, 1 in 11 elements"
