@@ -225,6 +225,39 @@ def _is_sharded(raw_name: str, p: torch.Tensor) -> bool:
     return "_fsdp_wrapped_module" in raw_name.split(".")
 
 
+def _log_path(log: str | None, run: str, rank: int, world: int) -> str | None:
+    """``log=`` with ``{name}``, ``{rank}`` and ``{time}`` filled in. With several ranks and
+    no ``{rank}``, each rank records to ``STEM.rankN.EXT`` (one file per rank, named for it)."""
+    if not log:
+        return log
+    values = {"name": rundir.safe_name(run), "rank": rank, "time": time.strftime("%Y%m%d-%H%M%S")}
+    try:
+        path = str(log).format(**values)
+    except KeyError as exc:
+        raise ValueError(f"log={log!r}: {{{exc.args[0]}}} is not a placeholder; "
+                         "use {name}, {rank} or {time}") from None
+    except (IndexError, ValueError):
+        raise ValueError(f"log={log!r}: braces must hold {{name}}, {{rank}} or {{time}} "
+                         "(write {{ and }} for literal ones)") from None
+    if world > 1 and "{rank}" not in str(log):
+        stem, ext = os.path.splitext(path)
+        path = f"{stem}.rank{rank}{ext}"
+    return path
+
+
+def _say_where(run: str, rank: int, publisher: Publisher) -> None:
+    """One line at attach: the run's name, its socket and its recording (stderr, so that a
+    person finds the recording later; ``XRAY_TUI_QUIET=1`` silences it)."""
+    if os.environ.get("XRAY_TUI_QUIET"):
+        return
+    parts = [f"run {run!r}" + (f" rank {rank}" if rank else "")]
+    if publisher.socket_path is not None:
+        parts.append(f"socket {publisher.socket_path}")
+    if publisher.recorder is not None:
+        parts.append(f"recording {os.path.abspath(publisher.recorder.path)}")
+    print("xray-tui: " + ", ".join(parts), file=sys.stderr, flush=True)
+
+
 def _optimizer_step(optimizer) -> int:
     """The steps an optimizer has taken (a resumed run's): Adam-family ``state["step"]``, else 0.
 
@@ -314,7 +347,6 @@ class XRay:
         self.scaler = scaler
         # the step a resumed run is at: given, or the optimizer's own count (Adam-family state["step"])
         self.step_index = start_step if start_step is not None else _optimizer_step(optimizer)
-        self._start_step = self.step_index
         self._sampling = self.step_index % every == 0
         #: the activation hooks' one flag: this forward pass is sampled (set per forward by the root pre-hook)
         self._active = self._sampling
@@ -398,7 +430,9 @@ class XRay:
             param_groups=self._param_groups,
             start_step=self.step_index,
         )
+        log = _log_path(log, self.run, rank, world)
         self.publisher = Publisher(hello, serve=serve, log_path=log, rules=rules, tcp=tcp if serve else None)
+        _say_where(self.run, rank, self.publisher)
         if on_alert is not None:
             self.publisher.subscribe(self._alert_listener)
         for n, kind, why in self._skip_notes:
