@@ -187,6 +187,9 @@ class RuleEngine:
         self.precision = ""
         self.param_groups: dict[str, int] = {}  # parameter name -> optimizer param group
         self._zero_init: dict[str, bool] = {}  # parameter -> its first sampled weight was all zero
+        self._grad_growth = 1.0  # the whole model's gradient growth at the step being judged
+        self._grad_peers = 0.0  # and the median L2 of its gradients at that step
+        self.eps = 0.05  # the probe's near-zero threshold (its Hello says), which dead units are counted against
         # streams whose values are NaN/inf now, per (kind, rank): the nonfinite alert counts them
         self.affected: dict[tuple[str, int], set[str]] = {}
         #: the latest value of each run-level scalar (``loss``, ``lr``, ``lr/N``, ``scale``...), per
@@ -218,6 +221,7 @@ class RuleEngine:
         self.set_layers(hello.layers)
         self.precision = getattr(hello, "precision", "") or ""
         self.param_groups = dict(getattr(hello, "param_groups", {}) or {})
+        self.eps = getattr(hello, "eps", self.eps)
 
     def note(self, msg) -> None:
         """Take a run :class:`~probes.wire.Note`; a ``precision`` note (autocast seen in
@@ -302,6 +306,7 @@ class RuleEngine:
         grads = {s.layer for s in step.samples if s.kind == "grad"}
         missing = self._no_grad(step, grads, out)
         medians = self._kind_medians(step, missing)
+        self._grad_growth, self._grad_peers = self._model_grad_growth(step)
         for s in step.samples:
             if s.kind == "weight" and s.layer not in self._zero_init and s.count:
                 self._zero_init[s.layer] = s.sumsq == 0  # e.g. a LoRA B: its ratio starts at 1/n
@@ -433,12 +438,40 @@ class RuleEngine:
         if not (explode or vanish or st.active & {"exploding", "vanishing"}):
             hist.append(value)
 
+    def _model_grad_growth(self, step: Step) -> tuple[float, float]:
+        """How much the model's gradients grew at this step, and their median L2 norm.
+
+        The growth is the median over gradient streams of L2 / its own recent
+        median (at least 1). When a model leaves its starting plateau every
+        gradient grows together, the small ones (LayerNorm's, biases') by
+        20-80x; one layer that explodes alone leaves this median near 1, and
+        its norm goes far above the median of the others'.
+        """
+        c = self.config
+        growths, norms = [], []
+        for s in step.samples:
+            if s.kind != "grad" or stats.nonfinite(s):
+                continue
+            value = stats.l2(s)
+            norms.append(value)
+            st = self._streams.get((s.layer, "grad", step.rank))
+            median = _median(st.hist.get("l2", ()), c.explode_window, c.explode_min_history) if st else math.nan
+            if median > 0:
+                growths.append(value / median)
+        growth = max(1.0, statistics.median(growths)) if len(growths) >= 3 else 1.0
+        return growth, statistics.median(norms) if len(norms) >= 3 else 0.0
+
     def _exploding(self, step, s, st, c, value, median, hist, out) -> bool:
-        threshold = c.explode_factor * median
+        # a gradient is judged against its own history times the whole model's growth at this step
+        together = self._grad_growth if s.kind == "grad" else 1.0
+        threshold = c.explode_factor * median * together
         if median > 0:
             threshold = max(threshold, median + c.explode_mad * _MAD_SIGMA * _mad(hist, c.explode_window))
-        rel = median > 0 and value > threshold
-        now = median > 0 and value > max(threshold, c.explode_now * median)
+        # ...and a gradient still below the median layer's is no explosion, however fast it grew
+        # from a tiny start (a LayerNorm's, 1e-4 at init, reaching 1e-2 as training begins)
+        significant = s.kind != "grad" or value > self._grad_peers
+        rel = median > 0 and value > threshold and significant
+        now = rel and value > max(threshold, c.explode_now * median * together)
         absmax = stats.absmax(s)
         cap = s.kind in ("act", "grad") and absmax > c.explode_abs_cap
         bad = bool(rel or cap)
@@ -449,10 +482,11 @@ class RuleEngine:
             if rel:
                 # 10x its own history is a precursor worth a look (early training can grow that
                 # much when a plateau breaks); 100x at once is an explosion
+                model = f" (the model's gradients grew {together:.1f}x)" if together > 1 else ""
                 return self._alert(
                     step, s, "critical" if now else "warning", "exploding", value, threshold,
                     f"{s.kind} L2 norm {value:.3g} is {value / median:.0f}x its recent median "
-                    f"{median:.3g}: lower the learning rate or clip gradients",
+                    f"{median:.3g}{model}: lower the learning rate or clip gradients",
                 )
             return self._alert(
                 step, s, "critical", "exploding", absmax, c.explode_abs_cap,
@@ -496,8 +530,17 @@ class RuleEngine:
     def _dead(self, step, s, st, c, out) -> None:
         if s.layer in self._activations:
             near = stats.fraction(s.near_zero, s)
-            units = s.dead_units if s.dead_units is not None else 0.0
-            bad = near >= c.dead_near_zero or units >= c.dead_units
+            # a unit is "dead" when it never exceeds eps; in a layer whose typical value (RMS) is
+            # itself below eps that says nothing (a healthy MLP's last ReLU, RMS 0.044, read 61-69%
+            # "dead" at eps 0.05). A truly dead layer is all near zero and fires on ``near``.
+            live_scale = stats.rms(s) >= self.eps if s.count else False
+            units = s.dead_units if s.dead_units is not None and live_scale else 0.0
+            # and dead units stay dead: a share that keeps falling is units waking up as the
+            # layer's scale grows (that MLP: 69% -> 36% over its first 60 steps), not dying
+            prev = st.series("dead_units")
+            waking = bool(prev) and units < prev[-1] - 0.02
+            prev.append(units)
+            bad = near >= c.dead_near_zero or (units >= c.dead_units and not waking)
         else:
             near = stats.fraction(s.zeros, s)
             units = 0.0
