@@ -315,3 +315,22 @@ def test_a_sampled_step_on_gpt2_small_dimensions_stays_under_budget(monkeypatch)
     assert s_reads == 0 and s_py == 0, (s_reads, reads)
     assert figures[0][0] - u_ops + figures[0][1] <= 300
     assert figures[0][2] == u_reads
+
+
+def test_the_viewer_shows_the_fallback_note():
+    """Headless mode prints it; the app's header carries it."""
+    import io
+
+    from probes import wire
+    from tui import headless
+    from tui.state import RunState
+    from tui.widgets.header import engine_fallback
+
+    note = wire.Note(7, 0, "engine-fallback", {"device": "cuda", "why": "RuntimeError: boom"})
+    out = io.StringIO()
+    headless.AlertPrinter(out=out).handle(note)
+    assert "fell back to torch on cuda: RuntimeError: boom" in out.getvalue()
+    state = RunState()
+    assert engine_fallback(state) == ""
+    state.ingest(note)
+    assert engine_fallback(state) == "engine fell back to torch on cuda: RuntimeError: boom"
