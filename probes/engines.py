@@ -36,6 +36,7 @@ _disabled: dict[str, str] = {}  # device type -> why the device engine is off th
 _listeners: list[Callable[[str, str], None]] = []
 _lock = threading.Lock()
 _triton: bool | None = None
+_triton_why = ""
 
 
 def _once(key: str, level: int, msg: str, *args) -> None:
@@ -58,13 +59,13 @@ def choice() -> str:
 
 def triton_ready() -> bool:
     """Whether the device engine imports (Triton is installed and loads)."""
-    global _triton
+    global _triton, _triton_why
     if _triton is None:
         try:
             from . import device_engine  # noqa: F401
             _triton = True
         except Exception as e:  # ImportError, or a broken install
-            _triton = False
+            _triton, _triton_why = False, str(e).splitlines()[0] if str(e) else type(e).__name__
             _once("triton", logging.DEBUG, "xray-tui: device engine unavailable: %s", e)
     return _triton
 
@@ -83,7 +84,8 @@ def for_device(device: torch.device) -> str:
     if not triton_ready():
         if asked == "device":
             _once("no-triton", logging.WARNING,
-                  "xray-tui: XRAY_TUI_ENGINE=device but Triton is not installed: statistics use torch's ops")
+                  "xray-tui: XRAY_TUI_ENGINE=device but Triton is not available (%s): statistics use torch's ops",
+                  _triton_why or "not installed")
         return "torch"
     return "device"
 

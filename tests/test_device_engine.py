@@ -199,7 +199,7 @@ def test_unknown_engine_name_and_missing_triton(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="xray-tui"):
         assert engines.for_device(torch.device("cpu")) == "torch"
         assert engines.for_device(torch.device("cpu")) == "torch"
-    assert len([r for r in caplog.records if "Triton is not installed" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "Triton is not available" in r.getMessage()]) == 1
     monkeypatch.setenv("XRAY_TUI_ENGINE", "auto")
     assert engines.for_device(torch.device("cuda")) == "torch"  # auto without Triton: quietly torch
     assert engines.for_device(torch.device("mps")) == "torch"
