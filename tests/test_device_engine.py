@@ -290,7 +290,7 @@ def test_a_sampled_step_on_gpt2_small_dimensions_stays_under_budget(monkeypatch)
     step()  # AdamW creates its state in its first step: not the probe's cost
     xr = probe.attach(model, opt, every=2, serve=False, spectral_every=None)
 
-    figures, names = [], []
+    figures, names, kinds = [], [], []
     try:
         for i in range(6):  # sampled, unsampled, sampled, ...: the second pair is counted
             counter.ops = counter.reads = 0
@@ -302,6 +302,7 @@ def test_a_sampled_step_on_gpt2_small_dimensions_stays_under_budget(monkeypatch)
             counting[0] = False
             figures.append((counter.ops, len(launched), counter.reads, len(reads)))
             names.append(counter.names)
+            kinds.append(collections.Counter(k.__name__ if hasattr(k, "__name__") else str(k) for k in launched))
     finally:
         xr.close()
     (s_ops, s_launch, s_reads, s_py), (u_ops, u_launch, u_reads, u_py) = figures[2], figures[3]
@@ -309,7 +310,8 @@ def test_a_sampled_step_on_gpt2_small_dimensions_stays_under_budget(monkeypatch)
     extra = s_ops - u_ops + s_launch - u_launch
     print(f"\nGPT-2 small dims, XRAY_TUI_ENGINE=device: unsampled step {u_ops} ops; sampled step {s_ops} ops + "
           f"{s_launch} launches = {extra} beyond an unsampled one; host reads {s_reads} (+{s_py} tolist/numpy/item/cpu); "
-          f"first sampled step (workspace growing): {figures[0][0] - u_ops + figures[0][1]} beyond")
+          f"first sampled step (workspace growing): {figures[0][0] - u_ops + figures[0][1]} beyond; launches by kernel "
+          f"{dict(kinds[2])}")
     added = sorted((names[2] - names[3]).items(), key=lambda kv: -kv[1])
     assert extra <= 300, (figures, added)
     assert s_reads == 0 and s_py == 0, (s_reads, reads)
