@@ -320,8 +320,16 @@ class Batch:
             by_device.setdefault(item[3].device if item[0] == "split" else item[2].device, []).append(item)
         for device, items in by_device.items():
             if engines.for_device(device) == "device":
+                from .device_engine import supported
+
+                # a dtype the engine does not read (float8...) takes torch's ops, alone
+                other = [it for it in items if not supported(it[3] if it[0] == "split" else it[2])]
+                items = [it for it in items if not any(it is o for o in other)]
+                if other:
+                    self._reduce_group(self._expand(other))
                 try:
-                    self._reduce_on_engine(device, items)
+                    if items:
+                        self._reduce_on_engine(device, items)
                     continue
                 except Exception as e:  # off for this device from now on; torch's ops answer
                     engines.failed(device, e)
@@ -350,8 +358,6 @@ class Batch:
         for item in items:
             if item[0] == "split":
                 _, layers, kind, flat, lengths, vectors = item
-                if not de.supported(flat):
-                    raise TypeError(f"the device engine does not read {flat.dtype}")
                 at = 0
                 first = len(work)
                 for layer, n in zip(layers, lengths):
@@ -363,8 +369,6 @@ class Batch:
                 later += [("vec", first, COL[c], v) for c, v in vectors.items()]
                 continue
             layer, kind, x, extra, units = item
-            if not de.supported(x):
-                raise TypeError(f"the device engine does not read {x.dtype}")
             plan = sample_plan(x, self.hist_k, self.generator)
             floats = {COL[c] - _NBASE: float(v) for c, v in extra.items() if not isinstance(v, torch.Tensor)}
             later += [("t", len(work), COL[c], v) for c, v in extra.items() if isinstance(v, torch.Tensor)]

@@ -336,3 +336,18 @@ def test_the_viewer_shows_the_fallback_note():
     assert engine_fallback(state) == ""
     state.ingest(note)
     assert engine_fallback(state) == "engine fell back to torch on cuda: RuntimeError: boom"
+
+
+def test_a_dtype_the_engine_does_not_read_takes_torch_and_keeps_the_engine_on(monkeypatch):
+    monkeypatch.setenv("XRAY_TUI_ENGINE", "device")
+    told = []
+    remove = engines.on_fallback(lambda device, why: told.append(why))
+    b = red.Batch(EPS, 64, np.random.default_rng(0))
+    b.hold("a", "weight", torch.arange(4.0))
+    b.hold("b", "weight", torch.arange(4.0).to(torch.float8_e4m3fn))
+    b.hold("c", "weight", torch.arange(5.0))
+    rows, _ = b.to_host()
+    remove()
+    assert told == [] and engines.for_device(torch.device("cpu")) == "device"
+    assert sorted(zip(b.meta, rows[:, red.COL["sum"]].tolist())) == [
+        (("a", "weight"), 6.0), (("b", "weight"), 6.0), (("c", "weight"), 10.0)]
