@@ -559,11 +559,21 @@ class Rows:
                 _launch(_finalize_kernel, (len(self.table),), rtab, ws.part.buf, ws.hist.buf, ws.alive.buf, out,
                         NP=NP, HW=HW, NBINS=NUM_BINS, NOUT=NCOL + NUM_BINS, RW=RW, CB=1024 if INTERPRET else 256,
                         UB=1024)
-            if self.tensor_extras:
-                rows, cols, vals = zip(*self.tensor_extras)
+            # 0-d tensors: one stack; (vector, index) elements: one gather per vector (the LoRA shifts)
+            singles = [(r, c, v) for r, c, v in self.tensor_extras if not isinstance(v, tuple)]
+            by_vector: dict[int, list] = {}
+            for r, c, (vec, i) in (e for e in self.tensor_extras if isinstance(e[2], tuple)):
+                by_vector.setdefault(id(vec), []).append((r, c, vec, i))
+            if singles:
+                rows, cols, vals = zip(*singles)
                 index = torch.from_numpy(np.asarray([rows, cols], dtype=np.int64)).to(self.device, non_blocking=True)
                 out.index_put_((index[0], index[1]),
                                torch.stack([v.to(device=self.device, dtype=torch.float64).reshape(()) for v in vals]))
+            for picks in by_vector.values():
+                rows, cols, vecs, idx = zip(*picks)
+                index = torch.from_numpy(np.asarray([rows, cols, idx], dtype=np.int64)).to(self.device,
+                                                                                          non_blocking=True)
+                out.index_put_((index[0], index[1]), vecs[0].to(torch.float64)[index[2]])
             for row, col, vec in self.vector_extras:
                 out[row : row + len(vec), col] = vec
             return out

@@ -441,17 +441,26 @@ class XRay:
             for x in (a, b):
                 self._adapter_of[paths[id(x)]] = paths[id(base)]
 
-    def _lora_sumsq(self) -> dict[str, torch.Tensor]:
+    def _lora_sumsq(self) -> dict[str, tuple[torch.Tensor, int]]:
         """||B A scale||_F^2 of every adapter, on the device and without forming B A:
-        trace((B^T B)(A A^T)) with r x r matrices."""
-        out: dict[str, torch.Tensor] = {}
+        trace((B^T B)(A A^T)) with r x r matrices; adapters of the same shapes in one batched
+        product (a few ops per shape, not per adapter). Each B weight's value is ``(vector, index)``."""
+        out: dict[str, tuple[torch.Tensor, int]] = {}
         if not self._lora or "lora" in self._failed:
             return out
+        groups: dict[tuple, list] = {}
+        for bname, wa, wb, scale in self._lora:
+            groups.setdefault((wa.shape, wb.shape, wa.dtype, wb.dtype, wa.device), []).append((bname, wa, wb, scale))
         try:
-            for bname, wa, wb, scale in self._lora:
-                a = wa.detach().reshape(wa.shape[0], -1).float()
-                b = wb.detach().reshape(wb.shape[0], -1).float()
-                out[bname] = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0) * (scale * scale)
+            with torch.no_grad():
+                for items in groups.values():
+                    a = torch.stack([wa if wa.dim() == 2 else wa.reshape(wa.shape[0], -1) for _, wa, _, _ in items])
+                    b = torch.stack([wb if wb.dim() == 2 else wb.reshape(wb.shape[0], -1) for _, _, wb, _ in items])
+                    a, b = a.float(), b.float()
+                    scales = torch.tensor([s * s for _, _, _, s in items], dtype=torch.float32, device=a.device)
+                    vals = ((b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))).sum((1, 2)).clamp_min(0) * scales
+                    for i, (bname, _, _, _) in enumerate(items):
+                        out[bname] = (vals, i)
         except Exception:
             self._fail("lora")
             return {}

@@ -286,7 +286,8 @@ class Batch:
 
         ``units=True`` has the reduction measure ``x``'s dead units (the
         ``dead_units`` column) in the same pass.
-        ``dead`` and the other keywords are 0-d tensors (or floats) computed elsewhere
+        ``dead`` and the other keywords are 0-d tensors (or floats, or ``(vector, index)``:
+        one element of a tensor computed for many rows at once) computed elsewhere
         that fill the columns of their name (``dead_units``, ``ref_sumsq``,
         ``init_dist``, ``lora_sumsq``); None leaves a column NaN.
         ``x`` itself is kept (it is detached when reduced, if at all: the
@@ -370,8 +371,8 @@ class Batch:
                 continue
             layer, kind, x, extra, units = item
             plan = sample_plan(x, self.hist_k, self.generator)
-            floats = {COL[c] - _NBASE: float(v) for c, v in extra.items() if not isinstance(v, torch.Tensor)}
-            later += [("t", len(work), COL[c], v) for c, v in extra.items() if isinstance(v, torch.Tensor)]
+            floats = {COL[c] - _NBASE: float(v) for c, v in extra.items() if not isinstance(v, (torch.Tensor, tuple))}
+            later += [("t", len(work), COL[c], v) for c, v in extra.items() if isinstance(v, (torch.Tensor, tuple))]
             work.append(de.Item(x, plan, units=x.shape[-1] if units else 0, extras=floats))
             meta.append((layer, kind))
             hist_n.append(plan[2])
@@ -401,7 +402,7 @@ class Batch:
             rows[:, : cpu_kernel.NROW] = base  # the statistics and the dead units
             for i, (_, _, _, extra, _) in enumerate(items):
                 for col, v in extra.items():
-                    rows[i, COL[col]] = float(v)
+                    rows[i, COL[col]] = float(_element(v))
             self._blocks.append(("np", rows, hists[:, : histogram.NUM_BINS]))
         else:
             rows = torch.full((len(items), NCOL), math.nan, dtype=torch.float64, device=device)
@@ -411,7 +412,7 @@ class Batch:
                        for i, (_, _, x, _, wanted) in enumerate(items) if wanted]
             if extras:
                 rows[[i for i, _, _ in extras], [c for _, c, _ in extras]] = torch.stack(
-                    [torch.as_tensor(v, dtype=torch.float64, device=device) for _, _, v in extras])
+                    [torch.as_tensor(_element(v), dtype=torch.float64, device=device) for _, _, v in extras])
             codes = self._count_codes(flats, plans)
             # the few thousand code counts per tensor are folded into bins
             counts = torch.zeros(len(items), histogram.NUM_BINS + 1, dtype=codes.dtype, device=device)
@@ -503,6 +504,11 @@ class Batch:
     def to_host(self) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``[n, NCOL]`` and histograms ``[n, NUM_BINS]`` on the host (waits for the copy)."""
         return self.start_copy().wait()
+
+
+def _element(v):
+    """An extra column's value: ``(vector, index)`` is that element of the vector."""
+    return v[0][v[1]] if isinstance(v, tuple) else v
 
 
 def _check_extra(extra: dict) -> None:

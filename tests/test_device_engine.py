@@ -351,3 +351,41 @@ def test_a_dtype_the_engine_does_not_read_takes_torch_and_keeps_the_engine_on(mo
     assert told == [] and engines.for_device(torch.device("cpu")) == "device"
     assert sorted(zip(b.meta, rows[:, red.COL["sum"]].tolist())) == [
         (("a", "weight"), 6.0), (("b", "weight"), 6.0), (("c", "weight"), 10.0)]
+
+
+class _LoRA(torch.nn.Module):
+    def __init__(self, d: int, r: int) -> None:
+        super().__init__()
+        self.base_layer = torch.nn.Linear(d, d)
+        self.lora_A = torch.nn.Linear(d, r, bias=False)
+        self.lora_B = torch.nn.Linear(r, d, bias=False)
+        self.scaling = 0.5
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def _lora_ops(n: int) -> int:
+    from probes import probe
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_LoRA(16, 4) for _ in range(n)])
+    for m in model:
+        torch.nn.init.normal_(m.lora_B.weight)
+    xr = probe.attach(model, None, every=1, serve=False, spectral_every=None)
+    try:
+        counter = Counter()
+        with counter:
+            got = xr._lora_sumsq()
+    finally:
+        xr.close()
+    for i, m in enumerate(model):
+        vec, at = got[f"{i}.lora_B.weight"]
+        want = ((m.lora_B.weight @ m.lora_A.weight) * 0.5).square().sum()
+        assert float(vec[at]) == pytest.approx(float(want), rel=1e-5)
+    return counter.ops
+
+
+def test_lora_shifts_cost_the_same_ops_for_two_or_eight_adapters():
+    """Adapters of the same shapes share one batched product: the ops do not grow with their number."""
+    assert _lora_ops(2) == _lora_ops(8) <= 30
