@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import cpu_kernel, histogram, rundir, wire
+from . import cpu_kernel, engines, histogram, rundir, wire
 from .scalars import ScalarLog, grad_norm
 from .reduce import COL, Batch, dead_units
 from .rules import RuleEngine
@@ -32,8 +32,9 @@ from .server import Publisher
 
 log = logging.getLogger("xray-tui")
 
-#: Activation elements held for a batched reduction before it runs early.
-ACT_HOLD_LIMIT = 1 << 24
+#: Activation bytes held for a batched reduction before it runs early (in the hook): what the
+#: probe may add to the step's peak memory (with its workspace, under 64 MiB + 1% of the parameters).
+ACT_HOLD_BYTES = 32 << 20
 
 
 def _is_activation(module: nn.Module) -> bool:
@@ -355,6 +356,7 @@ class XRay:
         self._seen: set[str] = set()
         self._eval_seen: set[str] = set()
         self._gen = torch.Generator().manual_seed(seed)
+        self._plan_rng = np.random.default_rng(seed)  # histogram sample offsets: no torch op, no host read
         self._batch = self._new_batch()
         self._eval_batch = self._new_batch()
         self._subsets: dict[str, torch.Tensor | None] = {}
@@ -435,6 +437,9 @@ class XRay:
         _say_where(self.run, rank, self.publisher)
         if on_alert is not None:
             self.publisher.subscribe(self._alert_listener)
+        # the device engine's fallback reaches the viewers (the header shows it, headless prints it)
+        self._unsubscribe_engine = engines.on_fallback(
+            lambda device, why: self.note("engine-fallback", device=device, why=why))
         for n, kind, why in self._skip_notes:
             self.note("skipped", layer=n, kind=kind, why=why)
         self._skip_notes.clear()
@@ -537,17 +542,26 @@ class XRay:
             for x in (a, b):
                 self._adapter_of[paths[id(x)]] = paths[id(base)]
 
-    def _lora_sumsq(self) -> dict[str, torch.Tensor]:
+    def _lora_sumsq(self) -> dict[str, tuple[torch.Tensor, int]]:
         """||B A scale||_F^2 of every adapter, on the device and without forming B A:
-        trace((B^T B)(A A^T)) with r x r matrices."""
-        out: dict[str, torch.Tensor] = {}
+        trace((B^T B)(A A^T)) with r x r matrices; adapters of the same shapes in one batched
+        product (a few ops per shape, not per adapter). Each B weight's value is ``(vector, index)``."""
+        out: dict[str, tuple[torch.Tensor, int]] = {}
         if not self._lora or "lora" in self._failed:
             return out
+        groups: dict[tuple, list] = {}
+        for bname, wa, wb, scale in self._lora:
+            groups.setdefault((wa.shape, wb.shape, wa.dtype, wb.dtype, wa.device), []).append((bname, wa, wb, scale))
         try:
-            for bname, wa, wb, scale in self._lora:
-                a = wa.detach().reshape(wa.shape[0], -1).float()
-                b = wb.detach().reshape(wb.shape[0], -1).float()
-                out[bname] = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0) * (scale * scale)
+            with torch.no_grad():
+                for items in groups.values():
+                    a = torch.stack([wa if wa.dim() == 2 else wa.reshape(wa.shape[0], -1) for _, wa, _, _ in items])
+                    b = torch.stack([wb if wb.dim() == 2 else wb.reshape(wb.shape[0], -1) for _, _, wb, _ in items])
+                    a, b = a.float(), b.float()
+                    scales = torch.tensor([s * s for _, _, _, s in items], dtype=torch.float32, device=a.device)
+                    vals = ((b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))).sum((1, 2)).clamp_min(0) * scales
+                    for i, (bname, _, _, _) in enumerate(items):
+                        out[bname] = (vals, i)
         except Exception:
             self._fail("lora")
             return {}
@@ -680,13 +694,13 @@ class XRay:
                 return
             seen.add(name)  # gradient checkpointing runs forward twice
             batch.hold(name, "act", x, units=name in self._activations)
-            if batch.held_elements > ACT_HOLD_LIMIT:
+            if batch.held_bytes > ACT_HOLD_BYTES:
                 batch.reduce()  # bound the memory that held activations keep alive
         except Exception:
             self._fail(part)
 
     def _new_batch(self) -> Batch:
-        return Batch(self.eps, self.hist_k, self._gen)
+        return Batch(self.eps, self.hist_k, self._plan_rng)
 
     @_eager
     def _reduce_held(self) -> None:
@@ -706,13 +720,13 @@ class XRay:
         if not len(batch) or self._closed or "eval" in self._failed:
             return
         try:
-            rows, hists = batch.to_host()  # one device-to-host copy for the pass
+            copy = batch.start_copy()  # one device-to-host copy for the pass, waited for by the publisher
         except Exception:
             self._fail("eval")
             return
         step, rank, t = self.step_index, self.rank, time.time()
         self.publisher.submit(
-            lambda: build_step(step, rank, t, batch.meta, rows, hists, batch.hist_n, phase="eval"))
+            lambda: build_step(step, rank, t, batch.meta, *copy.wait(), batch.hist_n, phase="eval"))
 
     def _alert_listener(self, msg: wire.Message) -> None:
         """Runs on the publisher thread: act on alerts as ``on_alert`` says."""
@@ -745,9 +759,20 @@ class XRay:
         if not self.trainable:
             return None
         device = self.trainable[0][1].device
-        flats = [_local(p).detach().reshape(-1) for _, p in self.trainable]
         indices = [self._subset(name, p) for name, p in self.trainable]
-        if (device.type == "cpu" and cpu_kernel.ready() is not None
+        engine = engines.for_device(device)
+        if engine == "device":
+            try:
+                from . import device_engine
+
+                # one launch instead of an index op per parameter, on the weights as they are
+                out = device_engine.gather([_local(p) for _, p in self.trainable], indices)
+                if out is not None:
+                    return out
+            except Exception as e:
+                engines.failed(device, e)
+        flats = [_local(p).detach().reshape(-1) for _, p in self.trainable]
+        if (engine == "cpu-kernel"
                 and all(f.dtype == torch.float32 and f.device.type == "cpu" and f.is_contiguous() for f in flats)):
             return cpu_kernel.gather(flats, indices)  # one call instead of an index op per parameter
         pieces = [(f if i is None else f[i]).to(device=device, dtype=torch.float32) for f, i in zip(flats, indices)]
@@ -880,10 +905,8 @@ class XRay:
                 dists = (self._segment_sumsq(after - self._init) / self._init_sumsq).sqrt()
             except Exception:
                 self._fail("init")
-        if refs.device.type == "cpu":  # Python floats: no 0-d tensor per parameter (on a GPU, no sync here)
-            refs, dists = refs.tolist(), dists.tolist() if isinstance(dists, torch.Tensor) else dists
-        for (name, _), d, ref, dist in zip(self.trainable, delta.split(self._subset_lengths()), refs, dists):
-            self._batch.hold(name, "update", d, ref_sumsq=ref, init_dist=dist)
+        self._batch.hold_split([name for name, _ in self.trainable], "update", delta, self._subset_lengths(),
+                               ref_sumsq=refs, init_dist=dists if isinstance(dists, torch.Tensor) else None)
 
     def _gather_grad_norms(self) -> None:
         """Every rank's total gradient norm, with torch.distributed itself.
@@ -924,8 +947,7 @@ class XRay:
             self.publisher.submit(scalars)
             return
         try:
-            rows, hists = batch.to_host()  # the one device-to-host copy of the step
-            rank_norms = norms.cpu().tolist() if norms is not None else None
+            copy = batch.start_copy()  # the one device-to-host copy of the step, waited for by the publisher
         except Exception:
             self._fail("transfer")
             self.publisher.submit(scalars)
@@ -933,7 +955,9 @@ class XRay:
         step, rank, t, bases = self.step_index, self.rank, time.time(), self._lora_bases
 
         def build() -> list[wire.Message]:
-            msg = build_step(step, rank, t, batch.meta, rows, hists, batch.hist_n, rank_norms,
+            # every rank's gradient norm comes to the host here, on the publisher thread
+            rank_norms = norms.cpu().tolist() if norms is not None else None
+            msg = build_step(step, rank, t, batch.meta, *copy.wait(), batch.hist_n, rank_norms,
                              lora_bases=bases, skipped=skipped)
             out = scalars()
             if out and out[-1].step == step:  # the global gradient norm, from the rows just built
@@ -973,6 +997,7 @@ class XRay:
         self.publisher.submit(self._scalars.take())  # the steps since the last sampled one
         self._closed = True
         atexit.unregister(self.close)
+        self._unsubscribe_engine()
         for h in self._handles:
             h.remove()
         if self._hooked and self.scaler is not None:

@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from . import cpu_kernel, histogram
+from . import cpu_kernel, engines, histogram
 
 # Column layout of a statistics row (float64).
 COLUMNS = (
@@ -144,21 +144,28 @@ def tensor_row(f: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.stack(cols)
 
 
-def sample_plan(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> tuple[int, int, int]:
-    """Which elements of ``x`` go into the histogram: ``(offset, stride, count)`` of its flat view.
+def sample_plan(x: torch.Tensor, k: int, generator: torch.Generator | np.random.Generator | None = None,
+                n: int | None = None) -> tuple[int, int, int]:
+    """Which elements of ``x`` go into the histogram: ``(offset, stride, count)`` of its flat view
+    (of its first ``n`` elements when given: a piece of a flat buffer).
 
     At most ``k`` elements. A plain stride aliases with row widths
     (DESIGN.md); we take an odd stride coprime with the last dimension and a
-    random offset.
+    random offset (from a numpy generator, or a torch one).
     """
-    n = x.numel()
+    width = (x.shape[-1] if x.dim() else 1) if n is None else max(n, 1)
+    n = x.numel() if n is None else n
     if n <= k:
         return 0, 1, n
-    width = x.shape[-1] if x.dim() else 1
     stride = -(-n // k) | 1
     while math.gcd(stride, width) != 1:
         stride += 2
-    offset = int(torch.randint(stride, (1,), generator=generator)) if generator is not None else 0
+    if generator is None:
+        offset = 0
+    elif isinstance(generator, np.random.Generator):  # no torch op: nothing a device counts
+        offset = int(generator.integers(stride))
+    else:
+        offset = int(torch.randint(stride, (1,), generator=generator))
     return offset, stride, min(k, -(-(n - offset) // stride))
 
 
@@ -202,30 +209,79 @@ def _has_units(x: torch.Tensor) -> bool:
     return x.dim() >= 2 and x.shape[-1] > 0 and x.numel() > 0
 
 
+class HostCopy:
+    """A step's rows on their way to the host: :meth:`wait` (on the publisher thread) gives them.
+
+    The device blocks left in one non-blocking copy into pinned memory, with a
+    CUDA event recorded after it; the training thread never waits for it.
+    """
+
+    def __init__(self, blocks: list, copies: list[tuple[torch.Tensor, object]]) -> None:
+        self._blocks = blocks  # ("np", rows, counts) | ("dev", copy index, first row, rows)
+        self._copies = copies  # (host tensor [n, NCOL + NUM_BINS], CUDA event or None)
+
+    def wait(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``[n, NCOL]`` and histograms ``[n, NUM_BINS]`` (waits for the copy's event)."""
+        hosts = []
+        for host, event in self._copies:
+            if event is not None:
+                event.synchronize()
+            hosts.append(host.numpy())
+        if not self._blocks:
+            return np.zeros((0, NCOL)), np.zeros((0, histogram.NUM_BINS), dtype=np.int64)
+        rows, counts = [], []
+        for block in self._blocks:
+            if block[0] == "np":
+                rows.append(block[1])
+                counts.append(block[2])
+            else:
+                _, c, at, n = block
+                rows.append(hosts[c][at : at + n, :NCOL])
+                counts.append(hosts[c][at : at + n, NCOL:])
+        return np.concatenate(rows), np.concatenate(counts).astype(np.int64)
+
+
+def _to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """``t`` copied to (pinned) host memory without blocking, and the CUDA event that marks the end."""
+    if t.device.type == "cpu":
+        return t, None
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+    return t.cpu(), None  # other devices: a plain (blocking) copy
+
+
 class Batch:
     """The statistics of one sampled step, gathered on the device.
 
     :meth:`hold` queues a tensor; :meth:`reduce` reduces everything queued
     (call it before the tensors change: weights before the optimizer step);
-    :meth:`to_host` reduces what is left and copies all rows and histogram
-    counts to the host in one transfer.
+    :meth:`start_copy` reduces what is left and starts the one copy of all
+    rows and histogram counts to the host (:meth:`to_host` also waits for it).
+    Each device's tensors are reduced by the engine :mod:`probes.engines`
+    chooses.
     """
 
-    def __init__(self, eps: float, hist_k: int, generator: torch.Generator | None = None) -> None:
+    def __init__(self, eps: float, hist_k: int,
+                 generator: torch.Generator | np.random.Generator | None = None) -> None:
         self.eps = eps
         self.hist_k = hist_k
         self.generator = generator
         self.meta: list[tuple[str, str]] = []  # (layer, kind) per reduced row
         self.hist_n: list[int] = []
-        # [n, NCOL] and [n, NUM_BINS] blocks, in meta order: numpy from the CPU kernel, else on the device
-        self._rows: list[torch.Tensor | np.ndarray] = []
-        self._counts: list[torch.Tensor | np.ndarray] = []
-        # (layer, kind, tensor, extra columns, dead units wanted)
-        self._held: list[tuple[str, str, torch.Tensor, dict[str, torch.Tensor | float], bool]] = []
-        self.held_elements = 0
+        # in meta order: ("np", rows, counts) from the CPU kernel, ("torch", rows, counts) on the device,
+        # ("eng", device, first row, rows) of the device engine's rows
+        self._blocks: list[tuple] = []
+        self._engine: dict[torch.device, object] = {}  # device -> device_engine.Rows
+        # (layer, kind, tensor, extra columns, dead units wanted), or ("split", names, kind, flat, lengths, vectors)
+        self._held: list[tuple] = []
+        self.held_bytes = 0
 
     def __len__(self) -> int:
-        return len(self.meta) + len(self._held)
+        return len(self.meta) + sum(len(h[1]) if h[0] == "split" else 1 for h in self._held)
 
     def hold(self, layer: str, kind: str, x: torch.Tensor, *, dead: torch.Tensor | None = None,
              units: bool = False, detach: bool = True, **extra: torch.Tensor | float | None) -> None:
@@ -233,36 +289,112 @@ class Batch:
 
         ``units=True`` has the reduction measure ``x``'s dead units (the
         ``dead_units`` column) in the same pass.
-        ``dead`` and the other keywords are 0-d tensors (or floats) computed elsewhere
+        ``dead`` and the other keywords are 0-d tensors (or floats, or ``(vector, index)``:
+        one element of a tensor computed for many rows at once) computed elsewhere
         that fill the columns of their name (``dead_units``, ``ref_sumsq``,
         ``init_dist``, ``lora_sumsq``); None leaves a column NaN.
-        ``detach=False`` keeps ``x`` itself (it is detached when reduced):
-        under torch.compile a detached view would be an aliased graph output,
-        which inductor's alias replay got wrong on GPT-2's logits.
+        ``x`` itself is kept (it is detached when reduced, if at all: the
+        device engine reads it in place); ``detach`` is accepted for callers
+        that still pass it. Under torch.compile a detached view would be an
+        aliased graph output, which inductor's alias replay got wrong on
+        GPT-2's logits.
         """
         if dead is not None:
             extra["dead_units"] = dead
-        for col in extra:
-            if col not in COL or COL[col] < _NBASE:
-                raise ValueError(f"{col!r} is not an extra statistics column")
-        self._held.append((layer, kind, x.detach() if detach else x, {k: v for k, v in extra.items() if v is not None},
-                           units and _has_units(x)))
-        self.held_elements += x.numel()
+        _check_extra(extra)
+        # not detached here (an op per tensor): every reduction reads it detached
+        self._held.append((layer, kind, x, {k: v for k, v in extra.items() if v is not None}, units and _has_units(x)))
+        self.held_bytes += x.numel() * x.element_size()
+
+    def hold_split(self, layers: list[str], kind: str, flat: torch.Tensor, lengths: list[int],
+                   **vectors: torch.Tensor | None) -> None:
+        """Queue consecutive pieces of the flat tensor ``flat`` (``lengths[i]`` elements for
+        ``layers[i]``) as tensors of their own; each keyword is a vector with one value per piece
+        for the column of its name. The device engine reads the pieces in place (no op per piece)."""
+        vectors = {k: v for k, v in vectors.items() if v is not None}
+        _check_extra(vectors)
+        self._held.append(("split", list(layers), kind, flat, list(lengths), vectors))
+        self.held_bytes += flat.numel() * flat.element_size()
 
     def reduce(self) -> None:
         """Reduce every held tensor, grouped by device, and let them go."""
-        held, self._held, self.held_elements = self._held, [], 0
+        held, self._held, self.held_bytes = self._held, [], 0
         by_device: dict[torch.device, list] = {}
         for item in held:
-            by_device.setdefault(item[2].device, []).append(item)
-        for items in by_device.values():
-            self._reduce_group(items)
+            by_device.setdefault(item[3].device if item[0] == "split" else item[2].device, []).append(item)
+        for device, items in by_device.items():
+            if engines.for_device(device) == "device":
+                from .device_engine import supported
+
+                # a dtype the engine does not read (float8...) takes torch's ops, alone
+                other = [it for it in items if not supported(it[3] if it[0] == "split" else it[2])]
+                items = [it for it in items if not any(it is o for o in other)]
+                if other:
+                    self._reduce_group(self._expand(other))
+                try:
+                    if items:
+                        self._reduce_on_engine(device, items)
+                    continue
+                except Exception as e:  # off for this device from now on; torch's ops answer
+                    engines.failed(device, e)
+            self._reduce_group(self._expand(items))
+
+    def _expand(self, items: list) -> list:
+        """Split pieces as tensors of their own (for the torch path and the CPU kernel)."""
+        out = []
+        for item in items:
+            if item[0] != "split":
+                out.append(item)
+                continue
+            _, layers, kind, flat, lengths, vectors = item
+            cols = {c: (v.tolist() if v.device.type == "cpu" else v) for c, v in vectors.items()}
+            for i, (layer, piece) in enumerate(zip(layers, flat.detach().split(lengths))):
+                out.append((layer, kind, piece, {c: v[i] for c, v in cols.items()}, False))
+        return out
+
+    def _reduce_on_engine(self, device: torch.device, items: list) -> None:
+        from . import device_engine as de
+
+        rows = self._engine.get(device)
+        if rows is None:
+            rows = self._engine[device] = de.Rows(device, self.eps)
+        work, meta, hist_n, later = [], [], [], []
+        for item in items:
+            if item[0] == "split":
+                _, layers, kind, flat, lengths, vectors = item
+                at = 0
+                first = len(work)
+                for layer, n in zip(layers, lengths):
+                    plan = sample_plan(flat, self.hist_k, self.generator, n=n)
+                    work.append(de.Item(flat, plan, offset=at, n=n))
+                    meta.append((layer, kind))
+                    hist_n.append(plan[2])
+                    at += n
+                later += [("vec", first, COL[c], v) for c, v in vectors.items()]
+                continue
+            layer, kind, x, extra, units = item
+            plan = sample_plan(x, self.hist_k, self.generator)
+            floats = {COL[c] - _NBASE: float(v) for c, v in extra.items() if not isinstance(v, (torch.Tensor, tuple))}
+            later += [("t", len(work), COL[c], v) for c, v in extra.items() if isinstance(v, (torch.Tensor, tuple))]
+            work.append(de.Item(x, plan, units=x.shape[-1] if units else 0, extras=floats))
+            meta.append((layer, kind))
+            hist_n.append(plan[2])
+        first = rows.add(work)
+        for what, i, col, v in later:
+            (rows.vector_extras if what == "vec" else rows.tensor_extras).append((first + i, col, v))
+        last = self._blocks[-1] if self._blocks else None
+        if last is not None and last[0] == "eng" and last[1] == device and last[2] + last[3] == first:
+            self._blocks[-1] = ("eng", device, last[2], last[3] + len(work))  # one block: no slice per group
+        else:
+            self._blocks.append(("eng", device, first, len(work)))
+        self.meta += meta
+        self.hist_n += hist_n
 
     def _reduce_group(self, items: list) -> None:
         flats = [_flat32(x) for _, _, x, _, _ in items]
         plans = [sample_plan(x, self.hist_k, self.generator) for _, _, x, _, _ in items]
         device = flats[0].device
-        if device.type == "cpu" and cpu_kernel.ready() is not None:
+        if engines.for_device(device) == "cpu-kernel":
             # more threads pay only for large batches: on the demo model's ~9 M elements beside
             # training, torch's spinning OpenMP workers made two threads slower than one
             threads = torch.get_num_threads() if sum(f.numel() for f in flats) >= PARALLEL_ELEMENTS else 1
@@ -273,8 +405,8 @@ class Batch:
             rows[:, : cpu_kernel.NROW] = base  # the statistics and the dead units
             for i, (_, _, _, extra, _) in enumerate(items):
                 for col, v in extra.items():
-                    rows[i, COL[col]] = float(v)
-            counts = hists[:, : histogram.NUM_BINS]
+                    rows[i, COL[col]] = float(_element(v))
+            self._blocks.append(("np", rows, hists[:, : histogram.NUM_BINS]))
         else:
             rows = torch.full((len(items), NCOL), math.nan, dtype=torch.float64, device=device)
             self._reduce_rows(flats, rows)
@@ -283,17 +415,14 @@ class Batch:
                        for i, (_, _, x, _, wanted) in enumerate(items) if wanted]
             if extras:
                 rows[[i for i, _, _ in extras], [c for _, c, _ in extras]] = torch.stack(
-                    [torch.as_tensor(v, dtype=torch.float64, device=device) for _, _, v in extras])
+                    [torch.as_tensor(_element(v), dtype=torch.float64, device=device) for _, _, v in extras])
             codes = self._count_codes(flats, plans)
             # the few thousand code counts per tensor are folded into bins
             counts = torch.zeros(len(items), histogram.NUM_BINS + 1, dtype=codes.dtype, device=device)
             counts.index_add_(1, CODE_BINS.to(device), codes.view(len(items), NUM_CODES))
-            counts = counts[:, : histogram.NUM_BINS]
-        self._rows.append(rows)
-        self._counts.append(counts)
+            self._blocks.append(("torch", rows, counts[:, : histogram.NUM_BINS]))
         self.meta += [(layer, kind) for layer, kind, _, _, _ in items]
         self.hist_n += [count for _, _, count in plans]
-
     def _reduce_rows(self, flats: list[torch.Tensor], rows: torch.Tensor) -> None:
         """The torch path of the statistics rows (any device)."""
         eps = self.eps
@@ -330,25 +459,62 @@ class Batch:
                                           lengths)
         return torch.bincount(float_codes(torch.cat(samples)) + offsets, minlength=len(flats) * NUM_CODES)
 
-    def to_host(self) -> tuple[np.ndarray, np.ndarray]:
-        """Rows ``[n, NCOL]`` and histograms ``[n, NUM_BINS]`` on the host.
+    def start_copy(self) -> HostCopy:
+        """Reduce what is left and start the step's copy to the host; never waits for the device.
 
-        The blocks the CPU kernel made are numpy already; the others travel in
-        one copy (rows and counts together: counts are exact in float64 up to
-        2**53).
+        The CPU kernel's blocks are numpy already; the device's rows and
+        histogram counts (counts are exact in float64 up to 2**53) travel in
+        one non-blocking copy per device.
         """
         self.reduce()
-        if not self._rows:
-            return np.zeros((0, NCOL)), np.zeros((0, histogram.NUM_BINS), dtype=np.int64)
-        rows, counts = list(self._rows), list(self._counts)
-        on_device = [i for i, r in enumerate(rows) if isinstance(r, torch.Tensor)]
-        if on_device:
-            device = rows[on_device[0]].device
-            host = torch.cat([torch.cat([rows[i].to(device), counts[i].to(device, torch.float64)], 1)
-                              for i in on_device]).cpu().numpy()
+        per_device: dict[torch.device, list[torch.Tensor]] = {}
+        blocks: list = []
+        finals = {}
+        for device, rows in self._engine.items():
+            try:
+                finals[device] = rows.finalize()
+            except Exception as e:  # this step's engine rows are lost; later steps use torch's ops
+                engines.failed(device, e)
+                raise
+        self._engine = {}
+        placed: list[tuple[int, torch.device, int]] = []  # (block index, device, piece index)
+        for block in self._blocks:
+            if block[0] == "np":
+                blocks.append(block)
+                continue
+            if block[0] == "torch":
+                _, r, c = block
+                piece = torch.cat([r, c.to(torch.float64)], 1)
+            else:
+                _, device, first, n = block
+                whole = finals[device]
+                piece = whole if first == 0 and n == len(whole) else whole[first : first + n]
+            pieces = per_device.setdefault(piece.device, [])
+            placed.append((len(blocks), piece.device, len(pieces)))
+            pieces.append(piece)
+            blocks.append(None)
+        copies, where = [], {}
+        for device, pieces in per_device.items():
+            where[device] = len(copies)
+            copies.append(_to_host_async(pieces[0] if len(pieces) == 1 else torch.cat(pieces)))
             at = 0
-            for i in on_device:
-                n = len(rows[i])
-                rows[i], counts[i] = host[at : at + n, :NCOL], host[at : at + n, NCOL:]
-                at += n
-        return np.concatenate(rows), np.concatenate(counts).astype(np.int64)
+            for b, d, p in placed:
+                if d == device:
+                    blocks[b] = ("dev", where[device], at, len(per_device[device][p]))
+                    at += len(per_device[device][p])
+        return HostCopy(blocks, copies)
+
+    def to_host(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``[n, NCOL]`` and histograms ``[n, NUM_BINS]`` on the host (waits for the copy)."""
+        return self.start_copy().wait()
+
+
+def _element(v):
+    """An extra column's value: ``(vector, index)`` is that element of the vector."""
+    return v[0][v[1]] if isinstance(v, tuple) else v
+
+
+def _check_extra(extra: dict) -> None:
+    for col in extra:
+        if col not in COL or COL[col] < _NBASE:
+            raise ValueError(f"{col!r} is not an extra statistics column")

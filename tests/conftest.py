@@ -4,6 +4,16 @@ import os
 
 import pytest
 
+# The device engine's Triton kernels run on CPU tensors in Triton's interpreter, which must be chosen
+# before anything (torch.compile's inductor does) imports triton: here, before any test module.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path_factory, monkeypatch):

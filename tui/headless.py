@@ -104,6 +104,13 @@ class AlertPrinter:
                 self._print(json.dumps(fault_json(msg)))
             else:
                 self._print(f"step {msg.step:>7}  FAULT     {msg.data.get('fault')} injected into {msg.data.get('layer')}")
+        elif isinstance(msg, wire.Note) and msg.event == "engine-fallback":
+            if self.as_json:
+                self._print(json.dumps({"type": "note", "event": msg.event, "step": msg.step, "rank": msg.rank,
+                                        **msg.data}))
+            else:
+                self._print(f"step {msg.step:>7}  ENGINE    the probe's device engine fell back to torch on "
+                            f"{msg.data.get('device')}: {msg.data.get('why')}")
         elif isinstance(msg, wire.End):
             self.ended[msg.rank] = msg
 

@@ -35,6 +35,7 @@ class HeaderInfo:
     title: str = "xray-tui"
     view: str = ""  # "merged" or "rank N" when the run has several ranks
     live_step: int = -1  # the run's step; differs from ``step`` while the view is paused
+    engine: str = ""  # the probe's statistics engine fell back ("torch on cuda: why"), from its Note
 
     @classmethod
     def from_state(cls, state: RunState, *, label: str, connection: str, paused: bool,
@@ -49,7 +50,16 @@ class HeaderInfo:
                    ranks=len(state.hellos), world_size=state.world_size, connection=connection,
                    paused=paused, samples=state.samples_seen, drops=state.drops,
                    active_alerts=len(state.active), layers_shown=layers_shown,
-                   layers_total=len(state.rows), filter=filter, title=title, view=view)
+                   layers_total=len(state.rows), filter=filter, title=title, view=view,
+                   engine=engine_fallback(state))
+
+
+def engine_fallback(state: RunState) -> str:
+    """The latest ``engine-fallback`` Note, in words ("" when the engine never fell back)."""
+    for note in reversed(state.notes):
+        if note.event == "engine-fallback":
+            return f"engine fell back to torch on {note.data.get('device', '?')}: {note.data.get('why', '')}"
+    return ""
 
 
 class XRayHeader(Widget):
@@ -130,6 +140,8 @@ class XRayHeader(Widget):
                               (f"{info.active_alerts} active",
                                self._style("warning") if info.active_alerts else None))
         right2 = Text("")
+        if info.engine:
+            right2 = Text(f" {info.engine} ", style=self._style("warning"))
         if info.paused:
             behind = f" · run at step {info.live_step:,}" if info.live_step > info.step else ""
             right2 = Text(f" PAUSED{behind} · p resumes ", style=self._style("paused"))
