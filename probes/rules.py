@@ -33,7 +33,10 @@ from .wire import Alert, Sample, Step
 
 #: Every rule id this module knows, in the order they are evaluated.
 RULES = ("nonfinite", "exploding", "vanishing", "dead", "stalled", "no-grad", "update-too-large",
-         "rank-divergence", "spectral")
+         "starved", "rank-divergence", "overflow", "loss-spike", "spectral")
+
+#: Layer name of alerts about the loss (loss-spike, a non-finite loss).
+LOSS_LAYER = "(loss)"
 
 #: Layer name of alerts about a whole rank rather than one layer (rank-divergence).
 ALL_LAYERS = "(all)"
@@ -152,6 +155,12 @@ class RuleEngine:
         self._nonfinite_active: dict[tuple[str, int], str] = {}
         self._activations: set[str] = set()
         self._trainable: set[str] | None = None  # parameter names with requires_grad, once known
+        #: the latest value of each run-level scalar (``loss``, ``lr``, ``lr/N``, ``scale``...), per
+        #: :meth:`evaluate_scalars`; rules read the learning rate from here for their messages
+        self.scalars: dict[str, float] = {}
+        from .scalar_rules import ScalarRules  # a module of its own; it reads this engine's streams
+
+        self._scalar_rules = ScalarRules(self)
 
     def set_layers(self, layers) -> None:
         """Tell the engine the model's layers (a Hello's ``layers``): the
@@ -163,6 +172,12 @@ class RuleEngine:
         self._trainable = {f"{li.name}.{p}" if li.name else p
                            for li in layers for p in li.params
                            if p not in li.frozen and f"{p}.grad" not in li.skipped}  # e.g. sparse gradients
+
+    def evaluate_scalars(self, msg) -> list[Alert]:
+        """Alerts from one step's :class:`~probes.wire.Scalars`: ``loss-spike``, a
+        non-finite loss (``nonfinite`` on ``(loss)``) and ``overflow`` (skipped steps)."""
+        self.scalars.update(msg.values)
+        return self._scalar_rules.evaluate(msg)
 
     def cfg(self, layer: str) -> RuleConfig:
         """The resolved thresholds of ``layer`` (cached)."""
