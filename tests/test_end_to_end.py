@@ -109,10 +109,16 @@ def test_headless_attach_prints_the_nan_alert_of_a_script_and_exits_0_when_it_en
     assert {(a["layer"], a["kind"]) for a in alerts} >= {("2", "act"), ("2.weight", "weight")}
     for a in alerts:
         assert set(a) == {"type", "step", "rank", "severity", "rule", "layer", "kind", "value", "threshold", "message"}
-    # the viewer's own recording replays to the same alerts
-    again = xray("replay", str(tmp_path / "v.xray"), "--headless", "--json", "--fail-on", "critical")
-    assert again.returncode == 3
+    assert lines[-1]["type"] == "end" and (lines[-1]["reason"], lines[-1]["step"], lines[-1]["exit"]) == ("finished", 60, 0)
+    # the viewer's own recording replays to the same lines
+    again = xray("replay", str(tmp_path / "v.xray"), "--headless", "--json")
+    assert again.returncode == 0
     assert [json.loads(line) for line in again.stdout.splitlines()] == lines
+    # --fail-on leaves at the first critical alert
+    failed = xray("replay", str(tmp_path / "v.xray"), "--headless", "--json", "--fail-on", "critical")
+    first = next(i for i, x in enumerate(lines) if x.get("severity") == "critical")
+    got = [json.loads(line) for line in failed.stdout.splitlines()]
+    assert failed.returncode == 3 and got[:-1] == lines[:first + 1] and got[-1]["reason"] == "fail-on"
 
 
 def test_probe_recording_replays_and_exports_exactly(tmp_path):
