@@ -283,3 +283,28 @@ def test_live_status_lines_come_on_the_wall_clock_even_when_the_run_is_quiet():
     end = got[-1]
     assert (end["type"], end["step"], end["reason"], end["exit"]) == ("end", 3, "finished", 0)
     assert sum(end["alerts"].values()) == sum(x["type"] == "alert" for x in got)
+
+
+def test_a_viewers_recording_keeps_the_scalars(tmp_path):
+    import os
+    import socket
+
+    msgs = run_msgs(6, wire.End(6, 0, "stopped"))
+    path = tmp_path / "p.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    os.chmod(path, 0o600)
+    srv.listen(1)
+
+    def serve():
+        conn, _ = srv.accept()
+        conn.sendall(wire.MAGIC + b"".join(wire.encode(m) for m in msgs))
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    out = xray("attach", "--socket", str(path), "--headless", "--json", "--log", str(tmp_path / "v.xray"))
+    srv.close()
+    assert out.returncode == 0, out.stderr
+    assert lines(out)[-1]["reason"] == "stopped"
+    got, torn = wire.read_file(str(tmp_path / "v.xray"))
+    assert torn == 0 and got == msgs
