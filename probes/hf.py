@@ -29,7 +29,12 @@ class XRayCallback(TrainerCallback):
             return
         opts = dict(self.kwargs)
         opts.setdefault("name", args.run_name or "hf-trainer")
-        self.xray = XRay(model, None, **opts)
+        optimizer = kwargs.get("optimizer")
+        opts.setdefault("start_step", state.global_step)  # a resumed run goes on from its step
+        # accelerate's optimizer wrapper holds the GradScaler under fp16 and says when it skipped a step
+        opts.setdefault("scaler", getattr(optimizer, "scaler", None))
+        # the optimizer's param groups give the learning rates; its steps are this callback's events
+        self.xray = XRay(model, optimizer, hook_optimizer=False, **opts)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         """Weights and gradients, as the optimizer is about to see them."""
@@ -39,7 +44,8 @@ class XRayCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         """Updates; then the step is shipped."""
         if self.xray is not None:
-            self.xray.after_update()
+            optimizer = kwargs.get("optimizer")
+            self.xray.after_update(skipped=bool(getattr(optimizer, "step_was_skipped", False)))
 
     def on_step_end(self, args, state, control, **kwargs):
         """With ``on_alert="stop"``, ask the Trainer to stop after an alert."""

@@ -50,13 +50,22 @@ class XRayCallback(Callback):
         self.xray: XRay | None = None
         self._module = None  # the module whose clipping hook is wrapped
         self._pending = False  # weights and gradients were read; the update is not yet
+        self._stepped = False  # the optimizer stepped in this batch (GradScaler skips it on inf/NaN)
+        self._step_hooks: list = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Attach to the module (after the strategy set it up: the process group exists)."""
         rank, _ = _rank_and_world()
         if self.xray is not None or (self.ranks is not None and rank not in self.ranks):
             return
-        self.xray = XRay(pl_module, None, **self.kwargs)
+        opts = dict(self.kwargs)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        opts.setdefault("start_step", trainer.global_step)  # a resumed fit goes on from its step
+        opts.setdefault("scaler", getattr(getattr(trainer, "precision_plugin", None), "scaler", None))
+        # the optimizer gives the learning rates; the steps are this callback's events
+        self.xray = XRay(pl_module, optimizer, hook_optimizer=False, **opts)
+        for opt in trainer.optimizers:
+            self._step_hooks.append(opt.register_step_pre_hook(self._on_step))
         original = getattr(pl_module, _HOOK)
 
         @functools.wraps(original)  # __wrapped__: Lightning's is_overridden still sees the user's hook
@@ -67,6 +76,9 @@ class XRayCallback(Callback):
 
         setattr(pl_module, _HOOK, clip_then_read)  # an instance attribute; close() deletes it
         self._module = pl_module
+
+    def _on_step(self, *_) -> None:
+        self._stepped = True
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         """Manual optimization only: Lightning calls no clipping hook there."""
@@ -85,8 +97,15 @@ class XRayCallback(Callback):
         if self.xray is None or not self._pending:
             return  # an accumulation batch: the optimizer did not step
         self._pending = False
+        skipped, self._stepped = not self._stepped, False
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            try:
+                self.xray.log(loss=loss)  # what training_step returned (kept on its device)
+            except (TypeError, ValueError):
+                pass  # not a one-element loss: nothing to log
         try:
-            self.xray.after_update()  # raises AlertRaised with on_alert="raise"
+            self.xray.after_update(skipped=skipped)  # raises AlertRaised with on_alert="raise"
         finally:
             if self.xray.should_stop:
                 trainer.should_stop = True
@@ -100,6 +119,9 @@ class XRayCallback(Callback):
         self._close(*lifecycle.reason_of(exception))
 
     def _close(self, reason: str | None = None, error: str = "") -> None:
+        for h in self._step_hooks:
+            h.remove()
+        self._step_hooks.clear()
         if self._module is not None:
             self._module.__dict__.pop(_HOOK, None)
             self._module = None

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernel, histogram, lifecycle, rundir, wire
+from .scalars import ScalarLog, grad_norm
 from .reduce import COL, Batch, dead_units
 from .rules import RuleEngine
 from .server import Publisher
@@ -217,6 +218,31 @@ def _is_sharded(raw_name: str, p: torch.Tensor) -> bool:
     return "_fsdp_wrapped_module" in raw_name.split(".")
 
 
+def _optimizer_step(optimizer) -> int:
+    """The steps an optimizer has taken (a resumed run's): Adam-family ``state["step"]``, else 0.
+
+    Read once, at attach; the count is a CPU tensor or a float in torch's
+    optimizers (a capturable optimizer's device count costs one host read here)."""
+    if optimizer is None:
+        return 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step") if hasattr(optimizer, "state") else None
+            if step is not None:
+                try:
+                    return max(0, int(float(step)))
+                except (TypeError, ValueError):
+                    return 0
+    return 0
+
+
+def _precision(params, scaler) -> str:
+    """The training precision the parameters show: fp32, bf16 or fp16, with "+scaler"."""
+    dtypes = {p.dtype for _, p in params}
+    name = "fp16" if torch.float16 in dtypes else "bf16" if torch.bfloat16 in dtypes else "fp32"
+    return name + "+scaler" if scaler is not None else name
+
+
 class AlertRaised(RuntimeError):
     """Raised in the training loop by ``on_alert="raise"``; ``.alert`` says why."""
 
@@ -253,6 +279,9 @@ class XRay:
         tcp: str | int | bool | None = None,
         spectral_every: int | None = 500,
         layers: Iterable[int] | None = None,
+        scaler=None,
+        start_step: int | None = None,
+        hook_optimizer: bool = True,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -262,6 +291,11 @@ class XRay:
             raise ValueError(f"update_sample must be >= 1, got {update_sample}")
         if not (on_alert is None or callable(on_alert) or on_alert in ("raise", "stop")):
             raise ValueError(f"on_alert must be a callable, 'raise' or 'stop', got {on_alert!r}")
+        if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int)
+                                       or start_step < 0):
+            raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
+        if scaler is not None and not callable(getattr(scaler, "update", None)):
+            raise ValueError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if alert_level not in ("warning", "critical"):
             raise ValueError(f"alert_level must be 'warning' or 'critical', got {alert_level!r}")
         self.model = model
@@ -270,10 +304,13 @@ class XRay:
         self.eps = eps
         self.hist_k = hist_sample
         self.update_k = update_sample
-        self.step_index = 0
-        self._sampling = True
+        self.scaler = scaler
+        # the step a resumed run is at: given, or the optimizer's own count (Adam-family state["step"])
+        self.step_index = start_step if start_step is not None else _optimizer_step(optimizer)
+        self._start_step = self.step_index
+        self._sampling = self.step_index % every == 0
         #: the activation hooks' one flag: this forward pass is sampled (set per forward by the root pre-hook)
-        self._active = True
+        self._active = self._sampling
         self._phase: str | None = None  # "train" or "eval" inside a forward of the model, else None
         self._eval_armed = True  # the next evaluation forward is sampled (re-armed by each sampled step)
         self._seen: set[str] = set()
@@ -329,6 +366,10 @@ class XRay:
         rank, world = _rank_and_world()
         self.rank = rank
         self.world = world
+        #: every step's loss, learning rates, scale and rates (the cheap tier), shipped with sampled steps
+        self._scalars = ScalarLog(rank, optimizer, scaler)
+        self._precision_seen = ""  # autocast's dtype once a training forward ran under it
+        self._stepped = False  # optimizer.step ran in this iteration (a GradScaler may skip it)
         self._rank_norms: torch.Tensor | None = None
         self.run = name or os.path.splitext(os.path.basename(sys.argv[0] or "run"))[0] or "run"
         if serve and world == 1:
@@ -346,6 +387,9 @@ class XRay:
             hist=histogram.SPEC,
             layers=self._layer_infos(hooked),
             accepts=["spectral"] if spectral_every else [],  # so the recorded Hello equals the served one
+            precision=_precision(self.params, scaler),
+            param_groups=self._param_groups,
+            start_step=self.step_index,
         )
         self.publisher = Publisher(hello, serve=serve, log_path=log, rules=rules, tcp=tcp if serve else None)
         if on_alert is not None:
@@ -366,12 +410,18 @@ class XRay:
         for mname, module in modules:
             self._handles.append(module.register_forward_hook(self._make_hook(mname)))
         # which pass this is (training or evaluation), and whether it is sampled
-        self._handles.append(model.register_forward_pre_hook(self._begin_forward))
+        self._handles.append(model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
         # the forward is over: reduce the held activations together, then let them go
         self._handles.append(model.register_forward_hook(self._end_forward))
-        if optimizer is not None:
+        self._hooked = optimizer is not None and hook_optimizer
+        if self._hooked:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_update()))
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.after_update()))
+            if scaler is not None:
+                # with a GradScaler the step ends at scaler.update(): it runs every iteration, while
+                # optimizer.step (and its hooks) does not when the gradients overflowed
+                self._scaler_update = scaler.update
+                scaler.update = self._on_scaler_update
         #: spectral health (WeightWatcher's metrics) in a background thread every N steps; None: off
         self.spectral = None
         if spectral_every:
@@ -384,11 +434,20 @@ class XRay:
     def _layer_infos(self, hooked: dict[str, nn.Module]) -> list[wire.LayerInfo]:
         by_module: dict[str, list[str]] = {}
         frozen: dict[str, list[str]] = {}
+        unoptimized: dict[str, list[str]] = {}
+        groups = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]} \
+            if self.optimizer is not None else {}
+        #: parameter name -> its optimizer param group (Hello.param_groups)
+        self._param_groups = {}
         for pname, p in self.params:
             mod, _, short = pname.rpartition(".")
             by_module.setdefault(mod, []).append(short)
             if not p.requires_grad:
                 frozen.setdefault(mod, []).append(short)
+            elif id(p) in groups:
+                self._param_groups[pname] = groups[id(p)]
+            elif self.optimizer is not None:
+                unoptimized.setdefault(mod, []).append(short)
         infos = []
         # a wrapper (FSDP1, CheckpointWrapper) has the unwrapped name of the module it wraps; that
         # module comes after it in named_modules, so it is the one kept, in the wrapper's place
@@ -403,7 +462,8 @@ class XRay:
                 base = self._adapter_of.get(mname, "")
                 infos.append(wire.LayerInfo(mname, type(module).__name__, by_module.pop(mname, []),
                                             mname in hooked, "lora" if base else role, frozen.get(mname, []),
-                                            skipped=dict(self._unread.get(mname, {})), adapter_of=base))
+                                            skipped=dict(self._unread.get(mname, {})), adapter_of=base,
+                                            unoptimized=unoptimized.get(mname, [])))
         # each base module's adapters follow it, whatever order the modules were registered in
         adapters = [li for li in infos if li.adapter_of]
         infos = [li for li in infos if not li.adapter_of]
@@ -466,7 +526,7 @@ class XRay:
 
     # -- hooks ----------------------------------------------------------
 
-    def _begin_forward(self, module, args) -> None:
+    def _begin_forward(self, module, args, kwargs) -> None:
         """Root pre-hook: a training pass (gradients enabled) is sampled with
         its step; an evaluation pass (``torch.no_grad()`` or
         ``inference_mode``) when armed: the first one after each sampled
@@ -478,6 +538,8 @@ class XRay:
         keeps two variants of each kind of pass, not one per combination."""
         if torch.is_grad_enabled():
             self._phase, self._active = "train", self._sampling
+            if not torch.compiler.is_compiling():
+                self._note_inputs(args, kwargs)
         else:
             self._phase, self._active = "eval", self._eval_armed and "eval" not in self._failed
 
@@ -489,6 +551,8 @@ class XRay:
         parameters at the optimizer step, and an eval pass is shipped then.
         """
         phase, self._phase = self._phase, None
+        if phase == "train" and not torch.compiler.is_compiling():
+            self._note_loss(output)
         if phase == "eval":
             if self._active:
                 self._eval_armed = False
@@ -497,6 +561,44 @@ class XRay:
             self._active = False  # the next forward's pre-hook sets it (not _sampling: one guard less)
         elif self._sampling and not torch.compiler.is_compiling():
             self._reduce_held()
+
+    @_eager
+    def _note_inputs(self, args, kwargs) -> None:
+        """A training forward's size (tokens/s, samples/s) and precision (autocast), read from
+        the inputs' shapes and the autocast state: no tensor is read."""
+        x = kwargs.get("input_ids")
+        if not isinstance(x, torch.Tensor):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is not None and x.dim():
+            if not x.is_floating_point():
+                self._scalars.add_inputs(x.numel(), x.shape[0])  # token ids: (batch, sequence)
+            else:
+                self._scalars.add_inputs(0, x.shape[0])
+        if not self._precision_seen and self.params:
+            device = self.params[0][1].device.type
+            if torch.is_autocast_enabled(device):
+                dtype = torch.get_autocast_dtype(device)
+                name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).replace("torch.", ""))
+                self._precision_seen = f"{name}-autocast" + ("+scaler" if self.scaler is not None else "")
+                self.note("precision", precision=self._precision_seen)
+
+    @_eager
+    def _note_loss(self, output) -> None:
+        """The loss of a training forward, when the model returns one (Hugging Face models
+        given labels return ``.loss``); kept on its device."""
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
+            self._scalars.add_loss(loss)
+
+    def log(self, **values) -> None:
+        """Record run-level scalars of the current step: ``xr.log(loss=loss, acc=0.9)``.
+
+        Tensors stay on their device (no host read) and travel with the next
+        sampled step; a ``loss`` given here replaces the one read from the
+        model's output. Call it before the step ends (before ``optimizer.step()``,
+        or ``scaler.update()`` with a GradScaler).
+        """
+        self._scalars.log(values)
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
@@ -616,6 +718,9 @@ class XRay:
         """Read weights and gradients, and keep the update subset (sampled steps)."""
         if len(self._eval_batch):
             self._flush_eval()  # an eval pass that torch.compile traced
+        self._stepped = True
+        if self.scaler is not None:
+            self._scalars.keep_scale()
         if not self._sampling or "params" in self._failed:
             return
         try:
@@ -627,14 +732,50 @@ class XRay:
             self._gather_grad_norms()
 
     @_eager
-    def after_update(self) -> None:
-        """Reduce the updates, ship the step, and move to the next one."""
-        if self._sampling:
+    def after_update(self, skipped: bool = False) -> None:
+        """Reduce the updates, ship the step, and move to the next one.
+
+        ``skipped``: the optimizer did not step (an integration's GradScaler
+        found inf/NaN gradients); the step still counts, without an update.
+        With a GradScaler given to :func:`attach` the step ends at
+        ``scaler.update()`` instead.
+        """
+        if self._sampling and not skipped:
             try:
                 self._read_updates()
             except Exception:
                 self._fail("params")
-            self._flush()
+        if skipped:
+            self._snapshot = None  # nothing moved: no update to measure
+        if self._hooked and self.scaler is not None:
+            return  # the step ends in scaler.update()
+        self._end_step(skipped)
+
+    @_eager
+    def _on_scaler_update(self, *args, **kwargs):
+        """``scaler.update`` while attached: the iteration's end, whether or not
+        ``optimizer.step`` ran (it did not when the scaler found inf/NaN gradients)."""
+        skipped, self._stepped = not self._stepped, False
+        try:
+            if skipped and self._sampling and "params" not in self._failed:
+                try:
+                    self._read_params()  # the gradients that overflowed (unscaled by scaler.step)
+                except Exception:
+                    self._fail("params")
+            if skipped:
+                self._scalars.keep_scale()  # the scale this step used, before update() changes it
+        finally:
+            result = self._scaler_update(*args, **kwargs)
+        self._end_step(skipped)
+        return result
+
+    def _end_step(self, skipped: bool = False) -> None:
+        """Close the step: its scalars; on a sampled step ship everything; then advance."""
+        self._scalars.end_step(self.step_index, skipped)
+        if self._sampling:
+            self._flush(skipped)
+        elif self._scalars.full():
+            self.publisher.submit(self._scalars.take())
         self._advance()
 
     @_eager
@@ -657,8 +798,7 @@ class XRay:
                 self._read_updates()
             except Exception:
                 self._fail("params")
-            self._flush()
-        self._advance()
+        self._end_step()
         if self._sampling:
             self._snapshot = self._take_subsets()
 
@@ -732,23 +872,35 @@ class XRay:
         except Exception:
             self._fail("ranks")
 
-    def _flush(self) -> None:
+    def _flush(self, skipped: bool = False) -> None:
         batch, self._batch = self._batch, self._new_batch()
         norms, self._rank_norms = self._rank_norms, None
         self._seen.clear()
         self._eval_armed = True  # the next evaluation pass is sampled
-        if not len(batch) or self._closed:
+        scalars = self._scalars.take()
+        if self._closed:
+            return
+        if not len(batch):
+            self.publisher.submit(scalars)
             return
         try:
             rows, hists = batch.to_host()  # the one device-to-host copy of the step
             rank_norms = norms.cpu().tolist() if norms is not None else None
         except Exception:
             self._fail("transfer")
+            self.publisher.submit(scalars)
             return
-        step, rank, t = self.step_index, self.rank, time.time()
-        self.publisher.submit(
-            lambda: build_step(step, rank, t, batch.meta, rows, hists, batch.hist_n, rank_norms,
-                               lora_bases=self._lora_bases))
+        step, rank, t, bases = self.step_index, self.rank, time.time(), self._lora_bases
+
+        def build() -> list[wire.Message]:
+            msg = build_step(step, rank, t, batch.meta, rows, hists, batch.hist_n, rank_norms,
+                             lora_bases=bases, skipped=skipped)
+            out = scalars()
+            if out and out[-1].step == step:  # the global gradient norm, from the rows just built
+                out[-1].values["grad_norm"] = grad_norm(msg)
+            return [msg, *out]
+
+        self.publisher.submit(build)
 
     def _advance(self) -> None:
         self.step_index += 1
@@ -789,11 +941,14 @@ class XRay:
                 reason = "stopped"
         if len(self._eval_batch):
             self._flush_eval()  # an eval pass that torch.compile traced
+        self.publisher.submit(self._scalars.take())  # the steps since the last sampled one
         self._closed = True
         atexit.unregister(self.close)
         lifecycle.unregister(self)
         for h in self._handles:
             h.remove()
+        if self._hooked and self.scaler is not None:
+            self.scaler.__dict__.pop("update", None)  # the class's own update again
         step, rank = self.step_index, self.rank
         self.publisher.submit(lambda: wire.End(step, rank, reason, error))
         self.publisher.close()
@@ -815,7 +970,7 @@ class XRay:
 
 def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np.ndarray, hist_n,
                rank_grad_norms: list[float] | None = None, phase: str = "train",
-               lora_bases: dict[str, str] | None = None) -> wire.Step:
+               lora_bases: dict[str, str] | None = None, skipped: bool = False) -> wire.Step:
     """Turn the host copy of a step's rows into a :class:`wire.Step` (publisher thread).
 
     ``lora_bases`` maps each LoRA B weight to its base weight, whose row gives
@@ -871,7 +1026,8 @@ def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np
                 lora_shift=shift,
             )
         )
-    return wire.Step(step=step, rank=rank, time=t, samples=samples, rank_grad_norms=rank_grad_norms, phase=phase)
+    return wire.Step(step=step, rank=rank, time=t, samples=samples, rank_grad_norms=rank_grad_norms, phase=phase,
+                     skipped=skipped)
 
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kwargs) -> XRay:

@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import msgspec
 import numpy as np
 
 from . import stats
@@ -76,6 +77,15 @@ class RuleConfig:
     update_k: int = 2
     rank_factor: float = 2.0  # a rank's total grad norm this many times off the other ranks' median
     rank_k: int = 2
+    # loss-spike and overflow (evaluated by probes.scalar_rules over every step's Scalars):
+    spike_sigmas: float = 6.0  # the loss above its rolling median + this many robust sigmas (1.4826 MAD)...
+    spike_rel: float = 0.1  # ...and above the median by this fraction of it (a flat loss has a tiny MAD)
+    spike_window: int = 64  # steps in that median
+    spike_min_history: int = 16  # steps needed before a spike can be judged
+    overflow_window: int = 50  # steps over which skipped steps are counted
+    overflow_share: float = 0.5  # skipped share of a full window that warns
+    overflow_all_k: int = 20  # this many skipped steps in a row: critical
+    overflow_min_scale: float = 1.0  # a skipped step at a GradScaler scale below this: critical (collapsed)
     # spectral (evaluated by probes.spectral_rule over each spectral pass, not per step):
     spectral_alpha_low: float = 2.0  # WeightWatcher's alpha below this: "over-trained"...
     spectral_alpha_high: float = 6.0  # ...above this: "under-trained"
@@ -158,6 +168,8 @@ class RuleEngine:
         #: the latest value of each run-level scalar (``loss``, ``lr``, ``lr/N``, ``scale``...), per
         #: :meth:`evaluate_scalars`; rules read the learning rate from here for their messages
         self.scalars: dict[str, float] = {}
+        #: the latest training Step of each rank (loss-spike names the layers that moved in it)
+        self.last_step: dict[int, Step] = {}
         from .scalar_rules import ScalarRules  # a module of its own; it reads this engine's streams
 
         self._scalar_rules = ScalarRules(self)
@@ -190,6 +202,12 @@ class RuleEngine:
         """Alerts that fire or recover at this step (none for an evaluation pass's step)."""
         if step.phase != "train":
             return []  # eval activations are another distribution: they must not move training baselines
+        self.last_step[step.rank] = step
+        if step.skipped:
+            # a GradScaler found inf/NaN gradients and skipped the step: its job, judged by the
+            # overflow rule (a healthy fp16 run skips a few while the scale settles); the
+            # gradients of that step are no baseline and no alarm
+            step = msgspec.structs.replace(step, samples=[s for s in step.samples if s.kind != "grad"])
         out: list[Alert] = []
         out += self._nonfinite(step)
         grads = {s.layer for s in step.samples if s.kind == "grad"}

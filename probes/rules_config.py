@@ -47,6 +47,9 @@ PREFIX = {
     "update-too-large": "update_",
     "rank-divergence": "rank_",
     "nonfinite": None,  # no thresholds: only ``enabled``
+    "loss-spike": "spike_",  # evaluated over every step's Scalars by probes.scalar_rules
+    "overflow": "overflow_",
+    "starved": "starved_",
     "spectral": "spectral_",  # evaluated over spectral passes by probes.spectral_rule
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(RuleConfig) if f.name not in ("disabled", "overrides")}

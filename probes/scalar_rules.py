@@ -1,6 +1,38 @@
-"""Rules over the run-level scalars (:class:`probes.wire.Scalars`): placeholder, filled in next."""
+"""Rules over every step's run-level scalars (:class:`probes.wire.Scalars`).
+
+``loss-spike``: the loss above a rolling robust band (median + k robust
+sigmas over a window, and a relative margin, as OLMo's step skipping and
+Lightning's SpikeDetection judge a loss), on any step, sampled or not. Its
+message names the first movers: the layers whose gradient norm or update
+ratio rose most above their own history in the latest sampled step.
+A NaN or infinite loss is ``nonfinite`` (critical) on layer ``(loss)``.
+
+``overflow``: a GradScaler skipping steps. Every fp16 run skips a handful
+while the scale settles from 2**16 at the start and one every few thousand
+steps after; so a warning needs half of a full window skipped, and a
+critical alert ``overflow_all_k`` skipped steps in a row or a skipped step
+at a scale below ``overflow_min_scale`` (the scale has collapsed).
+"""
 
 from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+
+from .wire import Alert, Scalars
+
+LOSS = "(loss)"
+_MAD_SIGMA = 1.4826
+
+
+class _RankState:
+    def __init__(self) -> None:
+        self.losses: deque = deque(maxlen=512)  # healthy losses only: a spike must not move the band
+        self.skipped: deque = deque(maxlen=512)
+        self.skipped_run = 0
+        self.active: set[str] = set()
+        self.good: dict[str, int] = {}
 
 
 class ScalarRules:
@@ -8,7 +40,140 @@ class ScalarRules:
 
     def __init__(self, engine) -> None:
         self.engine = engine
+        self._ranks: dict[int, _RankState] = {}
 
-    def evaluate(self, msg) -> list:
+    def evaluate(self, msg: Scalars) -> list[Alert]:
         """Alerts that fire or recover at this step."""
-        return []
+        st = self._ranks.setdefault(msg.rank, _RankState())
+        c = self.engine.cfg(LOSS)
+        out: list[Alert] = []
+        loss = msg.values.get("loss")
+        if loss is not None:
+            if c.on("nonfinite"):
+                self._judge(msg, st, "nonfinite", not math.isfinite(loss), 1, out,
+                            lambda: self._alert(msg, "critical", "nonfinite", loss, 0,
+                                                f"the loss is {loss}: training has diverged "
+                                                f"{self._where(msg.rank)}; {self._hint()}"))
+            if math.isfinite(loss):
+                self._loss_spike(msg, st, c, loss, out)
+        if c.on("overflow") and ("scale" in msg.values or msg.skipped):
+            self._overflow(msg, st, c, out)
+        return out
+
+    # -- helpers ---------------------------------------------------------
+
+    def _alert(self, msg, severity, rule, value, threshold, message) -> Alert:
+        return Alert(msg.step, msg.rank, severity, rule, LOSS, "scalar", float(value), float(threshold), message)
+
+    def _judge(self, msg, st, rule, bad, k, out, fire, recovered: str = "") -> None:
+        """Fire once while ``bad`` holds (``k`` is checked by the caller), say once when it recovers."""
+        if bad:
+            st.good[rule] = 0
+            if rule not in st.active:
+                st.active.add(rule)
+                out.append(fire())
+        elif rule in st.active:
+            st.good[rule] = st.good.get(rule, 0) + 1
+            if st.good[rule] >= self.engine.cfg(LOSS).recover_k:
+                st.active.discard(rule)
+                out.append(self._alert(msg, "info", rule, 0.0, 0.0, recovered or f"{rule} on the loss recovered"))
+
+    def _lr(self) -> str:
+        lr = self.engine.scalars.get("lr")
+        return f" (lr {lr:.3g})" if lr is not None and math.isfinite(lr) else ""
+
+    def _hint(self) -> str:
+        return f"lower the learning rate{self._lr()}, add warm-up or gradient clipping"
+
+    def _where(self, rank: int) -> str:
+        movers = self.first_movers(rank)
+        return f"(moved most at the last sampled step: {movers})" if movers else ""
+
+    def first_movers(self, rank: int = 0, top: int = 3) -> str:
+        """The layers whose gradient L2 norm or update ratio stood furthest above their own
+        recent median in the latest sampled step, e.g. ``h.1.attn.c_attn.weight grad 41x``."""
+        step = self.engine.last_step.get(rank)
+        if step is None:
+            return ""
+        from . import stats  # numpy; imported here, as the viewer may never need it
+
+        moved = []
+        for s in step.samples:
+            if s.kind not in ("grad", "update"):
+                continue
+            st = self.engine._streams.get((s.layer, s.kind, rank))
+            if st is None:
+                continue
+            value, series = (stats.l2(s), "l2") if s.kind == "grad" else (s.ratio, "ratio")
+            hist = [v for v in st.hist.get(series, ()) if v > 0]
+            if value is None or not hist:
+                continue
+            ref = statistics.median(hist[-16:])
+            factor = value / ref if math.isfinite(value) else math.inf
+            if factor > 1.5:
+                moved.append((factor, s.layer, s.kind))
+        moved.sort(reverse=True)
+        return ", ".join(f"{layer} {kind} {f:.0f}x" if math.isfinite(f) else f"{layer} {kind} non-finite"
+                         for f, layer, kind in moved[:top])
+
+    # -- rules -----------------------------------------------------------
+
+    def _loss_spike(self, msg, st, c, loss, out) -> None:
+        window = list(st.losses)[-c.spike_window:]
+        bad = False
+        threshold = math.nan
+        if len(window) >= c.spike_min_history and c.on("loss-spike"):
+            median = statistics.median(window)
+            mad = statistics.median(abs(v - median) for v in window)
+            threshold = max(median + c.spike_sigmas * _MAD_SIGMA * mad, median + c.spike_rel * abs(median))
+            bad = loss > threshold
+
+            def fire():
+                movers = self.first_movers(msg.rank)
+                return self._alert(
+                    msg, "warning", "loss-spike", loss, threshold,
+                    f"loss {loss:.4g} spiked above its recent band (median {median:.4g}, limit {threshold:.4g})"
+                    + (f"; first movers: {movers}" if movers else "")
+                    + f": a bad batch, or instability; {self._hint()}")
+
+            self._judge(msg, st, "loss-spike", bad, 1, out, fire, f"the loss is back within its band ({loss:.4g})")
+        if not bad:
+            st.losses.append(loss)
+
+    def _overflow(self, msg, st, c, out) -> None:
+        st.skipped.append(bool(msg.skipped))
+        st.skipped_run = st.skipped_run + 1 if msg.skipped else 0
+        window = list(st.skipped)[-c.overflow_window:]
+        share = sum(window) / len(window)
+        scale = msg.values.get("scale", math.nan)
+        collapsed = msg.skipped and scale < c.overflow_min_scale
+        critical = st.skipped_run >= c.overflow_all_k or collapsed
+        warn = len(window) >= c.overflow_window and share >= c.overflow_share
+
+        def fire():
+            precision = getattr(self.engine, "precision", "") or "fp16"
+            if critical:
+                what = (f"the loss scale collapsed to {scale:.3g}" if collapsed
+                        else f"the last {st.skipped_run} steps were all skipped")
+                return self._alert(
+                    msg, "critical", "overflow", st.skipped_run if not collapsed else scale,
+                    c.overflow_all_k if not collapsed else c.overflow_min_scale,
+                    f"GradScaler: {what} (inf/NaN gradients every step): the model is not training. "
+                    f"Under {precision} the gradients overflow at any scale: look for the first non-finite "
+                    f"layer, lower the learning rate{self._lr()}, or train in bf16")
+            return self._alert(
+                msg, "warning", "overflow", share, c.overflow_share,
+                f"GradScaler skipped {share:.0%} of the last {len(window)} steps (scale {scale:.3g}): "
+                "gradients overflow fp16 often; lower the learning rate, clip gradients, or train in bf16")
+
+        # a critical overflow fires even if the warning is already active
+        if critical and "overflow" in st.active and "overflow-critical" not in st.active:
+            st.active.add("overflow-critical")
+            out.append(fire())
+            return
+        self._judge(msg, st, "overflow", warn or critical, 1, out, fire,
+                    f"GradScaler steps again (scale {scale:.3g})")
+        if not (warn or critical):
+            st.active.discard("overflow-critical")
+        elif critical:
+            st.active.add("overflow-critical")

@@ -244,6 +244,7 @@ class Publisher:
         backlog_steps: int = 512,
         backlog_bytes: int = 32 * 1024 * 1024,
         backlog_alerts: int = 2000,
+        backlog_scalars: int = 8192,
         viewer_buffer: int = 64 * 1024 * 1024,
         max_viewers: int = 64,
         tcp: str | int | bool | None = None,
@@ -269,6 +270,9 @@ class Publisher:
         #: Bytes of the Step frames in the backlog.
         self.backlog_size = 0
         self._other: deque[tuple[int, bytes]] = deque(maxlen=backlog_alerts)
+        # a Scalars frame every training step (~60 bytes): a backlog of its own, so a long run's
+        # scalars never push the alerts and notes out of a late viewer's history
+        self._scalars: deque[tuple[int, bytes]] = deque(maxlen=backlog_scalars)
         self._viewers: dict[int, _Viewer] = {}
         self._pending: dict[int, _Pending] = {}
         self._viewer_buffer = viewer_buffer
@@ -620,7 +624,7 @@ class Publisher:
     def _start_viewer(self, conn: socket.socket) -> None:
         viewer = _Viewer(conn, self._viewer_buffer)
         viewer.push(wire.MAGIC + self._hello_frame)
-        for _, frame in heapq.merge(self._steps, self._other):
+        for _, frame in heapq.merge(self._steps, self._other, self._scalars):
             viewer.push(frame)
         self.viewer_drops += viewer.dropped  # a backlog larger than the viewer's buffer
         if self.viewer_drops or self.dropped:
@@ -665,16 +669,21 @@ class Publisher:
             except Exception:
                 log.exception("xray-tui: a sample could not be built; skipped")
                 continue
-            self._publish(msg)
-            if isinstance(msg, wire.Step) and self._rules_on:
-                try:
-                    alerts = self.rules.evaluate(msg)
-                except Exception:
-                    self._rules_on = False
-                    log.exception("xray-tui: the alert rules failed and are switched off; training goes on")
-                    continue
-                for alert in alerts:
-                    self._publish(alert)
+            for m in msg if isinstance(msg, list) else (msg,):  # a builder may make several messages
+                self._publish_and_judge(m)
+
+    def _publish_and_judge(self, msg: wire.Message) -> None:
+        """Publish ``msg``, then the alerts the rules draw from it (Steps and Scalars)."""
+        self._publish(msg)
+        if isinstance(msg, (wire.Step, wire.Scalars)) and self._rules_on:
+            try:
+                alerts = self.rules.evaluate(msg) if isinstance(msg, wire.Step) else self.rules.evaluate_scalars(msg)
+            except Exception:
+                self._rules_on = False
+                log.exception("xray-tui: the alert rules failed and are switched off; training goes on")
+                return
+            for alert in alerts:
+                self._publish(alert)
 
     def _publish(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.Step):
@@ -689,6 +698,8 @@ class Publisher:
             while len(self._steps) > 1 and (len(self._steps) > self._backlog_steps
                                             or self.backlog_size > self._backlog_bytes):
                 self.backlog_size -= len(self._steps.popleft()[1])
+        elif isinstance(msg, wire.Scalars):
+            self._scalars.append(item)
         else:
             self._other.append(item)
         if self.recorder:

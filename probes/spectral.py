@@ -481,7 +481,8 @@ class SpectralMonitor:
         self._next = every  # the step of the next scheduled pass
         self._handles = []
         self._running = False  # a pass is in progress
-        opt = getattr(xr, "optimizer", None)
+        # the optimizer the probe hooks itself (an integration's, e.g. accelerate's wrapper, is not)
+        opt = getattr(xr, "optimizer", None) if getattr(xr, "_hooked", True) else None
         if opt is not None:
             self._handles.append(opt.register_step_pre_hook(self._bump))
             self._handles.append(opt.register_step_post_hook(self._bump))

@@ -30,6 +30,8 @@ _LEN = struct.Struct(">I")
 
 Count = Annotated[int, Meta(ge=0)]
 Kind = Literal["weight", "grad", "act", "update"]
+#: What an alert is about: a sample's kind, or ``scalar`` (the loss, the loss scale: layer ``(loss)``)
+AlertKind = Literal["weight", "grad", "act", "update", "scalar"]
 Severity = Literal["info", "warning", "critical"]
 BinIndex = Annotated[int, Meta(ge=0, lt=histogram.NUM_BINS)]
 
@@ -189,7 +191,7 @@ class Alert(Struct, tag="alert", frozen=True):
     severity: Severity
     rule: str
     layer: str
-    kind: Kind
+    kind: AlertKind
     value: float
     threshold: float
     message: str

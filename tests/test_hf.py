@@ -39,3 +39,9 @@ def test_trainer_callback_streams_grads_after_clipping(tmp_path):
         assert total == pytest.approx(1e-3, rel=1e-3)  # clipped to max_grad_norm: read after clipping
         assert any(s.kind == "act" and s.layer == "transformer.h.0.mlp.act" for s in st.samples)
         assert any(s.kind == "update" and s.ratio for s in st.samples)
+    # every step's loss (from the model output's .loss) and the optimizer's lr, in step order
+    scalars = [m for m in msgs if isinstance(m, wire.Scalars)]
+    assert [m.step for m in scalars] == list(range(6))
+    assert all(m.values["loss"] > 0 and "lr" in m.values for m in scalars)
+    assert all("grad_norm" in m.values for m in scalars if m.step in (0, 2, 4))
+    assert scalars[0].values["grad_norm"] == pytest.approx(1e-3, rel=1e-3)  # the clipped norm

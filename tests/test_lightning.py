@@ -118,6 +118,10 @@ def test_grads_are_read_after_clipping_weights_before_the_update(tmp_path):
     assert [s.step for s in steps] == [0, 2, 4]
     assert isinstance(msgs[-1], wire.End) and msgs[-1].reason == "finished"
     assert "configure_gradient_clipping" not in model.__dict__  # the module is as it was
+    # every step's loss (what training_step returned) and lr, none skipped
+    scalars = [m for m in msgs if isinstance(m, wire.Scalars)]
+    assert [m.step for m in scalars] == list(range(len(scalars))) and len(scalars) >= 5
+    assert all(m.values["loss"] > 0 and "lr" in m.values and not m.skipped for m in scalars)
     for st in steps:
         truth = model.truth[st.step]
         assert set(truth) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
@@ -209,10 +213,13 @@ def test_a_step_gradscaler_skipped_reads_as_a_zero_update(tmp_path):
     cb = XRayCallback(every=1, serve=False, spectral_every=None, log=str(tmp_path / "s.xray"))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 gradients overflow: the step is skipped
     fit(model, cb, steps=2, callbacks=[cb], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
-    steps = [m for m in recorded(tmp_path / "s.xray") if isinstance(m, wire.Step)]
+    msgs = recorded(tmp_path / "s.xray")
+    steps = [m for m in msgs if isinstance(m, wire.Step)]
     assert model.truth == {} and len(steps) == 2  # the optimizer never ran; the probe still closed each step
-    for st in steps:
-        for s in st.samples:
-            if s.kind == "update":
-                assert s.count > 0 and s.sumsq == 0 and s.ratio == 0
+    for st in steps:  # marked skipped, with the gradients that overflowed and no update
+        assert st.skipped and not any(s.kind == "update" for s in st.samples)
+        assert any(s.kind == "grad" for s in st.samples)
+    scalars = [m for m in msgs if isinstance(m, wire.Scalars)]
+    assert [(m.step, m.skipped) for m in scalars] == [(0, True), (1, True)]
+    assert scalars[0].values["scale"] == 2.0**40 and scalars[1].values["scale"] == 2.0**39  # backed off
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -1,0 +1,140 @@
+"""The cheap tier: run-level scalars of every training step, kept until a sampled step ships them.
+
+Every step the probe notes the loss (the model output's ``.loss``, or what
+``xr.log`` was given), each param group's learning rate, a GradScaler's
+scale, whether the step was skipped, and the step rate. Device values (a
+CUDA loss, the scaler's scale) are not read: they are kept as 0-d tensors
+and stacked once when the next sampled step ships its statistics, and the
+publisher thread, not the training thread, brings them to the host. On a
+step that is not sampled this costs a few Python operations and, per
+device value, the one small copy that keeps it from being overwritten.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from . import wire
+
+#: Steps kept before they are shipped without waiting for a sampled step (bounds memory).
+RING_LIMIT = 1024
+
+
+def _value(v):
+    """A float, or a detached 0-d float tensor that stays on its device (no host read)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"a logged scalar must have one element, got shape {tuple(v.shape)}")
+        return v.detach().reshape(()).float()
+    return float(v)
+
+
+class ScalarLog:
+    """Per-step scalars of one rank: collect during a step, close it, ship in bursts."""
+
+    def __init__(self, rank: int, optimizer=None, scaler=None) -> None:
+        self.rank = rank
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self._ring: list[tuple[int, float, dict, bool]] = []
+        self._current: dict[str, object] = {}
+        self._loss_sum = None  # sum of this step's training losses (gradient accumulation: several)
+        self._loss_n = 0
+        self._tokens = self._samples = 0
+        self._last_time: float | None = None
+        self._step_scale = None  # the scale this step used, kept before scaler.update() changes it
+
+    def add_loss(self, loss) -> None:
+        """A training forward's loss (a tensor or a float): the step's loss is their mean."""
+        v = _value(loss)
+        self._loss_sum = v if self._loss_sum is None else self._loss_sum + v
+        self._loss_n += 1
+
+    def add_inputs(self, tokens: int, samples: int) -> None:
+        """A training forward's input size, for tokens/s and samples/s."""
+        self._tokens += tokens
+        self._samples += samples
+
+    def log(self, values: dict) -> None:
+        """User scalars for the current step (``xr.log(loss=..., acc=...)``); a ``loss`` here wins."""
+        for name, v in values.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"scalar names are non-empty strings, got {name!r}")
+            self._current[name] = _value(v)
+
+    def _scale(self):
+        s = self.scaler
+        if s is None or not getattr(s, "is_enabled", lambda: False)():
+            return None
+        scale = getattr(s, "_scale", None)  # a device tensor; get_scale() would read it on the host
+        return scale.detach().clone() if isinstance(scale, torch.Tensor) else None
+
+    def keep_scale(self) -> None:
+        """Keep the scale this step uses (called before the optimizer steps: GradScaler's
+        ``update()`` changes it right after)."""
+        self._step_scale = self._scale()
+
+    def end_step(self, step: int, skipped: bool = False) -> None:
+        """Close ``step``: learning rates, scale and rates are read now (no host sync)."""
+        now = time.perf_counter()
+        values = dict(self._current)
+        if "loss" not in values and self._loss_n:
+            values["loss"] = self._loss_sum / self._loss_n if self._loss_n > 1 else self._loss_sum
+        if self.optimizer is not None:
+            for i, g in enumerate(self.optimizer.param_groups):
+                lr = g.get("lr")
+                if lr is not None:
+                    values["lr" if i == 0 else f"lr/{i}"] = _value(lr)
+        scale = self._step_scale if self._step_scale is not None else self._scale()
+        self._step_scale = None
+        if scale is not None:
+            values["scale"] = scale
+        if self._last_time is not None and now > self._last_time:
+            dt = now - self._last_time
+            values["steps_per_s"] = 1.0 / dt
+            if self._tokens:
+                values["tokens_per_s"] = self._tokens / dt
+            if self._samples:
+                values["samples_per_s"] = self._samples / dt
+        self._last_time = now
+        self._ring.append((step, time.time(), values, skipped))
+        self._current = {}
+        self._loss_sum, self._loss_n, self._tokens, self._samples = None, 0, 0, 0
+
+    def full(self) -> bool:
+        """Whether the kept steps should be shipped now, sampled step or not."""
+        return len(self._ring) >= RING_LIMIT
+
+    def take(self):
+        """Hand over the kept steps: a builder (run on the publisher thread) of their
+        :class:`~probes.wire.Scalars`. The device values are stacked into one tensor
+        here, so only one tensor per device waits for the publisher."""
+        ring, self._ring = self._ring, []
+        if not ring:
+            return lambda: []
+        tensors: dict[torch.device, list] = {}
+        for _, _, values, _ in ring:
+            for v in values.values():
+                if isinstance(v, torch.Tensor):
+                    tensors.setdefault(v.device, []).append(v)
+        stacked = {d: torch.stack(ts) for d, ts in tensors.items()}
+        rank = self.rank
+
+        def build() -> list[wire.Scalars]:
+            host = {d: iter(t.cpu().tolist()) for d, t in stacked.items()}  # the publisher waits, not training
+            out = []
+            for step, t, values, skipped in ring:
+                vals = {k: next(host[v.device]) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+                out.append(wire.Scalars(step, rank, t, vals, skipped))
+            return out
+
+        return build
+
+
+def grad_norm(step: wire.Step) -> float:
+    """The global L2 norm of the gradients a Step holds (this rank's shards under FSDP)."""
+    sq = [s.sumsq for s in step.samples if s.kind == "grad"]
+    return math.sqrt(sum(sq)) if sq else math.nan
