@@ -308,3 +308,33 @@ def test_a_viewers_recording_keeps_the_scalars(tmp_path):
     assert lines(out)[-1]["reason"] == "stopped"
     got, torn = wire.read_file(str(tmp_path / "v.xray"))
     assert torn == 0 and got == msgs
+
+
+def test_live_status_lines_carry_the_probes_scalars():
+    proc = start("scalar-run", "250", "--every", "5", "--sleep", "0.01", "--log-loss")
+    try:
+        out = xray("attach", "scalar-run", "--headless", "--json", "--status-every", "0.5")
+    finally:
+        proc.wait(60)
+    assert out.returncode == 0, out.stderr
+    status = [x for x in lines(out) if x["type"] == "status"]
+    assert status, out.stdout
+    last = status[-1]
+    assert last["loss"] is not None and math.isfinite(last["loss"]) and last["lr"] == pytest.approx(1e-3)
+    assert last["steps_per_s"] and last["steps_per_s"] > 0 and last["step"] > 0
+    assert lines(out)[-1]["reason"] == "finished"
+
+
+def test_replay_status_names_the_step_whose_loss_it_shows_when_scalars_come_in_bursts(tmp_path):
+    # as the probe sends them: the sampled Step first, then the Scalars of every step since the last one
+    msgs = [synthetic.hello(1, run="bursty")]
+    steps = {st.step: st for st in synthetic.steps(1, 41, elements=8, t0=T0)}
+    for s in range(0, 41, 5):
+        msgs.append(wire.Step(step=s, rank=0, time=T0 + s, samples=steps[s].samples))
+        msgs += [scalars(k, loss=100.0 + k) for k in range(max(0, s - 4), s + 1)]
+    msgs.append(wire.End(41, 0))
+    out = xray("replay", record(tmp_path / "r.xray", msgs), "--headless", "--json", "--status-every", "3")
+    status = [x for x in lines(out) if x["type"] == "status"]
+    assert len(status) >= 10
+    for x in status:
+        assert x["loss"] == 100.0 + x["step"]

@@ -1,11 +1,12 @@
 """A user's plain training script with the probe attached (used by the tests).
 
 Usage: python train_script.py NAME STEPS [--nan-at S] [--log FILE] [--every N] [--sleep SECONDS]
-       [--raise-at S] [--plain] [--stop]
+       [--raise-at S] [--plain] [--stop] [--log-loss]
 Prints "ready" after the first step and "done" at the end. ``--raise-at S``
 raises ValueError("boom at step S") in the loop; ``--plain`` attaches without
 a ``with`` block (the probe is closed by atexit, as in most scripts);
-``--stop`` passes ``on_alert="stop"`` and leaves the loop when ``xr.should_stop``.
+``--stop`` passes ``on_alert="stop"`` and leaves the loop when ``xr.should_stop``;
+``--log-loss`` gives the probe the loss with ``xr.log(loss=...)``.
 """
 
 import argparse
@@ -28,6 +29,7 @@ p.add_argument("--every", type=int, default=1)
 p.add_argument("--sleep", type=float, default=0.0)
 p.add_argument("--plain", action="store_true")
 p.add_argument("--stop", action="store_true")
+p.add_argument("--log-loss", action="store_true")
 args = p.parse_args()
 
 torch.manual_seed(0)
@@ -46,6 +48,8 @@ with contextlib.nullcontext() if args.plain else xr:
         x = torch.randn(32, 16)
         loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
         loss.backward()
+        if args.log_loss:
+            xr.log(loss=loss)
         opt.step()
         opt.zero_grad()
         if step == 0:

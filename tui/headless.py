@@ -180,6 +180,8 @@ class RunWatch:
         self.scalars: dict[int, dict[str, float]] = {}  # rank -> latest value of each name
         self._times: deque = deque(maxlen=64)  # (step, probe time) of the first rank, for steps/s
         self.newest_time: float | None = None  # the probe's clock in the newest message that has one
+        self._saw_scalars = False
+        self.scalar_step = -1  # the newest step whose Scalars came
 
     @property
     def tripped(self) -> wire.Alert | None:
@@ -194,13 +196,17 @@ class RunWatch:
             self.ends[msg.rank] = msg
         elif isinstance(msg, (wire.Step, wire.Scalars)) and getattr(msg, "phase", "train") == "train":
             self.step = max(self.step, msg.step)
-            if msg.time > 0:
+            # The replay clock. Scalars come in bursts right after their sampled Step, so once a run
+            # sends them they alone move it: a status line then has the loss of the step it names.
+            self._saw_scalars = self._saw_scalars or isinstance(msg, wire.Scalars)
+            if msg.time > 0 and (isinstance(msg, wire.Scalars) or not self._saw_scalars):
                 self.newest_time = max(self.newest_time or msg.time, msg.time)
             if msg.rank == min(self.hellos, default=msg.rank):
                 if not self._times or msg.step > self._times[-1][0]:
                     self._times.append((msg.step, msg.time))
             if isinstance(msg, wire.Scalars):
                 self.scalars.setdefault(msg.rank, {}).update(msg.values)
+                self.scalar_step = max(self.scalar_step, msg.step)
         self.printer.handle(msg)
 
     # -- the status line --------------------------------------------------
@@ -229,17 +235,21 @@ class RunWatch:
         return f"{c['critical']} critical, {c['warning']} warning, {c['info']} info"
 
     def status(self) -> None:
-        """Print the status line: step, steps/s, loss, lr, alerts so far."""
+        """Print the status line: step, steps/s, loss, lr, alerts so far.
+
+        ``step`` is that of the newest Scalars when the run sends them (the
+        loss shown is that step's), else the newest sampled step."""
+        at = self.scalar_step if self._saw_scalars else self.step
         if self.printer.as_json:
             rank = min(self.scalars, default=None)
             self.printer._print(json.dumps(clean({
-                "type": "status", "step": self.step if self.step >= 0 else None,
+                "type": "status", "step": at if at >= 0 else None,
                 "steps_per_s": self.steps_per_s, "loss": self.latest("loss"), "lr": self.latest("lr"),
                 "alerts": dict(self.printer.counts),
                 "scalars": dict(self.scalars.get(rank, {})) if rank is not None else {},
             })))
             return
-        step = f"{self.step:,}" if self.step >= 0 else "—"
+        step = f"{at:,}" if at >= 0 else "—"
         self.printer._print(f"status  step {step}  {_num(self.steps_per_s, '.3g')} steps/s  "
                             f"loss {_num(self.latest('loss'), '.4g')}  lr {_num(self.latest('lr'), '.3g')}  "
                             f"alerts {self._alert_counts()}")
