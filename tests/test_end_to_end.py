@@ -130,14 +130,18 @@ def test_probe_recording_replays_and_exports_exactly(tmp_path):
         train(model, opt, 10)
     out = xray("export", str(log), "--format", "jsonl", "-o", str(tmp_path / "out.jsonl"))
     assert out.returncode == 0, out.stderr
-    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    rows = [r for r in lines if r["type"] == "sample"]
     samples = [(st.step, s) for st in recorded if isinstance(st, wire.Step) for s in st.samples]
+    scalars = [(m.step, k, v) for m in recorded if isinstance(m, wire.Scalars) for k, v in m.values.items()]
+    assert [(r["step"], r["name"], r["value"]) for r in lines if r["type"] == "scalar"] == scalars
+    assert {k for _, k, _ in scalars} >= {"lr"} and len({st for st, _, _ in scalars}) == 10  # every step's
     assert len(rows) == len(samples) == 5 * (3 * 4 + 3)  # 5 steps x (4 params x 3 kinds + 3 acts)
     for row, (step, s) in zip(rows, samples):
         assert (row["step"], row["layer"], row["kind"], row["count"], row["max"]) == (step, s.layer, s.kind, s.count, s.max)
         assert row["hist"]["counts"] == s.hist.tolist()
     # stdout when no -o is given
-    assert len(xray("export", str(log)).stdout.splitlines()) == len(rows)
+    assert len(xray("export", str(log)).stdout.splitlines()) == len(lines)
 
 
 def test_replay_of_a_torn_recording_reads_all_whole_frames(tmp_path):
@@ -149,7 +153,8 @@ def test_replay_of_a_torn_recording_reads_all_whole_frames(tmp_path):
     log.write_bytes(data[:-7])
     out = xray("export", str(log))
     assert out.returncode == 0
-    assert "torn bytes" in out.stderr and len(out.stdout.splitlines()) == 5 * 15
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert "torn bytes" in out.stderr and sum(r["type"] == "sample" for r in rows) == 5 * 15
 
 
 @pytest.mark.parametrize("args,message", [

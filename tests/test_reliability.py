@@ -330,8 +330,15 @@ def test_replay_and_live_attach_give_the_same_messages_and_export_keeps_every_fi
     out = tmp_path / "samples.jsonl"
     assert xray("export", str(log), "-o", str(out)).returncode == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    want = [clean(stats.export_dict(s, m.step, m.rank)) for m in recorded if isinstance(m, wire.Step) for s in m.samples]
+    want = []
+    for m in recorded:  # each step's samples, then the scalars the probe sent with it
+        if isinstance(m, wire.Step):
+            want += [clean(stats.export_dict(s, m.step, m.rank)) for s in m.samples]
+        elif isinstance(m, wire.Scalars):
+            want += [clean({"type": "scalar", "step": m.step, "rank": m.rank, "name": k, "value": v})
+                     for k, v in m.values.items()]
     assert rows == want  # every field, NaN written as null
+    assert {r["name"] for r in rows if r["type"] == "scalar"} >= {"lr", "grad_norm"}
     assert set(rows[0]) >= {"type", "step", "rank", "layer", "kind", "count", "mean", "std", "min", "max", "absmax",
                             "l2", "near_zero", "zeros", "nan", "inf", "dead_units", "ratio", "hist"}
 

@@ -146,6 +146,8 @@ END_OK = ("finished", "stopped")
 DISCONNECTED = "disconnected"
 #: the ``reason`` of the end line when ``--fail-on`` left before the run ended
 FAIL_ON = "fail-on"
+#: scalar names kept per rank for the status line
+MAX_SCALAR_NAMES = 512
 
 
 def _printable(text: str, limit: int = 300) -> str:
@@ -164,7 +166,7 @@ class RunWatch:
 
     The caller feeds every message to :meth:`handle`, calls :meth:`status`
     when its clock says so (the wall clock live, the probe's timestamps in a
-    replay: :meth:`clock`), checks :attr:`tripped` for ``--fail-on``, and
+    replay: :attr:`newest_time`), checks :attr:`tripped` for ``--fail-on``, and
     ends with :meth:`finish`, which prints the end line and returns the exit
     status: 0 finished or stopped, 1 crashed, killed, interrupted or no End
     (a disconnect), 3 ``--fail-on``.
@@ -205,7 +207,10 @@ class RunWatch:
                 if not self._times or msg.step > self._times[-1][0]:
                     self._times.append((msg.step, msg.time))
             if isinstance(msg, wire.Scalars):
-                self.scalars.setdefault(msg.rank, {}).update(msg.values)
+                latest = self.scalars.setdefault(msg.rank, {})
+                for name, value in msg.values.items():
+                    if name in latest or len(latest) < MAX_SCALAR_NAMES:  # a runaway xr.log stays bounded
+                        latest[name] = value
                 self.scalar_step = max(self.scalar_step, msg.step)
         self.printer.handle(msg)
 
