@@ -116,7 +116,10 @@ def tensor_row(f: torch.Tensor, eps: float) -> torch.Tensor:
         y = f - c
         sq = y * y
         p1, p2 = y.sum(dtype=torch.float64), sq.sum(dtype=torch.float64)
-        p3, p4 = torch.dot(sq, y).double(), torch.dot(sq, sq).double()
+        # each power rounded once or twice in float32 (<= 3 ulp of |y|^p) and summed in float64, so
+        # the sums are good to ~4e-7 of sum |y|^p whatever the BLAS: a float32 dot product's own
+        # accumulation error depends on the BLAS kernel (AMD's and Intel's differed by 4x)
+        p3, p4 = (sq * y).sum(dtype=torch.float64), sq.square().sum(dtype=torch.float64)
         sum3 = p3 + 3 * c * p2 + 3 * c * c * p1 + n * c**3
         sum4 = p4 + 4 * c * p3 + 6 * c * c * p2 + 4 * c**3 * p1 + n * c**4
     else:

@@ -82,6 +82,8 @@ class RuleConfig:
     spike_rel: float = 0.1  # ...and above the median by this fraction of it (a flat loss has a tiny MAD)
     spike_window: int = 64  # steps in that median
     spike_min_history: int = 16  # steps needed before a spike can be judged
+    spike_diverge: float = 1.5  # the loss this many times where it started (its first 3 steps)...
+    spike_diverge_k: int = 5  # ...for this many steps in a row: diverging (critical)
     overflow_window: int = 50  # steps over which skipped steps are counted
     overflow_share: float = 0.5  # skipped share of a full window that warns
     overflow_all_k: int = 20  # this many skipped steps in a row: critical

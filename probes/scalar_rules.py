@@ -29,6 +29,8 @@ _MAD_SIGMA = 1.4826
 class _RankState:
     def __init__(self) -> None:
         self.losses: deque = deque(maxlen=512)  # healthy losses only: a spike must not move the band
+        self.first: list[float] = []  # the first losses seen: where the run started
+        self.above_start = 0  # steps in a row with the loss far above where it started
         self.skipped: deque = deque(maxlen=512)
         self.skipped_run = 0
         self.active: set[str] = set()
@@ -50,12 +52,15 @@ class ScalarRules:
         loss = msg.values.get("loss")
         if loss is not None:
             if c.on("nonfinite"):
-                self._judge(msg, st, "nonfinite", not math.isfinite(loss), 1, out,
+                self._judge(msg, st, "nonfinite", not math.isfinite(loss), out,
                             lambda: self._alert(msg, "critical", "nonfinite", loss, 0,
                                                 f"the loss is {loss}: training has diverged "
-                                                f"{self._where(msg.rank)}; {self._hint()}"))
+                                                f"{self._where(msg.rank)}; {self._hint()}"),
+                            "the loss is finite again")
             if math.isfinite(loss):
                 self._loss_spike(msg, st, c, loss, out)
+                if c.on("loss-spike"):
+                    self._diverging(msg, st, c, loss, out)
         if c.on("overflow") and ("scale" in msg.values or msg.skipped):
             self._overflow(msg, st, c, out)
         return out
@@ -65,18 +70,21 @@ class ScalarRules:
     def _alert(self, msg, severity, rule, value, threshold, message) -> Alert:
         return Alert(msg.step, msg.rank, severity, rule, LOSS, "scalar", float(value), float(threshold), message)
 
-    def _judge(self, msg, st, rule, bad, k, out, fire, recovered: str = "") -> None:
-        """Fire once while ``bad`` holds (``k`` is checked by the caller), say once when it recovers."""
+    def _judge(self, msg, st, rule, bad, out, fire, recovered: str, key: str = "") -> None:
+        """Fire once while ``bad`` holds (hysteresis is the caller's), say once, at severity
+        ``info``, when it has not held for ``recover_k`` steps. ``key`` tells apart two
+        conditions of one rule."""
+        key = key or rule
         if bad:
-            st.good[rule] = 0
-            if rule not in st.active:
-                st.active.add(rule)
+            st.good[key] = 0
+            if key not in st.active:
+                st.active.add(key)
                 out.append(fire())
-        elif rule in st.active:
-            st.good[rule] = st.good.get(rule, 0) + 1
-            if st.good[rule] >= self.engine.cfg(LOSS).recover_k:
-                st.active.discard(rule)
-                out.append(self._alert(msg, "info", rule, 0.0, 0.0, recovered or f"{rule} on the loss recovered"))
+        elif key in st.active:
+            st.good[key] = st.good.get(key, 0) + 1
+            if st.good[key] >= self.engine.cfg(LOSS).recover_k:
+                st.active.discard(key)
+                out.append(self._alert(msg, "info", rule, 0.0, 0.0, recovered))
 
     def _lr(self) -> str:
         lr = self.engine.scalars.get("lr")
@@ -136,9 +144,36 @@ class ScalarRules:
                     + (f"; first movers: {movers}" if movers else "")
                     + f": a bad batch, or instability; {self._hint()}")
 
-            self._judge(msg, st, "loss-spike", bad, 1, out, fire, f"the loss is back within its band ({loss:.4g})")
+            self._judge(msg, st, "loss-spike", bad, out, fire, f"the loss is back within its band ({loss:.4g})")
         if not bad:
             st.losses.append(loss)
+
+    def _diverging(self, msg, st, c, loss, out) -> None:
+        """The loss far above where the run started, step after step: a learning rate too high
+        from step 0 makes the loss chaotic at once, so no band of healthy steps exists to
+        spike out of; an untrained model's loss is the ceiling a healthy run stays under."""
+        if len(st.first) < 3:
+            st.first.append(loss)
+            return
+        start = statistics.median(st.first)
+        limit = c.spike_diverge * start
+        st.above_start = st.above_start + 1 if start > 0 and loss > limit else 0
+
+        def fire():
+            return self._alert(
+                msg, "critical", "loss-spike", loss, limit,
+                f"the loss {loss:.4g} has stayed above {c.spike_diverge:g}x where the run started "
+                f"({start:.4g}) for {st.above_start} steps: training is diverging"
+                + (f" (moved most: {self.first_movers(msg.rank)})" if self.first_movers(msg.rank) else "")
+                + f"; {self._hint()}")
+
+        # shares loss-spike's once-while-active: a spike and a divergence are one story
+        # k steps in a row to fire; once firing, recovered after recover_k steps back under the limit
+        bad = st.above_start > 0 if "diverging" in st.active else st.above_start >= c.spike_diverge_k
+        if bad or "diverging" in st.active:
+            self._judge(msg, st, "loss-spike", bad, out, fire,
+                        f"the loss is back below {c.spike_diverge:g}x where the run started ({loss:.4g})",
+                        key="diverging")
 
     def _overflow(self, msg, st, c, out) -> None:
         st.skipped.append(bool(msg.skipped))
@@ -171,7 +206,7 @@ class ScalarRules:
             st.active.add("overflow-critical")
             out.append(fire())
             return
-        self._judge(msg, st, "overflow", warn or critical, 1, out, fire,
+        self._judge(msg, st, "overflow", warn or critical, out, fire,
                     f"GradScaler steps again (scale {scale:.3g})")
         if not (warn or critical):
             st.active.discard("overflow-critical")

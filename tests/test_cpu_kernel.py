@@ -72,8 +72,7 @@ def sum_tolerance(col: str, x: torch.Tensor, raw_rel: float = 1e-12) -> float:
     The kernel sums powers of x - c in float32 per block of 1,024, with c
     near the mean, and adds the blocks in float64: ~1e-7 (at most ~4e-6) of
     the sum of |x - mean|^p, plus float64 rounding of the sum of |x|^p
-    (``raw_rel``: 1e-12; the torch path's float32 dot products for x^3 and
-    x^4 are only good to ~1e-6 of it).
+    (``raw_rel``: 1e-12).
     """
     a = x.detach().float().double().reshape(-1).numpy()
     if not a.size:
@@ -127,9 +126,10 @@ def test_kernel_equals_the_torch_path_rows_and_histograms(name, cpu_kernel_lib, 
     assert np.array_equal(k_hist, t_hist) and k_n == t_n  # the same sample, binned the same
     for col, a, b in zip(ROW, k_rows[0], t_rows[0]):
         if col in POWERS:
-            # torch sums x^3 and x^4 by float32 dot products, the kernel by float32 sums of (x - c)^p
-            raw_rel = 1e-5 if col in ("sum3", "sum4") else 1e-12
-            assert (not math.isfinite(b) and not math.isfinite(a)) or abs(a - b) <= sum_tolerance(col, x, raw_rel), col
+            # both within the kernel's bound of the exact sum, so within twice it of each other
+            # (torch rounds each power in float32 and sums in float64, the kernel sums (x - c)^p
+            # in float32 blocks): no BLAS accumulation order enters either
+            assert (not math.isfinite(b) and not math.isfinite(a)) or abs(a - b) <= 2 * sum_tolerance(col, x), col
         else:
             assert same(a, b, rel=1e-9), (col, a, b)
 

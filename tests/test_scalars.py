@@ -68,6 +68,22 @@ def test_loss_spike_needs_history_and_a_relative_margin():
     assert _judge(_scalars(range(2), early)) == []
 
 
+def test_a_loss_that_diverges_from_step_0_is_critical():
+    # nanoGPT at lr=1 (recorded on its train.py): chaotic from step 2, so no healthy band exists
+    losses = [4.32, 3.29, 6.82, 8.56, 16.65, 19.07, 14.84, 11.31, 14.23, 9.72, 6.16, 7.08, 15.12, 10.09]
+    alerts = _judge(_scalars(range(len(losses)), losses))
+    assert [(a.step, a.severity, a.rule, a.layer) for a in alerts] == [(7, "critical", "loss-spike", LOSS)]
+    assert "diverging" in alerts[0].message and alerts[0].threshold == pytest.approx(1.5 * 4.32)
+
+
+def test_diverging_is_quiet_on_a_warm_up_bump_and_recovers():
+    bump = [4.3, 4.3, 4.3] + [4.3 + 0.6 * math.sin(i / 10) ** 2 for i in range(60)]  # up to 1.14x
+    assert _judge(_scalars(range(len(bump)), bump)) == []
+    back = [4.0, 4.0, 4.0] + [7.0] * 6 + [4.0] * 4
+    alerts = _judge(_scalars(range(len(back)), back))
+    assert [(a.step, a.severity) for a in alerts] == [(7, "critical"), (11, "info")]
+
+
 def test_nonfinite_loss_is_critical_on_the_loss():
     losses = _healthy_losses(50, 1)
     losses[30] = math.nan
