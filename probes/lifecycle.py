@@ -21,6 +21,7 @@ SIGINT needs nothing: Python turns it into ``KeyboardInterrupt``.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -38,6 +39,7 @@ _prev_excepthook = None
 _installed_signals: dict[int, object] = {}  # signal -> the handler it had (SIG_DFL)
 _uncaught: BaseException | None = None  # what left the main thread, seen by our excepthook
 _last_value_before = None  # sys.last_value when we installed (the fallback ignores that one)
+_installed_pid = 0  # the process that installed the hooks
 
 
 def describe(exc: BaseException | None) -> str:
@@ -85,7 +87,9 @@ def _on_signal(signum, frame) -> None:
     """Close every open probe with ``killed``, then die of the signal as the default handler would."""
     name = signal.Signals(signum).name
     with _lock:
-        probes = list(_open)
+        # a forked child (a DataLoader worker) inherits the handler but not the probes' threads:
+        # it only dies of the signal, as it would have
+        probes = list(_open) if os.getpid() == _installed_pid else []
     # The close runs on a thread of its own, so a lock the interrupted main thread holds
     # (e.g. the publisher's queue) can delay it, never deadlock it: after CLOSE_TIMEOUT we die anyway.
     closer = threading.Thread(target=close_all, args=(probes, "killed", name), name="xray-tui-signal", daemon=True)
@@ -106,12 +110,13 @@ def close_all(probes, reason: str, error: str = "") -> None:
 
 def register(probe) -> None:
     """Track an open probe; the first one installs the hooks."""
-    global _prev_excepthook, _uncaught, _last_value_before
+    global _prev_excepthook, _uncaught, _last_value_before, _installed_pid
     with _lock:
         _open.append(probe)
         if len(_open) > 1:
             return
         _uncaught = None
+        _installed_pid = os.getpid()
         _last_value_before = getattr(sys, "last_value", None)
         if sys.excepthook is not _excepthook:
             _prev_excepthook = sys.excepthook

@@ -187,3 +187,23 @@ def test_the_chained_excepthook_records_and_passes_on(tmp_path, capsys):
 ])
 def test_reason_of(exc, want):
     assert lifecycle.reason_of(exc) == want
+
+
+def test_a_forked_child_that_gets_sigterm_just_dies_of_it(tmp_path):
+    import os
+
+    model, opt = _tiny()
+    xr = probes.attach(model, opt, serve=False, spectral_every=None, log=str(tmp_path / "x.xray"))
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: the inherited handler must not close the parent's probe copy
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            finally:
+                os._exit(7)  # not reached when the signal kills it
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        assert not xr._closed
+    finally:
+        xr.close()
+    assert end_of(tmp_path / "x.xray").reason == "finished"
