@@ -81,3 +81,27 @@ async def test_a_crash_is_said_in_the_header():
         assert app.connection == "run ended: crashed"
         text = screen_text(app)
         assert "run ended: crashed" in text and "loss nan" in text
+
+
+def test_reattach_source_says_a_run_crashed():
+    import threading
+
+    from test_app import collect, publisher, wait_for
+    from tui.reattach import ENDED, ReattachSource, Status
+
+    pub = publisher("crashy", started=1.0)
+    for s in synthetic.steps(2, 2, elements=16):
+        pub.submit(lambda s=s: s)
+    got, stop = [], threading.Event()
+    reader = threading.Thread(target=collect, args=(ReattachSource("crashy", poll=0.05), stop, got), daemon=True)
+    reader.start()
+    try:
+        assert wait_for(lambda: sum(isinstance(m, wire.Step) for m in got) == 2)
+        pub.submit(lambda: wire.End(step=2, rank=0, reason="crashed", error="ValueError: boom"))
+        pub.close()
+        assert wait_for(lambda: Status("run ended: crashed — waiting for a new run") in got)
+        assert Status(ENDED) not in got
+    finally:
+        stop.set()
+        pub.close()
+        reader.join(5)
