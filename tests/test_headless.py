@@ -202,9 +202,15 @@ def test_an_old_recording_whose_end_has_no_reason_still_replays(tmp_path):
 # -- live runs --------------------------------------------------------------------------------------
 
 
+def _default_signals():
+    # a runner that started us in the background may hand on SIGTERM ignored: the trainer gets the default
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start(name, *args):
     proc = subprocess.Popen([sys.executable, SCRIPT, name, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     assert proc.stdout.readline().strip() == "ready"
     return proc
 

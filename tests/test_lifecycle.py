@@ -56,10 +56,17 @@ def test_an_exception_says_crashed_and_still_propagates(tmp_path, mode):
     assert (end.reason, end.error, end.step) == ("crashed", "ValueError: boom at step 7", 7)
 
 
+def _default_signals():
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _signalled(tmp_path, sig, mode):
     log = tmp_path / "run.xray"
+    # A runner that started us in the background hands on SIGINT (and maybe SIGTERM) ignored, and
+    # Python keeps that: give the child the default dispositions a terminal gives.
     proc = subprocess.Popen([sys.executable, SCRIPT, "life", "100000", "--sleep", "0.01", "--log", str(log), *mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     try:
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(sig)

@@ -431,8 +431,8 @@ EXIT_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,reason,codes", [
     ("no-close", "finished", (0,)),
-    ("error", "error", (1,)),
-    ("error-no-with", "finished", (1,)),
+    ("error", "crashed", (1,)),
+    ("error-no-with", "crashed", (1,)),  # atexit closes it, and knows of the exception (probes/lifecycle.py)
     ("ctrl-c", "interrupted", (130, -signal.SIGINT)),
 ])
 def test_every_exit_removes_socket_and_manifest_and_closes_the_recording(tmp_path, run_dir, mode, reason, codes):
