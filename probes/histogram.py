@@ -110,11 +110,14 @@ def rebin_linear(lo: int, counts, vmin: float, vmax: float, width: int) -> np.nd
     return out
 
 
-def quantiles(lo: int, counts, qs) -> np.ndarray:
-    """Quantiles from a trimmed histogram, interpolated linearly in a bin.
+def quantiles(lo: int, counts, qs, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """Quantiles from a trimmed histogram, interpolated linearly in a bin and
+    clamped to ``[vmin, vmax]`` (the tensor's exact min and max) when given.
 
-    The error is at most one bin width: 1/BINS_PER_OCTAVE of the value
-    relative (25%), and 2**EXP_LO absolute near zero.
+    The true quantile lies in the bin found and in ``[vmin, vmax]``, so the
+    error is at most one bin width: 1/BINS_PER_OCTAVE of the value relative
+    (25%), and 2**EXP_LO absolute near zero. Clamping only moves a value
+    towards the true one: a constant tensor gets its value exactly.
     """
     counts = np.asarray(counts, dtype=np.float64)
     total = counts.sum()
@@ -122,4 +125,9 @@ def quantiles(lo: int, counts, qs) -> np.ndarray:
         return np.full(len(qs), np.nan)
     cum = np.concatenate([[0.0], np.cumsum(counts)]) / total
     edges = edges_for(lo, counts.size)
-    return np.interp(np.asarray(qs, dtype=np.float64), cum, edges)
+    out = np.interp(np.asarray(qs, dtype=np.float64), cum, edges)
+    lo_v = vmin if vmin is not None and np.isfinite(vmin) else -np.inf
+    hi_v = vmax if vmax is not None and np.isfinite(vmax) else np.inf
+    if lo_v <= hi_v:
+        out = np.clip(out, lo_v, hi_v)
+    return out

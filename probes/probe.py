@@ -179,16 +179,23 @@ def _unique_run_name(name: str) -> str:
     return candidate
 
 
+#: Prefixes that wrappers put in front of every name: DDP's ``module.``, torch.compile's
+#: ``_orig_mod.``, and PEFT's ``base_model.model.`` (PeftModel -> LoraModel -> the model)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 #: Path components that FSDP1 (``FullyShardedDataParallel``) and activation checkpointing's
 #: ``CheckpointWrapper`` insert anywhere in a name, not only in front (``_fsdp_wrapped_module.0._fsdp_wrapped_module.weight``)
 _WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 def _unwrap_name(name: str) -> str:
-    """Parameter and module names without DDP/compile/FSDP1/checkpoint wrappers' parts."""
-    for prefix in ("module.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
+    """Parameter and module names without DDP/compile/PEFT/FSDP1/checkpoint wrappers' parts."""
+    stripped = True
+    while stripped:  # in any nesting: DDP(compile(model)), a compiled PEFT model, ...
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix) or name == prefix[:-1]:
+                name = name[len(prefix):]
+                stripped = True
     if "_wrapped_module" in name:
         name = ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
     return name
@@ -216,6 +223,39 @@ def _is_sharded(raw_name: str, p: torch.Tensor) -> bool:
     if isinstance(p, _DTensor):
         return any(pl.is_shard() for pl in p.placements)
     return "_fsdp_wrapped_module" in raw_name.split(".")
+
+
+def _log_path(log: str | None, run: str, rank: int, world: int) -> str | None:
+    """``log=`` with ``{name}``, ``{rank}`` and ``{time}`` filled in. With several ranks and
+    no ``{rank}``, each rank records to ``STEM.rankN.EXT`` (one file per rank, named for it)."""
+    if not log:
+        return log
+    values = {"name": rundir.safe_name(run), "rank": rank, "time": time.strftime("%Y%m%d-%H%M%S")}
+    try:
+        path = str(log).format(**values)
+    except KeyError as exc:
+        raise ValueError(f"log={log!r}: {{{exc.args[0]}}} is not a placeholder; "
+                         "use {name}, {rank} or {time}") from None
+    except (IndexError, ValueError):
+        raise ValueError(f"log={log!r}: braces must hold {{name}}, {{rank}} or {{time}} "
+                         "(write {{ and }} for literal ones)") from None
+    if world > 1 and "{rank}" not in str(log):
+        stem, ext = os.path.splitext(path)
+        path = f"{stem}.rank{rank}{ext}"
+    return path
+
+
+def _say_where(run: str, rank: int, publisher: Publisher) -> None:
+    """One line at attach: the run's name, its socket and its recording (stderr, so that a
+    person finds the recording later; ``XRAY_TUI_QUIET=1`` silences it)."""
+    if os.environ.get("XRAY_TUI_QUIET"):
+        return
+    parts = [f"run {run!r}" + (f" rank {rank}" if rank else "")]
+    if publisher.socket_path is not None:
+        parts.append(f"socket {publisher.socket_path}")
+    if publisher.recorder is not None:
+        parts.append(f"recording {os.path.abspath(publisher.recorder.path)}")
+    print("xray-tui: " + ", ".join(parts), file=sys.stderr, flush=True)
 
 
 def _optimizer_step(optimizer) -> int:
@@ -307,7 +347,6 @@ class XRay:
         self.scaler = scaler
         # the step a resumed run is at: given, or the optimizer's own count (Adam-family state["step"])
         self.step_index = start_step if start_step is not None else _optimizer_step(optimizer)
-        self._start_step = self.step_index
         self._sampling = self.step_index % every == 0
         #: the activation hooks' one flag: this forward pass is sampled (set per forward by the root pre-hook)
         self._active = self._sampling
@@ -391,7 +430,9 @@ class XRay:
             param_groups=self._param_groups,
             start_step=self.step_index,
         )
+        log = _log_path(log, self.run, rank, world)
         self.publisher = Publisher(hello, serve=serve, log_path=log, rules=rules, tcp=tcp if serve else None)
+        _say_where(self.run, rank, self.publisher)
         if on_alert is not None:
             self.publisher.subscribe(self._alert_listener)
         for n, kind, why in self._skip_notes:

@@ -79,6 +79,7 @@ class Manifest:
     socket: str
     protocol: int
     tcp: str = ""  # "host:port" of the optional TCP listener
+    log: str = ""  # the recording this rank writes ("" when none)
 
     @property
     def token_file(self) -> Path:
@@ -100,6 +101,7 @@ class Manifest:
                 socket=str(data["socket"]),
                 protocol=int(data.get("protocol", 0)),
                 tcp=str(data.get("tcp", "")),
+                log=str(data.get("log", "")),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RunDirError(f"bad manifest {path}: {exc}") from None
@@ -174,6 +176,7 @@ class Run:
             "world_size": self.ranks[0].world_size,
             "sockets": [m.socket for m in self.ranks],
             "started": self.ranks[0].started,
+            "recordings": [m.log for m in self.ranks],
         }
 
 

@@ -413,6 +413,7 @@ class Publisher:
             socket=str(path),
             protocol=wire.PROTOCOL_VERSION,
             tcp=tcp_address,
+            log=os.path.abspath(self.recorder.path) if self.recorder else "",
         ).write(self.manifest_path)
 
     def _close_listeners(self) -> None:

@@ -102,8 +102,9 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def quantiles(s: Sample) -> dict[str, float]:
-    """p05/p25/median/p75/p95 from the histogram (within one bin, see probes.histogram)."""
-    values = histogram.quantiles(s.hist_lo, s.hist, QUANTILES)
+    """p05/p25/median/p75/p95 from the histogram (within one bin, see probes.histogram),
+    clamped to the sample's exact [min, max]."""
+    values = histogram.quantiles(s.hist_lo, s.hist, QUANTILES, s.min, s.max)
     return dict(zip(("p05", "p25", "median", "p75", "p95"), (float(v) for v in values)))
 
 

@@ -94,6 +94,29 @@ def test_ls_json_lists_the_live_run_and_forgets_dead_ones(run_dir):
     assert not (run_dir / "ghost-999999-r0.json").exists()
 
 
+def test_the_recording_path_is_said_at_attach_and_listed(tmp_path, capsys):
+    model, opt = small_model()
+    (tmp_path / "run.xray").write_bytes(b"an older run")  # never overwritten
+    xr = probes.attach(model, opt, every=1, name="rec", log=str(tmp_path / "{name}-r{rank}.xray"))
+    first = probes.attach(small_model()[0], name="rec2", log=str(tmp_path / "run.xray"))
+    said = capsys.readouterr().err
+    train(model, opt, 2)
+    text, js = xray("ls"), xray("ls", "--json")
+    sock = xr.publisher.socket_path
+    xr.close()
+    first.close()
+    want = str(tmp_path / "rec-r0.xray")
+    assert f"run 'rec', socket {sock}, recording {want}" in said
+    assert f"recording {tmp_path / 'run-1.xray'}" in said  # the name it really got, said once
+    assert (tmp_path / "run.xray").read_bytes() == b"an older run"
+    assert f"recording: {want}" in text.stdout
+    runs = {r["name"]: r for r in map(json.loads, js.stdout.splitlines())}
+    assert runs["rec"]["recordings"] == [want] and runs["rec2"]["recordings"] == [str(tmp_path / "run-1.xray")]
+    assert [m.step for m in wire.read_file(want)[0] if isinstance(m, wire.Step)] == [0, 1]
+    with pytest.raises(ValueError, match="not a placeholder"):
+        probes.attach(model, log=str(tmp_path / "{run}.xray"), serve=False)
+
+
 def test_headless_attach_prints_the_nan_alert_of_a_script_and_exits_0_when_it_ends(tmp_path):
     proc = subprocess.Popen([sys.executable, SCRIPT, "nanrun", "60", "--nan-at", "30", "--sleep", "0.02"],
                             stdout=subprocess.PIPE, text=True)

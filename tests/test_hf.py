@@ -45,3 +45,33 @@ def test_trainer_callback_streams_grads_after_clipping(tmp_path):
     assert all(m.values["loss"] > 0 and "lr" in m.values for m in scalars)
     assert all("grad_norm" in m.values for m in scalars if m.step in (0, 2, 4))
     assert scalars[0].values["grad_norm"] == pytest.approx(1e-3, rel=1e-3)  # the clipped norm
+
+
+def test_peft_lora_names_come_without_the_wrappers_prefix(tmp_path):
+    """A PEFT model's names read as the model's own (no ``base_model.model.``), adapters grouped."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import probes
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    xr = probes.attach(model, opt, every=1, serve=False, log=str(tmp_path / "p.xray"), spectral_every=None)
+    ids = torch.arange(8).reshape(1, 8)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    xr.close()
+    msgs, _ = wire.read_file(str(tmp_path / "p.xray"))
+    names = [li.name for li in msgs[0].layers]
+    assert not any(n.startswith("base_model") for n in names)
+    assert "model.layers.0.self_attn.q_proj.lora_A.default" in names
+    lora_a = next(li for li in msgs[0].layers if li.name == "model.layers.0.self_attn.q_proj.lora_A.default")
+    assert lora_a.adapter_of == "model.layers.0.self_attn.q_proj.base_layer"  # peft keeps the Linear there
+    step = next(m for m in msgs if isinstance(m, wire.Step))
+    assert any(s.layer == "model.layers.0.self_attn.q_proj.lora_B.default.weight" and s.kind == "grad"
+               for s in step.samples)
+    scalars = next(m for m in msgs if isinstance(m, wire.Scalars))
+    assert scalars.values["loss"] > 0  # read from the PEFT model's output

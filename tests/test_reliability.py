@@ -250,7 +250,7 @@ def test_recording_disk_full_warns_once_and_training_goes_on(tmp_path):
     out = subprocess.run([sys.executable, SCRIPT, "fulldisk", "80", "--log", str(log)], capture_output=True,
                          text=True, timeout=120, preexec_fn=small_disk, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert out.returncode == 0 and out.stdout.split() == ["ready", "done"], out.stderr
-    warnings = [line for line in out.stderr.splitlines() if "xray-tui" in line]
+    warnings = [line for line in out.stderr.splitlines() if "xray-tui" in line and "xray-tui: run " not in line]
     assert len(warnings) == 1 and "recording to" in warnings[0] and "stopped" in warnings[0], out.stderr
     msgs, torn = wire.read_file(str(log))
     steps = [m.step for m in msgs if isinstance(m, wire.Step)]

@@ -161,3 +161,30 @@ def test_a_batch_of_many_tensors_equals_each_alone():
         for f in ("sum", "sumsq", "abssum", "min", "max"):
             a, c = getattr(s, f), getattr(alone, f)
             assert (math.isnan(a) and math.isnan(c)) or a == pytest.approx(c, rel=1e-9), f
+
+
+@pytest.mark.parametrize("values", [np.ones(64), np.zeros(64), np.full(10, -0.3), np.array([1.0, 1.0, 1.1]),
+                                    np.array([0.0, 0.0, 0.0, 5e-13])])
+def test_quantiles_lie_within_min_and_max(values):
+    """LayerNorm weights (all ones) and zero biases: the bin [1, 1.25) or the zero bin
+    [-2**-40, 2**-40] interpolated gave p05..p95 = 1.0125..1.2375 and +-8e-13 before."""
+    a = values.astype(np.float32)
+    s = synthetic.sample_of("x", "weight", a)
+    q = stats.quantiles(s)
+    for name, p in zip(("p05", "p25", "median", "p75", "p95"), stats.QUANTILES):
+        assert a.min() <= q[name] <= a.max()
+        want = np.quantile(a.astype(np.float64), p)
+        # clamping keeps the documented bound: one bin (25% relative, 2**EXP_LO near zero)
+        assert abs(q[name] - want) <= 0.25 * abs(want) + 2.0**histogram.EXP_LO
+    if a.min() == a.max():
+        assert all(v == a[0] for v in q.values())  # a constant tensor: its value, exactly
+
+
+def test_clamped_quantiles_of_a_random_tensor_keep_the_bound():
+    rng = np.random.default_rng(3)
+    a = (1.0 + 0.01 * rng.standard_normal(5000)).astype(np.float32)  # all inside one octave's bins
+    s = synthetic.sample_of("x", "weight", a)
+    q = stats.quantiles(s)
+    for name, p in zip(("p05", "p25", "median", "p75", "p95"), stats.QUANTILES):
+        want = np.quantile(a.astype(np.float64), p)
+        assert a.min() <= q[name] <= a.max() and abs(q[name] - want) <= 0.25 * abs(want)

@@ -57,6 +57,10 @@ def cmd_ls(args) -> int:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.ranks[0].started))
         ranks = f"{len(r.ranks)}/{r.ranks[0].world_size}"
         print(f"{r.name:<24} {r.pid:>8} {ranks:>6}  {started:<19}  {' '.join(r.ranks[0].argv)[:60]}")
+        logs = [m.log for m in r.ranks if m.log]
+        if logs:  # where to replay it from later
+            more = f" (+{len(logs) - 1} more ranks)" if len(logs) > 1 else ""
+            print(f"{'':<24} recording: {logs[0]}{more}")
     return EXIT_OK
 
 
@@ -335,6 +339,14 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated block numbers like 0,1,2, got {text!r}")
 
 
+def _number(text: str, kind, flag: str, what: str):
+    """``text`` as an int or float, or a one-line error naming ``flag`` (checked for range later)."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise CliError(f"{flag} must be {what}, got {text!r}") from None
+
+
 def cmd_inspect(args) -> int:
     """Offline statistics, spectral metrics and pictures of a local causal-LM directory."""
     if not os.path.exists(args.model):
@@ -346,15 +358,33 @@ def cmd_inspect(args) -> int:
     except ImportError as exc:
         raise CliError(f"inspect needs torch and transformers ({exc.name} is missing): "
                        "pip install 'xray-tui[demo]' torch==2.13.0") from None
+    max_dim = _number(args.heatmap_max_dim, int, "--heatmap-max-dim", "a whole number >= 1")
+    eps = _number(args.eps, float, "--eps", "a finite number > 0")
     opts = inspection.Options(layers=args.layers, weights=not args.no_weights, activations=not args.no_activations,
                               gradients=not args.no_gradients, bins=args.bins, device=args.device,
-                              progress=sys.stderr.isatty())
+                              progress=sys.stderr.isatty(), plots=not args.no_plots, heatmaps=not args.no_heatmaps,
+                              heatmap_max_dim=max_dim, eps=eps, hist_scale=args.hist_scale,
+                              heatmap_pool=args.heatmap_pool)
     if args.text is not None:
         opts.text = args.text
     try:
-        report = inspection.inspect(args.model, args.out, opts)
+        inspection.check(opts)
+        if args.other is not None:
+            from probes import compare
+
+            report = compare.compare(args.model, args.other, args.out, opts)
+        else:
+            report = inspection.inspect(args.model, args.out, opts)
     except inspection.InspectError as exc:
         raise CliError(str(exc)) from None
+    if args.other is not None:
+        print(f"wrote {report.entries} weights' comparison to {report.json_path}, {len(report.pictures)} pictures "
+              f"and the recording {report.recording}", file=sys.stderr)
+        if args.tui:
+            title = f"compare: {os.path.basename(os.path.abspath(args.model))} vs " \
+                    f"{os.path.basename(os.path.abspath(args.other))}"
+            return _run_app(feed.FileSource(str(report.recording)), args, title=title)
+        return EXIT_OK
     print(f"wrote {report.entries} tensors' statistics to {report.json_path}, {len(report.pictures)} pictures "
           f"and the recording {report.recording} (loss {report.loss:.4g})", file=sys.stderr)
     if args.tui:
@@ -448,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "layer_statistics.json, SVG histograms and heatmaps (weights/, activations/, "
                                    "gradients/) and inspection.xray (a recording) into --out.")
     i.add_argument("model", metavar="MODEL_DIR", help="a transformers model directory (config.json and weights)")
+    i.add_argument("other", nargs="?", default=None, metavar="OTHER_DIR",
+                   help="compare MODEL_DIR's weights with this one's (a fine-tune, a later checkpoint, or a "
+                        "peft LoRA adapter directory for MODEL_DIR, compared merged): relative change per "
+                        "weight, overlaid histograms, heatmap of the difference, spectral metrics of both")
     i.add_argument("--out", required=True, metavar="DIR", help="output directory (created if needed)")
     i.add_argument("--text", default=None, help="text for the forward/backward pass (default: a Dickens line)")
     i.add_argument("--layers", type=_int_list, default=None, metavar="0,1,2",
@@ -457,6 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-gradients", action="store_true", help="leave out gradients (no backward pass)")
     i.add_argument("--bins", type=int, default=64, metavar="N", help="bins of the pictures' histograms (default 64)")
     i.add_argument("--device", default="cpu", metavar="DEV", help="torch device, e.g. cuda:0 (default cpu)")
+    i.add_argument("--no-plots", action="store_true", help="no pictures: layer_statistics.json and the recording only")
+    i.add_argument("--no-heatmaps", action="store_true", help="histograms only, no heatmaps")
+    i.add_argument("--heatmap-max-dim", default="128", metavar="N",
+                   help="largest heatmap side in cells; bigger matrices are pooled down to it (default 128)")
+    i.add_argument("--hist-scale", choices=("linear", "log"), default="linear",
+                   help="histogram bar heights: counts per bin on a linear (default) or log axis")
+    i.add_argument("--heatmap-pool", choices=("max", "mean"), default="max",
+                   help="how a big matrix is pooled to the heatmap: the largest |x| of each block, sign kept "
+                        "(default: outliers stay visible), or the block mean")
+    i.add_argument("--eps", default="0.05", metavar="EPS",
+                   help="near-zero threshold: near_zero is the share of |x| < EPS (default 0.05)")
     i.add_argument("--tui", action="store_true", help="open the result in the app afterwards")
     i.add_argument("--theme", default=None, help="colour theme of the app (with --tui)")
     i.set_defaults(func=cmd_inspect)
