@@ -162,9 +162,11 @@ def test_status_steps_per_s_without_the_probes_figure_and_nan_loss_is_null(tmp_p
 
 
 @pytest.mark.parametrize("bad", ["-1", "soon", "nan"])
-def test_bad_status_every_is_exit_2(tmp_path, bad):
-    out = xray("replay", "x.xray", "--headless", "--status-every", bad)
-    assert out.returncode == 2 and "seconds" in out.stderr and "Traceback" not in out.stderr
+def test_bad_status_every_is_one_line_and_exit_2(tmp_path, bad):
+    rec = record(tmp_path / "r.xray", run_msgs(2, wire.End(2, 0)))
+    out = xray("replay", rec, "--headless", "--status-every", bad)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stdout == ""
+    assert f"--status-every must be a number of seconds >= 0, got {bad!r}" in out.stderr
 
 
 # -- export -----------------------------------------------------------------------------------------

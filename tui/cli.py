@@ -111,10 +111,11 @@ def _headless(source, args, *, live: bool) -> int:
     every ``--status-every`` seconds: of the wall clock when live (a hung
     run still gets them), of the probe's own timestamps in a replay.
     """
+    every = _seconds(args.status_every, "--status-every")
+    every = None if args.quiet or every <= 0 else every
     printer = AlertPrinter(as_json=args.json, rules=_rules_engine(args))
     printer.fail_on = args.fail_on
     watch = RunWatch(printer, live=live, label=source.label)
-    every = None if args.quiet or args.status_every <= 0 else args.status_every
     try:
         if live:
             _watch_live(source, watch, every)
@@ -322,13 +323,14 @@ def _demo_app(args) -> int:
             os.unlink(logf.name)
 
 
-def _seconds(text: str) -> float:
+def _seconds(text: str, flag: str) -> float:
+    """``text`` as seconds >= 0, or a one-line error naming ``flag``."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+        raise CliError(f"{flag} must be a number of seconds >= 0, got {text!r}")
     return value
 
 
@@ -419,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         if log:
             sp.add_argument("--log", metavar="FILE", help="record the full stream to FILE (replay it later)")
         if status:
-            sp.add_argument("--status-every", type=_seconds, default=60.0, metavar="SECONDS",
+            sp.add_argument("--status-every", default="60", metavar="SECONDS",
                             help="with --headless: a status line (step, steps/s, loss, lr, alerts so far) every "
                                  "SECONDS (default 60; of the run's own clock in a replay; 0: none)")
             sp.add_argument("--quiet", action="store_true", help="with --headless: no status lines")
