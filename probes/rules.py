@@ -75,6 +75,14 @@ class RuleConfig:
     update_max: float = 1.0  # update ratio ||dW||/||W|| above this in one step...
     update_factor: float = 30.0  # ...or this many times its own recent median
     update_k: int = 2
+    # the absolute band (weight matrices: not biases, norms or zero-initialised tensors), from
+    # step 0: above update_max at once, or above update_abs for update_abs_k samples in a row.
+    # Healthy runs sit at 1e-3..3e-2 (docs/alerts.md, "The update-ratio band")
+    update_abs: float = 0.1
+    update_abs_k: int = 3
+    starved_factor: float = 100.0  # update ratio this many times below the median of its kind...
+    starved_k: int = 4  # ...for this many samples in a row
+    starved_min_peers: int = 3  # tensors of that kind (itself included) needed for a median
     rank_factor: float = 2.0  # a rank's total grad norm this many times off the other ranks' median
     rank_k: int = 2
     # loss-spike and overflow (evaluated by probes.scalar_rules over every step's Scalars):
@@ -93,6 +101,9 @@ class RuleConfig:
     spectral_alpha_high: float = 6.0  # ...above this: "under-trained"
     spectral_min_tail: int = 50  # a fit with fewer tail eigenvalues (>= xmin) is not trusted
     spectral_sigmas: float = 2.0  # nor one within this many standard errors of the band edge (0: off)
+    # alpha < alpha_low warns only when the top eigenvalue holds at least 1/this of ||W||_F^2 (a
+    # stable rank at most this): healthy small models sit at alpha 1.4-1.8 with stable ranks of 2.5-18
+    spectral_max_stable_rank: float = 2.0
     recover_k: int = 3
     disabled: frozenset = frozenset()
     overrides: tuple = ()
@@ -133,6 +144,7 @@ class _StreamState:
     bad: dict = field(default_factory=dict)  # rule -> consecutive bad samples
     good: dict = field(default_factory=dict)  # rule -> consecutive good samples while active
     active: set = field(default_factory=set)
+    seen_nonzero: bool = False  # a gradient stream that was ever non-zero (dead-from-start test)
 
     def series(self, name: str) -> deque:
         return self.hist.setdefault(name, deque(maxlen=64))
@@ -167,6 +179,16 @@ class RuleEngine:
         self._nonfinite_active: dict[tuple[str, int], str] = {}
         self._activations: set[str] = set()
         self._trainable: set[str] | None = None  # parameter names with requires_grad, once known
+        #: parameter name -> (its LayerInfo, its short name), from the Hello
+        self._params: dict[str, tuple] = {}
+        self._modules: dict[str, object] = {}  # module name -> LayerInfo
+        #: training precision as the probe knows it: Hello.precision ("fp32", "bf16", "fp16",
+        #: "fp16+scaler"; "" unknown), replaced by a ``precision`` Note (e.g. "bf16-autocast")
+        self.precision = ""
+        self.param_groups: dict[str, int] = {}  # parameter name -> optimizer param group
+        self._zero_init: dict[str, bool] = {}  # parameter -> its first sampled weight was all zero
+        # streams whose values are NaN/inf now, per (kind, rank): the nonfinite alert counts them
+        self.affected: dict[tuple[str, int], set[str]] = {}
         #: the latest value of each run-level scalar (``loss``, ``lr``, ``lr/N``, ``scale``...), per
         #: :meth:`evaluate_scalars`; rules read the learning rate from here for their messages
         self.scalars: dict[str, float] = {}
@@ -183,9 +205,74 @@ class RuleEngine:
         ``no-grad`` watches only parameters that require a gradient."""
         layers = list(layers)
         self._activations = {li.name for li in layers if li.role == "activation"}
+        self._modules = {li.name: li for li in layers}
+        self._params = {(f"{li.name}.{p}" if li.name else p): (li, p) for li in layers for p in li.params}
         self._trainable = {f"{li.name}.{p}" if li.name else p
                            for li in layers for p in li.params
                            if p not in li.frozen and f"{p}.grad" not in li.skipped}  # e.g. sparse gradients
+
+    def set_hello(self, hello) -> None:
+        """Tell the engine about the run (a :class:`~probes.wire.Hello`): its layers
+        (:meth:`set_layers`), precision, parameter groups and unoptimized parameters,
+        which the hints and the learning rate in the messages read."""
+        self.set_layers(hello.layers)
+        self.precision = getattr(hello, "precision", "") or ""
+        self.param_groups = dict(getattr(hello, "param_groups", {}) or {})
+
+    def note(self, msg) -> None:
+        """Take a run :class:`~probes.wire.Note`; a ``precision`` note (autocast seen in
+        forward, e.g. ``{"precision": "bf16-autocast"}``) replaces the precision. Any other
+        message is ignored, so the publisher can hand it everything it publishes."""
+        if getattr(msg, "event", None) == "precision" and msg.data.get("precision"):
+            self.precision = str(msg.data["precision"])
+
+    def lr(self, param: str) -> tuple[float | None, int]:
+        """(the learning rate of ``param``'s param group as last reported, or None; the group)."""
+        group = self.param_groups.get(param, 0)
+        return self.scalars.get("lr" if group == 0 else f"lr/{group}"), group
+
+    def _lr_text(self, param: str) -> str:
+        lr, group = self.lr(param)
+        if lr is None:
+            return ""
+        return f"lr {lr:.3g}" + (f" (param group {group})" if self.param_groups else "")
+
+    def _param_kind(self, param: str) -> str:
+        """What a parameter is, for comparing like with like: "matrix", "bias", "norm",
+        "embedding" (from the module's type when the Hello said it, else from the name)."""
+        info = self._params.get(param)
+        short = info[1] if info else param.rpartition(".")[2]
+        mtype = (info[0].type if info else "").lower()
+        if short == "bias" or short.endswith("_bias"):
+            return "bias"
+        if "norm" in mtype:
+            return "norm"
+        if "embedding" in mtype:
+            return "embedding"
+        return "matrix"
+
+    def _lora(self, param: str):
+        """(A or B, the other matrix's state: "frozen" / "unoptimized" / "") of a LoRA
+        parameter, or None for any other parameter."""
+        info = self._params.get(param)
+        if info is None or info[0].role != "lora":
+            return None
+        name = info[0].name
+        which = "A" if "lora_A" in name else ("B" if "lora_B" in name else "")
+        if not which:
+            return None
+        other = self._modules.get(name.replace("lora_A", "lora_B") if which == "A" else name.replace("lora_B", "lora_A"))
+        state = ""
+        if other is not None:
+            if info[1] in other.frozen:
+                state = "frozen"
+            elif info[1] in other.unoptimized:
+                state = "unoptimized"
+        return which, state
+
+    def _unoptimized(self, param: str) -> bool:
+        info = self._params.get(param)
+        return info is not None and info[1] in info[0].unoptimized
 
     def evaluate_scalars(self, msg) -> list[Alert]:
         """Alerts from one step's :class:`~probes.wire.Scalars`: ``loss-spike``, a
@@ -214,7 +301,10 @@ class RuleEngine:
         out += self._nonfinite(step)
         grads = {s.layer for s in step.samples if s.kind == "grad"}
         missing = self._no_grad(step, grads, out)
+        medians = self._kind_medians(step, missing)
         for s in step.samples:
+            if s.kind == "weight" and s.layer not in self._zero_init and s.count:
+                self._zero_init[s.layer] = s.sumsq == 0  # e.g. a LoRA B: its ratio starts at 1/n
             if stats.nonfinite(s):
                 continue  # the nonfinite rule owns this sample; others would be collateral
             st = self._streams.setdefault((s.layer, s.kind, step.rank), _StreamState())
@@ -223,11 +313,15 @@ class RuleEngine:
                 self._norms(step, s, st, c, out)
             if s.kind == "act" and c.on("dead"):
                 self._dead(step, s, st, c, out)
+            if s.kind == "grad" and c.on("dead"):
+                self._dead_grad(step, s, st, c, out)
             if s.kind == "update" and s.layer not in missing:  # no-grad owns a parameter without gradient
                 if c.on("stalled"):
                     self._stalled(step, s, st, c, out)
                 if c.on("update-too-large"):
                     self._update_too_large(step, s, st, c, out)
+                if c.on("starved"):
+                    self._starved(step, s, st, c, medians, out)
         self._rank_divergence(step, out)
         return out
 
@@ -276,6 +370,10 @@ class RuleEngine:
             bad = [s for s in step.samples if s.kind == kind and stats.nonfinite(s) > 0
                    and self.cfg(s.layer).on("nonfinite")]
             key = (kind, step.rank)
+            if bad:
+                self.affected[key] = {s.layer for s in bad}
+            else:
+                self.affected.pop(key, None)
             if not bad:
                 if key in self._nonfinite_active:
                     layer = self._nonfinite_active.pop(key)
@@ -290,15 +388,33 @@ class RuleEngine:
             n = stats.nonfinite(first)
             order = "backward" if kind == "grad" else "forward"
             self._nonfinite_active[key] = first.layer
+            others = len(bad) - 1
+            also = f"; {others} other {kind} stream{'s' if others != 1 else ''} hold NaN/inf too" if others else ""
             out.append(
                 self._alert(
                     step, first, "critical", "nonfinite", n, 0,
                     f"{n} non-finite {kind} values (NaN {first.nan}, +inf {first.posinf}, -inf "
                     f"{first.neginf}) in {first.layer}, the first layer in {order} order to go "
-                    f"non-finite: check its inputs, the learning rate and loss scaling",
+                    f"non-finite{also}: {self._nonfinite_hint(kind)}",
                 )
             )
         return out
+
+    def _nonfinite_hint(self, kind: str) -> str:
+        p = self._precision_kind()
+        if p == "fp16":
+            return ("fp16 overflows above 65504: use a GradScaler (or bf16), lower the learning rate, "
+                    "check this layer's inputs")
+        if p == "fp16+scaler":
+            return ("with a GradScaler an inf gradient now and then is normal (the step is skipped, the scale "
+                    "halved); in weights or activations it is not: lower the learning rate, check its inputs"
+                    if kind == "grad" else
+                    "a GradScaler skips steps with inf gradients, so this came from elsewhere: the learning rate, "
+                    "this layer's inputs, a log/sqrt/division of a non-positive value")
+        if p in ("fp32", "bf16"):
+            return (f"the run is {self.precision}, so this is not a low-precision overflow: check the learning "
+                    "rate, this layer's inputs, a log/sqrt/division of a non-positive value")
+        return "check its inputs, the learning rate and loss scaling"
 
     def _norms(self, step, s, st, c, out) -> None:
         """``exploding`` (weights, gradients, activations) and ``vanishing``
@@ -362,12 +478,16 @@ class RuleEngine:
                 return self._alert(
                     step, s, "warning", "vanishing", zeros, c.vanish_zeros,
                     f"{zeros:.0%} of {s.layer}'s gradient is exactly zero (it was {zmed:.0%}): gradients "
-                    "underflow; under fp16 use a GradScaler (or bf16), or check for a saturated activation",
+                    f"underflow; {self._underflow_hint()}",
                 )
+            p = self._precision_kind()
+            hint = ("check loss scaling (fp16 needs a GradScaler), saturated activations, depth" if p == "fp16"
+                    else "check saturated activations, depth, a loss scaled down" if p in ("fp32", "bf16")
+                    else "check loss scaling, saturated activations, depth")
             return self._alert(
                 step, s, "warning", "vanishing", value, c.vanish_factor * median,
                 f"gradient L2 norm {value:.3g} fell below {c.vanish_factor:g}x its recent median "
-                f"{median:.3g}: gradients vanish; check loss scaling, saturated activations, depth",
+                f"{median:.3g}: gradients vanish; {hint}",
             )
 
         self._track(step, s, st, "vanishing", bad, c.vanish_k, fire, out)
@@ -384,6 +504,17 @@ class RuleEngine:
             bad = near >= c.dead_zeros
 
         def fire():
+            lora = self._lora(f"{s.layer}.weight")
+            if lora and lora[0] == "B":
+                why = {"frozen": "its weight is frozen", "unoptimized": "its weight is in no optimizer param group"}
+                state = ("frozen" if "weight" in self._modules[s.layer].frozen else
+                         "unoptimized" if "weight" in self._modules[s.layer].unoptimized else "")
+                return self._alert(
+                    step, s, "warning", "dead", near, c.dead_zeros,
+                    f"{near:.1%} of {s.layer}'s outputs are zero: a LoRA B starts at zero and "
+                    + (f"{why[state]}, so the adapter can never change the model; train it" if state else
+                       "has not moved since: is its lr 0, or its gradient zero (is lora_A's input all zero)?"),
+                )
             if units >= c.dead_units:
                 return self._alert(
                     step, s, "warning", "dead", units, c.dead_units,
@@ -395,6 +526,34 @@ class RuleEngine:
                 f"{near:.1%} of {s.layer}'s outputs are {'near ' if s.layer in self._activations else ''}"
                 "zero: the layer is dead; "
                 "check the bias init, the learning rate and the activation function",
+            )
+
+        self._track(step, s, st, "dead", bad, c.dead_k, fire, out)
+
+    def _dead_grad(self, step, s, st, c, out) -> None:
+        """A gradient exactly zero in every sampled step since the first: nothing ever flowed
+        back (``vanishing`` watches gradients that fall, which needs a non-zero past)."""
+        zero = s.count > 0 and s.sumsq == 0 and s.abssum == 0
+        if not zero:
+            st.seen_nonzero = True
+        elif st.seen_nonzero and "dead" not in st.active:
+            return  # zero after being non-zero: vanishing's
+        bad = zero
+
+        def fire():
+            lora = self._lora(s.layer)
+            if lora and lora[0] == "A":
+                hint = ({"frozen": "its B is frozen", "unoptimized": "its B is in no optimizer param group"}[lora[1]]
+                        + ", so B stays zero and A gets no gradient: the adapter never learns; train B too"
+                        if lora[1] else "B is zero at init and has not moved: is B's lr 0?")
+            else:
+                hint = ("no gradient ever flows back: the units after it are all inactive (a ReLU layer dead "
+                        "from init, e.g. a large negative bias), its output is multiplied by zero, or the loss "
+                        "does not use it (DDP fills an unused parameter's gradient with zeros)")
+            return self._alert(
+                step, s, "warning", "dead", 1.0, c.dead_zeros,
+                f"{s.layer}'s gradient is exactly zero in all {st.bad.get('dead', 0)} sampled steps since "
+                f"the start: {hint}",
             )
 
         self._track(step, s, st, "dead", bad, c.dead_k, fire, out)
@@ -413,13 +572,14 @@ class RuleEngine:
         def fire():
             return self._alert(
                 step, s, "warning", "stalled", ratio, c.stall_ratio,
-                f"update ratio {ratio:.2g} < {c.stall_ratio:g} for {c.stall_k} samples: "
-                "is the parameter in the optimizer (a LoRA adapter's too), frozen, or at lr=0?",
+                f"update ratio {ratio:.2g} < {c.stall_ratio:g} for {c.stall_k} samples: " + self._stall_hint(s.layer),
             )
 
         self._track(step, s, st, "stalled", bad, c.stall_k, fire, out)
 
     def _update_too_large(self, step, s, st, c, out) -> None:
+        """Against the tensor's own history, and (weight matrices) against an absolute band
+        from step 0: a learning rate too high from the start has no healthy history."""
         if s.ratio is None or not math.isfinite(s.ratio):
             return
         ratio = s.ratio
@@ -428,18 +588,128 @@ class RuleEngine:
         threshold = c.update_max
         if median > 0:
             threshold = min(threshold, c.update_factor * median)
-        bad = ratio > threshold
+        rel = ratio > threshold
+        # weight matrices only: biases, norms and embeddings (rows a batch does not touch) move at
+        # their own pace, and a zero-initialised tensor's ratio is ~1/n while it grows
+        banded = self._param_kind(s.layer) == "matrix" and not self._zero_init.get(s.layer, False)
+        now = banded and ratio > c.update_max
+        over = banded and ratio > c.update_abs
+        bad = rel or over
         if not (bad or "update-too-large" in st.active):
             hist.append(ratio)
+        k = 1 if now else (c.update_k if rel else c.update_abs_k)
+        lr = self._lr_text(s.layer)
+        # a step's lr arrives in its Scalars, after its Step: at the first sampled step it is not
+        # known yet, but the update's own size is (under Adam each element moves by about the lr)
+        moved = math.sqrt(s.sumsq / s.count) if s.count and s.sumsq >= 0 else math.nan
+        lr = (f"; {lr}" if lr else "") + (f"; elements moved by {moved:.2g} (rms) this step" if moved == moved else "")
 
         def fire():
+            if now:
+                return self._alert(
+                    step, s, "warning", "update-too-large", ratio, c.update_max,
+                    f"update ratio ||dW||/||W|| {ratio:.2g}: one step moved {s.layer} by more than its own "
+                    f"norm (healthy runs: 1e-3 to 3e-2){lr}: the learning rate is far too high (Adam moves "
+                    "every element by about lr per step, a ratio of about lr / rms(W))",
+                )
+            if rel:
+                return self._alert(
+                    step, s, "warning", "update-too-large", ratio, threshold,
+                    f"update ratio {ratio:.1e} >> {threshold:.1e}, {ratio / median:.0f}x its own recent "
+                    f"median (healthy runs sit at 1e-3 to 3e-2){lr}: learning rate too high, or warm-up missing?"
+                    if median > 0 else
+                    f"update ratio {ratio:.1e} >> {threshold:.1e} (healthy runs sit at 1e-3 to 3e-2){lr}: "
+                    "learning rate too high, or warm-up missing?",
+                )
             return self._alert(
-                step, s, "warning", "update-too-large", ratio, threshold,
-                f"update ratio {ratio:.1e} >> {threshold:.1e} (healthy runs sit near 1e-3): "
-                "learning rate too high, or warm-up missing?",
+                step, s, "warning", "update-too-large", ratio, c.update_abs,
+                f"update ratio {ratio:.2g} > {c.update_abs:g} for {c.update_abs_k} samples in a row, far above "
+                f"healthy training's 1e-3 to 3e-2{lr}: learning rate too high, or warm-up missing?",
             )
 
-        self._track(step, s, st, "update-too-large", bad, c.update_k, fire, out)
+        self._track(step, s, st, "update-too-large", bad, k, fire, out)
+
+    def _kind_medians(self, step, missing) -> dict:
+        """Kind of parameter -> (median update ratio at this step, tensors in it)."""
+        by: dict[str, list] = {}
+        for s in step.samples:
+            if (s.kind == "update" and s.ratio is not None and math.isfinite(s.ratio) and s.ratio > 0
+                    and s.layer not in missing):
+                by.setdefault(self._param_kind(s.layer), []).append(s.ratio)
+        return {k: (float(statistics.median(v)), len(v)) for k, v in by.items()}
+
+    def _starved(self, step, s, st, c, medians, out) -> None:
+        """A tensor that learns far slower than the rest of its kind (a head at a fine-tuning lr)."""
+        if s.ratio is None or not math.isfinite(s.ratio) or s.ratio < c.stall_ratio:
+            return  # no ratio, or not moving at all: stalled's
+        kind = self._param_kind(s.layer)
+        if kind != "matrix":
+            return  # biases and norm weights spread over 100x in healthy SGD runs; embeddings are sparse
+        median, n = medians.get(kind, (math.nan, 0))
+        if n < c.starved_min_peers or not median > 0:
+            return  # nothing to compare with
+        ratio = s.ratio
+        bad = ratio * c.starved_factor < median
+
+        def fire():
+            lr, group = self.lr(s.layer)
+            if lr is not None:
+                base = self.scalars.get("lr")
+                where = (f"; its param group {group}'s lr is {lr:.3g}"
+                         + (f" (group 0: {base:.3g})" if group != 0 and base is not None else ""))
+            else:
+                where = ""
+            return self._alert(
+                step, s, "warning", "starved", ratio, median / c.starved_factor,
+                f"{s.layer} learns {median / ratio:.0f}x slower than the model's other {kind} tensors: update "
+                f"ratio {ratio:.2g} against their median {median:.2g} for {c.starved_k} samples{where}: "
+                "a param group's lr far below the rest (a new head left at the body's fine-tuning rate?), "
+                "or a gradient scaled down",
+            )
+
+        self._track(step, s, st, "starved", bad, c.starved_k, fire, out)
+
+    def _stall_hint(self, param: str) -> str:
+        lora = self._lora(param)
+        lr, group = self.lr(param)
+        if self._unoptimized(param):
+            hint = f"{param} requires a gradient but is in none of the optimizer's param groups: add it"
+            if lora:
+                hint += " (a LoRA adapter: build the optimizer after wrapping the model, e.g. peft's get_peft_model)"
+            return hint
+        if lora and lora[0] == "A" and lora[1]:
+            return (f"this LoRA A's B is {'frozen' if lora[1] == 'frozen' else 'in no optimizer param group'}: "
+                    "B stays zero, so A gets no gradient and the adapter never learns; train B too")
+        if lr == 0:
+            return f"its param group {group}'s learning rate is 0 (a schedule at its end, or warm-up from 0?)"
+        if self.param_groups:  # the probe knows the optimizer's groups: it is in one
+            return (f"it is in param group {group}" + (f" at lr {lr:.3g}" if lr is not None else "")
+                    + ": is its gradient zero, or does the optimizer skip it (weight decay only, a scheduler at 0)?")
+        return "is the parameter in the optimizer (a LoRA adapter's too), frozen, or at lr=0?"
+
+    def _precision_kind(self) -> str:
+        p = self.precision.lower()
+        if "fp16" in p or "float16" in p and "bfloat16" not in p:
+            return "fp16+scaler" if "scaler" in p else "fp16"
+        if "bf16" in p or "bfloat16" in p:
+            return "bf16"
+        if "fp32" in p or "float32" in p:
+            return "fp32"
+        return ""
+
+    def _underflow_hint(self) -> str:
+        p = self._precision_kind()
+        if p == "fp16":
+            return "fp16 without a GradScaler: small gradients flush to zero; use torch.amp.GradScaler (or bf16)"
+        if p == "fp16+scaler":
+            scale = self.scalars.get("scale")
+            return ("a GradScaler is in use" + (f" (scale {scale:.3g})" if scale is not None else "")
+                    + ": a scale that kept falling after repeated overflows lets gradients underflow; "
+                    "else check for a saturated activation")
+        if p in ("fp32", "bf16"):
+            return (f"the run is {self.precision}, whose exponent range does not underflow here: check for a "
+                    "saturated activation (sigmoid, tanh), a dead ReLU region or masking")
+        return "under fp16 use a GradScaler (or bf16), or check for a saturated activation"
 
     def _no_grad(self, step, grads: set[str], out) -> set[str]:
         """Trainable parameters without a gradient at a step where others

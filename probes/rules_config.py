@@ -12,13 +12,20 @@ per-rule tables that apply to matching layer names (later entries win)::
     k = 2
 
     [update-too-large]
-    enabled = false
+    abs = 0.1            # RuleConfig.update_abs: weight matrices above it for abs_k samples...
+    abs_k = 3
+    max = 1.0            # ...or above max at once (and against their own history: factor, k)
+
+    [starved]
+    factor = 100.0       # update ratio this many times below the median of its kind, k samples
+    enabled = true
 
     [spectral]           # WeightWatcher's alpha bands, behind the trust gate
     alpha_low = 2.0      # RuleConfig.spectral_alpha_low
     alpha_high = 6.0
     min_tail = 50        # tail eigenvalues a fit needs before it may alert
     sigmas = 2.0         # standard errors alpha must be past the band edge (0: off)
+    max_stable_rank = 2.0  # alpha < alpha_low warns only with a stable rank at most this
 
     [[layers]]
     pattern = "transformer.wte.*"

@@ -255,12 +255,13 @@ class Publisher:
         #: kind -> [callback, monotonic time of the last accepted request]
         self._requests: dict[str, list] = {}
         self.rules = rules if rules is not None else RuleEngine()
-        self.rules.set_layers(hello.layers)
+        self.rules.set_hello(hello)
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.dropped = 0
         #: Frames dropped for slow or stopped viewers, all viewers together.
         self.viewer_drops = 0
         self._listeners: list[Listener] = []
+        self._listeners.append(self.rules.note)  # a precision Note (autocast seen) sets the rules' hints
         self._hello_frame = wire.encode(hello)
         self._seq = itertools.count()
         self._steps: deque[tuple[int, bytes]] = deque()

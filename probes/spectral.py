@@ -606,5 +606,5 @@ class SpectralMonitor:
             msg = m.to_wire(step, rank, self.alerts.untrusted(m))
             pub.submit(lambda msg=msg: msg)
             alert = self.alerts.evaluate(m, step, rank)
-            if alert is not None:
+            if alert is not None and rank == 0:  # replicated weights: rank 0 speaks for the job (all judge)
                 pub.submit(lambda a=alert: a)

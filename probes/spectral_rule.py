@@ -28,6 +28,12 @@ MIN_TAIL = 50
 #: ...nor one whose alpha lies within this many standard errors
 #: (WeightWatcher's sigma = (alpha - 1) / sqrt(n_tail)) of the band it crossed.
 BAND_SIGMAS = 2.0
+#: alpha below the band is a finding only with a collapsed spectrum: a stable rank
+#: (sum(lambda) / lambda_max) at most this, i.e. the top eigenvalue holds half of ||W||_F^2 or more.
+#: Healthy char-level GPTs and MLPs trained a few thousand steps reach alpha 1.4-1.8 with stable
+#: ranks of 2.5-18 (docs/spectral.md, "Healthy runs below 2"); a matrix of heavy-tailed entries
+#: (Student-t, 1 degree of freedom) has alpha ~1.4 and a stable rank ~1.3.
+MAX_STABLE_RANK = 2.0
 
 
 def band(alpha: float | None, low: float = ALPHA_LOW, high: float = ALPHA_HIGH) -> str:
@@ -86,6 +92,7 @@ class _Bands(NamedTuple):
     high: float
     min_tail: int
     sigmas: float
+    max_stable_rank: float = MAX_STABLE_RANK
 
 
 class SpectralAlerts:
@@ -105,12 +112,15 @@ class SpectralAlerts:
     """
 
     def __init__(self, low: float = ALPHA_LOW, high: float = ALPHA_HIGH, *,
-                 min_tail: int = MIN_TAIL, sigmas: float = BAND_SIGMAS, config=None) -> None:
+                 min_tail: int = MIN_TAIL, sigmas: float = BAND_SIGMAS,
+                 max_stable_rank: float = MAX_STABLE_RANK, config=None) -> None:
         if config is not None:
             low, high = config.spectral_alpha_low, config.spectral_alpha_high
             min_tail, sigmas = config.spectral_min_tail, config.spectral_sigmas
+            max_stable_rank = config.spectral_max_stable_rank
         self.low, self.high = low, high
         self.min_tail, self.sigmas = min_tail, sigmas
+        self.max_stable_rank = max_stable_rank
         self.config = config
         self.active: set[str] = set()
         self._bands: dict[str, _Bands] = {}
@@ -120,9 +130,9 @@ class SpectralAlerts:
         b = self._bands.get(name)
         if b is None:
             c = self.config.for_layer(name) if self.config is not None else None
-            b = (_Bands(True, self.low, self.high, self.min_tail, self.sigmas) if c is None else
-                 _Bands(c.on("spectral"), c.spectral_alpha_low, c.spectral_alpha_high,
-                        c.spectral_min_tail, c.spectral_sigmas))
+            b = (_Bands(True, self.low, self.high, self.min_tail, self.sigmas, self.max_stable_rank) if c is None
+                 else _Bands(c.on("spectral"), c.spectral_alpha_low, c.spectral_alpha_high,
+                             c.spectral_min_tail, c.spectral_sigmas, c.spectral_max_stable_rank))
             self._bands[name] = b
         return b
 
@@ -139,16 +149,23 @@ class SpectralAlerts:
             return None
         alpha = fit.alpha
         what = band(alpha, b.low, b.high)
+        stable_rank = getattr(fit, "stable_rank", None)  # None: an older probe's message, judged on alpha
+        if what == "over-trained" and stable_rank is not None and stable_rank > b.max_stable_rank:
+            # heavy-tailed but not collapsed onto a few directions: what healthy small models show.
+            # Neither a finding nor a recovery: an active alert stays until alpha is back in the band
+            return None
         if what and name not in self.active:
             self.active.add(name)
             thr = b.low if what == "over-trained" else b.high
             side = "below" if what == "over-trained" else "above"
-            hint = ("heavy-tailed: the layer may be over-fitting or over-regularised; check its learning rate"
+            hint = ("heavy-tailed and collapsed onto a few directions: the layer may be over-fitting, or its "
+                    "weights corrupted by a few huge values; check its learning rate"
                     if what == "over-trained" else "close to random: the layer has learnt little yet")
             sigma = alpha_sigma(alpha, fit.n_tail)
+            sr = f", stable rank {stable_rank:.2g}" if what == "over-trained" and stable_rank is not None else ""
             return wire.Alert(step, rank, "warning", "spectral", name, "weight", float(alpha), thr,
                               f"alpha {alpha:.2f} ± {sigma:.2f} {side} {thr:g} ({what}; WeightWatcher; "
-                              f"tail of {fit.n_tail} eigenvalues): {hint}")
+                              f"tail of {fit.n_tail} eigenvalues{sr}): {hint}")
         if not what and name in self.active:
             self.active.discard(name)
             return wire.Alert(step, rank, "info", "spectral", name, "weight", float(alpha), b.low,

@@ -183,6 +183,8 @@ async def test_nonfinite_tensors_say_nan_or_inf_in_their_cells():
             assert cells.count("✖ NaN") + cells.count("✖ NaN 100%") >= 2, line  # grad, act and the gauge
             assert "0%" not in line.replace("100%", ""), line
             assert gauge in line
+            # no alert names this row (the feed has none): its status must still not read ok (issue 12)
+            assert "✖ CRIT" in line and "✓ ok" not in line, line
 
 
 # -- every key on screen works where it is shown ----------------------------------

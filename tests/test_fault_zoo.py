@@ -55,9 +55,13 @@ class Case:
     """One training: ``setup`` builds the fault into the model/optimizer at
     the start, ``inject`` at ``at``; ``rule``/``layer`` are what must fire."""
 
-    def __init__(self, name, rule, layer, *, at=0, activation="gelu_new", lr=1e-3, detail=""):
+    def __init__(self, name, rule, layer, *, at=0, activation="gelu_new", lr=1e-3, clip=None, detail=""):
         self.name, self.rule, self.layer, self.at = name, rule, layer, at
-        self.activation, self.lr, self.detail = activation, lr, detail
+        self.activation, self.lr, self.clip, self.detail = activation, lr, clip, detail
+
+    def model(self, vocab: int):
+        """The model trained (the zoo's GPT-2 unless a case needs another)."""
+        return build(vocab, self.activation)
 
     def setup(self, model) -> list:
         """Parameter groups for the optimizer (faults that exist from the start)."""
@@ -68,6 +72,57 @@ class Case:
 
     def forward(self, model, x, step):
         return model(input_ids=x, labels=x).loss
+
+
+class HeadGroup(Case):
+    """The LM head untied from the embedding and in a param group of its own at ``head_lr``
+    (a new head whose lr was left at a fine-tuning rate far below the body's)."""
+
+    def __init__(self, *args, head_lr, **kw):
+        super().__init__(*args, **kw)
+        self.head_lr = head_lr
+
+    def model(self, vocab):
+        return build(vocab, self.activation, tie=False)
+
+    def setup(self, model):
+        head = model.lm_head.weight
+        return [{"params": [p for p in model.parameters() if p is not head]},
+                {"params": [head], "lr": self.head_lr}]
+
+
+class ReluMlp(nn.Module):
+    """A character bigram model: embedding, four ReLU blocks (F.relu: no activation module to
+    hook, as in many real networks), a head. ``dead`` blocks start with a bias of -10: all their
+    pre-activations are negative, the ReLU passes nothing forward and no gradient back."""
+
+    def __init__(self, vocab: int, width: int = 32, dead=(1,)):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(4))
+        self.head = nn.Linear(width, vocab)
+        with torch.no_grad():
+            for i in dead:
+                self.blocks[i].bias.fill_(-10.0)
+
+    def forward(self, x):
+        h = self.emb(x)
+        for block in self.blocks:
+            h = torch.nn.functional.relu(block(h))
+        return self.head(h)
+
+
+class DeadFromStart(Case):
+    def __init__(self, *args, dead=(1,), **kw):
+        super().__init__(*args, **kw)
+        self.dead = dead
+
+    def model(self, vocab):
+        return ReluMlp(vocab, dead=self.dead)
+
+    def forward(self, model, x, step):
+        logits = model(x)
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
 
 class LrTimes1000(Case):
@@ -112,6 +167,14 @@ class LoraForgotten(Case):
         return list(adapters[0].lora_A.parameters()) + list(adapters[0].lora_B.parameters())
 
 
+class LoraTrained(LoraForgotten):
+    """The healthy LoRA run: base frozen, every adapter in the optimizer."""
+
+    def setup(self, model):
+        super().setup(model)
+        return [p for p in model.parameters() if p.requires_grad]
+
+
 class Fp16NoScaler(Case):
     """fp16 autocast from step ``at`` on, without a GradScaler. From step 0
     the loss is scaled as a mean over 1,024x more tokens (262k per batch, a
@@ -130,6 +193,13 @@ class Fp16NoScaler(Case):
 
 
 CASES = [
+    Case("lr 1 from step 0", "update-too-large", None, lr=1.0, detail="AdamW at lr 1 (1000x the healthy 1e-3)"),
+    Case("lr 10 from step 0, clipped", "update-too-large", None, lr=10.0, clip=1.0,
+         detail="AdamW at lr 10, gradients clipped to norm 1 (nanoGPT's clip)"),
+    HeadGroup("head starved", "starved", "lm_head.weight", head_lr=1e-6,
+              detail="LM head untied, in a param group at lr 1e-6 (the body: 1e-3)"),
+    DeadFromStart("ReLU dead from the start", "dead", "blocks.1.weight",
+                  detail="ReLU MLP (F.relu), block 1's bias -10 from init"),
     LrTimes1000("lr x1000", "update-too-large", None, at=60, detail="every group's lr multiplied by 1000"),
     NanWeight("NaN weight", "nonfinite", f"{P}.attn.c_attn", at=60, detail="one weight of c_attn set to NaN"),
     DeadRelu("dead ReLU", "dead", f"{P}.mlp.act", at=60, activation="relu",
@@ -149,7 +219,7 @@ def train(case: Case | None, steps: int, *, every: int = EVERY, seed: int = 0) -
     torch.manual_seed(seed)
     data = demo.CharData(demo.corpus(), block=32, seed=seed)
     activation = case.activation if case else "gelu_new"
-    model = build(len(data.chars), activation)
+    model = case.model(len(data.chars)) if case else build(len(data.chars), activation)
     model.train()
     params = case.setup(model) if case else list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=case.lr if case else 1e-3)
@@ -173,18 +243,21 @@ def _loop(case, model, optimizer, data, steps, every, msgs) -> None:
             x = data.batch(8)
             loss = case.forward(model, x, step) if case else model(input_ids=x, labels=x).loss
             loss.backward()
+            if case is not None and case.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
 
-def build(vocab: int, activation: str):
+def build(vocab: int, activation: str, tie: bool = True):
     """2 blocks, width 32, 2 heads, 32-token windows."""
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                        activation_function=activation, bos_token_id=0, eos_token_id=0)
+                        activation_function=activation, bos_token_id=0, eos_token_id=0,
+                        tie_word_embeddings=tie)
     return GPT2LMHeadModel(config)
 
 
@@ -213,11 +286,37 @@ def test_fault_fires_its_rule_on_its_layer(case):
     assert [a for a in alerts(msgs) if a.step < case.at] == []
 
 
-def test_healthy_control_has_no_critical_alert():
+def quiet(msgs) -> list:
+    """Warnings of a healthy run, less the one known kind: ``exploding`` at warning level on a
+    gradient as the model leaves its initial plateau (steps 60-110, 11-22x its median; counted in
+    docs/alerts.md, not this change's rule). Everything else must be silent on a healthy run."""
+    return [(a.step, a.rule, a.layer, a.message) for a in alerts(msgs)
+            if not (a.rule == "exploding" and a.severity == "warning" and a.kind == "grad")]
+
+
+def test_healthy_control_has_no_alert():
+    """The zoo's healthy run at AdamW's usual lr 1e-3 (issue 12: a warning that fires on healthy
+    runs teaches people to ignore warnings)."""
     msgs = train(None, steps=400)
-    assert [a for a in alerts(msgs) if a.severity == "critical"] == []
+    assert quiet(msgs) == []
     assert len(alerts(msgs)) <= 2
     assert sum(isinstance(m, wire.Step) for m in msgs) == 400 // EVERY
+
+
+# controls of the cases above: the same setups, healthy. Each must give no warning at all.
+CONTROLS = [
+    HeadGroup("head in its own group at the body's lr", None, None, head_lr=1e-3),
+    Case("lr 1e-3 clipped", None, None, clip=1.0),
+    DeadFromStart("ReLU MLP, no dead block", None, None, dead=()),
+    LoraTrained("LoRA, every adapter in the optimizer", None, None),
+]
+
+
+@pytest.mark.parametrize("case", CONTROLS, ids=[c.name for c in CONTROLS])
+def test_controls_have_no_alert(case):
+    msgs = train(case, steps=200)
+    assert quiet(msgs) == []
+    assert [a for a in alerts(msgs) if a.severity == "critical"] == []
 
 
 def main() -> None:

@@ -415,7 +415,7 @@ def test_toml_sets_the_spectral_bands_and_gate_globally_and_per_layer(tmp_path):
     ({"spectral": {"min_tail": 0}}, "spectral.min_tail: expected an integer >= 1"),
     ({"spectral": {"min_tail": 8.5}}, "spectral.min_tail: expected an integer >= 1"),
     ({"spectral": {"sigmas": -1}}, "spectral.sigmas: expected a positive number"),
-    ({"spectral": {"alpha": 2}}, "spectral has: alpha_high, alpha_low, min_tail, sigmas, enabled"),
+    ({"spectral": {"alpha": 2}}, "spectral has: alpha_high, alpha_low, max_stable_rank, min_tail, sigmas, enabled"),
 ])
 def test_bad_spectral_tables_give_one_line_errors(doc, why):
     with pytest.raises(RulesConfigError) as exc:
@@ -445,3 +445,212 @@ def test_printer_with_rules_rejudges_spectral_fits_with_the_files_bands():
     old = wire.Spectral(step=500, rank=0, layer="fc.weight", alpha=1.6, alpha_weighted=0.0, log_norm=0.0,
                         log_spectral_norm=0.0, stable_rank=1.0, n_evals=32)
     assert printed(RuleConfig(), [hello, old, probe_alert]) == [("spectral", "fc.weight", 2.0)]
+
+
+# -- issue 12: update-too-large's band, starved, dead from the start, nonfinite's count, hints ----
+
+def hello(layers, precision="", groups=None):
+    return wire.Hello(version=1, run="t", layers=layers, precision=precision, param_groups=groups or {})
+
+
+def mlp_layers(n=5, head_group=None):
+    return [wire.LayerInfo(f"l{i}", "Linear", ["weight", "bias"], True) for i in range(n)]
+
+
+def wsample(name, scale=0.02):
+    return sample_of(name, "weight", RNG.normal(0, scale, 64))
+
+
+def test_update_band_fires_from_step_zero_at_once_above_one_with_the_lr():
+    eng = RuleEngine()
+    eng.set_hello(hello(mlp_layers(1), groups={"l0.weight": 0, "l0.bias": 0}))
+    eng.evaluate_scalars(wire.Scalars(step=0, rank=0, time=0.0, values={"lr": 1.0}))
+    alerts = run(eng, [step(0, wsample("l0.weight"), upd("l0.weight", 50.0))])
+    (a,) = fired(alerts)
+    assert (a.rule, a.step, a.layer, a.threshold) == ("update-too-large", 0, "l0.weight", 1.0)
+    assert "lr 1 (param group 0)" in a.message
+
+
+def test_update_band_needs_three_samples_above_0_1_and_recovers():
+    eng = RuleEngine()
+    eng.set_layers(mlp_layers(1))
+    ratios = [0.2, 0.2, 0.05, 0.2, 0.2, 0.3, 0.3, 0.01, 0.01, 0.01, 0.01]
+    alerts = run(eng, [step(i, wsample("l0.weight"), upd("l0.weight", r)) for i, r in enumerate(ratios)])
+    assert [(a.severity, a.step) for a in alerts] == [("warning", 5), ("info", 9)]
+    assert "0.3 > 0.1 for 3 samples" in alerts[0].message
+
+
+def test_update_band_spares_biases_norms_and_zero_initialised_weights():
+    layers = mlp_layers(1) + [wire.LayerInfo("ln", "LayerNorm", ["weight", "bias"], True),
+                              wire.LayerInfo("lora_B", "Linear", ["weight"], True, "lora")]
+    eng = RuleEngine()
+    eng.set_layers(layers)
+    steps = []
+    for i in range(10):
+        w0 = sample_of("lora_B.weight", "weight", np.zeros(64) if i == 0 else RNG.normal(0, 1e-3, 64))
+        # a zero-init B's ratio is ~1/n; a bias or a norm moves fast at first: none of it is a band alert
+        steps.append(step(i, w0, upd("lora_B.weight", None if i == 0 else 1.0 / i),
+                          upd("l0.bias", 0.5), upd("ln.weight", 0.4), upd("ln.bias", 0.5),
+                          wsample("l0.weight"), upd("l0.weight", 0.01)))
+    assert fired(run(eng, steps)) == []
+
+
+def test_update_band_is_quiet_on_healthy_noise():
+    eng = RuleEngine()
+    eng.set_layers(mlp_layers(4))
+    rng = np.random.default_rng(5)
+    # healthy Adam-family ratios: 1e-3..3e-2, lognormal around 5e-3, first step up to 0.1
+    steps = [step(i, *[upd(f"l{j}.weight", 0.1 if i == 0 else float(np.clip(rng.lognormal(np.log(5e-3), 0.6), 0, 0.05)))
+                       for j in range(4)]) for i in range(500)]
+    assert fired(run(eng, steps)) == []
+
+
+def starved_step(i, head, body=3e-3, n=5, rng=np.random.default_rng(7)):
+    samples = [upd(f"l{j}.weight", body * float(rng.uniform(0.7, 1.4))) for j in range(n)]
+    return step(i, *samples, upd("head.weight", head))
+
+
+def test_starved_names_both_ratios_and_the_groups_lr_after_four_samples():
+    layers = mlp_layers(5) + [wire.LayerInfo("head", "Linear", ["weight"], True)]
+    eng = RuleEngine()
+    eng.set_hello(hello(layers, groups={"head.weight": 1}))
+    eng.evaluate_scalars(wire.Scalars(step=0, rank=0, time=0.0, values={"lr": 1e-3, "lr/1": 1e-6}))
+    alerts = run(eng, [starved_step(i, 1e-5) for i in range(6)])
+    (a,) = fired(alerts)
+    assert (a.rule, a.layer, a.step) == ("starved", "head.weight", 3)
+    assert "1e-05" in a.message and "param group 1's lr is 1e-06 (group 0: 0.001)" in a.message
+    assert a.value == pytest.approx(1e-5) and 2e-5 < a.threshold < 5e-5  # the median / 100
+    back = run(eng, [starved_step(10 + i, 2e-3) for i in range(3)])  # (a 200x jump: update-too-large too)
+    assert [(x.severity, x.step) for x in back if x.rule == "starved"] == [("info", 12)]
+
+
+@pytest.mark.parametrize("head", [3e-4, 3e-3, 0.0])
+def test_starved_is_quiet_within_100x_and_leaves_a_still_tensor_to_stalled(head):
+    alerts = fired(run(RuleEngine(), [starved_step(i, head) for i in range(10)]))
+    assert [a.rule for a in alerts] == (["stalled"] if head == 0 else [])
+
+
+def test_starved_needs_peers_of_its_own_kind():
+    # a bias and a norm weight are not compared with matrices; two matrices are no median
+    layers = [wire.LayerInfo("l0", "Linear", ["weight", "bias"], True),
+              wire.LayerInfo("l1", "Linear", ["weight"], True), wire.LayerInfo("ln", "LayerNorm", ["weight"], True)]
+    eng = RuleEngine()
+    eng.set_layers(layers)
+    steps = [step(i, upd("l0.weight", 3e-3), upd("l1.weight", 1e-6), upd("l0.bias", 1e-6),
+                  upd("ln.weight", 1e-6)) for i in range(10)]
+    assert fired(run(eng, steps)) == []
+
+
+def zero_grad(name):
+    return sample_of(name, "grad", np.zeros(64))
+
+
+def test_dead_fires_on_a_gradient_exactly_zero_from_the_start_and_recovers():
+    eng = RuleEngine()
+    alerts = run(eng, [step(i, zero_grad("l1.weight"), grad(1.0, "l2.weight")) for i in range(4)])
+    (a,) = fired(alerts)
+    assert (a.rule, a.layer, a.kind, a.step) == ("dead", "l1.weight", "grad", 2)
+    assert "exactly zero in all 3 sampled steps" in a.message and "ReLU" in a.message
+    back = run(eng, [step(10 + i, grad(1.0, "l1.weight")) for i in range(3)])
+    assert [(x.severity, x.rule, x.kind) for x in back] == [("info", "dead", "grad")]
+
+
+def test_a_gradient_that_falls_to_zero_later_is_vanishing_not_dead():
+    eng = RuleEngine()
+    alerts = run(eng, [step(i, grad(1.0, "l1.weight")) for i in range(8)]
+                 + [step(8 + i, zero_grad("l1.weight")) for i in range(4)])
+    assert [a.rule for a in fired(alerts)] == ["vanishing"]
+
+
+def test_nonfinite_counts_the_other_streams_and_marks_them_affected():
+    bad, ok = np.array([1.0, np.nan]), np.ones(2)
+    eng = RuleEngine()
+    alerts = eng.evaluate(step(0, sample_of("a", "act", ok), sample_of("b", "act", bad), sample_of("c", "act", bad),
+                               sample_of("d", "act", bad)))
+    (a,) = alerts
+    assert a.layer == "b" and "2 other act streams hold NaN/inf" in a.message
+    assert eng.affected[("act", 0)] == {"b", "c", "d"}
+    assert eng.evaluate(step(1, sample_of("b", "act", ok)))[0].severity == "info"
+    assert ("act", 0) not in eng.affected
+
+
+@pytest.mark.parametrize("precision, says, never", [
+    ("fp32", "the run is fp32", "GradScaler"),
+    ("bf16", "the run is bf16", "GradScaler"),
+    ("fp16", "use torch.amp.GradScaler", "the run is"),
+    ("fp16+scaler", "a GradScaler is in use (scale 1)", "use torch.amp"),
+])
+def test_underflow_hint_follows_the_precision(precision, says, never):
+    eng = RuleEngine()
+    eng.set_hello(hello([], precision))
+    eng.evaluate_scalars(wire.Scalars(step=0, rank=0, time=0.0, values={"scale": 1.0}))
+    alerts = run(eng, [step(i, grad(1.0)) for i in range(8)] + [step(8 + i, grad(1.0, zeros=0.9)) for i in range(3)])
+    (a,) = fired(alerts)
+    assert a.rule == "vanishing" and says in a.message and never not in a.message
+
+
+def test_precision_note_replaces_the_hellos_precision():
+    eng = RuleEngine()
+    eng.set_hello(hello([], "fp32"))
+    eng.note(wire.Note(step=3, rank=0, event="precision", data={"precision": "fp16-autocast"}))
+    assert eng.precision == "fp16-autocast"
+    eng.note(wire.Note(step=4, rank=0, event="fault", data={"precision": "x"}))  # other notes: ignored
+    alerts = run(eng, [step(i, grad(1.0)) for i in range(8)] + [step(8 + i, grad(1.0, zeros=0.9)) for i in range(3)])
+    assert "fp16 without a GradScaler" in fired(alerts)[0].message
+
+
+def lora_layers(b_frozen=False, b_unoptimized=False, a_unoptimized=False):
+    return [wire.LayerInfo("q", "Linear", ["weight"], True, frozen=["weight"]),
+            wire.LayerInfo("q.lora_A", "Linear", ["weight"], True, "lora", adapter_of="q",
+                           unoptimized=["weight"] if a_unoptimized else []),
+            wire.LayerInfo("q.lora_B", "Linear", ["weight"], True, "lora", adapter_of="q",
+                           frozen=["weight"] if b_frozen else [], unoptimized=["weight"] if b_unoptimized else [])]
+
+
+@pytest.mark.parametrize("state, says", [(dict(b_frozen=True), "its B is frozen"),
+                                         (dict(b_unoptimized=True), "its B is in no optimizer param group")])
+def test_lora_a_without_gradient_says_b_is_frozen_or_left_out(state, says):
+    eng = RuleEngine()
+    eng.set_layers(lora_layers(**state))
+    alerts = fired(run(eng, [step(i, zero_grad("q.lora_A.weight"), upd("q.lora_A.weight", 0.0, np.zeros(16)))
+                             for i in range(3)]))
+    assert {a.rule for a in alerts} == {"dead", "stalled"}
+    assert all(says in a.message or "B is" in a.message for a in alerts), [a.message for a in alerts]
+    assert all("bias" not in a.message for a in alerts)
+
+
+def test_lora_b_dead_output_hint_is_about_b_not_bias_init():
+    eng = RuleEngine()
+    eng.set_layers(lora_layers(b_frozen=True))
+    alerts = fired(run(eng, [step(i, sample_of("q.lora_B", "act", np.zeros(64))) for i in range(3)]))
+    (a,) = alerts
+    assert a.rule == "dead" and "LoRA B" in a.message and "frozen" in a.message
+    assert "bias init" not in a.message
+
+
+def test_stalled_names_a_parameter_in_no_param_group():
+    eng = RuleEngine()
+    eng.set_layers(lora_layers(a_unoptimized=True))
+    (a,) = fired(run(eng, [step(i, upd("q.lora_A.weight", 0.0, np.zeros(16))) for i in range(3)]))
+    assert "none of the optimizer's param groups" in a.message and "get_peft_model" in a.message
+
+
+def test_toml_sets_the_band_and_starved_thresholds(tmp_path):
+    f = tmp_path / "r.toml"
+    f.write_text('[update-too-large]\nabs = 0.5\nabs_k = 2\n[starved]\nfactor = 10.0\nk = 2\nmin_peers = 4\n')
+    cfg = load(str(f))
+    got = (cfg.update_abs, cfg.update_abs_k, cfg.starved_factor, cfg.starved_k, cfg.starved_min_peers)
+    assert got == (0.5, 2, 10.0, 2, 4)
+
+
+@pytest.mark.parametrize("precision, says", [
+    ("fp32", "the run is fp32, so this is not a low-precision overflow"),
+    ("fp16", "fp16 overflows above 65504"),
+    ("fp16+scaler", "an inf gradient now and then is normal"),
+    ("", "check its inputs, the learning rate and loss scaling"),
+])
+def test_nonfinite_hint_follows_the_precision(precision, says):
+    eng = RuleEngine()
+    eng.set_hello(hello([], precision))
+    (a,) = eng.evaluate(step(0, sample_of("a.w", "grad", np.array([1.0, np.inf]))))
+    assert a.rule == "nonfinite" and says in a.message

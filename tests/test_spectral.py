@@ -182,8 +182,10 @@ def test_small_matrices_are_listed_as_skipped_not_dropped():
 class Fit:
     """What the spectral rule reads of a fit (a Metrics or a wire.Spectral has these too)."""
 
-    def __init__(self, alpha, n_tail, n_evals=768, name="w"):
+    def __init__(self, alpha, n_tail, n_evals=768, name="w", stable_rank=None):
         self.alpha, self.n_tail, self.n_evals, self.name = alpha, n_tail, n_evals, name
+        if stable_rank is not None:  # without it: an older probe's message, judged on alpha alone
+            self.stable_rank = stable_rank
 
 
 def test_alerts_use_weightwatchers_bands_and_recover():
@@ -233,6 +235,26 @@ def test_the_gate_is_the_tail_and_the_standard_error_not_a_moved_band():
     # and the thresholds are the rule's own arguments
     lax = spectral.SpectralAlerts(min_tail=8, sigmas=0.0)
     assert lax.evaluate(Fit(1.6, 12, 32), 1, 0) is not None
+
+
+@pytest.mark.parametrize("fit", [
+    # the healthy runs of issue 12 (docs/spectral.md): trusted fits below 2, spectra not collapsed
+    Fit(1.41, 88, 128, stable_rank=12.5),  # the demo's h.3.attn.c_proj at step 1,500
+    Fit(1.54, 44 + 60, 64, stable_rank=2.8),  # (its wpe, the lowest stable rank seen; tail raised to trust it)
+    Fit(1.71, 62, 64, stable_rank=3.0),
+])
+def test_healthy_heavy_tails_without_a_collapsed_spectrum_do_not_fire(fit):
+    assert spectral.untrusted(fit) == ""  # trusted: it is the stable-rank condition that holds it back
+    rules = spectral.SpectralAlerts()
+    assert rules.evaluate(fit, 1, 0) is None
+    assert spectral.SpectralAlerts(max_stable_rank=100.0).evaluate(fit, 1, 0) is not None  # alpha alone would
+
+
+def test_a_collapsed_heavy_tailed_spectrum_fires_and_says_its_stable_rank():
+    a = spectral.SpectralAlerts().evaluate(Fit(1.40, 141, 256, stable_rank=1.25), 1, 0)
+    assert a is not None and "stable rank 1.2" in a.message and "over-trained" in a.message
+    # the under-trained side is not gated by it
+    assert spectral.SpectralAlerts().evaluate(Fit(9.0, 400, stable_rank=50.0), 1, 0) is not None
 
 
 def test_spectral_messages_carry_the_tail_sigma_and_why_untrusted():
@@ -340,11 +362,15 @@ def test_attach_rules_set_the_monitors_bands_and_gate(tmp_path):
 
     spec, fired = alerts_with(None)
     assert fired == [] and spec[0].untrusted.startswith("tail of")
+    assert 2.0 < m.stable_rank < 10.0  # this sample's spectrum is heavy-tailed but not collapsed
     f = tmp_path / "rules.toml"
     f.write_text("[spectral]\nmin_tail = 20\n")
     spec, fired = alerts_with(RuleEngine(load(str(f))))
+    assert spec[0].untrusted == "" and fired == []  # trusted now, held back by the stable-rank condition
+    f.write_text("[spectral]\nmin_tail = 20\nmax_stable_rank = 10.0\n")
+    spec, fired = alerts_with(RuleEngine(load(str(f))))
     assert spec[0].untrusted == "" and [a.layer for a in fired] == ["weight"]
-    f.write_text("[spectral]\nmin_tail = 20\nenabled = false\n")
+    f.write_text("[spectral]\nmin_tail = 20\nmax_stable_rank = 10.0\nenabled = false\n")
     assert alerts_with(RuleEngine(load(str(f))))[1] == []
 
 
@@ -373,3 +399,26 @@ def msgspec_replace(msg, **changes):
     import msgspec
 
     return msgspec.structs.replace(msg, **changes)
+
+
+def test_only_rank_0_publishes_spectral_alerts(tmp_path):
+    """Under DDP every rank holds the same weights and judged the same fit: one warning per
+    job, not one per rank (issue 12). Every rank still sends its figures."""
+    torch.manual_seed(1)
+    w = torch.distributions.StudentT(1.0).sample((512, 256))  # alpha ~1.4, stable rank ~1.4: fires
+    out = {}
+    for rank in (0, 1):
+        model = nn.Linear(256, 512)
+        with torch.no_grad():
+            model.weight.copy_(w)
+        log = tmp_path / f"rank{rank}.xray"
+        xr = probes.attach(model, every=1, serve=False, log=str(log), spectral_every=10**9)
+        xr.rank = rank  # what torch.distributed would have set
+        xr.spectral.request()
+        assert xr.spectral.wait_pass(1, timeout=60)
+        xr.close()
+        msgs, _ = wire.read_file(str(log))
+        out[rank] = ([m for m in msgs if isinstance(m, wire.Spectral)],
+                     [m for m in msgs if isinstance(m, wire.Alert) and m.rule == "spectral"])
+    assert [a.layer for a in out[0][1]] == ["weight"] and out[1][1] == []
+    assert len(out[0][0]) == len(out[1][0]) == 1

@@ -81,7 +81,9 @@ class AlertPrinter:
         """Print what a person or a script should see of ``msg``."""
         if self.rules is not None:
             if isinstance(msg, wire.Hello):
-                self.rules.set_layers(msg.layers)
+                self.rules.set_hello(msg)
+            elif isinstance(msg, wire.Note):
+                self.rules.note(msg)
             elif isinstance(msg, wire.Step):
                 for alert in self.rules.evaluate(msg):
                     self._alert(alert)
@@ -98,7 +100,7 @@ class AlertPrinter:
                     if judge is None:
                         judge = self._spectral[msg.rank] = SpectralAlerts(config=self.rules.config)
                     alert = judge.evaluate(msg, msg.step, msg.rank)
-                    if alert is not None:
+                    if alert is not None and msg.rank == 0:  # as the probe: rank 0 speaks for the job
                         self._alert(alert)
                 else:
                     self._rejudged.discard(key)

@@ -443,6 +443,11 @@ class LayerTable(ScrollView, can_focus=True):
         state = self.state
         muted = self._style("muted")
         sev = self._severity.get(row.name, "ok")
+        latest = {k: state.latest(row, k, self.rank, self.until) for k in ("weight", "grad", "act", "update")}
+        if any(x is not None and stats.nonfinite(x) > 0 for x in latest.values()):
+            # NaN/inf cells are critical whether or not an alert names this row: the nonfinite
+            # alert names only the first layer to go non-finite, and may be switched off
+            sev = "critical"
         name = " " * (row.depth - self._indent_base) + row.name
         if row.type and len(name) + 2 + len(row.type) <= cols.name:
             # The module's type where there is room: "0  Linear" says more than "0".
@@ -451,7 +456,6 @@ class LayerTable(ScrollView, can_focus=True):
         else:
             segs = [Segment(fit_name(row.name, row.depth - self._indent_base, cols.name),
                             self._style(sev) if sev in ("warning", "critical") else None)]
-        latest = {k: state.latest(row, k, self.rank, self.until) for k in ("weight", "grad", "act", "update")}
         critical = self._style("critical")
         for kind in cols.kinds:
             s = latest[kind]
