@@ -124,9 +124,12 @@ def register(probe) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 try:
-                    if signal.getsignal(sig) is signal.SIG_DFL:
+                    current = signal.getsignal(sig)
+                    if current is signal.SIG_DFL:
                         signal.signal(sig, _on_signal)
                         _installed_signals[sig] = signal.SIG_DFL
+                    elif current is _on_signal:  # left by a probe closed off the main thread
+                        _installed_signals.setdefault(sig, signal.SIG_DFL)
                 except (ValueError, OSError):  # not settable here (an embedded interpreter)
                     pass
 

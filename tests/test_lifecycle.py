@@ -144,7 +144,8 @@ def _tiny():
 
 def test_hooks_are_installed_while_open_and_restored_at_close():
     before_hook = sys.excepthook
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    # a probe closed off the main thread (a Timer) cannot restore the handler; the next close in it does
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, lifecycle._on_signal)
     model, opt = _tiny()
     a = probes.attach(model, opt, serve=False, spectral_every=None)
     b = probes.attach(model, opt, serve=False, spectral_every=None)
