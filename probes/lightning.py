@@ -22,7 +22,8 @@ manual optimization Lightning does not call that hook (the user clips before
 ``opt.step()``), so there they are read in ``on_before_optimizer_step``.
 Updates are read in ``on_train_batch_end`` of a batch that stepped (the
 optimizer is done by then; a step that GradScaler skipped reads as zero).
-The probe closes at the end of ``fit`` or when it raises.
+The probe closes at the end of ``fit`` or when it raises (``End.reason``
+``crashed`` with the exception, ``interrupted`` for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ try:
 except ImportError:  # the standalone package; Lightning calls callbacks' hooks by name either way
     from pytorch_lightning import Callback
 
+from . import lifecycle
 from .probe import XRay, _rank_and_world
 
 _HOOK = "configure_gradient_clipping"
@@ -109,14 +111,14 @@ class XRayCallback(Callback):
                 trainer.should_stop = True
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        """Close the probe: socket and manifest removed, recording flushed."""
-        self._close("finished")
+        """Close the probe (``finished``, or ``stopped`` after ``on_alert="stop"``)."""
+        self._close()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """Close the probe when fit raises (or is interrupted)."""
-        self._close("interrupted" if isinstance(exception, KeyboardInterrupt) else "error")
+        """Close the probe when fit raises: ``crashed`` with ``Type: message``, or ``interrupted``."""
+        self._close(*lifecycle.reason_of(exception))
 
-    def _close(self, reason: str) -> None:
+    def _close(self, reason: str | None = None, error: str = "") -> None:
         for h in self._step_hooks:
             h.remove()
         self._step_hooks.clear()
@@ -124,6 +126,6 @@ class XRayCallback(Callback):
             self._module.__dict__.pop(_HOOK, None)
             self._module = None
         if self.xray is not None:
-            self.xray.close(reason)
+            self.xray.close(reason, error)
             self.xray = None
         self._pending = False

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import cpu_kernel, engines, histogram, rundir, wire
+from . import cpu_kernel, engines, histogram, lifecycle, rundir, wire
 from .scalars import ScalarLog, grad_norm
 from .reduce import COL, Batch, dead_units
 from .rules import RuleEngine
@@ -475,6 +475,7 @@ class XRay:
 
             self.spectral = SpectralMonitor(self, every=spectral_every)
         atexit.register(self.close)  # socket, manifest and recording are cleaned up at exit
+        lifecycle.register(self)  # so End says whether the run crashed or was killed (probes/lifecycle.py)
 
     def _layer_infos(self, hooked: dict[str, nn.Module]) -> list[wire.LayerInfo]:
         by_module: dict[str, list[str]] = {}
@@ -988,30 +989,49 @@ class XRay:
         step, rank = self.step_index, self.rank
         self.publisher.submit(lambda: wire.Note(step, rank, event, data))
 
-    def close(self, reason: str = "finished") -> None:
-        """Remove the hooks, send what is queued, close socket and recording."""
+    def close(self, reason: str | None = None, error: str = "") -> None:
+        """Remove the hooks, send what is queued, close socket and recording.
+
+        ``reason`` is :attr:`wire.End.reason`; by default it is worked out:
+        ``crashed`` or ``interrupted`` when an uncaught exception is ending the
+        process (the ``atexit`` close), ``stopped`` when ``on_alert="stop"``
+        set :attr:`should_stop`, else ``finished``. ``error`` is the exception
+        as ``Type: message``.
+        """
         if self._closed:
             return
+        if reason is None:
+            reason, error = lifecycle.exit_reason()
+            if reason == "finished" and self.should_stop:
+                reason = "stopped"
         if len(self._eval_batch):
             self._flush_eval()  # an eval pass that torch.compile traced
         self.publisher.submit(self._scalars.take())  # the steps since the last sampled one
         self._closed = True
         atexit.unregister(self.close)
         self._unsubscribe_engine()
+        lifecycle.unregister(self)
         for h in self._handles:
             h.remove()
         if self._hooked and self.scaler is not None:
             self.scaler.__dict__.pop("update", None)  # the class's own update again
         step, rank = self.step_index, self.rank
-        self.publisher.submit(lambda: wire.End(step, rank, reason))
+        self.publisher.submit(lambda: wire.End(step, rank, reason, error))
         self.publisher.close()
 
     def __enter__(self) -> "XRay":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        reason = "finished" if exc_type is None else ("interrupted" if exc_type is KeyboardInterrupt else "error")
-        self.close(reason)
+        """Close with how the block ended: ``crashed`` (the exception, which still
+        propagates), ``interrupted`` (Ctrl-C), ``stopped`` or ``finished``."""
+        if exc_type is None:
+            self.close()
+            return
+        reason, error = lifecycle.reason_of(exc if exc is not None else exc_type())
+        if reason == "finished" and self.should_stop:
+            reason = "stopped"
+        self.close(reason, error)
 
 
 def build_step(step: int, rank: int, t: float, meta, rows: np.ndarray, hists: np.ndarray, hist_n,

@@ -132,10 +132,16 @@ def test_headless_attach_prints_the_nan_alert_of_a_script_and_exits_0_when_it_en
     assert {(a["layer"], a["kind"]) for a in alerts} >= {("2", "act"), ("2.weight", "weight")}
     for a in alerts:
         assert set(a) == {"type", "step", "rank", "severity", "rule", "layer", "kind", "value", "threshold", "message"}
-    # the viewer's own recording replays to the same alerts
-    again = xray("replay", str(tmp_path / "v.xray"), "--headless", "--json", "--fail-on", "critical")
-    assert again.returncode == 3
+    assert lines[-1]["type"] == "end" and (lines[-1]["reason"], lines[-1]["step"], lines[-1]["exit"]) == ("finished", 60, 0)
+    # the viewer's own recording replays to the same lines
+    again = xray("replay", str(tmp_path / "v.xray"), "--headless", "--json")
+    assert again.returncode == 0
     assert [json.loads(line) for line in again.stdout.splitlines()] == lines
+    # --fail-on leaves at the first critical alert
+    failed = xray("replay", str(tmp_path / "v.xray"), "--headless", "--json", "--fail-on", "critical")
+    first = next(i for i, x in enumerate(lines) if x.get("severity") == "critical")
+    got = [json.loads(line) for line in failed.stdout.splitlines()]
+    assert failed.returncode == 3 and got[:-1] == lines[:first + 1] and got[-1]["reason"] == "fail-on"
 
 
 def test_probe_recording_replays_and_exports_exactly(tmp_path):
@@ -147,14 +153,18 @@ def test_probe_recording_replays_and_exports_exactly(tmp_path):
         train(model, opt, 10)
     out = xray("export", str(log), "--format", "jsonl", "-o", str(tmp_path / "out.jsonl"))
     assert out.returncode == 0, out.stderr
-    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    rows = [r for r in lines if r["type"] == "sample"]
     samples = [(st.step, s) for st in recorded if isinstance(st, wire.Step) for s in st.samples]
+    scalars = [(m.step, k, v) for m in recorded if isinstance(m, wire.Scalars) for k, v in m.values.items()]
+    assert [(r["step"], r["name"], r["value"]) for r in lines if r["type"] == "scalar"] == scalars
+    assert {k for _, k, _ in scalars} >= {"lr"} and len({st for st, _, _ in scalars}) == 10  # every step's
     assert len(rows) == len(samples) == 5 * (3 * 4 + 3)  # 5 steps x (4 params x 3 kinds + 3 acts)
     for row, (step, s) in zip(rows, samples):
         assert (row["step"], row["layer"], row["kind"], row["count"], row["max"]) == (step, s.layer, s.kind, s.count, s.max)
         assert row["hist"]["counts"] == s.hist.tolist()
     # stdout when no -o is given
-    assert len(xray("export", str(log)).stdout.splitlines()) == len(rows)
+    assert len(xray("export", str(log)).stdout.splitlines()) == len(lines)
 
 
 def test_replay_of_a_torn_recording_reads_all_whole_frames(tmp_path):
@@ -166,7 +176,8 @@ def test_replay_of_a_torn_recording_reads_all_whole_frames(tmp_path):
     log.write_bytes(data[:-7])
     out = xray("export", str(log))
     assert out.returncode == 0
-    assert "torn bytes" in out.stderr and len(out.stdout.splitlines()) == 5 * 15
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert "torn bytes" in out.stderr and sum(r["type"] == "sample" for r in rows) == 5 * 15
 
 
 @pytest.mark.parametrize("args,message", [

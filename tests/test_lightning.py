@@ -162,7 +162,7 @@ def test_an_exception_closes_the_probe_and_restores_the_module(tmp_path):
         fit(model, cb, callbacks=[cb])
     msgs = recorded(tmp_path / "x.xray")
     assert [m.step for m in msgs if isinstance(m, wire.Step)] == [0, 1, 2]
-    assert isinstance(msgs[-1], wire.End) and msgs[-1].reason == "error"
+    assert isinstance(msgs[-1], wire.End) and msgs[-1].reason == "crashed" and msgs[-1].error == "RuntimeError: boom"
     assert cb.xray is None and "configure_gradient_clipping" not in model.__dict__
 
 
@@ -170,9 +170,11 @@ def test_on_alert_stop_stops_the_trainer(tmp_path):
     model = Tiny()
     with torch.no_grad():
         model.fc2.weight[0, 0] = float("nan")
-    cb = XRayCallback(every=1, serve=False, spectral_every=None, on_alert="stop")
+    cb = XRayCallback(every=1, serve=False, spectral_every=None, on_alert="stop", log=str(tmp_path / "s.xray"))
     trainer = fit(model, cb, steps=40, callbacks=[cb])
     assert trainer.should_stop and trainer.global_step < 40
+    end = recorded(tmp_path / "s.xray")[-1]
+    assert isinstance(end, wire.End) and end.reason == "stopped" and end.error == ""
 
 
 class Manual(Tiny):

@@ -330,8 +330,15 @@ def test_replay_and_live_attach_give_the_same_messages_and_export_keeps_every_fi
     out = tmp_path / "samples.jsonl"
     assert xray("export", str(log), "-o", str(out)).returncode == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    want = [clean(stats.export_dict(s, m.step, m.rank)) for m in recorded if isinstance(m, wire.Step) for s in m.samples]
+    want = []
+    for m in recorded:  # each step's samples, then the scalars the probe sent with it
+        if isinstance(m, wire.Step):
+            want += [clean(stats.export_dict(s, m.step, m.rank)) for s in m.samples]
+        elif isinstance(m, wire.Scalars):
+            want += [clean({"type": "scalar", "step": m.step, "rank": m.rank, "name": k, "value": v})
+                     for k, v in m.values.items()]
     assert rows == want  # every field, NaN written as null
+    assert {r["name"] for r in rows if r["type"] == "scalar"} >= {"lr", "grad_norm"}
     assert set(rows[0]) >= {"type", "step", "rank", "layer", "kind", "count", "mean", "std", "min", "max", "absmax",
                             "l2", "near_zero", "zeros", "nan", "inf", "dead_units", "ratio", "hist"}
 
@@ -424,8 +431,8 @@ EXIT_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,reason,codes", [
     ("no-close", "finished", (0,)),
-    ("error", "error", (1,)),
-    ("error-no-with", "finished", (1,)),
+    ("error", "crashed", (1,)),
+    ("error-no-with", "crashed", (1,)),  # atexit closes it, and knows of the exception (probes/lifecycle.py)
     ("ctrl-c", "interrupted", (130, -signal.SIGINT)),
 ])
 def test_every_exit_removes_socket_and_manifest_and_closes_the_recording(tmp_path, run_dir, mode, reason, codes):

@@ -342,11 +342,13 @@ def test_cli_replay_headless_rules(tmp_path):
     rules.write_text("[stalled]\nratio = 1e-2\nk = 2\n")
     cmd = [sys.executable, "-m", "tui.cli", "replay", str(rec), "--headless", "--json"]
     plain = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert (plain.returncode, plain.stdout) == (0, "")
+    # no alert; the recording has no End, so the last line says it stops without one (exit 1)
+    assert plain.returncode == 1 and [json.loads(x)["type"] for x in plain.stdout.splitlines()] == ["end"]
     tuned = subprocess.run(cmd + ["--rules", str(rules), "--fail-on", "warning"], capture_output=True, text=True,
                            timeout=60)
     assert tuned.returncode == 3, tuned.stderr
-    (line,) = [json.loads(x) for x in tuned.stdout.splitlines()]
+    line, end = [json.loads(x) for x in tuned.stdout.splitlines()]
+    assert end["type"] == "end" and end["reason"] == "fail-on"
     assert (line["rule"], line["step"], line["threshold"]) == ("stalled", 1, 0.01)
     rules.write_text("[stalled]\nratio = -1\n")
     bad = subprocess.run(cmd + ["--rules", str(rules)], capture_output=True, text=True, timeout=60)

@@ -30,7 +30,7 @@ from probes import wire
 from tui.chooser import ChooserScreen
 from tui.detail import DetailScreen
 from tui.feed import FeedError
-from tui.reattach import Status
+from tui.reattach import Status, _short
 from tui.state import RunState
 from tui.widgets.alerts import AlertList
 from tui.widgets.header import HeaderInfo, XRayHeader
@@ -320,7 +320,9 @@ class XRayApp(App):
             self.connection = f"error: {event.error}"
             self.notify(event.error, title="feed error", severity="error", timeout=10)
         else:
-            self.connection = "run ended" if self.state.finished else "disconnected"
+            reason = self.state.end_reason
+            self.connection = ("disconnected" if reason is None else
+                               "run ended" if reason == "finished" else f"run ended: {_short(reason)}")
         self._paint()
 
     # -- painting ---------------------------------------------------------

@@ -1,26 +1,32 @@
 """The `xray-tui` command: demo, attach, ls, replay, export.
 
-Exit status: 0 when the watched run ended normally (or the command did its
-job); 1 when a live run disconnected without ending; 2 for usage errors,
-unknown runs and bad input (one line on stderr, never a traceback); 3 when
-``--fail-on`` saw an alert of that severity or worse.
+Exit status: 0 when the watched run finished or was stopped by
+``on_alert="stop"`` (or the command did its job); 1 when it crashed, was
+killed or interrupted, or its stream stopped without an End (a live run
+that disconnected, a recording cut short); 2 for usage errors, unknown runs
+and bad input (one line on stderr, never a traceback); 3 as soon as
+``--fail-on`` sees an alert of that severity or worse; 130 when the viewer
+itself is interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from probes import rundir, stats, wire
 
 from . import feed
-from .headless import AlertPrinter, clean
+from .headless import AlertPrinter, RunWatch, clean
 
 EXIT_OK, EXIT_DISCONNECTED, EXIT_USAGE, EXIT_ALERT = 0, 1, 2, 3
 FAULTS = ("none", "exploding", "dead", "nan", "stalled")
@@ -97,26 +103,101 @@ def _rules_engine(args):
 
 
 def _headless(source, args, *, live: bool) -> int:
-    """Print alerts from ``source``; record them if asked; pick the exit code."""
+    """Print alerts and status lines from ``source``, then how the run ended; pick the exit code.
+
+    Exit 3 as soon as an alert meets ``--fail-on`` (the run may go on), else
+    0 when the run finished or stopped, 1 when it crashed, was killed or
+    interrupted, or the stream stopped without an End. Status lines come
+    every ``--status-every`` seconds: of the wall clock when live (a hung
+    run still gets them), of the probe's own timestamps in a replay.
+    """
+    every = _seconds(args.status_every, "--status-every")
+    every = None if args.quiet or every <= 0 else every
     printer = AlertPrinter(as_json=args.json, rules=_rules_engine(args))
-    seen_hello = False
+    printer.fail_on = args.fail_on
+    watch = RunWatch(printer, live=live, label=source.label)
     try:
-        for batch in source.batches():
-            for msg in batch:
-                seen_hello = seen_hello or isinstance(msg, wire.Hello)
-                printer.handle(msg)
+        if live:
+            _watch_live(source, watch, every)
+        else:
+            _watch_replay(source, watch, every)
     except KeyboardInterrupt:
         return 130
     torn = getattr(source, "torn", 0)
     if torn:
         print(f"xray-tui: {source.label}: the recording ends with {torn} torn bytes "
               "(the writer stopped mid-frame); everything before them was read", file=sys.stderr)
-    if printer.failed(args.fail_on):
-        return EXIT_ALERT
-    if live and seen_hello and not printer.ended:
-        print(f"xray-tui: run {source.label} disconnected without ending", file=sys.stderr)
-        return EXIT_DISCONNECTED
-    return EXIT_OK
+    return watch.finish(args.fail_on)
+
+
+_DONE = object()
+
+
+def _watch_live(source, watch: RunWatch, every: float | None) -> None:
+    """Read the live source on a thread of its own, so status lines keep their clock while the
+    run is quiet; return when the stream ends or ``--fail-on`` trips (the reader is stopped)."""
+    q: queue.Queue = queue.Queue(maxsize=256)
+    stop = threading.Event()
+
+    def read() -> None:
+        item = _DONE
+        try:
+            for batch in source.batches(stop):
+                while not stop.is_set():
+                    try:
+                        q.put(batch, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+            item = exc
+        q.put(item)
+
+    reader = threading.Thread(target=read, name="xray-tui-headless-reader", daemon=True)
+    reader.start()
+    next_status = time.monotonic() + every if every else math.inf
+    try:
+        while True:
+            try:
+                item = q.get(timeout=max(0.0, min(next_status - time.monotonic(), 1.0)))
+            except queue.Empty:
+                item = None
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            for msg in item or ():
+                watch.handle(msg)
+                if watch.tripped is not None:
+                    return
+            if time.monotonic() >= next_status:
+                watch.status()
+                next_status += every * (math.floor((time.monotonic() - next_status) / every) + 1)
+    finally:
+        stop.set()
+        reader.join(2.0)  # the recording (--log) is closed by the reader's generator
+
+
+def _watch_replay(source, watch: RunWatch, every: float | None) -> None:
+    """Read a recording; status lines at each ``every`` seconds of the probe's own clock."""
+    next_status = None
+    stop = threading.Event()
+    gen = source.batches(stop)
+    try:
+        for batch in gen:
+            for msg in batch:
+                watch.handle(msg)
+                if watch.tripped is not None:
+                    return
+                t = watch.newest_time
+                if every and t is not None:
+                    if next_status is None:
+                        next_status = t + every
+                    elif t >= next_status:
+                        watch.status()
+                        next_status += every * (math.floor((t - next_status) / every) + 1)
+    finally:
+        gen.close()
 
 
 def _run_app(source, args, title: str | None = None) -> int:
@@ -163,12 +244,12 @@ def cmd_replay(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Write one JSON object per (step, rank, layer, kind) sample."""
+    """Write one JSON object per (step, rank, layer, kind) sample and per (step, rank, name) scalar."""
     if args.format != "jsonl":
         raise CliError(f"unknown format {args.format!r}; supported: jsonl")
     source = feed.FileSource(args.file)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    n = 0
+    n = n_scalars = 0
     try:
         for batch in source.batches():
             for msg in batch:
@@ -176,13 +257,18 @@ def cmd_export(args) -> int:
                     for s in msg.samples:
                         out.write(json.dumps(clean(stats.export_dict(s, msg.step, msg.rank, msg.phase))) + "\n")
                         n += 1
+                elif isinstance(msg, wire.Scalars):
+                    for name, value in msg.values.items():
+                        out.write(json.dumps(clean({"type": "scalar", "step": msg.step, "rank": msg.rank,
+                                                    "name": name, "value": value})) + "\n")
+                        n_scalars += 1
     except BrokenPipeError:
         return EXIT_OK
     finally:
         if args.output:
             out.close()
     if args.output:
-        print(f"wrote {n} samples to {args.output}", file=sys.stderr)
+        print(f"wrote {n} samples and {n_scalars} scalars to {args.output}", file=sys.stderr)
     if source.torn:
         print(f"xray-tui: {args.file}: {source.torn} torn bytes at the end were skipped", file=sys.stderr)
     return EXIT_OK
@@ -235,6 +321,17 @@ def _demo_app(args) -> int:
             print(f"xray-tui: the demo trainer exited with {child.returncode}; log: {logf.name}", file=sys.stderr)
         else:
             os.unlink(logf.name)
+
+
+def _seconds(text: str, flag: str) -> float:
+    """``text`` as seconds >= 0, or a one-line error naming ``flag``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise CliError(f"{flag} must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -307,19 +404,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xray-tui",
         description="An X-ray for a training run: per-layer histograms and alerts of a live PyTorch run.",
         epilog="Attach a probe in your training script with `xr = probes.attach(model, optimizer)`, "
-               "then run `xray-tui attach`. Exit status: 0 ok, 1 run disconnected, 2 usage error or bad "
-               "input, 3 --fail-on alert seen.",
+               "then run `xray-tui attach`. Exit status (headless attach and replay): 0 the run finished or "
+               "was stopped, 1 it crashed, was killed or interrupted, or ended without an End (disconnected), "
+               "2 usage error or bad input, 3 at once when --fail-on sees such an alert.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def output_opts(sp, log: bool = True):
-        sp.add_argument("--headless", action="store_true", help="no screen: print alerts, one line each")
+    def output_opts(sp, log: bool = True, status: bool = True):
+        sp.add_argument("--headless", action="store_true",
+                        help="no screen: print alerts one line each, a status line now and then, and one "
+                             "line saying how the run ended")
         sp.add_argument("--json", action="store_true", help="with --headless: one JSON object per line")
         sp.add_argument("--fail-on", choices=("warning", "critical"), default=None,
-                        help="with --headless: exit 3 if an alert this severe (or worse) was seen")
+                        help="with --headless: exit 3 as soon as an alert this severe (or worse) arrives")
         sp.add_argument("--theme", default=None, help="colour theme of the app")
         if log:
             sp.add_argument("--log", metavar="FILE", help="record the full stream to FILE (replay it later)")
+        if status:
+            sp.add_argument("--status-every", default="60", metavar="SECONDS",
+                            help="with --headless: a status line (step, steps/s, loss, lr, alerts so far) every "
+                                 "SECONDS (default 60; of the run's own clock in a replay; 0: none)")
+            sp.add_argument("--quiet", action="store_true", help="with --headless: no status lines")
         sp.add_argument("--rules", metavar="FILE", help="with --headless: alert thresholds from a TOML file "
                         "(docs/alerts.md); the rules are evaluated again with them")
 
@@ -327,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a small GPT-2 (built from a config, char-level, on a bundled "
                                    "public-domain text) with the probe attached; open the app on it, or "
                                    "with --headless print the alerts. --fault injects a failure.")
-    output_opts(d)
+    output_opts(d, status=False)
     d.add_argument("--steps", type=int, default=0, help="steps to train (default: until q; 300 with --headless)")
     d.add_argument("--every", type=int, default=5, help="sample one step in N (default 5)")
     d.add_argument("--fault", choices=FAULTS, default="none", help="failure to inject (default none)")
@@ -360,8 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_replay)
 
     e = sub.add_parser("export", help="write a recording's samples as JSON lines",
-                       description="One JSON object per (step, rank, layer, kind) sample; non-finite "
-                                   "statistics are written as null (the nan/inf counts say why).")
+                       description="One JSON object per (step, rank, layer, kind) sample "
+                                   '({"type": "sample", ...}) and per (step, rank, name) scalar such as the loss '
+                                   '({"type": "scalar", "step", "rank", "name", "value"}); non-finite '
+                                   "values are written as null (a sample's nan/inf counts say why).")
     e.add_argument("file")
     e.add_argument("--format", default="jsonl", help="output format (jsonl)")
     e.add_argument("-o", "--output", metavar="OUT", help="write to OUT instead of stdout")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections import deque
 from typing import TextIO
 
 from probes import wire
@@ -62,6 +63,11 @@ class AlertPrinter:
         self.as_json = as_json
         self.min_rank = SEVERITIES.index(min_severity)
         self.worst: str | None = None
+        #: alerts seen (printed or not) by severity
+        self.counts: dict[str, int] = {sev: 0 for sev in SEVERITIES}
+        #: the first alert at or above :attr:`fail_on` (set by the caller), once one came
+        self.fail_on: str | None = None
+        self.tripped: wire.Alert | None = None
         self.ended: dict[int, wire.End] = {}
         self.rules = rules
         self._spectral: dict[int, SpectralAlerts] = {}  # rank -> the spectral rule, with --rules
@@ -80,6 +86,10 @@ class AlertPrinter:
                 self.rules.note(msg)
             elif isinstance(msg, wire.Step):
                 for alert in self.rules.evaluate(msg):
+                    self._alert(alert)
+                return
+            elif isinstance(msg, wire.Scalars):
+                for alert in self.rules.evaluate_scalars(msg):
                     self._alert(alert)
                 return
             elif isinstance(msg, wire.Spectral):
@@ -116,6 +126,10 @@ class AlertPrinter:
 
     def _alert(self, msg: wire.Alert) -> None:
         rank = SEVERITIES.index(msg.severity)
+        self.counts[msg.severity] += 1
+        if (self.tripped is None and self.fail_on is not None
+                and rank >= SEVERITIES.index(self.fail_on)):
+            self.tripped = msg
         if self.worst is None or rank > SEVERITIES.index(self.worst):
             self.worst = msg.severity
         if rank < self.min_rank:
@@ -130,3 +144,169 @@ class AlertPrinter:
         """Whether an alert at or above ``fail_on`` was seen."""
         return (fail_on is not None and self.worst is not None
                 and SEVERITIES.index(self.worst) >= SEVERITIES.index(fail_on))
+
+
+# -- how the run is going, and how it ended -------------------------------------------------------
+
+#: End reasons after which headless mode exits 0; any other (crashed, killed, interrupted, the
+#: older probes' error, or one this viewer does not know) exits 1
+END_OK = ("finished", "stopped")
+#: the ``reason`` of the end line when the stream stopped without an End
+DISCONNECTED = "disconnected"
+#: the ``reason`` of the end line when ``--fail-on`` left before the run ended
+FAIL_ON = "fail-on"
+#: scalar names kept per rank for the status line
+MAX_SCALAR_NAMES = 512
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """One line of a peer's text: control characters shown as escapes, capped."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return out if len(out) <= limit else out[:limit - 1] + "…"
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "—" if v is None or not math.isfinite(v) else format(v, fmt)
+
+
+class RunWatch:
+    """Headless mode's view of one run: alerts (through :class:`AlertPrinter`), a
+    status line now and then, and one line at the end saying how the run ended.
+
+    The caller feeds every message to :meth:`handle`, calls :meth:`status`
+    when its clock says so (the wall clock live, the probe's timestamps in a
+    replay: :attr:`newest_time`), checks :attr:`tripped` for ``--fail-on``, and
+    ends with :meth:`finish`, which prints the end line and returns the exit
+    status: 0 finished or stopped, 1 crashed, killed, interrupted or no End
+    (a disconnect), 3 ``--fail-on``.
+    """
+
+    def __init__(self, printer: AlertPrinter, *, live: bool, label: str = "") -> None:
+        self.printer = printer
+        self.live = live
+        self.label = label
+        self.hellos: set[int] = set()
+        self.ends: dict[int, wire.End] = {}
+        self.step = -1  # the newest training step seen (Step or Scalars)
+        self.scalars: dict[int, dict[str, float]] = {}  # rank -> latest value of each name
+        self._times: deque = deque(maxlen=64)  # (step, probe time) of the first rank, for steps/s
+        self.newest_time: float | None = None  # the probe's clock in the newest message that has one
+        self._saw_scalars = False
+        self.scalar_step = -1  # the newest step whose Scalars came
+
+    @property
+    def tripped(self) -> wire.Alert | None:
+        """The alert that met ``--fail-on``, if one came."""
+        return self.printer.tripped
+
+    def handle(self, msg: wire.Message) -> None:
+        """Fold ``msg`` in and print what it asks for (alerts, faults)."""
+        if isinstance(msg, wire.Hello):
+            self.hellos.add(msg.rank)
+        elif isinstance(msg, wire.End):
+            self.ends[msg.rank] = msg
+        elif isinstance(msg, (wire.Step, wire.Scalars)) and getattr(msg, "phase", "train") == "train":
+            self.step = max(self.step, msg.step)
+            # The replay clock. Scalars come in bursts right after their sampled Step, so once a run
+            # sends them they alone move it: a status line then has the loss of the step it names.
+            self._saw_scalars = self._saw_scalars or isinstance(msg, wire.Scalars)
+            if msg.time > 0 and (isinstance(msg, wire.Scalars) or not self._saw_scalars):
+                self.newest_time = max(self.newest_time or msg.time, msg.time)
+            if msg.rank == min(self.hellos, default=msg.rank):
+                if not self._times or msg.step > self._times[-1][0]:
+                    self._times.append((msg.step, msg.time))
+            if isinstance(msg, wire.Scalars):
+                latest = self.scalars.setdefault(msg.rank, {})
+                for name, value in msg.values.items():
+                    if name in latest or len(latest) < MAX_SCALAR_NAMES:  # a runaway xr.log stays bounded
+                        latest[name] = value
+                self.scalar_step = max(self.scalar_step, msg.step)
+        self.printer.handle(msg)
+
+    # -- the status line --------------------------------------------------
+
+    def latest(self, name: str) -> float | None:
+        """The newest value of scalar ``name`` from the lowest rank that sent it."""
+        for rank in sorted(self.scalars):
+            v = self.scalars[rank].get(name)
+            if v is not None:
+                return v
+        return None
+
+    @property
+    def steps_per_s(self) -> float | None:
+        """The probe's own figure if it sends one, else steps over the probe's clock."""
+        v = self.latest("steps_per_s")
+        if v is not None:
+            return v
+        if len(self._times) < 2:
+            return None
+        (s0, t0), (s1, t1) = self._times[0], self._times[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else None
+
+    def _alert_counts(self) -> str:
+        c = self.printer.counts
+        return f"{c['critical']} critical, {c['warning']} warning, {c['info']} info"
+
+    def status(self) -> None:
+        """Print the status line: step, steps/s, loss, lr, alerts so far.
+
+        ``step`` is that of the newest Scalars when the run sends them (the
+        loss shown is that step's), else the newest sampled step."""
+        at = self.scalar_step if self._saw_scalars else self.step
+        if self.printer.as_json:
+            rank = min(self.scalars, default=None)
+            self.printer._print(json.dumps(clean({
+                "type": "status", "step": at if at >= 0 else None,
+                "steps_per_s": self.steps_per_s, "loss": self.latest("loss"), "lr": self.latest("lr"),
+                "alerts": dict(self.printer.counts),
+                "scalars": dict(self.scalars.get(rank, {})) if rank is not None else {},
+            })))
+            return
+        step = f"{at:,}" if at >= 0 else "—"
+        self.printer._print(f"status  step {step}  {_num(self.steps_per_s, '.3g')} steps/s  "
+                            f"loss {_num(self.latest('loss'), '.4g')}  lr {_num(self.latest('lr'), '.3g')}  "
+                            f"alerts {self._alert_counts()}")
+
+    # -- the end ----------------------------------------------------------
+
+    def outcome(self) -> tuple[str, str, int, int | None]:
+        """``(reason, error, step, rank)`` of the run as it stands: the first rank that
+        failed, else ``disconnected`` if a rank sent no End, else stopped or finished."""
+        ends = [self.ends[r] for r in sorted(self.ends)]
+        for e in ends:
+            if e.reason not in END_OK:
+                return e.reason, e.error, e.step, e.rank
+        missing = sorted(self.hellos - set(self.ends)) if self.hellos else [None]
+        if missing or not ends:
+            return DISCONNECTED, "", self.step, missing[0] if missing else None
+        stopped = [e for e in ends if e.reason == "stopped"]
+        e = stopped[0] if stopped else ends[0]
+        return e.reason, e.error, max(x.step for x in ends), e.rank
+
+    def finish(self, fail_on: str | None = None) -> int:
+        """Print the end line; the exit status (see the class)."""
+        tripped = self.tripped
+        if tripped is not None:
+            reason, error, step, rank = FAIL_ON, "", max(self.step, tripped.step), tripped.rank
+            code = 3
+        else:
+            reason, error, step, rank = self.outcome()
+            code = 0 if reason in END_OK else 1
+        if self.printer.as_json:
+            self.printer._print(json.dumps(clean({
+                "type": "end", "step": step if step >= 0 else None, "rank": rank, "reason": reason,
+                "error": error, "alerts": dict(self.printer.counts), "exit": code})))
+            return code
+        at = f"step {step:,}" if step >= 0 else "the start"
+        if tripped is not None:
+            what = (f"left at {at}: --fail-on {fail_on} saw {tripped.severity} {tripped.rule} on "
+                    f"{_printable(tripped.layer)} [{tripped.kind}] at step {tripped.step} (the run goes on)")
+        elif reason == DISCONNECTED:
+            what = (f"run disconnected at {at} without an End (the process died or was SIGKILLed)" if self.live else
+                    f"the recording stops at {at} without an End (the process died, or is still writing it)")
+        else:
+            why = f" ({_printable(error)})" if error else ""
+            what = f"run ended at {at}: {_printable(reason, 40)}{why}"
+        self.printer._print(f"{what}; alerts {self._alert_counts()}")
+        return code

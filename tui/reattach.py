@@ -39,6 +39,13 @@ class Status:
 
 
 WAITING = "waiting for the run"
+
+
+def _short(text: str, limit: int = 24) -> str:
+    """A peer's word for the header: printable, capped."""
+    text = "".join(c for c in text if c.isprintable())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
 ENDED = "run ended — waiting for a new run"
 DISCONNECTED = "disconnected — retrying"
 
@@ -124,7 +131,7 @@ class ReattachSource:
                         yield [Status(WAITING)]
                     stop.wait(self.poll)
                     continue
-                hellos, ends = set(), set()
+                hellos, ends = set(), {}
                 self._live = SocketSource([m.socket for m in run.ranks], label=run.name)
                 try:
                     for batch in self._live.batches(stop):
@@ -132,7 +139,7 @@ class ReattachSource:
                             if isinstance(msg, wire.Hello):
                                 hellos.add(msg.rank)
                             elif isinstance(msg, wire.End):
-                                ends.add(msg.rank)
+                                ends[msg.rank] = msg.reason
                             if recorder is not None:
                                 recorder.write(wire.encode(msg))
                         if said != "live" and hellos:
@@ -155,9 +162,11 @@ class ReattachSource:
                 self._live = None
                 if stop.is_set():
                     return
-                if hellos and hellos <= ends:
+                if hellos and hellos <= set(ends):
                     ended_identity = identity
-                    said = ENDED
+                    failed = [ends[r] for r in sorted(ends) if ends[r] not in ("finished", "stopped")]
+                    # "run ended (crashed) — waiting ...": the header shows a failed ending as critical
+                    said = ENDED if not failed else ENDED.replace("run ended", f"run ended: {_short(failed[0])}", 1)
                 else:
                     said = DISCONNECTED
                 yield [Status(said)]

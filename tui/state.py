@@ -32,6 +32,10 @@ KINDS = ("weight", "grad", "act", "update")
 _SPECTRAL = getattr(wire, "Spectral", None)
 #: Fewest samples a stream keeps however many streams there are.
 MIN_DEPTH = 16
+#: steps of each run-level scalar (loss, lr, ...) kept per rank
+SCALAR_DEPTH = 2048
+#: distinct (rank, name) scalar streams kept; names beyond it (a runaway ``xr.log``) are dropped
+MAX_SCALAR_STREAMS = 512
 
 
 def merge_samples(samples: list[wire.Sample]) -> wire.Sample | None:
@@ -148,6 +152,10 @@ class RunState:
     #: layer -> its latest spectral figures. The place for the future ``Spectral``
     #: wire message (alpha, stable rank, ...); empty until the probe sends one.
     spectral: dict = field(default_factory=dict)
+    #: (rank, name) -> deque[(step, value)]: the newest SCALAR_DEPTH steps of each Scalars name
+    scalars: dict = field(default_factory=dict)
+    #: rank -> {name: value}: the newest value of each scalar
+    latest_scalars: dict = field(default_factory=dict)
     drops: int = 0
     samples_seen: int = 0
     #: Alerts received in all (``alerts`` keeps the newest ``max_alerts`` of them).
@@ -223,6 +231,16 @@ class RunState:
             if len(self.notes) >= self.max_notes:
                 self.notes.popleft()
             self.notes.append(msg)
+        elif isinstance(msg, wire.Scalars):
+            latest = self.latest_scalars.setdefault(msg.rank, {})
+            for name, value in msg.values.items():
+                buf = self.scalars.get((msg.rank, name))
+                if buf is None:
+                    if len(self.scalars) >= MAX_SCALAR_STREAMS:
+                        continue
+                    buf = self.scalars[(msg.rank, name)] = deque(maxlen=SCALAR_DEPTH)
+                buf.append((msg.step, value))
+                latest[name] = value
         elif isinstance(msg, wire.End):
             self.ended[msg.rank] = msg
         elif _SPECTRAL is not None and isinstance(msg, _SPECTRAL):
@@ -239,6 +257,31 @@ class RunState:
     def finished(self) -> bool:
         """Every attached rank has sent its End."""
         return bool(self.hellos) and all(r in self.ended for r in self.hellos)
+
+    def scalar(self, name: str, rank: int | None = None) -> float | None:
+        """The newest value of scalar ``name`` (``rank=None``: from the lowest rank that sent it)."""
+        ranks = [rank] if rank is not None else sorted(self.latest_scalars)
+        for r in ranks:
+            v = self.latest_scalars.get(r, {}).get(name)
+            if v is not None:
+                return v
+        return None
+
+    def scalar_series(self, name: str, rank: int = 0) -> list:
+        """The (step, value) ring of one scalar of one rank, oldest first."""
+        return list(self.scalars.get((rank, name), ()))
+
+    @property
+    def end_reason(self) -> str | None:
+        """How the run ended once every rank sent its End: the first failed rank's
+        reason, else ``stopped`` or ``finished``; None while it has not."""
+        if not self.finished:
+            return None
+        ends = [self.ended[r] for r in sorted(self.ended)]
+        failed = [e.reason for e in ends if e.reason not in ("finished", "stopped")]
+        if failed:
+            return failed[0]
+        return "stopped" if any(e.reason == "stopped" for e in ends) else "finished"
 
     @property
     def steps_per_s(self) -> float | None:

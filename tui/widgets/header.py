@@ -7,6 +7,7 @@ same as the live run did.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from rich.text import Text
@@ -36,6 +37,8 @@ class HeaderInfo:
     view: str = ""  # "merged" or "rank N" when the run has several ranks
     live_step: int = -1  # the run's step; differs from ``step`` while the view is paused
     engine: str = ""  # the probe's statistics engine fell back ("torch on cuda: why"), from its Note
+    loss: float | None = None  # the newest Scalars loss (None: the probe sends none)
+    lr: float | None = None  # the newest learning rate (param group 0)
 
     @classmethod
     def from_state(cls, state: RunState, *, label: str, connection: str, paused: bool,
@@ -51,7 +54,7 @@ class HeaderInfo:
                    paused=paused, samples=state.samples_seen, drops=state.drops,
                    active_alerts=len(state.active), layers_shown=layers_shown,
                    layers_total=len(state.rows), filter=filter, title=title, view=view,
-                   engine=engine_fallback(state))
+                   engine=engine_fallback(state), loss=state.scalar("loss"), lr=state.scalar("lr"))
 
 
 def engine_fallback(state: RunState) -> str:
@@ -107,12 +110,24 @@ class XRayHeader(Widget):
         if connection == "live":
             return self._style("ok")
         if connection.startswith("run ended"):
-            return self._style("info")
+            failed = connection.startswith("run ended:") and not connection.startswith("run ended: stopped")
+            return self._style("critical" if failed else "info")  # crashed, killed, interrupted
         if connection.startswith("error"):
             return self._style("critical")
         if connection.startswith("disconnected"):
             return self._style("warning")
         return self._style("muted")
+
+    def _scalars(self, info: HeaderInfo, sep, muted) -> tuple:
+        """`` · loss 2.314 · lr 3e-04``, for the scalars the probe sends (nothing without them)."""
+        parts: list = []
+        for label, value, fmt in (("loss", info.loss, ".4g"), ("lr", info.lr, ".3g")):
+            if value is None:
+                continue
+            shown = format(value, fmt) if math.isfinite(value) else str(value)
+            style = self._style("critical") if not math.isfinite(value) else None
+            parts += [sep, (f"{label} ", muted), (shown, style)]
+        return tuple(parts)
 
     def render(self) -> Text:
         """Two lines, each left part plus a right-aligned status."""
@@ -138,7 +153,8 @@ class XRayHeader(Widget):
                               (f"{info.drops:,}", self._style("warning") if info.drops else None), sep,
                               ("alerts ", muted),
                               (f"{info.active_alerts} active",
-                               self._style("warning") if info.active_alerts else None))
+                               self._style("warning") if info.active_alerts else None),
+                              *self._scalars(info, sep, muted))
         right2 = Text("")
         if info.engine:
             right2 = Text(f" {info.engine} ", style=self._style("warning"))
