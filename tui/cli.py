@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 from probes import rundir, stats, wire
 
@@ -206,6 +207,53 @@ def _run_app(source, args, title: str | None = None) -> int:
     return app.return_code or EXIT_OK
 
 
+def _check_recording(path: str) -> None:
+    """A recording given on the command line: a file whose first frame is an xray-tui hello
+    (read before any screen opens, so a wrong file is a one-line error, not an app)."""
+    if os.path.isdir(path):
+        raise CliError(f"{path}: is a directory, not a recording")
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such file")
+    reader = wire.FrameReader(source=path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+            whole = not f.read(1)
+    except OSError as exc:
+        raise CliError(f"{path}: {exc.strerror or exc}") from None
+    if not head:
+        raise CliError(f"{path}: empty file, not an xray-tui recording")
+    reader.feed(head)  # WireError (bad magic, a first frame that is not a hello) is a one-line error
+    if reader.hello is None and whole:
+        raise CliError(f"{path}: not an xray-tui recording (no hello message)")
+
+
+def _check_sockets(paths) -> None:
+    """``--socket`` paths: each one exists and is a private socket (checked before the app opens)."""
+    for path in paths:
+        if path.startswith("tcp:"):
+            continue
+        if not os.path.exists(path):
+            raise CliError(f"{path}: no such socket (see `xray-tui ls` for live runs)")
+        try:
+            rundir.check_private(Path(path), want_dir=False)
+        except rundir.RunDirError as exc:
+            raise CliError(str(exc)) from None
+
+
+def _check_writable(path: str | None, what: str = "--log") -> None:
+    """A file to be written: its folder exists and it is not a folder (checked before any work)."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise CliError(f"{what} {path}: is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CliError(f"{what} {path}: no such directory {folder}")
+    if not os.access(folder, os.W_OK):
+        raise CliError(f"{what} {path}: {folder} is not writable")
+
+
 def cmd_attach(args) -> int:
     """Watch a live run: the app, or alerts on stdout with --headless.
 
@@ -213,6 +261,9 @@ def cmd_attach(args) -> int:
     or disconnects and re-attaches when a run of that name is live again;
     with no name and several live runs it asks which (tui.reattach, tui.chooser).
     """
+    _check_writable(args.log)
+    if args.socket:
+        _check_sockets(args.socket)
     if args.headless or args.socket:
         source = _live_source(args)
         if args.headless:
@@ -229,8 +280,7 @@ def cmd_attach(args) -> int:
 
 def cmd_replay(args) -> int:
     """Open a recording in the app, or print its alerts with --headless."""
-    if not os.path.isfile(args.file):
-        raise CliError(f"{args.file}: no such file")
+    _check_recording(args.file)
     source = feed.FileSource(args.file)
     if args.headless:
         return _headless(source, args, live=False)
@@ -242,8 +292,13 @@ def cmd_export(args) -> int:
     """Write one JSON object per (step, rank, layer, kind) sample and per (step, rank, name) scalar."""
     if args.format != "jsonl":
         raise CliError(f"unknown format {args.format!r}; supported: jsonl")
+    _check_recording(args.file)
+    _check_writable(args.output, "-o")
     source = feed.FileSource(args.file)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    except OSError as exc:
+        raise CliError(f"-o {args.output}: {exc.strerror or exc}") from None
     n = n_scalars = 0
     try:
         for batch in source.batches():
@@ -276,6 +331,7 @@ def cmd_demo(args) -> int:
     except ImportError as exc:
         raise CliError(f"the demo needs torch and transformers ({exc.name} is missing): "
                        "pip install 'xray-tui[demo]' torch==2.13.0") from None
+    _check_writable(args.log)
     if args.headless:
         printer = AlertPrinter(as_json=args.json)
         rules = _rules_engine(args)  # the probe itself evaluates the rules with these thresholds
@@ -316,6 +372,28 @@ def _demo_app(args) -> int:
             print(f"xray-tui: the demo trainer exited with {child.returncode}; log: {logf.name}", file=sys.stderr)
         else:
             os.unlink(logf.name)
+
+
+def _count(least: int):
+    """An argparse type: an integer >= ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+        return value
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one line on stderr, exit 2."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("xray-tui").strip()
+        self.exit(EXIT_USAGE, f"xray-tui: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n")
 
 
 def _seconds(text: str) -> float:
@@ -368,7 +446,7 @@ def cmd_inspect(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with help that explains each command."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="xray-tui",
         description="An X-ray for a training run: per-layer histograms and alerts of a live PyTorch run.",
         epilog="Attach a probe in your training script with `xr = probes.attach(model, optimizer)`, "
@@ -376,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                "was stopped, 1 it crashed, was killed or interrupted, or ended without an End (disconnected), "
                "2 usage error or bad input, 3 at once when --fail-on sees such an alert.",
     )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     def output_opts(sp, log: bool = True, status: bool = True):
         sp.add_argument("--headless", action="store_true",
@@ -401,10 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "public-domain text) with the probe attached; open the app on it, or "
                                    "with --headless print the alerts. --fault injects a failure.")
     output_opts(d, status=False)
-    d.add_argument("--steps", type=int, default=0, help="steps to train (default: until q; 300 with --headless)")
-    d.add_argument("--every", type=int, default=5, help="sample one step in N (default 5)")
+    d.add_argument("--steps", type=_count(0), default=0,
+                   help="steps to train (default 0: until q; 300 with --headless)")
+    d.add_argument("--every", type=_count(1), default=5, help="sample one step in N (default 5)")
     d.add_argument("--fault", choices=FAULTS, default="none", help="failure to inject (default none)")
-    d.add_argument("--fault-step", type=int, default=50, metavar="S", help="step to inject it at (default 50)")
+    d.add_argument("--fault-step", type=_count(0), default=50, metavar="S", help="step to inject it at (default 50)")
     d.add_argument("--name", default="demo", help="run name (default demo)")
     d.set_defaults(func=cmd_demo)
 
@@ -428,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("replay", help="open a recording in the app (or --headless alerts)",
                        description="Open a recording made with probes.attach(log=...) or --log.")
-    r.add_argument("file")
+    r.add_argument("file", help="a recording (probes.attach(log=...), attach --log, demo --log)")
     output_opts(r, log=False)
     r.set_defaults(func=cmd_replay)
 
@@ -437,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    '({"type": "sample", ...}) and per (step, rank, name) scalar such as the loss '
                                    '({"type": "scalar", "step", "rank", "name", "value"}); non-finite '
                                    "values are written as null (a sample's nan/inf counts say why).")
-    e.add_argument("file")
+    e.add_argument("file", help="a recording (probes.attach(log=...), attach --log, demo --log)")
     e.add_argument("--format", default="jsonl", help="output format (jsonl)")
     e.add_argument("-o", "--output", metavar="OUT", help="write to OUT instead of stdout")
     e.set_defaults(func=cmd_export)
@@ -467,8 +546,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "rules", None) and not args.headless:
-            raise CliError("--rules works with --headless (the app shows the alerts the probe sent)")
+        if not getattr(args, "headless", True):
+            given = [flag for flag, on in (("--rules", getattr(args, "rules", None)), ("--json", args.json),
+                                           ("--fail-on", args.fail_on), ("--quiet", getattr(args, "quiet", False)))
+                     if on]
+            if given:
+                raise CliError(f"{', '.join(given)} work{'s' if len(given) == 1 else ''} with --headless "
+                               "(the app shows the alerts the probe sent)")
         return args.func(args)
     except (CliError, feed.FeedError, wire.WireError, rundir.RunDirError) as exc:
         print(f"xray-tui: error: {exc}", file=sys.stderr)
