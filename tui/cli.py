@@ -289,36 +289,55 @@ def cmd_replay(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Write one JSON object per (step, rank, layer, kind) sample and per (step, rank, name) scalar."""
-    if args.format != "jsonl":
-        raise CliError(f"unknown format {args.format!r}; supported: jsonl")
+    """Write a recording's samples, scalars, alerts and notes as JSON lines, CSV, Parquet or TensorBoard events."""
+    from . import export  # the writers; pyarrow and tensorboard only when their format is asked for
+
+    if args.format not in export.FORMATS:
+        raise CliError(f"unknown format {args.format!r}; supported: {', '.join(export.FORMATS)}")
+    try:
+        selection = export.Selection.parse(args.what, args.layer, args.kind)
+        if args.format in export.NEED_OUTPUT and not args.output:
+            raise export.ExportError(f"--format {args.format} needs -o "
+                                     f"{'DIR' if args.format == 'tensorboard' else 'FILE'}; it cannot go to stdout")
+        if args.format == "tensorboard" and set(selection.what) - {"samples", "scalars"}:
+            raise export.ExportError("--format tensorboard writes samples and scalars only; "
+                                     "export alerts and notes as jsonl, csv or parquet")
+        export.require(args.format)
+    except export.ExportError as exc:
+        raise CliError(str(exc)) from None
     _check_recording(args.file)
-    _check_writable(args.output, "-o")
+    if args.format == "tensorboard":
+        if os.path.exists(args.output) and not os.path.isdir(args.output):
+            raise CliError(f"-o {args.output}: not a directory (tensorboard writes event files into a directory)")
+        try:
+            os.makedirs(args.output, exist_ok=True)
+        except OSError as exc:
+            raise CliError(f"-o {args.output}: {exc.strerror or exc}") from None
+    else:
+        _check_writable(args.output, "-o")
     source = feed.FileSource(args.file)
-    try:
-        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    except OSError as exc:
-        raise CliError(f"-o {args.output}: {exc.strerror or exc}") from None
-    n = n_scalars = 0
-    try:
-        for batch in source.batches():
-            for msg in batch:
-                if isinstance(msg, wire.Step):
-                    for s in msg.samples:
-                        out.write(json.dumps(clean(stats.export_dict(s, msg.step, msg.rank, msg.phase))) + "\n")
-                        n += 1
-                elif isinstance(msg, wire.Scalars):
-                    for name, value in msg.values.items():
-                        out.write(json.dumps(clean({"type": "scalar", "step": msg.step, "rank": msg.rank,
-                                                    "name": name, "value": value})) + "\n")
-                        n_scalars += 1
-    except BrokenPipeError:
-        return EXIT_OK
-    finally:
-        if args.output:
-            out.close()
+    records = selection.records(source.batches())
+    if args.format == "tensorboard":
+        counts = export.write_tensorboard(records, args.output)
+    elif args.format == "parquet":
+        try:
+            counts = export.write_parquet(records, args.output)
+        except OSError as exc:
+            raise CliError(f"-o {args.output}: {exc}") from None
+    else:
+        try:
+            out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+        except OSError as exc:
+            raise CliError(f"-o {args.output}: {exc.strerror or exc}") from None
+        try:
+            counts = (export.write_csv if args.format == "csv" else export.write_jsonl)(records, out)
+        except BrokenPipeError:
+            return EXIT_OK
+        finally:
+            if args.output:
+                out.close()
     if args.output:
-        print(f"wrote {n} samples and {n_scalars} scalars to {args.output}", file=sys.stderr)
+        print(f"wrote {counts.describe(selection.what)} to {args.output}", file=sys.stderr)
     if source.torn:
         print(f"xray-tui: {args.file}: {source.torn} torn bytes at the end were skipped", file=sys.stderr)
     return EXIT_OK
@@ -511,14 +530,31 @@ def build_parser() -> argparse.ArgumentParser:
     output_opts(r, log=False)
     r.set_defaults(func=cmd_replay)
 
-    e = sub.add_parser("export", help="write a recording's samples as JSON lines",
-                       description="One JSON object per (step, rank, layer, kind) sample "
-                                   '({"type": "sample", ...}) and per (step, rank, name) scalar such as the loss '
-                                   '({"type": "scalar", "step", "rank", "name", "value"}); non-finite '
-                                   "values are written as null (a sample's nan/inf counts say why).")
+    e = sub.add_parser("export", help="write a recording as JSON lines, CSV, Parquet or TensorBoard events",
+                       description="Write a recording's samples (one per step, rank, layer and kind: statistics "
+                                   "and histogram), scalars (one per step, rank and name: loss, lr, ...), alerts "
+                                   "and notes. jsonl: one JSON object per record with a \"type\" (non-finite "
+                                   "values are null; a sample's nan/inf counts say why). csv and parquet: one "
+                                   "table, a row per record, the same columns for every type (\"type\" says "
+                                   "which; cells that do not apply are empty); a sample's histogram is "
+                                   "hist_edges and hist_counts (space-separated) in csv, list columns "
+                                   "hist_edge_lo, hist_edge_hi and hist_counts in parquet. tensorboard: event "
+                                   "files in a directory, a histogram per sample tagged KIND/LAYER with its real "
+                                   "bin edges, and the scalars. parquet needs pyarrow and tensorboard needs "
+                                   "tensorboard (pip install 'xray-tui[export]').")
     e.add_argument("file", help="a recording (probes.attach(log=...), attach --log, demo --log)")
-    e.add_argument("--format", default="jsonl", help="output format (jsonl)")
-    e.add_argument("-o", "--output", metavar="OUT", help="write to OUT instead of stdout")
+    e.add_argument("--format", default="jsonl", help="jsonl (default), csv, parquet (needs -o FILE) or "
+                                                     "tensorboard (needs -o DIR)")
+    e.add_argument("-o", "--output", metavar="OUT",
+                   help="the file (a directory for tensorboard) to write; jsonl and csv go to stdout without it")
+    e.add_argument("--what", action="append", metavar="TYPES",
+                   help="record types to write, a comma list or repeated: samples, scalars, alerts, notes "
+                        "(default samples,scalars)")
+    e.add_argument("--layer", metavar="REGEX",
+                   help="only samples and alerts whose layer matches REGEX (re.search), e.g. '^h\\.0\\.'")
+    e.add_argument("--kind", action="append", metavar="KINDS",
+                   help="only samples and alerts of these kinds, a comma list or repeated: weight, grad, act, "
+                        "update (alerts about the loss have none and are left out)")
     e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="statistics, spectral metrics and pictures of a model directory",
