@@ -135,6 +135,10 @@ def require(fmt: str) -> None:
     except ImportError:
         raise ExportError(f"--format {fmt} needs {module}, which is not installed: "
                           f"pip install {package} (or pip install 'xray-tui[export]')") from None
+    except Exception as exc:  # a broken install (an ABI mismatch, ...) is still one line, not a traceback
+        raise ExportError(f"--format {fmt} needs {module}, which failed to import "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+                          f"pip install --force-reinstall {package}") from None
 
 
 # -- jsonl --------------------------------------------------------------------
