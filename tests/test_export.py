@@ -191,3 +191,16 @@ def test_a_missing_optional_package_says_what_to_install(rec, tmp_path, fmt, mod
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert f"--format {fmt} needs {module}, which is not installed: pip install {module}" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_every_format_exports_without_torch(rec, tmp_path):
+    """The viewer side never imports torch: a torch that cannot be imported changes nothing."""
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("tensorboard")
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import os\nos._exit(99)  # importing torch at all, even in a try, fails the export\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")]))
+    for fmt, target in (("jsonl", "o.jsonl"), ("csv", "o.csv"), ("parquet", "o.parquet"), ("tensorboard", "tb")):
+        out = xray(rec[0], "--format", fmt, "-o", str(tmp_path / target), "--what", "samples,scalars", env=env)
+        assert out.returncode == 0 and out.stderr.startswith(f"wrote {len(rec[1])} samples"), (fmt, out.stderr)
