@@ -76,6 +76,11 @@ def test_jsonl_what_and_filters(rec, tmp_path):
     assert [r for r in lines if r["type"] == "note"] == [
         {"type": "note", "step": n.step, "rank": 0, "event": n.event, "data": dict(n.data)} for n in notes]
     assert out.stderr.startswith(f"wrote {len(want)} samples, {len(got_alerts)} alerts and 1 note to ")
+    # an alert about the loss has no sample kind: a --layer alone keeps it, any --kind leaves it out
+    loss = xray(log, "--what", "alerts", "--layer", r"^\(loss\)$")
+    assert [json.loads(x)["rule"] for x in loss.stdout.splitlines()] == [a.rule for a in alerts if a.layer == "(loss)"]
+    assert [a for a in alerts if a.layer == "(loss)"]
+    assert xray(log, "--what", "alerts", "--layer", r"^\(loss\)$", "--kind", "act").stdout == ""
 
 
 def test_csv_on_stdout_reads_back_with_the_csv_module(rec):

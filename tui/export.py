@@ -78,17 +78,17 @@ class Selection:
         return cls(_choose("--what", what, WHAT, DEFAULT_WHAT), pattern, _choose("--kind", kinds, KINDS, KINDS))
 
     def _keeps(self, layer: str, kind: str) -> bool:
-        return kind in self.kinds and (self.layer is None or self.layer.search(layer) is not None)
+        kinds_ok = kind in self.kinds or (kind == "scalar" and set(self.kinds) == set(KINDS))  # no --kind given
+        return kinds_ok and (self.layer is None or self.layer.search(layer) is not None)
 
     def records(self, batches: Iterable[list]) -> Iterator[tuple]:
         """The selected records, in recording order: ``("sample", step, sample)``,
         ``("scalar", scalars, name, value)``, ``("alert", alert)``, ``("note", note)``, and
         every ``("hello", hello)`` (for writers that need the run's shape).
 
-        --layer and --kind select samples and alerts (an alert about the loss has kind
-        ``scalar`` and passes only when --kind is not given); scalars and notes are per run.
+        --layer and --kind select samples and alerts (an alert about the loss, layer ``(loss)``,
+        has kind ``scalar``: any --kind leaves it out); scalars and notes are per run.
         """
-        filtered = self.layer is not None or set(self.kinds) != set(KINDS)
         for batch in batches:
             for msg in batch:
                 if isinstance(msg, wire.Step):
@@ -101,7 +101,7 @@ class Selection:
                         for name, value in msg.values.items():
                             yield ("scalar", msg, name, value)
                 elif isinstance(msg, wire.Alert):
-                    if "alerts" in self.what and (not filtered or self._keeps(msg.layer, msg.kind)):
+                    if "alerts" in self.what and self._keeps(msg.layer, msg.kind):
                         yield ("alert", msg)
                 elif isinstance(msg, wire.Note):
                     if "notes" in self.what:
