@@ -209,3 +209,39 @@ def test_every_format_exports_without_torch(rec, tmp_path):
     for fmt, target in (("jsonl", "o.jsonl"), ("csv", "o.csv"), ("parquet", "o.parquet"), ("tensorboard", "tb")):
         out = xray(rec[0], "--format", fmt, "-o", str(tmp_path / target), "--what", "samples,scalars", env=env)
         assert out.returncode == 0 and out.stderr.startswith(f"wrote {len(rec[1])} samples"), (fmt, out.stderr)
+
+
+def _sample(layer, kind, values):
+    v = np.asarray(values, dtype=np.float32)
+    lo, counts = histogram.trim(histogram.histogram(v))
+    x = v.astype(np.float64)
+    return wire.Sample(layer, kind, v.size, float(x.sum()), float((x * x).sum()), float(np.abs(x).sum()),
+                       float(x.min()), float(x.max()), 0, int((x == 0).sum()), 0, 0, 0, lo,
+                       wire.encode_counts(counts, v.size), v.size)
+
+
+def test_tensorboard_writes_a_run_per_rank_and_tags_eval_passes(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    msgs = [wire.Hello(wire.PROTOCOL_VERSION, "two", rank=r, world_size=2) for r in (0, 1)]
+    for step in (0, 1):
+        for r in (0, 1):
+            msgs.append(wire.Step(step, r, 100.0 + step, [_sample("fc", "weight", [r + 1.0, -3.0, 0.5])]))
+            msgs.append(wire.Scalars(step, r, 100.0 + step, {"loss": 2.0 - step + r}))
+    msgs.append(wire.Step(1, 0, 102.0, [_sample("fc", "act", [0.25, 7.0])], phase="eval"))
+    log = tmp_path / "two.xray"
+    log.write_bytes(wire.MAGIC + b"".join(wire.encode(m) for m in msgs))
+    out = xray(str(log), "--format", "tensorboard", "-o", str(tmp_path / "tb"))
+    assert out.returncode == 0 and out.stderr.startswith("wrote 5 samples and 4 scalars"), out.stderr
+    assert sorted(os.listdir(tmp_path / "tb")) == ["rank0", "rank1"]
+    for r in (0, 1):
+        ea = EventAccumulator(str(tmp_path / "tb" / f"rank{r}"), size_guidance={"histograms": 0, "scalars": 0})
+        ea.Reload()
+        assert sorted(ea.Tags()["histograms"]) == (["eval/act/fc", "weight/fc"] if r == 0 else ["weight/fc"])
+        assert [(e.step, e.value) for e in ea.Scalars("loss")] == [(0, 2.0 + r), (1, 1.0 + r)]
+        h = ea.Histograms("weight/fc")[0].histogram_value
+        assert (h.min, h.max, h.num) == (-3.0, r + 1.0, 3)
+        s = _sample("fc", "weight", [r + 1.0, -3.0, 0.5])
+        assert list(h.bucket_limit) == histogram.edges_for(s.hist_lo, len(s.hist)).tolist()
+    assert list(ea.Tags()["histograms"]) and ea.Histograms("weight/fc")[1].step == 1
