@@ -292,7 +292,7 @@ def histogram_proto(s: wire.Sample):
 
 
 def write_tensorboard(records: Iterable[tuple], logdir: str) -> Counts:
-    """Event files under ``logdir``: one event per Step (its histograms) and per Scalars.
+    """Event files under ``logdir``: one event per Step (its histograms) and per Scalars (its values).
 
     A sample whose histogram is empty (no element, or none finite) has no histogram to show
     and is left out; an alert or note is not written (TensorBoard has no place for them).
@@ -310,14 +310,18 @@ def write_tensorboard(records: Iterable[tuple], logdir: str) -> Counts:
             writers[rank] = EventFileWriter(logdir if world == 1 else os.path.join(logdir, f"rank{rank}"))
         return writers[rank]
 
-    pending: list = []  # the histograms of the Step being read
+    pending: list = []  # the summary values of the Step or Scalars message being read
     current = None
 
-    def flush():
-        if pending:
-            writer(current.rank).add_event(Event(wall_time=current.time, step=current.step,
-                                                 summary=Summary(value=pending[:])))
-            pending.clear()
+    def take(msg) -> None:
+        """Values from ``msg`` follow: write out those of the message before it (one event each)."""
+        nonlocal current
+        if msg is not current:
+            if pending:
+                writer(current.rank).add_event(Event(wall_time=current.time, step=current.step,
+                                                     summary=Summary(value=pending[:])))
+                pending.clear()
+            current = msg
 
     try:
         for rec in records:
@@ -326,21 +330,17 @@ def write_tensorboard(records: Iterable[tuple], logdir: str) -> Counts:
                 continue
             if rec[0] == "sample":
                 step, s = rec[1], rec[2]
-                if step is not current:
-                    flush()
-                    current = step
+                take(step)
                 if len(s.hist) == 0 or not s.hist.any():
                     continue
                 tag = f"{s.kind}/{s.layer}" if step.phase == "train" else f"{step.phase}/{s.kind}/{s.layer}"
                 pending.append(Summary.Value(tag=tag, histo=histogram_proto(s)))
                 counts.add("sample")
             elif rec[0] == "scalar":
-                flush()
-                sc, name, value = rec[1], rec[2], rec[3]
-                writer(sc.rank).add_event(Event(wall_time=sc.time, step=sc.step,
-                                                summary=Summary(value=[Summary.Value(tag=name, simple_value=value)])))
+                take(rec[1])
+                pending.append(Summary.Value(tag=rec[2], simple_value=rec[3]))
                 counts.add("scalar")
-        flush()
+        take(None)
     finally:
         for w in writers.values():
             w.close()
