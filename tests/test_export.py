@@ -174,6 +174,7 @@ def test_tensorboard_reads_back_with_event_accumulator(rec, tmp_path):
     (["--format", "xml"], "unknown format 'xml'; supported: jsonl, csv, parquet, tensorboard"),
     (["--what", "samples,weights"], "--what: unknown 'weights'; choose from samples, scalars, alerts, notes"),
     (["--kind", "weight", "--kind", "gradient"], "--kind: unknown 'gradient'; choose from weight, grad, act, update"),
+    (["--what", ","], "--what: empty; choose from samples"),
     (["--layer", "h.(0"], "--layer: bad regular expression 'h.(0'"),
     (["--format", "parquet"], "--format parquet needs -o FILE"),
     (["--format", "tensorboard"], "--format tensorboard needs -o DIR"),

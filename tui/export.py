@@ -52,6 +52,8 @@ def _split(values: Iterable[str] | None) -> list[str]:
 
 def _choose(option: str, values: Iterable[str] | None, allowed: tuple[str, ...], default) -> tuple[str, ...]:
     got = _split(values)
+    if values and not got:
+        raise ExportError(f"{option}: empty; choose from {', '.join(allowed)}")
     for v in got:
         if v not in allowed:
             raise ExportError(f"{option}: unknown {v!r}; choose from {', '.join(allowed)}")
