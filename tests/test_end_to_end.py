@@ -20,6 +20,7 @@ from tui import feed
 
 HERE = Path(__file__).parent
 SCRIPT = str(HERE / "train_script.py")
+HERE_SCRIPT = SCRIPT
 
 
 def xray(*args, timeout=120, **kw):
@@ -186,11 +187,34 @@ def test_replay_of_a_torn_recording_reads_all_whole_frames(tmp_path):
     (["attach", "--socket", "/etc/hostname", "--headless"], "is not a socket"),
     (["replay", "/nonexistent.xray"], "no such file"),
     (["export", "/etc/hostname"], "bad magic"),
+    # issue 14: each of these was a traceback, an app with an error in its header, or a run forever
+    (["demo", "--every", "0", "--headless", "--steps", "5"], "--every: expected an integer >= 1, got '0'"),
+    (["demo", "--every", "-1"], "expected an integer >= 1"),
+    (["demo", "--steps", "-5", "--headless"], "--steps: expected an integer >= 0"),
+    (["demo", "--headless", "--log", "/nonexistent/d/x.xray", "--steps", "3"], "no such directory /nonexistent/d"),
+    (["export", "/etc/hostname", "-o", "/tmp"], "bad magic"),  # the input is checked first
+    (["replay", HERE_SCRIPT], "bad magic"),  # not a recording: no app opens
+    (["replay", "/tmp"], "is a directory, not a recording"),
+    (["attach", "--socket", "/tmp/nope.sock"], "no such socket"),
+    (["demo", "--json"], "--json works with --headless"),
+    (["replay", "/nonexistent.xray", "--fail-on", "warning"], "--fail-on works with --headless"),
+    (["nonsense"], "invalid choice: 'nonsense'"),
+    ([], "the following arguments are required: COMMAND"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     out = xray(*args)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_export_to_a_directory_or_a_missing_one_is_one_line_and_exit_2(tmp_path):
+    log = tmp_path / "run.xray"
+    model, opt = small_model()
+    with probes.attach(model, opt, every=1, log=str(log), serve=False):
+        train(model, opt, 2)
+    for target, message in ((tmp_path, "is a directory"), (tmp_path / "no" / "x.jsonl", "no such directory")):
+        out = xray("export", str(log), "-o", str(target))
+        assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
 
 def test_unknown_run_names_the_live_ones():

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 from probes import rundir, stats, wire
 
@@ -211,6 +212,53 @@ def _run_app(source, args, title: str | None = None) -> int:
     return app.return_code or EXIT_OK
 
 
+def _check_recording(path: str) -> None:
+    """A recording given on the command line: a file whose first frame is an xray-tui hello
+    (read before any screen opens, so a wrong file is a one-line error, not an app)."""
+    if os.path.isdir(path):
+        raise CliError(f"{path}: is a directory, not a recording")
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such file")
+    reader = wire.FrameReader(source=path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+            whole = not f.read(1)
+    except OSError as exc:
+        raise CliError(f"{path}: {exc.strerror or exc}") from None
+    if not head:
+        raise CliError(f"{path}: empty file, not an xray-tui recording")
+    reader.feed(head)  # WireError (bad magic, a first frame that is not a hello) is a one-line error
+    if reader.hello is None and whole:
+        raise CliError(f"{path}: not an xray-tui recording (no hello message)")
+
+
+def _check_sockets(paths) -> None:
+    """``--socket`` paths: each one exists and is a private socket (checked before the app opens)."""
+    for path in paths:
+        if path.startswith("tcp:"):
+            continue
+        if not os.path.exists(path):
+            raise CliError(f"{path}: no such socket (see `xray-tui ls` for live runs)")
+        try:
+            rundir.check_private(Path(path), want_dir=False)
+        except rundir.RunDirError as exc:
+            raise CliError(str(exc)) from None
+
+
+def _check_writable(path: str | None, what: str = "--log") -> None:
+    """A file to be written: its folder exists and it is not a folder (checked before any work)."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise CliError(f"{what} {path}: is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CliError(f"{what} {path}: no such directory {folder}")
+    if not os.access(folder, os.W_OK):
+        raise CliError(f"{what} {path}: {folder} is not writable")
+
+
 def cmd_attach(args) -> int:
     """Watch a live run: the app, or alerts on stdout with --headless.
 
@@ -218,6 +266,9 @@ def cmd_attach(args) -> int:
     or disconnects and re-attaches when a run of that name is live again;
     with no name and several live runs it asks which (tui.reattach, tui.chooser).
     """
+    _check_writable(args.log)
+    if args.socket:
+        _check_sockets(args.socket)
     if args.headless or args.socket:
         source = _live_source(args)
         if args.headless:
@@ -234,8 +285,7 @@ def cmd_attach(args) -> int:
 
 def cmd_replay(args) -> int:
     """Open a recording in the app, or print its alerts with --headless."""
-    if not os.path.isfile(args.file):
-        raise CliError(f"{args.file}: no such file")
+    _check_recording(args.file)
     source = feed.FileSource(args.file)
     if args.headless:
         return _headless(source, args, live=False)
@@ -244,31 +294,55 @@ def cmd_replay(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Write one JSON object per (step, rank, layer, kind) sample and per (step, rank, name) scalar."""
-    if args.format != "jsonl":
-        raise CliError(f"unknown format {args.format!r}; supported: jsonl")
-    source = feed.FileSource(args.file)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    n = n_scalars = 0
+    """Write a recording's samples, scalars, alerts and notes as JSON lines, CSV, Parquet or TensorBoard events."""
+    from . import export  # the writers; pyarrow and tensorboard only when their format is asked for
+
+    if args.format not in export.FORMATS:
+        raise CliError(f"unknown format {args.format!r}; supported: {', '.join(export.FORMATS)}")
     try:
-        for batch in source.batches():
-            for msg in batch:
-                if isinstance(msg, wire.Step):
-                    for s in msg.samples:
-                        out.write(json.dumps(clean(stats.export_dict(s, msg.step, msg.rank, msg.phase))) + "\n")
-                        n += 1
-                elif isinstance(msg, wire.Scalars):
-                    for name, value in msg.values.items():
-                        out.write(json.dumps(clean({"type": "scalar", "step": msg.step, "rank": msg.rank,
-                                                    "name": name, "value": value})) + "\n")
-                        n_scalars += 1
-    except BrokenPipeError:
-        return EXIT_OK
-    finally:
-        if args.output:
-            out.close()
+        selection = export.Selection.parse(args.what, args.layer, args.kind)
+        if args.format in export.NEED_OUTPUT and not args.output:
+            raise export.ExportError(f"--format {args.format} needs -o "
+                                     f"{'DIR' if args.format == 'tensorboard' else 'FILE'}; it cannot go to stdout")
+        if args.format == "tensorboard" and set(selection.what) - {"samples", "scalars"}:
+            raise export.ExportError("--format tensorboard writes samples and scalars only; "
+                                     "export alerts and notes as jsonl, csv or parquet")
+        export.require(args.format)
+    except export.ExportError as exc:
+        raise CliError(str(exc)) from None
+    _check_recording(args.file)
+    if args.format == "tensorboard":
+        if os.path.exists(args.output) and not os.path.isdir(args.output):
+            raise CliError(f"-o {args.output}: not a directory (tensorboard writes event files into a directory)")
+        try:
+            os.makedirs(args.output, exist_ok=True)
+        except OSError as exc:
+            raise CliError(f"-o {args.output}: {exc.strerror or exc}") from None
+    else:
+        _check_writable(args.output, "-o")
+    source = feed.FileSource(args.file)
+    records = selection.records(source.batches())
+    if args.format == "tensorboard":
+        counts = export.write_tensorboard(records, args.output)
+    elif args.format == "parquet":
+        try:
+            counts = export.write_parquet(records, args.output)
+        except OSError as exc:
+            raise CliError(f"-o {args.output}: {exc}") from None
+    else:
+        try:
+            out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+        except OSError as exc:
+            raise CliError(f"-o {args.output}: {exc.strerror or exc}") from None
+        try:
+            counts = (export.write_csv if args.format == "csv" else export.write_jsonl)(records, out)
+        except BrokenPipeError:
+            return EXIT_OK
+        finally:
+            if args.output:
+                out.close()
     if args.output:
-        print(f"wrote {n} samples and {n_scalars} scalars to {args.output}", file=sys.stderr)
+        print(f"wrote {counts.describe(selection.what)} to {args.output}", file=sys.stderr)
     if source.torn:
         print(f"xray-tui: {args.file}: {source.torn} torn bytes at the end were skipped", file=sys.stderr)
     return EXIT_OK
@@ -281,6 +355,7 @@ def cmd_demo(args) -> int:
     except ImportError as exc:
         raise CliError(f"the demo needs torch and transformers ({exc.name} is missing): "
                        "pip install 'xray-tui[demo]' torch==2.13.0") from None
+    _check_writable(args.log)
     if args.headless:
         printer = AlertPrinter(as_json=args.json)
         rules = _rules_engine(args)  # the probe itself evaluates the rules with these thresholds
@@ -321,6 +396,28 @@ def _demo_app(args) -> int:
             print(f"xray-tui: the demo trainer exited with {child.returncode}; log: {logf.name}", file=sys.stderr)
         else:
             os.unlink(logf.name)
+
+
+def _count(least: int):
+    """An argparse type: an integer >= ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+        return value
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one line on stderr, exit 2."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("xray-tui").strip()
+        self.exit(EXIT_USAGE, f"xray-tui: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n")
 
 
 def _seconds(text: str, flag: str) -> float:
@@ -400,7 +497,7 @@ def cmd_inspect(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with help that explains each command."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="xray-tui",
         description="An X-ray for a training run: per-layer histograms and alerts of a live PyTorch run.",
         epilog="Attach a probe in your training script with `xr = probes.attach(model, optimizer)`, "
@@ -408,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
                "was stopped, 1 it crashed, was killed or interrupted, or ended without an End (disconnected), "
                "2 usage error or bad input, 3 at once when --fail-on sees such an alert.",
     )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     def output_opts(sp, log: bool = True, status: bool = True):
         sp.add_argument("--headless", action="store_true",
@@ -433,10 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "public-domain text) with the probe attached; open the app on it, or "
                                    "with --headless print the alerts. --fault injects a failure.")
     output_opts(d, status=False)
-    d.add_argument("--steps", type=int, default=0, help="steps to train (default: until q; 300 with --headless)")
-    d.add_argument("--every", type=int, default=5, help="sample one step in N (default 5)")
+    d.add_argument("--steps", type=_count(0), default=0,
+                   help="steps to train (default 0: until q; 300 with --headless)")
+    d.add_argument("--every", type=_count(1), default=5, help="sample one step in N (default 5)")
     d.add_argument("--fault", choices=FAULTS, default="none", help="failure to inject (default none)")
-    d.add_argument("--fault-step", type=int, default=50, metavar="S", help="step to inject it at (default 50)")
+    d.add_argument("--fault-step", type=_count(0), default=50, metavar="S", help="step to inject it at (default 50)")
     d.add_argument("--name", default="demo", help="run name (default demo)")
     d.set_defaults(func=cmd_demo)
 
@@ -460,18 +558,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("replay", help="open a recording in the app (or --headless alerts)",
                        description="Open a recording made with probes.attach(log=...) or --log.")
-    r.add_argument("file")
+    r.add_argument("file", help="a recording (probes.attach(log=...), attach --log, demo --log)")
     output_opts(r, log=False)
     r.set_defaults(func=cmd_replay)
 
-    e = sub.add_parser("export", help="write a recording's samples as JSON lines",
-                       description="One JSON object per (step, rank, layer, kind) sample "
-                                   '({"type": "sample", ...}) and per (step, rank, name) scalar such as the loss '
-                                   '({"type": "scalar", "step", "rank", "name", "value"}); non-finite '
-                                   "values are written as null (a sample's nan/inf counts say why).")
-    e.add_argument("file")
-    e.add_argument("--format", default="jsonl", help="output format (jsonl)")
-    e.add_argument("-o", "--output", metavar="OUT", help="write to OUT instead of stdout")
+    e = sub.add_parser("export", help="write a recording as JSON lines, CSV, Parquet or TensorBoard events",
+                       description="Write a recording's samples (one per step, rank, layer and kind: statistics "
+                                   "and histogram), scalars (one per step, rank and name: loss, lr, ...), alerts "
+                                   "and notes. jsonl: one JSON object per record with a \"type\" (non-finite "
+                                   "values are null; a sample's nan/inf counts say why). csv and parquet: one "
+                                   "table, a row per record, the same columns for every type (\"type\" says "
+                                   "which; cells that do not apply are empty); a sample's histogram is "
+                                   "hist_edges and hist_counts (space-separated) in csv, list columns "
+                                   "hist_edge_lo, hist_edge_hi and hist_counts in parquet. tensorboard: event "
+                                   "files in a directory, a histogram per sample tagged KIND/LAYER with its real "
+                                   "bin edges, and the scalars. parquet needs pyarrow and tensorboard needs "
+                                   "tensorboard (pip install 'xray-tui[export]').")
+    e.add_argument("file", help="a recording (probes.attach(log=...), attach --log, demo --log)")
+    e.add_argument("--format", default="jsonl", help="jsonl (default), csv, parquet (needs -o FILE) or "
+                                                     "tensorboard (needs -o DIR)")
+    e.add_argument("-o", "--output", metavar="OUT",
+                   help="the file (a directory for tensorboard) to write; jsonl and csv go to stdout without it")
+    e.add_argument("--what", action="append", metavar="TYPES",
+                   help="record types to write, a comma list or repeated: samples, scalars, alerts, notes "
+                        "(default samples,scalars)")
+    e.add_argument("--layer", metavar="REGEX",
+                   help="only samples and alerts whose layer matches REGEX (re.search), e.g. '^h\\.0\\.'")
+    e.add_argument("--kind", action="append", metavar="KINDS",
+                   help="only samples and alerts of these kinds, a comma list or repeated: weight, grad, act, "
+                        "update (alerts about the loss have none and are left out)")
     e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="statistics, spectral metrics and pictures of a model directory",
@@ -514,8 +629,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "rules", None) and not args.headless:
-            raise CliError("--rules works with --headless (the app shows the alerts the probe sent)")
+        if not getattr(args, "headless", True):
+            given = [flag for flag, on in (("--rules", getattr(args, "rules", None)), ("--json", args.json),
+                                           ("--fail-on", args.fail_on), ("--quiet", getattr(args, "quiet", False)))
+                     if on]
+            if given:
+                raise CliError(f"{', '.join(given)} work{'s' if len(given) == 1 else ''} with --headless "
+                               "(the app shows the alerts the probe sent)")
         return args.func(args)
     except (CliError, feed.FeedError, wire.WireError, rundir.RunDirError) as exc:
         print(f"xray-tui: error: {exc}", file=sys.stderr)
