@@ -78,8 +78,9 @@ def inject(fault: str, model, optimizer) -> tuple[str, str]:
 
 def train(*, steps: int, every: int = 5, fault: str = "none", fault_step: int = 50, name: str = "demo",
           log: str | None = None, serve: bool = True, listener=None, batch: int = 16,
-          lr: float = 1e-3, seed: int = 0, rules=None) -> int:
-    """Train for ``steps`` steps (0: until interrupted); returns the steps done."""
+          lr: float = 1e-3, seed: int = 0, rules=None, should_stop=None) -> int:
+    """Train for ``steps`` steps (0: until interrupted, or until ``should_stop()`` says so,
+    asked once a step); returns the steps done."""
     torch.manual_seed(seed)
     data = CharData(corpus(), seed=seed)
     model = build_model(len(data.chars))
@@ -89,7 +90,7 @@ def train(*, steps: int, every: int = 5, fault: str = "none", fault_step: int = 
     with probes.attach(model, optimizer, every=every, name=name, log=log, serve=serve, rules=rules) as xr:
         if listener is not None:
             xr.publisher.subscribe(listener)
-        while steps <= 0 or step < steps:
+        while (steps <= 0 or step < steps) and not (should_stop is not None and should_stop()):
             if fault != "none" and step == fault_step:
                 layer, detail = inject(fault, model, optimizer)
                 xr.note("fault", fault=fault, layer=layer, detail=detail)

@@ -57,3 +57,21 @@ def test_cli_headless_json_nan_names_the_faulted_layer():
                      "detail": "one weight set to NaN"}
     nonfinite = [a for a in lines[1:] if a["rule"] == "nonfinite" and a["kind"] == "act"]
     assert nonfinite[0]["layer"] == "transformer.h.1.attn.c_attn" and nonfinite[0]["severity"] == "critical"
+
+
+def test_demo_headless_fail_on_stops_training_when_the_alert_arrives(tmp_path):
+    """--fail-on exits 3 as soon as the alert arrives: the in-process demo stops training then,
+    long before its --steps (issue 12)."""
+    import subprocess
+    import sys
+
+    from probes import wire
+
+    log = tmp_path / "d.xray"
+    out = subprocess.run([sys.executable, "-m", "tui.cli", "demo", "--headless", "--fault", "nan", "--fault-step", "10",
+                          "--steps", "2000", "--fail-on", "critical", "--log", str(log)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 3, out.stderr
+    assert "nonfinite" in out.stdout
+    steps = [m.step for m in wire.read_file(str(log))[0] if isinstance(m, wire.Step)]
+    assert steps and max(steps) < 100  # stopped within a few sampled steps of step 10, not at 2000

@@ -361,7 +361,8 @@ def cmd_demo(args) -> int:
         rules = _rules_engine(args)  # the probe itself evaluates the rules with these thresholds
         try:
             demo.train(steps=args.steps or 300, every=args.every, fault=args.fault, fault_step=args.fault_step,
-                       name=args.name, log=args.log, listener=printer.handle, rules=rules)
+                       name=args.name, log=args.log, listener=printer.handle, rules=rules,
+                       should_stop=lambda: printer.failed(args.fail_on))  # --fail-on: stop at once
         except KeyboardInterrupt:
             return 130
         return EXIT_ALERT if printer.failed(args.fail_on) else EXIT_OK
