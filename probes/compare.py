@@ -90,62 +90,17 @@ def svg_overlay(edges: np.ndarray, counts_a, counts_b, title: str, labels: tuple
                 sums: tuple[dict, dict], scale: str = "linear", width: int = 600, height: int = 320) -> str:
     """Two histograms on common edges, overlaid: A filled, B as a translucent fill with an
     outline, with x and y axes, a legend and each side's mean/std/min/max."""
-    left, right, top, bottom = 64, 14, 30, 46
-    w, h = width - left - right, height - top - bottom
     ca, cb = np.asarray(counts_a, dtype=np.float64), np.asarray(counts_b, dtype=np.float64)
     cmax = float(max(ca.max(initial=0), cb.max(initial=0)))
-    if scale == "linear":
-        yticks = ins.nice_ticks(0.0, max(cmax, 1.0))
-        if yticks[-1] < cmax:
-            yticks.append(yticks[-1] + (yticks[1] - yticks[0]))
-        ytop = yticks[-1]
-
-        def ypos(c):
-            return h * c / ytop
-    else:
-        decades = max(1, math.ceil(math.log10(1.0 + max(cmax, 1.0))))
-        yticks = [0.0] + [10.0**k for k in range(decades + 1)]
-        ytop = math.log10(1.0 + yticks[-1])
-
-        def ypos(c):
-            return h * math.log10(1.0 + c) / ytop
-    x0, x1 = float(edges[0]), float(edges[-1])
-
-    def xpos(v):
-        return left + w * (v - x0) / (x1 - x0) if x1 > x0 else left + w / 2
-
-    fg, dim = "#cdd6f4", "#a6adc8"
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="11">',
-             f'<rect width="{width}" height="{height}" fill="#1e1e2e"/>',
-             f'<text x="{left}" y="18" fill="{fg}">{html.escape(title)}</text>']
-    for t in yticks:
-        y = top + h - ypos(t)
-        parts.append(f'<line x1="{left}" y1="{y:.2f}" x2="{left + w}" y2="{y:.2f}" stroke="#313244"/>')
-        parts.append(f'<text class="ytick" data-value="{t:g}" x="{left - 5}" y="{y + 4:.2f}" fill="{dim}" '
-                     f'text-anchor="end">{ins._count_label(t)}</text>')
+    frame = ins.HistogramFrame(edges, cmax, title, scale, width, height)
+    parts = frame.head()
     for series, counts, style in (("a", ca, 'fill-opacity="0.85"'),
                                   ("b", cb, f'fill-opacity="0.45" stroke="{COLOURS["b"]}" stroke-width="1"')):
         for i, c in enumerate(counts):
-            bh = ypos(c)
-            xa, xb = xpos(edges[i]), xpos(edges[i + 1])
-            parts.append(f'<rect class="bar" data-series="{series}" data-count="{int(c)}" x="{xa:.2f}" '
-                         f'y="{top + h - bh:.2f}" width="{max(xb - xa - 0.5, 0.5):.2f}" height="{bh:.2f}" '
-                         f'fill="{COLOURS[series]}" {style}><title>{series.upper()} [{ins._fmt(edges[i])}, '
-                         f'{ins._fmt(edges[i + 1])}): {int(c)}</title></rect>')
-    for t in ins.nice_ticks(x0, x1):
-        x = xpos(t)
-        parts.append(f'<line x1="{x:.2f}" y1="{top + h}" x2="{x:.2f}" y2="{top + h + 4}" stroke="{dim}"/>')
-        parts.append(f'<text class="xtick" data-value="{t!r}" x="{x:.2f}" y="{top + h + 16}" fill="{dim}" '
-                     f'text-anchor="middle">{ins._fmt(t)}</text>')
-    parts += [f'<line class="axis" data-axis="x" x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" '
-              f'stroke="{fg}"/>',
-              f'<line class="axis" data-axis="y" x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" stroke="{fg}"/>',
-              f'<text class="xlabel" x="{left + w / 2}" y="{height - 8}" fill="{fg}" text-anchor="middle">'
-              f'value ({len(ca)} bins of {ins._fmt((x1 - x0) / max(len(ca), 1))})</text>',
-              f'<text class="ylabel" x="14" y="{top + h / 2}" fill="{fg}" text-anchor="middle" '
-              f'transform="rotate(-90 14 {top + h / 2})">'
-              f'{ins._ylabel(scale)}</text>']
+            tip = f"{series.upper()} [{ins._fmt(edges[i])}, {ins._fmt(edges[i + 1])}): {int(c)}"
+            parts.append(frame.bar(i, c, f'fill="{COLOURS[series]}" {style}', tip, series=series))
+    parts += frame.axes()
+    left, top, w, fg, dim = frame.left, frame.top, frame.w, frame.fg, frame.dim
     bx, by = left + w - 210, top + 6
     parts.append(f'<rect class="summary" x="{bx}" y="{by}" width="204" height="{14 * 5 + 8}" fill="#181825" '
                  'stroke="#585b70" opacity="0.9"/>')

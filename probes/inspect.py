@@ -22,7 +22,6 @@ import fnmatch
 import html
 import json
 import math
-import os
 import re
 import struct
 import sys
@@ -231,6 +230,89 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return ticks
 
 
+class HistogramFrame:
+    """What every histogram picture shares: the title, a y axis of counts per bin (linear, or
+    log10(1 + count) with ``scale="log"``) with grid lines, the x axis of values with its ticks
+    and a dashed line at 0, and the labels. Bars are ``<rect class="bar" data-count=...>`` and
+    tick labels carry ``data-value``, so a picture can be checked by parsing it."""
+
+    left, right, top, bottom = 64, 14, 30, 46
+    fg, dim = "#cdd6f4", "#a6adc8"
+
+    def __init__(self, edges, cmax: float, title: str, scale: str = "linear", width: int = 560,
+                 height: int = 300, every: int = 1) -> None:
+        if scale not in ("linear", "log"):
+            raise ValueError(f"scale must be linear or log, got {scale!r}")
+        self.edges, self.title, self.scale, self.every = edges, title, scale, every
+        self.width, self.height = width, height
+        self.w, self.h = width - self.left - self.right, height - self.top - self.bottom
+        if scale == "linear":
+            self.yticks = nice_ticks(0.0, max(cmax, 1.0))
+            if self.yticks[-1] < cmax:
+                self.yticks.append(self.yticks[-1] + (self.yticks[1] - self.yticks[0]))
+            self._ytop = self.yticks[-1]
+        else:
+            decades = max(1, math.ceil(math.log10(1.0 + max(cmax, 1.0))))
+            self.yticks = [0.0] + [10.0**k for k in range(decades + 1)]
+            self._ytop = math.log10(1.0 + self.yticks[-1])
+        self.x0, self.x1 = float(edges[0]), float(edges[-1])
+
+    def ypos(self, c: float) -> float:
+        """A count's bar height in pixels."""
+        return self.h * (c if self.scale == "linear" else math.log10(1.0 + c)) / self._ytop
+
+    def xpos(self, v: float) -> float:
+        """A value's x in pixels."""
+        x0, x1 = self.x0, self.x1
+        return self.left + self.w * (v - x0) / (x1 - x0) if x1 > x0 else self.left + self.w / 2
+
+    def head(self) -> list[str]:
+        """The SVG's opening, background, title, grid lines and y tick labels."""
+        left, top, w, h = self.left, self.top, self.w, self.h
+        parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" height="{self.height}" '
+                 f'viewBox="0 0 {self.width} {self.height}" font-family="monospace" font-size="11">',
+                 f'<rect width="{self.width}" height="{self.height}" fill="#1e1e2e"/>',
+                 f'<text x="{left}" y="18" fill="{self.fg}">{html.escape(self.title)}</text>']
+        for t in self.yticks:
+            y = top + h - self.ypos(t)
+            parts.append(f'<line x1="{left}" y1="{y:.2f}" x2="{left + w}" y2="{y:.2f}" stroke="#313244"/>')
+            parts.append(f'<text class="ytick" data-value="{t:g}" x="{left - 5}" y="{y + 4:.2f}" fill="{self.dim}" '
+                         f'text-anchor="end">{_count_label(t)}</text>')
+        return parts
+
+    def bar(self, i: int, c: float, attrs: str, tip: str, series: str = "") -> str:
+        """Bin ``i``'s bar of count ``c`` (``attrs``: its fill and stroke; ``tip``: its tooltip)."""
+        bh = self.ypos(c)
+        xa, xb = self.xpos(self.edges[i]), self.xpos(self.edges[i + 1])
+        data = f'data-series="{series}" ' if series else ""
+        return (f'<rect class="bar" {data}data-count="{int(c)}" x="{xa:.2f}" y="{self.top + self.h - bh:.2f}" '
+                f'width="{max(xb - xa - 0.5, 0.5):.2f}" height="{bh:.2f}" {attrs}><title>{html.escape(tip)}'
+                '</title></rect>')
+
+    def axes(self) -> list[str]:
+        """x ticks, the line at 0, both axes and their labels."""
+        left, top, w, h, fg, dim = self.left, self.top, self.w, self.h, self.fg, self.dim
+        parts = []
+        for t in nice_ticks(self.x0, self.x1):
+            x = self.xpos(t)
+            parts.append(f'<line x1="{x:.2f}" y1="{top + h}" x2="{x:.2f}" y2="{top + h + 4}" stroke="{dim}"/>')
+            parts.append(f'<text class="xtick" data-value="{t!r}" x="{x:.2f}" y="{top + h + 16}" fill="{dim}" '
+                         f'text-anchor="middle">{_fmt(t)}</text>')
+        if self.x0 < 0 < self.x1:
+            x = self.xpos(0.0)
+            parts.append(f'<line x1="{x:.2f}" y1="{top}" x2="{x:.2f}" y2="{top + h}" stroke="#f38ba8" '
+                         'stroke-dasharray="3,3"/>')
+        n = len(self.edges) - 1
+        parts += [f'<line class="axis" data-axis="x" x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" '
+                  f'stroke="{fg}"/>',
+                  f'<line class="axis" data-axis="y" x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" stroke="{fg}"/>',
+                  f'<text class="xlabel" x="{left + w / 2}" y="{self.height - 8}" fill="{fg}" text-anchor="middle">'
+                  f'value ({n} bins of {_fmt((self.x1 - self.x0) / max(n, 1))})</text>',
+                  f'<text class="ylabel" x="14" y="{top + h / 2}" fill="{fg}" text-anchor="middle" '
+                  f'transform="rotate(-90 14 {top + h / 2})">{_ylabel(self.scale, self.every)}</text>']
+        return parts
+
+
 def svg_histogram(edges: np.ndarray, counts: np.ndarray, title: str, summary: dict | None = None,
                   scale: str = "linear", width: int = 560, height: int = 300, every: int = 1) -> str:
     """An SVG histogram with axes: bar heights are counts per bin (``scale="log"``: on a
@@ -239,65 +321,13 @@ def svg_histogram(edges: np.ndarray, counts: np.ndarray, title: str, summary: di
 
     Bars are ``<rect class="bar" data-count=...>`` and tick labels carry ``data-value``, so the
     picture can be checked by parsing it."""
-    if scale not in ("linear", "log"):
-        raise ValueError(f"scale must be linear or log, got {scale!r}")
-    left, right, top, bottom = 64, 14, 30, 46
-    w, h = width - left - right, height - top - bottom
     counts = np.asarray(counts, dtype=np.float64)
-    cmax = float(counts.max()) if counts.size else 0.0
-    if scale == "linear":
-        yticks = nice_ticks(0.0, max(cmax, 1.0))
-        if yticks[-1] < cmax:
-            yticks.append(yticks[-1] + (yticks[1] - yticks[0]))
-        ytop = yticks[-1]
-
-        def ypos(c):  # counts -> pixel height
-            return h * c / ytop
-    else:
-        decades = max(1, math.ceil(math.log10(1.0 + max(cmax, 1.0))))
-        yticks = [0.0] + [10.0**k for k in range(decades + 1)]
-        ytop = math.log10(1.0 + yticks[-1])
-
-        def ypos(c):
-            return h * math.log10(1.0 + c) / ytop
-    x0, x1 = float(edges[0]), float(edges[-1])
-
-    def xpos(v):
-        return left + w * (v - x0) / (x1 - x0) if x1 > x0 else left + w / 2
-
-    fg, dim = "#cdd6f4", "#a6adc8"
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="11">',
-             f'<rect width="{width}" height="{height}" fill="#1e1e2e"/>',
-             f'<text x="{left}" y="18" fill="{fg}">{html.escape(title)}</text>']
-    for t in yticks:  # grid lines and y tick labels
-        y = top + h - ypos(t)
-        parts.append(f'<line x1="{left}" y1="{y:.2f}" x2="{left + w}" y2="{y:.2f}" stroke="#313244"/>')
-        parts.append(f'<text class="ytick" data-value="{t:g}" x="{left - 5}" y="{y + 4:.2f}" fill="{dim}" '
-                     f'text-anchor="end">{_count_label(t)}</text>')
+    frame = HistogramFrame(edges, float(counts.max()) if counts.size else 0.0, title, scale, width, height, every)
+    parts = frame.head()
     for i, c in enumerate(counts):
-        bh = ypos(c)
-        xa, xb = xpos(edges[i]), xpos(edges[i + 1])
-        parts.append(f'<rect class="bar" data-count="{int(c)}" x="{xa:.2f}" y="{top + h - bh:.2f}" '
-                     f'width="{max(xb - xa - 0.5, 0.5):.2f}" height="{bh:.2f}" fill="#89b4fa">'
-                     f'<title>[{_fmt(edges[i])}, {_fmt(edges[i + 1])}): {int(c)}</title></rect>')
-    for t in nice_ticks(x0, x1):
-        x = xpos(t)
-        parts.append(f'<line x1="{x:.2f}" y1="{top + h}" x2="{x:.2f}" y2="{top + h + 4}" stroke="{dim}"/>')
-        parts.append(f'<text class="xtick" data-value="{t!r}" x="{x:.2f}" y="{top + h + 16}" fill="{dim}" '
-                     f'text-anchor="middle">{_fmt(t)}</text>')
-    if x0 < 0 < x1:
-        x = xpos(0.0)
-        parts.append(f'<line x1="{x:.2f}" y1="{top}" x2="{x:.2f}" y2="{top + h}" stroke="#f38ba8" '
-                     'stroke-dasharray="3,3"/>')
-    parts += [f'<line class="axis" data-axis="x" x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" '
-              f'stroke="{fg}"/>',
-              f'<line class="axis" data-axis="y" x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" stroke="{fg}"/>',
-              f'<text class="xlabel" x="{left + w / 2}" y="{height - 8}" fill="{fg}" text-anchor="middle">'
-              f'value ({len(counts)} bins of {_fmt((x1 - x0) / max(len(counts), 1))})</text>',
-              f'<text class="ylabel" x="14" y="{top + h / 2}" fill="{fg}" text-anchor="middle" '
-              f'transform="rotate(-90 14 {top + h / 2})">'
-              f'{_ylabel(scale, every)}</text>']
+        parts.append(frame.bar(i, c, 'fill="#89b4fa"', f"[{_fmt(edges[i])}, {_fmt(edges[i + 1])}): {int(c)}"))
+    parts += frame.axes()
+    left, top, w, fg = frame.left, frame.top, frame.w, frame.fg
     if summary:
         rows = [(k, summary.get(k)) for k in ("mean", "std", "min", "max") if summary.get(k) is not None]
         bx, by = left + w - 128, top + 6

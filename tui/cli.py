@@ -24,10 +24,10 @@ import threading
 import time
 from pathlib import Path
 
-from probes import rundir, stats, wire
+from probes import rundir, wire
 
 from . import feed
-from .headless import AlertPrinter, RunWatch, clean
+from .headless import AlertPrinter, RunWatch
 
 EXIT_OK, EXIT_DISCONNECTED, EXIT_USAGE, EXIT_ALERT = 0, 1, 2, 3
 FAULTS = ("none", "exploding", "dead", "nan", "stalled")
