@@ -228,7 +228,8 @@ def _is_sharded(raw_name: str, p: torch.Tensor) -> bool:
 
 def _log_path(log: str | None, run: str, rank: int, world: int) -> str | None:
     """``log=`` with ``{name}``, ``{rank}`` and ``{time}`` filled in. With several ranks and
-    no ``{rank}``, each rank records to ``STEM.rankN.EXT`` (one file per rank, named for it)."""
+    no ``{rank}``, the ranks after the first to open the file get ``STEM-N.EXT`` (a file is
+    never shared or overwritten), and each says so: :func:`_say_where` asks for ``{rank}``."""
     if not log:
         return log
     values = {"name": rundir.safe_name(run), "rank": rank, "time": time.strftime("%Y%m%d-%H%M%S")}
@@ -240,13 +241,10 @@ def _log_path(log: str | None, run: str, rank: int, world: int) -> str | None:
     except (IndexError, ValueError):
         raise ValueError(f"log={log!r}: braces must hold {{name}}, {{rank}} or {{time}} "
                          "(write {{ and }} for literal ones)") from None
-    if world > 1 and "{rank}" not in str(log):
-        stem, ext = os.path.splitext(path)
-        path = f"{stem}.rank{rank}{ext}"
     return path
 
 
-def _say_where(run: str, rank: int, publisher: Publisher) -> None:
+def _say_where(run: str, rank: int, publisher: Publisher, asked: str | None = None, world: int = 1) -> None:
     """One line at attach: the run's name, its socket and its recording (stderr, so that a
     person finds the recording later; ``XRAY_TUI_QUIET=1`` silences it)."""
     if os.environ.get("XRAY_TUI_QUIET"):
@@ -256,6 +254,9 @@ def _say_where(run: str, rank: int, publisher: Publisher) -> None:
         parts.append(f"socket {publisher.socket_path}")
     if publisher.recorder is not None:
         parts.append(f"recording {os.path.abspath(publisher.recorder.path)}")
+        if asked is not None and os.path.abspath(asked) != os.path.abspath(publisher.recorder.path):
+            parts.append(f"as {asked} was taken" + (" (put {rank} in log= to name each rank's file)"
+                                                    if world > 1 else ""))
     print("xray-tui: " + ", ".join(parts), file=sys.stderr, flush=True)
 
 
@@ -434,7 +435,7 @@ class XRay:
         )
         log = _log_path(log, self.run, rank, world)
         self.publisher = Publisher(hello, serve=serve, log_path=log, rules=rules, tcp=tcp if serve else None)
-        _say_where(self.run, rank, self.publisher)
+        _say_where(self.run, rank, self.publisher, log, world)
         if on_alert is not None:
             self.publisher.subscribe(self._alert_listener)
         # the device engine's fallback reaches the viewers (the header shows it, headless prints it)

@@ -299,7 +299,7 @@ def test_replay_is_labelled_a_replay_in_the_header(tmp_path, monkeypatch):
         return 0
 
     path = tmp_path / "week.xray"
-    path.write_bytes(b"")
+    path.write_bytes(wire.MAGIC + wire.encode(wire.Hello(version=wire.PROTOCOL_VERSION, run="week")))
     monkeypatch.setattr(cli, "_run_app", fake_run_app)
     assert cli.main(["replay", str(path)]) == 0
     assert seen["title"] == "replay: week.xray"

@@ -108,7 +108,8 @@ def test_the_recording_path_is_said_at_attach_and_listed(tmp_path, capsys):
     first.close()
     want = str(tmp_path / "rec-r0.xray")
     assert f"run 'rec', socket {sock}, recording {want}" in said
-    assert f"recording {tmp_path / 'run-1.xray'}" in said  # the name it really got, said once
+    # the name it really got, and why
+    assert f"recording {tmp_path / 'run-1.xray'}, as {tmp_path / 'run.xray'} was taken" in said
     assert (tmp_path / "run.xray").read_bytes() == b"an older run"
     assert f"recording: {want}" in text.stdout
     runs = {r["name"]: r for r in map(json.loads, js.stdout.splitlines())}

@@ -132,8 +132,11 @@ def require(fmt: str) -> None:
     if fmt not in PACKAGES:
         return
     module, package = PACKAGES[fmt]
-    try:
-        __import__(module)
+    try:  # named imports, not a computed one: the viewer imports nothing a stream could name
+        if fmt == "parquet":
+            import pyarrow  # noqa: F401
+        else:
+            import tensorboard  # noqa: F401
     except ImportError:
         raise ExportError(f"--format {fmt} needs {module}, which is not installed: "
                           f"pip install {package} (or pip install 'xray-tui[export]')") from None
