@@ -23,7 +23,6 @@ import html
 import json
 import math
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,21 +30,9 @@ import torch
 
 from . import inspect as ins
 from . import spectral
-from .inspect import InspectError, Options
+from .inspect import InspectError, Options, Report  # what was written: inspect's own report
 
 COLOURS = {"a": "#89b4fa", "b": "#fab387"}
-
-
-@dataclass
-class Report:
-    """What was written."""
-
-    out: Path
-    json_path: Path
-    recording: Path
-    entries: int
-    pictures: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 def is_adapter(path: str) -> bool:
@@ -206,7 +193,7 @@ def compare(path_a: str, path_b: str, out: str, opts: Options | None = None) -> 
            "unmatched": unmatched, "entries": [ins._clean(e) for e in entries]}
     json_path = outdir / "layer_comparison.json"
     json_path.write_text(json.dumps(doc, indent=1))
-    return Report(outdir, json_path, recording, len(entries), pictures, notes)
+    return Report(outdir, json_path, recording, len(entries), pictures, notes=notes)
 
 
 def _counts(x: torch.Tensor, edges: np.ndarray) -> np.ndarray:
