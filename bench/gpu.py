@@ -39,7 +39,7 @@ import overhead  # noqa: E402  (puts the repository first on sys.path)
 import torch  # noqa: E402
 
 import probes  # noqa: E402
-from probes import engines  # noqa: E402
+from probes import engines, wire  # noqa: E402
 
 DEFAULT = "baseline,probe/50,probe/10,probe/1,tensorboard/10,histc/10"
 
@@ -57,6 +57,32 @@ class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
             self.ops += 1
             self.reads += func is torch.ops.aten._local_scalar_dense.default
         return func(*args, **(kwargs or {}))
+
+
+class StreamCheck:
+    """What one probe published: steps, samples, impossible statistics, and engine fallbacks.
+
+    A bench of a probe that quietly fell back to torch, or published nonsense, would measure
+    the wrong thing: the table is printed with these counts beside it.
+    """
+
+    def __init__(self) -> None:
+        self.steps = self.samples = self.bad = 0
+        self.fallbacks: list[str] = []
+
+    def __call__(self, msg) -> None:
+        if isinstance(msg, wire.Note) and msg.event == "engine-fallback":
+            self.fallbacks.append(str(msg.data.get("why")))
+        if not isinstance(msg, wire.Step):
+            return
+        self.steps += 1
+        for s in msg.samples:
+            self.samples += 1
+            finite = s.nan == 0 and s.posinf == 0 and s.neginf == 0
+            ok = s.count > 0 and s.sumsq >= 0 and s.zeros <= s.near_zero <= s.count
+            if finite:
+                ok = ok and s.min <= s.max and s.abssum >= abs(s.sum) * (1 - 1e-6)
+            self.bad += not ok
 
 
 def build(args, seed=0):
@@ -156,7 +182,7 @@ def main() -> None:
         p.error(f"--device {args.device}: {exc}")
     cuda = args.device.type == "cuda"
     names = args.configs.split(",")
-    setups, closers = {}, []
+    setups, closers, checks = {}, [], {}
     for name in names:
         model, opt = build(args)
         kind, _, n = name.partition("/")
@@ -164,6 +190,8 @@ def main() -> None:
         xr = None
         if kind == "probe":
             xr = probes.attach(model, opt, every=n, name=f"bench-gpu-{n}", serve=False, spectral_every=None)
+            checks[name] = StreamCheck()
+            xr.publisher.subscribe(checks[name])
             closers.append(xr.close)
         elif kind == "tensorboard":
             closers.append(overhead.tensorboard(model, opt, n))
@@ -219,6 +247,10 @@ def main() -> None:
         mem = f"{peak[name] / 2**20:,.0f}" if cuda else "n/a"
         extra, reads = work.get(name, ("", ""))
         print(f"| {name} | {statistics.median(ts) * 1e3:.1f} | {ratio:.3f} | {mem} | {extra} | {reads} |")
+    print()
+    for name, c in checks.items():
+        print(f"{name}: published {c.steps} steps, {c.samples} samples, {c.bad} with impossible statistics; "
+              f"engine fallbacks: {c.fallbacks or 'none'}")
     if base:
         b = statistics.median(base)
         for name, ts in times.items():

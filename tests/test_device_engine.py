@@ -1,4 +1,5 @@
-"""The device engine (probes/device_engine.py, Triton) in Triton's interpreter, on CPU tensors.
+"""The device engine (probes/device_engine.py, Triton): on CUDA tensors where a GPU is here, else in
+Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1 then).
 
 Its rows against numpy's ground truth on the tensors the C kernel is tested
 on, its histograms against the other engines', its fallback, and what a
@@ -25,6 +26,9 @@ from probes import reduce as red  # noqa: E402
 de = pytest.importorskip("probes.device_engine", reason="the device engine does not load here")
 
 U = 2.0**-24  # float32's unit roundoff
+# The device the engine's launches run on: the same tests check the compiled kernels on a GPU box
+# (`python -m pytest tests/test_device_engine.py` there) and the interpreter everywhere else.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +42,9 @@ def engine_rows(xs, k=65535, units=None, seeds=None):
     """Rows and histograms of ``xs`` from one batched launch of the device engine."""
     plans = [red.sample_plan(x, k, torch.Generator().manual_seed(i if seeds is None else seeds[i]))
              for i, x in enumerate(xs)]
-    rows = de.Rows(torch.device("cpu"), EPS)
-    rows.add([de.Item(x, p, units=(units or [0] * len(xs))[i]) for i, (x, p) in enumerate(zip(xs, plans))])
-    out = rows.finalize().numpy()
+    rows = de.Rows(DEV, EPS)
+    rows.add([de.Item(x.to(DEV), p, units=(units or [0] * len(xs))[i]) for i, (x, p) in enumerate(zip(xs, plans))])
+    out = rows.finalize().cpu().numpy()
     return out[:, : red.NCOL], out[:, red.NCOL:].astype(np.int64), plans
 
 
@@ -98,7 +102,7 @@ def test_histograms_identical_across_engines(name, monkeypatch, cpu_kernel_lib):
     for engine in ("device", "cpu-kernel", "torch"):
         monkeypatch.setenv("XRAY_TUI_ENGINE", engine)
         b = red.Batch(EPS, 1000, np.random.default_rng(7))
-        b.hold("t", "weight", x)
+        b.hold("t", "weight", x if engine == "cpu-kernel" else x.to(DEV))  # the C kernel reads host memory
         rows, hists = b.to_host()
         got[engine] = rows, hists, b.hist_n
     for engine in ("cpu-kernel", "torch"):
@@ -115,10 +119,12 @@ def test_non_contiguous_views_are_read_in_place_and_dead_units_match_torch():
     x[..., :5] = 0.01  # five units never top eps
     x[0, 0, 5] = math.nan  # a NaN beside large values: alive
     x[..., 6] = math.nan  # all NaN: tops nothing, dead
-    cases = [x, x.bfloat16(), x.transpose(0, 1), x.permute(2, 0, 1), x[:, ::2, 3:], torch.randn(3, 3000, generator=g),
-             torch.randn(2, 3, 4, 5, generator=g).permute(3, 1, 2, 0), torch.empty(0, 4)]
+    x = x.to(DEV)  # the views below are taken on the engine's device, so they stay views there
+    cases = [x, x.bfloat16(), x.transpose(0, 1), x.permute(2, 0, 1), x[:, ::2, 3:], torch.randn(3, 3000, generator=g).to(DEV),
+             torch.randn(2, 3, 4, 5, generator=g).to(DEV).permute(3, 1, 2, 0), torch.empty(0, 4, device=DEV)]
     rows, hists, plans = engine_rows(cases, k=100, units=[c.shape[-1] if c.numel() else 0 for c in cases])
     for i, c in enumerate(cases):
+        c = c.cpu()
         want = numpy_row(c)
         for col in ("count", "min", "max", "near_zero", "zeros", "nan"):
             assert same(rows[i, red.COL[col]], want[col]), (i, col)
@@ -210,7 +216,9 @@ def test_gather_equals_torch_indexing():
     flats = [torch.randn(1000, generator=g), torch.randn(7, generator=g), torch.empty(0), torch.randn(50, generator=g)]
     indices = [torch.randperm(1000, generator=g)[:100].sort().values, None, None, torch.tensor([49, 0, 0])]
     want = torch.cat([f if i is None else f[i] for f, i in zip(flats, indices)])
-    assert torch.equal(de.gather(flats, indices), want)
+    flats = [f.to(DEV) for f in flats]
+    indices = [None if i is None else i.to(DEV) for i in indices]
+    assert torch.equal(de.gather(flats, indices).cpu(), want)
 
 
 # -- what a sampled step costs ---------------------------------------------------------------------
