@@ -24,4 +24,4 @@ cat "$OUT/machine.txt"
 # the compiled kernels against numpy (the subnormal case says whether the GPU flushes them)
 timeout "${TEST_S:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_device_engine.py -m "not slow" 2>&1 \
     | tee "$OUT/tests.txt"
-timeout "${BENCH_S:-360}" python3 bench/gpu.py --rounds "${ROUNDS:-4}" 2>&1 | tee "$OUT/gpu_bench.txt"
+timeout "${BENCH_S:-360}" python3 bench/gpu.py --rounds "${ROUNDS:-4}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.txt"

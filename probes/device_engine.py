@@ -78,8 +78,8 @@ BLOCK = 1 << 16 if INTERPRET else 2048
 ITERS = 1 if INTERPRET else 16
 CHUNK = BLOCK * ITERS
 HBLOCK = 1 << 16 if INTERPRET else 1024
-POW4_SAFE = 1e4
-POW4_TINY = 1e-7
+POW4_SAFE = tl.constexpr(1e4)  # a constexpr: compiled kernels may read no other globals
+POW4_TINY = tl.constexpr(1e-7)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _NAN_BITS = int(np.array(math.nan, dtype=np.float64).view(np.int64))
 
