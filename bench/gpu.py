@@ -25,12 +25,16 @@ for the probe (every=1) and TensorBoard (every=N, times N).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import platform
 import random
 import statistics
 import sys
+import threading
 import time
+import traceback
+import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -57,6 +61,35 @@ class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
             self.ops += 1
             self.reads += func is torch.ops.aten._local_scalar_dense.default
         return func(*args, **(kwargs or {}))
+
+
+class SyncCounter:
+    """Synchronizing CUDA calls made on this thread (``torch.cuda.set_sync_debug_mode``), and where.
+
+    A host sync on the training thread drains the GPU's queue: the step loses its run-ahead and
+    becomes as slow as its Python. The place is the innermost frame in probes/ (or "not the probe").
+    """
+
+    def __enter__(self):
+        self.count, self.where = 0, collections.Counter()
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("always")
+        main = threading.current_thread()
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if threading.current_thread() is main and "synchroniz" in str(message):
+                self.count += 1
+                ours = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}probes{os.sep}" in f.filename]
+                self.where[f"{os.path.basename(ours[-1].filename)}:{ours[-1].lineno}" if ours else "not the probe"] += 1
+
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode(1)
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(0)
+        self._warnings.__exit__(*exc)
 
 
 class StreamCheck:
@@ -118,18 +151,19 @@ def timed_block(model, opt, args, xr) -> float:
     return (time.perf_counter() - t0) / args.block
 
 
-def step_work(model, opt, args) -> tuple[int, int]:
-    """Device work (kernels on CUDA; ops + engine launches on the CPU) and host reads of one step."""
+def step_work(model, opt, args) -> tuple[int, int, int, collections.Counter]:
+    """Device work (kernels on CUDA; ops + engine launches on the CPU), host reads and host syncs
+    (CUDA only; where from) of one step."""
     if args.device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            with OpCounter() as c:
+            with SyncCounter() as syncs, OpCounter() as c:
                 train(model, opt, args, 1)
             torch.cuda.synchronize()
         kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-        return kernels, c.reads
+        return kernels, c.reads, syncs.count, syncs.where
     c = OpCounter()
     launches = 0
     try:
@@ -155,7 +189,7 @@ def step_work(model, opt, args) -> tuple[int, int]:
     finally:
         if de is not None:
             de._launch = real
-    return c.ops + launches, c.reads
+    return c.ops + launches, c.reads, 0, collections.Counter()
 
 
 def main() -> None:
@@ -212,7 +246,10 @@ def main() -> None:
             unsampled = step_work(model, opt, args)
             sampled = step_work(model, opt, args)
             xr.every = 1
-            work[name] = (sampled[0] - unsampled[0], sampled[1] - unsampled[1])
+            work[name] = (sampled[0] - unsampled[0], sampled[1] - unsampled[1], sampled[2] - unsampled[2])
+            if sampled[3]:
+                print(f"{name}: host syncs of a sampled step by place: {dict(sampled[3])} (unsampled: "
+                      f"{dict(unsampled[3])})")
 
     times = {name: [] for name in names}
     peak = {name: 0 for name in names}
@@ -239,14 +276,15 @@ def main() -> None:
           f"parameters, batch {args.batch} x {args.seq} tokens; {args.rounds} rounds of {args.block} steps\n")
     unit = "kernels" if cuda else "ops + launches"
     print(f"| configuration | median step (ms) | ratio to baseline | peak memory (MiB) | {unit} per sampled step "
-          "beyond an unsampled one | host reads |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "beyond an unsampled one | host reads | host syncs |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     base = times.get("baseline")
     for name, ts in times.items():
         ratio = statistics.median(t / b for t, b in zip(ts, base)) if base else float("nan")
         mem = f"{peak[name] / 2**20:,.0f}" if cuda else "n/a"
-        extra, reads = work.get(name, ("", ""))
-        print(f"| {name} | {statistics.median(ts) * 1e3:.1f} | {ratio:.3f} | {mem} | {extra} | {reads} |")
+        extra, reads, syncs = work.get(name, ("", "", ""))
+        print(f"| {name} | {statistics.median(ts) * 1e3:.1f} | {ratio:.3f} | {mem} | {extra} | {reads} | "
+              f"{syncs if cuda else 'n/a'} |")
     print()
     for name, c in checks.items():
         print(f"{name}: published {c.steps} steps, {c.samples} samples, {c.bad} with impossible statistics; "

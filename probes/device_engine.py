@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from . import histogram
+from .reduce import _on, upload
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors: Triton's interpreter
@@ -408,7 +409,7 @@ class Workspace:
         self.alive = _Arena(device, torch.int32, 1, zeroed=True)  # cleared by _finalize_kernel
         from .reduce import CODE_BINS, CODE_SHIFT, NUM_CODES
 
-        self.code_bins = CODE_BINS.to(device=device, dtype=torch.int32)
+        self.code_bins = upload(CODE_BINS, device, torch.int32)
         self.shift, self.ncodes = CODE_SHIFT, NUM_CODES
 
     def reset(self) -> None:
@@ -530,7 +531,7 @@ class Rows:
             chunk_c.append(np.arange(row[1], dtype=np.int64))
         chunks = np.stack([np.concatenate(chunk_t), np.concatenate(chunk_c)], 1).reshape(-1)
         host = np.concatenate([chunks, np.asarray(descs, dtype=np.int64).reshape(-1)])
-        tab = torch.from_numpy(host).to(self.device, non_blocking=True)
+        tab = upload(host, self.device)
         self._keep.append(tab)
         x = anchor.x if anchor.offset == 0 else anchor.x.reshape(-1)[anchor.offset:]
         _launch(_stats_kernel, (len(chunks) // 2,), x, tab, ws.part.buf, ws.hist.buf, ws.code_bins, len(chunks),
@@ -555,7 +556,7 @@ class Rows:
             ws = self.ws
             out = torch.empty(len(self.table), NCOL + NUM_BINS, dtype=torch.float64, device=self.device)
             if self.table:
-                rtab = torch.from_numpy(np.asarray(self.table, dtype=np.int64)).to(self.device, non_blocking=True)
+                rtab = upload(np.asarray(self.table, dtype=np.int64), self.device)
                 _launch(_finalize_kernel, (len(self.table),), rtab, ws.part.buf, ws.hist.buf, ws.alive.buf, out,
                         NP=NP, HW=HW, NBINS=NUM_BINS, NOUT=NCOL + NUM_BINS, RW=RW, CB=1024 if INTERPRET else 256,
                         UB=1024)
@@ -566,13 +567,11 @@ class Rows:
                 by_vector.setdefault(id(vec), []).append((r, c, vec, i))
             if singles:
                 rows, cols, vals = zip(*singles)
-                index = torch.from_numpy(np.asarray([rows, cols], dtype=np.int64)).to(self.device, non_blocking=True)
-                out.index_put_((index[0], index[1]),
-                               torch.stack([v.to(device=self.device, dtype=torch.float64).reshape(()) for v in vals]))
+                index = upload(np.asarray([rows, cols], dtype=np.int64), self.device)
+                out.index_put_((index[0], index[1]), torch.stack([_on(v, self.device) for v in vals]))
             for picks in by_vector.values():
                 rows, cols, vecs, idx = zip(*picks)
-                index = torch.from_numpy(np.asarray([rows, cols, idx], dtype=np.int64)).to(self.device,
-                                                                                          non_blocking=True)
+                index = upload(np.asarray([rows, cols, idx], dtype=np.int64), self.device)
                 out.index_put_((index[0], index[1]), vecs[0].to(torch.float64)[index[2]])
             for row, col, vec in self.vector_extras:
                 out[row : row + len(vec), col] = vec
@@ -610,6 +609,6 @@ def gather(flats: list[torch.Tensor], indices: list[torch.Tensor | None]) -> tor
         idelta = (i.data_ptr() - ianchor.data_ptr()) // 8 if i is not None else 0
         rows.append([(f.data_ptr() - anchor.data_ptr()) // es, idelta, c, at, int(i is not None)])
         at += c
-    tab = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(device, non_blocking=True)
+    tab = upload(np.asarray(rows, dtype=np.int64), device)
     _launch(_gather_kernel, (len(rows),), anchor, ianchor, tab, out, GB=1 << 14 if INTERPRET else 1024)
     return out

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import cpu_kernel, engines, histogram, lifecycle, rundir, wire
 from .scalars import ScalarLog, grad_norm
-from .reduce import COL, Batch, dead_units
+from .reduce import COL, Batch, dead_units, upload
 from .rules import RuleEngine
 from .server import Publisher
 
@@ -560,7 +560,7 @@ class XRay:
                     a = torch.stack([wa if wa.dim() == 2 else wa.reshape(wa.shape[0], -1) for _, wa, _, _ in items])
                     b = torch.stack([wb if wb.dim() == 2 else wb.reshape(wb.shape[0], -1) for _, _, wb, _ in items])
                     a, b = a.float(), b.float()
-                    scales = torch.tensor([s * s for _, _, _, s in items], dtype=torch.float32, device=a.device)
+                    scales = upload([s * s for _, _, _, s in items], a.device, torch.float32)
                     vals = ((b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))).sum((1, 2)).clamp_min(0) * scales
                     for i, (bname, _, _, _) in enumerate(items):
                         out[bname] = (vals, i)
@@ -891,7 +891,7 @@ class XRay:
 
     def _segment_sumsq(self, flat: torch.Tensor) -> torch.Tensor:
         """Sum of squares (float64) of each trainable weight's piece of a subsets buffer."""
-        lengths = torch.tensor(self._subset_lengths(), device=flat.device)
+        lengths = upload(self._subset_lengths(), flat.device)
         return torch.segment_reduce(flat.double().square(), "sum", lengths=lengths, unsafe=True)
 
     def _read_updates(self) -> None:

@@ -13,6 +13,7 @@ import collections
 import logging
 import math
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -29,6 +30,8 @@ U = 2.0**-24  # float32's unit roundoff
 # The device the engine's launches run on: the same tests check the compiled kernels on a GPU box
 # (`python -m pytest tests/test_device_engine.py` there) and the interpreter everywhere else.
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Tests that launch on CPU tensors need Triton's interpreter, which a GPU box does not run.
+interpreter_only = pytest.mark.skipif(DEV.type == "cuda", reason="launches on CPU tensors: Triton's interpreter")
 
 
 @pytest.fixture(autouse=True)
@@ -135,6 +138,7 @@ def test_non_contiguous_views_are_read_in_place_and_dead_units_match_torch():
     assert rows[0, red.COL["dead_units"]] == 6 / 24
 
 
+@interpreter_only
 def test_extra_columns_and_split_pieces(monkeypatch):
     monkeypatch.setenv("XRAY_TUI_ENGINE", "device")
     g = torch.Generator().manual_seed(2)
@@ -156,6 +160,7 @@ def test_extra_columns_and_split_pieces(monkeypatch):
         at += n
 
 
+@interpreter_only
 def test_a_failure_falls_back_to_torch_with_one_warning_and_tells_listeners(monkeypatch, caplog):
     monkeypatch.setenv("XRAY_TUI_ENGINE", "device")
     told = []
@@ -177,6 +182,7 @@ def test_a_failure_falls_back_to_torch_with_one_warning_and_tells_listeners(monk
     assert len([r for r in caplog.records if "device engine failed" in r.getMessage()]) == 1
 
 
+@interpreter_only
 def test_the_probe_sends_the_fallback_to_viewers(monkeypatch):
     from probes import probe, wire
 
@@ -331,6 +337,8 @@ def test_the_viewer_shows_the_fallback_note():
     """Headless mode prints it; the app's header carries it."""
     import io
 
+    pytest.importorskip("textual")
+
     from probes import wire
     from tui import headless
     from tui.state import RunState
@@ -346,6 +354,7 @@ def test_the_viewer_shows_the_fallback_note():
     assert engine_fallback(state) == "engine fell back to torch on cuda: RuntimeError: boom"
 
 
+@interpreter_only
 def test_a_dtype_the_engine_does_not_read_takes_torch_and_keeps_the_engine_on(monkeypatch):
     monkeypatch.setenv("XRAY_TUI_ENGINE", "device")
     told = []
@@ -397,3 +406,38 @@ def _lora_ops(n: int) -> int:
 def test_lora_shifts_cost_the_same_ops_for_two_or_eight_adapters():
     """Adapters of the same shapes share one batched product: the ops do not grow with their number."""
     assert _lora_ops(2) == _lora_ops(8) <= 30
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="host syncs exist only on a GPU")
+def test_a_sampled_step_on_cuda_makes_no_host_sync(monkeypatch):
+    """A sync on the training thread drains the GPU's queue (``torch.cuda.set_sync_debug_mode`` sees each)."""
+    from probes import probe
+
+    monkeypatch.setenv("XRAY_TUI_ENGINE", "device")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.LayerNorm(256),
+                                torch.nn.Linear(256, 64)).to(DEV)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    x = torch.randn(32, 64, device=DEV)
+
+    def step():
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    xr = probe.attach(model, opt, every=1, serve=False, spectral_every=None)
+    syncs, main = [], threading.current_thread()
+    try:
+        step(), step()  # the workspace has grown
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda m, *a, **k: syncs.append(str(m)) if threading.current_thread() is main else 0
+            torch.cuda.set_sync_debug_mode(1)
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    finally:
+        xr.close()
+    assert syncs == []  # every=1: the step was sampled
