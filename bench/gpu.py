@@ -158,11 +158,18 @@ def step_work(model, opt, args) -> tuple[int, int, int, collections.Counter]:
         from torch.profiler import ProfilerActivity, profile
 
         torch.cuda.synchronize()
+        cpu0 = time.thread_time()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             with SyncCounter() as syncs, OpCounter() as c:
                 train(model, opt, args, 1)
+            cpu = time.thread_time() - cpu0
             torch.cuda.synchronize()
         kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        if args.profile:
+            gpu_us = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+            print(f"\n{'-' * 20} one step: {kernels} kernels, {gpu_us / 1e3:.1f} ms of kernel time, "
+                  f"{cpu * 1e3:.1f} ms of the training thread's CPU (profiled)")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile))
         return kernels, c.reads, syncs.count, syncs.where
     c = OpCounter()
     launches = 0
@@ -206,6 +213,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="2 layers x 64 wide, vocab 256, batch 2 x 32 (a quick check)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast")
     p.add_argument("--configs", default=DEFAULT)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="print the N kernels taking most time in the unsampled and the sampled step (CUDA)")
     args = p.parse_args()
     if args.tiny:
         args.layers, args.width, args.heads, args.vocab, args.batch, args.seq = 2, 64, 2, 256, 2, 32
