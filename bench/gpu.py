@@ -63,6 +63,9 @@ class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+SYNC_WARNING = "synchronizing CUDA operation"  # torch's warning per sync (not its "prototype feature" notice)
+
+
 class SyncCounter:
     """Synchronizing CUDA calls made on this thread (``torch.cuda.set_sync_debug_mode``), and where.
 
@@ -78,7 +81,7 @@ class SyncCounter:
         main = threading.current_thread()
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if threading.current_thread() is main and "synchroniz" in str(message):
+            if threading.current_thread() is main and SYNC_WARNING in str(message):
                 self.count += 1
                 ours = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}probes{os.sep}" in f.filename]
                 self.where[f"{os.path.basename(ours[-1].filename)}:{ours[-1].lineno}" if ours else "not the probe"] += 1

@@ -244,10 +244,10 @@ class HostCopy:
 def upload(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Host values (a list, a numpy array, a float) as a tensor on ``device``, without a host sync.
 
-    On CUDA a copy from pageable memory waits for the stream to drain (``torch.tensor(..., device=)``
-    does that), which costs the training its run-ahead: a sampled step on an H200 paid ~70 ms for
-    it. Staged through pinned memory, the copy is queued like a kernel; torch's caching host
-    allocator keeps the pinned block until the copy is done.
+    On CUDA ``torch.tensor(..., device=)`` copies from pageable memory and then waits for the
+    stream to drain, which costs the training its run-ahead. Staged through pinned memory, the
+    copy is queued like a kernel; torch's caching host allocator keeps the pinned block until the
+    copy is done. (bench/gpu.py counts a sampled step's host syncs on a GPU: 0.)
     """
     t = torch.as_tensor(values, dtype=dtype)
     if device.type == "cpu":
