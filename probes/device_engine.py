@@ -75,8 +75,10 @@ RW = 10
 #: Descriptor-table columns of a tensor in a batched launch.
 TW = 13
 #: Summation block: float32 within, float64 across. The interpreter runs numpy per op: larger blocks.
-BLOCK = 1 << 16 if INTERPRET else 2048
-ITERS = 1 if INTERPRET else 16
+BLOCK = 1 << 16 if INTERPRET else 512
+ITERS = 1 if INTERPRET else 64
+#: Blocks whose float32 per-lane sums are added before they are folded into float64.
+FLUSH = 1 if INTERPRET else 16
 CHUNK = BLOCK * ITERS
 HBLOCK = 1 << 16 if INTERPRET else 1024
 POW4_SAFE = tl.constexpr(1e4)  # a constexpr: compiled kernels may read no other globals
@@ -95,11 +97,30 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
 
 
+@triton.jit
+def _load(x_ptr, delta, start, j, m, contig, d1, d2, s0, s1, s2, CONTIG: tl.constexpr):
+    """Elements ``start + j`` of a tensor of up to three strided dimensions, as float32 (0 where masked).
+
+    ``CONTIG``: every tensor of the launch is contiguous, so the 64-bit index arithmetic of strided
+    reads is not even compiled in (it costs more instructions than the statistics themselves)."""
+    if CONTIG:
+        p = x_ptr + (delta + start) + j
+    elif contig != 0:
+        p = x_ptr + (delta + start) + j
+    else:
+        idx = start + j.to(tl.int64)
+        r = idx // d2
+        p = x_ptr + delta + (r // d1) * s0 + (r % d1) * s1 + (idx % d2) * s2
+    return tl.load(p, mask=m, other=0.0).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["desc_at", "n_a", "d1_a", "d2_a", "s0_a", "s1_a", "s2_a", "contig_a", "off_a",
                                "step_a", "k_a", "part_a", "hist_a"])
 def _stats_kernel(x_ptr, tab_ptr, part_ptr, hist_ptr, bins_ptr, desc_at,
                   n_a, d1_a, d2_a, s0_a, s1_a, s2_a, contig_a, off_a, step_a, k_a, part_a, hist_a, eps,
-                  SINGLE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, HBLOCK: tl.constexpr,
+                  SINGLE: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                  FLUSH: tl.constexpr,
+                  HBLOCK: tl.constexpr,
                   SHIFT: tl.constexpr, NCODES: tl.constexpr, HW: tl.constexpr, NP: tl.constexpr,
                   TW: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -137,70 +158,105 @@ def _stats_kernel(x_ptr, tab_ptr, part_ptr, hist_ptr, bins_ptr, desc_at,
         pslot = tl.load(d + 11) + chunk
         hrow = tl.load(d + 12)
     start = chunk * (BLOCK * ITERS)
-    end = tl.minimum(start + BLOCK * ITERS, n)
-    q1 = tl.zeros([], tl.float64)
-    q2 = tl.zeros([], tl.float64)
-    q3 = tl.zeros([], tl.float64)
-    q4 = tl.zeros([], tl.float64)
-    qa = tl.zeros([], tl.float64)
-    mn = tl.full([], float("inf"), tl.float32)
-    mx = tl.full([], float("-inf"), tl.float32)
-    near = zero
-    zeros = zero
+    cnt = (tl.minimum(start + BLOCK * ITERS, n) - start).to(tl.int32)  # this chunk's elements
+    end = start + cnt
+    lane = tl.arange(0, BLOCK)
+    # The shift c: the mean of the chunk's first block (its finite elements). Powers of x - c keep
+    # float32's precision where the values sit far from 0 (a LayerNorm weight near 1).
+    m0 = lane < cnt
+    v0 = _load(x_ptr, delta, start, lane, m0, contig, d1, d2, s0, s1, s2, CONTIG)
+    f0 = m0 & (tl.abs(v0) <= 3.4028234663852886e38)  # finite (a NaN compares false)
+    c = tl.sum(tl.where(f0, v0, 0.0), 0) / tl.maximum(tl.sum(f0.to(tl.int32), 0), 1).to(tl.float32)
+    # Per-lane accumulators, reduced once per FLUSH blocks (sums) or once per chunk (the rest): a
+    # block-wide reduction costs barriers, so the loop does none.
+    near_v = tl.zeros([BLOCK], tl.int32)
+    zero_v = tl.zeros([BLOCK], tl.int32)
+    bad_v = tl.zeros([BLOCK], tl.int32)  # NaN, +-inf or |x| > POW4_SAFE: this chunk takes float64
+    amax_v = tl.zeros([BLOCK], tl.float32)
+    mn_v = tl.full([BLOCK], float("inf"), tl.float32)
+    mx_v = tl.full([BLOCK], float("-inf"), tl.float32)
+    p1 = tl.zeros([], tl.float64)
+    p2 = tl.zeros([], tl.float64)
+    p3 = tl.zeros([], tl.float64)
+    p4 = tl.zeros([], tl.float64)
+    pa = tl.zeros([], tl.float64)
+    nblk = tl.cdiv(cnt, BLOCK)
+    for w in range(0, nblk, FLUSH):
+        s1v = tl.zeros([BLOCK], tl.float32)
+        s2v = tl.zeros([BLOCK], tl.float32)
+        s3v = tl.zeros([BLOCK], tl.float32)
+        s4v = tl.zeros([BLOCK], tl.float32)
+        sav = tl.zeros([BLOCK], tl.float32)
+        for b in range(w, tl.minimum(w + FLUSH, nblk)):
+            j = b * BLOCK + lane
+            m = j < cnt
+            v = _load(x_ptr, delta, start, j, m, contig, d1, d2, s0, s1, s2, CONTIG)  # 0 where masked
+            a = tl.abs(v)
+            near_v += ((a < eps) & m).to(tl.int32)
+            zero_v += ((v == 0.0) & m).to(tl.int32)
+            bad_v += ((a > POW4_SAFE) | (v != v)).to(tl.int32)
+            amax_v = tl.maximum(amax_v, a)
+            mn_v = tl.minimum(mn_v, tl.where(m, v, float("inf")))
+            mx_v = tl.maximum(mx_v, tl.where(m, v, float("-inf")))
+            y = tl.where(m, v - c, 0.0)
+            y2 = y * y
+            s1v += y
+            s2v += y2
+            s3v += y2 * y
+            s4v += y2 * y2
+            sav += a
+        p1 += tl.sum(s1v, 0).to(tl.float64)
+        p2 += tl.sum(s2v, 0).to(tl.float64)
+        p3 += tl.sum(s3v, 0).to(tl.float64)
+        p4 += tl.sum(s4v, 0).to(tl.float64)
+        pa += tl.sum(sav, 0).to(tl.float64)
+    near = tl.sum(near_v, 0).to(tl.int64)
+    zeros = tl.sum(zero_v, 0).to(tl.int64)
+    amax = tl.max(amax_v, 0)
     nans = zero
     pinf = zero
     ninf = zero
-    for it in range(ITERS):
-        b0 = start + it * BLOCK
-        if b0 < end:
-            idx = b0 + tl.arange(0, BLOCK).to(tl.int64)
-            m = idx < end
-            if contig != 0:
-                addr = idx
-            else:
-                r = idx // d2
-                addr = (r // d1) * s0 + (r % d1) * s1 + (idx % d2) * s2
-            v = tl.load(x_ptr + delta + addr, mask=m, other=0.0).to(tl.float32)
+    if (tl.sum(bad_v, 0) > 0) | ((amax < POW4_TINY) & (amax > 0)):
+        # rare: a non-finite value, or powers that float32 would overflow or flush: the chunk
+        # again, in float64, with NaN-aware min/max and the non-finite counts
+        q1 = tl.zeros([], tl.float64)
+        q2 = tl.zeros([], tl.float64)
+        q3 = tl.zeros([], tl.float64)
+        q4 = tl.zeros([], tl.float64)
+        qa = tl.zeros([], tl.float64)
+        mn = tl.full([], float("inf"), tl.float32)
+        mx = tl.full([], float("-inf"), tl.float32)
+        for b in range(0, nblk):
+            j = b * BLOCK + lane
+            m = j < cnt
+            v = _load(x_ptr, delta, start, j, m, contig, d1, d2, s0, s1, s2, CONTIG)
             a = tl.abs(v)
-            isnan = v != v
             big = a > 3.4028234663852886e38  # +-inf
-            near += tl.sum(((a < eps) & m).to(tl.int64), 0)
-            zeros += tl.sum(((v == 0.0) & m).to(tl.int64), 0)
-            bnan = tl.sum((isnan & m).to(tl.int64), 0)
-            nans += bnan
-            bpinf = tl.sum((big & (v > 0) & m).to(tl.int64), 0)
-            bninf = tl.sum((big & (v < 0) & m).to(tl.int64), 0)
-            pinf += bpinf
-            ninf += bninf
+            nans += tl.sum((v != v).to(tl.int64), 0)
+            pinf += tl.sum((big & (v > 0)).to(tl.int64), 0)
+            ninf += tl.sum((big & (v < 0)).to(tl.int64), 0)
             ok = m & (v == v)
             mn = tl.minimum(mn, tl.min(tl.where(ok, v, float("inf")), 0))
             mx = tl.maximum(mx, tl.max(tl.where(ok, v, float("-inf")), 0))
-            amax = tl.max(tl.where(ok & (a <= 3.4028234663852886e38), a, 0.0), 0)
-            if (bnan + bpinf + bninf > 0) | (amax > POW4_SAFE) | ((amax < POW4_TINY) & (amax > 0)):
-                dd = v.to(tl.float64)
-                dd2 = dd * dd
-                q1 += tl.sum(dd, 0)
-                q2 += tl.sum(dd2, 0)
-                q3 += tl.sum(dd2 * dd, 0)
-                q4 += tl.sum(dd2 * dd2, 0)
-                qa += tl.sum(tl.abs(dd), 0)
-            else:
-                nb = tl.minimum(end - b0, BLOCK)
-                c = tl.sum(v, 0) / nb.to(tl.float32)
-                y = tl.where(m, v - c, 0.0)
-                y2 = y * y
-                p1 = tl.sum(y, 0).to(tl.float64)
-                p2 = tl.sum(y2, 0).to(tl.float64)
-                p3 = tl.sum(y2 * y, 0).to(tl.float64)
-                p4 = tl.sum(y2 * y2, 0).to(tl.float64)
-                cd = c.to(tl.float64)
-                nbd = nb.to(tl.float64)
-                cd2 = cd * cd
-                q1 += p1 + nbd * cd
-                q2 += p2 + 2 * cd * p1 + nbd * cd2
-                q3 += p3 + 3 * cd * p2 + 3 * cd2 * p1 + nbd * cd2 * cd
-                q4 += p4 + 4 * cd * p3 + 6 * cd2 * p2 + 4 * cd2 * cd * p1 + nbd * cd2 * cd2
-                qa += tl.sum(a, 0).to(tl.float64)
+            dd = v.to(tl.float64)
+            dd2 = dd * dd
+            q1 += tl.sum(dd, 0)
+            q2 += tl.sum(dd2, 0)
+            q3 += tl.sum(dd2 * dd, 0)
+            q4 += tl.sum(dd2 * dd2, 0)
+            qa += tl.sum(tl.abs(dd), 0)
+    else:
+        # sums of powers of x - c turned into sums of powers of x (exact algebra, in float64)
+        cd = c.to(tl.float64)
+        nd = cnt.to(tl.float64)
+        cd2 = cd * cd
+        q1 = p1 + nd * cd
+        q2 = p2 + 2 * cd * p1 + nd * cd2
+        q3 = p3 + 3 * cd * p2 + 3 * cd2 * p1 + nd * cd2 * cd
+        q4 = p4 + 4 * cd * p3 + 6 * cd2 * p2 + 4 * cd2 * cd * p1 + nd * cd2 * cd2
+        qa = pa
+        mn = tl.min(mn_v, 0)
+        mx = tl.max(mx_v, 0)
     out = part_ptr + pslot * NP
     tl.store(out, q1)
     tl.store(out + 1, q2)
@@ -224,7 +280,9 @@ def _stats_kernel(x_ptr, tab_ptr, part_ptr, hist_ptr, bins_ptr, desc_at,
         j = jb + tl.arange(0, HBLOCK).to(tl.int64)
         mj = j < j_hi
         pos = off + j * step
-        if contig != 0:
+        if CONTIG:
+            addr = pos
+        elif contig != 0:
             addr = pos
         else:
             r = pos // d2
@@ -503,7 +561,7 @@ class Rows:
 
     def _launch_stats(self, group: list[tuple[int, Item, tuple]]) -> None:
         ws = self.ws
-        consts = dict(BLOCK=BLOCK, ITERS=ITERS, HBLOCK=HBLOCK, SHIFT=ws.shift, NCODES=ws.ncodes, HW=HW, NP=NP, TW=TW)
+        consts = dict(BLOCK=BLOCK, ITERS=ITERS, FLUSH=FLUSH, HBLOCK=HBLOCK, SHIFT=ws.shift, NCODES=ws.ncodes, HW=HW, NP=NP, TW=TW)
         group = [g for g in group if g[1].n]
         if not group:
             return
@@ -514,7 +572,7 @@ class Rows:
             x = it.x if it.offset == 0 else it.x.reshape(-1)[it.offset:]  # a view: no copy
             _launch(_stats_kernel, (row[1],), x, ws.code_bins, ws.part.buf, ws.hist.buf, ws.code_bins, 0,
                     it.n, d1, d2, s0, s1, s2, int(contig), off, step, k, row[0], row[2], self.eps, SINGLE=True,
-                    **consts)
+                    CONTIG=bool(contig), **consts)
             return
         anchor = min(group, key=lambda g: g[1].x.data_ptr() + g[1].offset * g[1].x.element_size())[1]
         esize = anchor.x.element_size()
@@ -535,7 +593,8 @@ class Rows:
         self._keep.append(tab)
         x = anchor.x if anchor.offset == 0 else anchor.x.reshape(-1)[anchor.offset:]
         _launch(_stats_kernel, (len(chunks) // 2,), x, tab, ws.part.buf, ws.hist.buf, ws.code_bins, len(chunks),
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, self.eps, SINGLE=False, **consts)
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, self.eps, SINGLE=False,
+                CONTIG=all(shape[5] for _, _, shape in group), **consts)
 
     def _launch_units(self, it: Item, shape) -> None:
         d1, d2, s0, s1, s2, contig = shape

@@ -34,6 +34,19 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 interpreter_only = pytest.mark.skipif(DEV.type == "cuda", reason="launches on CPU tensors: Triton's interpreter")
 
 
+@pytest.fixture(params=["as-compiled", "gpu-shaped"])
+def shapes(request, monkeypatch):
+    """The launch shapes: the module's own (the interpreter's one block per chunk, or a GPU's), or on
+    the interpreter a small GPU-like shape: several blocks per chunk, flush windows that do not divide
+    the chunk, partial blocks, several chunks per tensor."""
+    if request.param == "gpu-shaped":
+        if DEV.type == "cuda":
+            pytest.skip("a GPU runs its own shapes")
+        for name, value in {"BLOCK": 64, "ITERS": 8, "FLUSH": 3, "CHUNK": 512}.items():
+            monkeypatch.setattr(de, name, value)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def fresh_engines():
     engines.reset()
@@ -52,25 +65,30 @@ def engine_rows(xs, k=65535, units=None, seeds=None):
 
 
 def bound(col: str, x: torch.Tensor) -> float:
-    """The engine's error bound for ``col`` (see probes/device_engine.py): per block b of BLOCK
-    elements, float32 sums of (x - c_b)^p, c_b the block's mean, turned into sums of x^p in
-    float64: (p + log2(BLOCK) + 3) u sum (|c_b| + |x - c_b|)^p, plus float64 rounding."""
+    """The engine's error bound for ``col`` (see probes/device_engine.py): per chunk of CHUNK elements,
+    float32 sums of (x - c)^p, c the mean of the chunk's first BLOCK finite elements, each lane adding
+    FLUSH blocks before a block-wide sum folds them into float64:
+    (p + FLUSH + 2 log2(BLOCK) + 3) u sum (|c| + |x - c|)^p, plus float64 rounding."""
     a = x.detach().float().double().reshape(-1).numpy()
     if not a.size:
         return 0.0
     p = POWERS[col]
-    log2b = math.log2(de.BLOCK)
+    steps = p + de.FLUSH + 2 * math.log2(de.BLOCK) + 3
     if col == "abssum":
-        return (log2b + 2) * U * np.abs(a).sum() + 1e-300
-    pad = -a.size % de.BLOCK
-    blocks = np.concatenate([a, np.full(pad, np.nan)]).reshape(-1, de.BLOCK)
-    c = np.nanmean(blocks, 1, keepdims=True)
-    term = np.nansum((np.abs(c) + np.abs(blocks - c)) ** p)
-    return (p + log2b + 3) * U * term + 1e-12 * (np.abs(a) ** p).sum() + 1e-300
+        return steps * U * np.abs(a).sum() + 1e-300
+    term = 0.0
+    for at in range(0, a.size, de.CHUNK):
+        chunk, first = a[at : at + de.CHUNK], a[at : at + de.BLOCK]
+        finite = first[np.isfinite(first)]
+        c = np.float32(finite.mean()) if finite.size else 0.0
+        term += ((abs(c) + np.abs(chunk - c)) ** p).sum()
+    return steps * U * term + 1e-12 * (np.abs(a) ** p).sum() + 1e-300
 
 
 @pytest.mark.parametrize("name", sorted(TENSORS))
-def test_rows_equal_numpy(name):
+def test_rows_equal_numpy(name, shapes):
+    if shapes == "gpu-shaped" and name == "large":
+        pytest.skip("thousands of 512-element chunks: minutes in the interpreter")
     x = TENSORS[name]
     rows, hists, plans = engine_rows([x])
     want = numpy_row(x)
@@ -88,7 +106,7 @@ def test_rows_equal_numpy(name):
     assert math.isnan(rows[0, red.COL["dead_units"]])
 
 
-def test_many_tensors_in_one_launch_equal_each_alone():
+def test_many_tensors_in_one_launch_equal_each_alone(shapes):
     xs = [TENSORS[n] for n in sorted(TENSORS) if n != "large"]
     together, hists, _ = engine_rows(xs, k=1000)
     for i, x in enumerate(xs):
@@ -116,7 +134,7 @@ def test_histograms_identical_across_engines(name, monkeypatch, cpu_kernel_lib):
     assert got["device"][1][:, -1].sum() == 0 or name != "nonfinite"  # the non-finite bin is never reported
 
 
-def test_non_contiguous_views_are_read_in_place_and_dead_units_match_torch():
+def test_non_contiguous_views_are_read_in_place_and_dead_units_match_torch(shapes):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, 16, 24, generator=g)
     x[..., :5] = 0.01  # five units never top eps
