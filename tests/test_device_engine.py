@@ -460,3 +460,30 @@ def test_a_sampled_step_on_cuda_makes_no_host_sync(monkeypatch):
     finally:
         xr.close()
     assert syncs == []  # every=1: the step was sampled
+
+
+def test_every_launch_compiles_for_a_hopper_gpu_without_spills():
+    """Triton's interpreter runs code its compiler refuses: compile each launch the engine makes for
+    sm_90 here (tests/compile_sm90.py), and read its registers and local memory from the cubin."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.access(os.path.join(bin_dir, "ptxas"), os.X_OK):
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "compile_sm90.py")
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    launches = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [x for x in launches if "error" in x] == []
+    assert {x["kernel"] for x in launches} == {"_stats_kernel", "_units_kernel", "_finalize_kernel", "_gather_kernel"}
+    stats = {(x["SINGLE"], x["CONTIG"], x["x"]): x for x in launches if x["kernel"] == "_stats_kernel"}
+    assert len(stats) == 16  # one or many tensors, contiguous or strided, four dtypes
+    assert all(x["local"] == 0 for x in launches), [x for x in launches if x["local"]]  # nothing spilled
+    # the launch that reads a step's activations, one each: its registers set how many warps an SM
+    # keeps in flight (65,536 registers / (128 threads x this)), and so the bandwidth
+    assert max(x["registers"] for k, x in stats.items() if k[0] and k[1]) <= 96
