@@ -297,24 +297,26 @@ def _stats_kernel(x_ptr, tab_ptr, part_ptr, hist_ptr, bins_ptr, desc_at,
 
 @triton.jit(do_not_specialize=["n", "d1", "d2", "s0", "s1", "s2", "contig", "cols", "rows", "uoff"])
 def _units_kernel(x_ptr, alive_ptr, n, d1, d2, s0, s1, s2, contig, cols, rows, uoff, eps,
-                  RB: tl.constexpr, CB: tl.constexpr, RITERS: tl.constexpr):
+                  RB: tl.constexpr, CB: tl.constexpr, RITERS: tl.constexpr, CONTIG: tl.constexpr):
     pr = tl.program_id(0).to(tl.int64)
     pc = tl.program_id(1).to(tl.int64)
     c = pc * CB + tl.arange(0, CB).to(tl.int64)
     mc = c < cols
-    acc = tl.zeros([CB], tl.int32)
+    seen = tl.zeros([RB, CB], tl.int32)  # reduced over rows once, after the loop
     for it in range(RITERS):
         r = pr * (RB * RITERS) + it * RB + tl.arange(0, RB).to(tl.int64)
         m = (r < rows)[:, None] & mc[None, :]
         idx = r[:, None] * cols + c[None, :]
-        if contig != 0:
+        if CONTIG:
+            addr = idx
+        elif contig != 0:
             addr = idx
         else:
             q = idx // d2
             addr = (q // d1) * s0 + (q % d1) * s1 + (idx % d2) * s2
         v = tl.load(x_ptr + addr, mask=m, other=0.0).to(tl.float32)
-        alive = (tl.abs(v) > eps) & m  # a NaN tops nothing
-        acc = tl.maximum(acc, tl.max(alive.to(tl.int32), 0))
+        seen = tl.maximum(seen, ((tl.abs(v) > eps) & m).to(tl.int32))  # a NaN tops nothing
+    acc = tl.max(seen, 0)
     tl.atomic_max(alive_ptr + uoff + c, acc, mask=mc & (acc > 0))
 
 
@@ -604,7 +606,7 @@ class Rows:
         grid = (-(-rows // (rb * ri)), -(-cols // cb))
         uoff = self.table[it.row][3]
         _launch(_units_kernel, grid, it.x, self.ws.alive.buf, it.n, d1, d2, s0, s1, s2, int(contig), cols, rows,
-                uoff, self.eps, RB=rb, CB=cb, RITERS=ri)
+                uoff, self.eps, RB=rb, CB=cb, RITERS=ri, CONTIG=bool(contig))
 
     def finalize(self) -> torch.Tensor:
         """All rows ``[n, NCOL + NUM_BINS]`` (float64, on the device): one launch, and the extra columns
