@@ -24,4 +24,6 @@ cat "$OUT/machine.txt"
 # the compiled kernels against numpy (the subnormal case says whether the GPU flushes them)
 timeout "${TEST_S:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_device_engine.py -m "not slow" 2>&1 \
     | tee "$OUT/tests.txt"
-timeout "${BENCH_S:-360}" python3 bench/gpu.py --rounds "${ROUNDS:-4}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.txt"
+# sized for a 15-minute lease: ~2.5 minutes on an H200 (the machine's start and the tests besides)
+timeout "${BENCH_S:-360}" python3 bench/gpu.py --rounds "${ROUNDS:-3}" \
+    ${BENCH_ARGS:---block 20 --configs baseline,probe/10,probe/1,tensorboard/10,histc/10 --profile 6} 2>&1 | tee "$OUT/gpu_bench.txt"
