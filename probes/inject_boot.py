@@ -68,18 +68,16 @@ def _import_inject(req, sys):
 
     target = "%d.%d" % sys.version_info[:2]
     how = f"{sys.executable} -m pip install xray-tui (its environment, Python {target})"
-    try:
-        import torch  # noqa: F401 - the probe needs the target's own torch
-    except ImportError:
-        raise _Refused(f"the target cannot import torch; the probe watches PyTorch runs only") from None
+    if "torch" not in sys.modules:  # looked up, not imported: loading torch into a process is no small change
+        raise _Refused("the target has not imported torch: nothing for the probe to watch")
     try:
         from probes import inject
         return inject
     except ImportError:
         pass
-    if "probes" in sys.modules:  # an older xray-tui (or another package called probes) is loaded
+    if "probes" in sys.modules:  # an older xray-tui (or another package called probes) is installed there
         where = getattr(sys.modules["probes"], "__file__", "?")
-        raise _Refused(f"the target already imported a 'probes' without attach support ({where}): "
+        raise _Refused(f"the target's 'probes' ({where}) has no attach support: "
                        f"upgrade it with {how.replace('install', 'install -U', 1)}")
     if req.get("python") != target:
         raise _Refused(f"the target (Python {target}) cannot import xray-tui, and this viewer's copy is for "

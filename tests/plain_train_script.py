@@ -1,12 +1,13 @@
 """A plain training script that never imports the probe (the tests of `xray-tui attach --pid`).
 
-Usage: python plain_train_script.py [--steps N] [--until FILE] [--sleep SECONDS]
+Usage: python plain_train_script.py [--steps N] [--until FILE] [--sleep SECONDS] [--hide-xray]
 Seeded and single-threaded, so two runs print the same losses. Prints
 "ready" after the first step, "loss STEP VALUE" (repr) after each, and at
 the end "report {json}": what a probe could have left behind (thread names,
 hooks on the model and optimizer, sys.excepthook, the SIGTERM handler,
 sys.path entries of the injector). ``--until FILE`` trains until FILE exists
-(``--steps`` caps it).
+(``--steps`` caps it). ``--hide-xray`` makes xray-tui unimportable here (as in
+an environment it is not installed in), so the injector must lend its own.
 """
 
 import argparse
@@ -24,7 +25,11 @@ p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=2000)
 p.add_argument("--until", default=None)
 p.add_argument("--sleep", type=float, default=0.0)
+p.add_argument("--hide-xray", action="store_true")
 args = p.parse_args()
+if args.hide_xray:
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]  # an editable install's finder
+    sys.path[:] = [d for d in sys.path if not os.path.isdir(os.path.join(d or ".", "probes"))]
 
 torch.set_num_threads(1)
 torch.manual_seed(0)

@@ -47,9 +47,9 @@ def one_line_error(done, *words, notices=0):
 class Proc:
     """A target process, killed at the end; ``wait_for(text)`` reads its stdout up to a line."""
 
-    def __init__(self, cmd, **kw):
+    def __init__(self, cmd, env=None, cwd_tmp=None):
         self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=kw.pop("env", env()), cwd=REPO, **kw)
+                                  env=env or globals()["env"](), cwd=cwd_tmp or REPO)
         self.lines = []
 
     def wait_for(self, text, timeout=30):
@@ -233,3 +233,56 @@ def test_ptrace_refused_names_the_setting_and_the_capability(tmp_path, monkeypat
     why = inject_cli.classify_debugger_output(123, "gdb", 1, gdb_said)
     assert "kernel.yama.ptrace_scope" in why and "CAP_SYS_PTRACE" in why
     assert inject_cli.classify_debugger_output(123, "gdb", 0, '$2 = "XRAY-TUI: SCHEDULED"') is None
+
+
+def test_headless_attach_with_the_viewers_own_package(traceable, tmp_path):
+    """A target whose environment lacks xray-tui gets this viewer's package directories (same Python);
+    `attach --pid --headless` then watches the run to its end as `attach --headless` does."""
+    stop = tmp_path / "stop"
+    target = Proc([sys.executable, SCRIPT, "--until", str(stop), "--sleep", "0.02", "--hide-xray"],
+                  env={k: v for k, v in env().items() if k != "PYTHONPATH"}, cwd_tmp=tmp_path)
+    watcher = None
+    try:
+        target.wait_for("ready")
+        watcher = subprocess.Popen([sys.executable, "-m", "tui.cli", "attach", "--pid", str(target.p.pid),
+                                    "--headless", "--quiet", "--every", "2", "--timeout", "20"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO)
+        deadline = time.monotonic() + 30
+        while not xray("ls", "--json").stdout and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.3)
+        stop.touch()
+        out, err = watcher.communicate(timeout=30)
+        target.finish()
+    finally:
+        target.kill()
+        if watcher and watcher.poll() is None:
+            watcher.kill()
+    assert watcher.returncode == 0, err
+    assert "loaded the probe into pid" in err and "finished" in out, (out, err)
+    report = json.loads(next(ln for ln in target.lines if ln.startswith("report "))[7:])
+    assert report["injected_paths"], report  # the viewer's package, lent while the probe is attached
+
+
+def test_choosing_what_to_watch(monkeypatch):
+    """The optimizer's root module (the largest when several hold its parameters); several optimizers
+    or none are one-line errors that list what was found."""
+    import torch
+    from torch import nn
+
+    from probes import inject
+
+    small = nn.Linear(2, 2)
+    big = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    shared = nn.Sequential(big[0])  # another root holding part of the same parameters
+    other = nn.Linear(3, 3)
+    opt = torch.optim.SGD(big.parameters(), lr=0.1)
+    live = {nn.Module: [small, big, big[0], big[1], shared, other], torch.optim.Optimizer: [opt]}
+    monkeypatch.setattr(inject, "_live", lambda kind: live[kind])
+    assert inject._choose(None, None) == (big, opt)
+    live[torch.optim.Optimizer].append(torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(inject.InjectError, match="2 optimizers found .* --optimizer EXPR"):
+        inject._choose(None, None)
+    live[torch.optim.Optimizer].clear()
+    with pytest.raises(inject.InjectError, match=r"no optimizer .*found: 0 optimizer\(s\); a Linear"):
+        inject._choose(None, None)

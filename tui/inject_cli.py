@@ -447,6 +447,8 @@ def cmd_attach_pid(args, watch) -> int:
         _say(f"watch it with `xray-tui attach {run}`; remove it with `xray-tui detach {args.pid}`")
         return 0
     args.run, args.pid = run, None
+    for _, dest in PID_OPTIONS:  # done with: the watch that follows is a plain `attach RUN`
+        setattr(args, dest, None)
     return watch(args)
 
 
