@@ -226,17 +226,18 @@ def schedule(target: Target, code: Path | str, timeout: float = DEBUGGER_TIMEOUT
     """Queue the stub in the target's main thread, or InjectFailed."""
     code_text = stub(Path(code)) if isinstance(code, Path) else code
     mine = "%d.%d" % sys.version_info[:2]
+    why = ptrace_refusal(target.pid)  # sys.remote_exec writes into the target with the same right
+    if why:
+        raise InjectFailed(why)
     if sys.version_info >= (3, 14) and target.python == mine:
-        script = rundir.ensure_run_dir() / f"inject-{target.pid}-{secrets.token_hex(4)}.py"
+        script = Path(code).with_suffix(".py") if isinstance(code, Path) else \
+            rundir.ensure_run_dir() / f"inject-{target.pid}-{secrets.token_hex(6)}.py"
         script.write_text(code_text)
         try:
             sys.remote_exec(target.pid, str(script))  # runs at the next safe point, as a pending call does
         except (OSError, RuntimeError) as exc:
             raise InjectFailed(f"sys.remote_exec into pid {target.pid} failed: {exc}") from None
-        return  # the script file is removed with the request, after the status came
-    why = ptrace_refusal(target.pid)
-    if why:
-        raise InjectFailed(why)
+        return  # the script is removed once the loader ran (before, the target may still open it)
     debugger = find_debugger()
     cmd = debugger_command(debugger, target.pid, code_text)
     try:
@@ -301,14 +302,15 @@ def request(pid: int, action: str, options: dict | None = None, timeout: float =
         schedule(target, req_path)
         return _wait(pid, req_path, status_path, timeout, say)
     finally:
+        ran = status_path.exists()
         for p in (req_path, status_path, status_path.with_suffix(".status.tmp")):
             try:
                 p.unlink()
             except OSError:
                 pass
-        for p in d.glob(f"inject-{pid}-*.py"):  # sys.remote_exec's script
+        if ran:  # sys.remote_exec's script, read by now; a withdrawn one stays for the call still queued
             try:
-                p.unlink()
+                req_path.with_suffix(".py").unlink()
             except OSError:
                 pass
 
