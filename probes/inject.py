@@ -65,6 +65,11 @@ def detach() -> dict:
     global _probe
     probe, _probe = _probe, None
     if probe is None or probe._closed:
+        from . import lifecycle
+
+        if lifecycle._open:  # the script's own: its code holds it, so it is not ours to take away
+            raise InjectError(f"the probe here (run {lifecycle._open[0].run}) was attached by the script "
+                              "itself; detach removes only a probe that attach --pid loaded")
         raise InjectError("no probe injected by xray-tui is attached in this process")
     probe.note("detached", by="xray-tui detach")
     probe.close("stopped")
