@@ -15,6 +15,10 @@ import contextlib
 import gc
 import os
 import sys
+from pathlib import Path
+
+#: the loader the stub executes in the target (see :mod:`probes.inject_boot`)
+BOOT = Path(__file__).resolve().parent / "inject_boot.py"
 
 #: the probe this module attached (one per process), and the sys.path entries the loader added
 _probe = None
@@ -23,6 +27,18 @@ _added_paths: list[str] = []
 
 class InjectError(Exception):
     """A one-line reason the request could not be done; the injector prints it."""
+
+
+def stub(request: Path) -> str:
+    """The Python line the injector has the target run: execute the loader with the request, never raise.
+
+    Here, with the rest of the target-side code: the viewer only sends it. It
+    runs with a fresh globals dict, so nothing lands in the target's ``__main__``;
+    any exception is swallowed, since one escaping a pending call would
+    surface in the training loop."""
+    globs = {"__name__": "__xray_tui_boot__", "REQUEST": str(request)}
+    return (f"try:exec(compile(open({str(BOOT)!r}).read(),{str(BOOT)!r},'exec'),{globs!r})\n"
+            "except BaseException:pass\n")
 
 
 def note_added_paths(paths: list[str]) -> None:

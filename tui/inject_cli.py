@@ -29,6 +29,7 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probes import rundir
+from probes.inject import stub
 
-BOOT = Path(__file__).resolve().parent.parent / "probes" / "inject_boot.py"
 #: how long after scheduling we say that the target is busy in C (seconds)
 BUSY_NOTICE = 2.0
 #: the longest a debugger may take to attach and queue the call (seconds)
@@ -169,15 +170,6 @@ def find_debugger() -> str:
 # -- scheduling the stub ----------------------------------------------------
 
 
-def stub(request: Path) -> str:
-    """The Python line the target runs: execute the loader with the request, never raise.
-
-    Executed with a fresh globals dict, so nothing lands in the target's ``__main__``."""
-    globs = {"__name__": "__xray_tui_boot__", "REQUEST": str(request)}
-    return (f"try:exec(compile(open({str(BOOT)!r}).read(),{str(BOOT)!r},'exec'),{globs!r})\n"
-            "except BaseException:pass\n")
-
-
 def _c_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
@@ -247,7 +239,7 @@ def schedule(target: Target, code: Path | str, timeout: float = DEBUGGER_TIMEOUT
     if debugger == "lldb":
         # lldb has been seen to leave a process stopped after a batch session (memray's note)
         try:
-            os.kill(target.pid, 18)  # SIGCONT: ignored by a process that is running
+            os.kill(target.pid, signal.SIGCONT)  # ignored by a process that is running
         except OSError:
             pass
     why = classify_debugger_output(target.pid, debugger, done.returncode, done.stdout + done.stderr)
