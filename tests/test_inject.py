@@ -193,6 +193,20 @@ def test_nothing_to_watch_lists_what_was_found(traceable):
         one_line_error(done, "no optimizer", "layer (Linear, 6 parameters)", "--model EXPR --optimizer EXPR")
         bad = xray("attach", "--pid", str(target.p.pid), "--model", "nothing_here", "--timeout", "20")
         one_line_error(bad, "--model 'nothing_here'", "NameError")
+        named = xray("attach", "--pid", str(target.p.pid), "--model", "layer", "--timeout", "20")
+        one_line_error(named, "no optimizer training --model's parameters")
+    finally:
+        target.kill()
+
+
+def test_a_process_without_torch_is_refused(traceable):
+    target = Proc([sys.executable, "-c", SLEEPER])
+    try:
+        target.wait_for("ready")
+        one_line_error(xray("attach", "--pid", str(target.p.pid), "--timeout", "20"), "has not imported torch")
+        target.p.send_signal(signal.SIGINT)
+        err = target.finish()
+        assert "KeyboardInterrupt" in err and "xray" not in err  # its own interrupt; nothing of ours printed
     finally:
         target.kill()
 
