@@ -300,3 +300,23 @@ def test_choosing_what_to_watch(monkeypatch):
     live[torch.optim.Optimizer].clear()
     with pytest.raises(inject.InjectError, match=r"no optimizer .*found: 0 optimizer\(s\); a Linear"):
         inject._choose(None, None)
+
+
+@pytest.mark.slow  # lldb reads every library's symbols (torch's too): 8-15 s to attach here, against gdb's 0.5
+@pytest.mark.skipif(shutil.which("lldb") is None, reason="lldb is not installed (apt-get install lldb)")
+def test_lldb_loads_the_probe_where_it_is_the_debugger(traceable, monkeypatch, tmp_path):
+    """The lldb commands queue the same pending call (here with gdb present too, lldb is forced)."""
+    stop = tmp_path / "stop"
+    target = Proc([sys.executable, SCRIPT, "--until", str(stop), "--sleep", "0.02"])
+    try:
+        target.wait_for("ready")
+        monkeypatch.setattr(inject_cli, "find_debugger", lambda: "lldb")
+        status = inject_cli.request(target.p.pid, "attach", {"name": "by-lldb"}, timeout=20, say=lambda _: None)
+        assert status["state"] == "done" and status["run"] == "by-lldb"
+        assert inject_cli.request(target.p.pid, "detach", {}, timeout=20, say=lambda _: None)["detached"]
+        stop.touch()
+        target.finish()
+    finally:
+        target.kill()
+    report = json.loads(next(ln for ln in target.lines if ln.startswith("report "))[7:])
+    assert report["threads"] == ["MainThread"] and report["hooks"] == 0

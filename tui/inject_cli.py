@@ -181,18 +181,21 @@ def debugger_command(debugger: str, pid: int, code: str) -> list[str]:
     megabytes), as memray does. The string is strdup'ed into the target and
     stays there (a few hundred bytes), since the call runs after we left."""
     s = _c_string(code)
-    add = "((int (*)(void *, void *))Py_AddPendingCall)((void *)&PyRun_SimpleString, (void *)$xr_s)"
+    # the function's address in a variable of its own first: lldb cannot take it inside the call's arguments
+    func = "set $xr_f = (void *)&PyRun_SimpleString" if debugger == "gdb" else \
+        "expr void *$xr_f = (void *)&PyRun_SimpleString"
+    add = "((int (*)(void *, void *))Py_AddPendingCall)($xr_f, (void *)$xr_s)"
     done = 'p $xr_r == 0 ? "XRAY-TUI: SCHEDULED" : "XRAY-TUI: QUEUE-FULL"'
     if debugger == "gdb":
         return ["gdb", "-batch", "-nx", "-nw", "-p", str(pid), "-iex", "set auto-solib-add off",
                 "-ex", "set unwindonsignal on", "-ex", "sharedlibrary libc", "-ex", "sharedlibrary libpython",
                 "-ex", 'p "XRAY-TUI: ATTACHED"',
                 "-ex", f"set $xr_s = ((char *(*)(const char *))strdup)({s})",
-                "-ex", f"set $xr_r = {add}", "-ex", done]
+                "-ex", func, "-ex", f"set $xr_r = {add}", "-ex", done]
     return ["lldb", "--batch", "--no-lldbinit", "-p", str(pid),
             "-o", 'p "XRAY-TUI: ATTACHED"',
             "-o", f"expr void *$xr_s = ((char *(*)(const char *))strdup)({s})",
-            "-o", f"expr int $xr_r = {add}", "-o", done]
+            "-o", func, "-o", f"expr int $xr_r = {add}", "-o", done]
 
 
 def classify_debugger_output(pid: int, debugger: str, rc: int, output: str) -> str | None:
@@ -207,7 +210,8 @@ def classify_debugger_output(pid: int, debugger: str, rc: int, output: str) -> s
             and "XRAY-TUI: ATTACHED" not in output:
         return (f"ptrace of pid {pid} refused: check kernel.yama.ptrace_scope (0 allows tracing your own "
                 "processes) and that xray-tui has CAP_SYS_PTRACE (inside a container: --cap-add=SYS_PTRACE)")
-    if "Py_AddPendingCall" in output or "PyRun_SimpleString" in output:
+    # the debuggers echo the commands, so only their own "unknown symbol" errors say that it is not CPython
+    if re.search(r"No symbol \"Py\w+\" in current context|undeclared identifier '_*Py\w+'", output):
         return (f"pid {pid}: {debugger} found no CPython runtime to call (Py_AddPendingCall); "
                 "not a CPython process, or its symbols are stripped")
     last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), f"exit status {rc}")
