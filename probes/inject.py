@@ -89,6 +89,11 @@ def detach() -> dict:
         raise InjectError("no probe injected by xray-tui is attached in this process")
     probe.note("detached", by="xray-tui detach")
     probe.close("stopped")
+    from . import cpu_kernel
+
+    builder = cpu_kernel._builder
+    if builder is not None and builder.is_alive():  # the one-off build of the C kernel (a compiler run)
+        builder.join(10.0)  # seconds at most, and only on a detach right after the first attach
     for p in _added_paths:
         with contextlib.suppress(ValueError):
             sys.path.remove(p)
