@@ -153,11 +153,20 @@ def test_no_such_pid():
 
 def test_not_a_python_process():
     sleeper = subprocess.Popen(["sleep", "30"])
+    shell = subprocess.Popen(["sh", "-c", f"'{sys.executable}' -c 'import time; time.sleep(30)'; true"])
     try:
         one_line_error(xray("attach", "--pid", str(sleeper.pid)), "not a Python process", "sleep")
+        deadline = time.monotonic() + 10
+        while not inject_cli._python_children(shell.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = inject_cli._python_children(shell.pid)[0]
+        one_line_error(xray("attach", "--pid", str(shell.pid)), "not a Python process", f"Python child: {child}")
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        for kid in inject_cli._python_children(shell.pid):  # before the shell goes, while still its children
+            os.kill(kid, signal.SIGKILL)
+        for p in (sleeper, shell):
+            p.kill()
+            p.wait()
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="starting another user's process needs root")

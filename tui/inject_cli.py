@@ -85,8 +85,25 @@ def check_target(pid: int) -> Target:
         raise InjectFailed(f"cannot read /proc/{pid}: {exc.strerror or exc}") from None
     python = _python_version(exe, maps)
     if python is None:
-        raise InjectFailed(f"pid {pid} is not a Python process ({exe.removesuffix(' (deleted)')})")
+        kids = _python_children(pid)
+        hint = f"; its Python child{'ren' if len(kids) > 1 else ''}: {', '.join(map(str, kids[:5]))}" if kids else ""
+        raise InjectFailed(f"pid {pid} is not a Python process ({exe.removesuffix(' (deleted)')}){hint}")
     return Target(pid, exe.removesuffix(" (deleted)"), python)
+
+
+def _python_children(pid: int) -> list[int]:
+    """Python processes started by ``pid`` (a shell or launcher given instead of the trainer)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and re.match(r"python", os.path.basename(os.readlink(entry / "exe"))):
+                kids.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(kids)
 
 
 def _user(uid: int) -> str:
