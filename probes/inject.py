@@ -73,6 +73,9 @@ def attach(req: dict) -> dict:
             _probe = probes.attach(model, optimizer, **kwargs)
         except ValueError as exc:
             raise InjectError(str(exc)) from None
+        except ImportError as exc:  # numpy, which torch itself can do without
+            raise InjectError(f"the target cannot import {exc.name or exc}: {sys.executable} -m pip install "
+                              f"{exc.name or 'xray-tui'} (its environment)") from None
     return {"run": _probe.run, "model": _describe(model), "optimizer": _describe(optimizer)}
 
 

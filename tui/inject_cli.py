@@ -54,7 +54,7 @@ class InjectFailed(Exception):
 class Target:
     pid: int
     exe: str
-    python: str | None  # "3.11", when it could be told
+    python: str  # "3.11"; "" for a Python whose version could not be told
 
 
 # -- checks -----------------------------------------------------------------
@@ -62,6 +62,8 @@ class Target:
 
 def check_target(pid: int) -> Target:
     """The target process, or InjectFailed saying why it cannot be injected."""
+    if not os.path.isdir("/proc/self"):
+        raise InjectFailed("attach --pid works on Linux only (it reads /proc, which this system lacks)")
     if pid <= 0:
         raise InjectFailed(f"no such process: {pid}")
     try:
