@@ -50,6 +50,9 @@ def _boot(request_path):
     except _Refused as exc:
         say(state="error", error=str(exc))
         return
+    except BaseException as exc:  # noqa: BLE001 - e.g. a broken install: told, not raised
+        say(state="error", error=f"{type(exc).__name__} while importing xray-tui: {exc}")
+        return
     try:
         say(state="done", **inject.handle(req))
     except inject.InjectError as exc:
