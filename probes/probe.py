@@ -1014,6 +1014,10 @@ class XRay:
         lifecycle.unregister(self)
         for h in self._handles:
             h.remove()
+        if self.spectral is not None:
+            # its optimizer hooks removed here, in the training thread, and its thread joined: left to
+            # the thread, they went up to a poll later, and a removal racing opt.step could break it
+            self.spectral.close()
         if self._hooked and self.scaler is not None:
             self.scaler.__dict__.pop("update", None)  # the class's own update again
         step, rank = self.step_index, self.rank

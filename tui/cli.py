@@ -1,4 +1,4 @@
-"""The `xray-tui` command: demo, attach, ls, replay, export.
+"""The `xray-tui` command: demo, attach, ls, replay, export, detach.
 
 Exit status: 0 when the watched run finished or was stopped by
 ``on_alert="stop"`` (or the command did its job); 1 when it crashed, was
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from probes import rundir, wire
 
-from . import feed
+from . import feed, inject_cli
 from .headless import AlertPrinter, RunWatch
 
 EXIT_OK, EXIT_DISCONNECTED, EXIT_USAGE, EXIT_ALERT = 0, 1, 2, 3
@@ -265,8 +265,12 @@ def cmd_attach(args) -> int:
     The app follows the run by name: it keeps the last data when the run ends
     or disconnects and re-attaches when a run of that name is live again;
     with no name and several live runs it asks which (tui.reattach, tui.chooser).
+    ``--pid`` first loads the probe into a process started without it (tui.inject_cli).
     """
     _check_writable(args.log)
+    if args.pid is not None:
+        return inject_cli.cmd_attach_pid(args, cmd_attach)
+    inject_cli.check_pid_options(args)
     if args.socket:
         _check_sockets(args.socket)
     if args.headless or args.socket:
@@ -551,7 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--token-file", metavar="FILE",
                    help="with --tcp HOST:PORT: file holding the run's token (the probe's <run>.token, mode 600)")
     output_opts(a)
+    inject_cli.add_attach_options(a)
     a.set_defaults(func=cmd_attach)
+    inject_cli.add_detach_parser(sub)
 
     ls = sub.add_parser("ls", help="list live runs", description="List live runs; removes stale entries.")
     ls.add_argument("--json", action="store_true", help="one JSON object per run")
@@ -638,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise CliError(f"{', '.join(given)} work{'s' if len(given) == 1 else ''} with --headless "
                                "(the app shows the alerts the probe sent)")
         return args.func(args)
-    except (CliError, feed.FeedError, wire.WireError, rundir.RunDirError) as exc:
+    except (CliError, feed.FeedError, wire.WireError, rundir.RunDirError, inject_cli.InjectFailed) as exc:
         print(f"xray-tui: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
