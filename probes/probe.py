@@ -641,8 +641,12 @@ class XRay:
     @_eager
     def _note_loss(self, output) -> None:
         """The loss of a training forward, when the model returns one (Hugging Face models
-        given labels return ``.loss``); kept on its device."""
+        given labels return ``.loss``; nanoGPT-style models a ``(logits, loss)`` tuple, whose
+        first 0-d floating tensor that autograd tracks is taken); kept on its device."""
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if loss is None and isinstance(output, tuple) and not hasattr(output, "_fields"):
+            loss = next((t for t in output if isinstance(t, torch.Tensor) and t.dim() == 0
+                         and t.is_floating_point() and t.grad_fn is not None), None)
         if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
             self._scalars.add_loss(loss)
 

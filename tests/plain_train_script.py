@@ -33,6 +33,9 @@ if args.hide_xray:
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
+# nanoGPT's train.py keeps its flags as globals of __main__, where the injected stub runs: a
+# ``compile = True`` there once broke the stub, which called ``compile(...)``
+compile = exec = open_ = True  # noqa: A001
 model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 for step in range(args.steps):

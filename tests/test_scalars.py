@@ -221,6 +221,37 @@ def test_loss_from_the_model_output_is_the_mean_over_micro_batches(tmp_path):
     assert all(m.values["samples_per_s"] > 0 for m in scalars[1:])
 
 
+def test_loss_from_a_nanogpt_style_tuple_and_nothing_from_other_tuples(tmp_path):
+    """nanoGPT returns ``(logits, loss)``; a model whose tuple holds no tracked 0-d tensor gives no loss."""
+
+    class TupleGPT(nn.Module):
+        def __init__(self, with_loss: bool):
+            super().__init__()
+            self.lin, self.with_loss = nn.Linear(4, 3), with_loss
+
+        def forward(self, x):
+            logits = self.lin(x)
+            n = torch.tensor(float(x.shape[0]))  # a 0-d tensor autograd does not track: not a loss
+            return (logits, logits.square().mean(), n) if self.with_loss else (logits, n)
+
+    for with_loss in (True, False):
+        model = TupleGPT(with_loss)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        log = tmp_path / f"t{with_loss}.xray"
+        xr = probes.attach(model, opt, every=1, serve=False, log=str(log), spectral_every=None)
+        seen = []
+        for _ in range(3):
+            logits, *rest = model(torch.randn(5, 4))
+            seen.append(logits.square().mean().item())
+            logits.sum().backward()
+            opt.step()
+            opt.zero_grad()
+        xr.close()
+        scalars = [m for m in wire.read_file(str(log))[0] if isinstance(m, wire.Scalars)]
+        got = [m.values.get("loss") for m in scalars]
+        assert got == (pytest.approx(seen) if with_loss else [None] * 3)
+
+
 def test_bad_log_values_and_arguments_are_refused():
     model = _mlp()
     xr = probes.attach(model, serve=False, spectral_every=None)

@@ -348,6 +348,11 @@ def _wait(pid: int, req_path: Path, status_path: Path, timeout: float, say) -> d
             return status
         if status and status.get("state") == "error":
             raise InjectFailed(f"pid {pid}: {status.get('error', 'the loader failed')}")
+        failed = Path(f"{req_path}.failed")
+        if failed.exists():  # the stub itself could not run the loader
+            why = failed.read_text(errors="replace").strip()[:300]
+            failed.unlink(missing_ok=True)
+            raise InjectFailed(f"pid {pid}: the loader could not start there: {why}")
         if status and not working:  # the loader runs: from now on it is our own work we wait for
             working = True
             deadline = time.monotonic() + max(timeout, 30.0)
