@@ -55,8 +55,26 @@ def test_cli_headless_json_nan_names_the_faulted_layer():
     fault = lines[0]
     assert fault == {"type": "fault", "step": 30, "layer": "transformer.h.1.attn.c_attn", "fault": "nan",
                      "detail": "one weight set to NaN"}
-    nonfinite = [a for a in lines[1:] if a["rule"] == "nonfinite" and a["kind"] == "act"]
+    nonfinite = [a for a in lines[1:] if a.get("rule") == "nonfinite" and a["kind"] == "act"]
     assert nonfinite[0]["layer"] == "transformer.h.1.attn.c_attn" and nonfinite[0]["severity"] == "critical"
+    assert lines[-1]["type"] == "end" and lines[-1]["reason"] == "finished" and lines[-1]["step"] == 80
+
+
+def test_demo_headless_prints_status_lines_and_how_the_run_ended():
+    """As `attach --headless` does: a status line every --status-every seconds, then the end line."""
+    out = subprocess.run([sys.executable, "-m", "tui.cli", "demo", "--headless", "--json", "--steps", "60",
+                          "--status-every", "0.5"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    status = [x for x in lines if x["type"] == "status" and x["step"] is not None]  # not before step 0's
+    assert status and all(0 <= x["step"] < 60 and x["loss"] > 0 for x in status)
+    assert [x["step"] for x in status] == sorted(x["step"] for x in status)
+    assert lines[-1] == {"type": "end", "step": 60, "rank": 0, "reason": "finished", "error": "",
+                         "alerts": lines[-1]["alerts"], "exit": 0}
+    quiet = subprocess.run([sys.executable, "-m", "tui.cli", "demo", "--headless", "--steps", "10", "--quiet",
+                            "--status-every", "0.1"], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and "status" not in quiet.stdout
+    assert quiet.stdout.strip().splitlines()[-1].startswith("run ended at step 10: finished")
 
 
 def test_demo_headless_fail_on_stops_training_when_the_alert_arrives(tmp_path):
@@ -72,6 +90,6 @@ def test_demo_headless_fail_on_stops_training_when_the_alert_arrives(tmp_path):
                           "--steps", "2000", "--fail-on", "critical", "--log", str(log)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 3, out.stderr
-    assert "nonfinite" in out.stdout
+    assert "nonfinite" in out.stdout and "(training stopped)" in out.stdout
     steps = [m.step for m in wire.read_file(str(log))[0] if isinstance(m, wire.Step)]
     assert steps and max(steps) < 100  # stopped within a few sampled steps of step 10, not at 2000

@@ -361,16 +361,50 @@ def cmd_demo(args) -> int:
                        "pip install 'xray-tui[demo]' torch==2.13.0") from None
     _check_writable(args.log)
     if args.headless:
-        printer = AlertPrinter(as_json=args.json)
-        rules = _rules_engine(args)  # the probe itself evaluates the rules with these thresholds
-        try:
-            demo.train(steps=args.steps or 300, every=args.every, fault=args.fault, fault_step=args.fault_step,
-                       name=args.name, log=args.log, listener=printer.handle, rules=rules,
-                       should_stop=lambda: printer.failed(args.fail_on))  # --fail-on: stop at once
-        except KeyboardInterrupt:
-            return 130
-        return EXIT_ALERT if printer.failed(args.fail_on) else EXIT_OK
+        return _demo_headless(demo, args)
     return _demo_app(args)
+
+
+def _demo_headless(demo, args) -> int:
+    """Train in this process and print what `attach --headless` prints: alerts, a status line every
+    ``--status-every`` seconds, the end line; the same exit status (3 stops the training at once)."""
+    every = _seconds(args.status_every, "--status-every")
+    every = None if args.quiet or every <= 0 else every
+    printer = AlertPrinter(as_json=args.json)
+    printer.fail_on = args.fail_on
+    watch = RunWatch(printer, live=True, label=args.name)
+    watch.stops_run = True
+    lock = threading.Lock()  # messages come on the probe's publisher thread, status lines on a timer
+
+    def listen(msg) -> None:
+        with lock:
+            watch.handle(msg)
+
+    done = threading.Event()
+
+    def tick() -> None:
+        while every and not done.wait(every):
+            with lock:
+                watch.status()
+
+    ticker = threading.Thread(target=tick, name="xray-tui-demo-status", daemon=True)
+    ticker.start()
+    rules = _rules_engine(args)  # the probe itself evaluates the rules with these thresholds
+    try:
+        demo.train(steps=args.steps or 300, every=args.every, fault=args.fault, fault_step=args.fault_step,
+                   name=args.name, log=args.log, listener=listen, rules=rules,
+                   should_stop=lambda: watch.tripped is not None)  # --fail-on: stop at once
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        done.set()
+        ticker.join()
+    # the probe's close gives its publisher 5 s; on a busy machine the End comes a little later
+    deadline = time.monotonic() + 30.0
+    while watch.tripped is None and not watch.ends and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with lock:
+        return watch.finish(args.fail_on)
 
 
 def _demo_app(args) -> int:
@@ -534,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a small GPT-2 (built from a config, char-level, on a bundled "
                                    "public-domain text) with the probe attached; open the app on it, or "
                                    "with --headless print the alerts. --fault injects a failure.")
-    output_opts(d, status=False)
+    output_opts(d)
     d.add_argument("--steps", type=_count(0), default=0,
                    help="steps to train (default 0: until q; 300 with --headless)")
     d.add_argument("--every", type=_count(1), default=5, help="sample one step in N (default 5)")

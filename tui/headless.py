@@ -193,6 +193,7 @@ class RunWatch:
         self.newest_time: float | None = None  # the probe's clock in the newest message that has one
         self._saw_scalars = False
         self.scalar_step = -1  # the newest step whose Scalars came
+        self.stops_run = False  # --fail-on stops the training too (the demo trains in this process)
 
     @property
     def tripped(self) -> wire.Alert | None:
@@ -277,7 +278,8 @@ class RunWatch:
         for e in ends:
             if e.reason not in END_OK:
                 return e.reason, e.error, e.step, e.rank
-        missing = sorted(self.hellos - set(self.ends)) if self.hellos else [None]
+        # without a Hello (a listener in the training process sees none) the Ends name the ranks
+        missing = sorted(self.hellos - set(self.ends)) if self.hellos else ([] if ends else [None])
         if missing or not ends:
             return DISCONNECTED, "", self.step, missing[0] if missing else None
         stopped = [e for e in ends if e.reason == "stopped"]
@@ -301,7 +303,8 @@ class RunWatch:
         at = f"step {step:,}" if step >= 0 else "the start"
         if tripped is not None:
             what = (f"left at {at}: --fail-on {fail_on} saw {tripped.severity} {tripped.rule} on "
-                    f"{_printable(tripped.layer)} [{tripped.kind}] at step {tripped.step} (the run goes on)")
+                    f"{_printable(tripped.layer)} [{tripped.kind}] at step {tripped.step} "
+                    f"({'training stopped' if self.stops_run else 'the run goes on'})")
         elif reason == DISCONNECTED:
             what = (f"run disconnected at {at} without an End (the process died or was SIGKILLed)" if self.live else
                     f"the recording stops at {at} without an End (the process died, or is still writing it)")
