@@ -320,7 +320,8 @@ def test_a_sampled_step_on_gpt2_small_dimensions_stays_under_budget(monkeypatch)
         opt.zero_grad(set_to_none=True)
 
     step()  # AdamW creates its state in its first step: not the probe's cost
-    xr = probe.attach(model, opt, every=2, serve=False, spectral_every=None)
+    # start_step=0: numbered from AdamW's own count the first step would be 1, and unsampled
+    xr = probe.attach(model, opt, every=2, serve=False, spectral_every=None, start_step=0)
 
     figures, names, kinds = [], [], []
     try:
@@ -338,6 +339,7 @@ def test_a_sampled_step_on_gpt2_small_dimensions_stays_under_budget(monkeypatch)
     finally:
         xr.close()
     (s_ops, s_launch, s_reads, s_py), (u_ops, u_launch, u_reads, u_py) = figures[2], figures[3]
+    assert s_launch > 0 and u_launch == 0, figures  # the counted pair is a sampled and an unsampled step
     s_reads, s_py = s_reads - u_reads, s_py - u_py  # AdamW's own step counters are read in every step
     extra = s_ops - u_ops + s_launch - u_launch
     print(f"\nGPT-2 small dims, XRAY_TUI_ENGINE=device: unsampled step {u_ops} ops; sampled step {s_ops} ops + "
