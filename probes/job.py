@@ -1,0 +1,337 @@
+"""The whole job through torch.distributed: rank 0 merges every rank's statistics.
+
+On a sampled training step every rank hands its rows (probes/reduce.py) to
+a :class:`Job`, whose own thread packs them into two flat float64 buffers,
+one slot per (layer, kind) of a table fixed at attach and equal on every
+rank, and runs three collectives on a gloo group of the probe's own, in
+the same order on every rank:
+
+1. ``all_gather`` of a short per-rank vector (step, replicated gradient
+   norm, non-finite count, step time, data+forward time, loss);
+2. ``all_reduce(SUM)`` of the additive columns (counts, power sums,
+   near-zero/zero/NaN/Inf counts, the update's reference sum of squares,
+   histogram counts and sizes);
+3. ``all_reduce(MAX)`` of max, -min and the distance from initialisation.
+
+They are issued together (``async_op``) and waited for on the job thread,
+never on the training thread, and never on an unsampled step. Rank 0 then
+publishes the job's :class:`~probes.wire.Step` with ``rank=-1`` (its counts
+are the sums over all ranks: a replicated DDP weight counts ``world`` times)
+and the per-rank vector (:class:`~probes.wire.RankStats`).
+
+What is exact and what is not: counts, sums, power sums, min, max, the
+histogram and the update ratio (sqrt of summed update sumsq over summed
+reference sumsq) are exact merges. ``dead_units`` is the mean of the ranks'
+fractions (the job's exact figure, units dead on every rank, needs per-unit
+masks the rows do not carry); ``init_dist`` is the largest rank's; the
+spectral figures and evaluation passes are not merged (each rank's own
+stream has them).
+
+Failure: the group has a timeout, so a rank that dies or hangs makes a
+round fail after at most ``timeout`` seconds on the job thread while
+training goes on; the job is then off on that rank for good (never a
+collective on some ranks only: a rank that stops contributing stops for
+good, and the others time out once). Before each round every rank writes
+its round number in the job's store, so rank 0 can name the ranks that never
+came (a ``rank-missing`` alert and a ``job-off`` note).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import queue
+import socket
+import threading
+import time
+import zlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import histogram, wire
+from .reduce import COL, NCOL
+
+log = logging.getLogger("xray-tui")
+
+#: Additive columns of a row, summed over ranks (a rank without the row adds zeros).
+SUM_COLS = ("count", "sum", "sumsq", "abssum", "near_zero", "zeros", "nan", "posinf", "neginf",
+            "sum3", "sum4", "ref_sumsq", "lora_sumsq")
+_DEAD, _DEAD_N, _PRESENT, _HIST_N = range(len(SUM_COLS), len(SUM_COLS) + 4)
+#: Columns of a slot in the SUM buffer before its histogram counts.
+SUM_HEAD = len(SUM_COLS) + 4
+#: Columns of a slot in the MAX buffer: max, -min, init_dist.
+MAX_WIDTH = 3
+#: The per-rank vector, all-gathered.
+VECTOR = ("step", "grad_norm", "nonfinite", "step_time", "fwd_time", "loss")
+#: Largest SUM buffer (bytes) that carries histograms; a bigger table merges statistics only.
+MAX_HIST_BYTES = 32 << 20
+#: Seconds a round (or the setup) may take before the job is switched off.
+DEFAULT_TIMEOUT = 60.0
+#: Sampled steps waiting for the job thread; one more means it fell behind (a peer is slow or gone).
+QUEUE_STEPS = 64
+
+_SUM_IDX = [COL[c] for c in SUM_COLS]
+
+
+def table_keys(params, trainable, act_layers) -> list[tuple[str, str]]:
+    """The (layer, kind) slots every rank fills: activations of the hooked modules,
+    each parameter's weight and gradient, each trainable weight's update."""
+    keys = [(n, "act") for n in act_layers]
+    for n, p in params:
+        keys.append((n, "weight"))
+        if p.requires_grad:
+            keys.append((n, "grad"))
+    keys += [(n, "update") for n, _ in trainable]
+    return keys
+
+
+def _digest(keys) -> int:
+    return zlib.crc32("\n".join(f"{a}\t{b}" for a, b in keys).encode())
+
+
+class Job:
+    """The probe's part in the whole job's view (see the module docstring).
+
+    ``publish(messages)`` hands a list of messages to the publisher (the
+    probe's ``publisher.submit``). Every rank builds one, at attach, in the
+    same order (the group's creation is itself a collective).
+    """
+
+    def __init__(self, keys: list[tuple[str, str]], publish, run: str, *, timeout: float = DEFAULT_TIMEOUT,
+                 replicated: set[str] | None = None, lora_bases: dict | None = None) -> None:
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.keys = keys
+        self.slot = {k: i for i, k in enumerate(keys)}
+        self.timeout = timeout
+        self.replicated = replicated or set()
+        self.lora_bases = lora_bases or {}
+        self._publish = publish
+        self.on = False
+        self.why_off = ""
+        self.rounds = 0
+        self.hosts: list[str] = []
+        n = len(keys)
+        self.hist = n * (SUM_HEAD + histogram.NUM_BINS) * 8 <= MAX_HIST_BYTES  # the same on every rank
+        self.sum_width = SUM_HEAD + (histogram.NUM_BINS if self.hist else 0)
+        #: bytes each collective moves per rank: all_gather, SUM, MAX
+        self.bytes = (len(VECTOR) * 8 * self.world, n * self.sum_width * 8, n * MAX_WIDTH * 8)
+        self._key = f"xray-tui/{run}/round/"
+        try:
+            self._store = dist.distributed_c10d._get_default_store()
+        except Exception:  # a private helper: without it the missing rank goes unnamed
+            self._store = None
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+        info: list = [None] * self.world
+        dist.all_gather_object(info, (socket.gethostname(), _digest(keys), n), group=self.group)
+        self.hosts = [str(h) for h, _, _ in info]
+        if len({(d, m) for _, d, m in info}) != 1:
+            # every rank sees the same gathered table, so every rank turns off here: no round runs
+            self.why_off = "the ranks watch different layers (the slot tables differ): whole-job view off"
+            log.warning("xray-tui: %s", self.why_off)
+            return
+        self.on = True
+        self._q: queue.Queue = queue.Queue(maxsize=QUEUE_STEPS)
+        self._thread = threading.Thread(target=self._run, name="xray-tui-job", daemon=True)
+        self._thread.start()
+
+    @property
+    def nodes(self) -> int:
+        """Hosts the job runs on."""
+        return len(set(self.hosts)) or 1
+
+    # -- training thread --------------------------------------------------
+
+    def submit(self, step: int, work) -> None:
+        """Queue sampled step ``step``'s work: a callable (run on the job thread) returning
+        ``(own messages, meta, rows, hists, hist_n, vector, finish)``; never blocks.
+
+        A full queue means rounds are stuck on a peer: this rank stops taking
+        part for good (the others' next round times out and names it)."""
+        self._put(("round", work, step))
+
+    def forward(self, build) -> None:
+        """Queue a publisher builder behind the rounds, so the stream keeps step order."""
+        self._put(("pass", build))
+
+    def _put(self, item) -> None:
+        if not self.on:  # the publisher runs it: this rank's own stream goes on without the job
+            self._publish(item[1] if item[0] == "pass" else (lambda work=item[1]: work()[0]))
+            return
+        try:
+            self._q.put_nowait(item)
+        except queue.Full:
+            self._off(f"rank {self.rank} fell {QUEUE_STEPS} sampled steps behind the job's collectives")
+            self._put(item)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Let the queued rounds finish (at most ``timeout`` seconds), then stop the thread."""
+        if not self.on:
+            return
+        try:
+            self._q.put(("stop", None, None), timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+        self.on = False
+
+    # -- job thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            what, item, *rest = self._q.get()
+            if what == "stop":
+                return
+            if what == "pass":
+                self._publish(item)
+                continue
+            try:
+                own, meta, rows, hists, hist_n, vector, finish = item()
+            except Exception:  # the round still runs (empty), so the ranks stay in step
+                log.exception("xray-tui: a sample could not be built; skipped")
+                own, meta, rows, hists, hist_n, finish = [], [], None, None, [], None
+                vector = [rest[0]] + [math.nan] * (len(VECTOR) - 1)
+            if not self.on:
+                self._publish(lambda own=own: own)
+                continue
+            step = int(vector[0])
+            try:
+                gathered, merged = self._round(meta, rows, hists, hist_n, vector)
+            except Exception as exc:  # a peer died or hung past the timeout: off for good
+                self._publish(lambda own=own: own)
+                self._lost(step, exc)
+                continue
+            if finish is None:
+                self._publish(lambda own=own: own)
+            else:
+                self._publish(lambda own=own, g=gathered, m=merged, f=finish: f(own, g, m))
+
+    def _round(self, meta, rows, hists, hist_n, vector):
+        """One round of the three collectives; (gathered vectors [world, len(VECTOR)], merged or None)."""
+        self.rounds += 1
+        if self._store is not None:
+            try:  # so rank 0 can tell who never came, should this round fail
+                self._store.set(f"{self._key}{self.rank}", str(self.rounds))
+            except Exception:
+                self._store = None
+        n = len(self.keys)
+        sums = np.zeros((n, self.sum_width))
+        maxes = np.full((n, MAX_WIDTH), -math.inf)
+        vec = np.asarray(vector, dtype=np.float64)
+        if meta:
+            self._pack(meta, rows, hists, hist_n, sums, maxes)
+        t_vec, t_sum, t_max = (torch.from_numpy(a) for a in (vec, sums, maxes))
+        out = [torch.empty_like(t_vec) for _ in range(self.world)]
+        works = [dist.all_gather(out, t_vec, group=self.group, async_op=True),
+                 dist.all_reduce(t_sum, dist.ReduceOp.SUM, group=self.group, async_op=True),
+                 dist.all_reduce(t_max, dist.ReduceOp.MAX, group=self.group, async_op=True)]
+        for w in works:
+            w.wait()
+        gathered = torch.stack(out).numpy()
+        steps = gathered[:, 0]
+        if not (steps == steps[0]).all():
+            # every rank sees the same gathered steps, so all turn off together
+            raise RuntimeError(f"the ranks sampled different steps ({sorted(set(steps.tolist()))}): "
+                               "give every rank the same every=")
+        return gathered, (sums, maxes) if self.rank == 0 else None
+
+    def _pack(self, meta, rows, hists, hist_n, sums, maxes) -> None:
+        """This rank's rows into the slots (rows of layers outside the table are left out)."""
+        idx = [(i, self.slot[m]) for i, m in enumerate(meta) if m in self.slot]
+        if not idx:
+            return
+        src = np.fromiter((i for i, _ in idx), dtype=np.int64)
+        dst = np.fromiter((j for _, j in idx), dtype=np.int64)
+        r = rows[src]
+        add = r[:, _SUM_IDX]
+        # the extra columns are NaN where they do not apply: zeros add nothing
+        add[:, -2:] = np.nan_to_num(add[:, -2:], nan=0.0)
+        sums[dst, : len(SUM_COLS)] = add
+        dead = r[:, COL["dead_units"]]
+        known = ~np.isnan(dead)
+        sums[dst, _DEAD] = np.where(known, dead, 0.0)
+        sums[dst, _DEAD_N] = known
+        sums[dst, _PRESENT] = 1.0
+        sums[dst, _HIST_N] = np.asarray(hist_n, dtype=np.float64)[src]
+        if self.hist:
+            sums[dst, SUM_HEAD:] = hists[src]
+        # NaN (a tensor holding one, or an empty one) is neutral here; the NaN count restores it
+        mx, mn, init = r[:, COL["max"]], r[:, COL["min"]], r[:, COL["init_dist"]]
+        maxes[dst, 0] = np.where(np.isnan(mx), -math.inf, mx)
+        maxes[dst, 1] = np.where(np.isnan(mn), -math.inf, -mn)
+        maxes[dst, 2] = np.where(np.isnan(init), -math.inf, init)
+
+    def merged_rows(self, merged):
+        """Rank 0: the job's rows back in reduce.py's layout: (meta, rows [m, NCOL], hists, hist_n)."""
+        sums, maxes = merged
+        present = np.nonzero(sums[:, _PRESENT] > 0)[0]
+        m = len(present)
+        rows = np.full((m, NCOL), math.nan)
+        s, mx = sums[present], maxes[present]
+        rows[:, _SUM_IDX] = s[:, : len(SUM_COLS)]
+        bad = (s[:, COL["count"]] == 0) | (s[:, COL["nan"]] > 0)  # as one tensor holding a NaN, or none
+        rows[:, COL["max"]] = np.where(bad | np.isinf(mx[:, 0]) & (mx[:, 0] < 0), math.nan, mx[:, 0])
+        rows[:, COL["min"]] = np.where(bad | np.isinf(mx[:, 1]) & (mx[:, 1] < 0), math.nan, -mx[:, 1])
+        rows[:, COL["init_dist"]] = np.where(np.isneginf(mx[:, 2]), math.nan, mx[:, 2])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rows[:, COL["dead_units"]] = np.where(s[:, _DEAD_N] > 0, s[:, _DEAD] / s[:, _DEAD_N], math.nan)
+        ref = rows[:, COL["ref_sumsq"]]
+        rows[:, COL["ref_sumsq"]] = np.where(ref > 0, ref, math.nan)
+        hists = (s[:, SUM_HEAD:].astype(np.int64) if self.hist
+                 else np.zeros((m, histogram.NUM_BINS), dtype=np.int64))
+        hist_n = s[:, _HIST_N].astype(np.int64).tolist() if self.hist else [0] * m
+        meta = [self.keys[i] for i in present]
+        return meta, rows, hists, hist_n
+
+    def rank_stats(self, gathered) -> wire.RankStats:
+        """The all-gathered per-rank vector as the wire carries it."""
+        col = {name: gathered[:, i].tolist() for i, name in enumerate(VECTOR)}
+        return wire.RankStats(grad_norm=col["grad_norm"], nonfinite=col["nonfinite"], step_time=col["step_time"],
+                              fwd_time=col["fwd_time"], loss=col["loss"])
+
+    # -- failure ----------------------------------------------------------
+
+    def _off(self, why: str) -> None:
+        if self.on:
+            self.on = False
+            self.why_off = why
+            log.warning("xray-tui: whole-job view off: %s; training goes on", why)
+
+    def _missing(self) -> list[int]:
+        """Ranks whose round counter in the store is behind ours (they never came)."""
+        if self._store is None:
+            return []
+        out = []
+        for r in range(self.world):
+            key = f"{self._key}{r}"
+            try:
+                behind = not self._store.check([key]) or int(self._store.get(key)) < self.rounds
+            except Exception:
+                return out
+            if behind:
+                out.append(r)
+        return out
+
+    def _lost(self, step: int, exc: Exception) -> None:
+        """A round failed: switch off, and (rank 0) tell the viewers which ranks went missing."""
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        self._off(f"a collective failed ({error})")
+        if self.rank != 0:
+            return
+        missing = self._missing()
+        who = ", ".join(f"{r} ({self.hosts[r]})" if r < len(self.hosts) else str(r) for r in missing)
+        step = max(step, 0)
+        msgs: list[wire.Message] = [wire.Note(step, wire.JOB_RANK, "job-off", {
+            "why": error, "missing": ",".join(map(str, missing)), "round": self.rounds})]
+        for r in missing:
+            host = self.hosts[r] if r < len(self.hosts) else "?"
+            msgs.append(wire.Alert(step, r, "critical", "rank-missing", "(all)", "scalar", 1.0, self.timeout,
+                                   f"rank {r} on {host} stopped taking part in the probe's collectives at step "
+                                   f"{step} (dead, or hung past {self.timeout:g} s); the whole-job view is off"))
+        if not missing:
+            msgs.append(wire.Alert(step, 0, "warning", "rank-missing", "(all)", "scalar", 1.0, self.timeout,
+                                   f"the whole-job view is off at step {step}: {error}"))
+        log.warning("xray-tui: ranks missing from the job: %s", who or "unknown")
+        self._publish(lambda: msgs)
