@@ -31,9 +31,10 @@ Failure: the group has a timeout, so a rank that dies or hangs makes a
 round fail after at most ``timeout`` seconds on the job thread while
 training goes on; the job is then off on that rank for good (never a
 collective on some ranks only: a rank that stops contributing stops for
-good, and the others time out once). Before each round every rank writes
-its round number in the job's store, so rank 0 can name the ranks that never
-came (a ``rank-missing`` alert and a ``job-off`` note).
+good, and the others time out once). After a failed round every rank that
+is still there says so in the job's store (torch.distributed's own), so
+rank 0 can name the ranks that did not: dead or hung (a ``rank-missing``
+alert each, and a ``job-off`` note).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
 import queue
 import socket
 import threading
@@ -70,6 +72,8 @@ VECTOR = ("step", "grad_norm", "nonfinite", "step_time", "fwd_time", "loss")
 MAX_HIST_BYTES = 32 << 20
 #: Seconds a round (or the setup) may take before the job is switched off.
 DEFAULT_TIMEOUT = 60.0
+#: Seconds the probe's close waits at most for the job thread's last rounds.
+CLOSE_WAIT = 10.0
 #: Sampled steps waiting for the job thread; one more means it fell behind (a peer is slow or gone).
 QUEUE_STEPS = 64
 
@@ -86,6 +90,14 @@ def table_keys(params, trainable, act_layers) -> list[tuple[str, str]]:
             keys.append((n, "grad"))
     keys += [(n, "update") for n, _ in trainable]
     return keys
+
+
+def host_label() -> str:
+    """This rank's host as alerts name it: the host name, with the launcher's node index when it
+    gives one (torchrun's ``GROUP_RANK``, SLURM's ``SLURM_NODEID``), so that nodes that share a
+    host name (containers, a test simulating nodes on one machine) still count apart."""
+    node = os.environ.get("GROUP_RANK") or os.environ.get("SLURM_NODEID")
+    return socket.gethostname() + (f"/node{node}" if node else "")
 
 
 def _digest(keys) -> int:
@@ -118,16 +130,16 @@ class Job:
         self.sum_width = SUM_HEAD + (histogram.NUM_BINS if self.hist else 0)
         #: bytes each collective moves per rank: all_gather, SUM, MAX
         self.bytes = (len(VECTOR) * 8 * self.world, n * self.sum_width * 8, n * MAX_WIDTH * 8)
-        self._key = f"xray-tui/{run}/round/"
         try:
             self._store = dist.distributed_c10d._get_default_store()
         except Exception:  # a private helper: without it the missing rank goes unnamed
             self._store = None
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
         info: list = [None] * self.world
-        dist.all_gather_object(info, (socket.gethostname(), _digest(keys), n), group=self.group)
-        self.hosts = [str(h) for h, _, _ in info]
-        if len({(d, m) for _, d, m in info}) != 1:
+        dist.all_gather_object(info, (host_label(), _digest(keys), n, time.time()), group=self.group)
+        self.hosts = [str(h) for h, _, _, _ in info]
+        self._key = f"xray-tui/{run}/{info[0][3]:.6f}/"  # this job's keys in the store (rank 0's clock)
+        if len({(d, m) for _, d, m, _ in info}) != 1:
             # every rank sees the same gathered table, so every rank turns off here: no round runs
             self.why_off = "the ranks watch different layers (the slot tables differ): whole-job view off"
             log.warning("xray-tui: %s", self.why_off)
@@ -166,15 +178,21 @@ class Job:
             self._off(f"rank {self.rank} fell {QUEUE_STEPS} sampled steps behind the job's collectives")
             self._put(item)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Let the queued rounds finish (at most ``timeout`` seconds), then stop the thread."""
-        if not self.on:
+    def close(self, timeout: float = CLOSE_WAIT) -> None:
+        """Let the queued rounds finish (at most ``timeout`` seconds), then stop the thread.
+
+        A healthy job's last rounds take milliseconds; with a rank gone, the wait covers the
+        failed round and the naming of the missing rank (each at most ``self.timeout``), within
+        ``timeout``: the probe never holds a finished process longer than that."""
+        thread = getattr(self, "_thread", None)
+        if thread is None or not thread.is_alive():
             return
-        try:
+        deadline = time.monotonic() + timeout
+        try:  # after a failure the thread may still be naming the missing ranks: wait for it too
             self._q.put(("stop", None, None), timeout=timeout)
         except queue.Full:
             pass
-        self._thread.join(timeout)
+        thread.join(max(0.0, deadline - time.monotonic()))
         self.on = False
 
     # -- job thread -------------------------------------------------------
@@ -211,11 +229,6 @@ class Job:
     def _round(self, meta, rows, hists, hist_n, vector):
         """One round of the three collectives; (gathered vectors [world, len(VECTOR)], merged or None)."""
         self.rounds += 1
-        if self._store is not None:
-            try:  # so rank 0 can tell who never came, should this round fail
-                self._store.set(f"{self._key}{self.rank}", str(self.rounds))
-            except Exception:
-                self._store = None
         n = len(self.keys)
         sums = np.zeros((n, self.sum_width))
         maxes = np.full((n, MAX_WIDTH), -math.inf)
@@ -300,24 +313,31 @@ class Job:
             log.warning("xray-tui: whole-job view off: %s; training goes on", why)
 
     def _missing(self) -> list[int]:
-        """Ranks whose round counter in the store is behind ours (they never came)."""
+        """Rank 0, after a failed round: the ranks that did not say in the store that they are
+        still here (a dead or hung rank cannot). Every surviving rank's round fails too, within
+        ``timeout``, and says so; rank 0 waits that long at most (on the job thread)."""
         if self._store is None:
             return []
-        out = []
-        for r in range(self.world):
-            key = f"{self._key}{r}"
+        keys = [f"{self._key}alive/{r}" for r in range(self.world)]
+        deadline = time.monotonic() + min(self.timeout, CLOSE_WAIT / 2)
+        while True:
             try:
-                behind = not self._store.check([key]) or int(self._store.get(key)) < self.rounds
+                here = [self._store.check([k]) for k in keys]
             except Exception:
-                return out
-            if behind:
-                out.append(r)
-        return out
+                return []
+            if all(here) or time.monotonic() > deadline:
+                return [r for r, ok in enumerate(here) if not ok]
+            time.sleep(0.1)
 
     def _lost(self, step: int, exc: Exception) -> None:
         """A round failed: switch off, and (rank 0) tell the viewers which ranks went missing."""
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         self._off(f"a collective failed ({error})")
+        if self._store is not None:
+            try:  # still here (rank 0 names the ranks that do not say so)
+                self._store.set(f"{self._key}alive/{self.rank}", str(self.rounds))
+            except Exception:
+                self._store = None
         if self.rank != 0:
             return
         missing = self._missing()
