@@ -149,6 +149,27 @@ class Job:
         self._thread = threading.Thread(target=self._run, name="xray-tui-job", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def offline(cls, keys: list[tuple[str, str]], rank: int = 0, world: int = 1) -> "Job":
+        """A Job without torch.distributed (no group, no thread): packing and merging only,
+        for tests and bench/collectives.py."""
+        job = cls.__new__(cls)
+        job.rank, job.world, job.keys = rank, world, keys
+        job.slot = {k: i for i, k in enumerate(keys)}
+        job.hist = len(keys) * (SUM_HEAD + histogram.NUM_BINS) * 8 <= MAX_HIST_BYTES
+        job.sum_width = SUM_HEAD + (histogram.NUM_BINS if job.hist else 0)
+        job.replicated, job.lora_bases, job.on, job.hosts = set(), {}, False, []
+        return job
+
+    def pack(self, meta, rows, hists, hist_n) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's (SUM buffer, MAX buffer) for one step's rows."""
+        n = len(self.keys)
+        sums = np.zeros((n, self.sum_width))
+        maxes = np.full((n, MAX_WIDTH), -math.inf)
+        if meta:
+            self._pack(meta, rows, hists, hist_n, sums, maxes)
+        return sums, maxes
+
     @property
     def nodes(self) -> int:
         """Hosts the job runs on."""
@@ -229,12 +250,8 @@ class Job:
     def _round(self, meta, rows, hists, hist_n, vector):
         """One round of the three collectives; (gathered vectors [world, len(VECTOR)], merged or None)."""
         self.rounds += 1
-        n = len(self.keys)
-        sums = np.zeros((n, self.sum_width))
-        maxes = np.full((n, MAX_WIDTH), -math.inf)
+        sums, maxes = self.pack(meta, rows, hists, hist_n)
         vec = np.asarray(vector, dtype=np.float64)
-        if meta:
-            self._pack(meta, rows, hists, hist_n, sums, maxes)
         t_vec, t_sum, t_max = (torch.from_numpy(a) for a in (vec, sums, maxes))
         out = [torch.empty_like(t_vec) for _ in range(self.world)]
         works = [dist.all_gather(out, t_vec, group=self.group, async_op=True),
@@ -284,7 +301,7 @@ class Job:
         rows = np.full((m, NCOL), math.nan)
         s, mx = sums[present], maxes[present]
         rows[:, _SUM_IDX] = s[:, : len(SUM_COLS)]
-        bad = (s[:, COL["count"]] == 0) | (s[:, COL["nan"]] > 0)  # as one tensor holding a NaN, or none
+        bad = (rows[:, COL["count"]] == 0) | (rows[:, COL["nan"]] > 0)  # as one tensor holding a NaN, or none
         rows[:, COL["max"]] = np.where(bad | np.isinf(mx[:, 0]) & (mx[:, 0] < 0), math.nan, mx[:, 0])
         rows[:, COL["min"]] = np.where(bad | np.isinf(mx[:, 1]) & (mx[:, 1] < 0), math.nan, -mx[:, 1])
         rows[:, COL["init_dist"]] = np.where(np.isneginf(mx[:, 2]), math.nan, mx[:, 2])

@@ -1,0 +1,139 @@
+"""The whole job's merge (probes/job.py) without torch.distributed: each "rank" packs its rows,
+the buffers are summed and maxed as the collectives would, and rank 0's rows must be the
+statistics of all the ranks' tensors together. Also the straggler rule and the viewer's use
+of the job's samples."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from probes import histogram, wire
+from probes.job import Job, table_keys
+from probes.probe import build_step
+from probes.reduce import Batch
+from probes.rules import RuleConfig, RuleEngine
+from tui.state import Row, RunState
+
+KEYS = [("a", "act"), ("w", "weight"), ("w", "grad"), ("w", "update"), ("v", "weight")]
+
+
+def rank_rows(tensors: dict):
+    """One rank's rows of ``{(layer, kind): tensor}`` as the probe reduces them."""
+    b = Batch(0.05, 65535)
+    for (layer, kind), t in tensors.items():
+        if kind == "update":
+            b.hold(layer, kind, t, ref_sumsq=float(t.double().square().sum() * 100))
+        else:
+            b.hold(layer, kind, t, units=kind == "act")
+    rows, hists = b.to_host()
+    return b.meta, rows, hists, b.hist_n
+
+
+def merge(ranks: list[dict]) -> dict:
+    """What rank 0 publishes for these ranks' tensors: {(layer, kind): Sample}."""
+    job = Job.offline(KEYS)
+    packed = [job.pack(*rank_rows(t)) for t in ranks]
+    sums = sum(p[0] for p in packed)
+    maxes = np.maximum.reduce([p[1] for p in packed])
+    meta, rows, hists, hist_n = job.merged_rows((sums, maxes))
+    step = build_step(3, wire.JOB_RANK, 0.0, meta, rows, hists, hist_n)
+    assert wire.decode(wire.encode(step)[4:]).rank == -1  # rank -1 is a valid frame
+    return {(s.layer, s.kind): s for s in step.samples}
+
+
+def test_merged_rows_are_the_statistics_of_all_ranks_tensors():
+    g = torch.Generator().manual_seed(0)
+    ranks = [{("a", "act"): torch.randn(4, 8, generator=g).relu(), ("w", "weight"): torch.randn(16, generator=g),
+              ("w", "grad"): torch.randn(16, generator=g) * (10 if r == 2 else 1)} for r in range(3)]
+    got = merge(ranks)
+    for key in (("a", "act"), ("w", "weight"), ("w", "grad")):
+        a = torch.cat([t[key].reshape(-1) for t in ranks]).double().numpy()
+        s = got[key]
+        assert s.count == a.size and s.sum == pytest.approx(a.sum()) and s.sumsq == pytest.approx((a * a).sum())
+        assert (s.min, s.max) == (pytest.approx(a.min()), pytest.approx(a.max()))
+        assert s.near_zero == int((np.abs(a) < 0.05).sum()) and s.zeros == int((a == 0).sum())
+        want = np.bincount(histogram.bin_index(a.astype(np.float32)), minlength=histogram.NUM_BINS + 1)
+        hist = np.zeros(histogram.NUM_BINS + 1, dtype=np.int64)
+        hist[s.hist_lo: s.hist_lo + len(s.hist)] = s.hist
+        assert s.hist_n == a.size and (hist == want).all()
+    # the grad max comes from rank 2 alone; dead units: the mean of the ranks' fractions
+    assert got[("w", "grad")].max == pytest.approx(float(ranks[2][("w", "grad")].max()))
+    assert got[("a", "act")].dead_units is not None
+    assert ("v", "weight") not in got  # a slot no rank filled is not sent
+
+
+def test_nan_empty_and_missing_rows_merge_as_one_tensor_would():
+    nan = torch.tensor([1.0, float("nan"), -2.0])
+    ranks = [{("w", "weight"): torch.tensor([3.0, 4.0]), ("v", "weight"): torch.tensor([1.0])},
+             {("w", "weight"): torch.zeros(0)},  # an empty FSDP shard: neutral, not NaN
+             {("w", "weight"): torch.tensor([-5.0])}]
+    got = merge(ranks)
+    w = got[("w", "weight")]
+    assert (w.count, w.min, w.max, w.sum) == (3, -5.0, 4.0, pytest.approx(2.0))
+    assert got[("v", "weight")].count == 1  # a row only one rank has
+    got = merge([{("w", "weight"): nan}, {("w", "weight"): torch.tensor([7.0])}])
+    w = got[("w", "weight")]
+    assert w.nan == 1 and math.isnan(w.sum) and math.isnan(w.min) and math.isnan(w.max)  # as the tensor's own
+
+
+def test_the_update_ratio_merges_exactly():
+    g = torch.Generator().manual_seed(1)
+    ranks = [{("w", "update"): torch.randn(10, generator=g) * (r + 1)} for r in range(2)]
+    got = merge(ranks)[("w", "update")]
+    num = sum(float(t[("w", "update")].double().square().sum()) for t in ranks)
+    assert got.ratio == pytest.approx(math.sqrt(num / (num * 100)))  # sqrt(sum ||dW||^2 / sum ||W||^2)
+
+
+def test_table_keys_are_the_same_whatever_ran():
+    w = torch.nn.Parameter(torch.zeros(2))
+    frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    keys = table_keys([("w", w), ("f", frozen)], [("w", w)], ["m"])
+    assert keys == [("m", "act"), ("w", "weight"), ("w", "grad"), ("f", "weight"), ("w", "update")]
+
+
+def job_step(step, fwd, step_time=None):
+    n = len(fwd)
+    return wire.Step(step=step, rank=wire.JOB_RANK, time=0.0, samples=[], ranks=wire.RankStats(
+        grad_norm=[1.0] * n, nonfinite=[0.0] * n, step_time=step_time or [0.1] * n, fwd_time=fwd,
+        loss=[math.nan] * n))
+
+
+def test_straggler_names_the_rank_and_host_with_hysteresis_and_recovery():
+    eng = RuleEngine(RuleConfig())
+    eng.hosts = ["gpu-a", "gpu-a", "gpu-b", "gpu-b"]
+    fired = []
+    slow = [0.01, 0.012, 0.3, 0.011]
+    for step in range(6):
+        fired += eng.evaluate(job_step(step, slow if step >= 1 else [0.01] * 4))
+    (alert,) = fired
+    assert (alert.rule, alert.rank, alert.step, alert.severity) == ("straggler", 2, 3, "warning")
+    assert "gpu-b" in alert.message and "rank 2" in alert.message
+    # a jitter of a few ms is no straggler (straggler_min_s), nor is one slow sample (k)
+    assert not RuleEngine().evaluate(job_step(0, [0.001, 0.001, 0.005, 0.001]))
+    back = []
+    for step in range(6, 10):
+        back += eng.evaluate(job_step(step, [0.01] * 4))
+    assert [(a.severity, a.rank) for a in back] == [("info", 2)]
+    # without data + forward times the wall time per step is judged; a rank's own steps never are
+    eng = RuleEngine()
+    out = [a for s in range(4) for a in eng.evaluate(job_step(s, [math.nan] * 3, [0.1, 0.1, 0.5]))]
+    assert [a.rank for a in out] == [2]
+    assert not RuleEngine().evaluate(wire.Step(step=0, rank=0, time=0.0, samples=[]))
+
+
+def test_the_merged_view_shows_the_whole_jobs_samples():
+    st = RunState()
+    st.ingest(wire.Hello(version=wire.PROTOCOL_VERSION, run="r", rank=0, world_size=4,
+                         layers=[wire.LayerInfo("", params=["w"])]))
+    merged = merge([{("w", "weight"): torch.ones(3)}, {("w", "weight"): torch.ones(2)}])[("w", "weight")]
+    own = merge([{("w", "weight"): torch.ones(3)}])[("w", "weight")]
+    st.ingest(wire.Step(step=0, rank=0, time=0.0, samples=[own]))
+    row = Row("", params=["w"])  # a top-level parameter "w": its stream is "w"
+    assert st.latest(row, "weight", rank=None).count == 3  # no job samples yet: the ranks attached
+    st.ingest(wire.Step(step=0, rank=-1, time=0.0, samples=[merged], ranks=wire.RankStats()))
+    assert st.job and st.ranks == [0]
+    assert st.latest(row, "weight", rank=None).count == 5  # the whole job's
+    assert st.latest(row, "weight", rank=0).count == 3
+    assert [s.count for _, s in st.series("w", "weight", rank=None)] == [5]
