@@ -1,17 +1,19 @@
 """The whole job through torch.distributed: rank 0 merges every rank's statistics.
 
 On a sampled training step every rank hands its rows (probes/reduce.py) to
-a :class:`Job`, whose own thread packs them into two flat float64 buffers,
-one slot per (layer, kind) of a table fixed at attach and equal on every
-rank, and runs three collectives on a gloo group of the probe's own, in
-the same order on every rank:
+a :class:`Job`, whose own thread packs them into flat buffers, one slot
+per (layer, kind) of a table fixed at attach and equal on every rank, and
+runs four collectives on a gloo group of the probe's own, in the same order
+on every rank:
 
 1. ``all_gather`` of a short per-rank vector (step, replicated gradient
    norm, non-finite count, step time, data+forward time, loss);
-2. ``all_reduce(SUM)`` of the additive columns (counts, power sums,
+2. ``all_reduce(SUM)`` of the additive columns, float64 (counts, power sums,
    near-zero/zero/NaN/Inf counts, the update's reference sum of squares,
-   histogram counts and sizes);
-3. ``all_reduce(MAX)`` of max, -min and the distance from initialisation.
+   histogram sizes);
+3. ``all_reduce(MAX)`` of max, -min and the distance from initialisation;
+4. ``all_reduce(SUM)`` of the histogram counts, int32 (half the bytes of
+   float64; exact below 2**31 per bin), left out above ``MAX_HIST_BYTES``.
 
 They are issued together (``async_op``) and waited for on the job thread,
 never on the training thread, and never on an unsampled step. Rank 0 then
@@ -48,6 +50,7 @@ import socket
 import threading
 import time
 import zlib
+from collections import deque
 
 import numpy as np
 import torch
@@ -124,12 +127,14 @@ class Job:
         self.on = False
         self.why_off = ""
         self.rounds = 0
+        #: wall seconds of the recent rounds on the job thread (packing, the three collectives, waits)
+        self.round_times: deque = deque(maxlen=1024)
         self.hosts: list[str] = []
         n = len(keys)
-        self.hist = n * (SUM_HEAD + histogram.NUM_BINS) * 8 <= MAX_HIST_BYTES  # the same on every rank
-        self.sum_width = SUM_HEAD + (histogram.NUM_BINS if self.hist else 0)
-        #: bytes each collective moves per rank: all_gather, SUM, MAX
-        self.bytes = (len(VECTOR) * 8 * self.world, n * self.sum_width * 8, n * MAX_WIDTH * 8)
+        self.hist = n * histogram.NUM_BINS * 4 <= MAX_HIST_BYTES  # the same on every rank
+        #: bytes each collective moves per rank: all_gather, SUM of statistics, SUM of histograms, MAX
+        self.bytes = (len(VECTOR) * 8 * self.world, n * SUM_HEAD * 8, n * histogram.NUM_BINS * 4 * self.hist,
+                      n * MAX_WIDTH * 8)
         try:
             self._store = dist.distributed_c10d._get_default_store()
         except Exception:  # a private helper: without it the missing rank goes unnamed
@@ -156,19 +161,20 @@ class Job:
         job = cls.__new__(cls)
         job.rank, job.world, job.keys = rank, world, keys
         job.slot = {k: i for i, k in enumerate(keys)}
-        job.hist = len(keys) * (SUM_HEAD + histogram.NUM_BINS) * 8 <= MAX_HIST_BYTES
-        job.sum_width = SUM_HEAD + (histogram.NUM_BINS if job.hist else 0)
+        job.hist = len(keys) * histogram.NUM_BINS * 4 <= MAX_HIST_BYTES
         job.replicated, job.lora_bases, job.on, job.hosts = set(), {}, False, []
         return job
 
-    def pack(self, meta, rows, hists, hist_n) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's (SUM buffer, MAX buffer) for one step's rows."""
+    def pack(self, meta, rows, hists, hist_n) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """This rank's buffers for one step's rows: statistics (float64, SUM), extremes
+        (float64, MAX) and histogram counts (int32, SUM; None when histograms are off)."""
         n = len(self.keys)
-        sums = np.zeros((n, self.sum_width))
+        sums = np.zeros((n, SUM_HEAD))
         maxes = np.full((n, MAX_WIDTH), -math.inf)
+        counts = np.zeros((n, histogram.NUM_BINS), dtype=np.int32) if self.hist else None
         if meta:
-            self._pack(meta, rows, hists, hist_n, sums, maxes)
-        return sums, maxes
+            self._pack(meta, rows, hists, hist_n, sums, maxes, counts)
+        return sums, maxes, counts
 
     @property
     def nodes(self) -> int:
@@ -237,7 +243,9 @@ class Job:
                 continue
             step = int(vector[0])
             try:
+                t0 = time.perf_counter()
                 gathered, merged = self._round(meta, rows, hists, hist_n, vector)
+                self.round_times.append(time.perf_counter() - t0)
             except Exception as exc:  # a peer died or hung past the timeout: off for good
                 self._publish(lambda own=own: own)
                 self._lost(step, exc)
@@ -250,13 +258,17 @@ class Job:
     def _round(self, meta, rows, hists, hist_n, vector):
         """One round of the three collectives; (gathered vectors [world, len(VECTOR)], merged or None)."""
         self.rounds += 1
-        sums, maxes = self.pack(meta, rows, hists, hist_n)
+        sums, maxes, counts = self.pack(meta, rows, hists, hist_n)
         vec = np.asarray(vector, dtype=np.float64)
-        t_vec, t_sum, t_max = (torch.from_numpy(a) for a in (vec, sums, maxes))
+        t_vec = torch.from_numpy(vec)
         out = [torch.empty_like(t_vec) for _ in range(self.world)]
+        # issued together, in this order on every rank; waited for together
         works = [dist.all_gather(out, t_vec, group=self.group, async_op=True),
-                 dist.all_reduce(t_sum, dist.ReduceOp.SUM, group=self.group, async_op=True),
-                 dist.all_reduce(t_max, dist.ReduceOp.MAX, group=self.group, async_op=True)]
+                 dist.all_reduce(torch.from_numpy(sums), dist.ReduceOp.SUM, group=self.group, async_op=True),
+                 dist.all_reduce(torch.from_numpy(maxes), dist.ReduceOp.MAX, group=self.group, async_op=True)]
+        if counts is not None:  # int32: exact while a bin's count over the job stays below 2**31
+            works.append(dist.all_reduce(torch.from_numpy(counts), dist.ReduceOp.SUM, group=self.group,
+                                         async_op=True))
         for w in works:
             w.wait()
         gathered = torch.stack(out).numpy()
@@ -265,9 +277,9 @@ class Job:
             # every rank sees the same gathered steps, so all turn off together
             raise RuntimeError(f"the ranks sampled different steps ({sorted(set(steps.tolist()))}): "
                                "give every rank the same every=")
-        return gathered, (sums, maxes) if self.rank == 0 else None
+        return gathered, (sums, maxes, counts) if self.rank == 0 else None
 
-    def _pack(self, meta, rows, hists, hist_n, sums, maxes) -> None:
+    def _pack(self, meta, rows, hists, hist_n, sums, maxes, counts) -> None:
         """This rank's rows into the slots (rows of layers outside the table are left out)."""
         idx = [(i, self.slot[m]) for i, m in enumerate(meta) if m in self.slot]
         if not idx:
@@ -285,8 +297,8 @@ class Job:
         sums[dst, _DEAD_N] = known
         sums[dst, _PRESENT] = 1.0
         sums[dst, _HIST_N] = np.asarray(hist_n, dtype=np.float64)[src]
-        if self.hist:
-            sums[dst, SUM_HEAD:] = hists[src]
+        if counts is not None:
+            counts[dst] = hists[src]
         # NaN (a tensor holding one, or an empty one) is neutral here; the NaN count restores it
         mx, mn, init = r[:, COL["max"]], r[:, COL["min"]], r[:, COL["init_dist"]]
         maxes[dst, 0] = np.where(np.isnan(mx), -math.inf, mx)
@@ -295,7 +307,7 @@ class Job:
 
     def merged_rows(self, merged):
         """Rank 0: the job's rows back in reduce.py's layout: (meta, rows [m, NCOL], hists, hist_n)."""
-        sums, maxes = merged
+        sums, maxes, counts = merged
         present = np.nonzero(sums[:, _PRESENT] > 0)[0]
         m = len(present)
         rows = np.full((m, NCOL), math.nan)
@@ -309,9 +321,9 @@ class Job:
             rows[:, COL["dead_units"]] = np.where(s[:, _DEAD_N] > 0, s[:, _DEAD] / s[:, _DEAD_N], math.nan)
         ref = rows[:, COL["ref_sumsq"]]
         rows[:, COL["ref_sumsq"]] = np.where(ref > 0, ref, math.nan)
-        hists = (s[:, SUM_HEAD:].astype(np.int64) if self.hist
+        hists = (counts[present].astype(np.int64) if counts is not None
                  else np.zeros((m, histogram.NUM_BINS), dtype=np.int64))
-        hist_n = s[:, _HIST_N].astype(np.int64).tolist() if self.hist else [0] * m
+        hist_n = s[:, _HIST_N].astype(np.int64).tolist() if counts is not None else [0] * m
         meta = [self.keys[i] for i in present]
         return meta, rows, hists, hist_n
 

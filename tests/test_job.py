@@ -37,7 +37,8 @@ def merge(ranks: list[dict]) -> dict:
     packed = [job.pack(*rank_rows(t)) for t in ranks]
     sums = sum(p[0] for p in packed)
     maxes = np.maximum.reduce([p[1] for p in packed])
-    meta, rows, hists, hist_n = job.merged_rows((sums, maxes))
+    counts = sum(p[2] for p in packed)
+    meta, rows, hists, hist_n = job.merged_rows((sums, maxes, counts))
     step = build_step(3, wire.JOB_RANK, 0.0, meta, rows, hists, hist_n)
     assert wire.decode(wire.encode(step)[4:]).rank == -1  # rank -1 is a valid frame
     return {(s.layer, s.kind): s for s in step.samples}
