@@ -9,8 +9,12 @@ the training thread in interleaved blocks of three configurations:
   ranks it all-gathers the gradient norms on the training thread, as before);
 - ``probe+job``: the probe with the whole-job view (probes/job.py).
 
-It also reports the job thread's round time (packing, the three collectives,
-waiting for the other ranks) and the bytes each collective moves per rank.
+It also reports the job thread's round (packing, the four collectives,
+waiting for the other ranks): its wall time and the CPU time it takes, which
+on a shared CPU competes with training; the training thread's own part of a
+sampled step (handing the step to the job thread); and the bytes each
+collective moves per rank. On a loaded machine the step-time ratios move by
+more than the job costs: the CPU times are the steadier figures.
 
     python bench/collectives.py --world 2
     python bench/collectives.py --world 4
@@ -32,6 +36,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 CONFIGS = ("baseline", "probe", "probe+job")
+
+
+def timed(into: list, fn):
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - t0)
+
+    return wrapper
 
 
 def rank_main(rank: int, world: int, port: int, args, out) -> None:
@@ -56,7 +71,7 @@ def rank_main(rank: int, world: int, port: int, args, out) -> None:
     for _ in range(3):
         step()
     times = {c: [] for c in CONFIGS}
-    rounds, nbytes, slots = [], None, 0
+    rounds, cpu, handoff, nbytes, slots = [], [], [], None, 0
     order = random.Random(0)  # the same shuffled order on every rank: attach is collective
     for _ in range(args.rounds):
         configs = list(CONFIGS)
@@ -65,6 +80,8 @@ def rank_main(rank: int, world: int, port: int, args, out) -> None:
             xr = None
             if cfg != "baseline":
                 xr = probes.attach(model, opt, every=1, serve=False, spectral_every=None, job=cfg == "probe+job")
+                if xr._job is not None:  # the training thread's hand-off of a sampled step, timed
+                    xr._job.submit = timed(handoff, xr._job.submit)
             step()  # the first sampled step of a block warms its buffers
             for _ in range(args.steps):
                 t0 = time.perf_counter()
@@ -74,11 +91,12 @@ def rank_main(rank: int, world: int, port: int, args, out) -> None:
                 if xr._job is not None:
                     xr._job.close()  # its last rounds, so round_times are whole
                     rounds += list(xr._job.round_times)
+                    cpu += list(xr._job.round_cpu)
                     nbytes, slots = xr._job.bytes, len(xr._job.keys)
                 xr.close()
             dist.barrier()
     if rank == 0:
-        out.put((times, rounds, nbytes, slots))
+        out.put((times, rounds, cpu, handoff, nbytes, slots))
     dist.destroy_process_group()
 
 
@@ -99,7 +117,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(rank_main, args=(args.world, port, args, out), nprocs=args.world, start_method="spawn")
-    times, rounds, nbytes, slots = out.get()
+    times, rounds, cpu, handoff, nbytes, slots = out.get()
     base = statistics.median(times["baseline"])
     probe = statistics.median(times["probe"])
     print(f"world {args.world} (gloo, 127.0.0.1), torch {torch.__version__}, demo GPT-2 {args.layers}x{args.width} "
@@ -113,8 +131,12 @@ def main() -> None:
           f"(statistics, float64) {total:,}, all_reduce SUM (histograms, int32) {hist:,}, all_reduce MAX {mx:,}")
     if rounds:
         q = statistics.quantiles(rounds, n=10)
-        print(f"job thread, one round (pack + 3 collectives + waits): median {statistics.median(rounds) * 1e3:.2f} ms, "
-              f"p90 {q[-1] * 1e3:.2f} ms over {len(rounds)} rounds")
+        print(f"job thread, one round (pack + 4 collectives + waits): wall median {statistics.median(rounds) * 1e3:.2f} ms, "
+              f"p90 {q[-1] * 1e3:.2f} ms; CPU median {statistics.median(cpu) * 1e3:.2f} ms; over {len(rounds)} rounds "
+              f"(rank 0)")
+    if handoff:
+        print(f"training thread, hand-off of a sampled step to the job thread: median "
+              f"{statistics.median(handoff) * 1e6:.0f} us (rank 0)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ on every rank:
    histogram sizes);
 3. ``all_reduce(MAX)`` of max, -min and the distance from initialisation;
 4. ``all_reduce(SUM)`` of the histogram counts, int32 (half the bytes of
-   float64; exact below 2**31 per bin), left out above ``MAX_HIST_BYTES``.
+   float64; exact below 2**31 per bin), left out above ``MAX_HIST_BYTES``:
+   after the first round only each slot's window, the bins the job occupied
+   in the previous round plus a margin (the same on every rank, from the MAX
+   all-reduce); a slot whose counts left its window on some rank goes again
+   whole in a fifth all-reduce, issued by every rank (exact whatever moved).
 
 They are issued together (``async_op``) and waited for on the job thread,
 never on the training thread, and never on an unsampled step. Rank 0 then
@@ -64,14 +68,20 @@ log = logging.getLogger("xray-tui")
 #: Additive columns of a row, summed over ranks (a rank without the row adds zeros).
 SUM_COLS = ("count", "sum", "sumsq", "abssum", "near_zero", "zeros", "nan", "posinf", "neginf",
             "sum3", "sum4", "ref_sumsq", "lora_sumsq")
-_DEAD, _DEAD_N, _PRESENT, _HIST_N = range(len(SUM_COLS), len(SUM_COLS) + 4)
-#: Columns of a slot in the SUM buffer before its histogram counts.
-SUM_HEAD = len(SUM_COLS) + 4
-#: Columns of a slot in the MAX buffer: max, -min, init_dist.
-MAX_WIDTH = 3
+# then: dead-unit fractions and how many ranks had one, ranks with the row, histogram sizes, and
+# ranks whose counts fell outside this round's window (their slot's counts go again, whole)
+_DEAD, _DEAD_N, _PRESENT, _HIST_N, _LOST = range(len(SUM_COLS), len(SUM_COLS) + 5)
+#: Columns of a slot in the SUM buffer (float64).
+SUM_HEAD = len(SUM_COLS) + 5
+#: Columns of a slot in the MAX buffer: max, -min, init_dist, and the largest and (negated) smallest
+#: magnitude (bins away from the zero bin) its non-zero histogram bins hold.
+MAX_WIDTH = 5
+#: Bins added on each side of the job's occupied range to make the next round's window (2 octaves).
+WINDOW_MARGIN = 8
 #: The per-rank vector, all-gathered.
 VECTOR = ("step", "grad_norm", "nonfinite", "step_time", "fwd_time", "loss")
-#: Largest SUM buffer (bytes) that carries histograms; a bigger table merges statistics only.
+#: Largest histogram buffer (bytes, all bins of every slot: the first round's, and the bound of any
+#: round's) that is sent; a bigger table merges statistics only.
 MAX_HIST_BYTES = 32 << 20
 #: Seconds a round (or the setup) may take before the job is switched off.
 DEFAULT_TIMEOUT = 60.0
@@ -129,10 +139,13 @@ class Job:
         self.rounds = 0
         #: wall seconds of the recent rounds on the job thread (packing, the three collectives, waits)
         self.round_times: deque = deque(maxlen=1024)
+        self.round_cpu: deque = deque(maxlen=1024)  # and the job thread's CPU seconds in them
         self.hosts: list[str] = []
         n = len(keys)
         self.hist = n * histogram.NUM_BINS * 4 <= MAX_HIST_BYTES  # the same on every rank
-        #: bytes each collective moves per rank: all_gather, SUM of statistics, SUM of histograms, MAX
+        self._window(None)
+        #: bytes each collective moved per rank in the last round: all_gather, SUM of statistics,
+        #: SUM of histogram counts (windowed, plus any slot sent again whole), MAX
         self.bytes = (len(VECTOR) * 8 * self.world, n * SUM_HEAD * 8, n * histogram.NUM_BINS * 4 * self.hist,
                       n * MAX_WIDTH * 8)
         try:
@@ -162,6 +175,7 @@ class Job:
         job.rank, job.world, job.keys = rank, world, keys
         job.slot = {k: i for i, k in enumerate(keys)}
         job.hist = len(keys) * histogram.NUM_BINS * 4 <= MAX_HIST_BYTES
+        job._window(None)
         job.replicated, job.lora_bases, job.on, job.hosts = set(), {}, False, []
         return job
 
@@ -243,9 +257,10 @@ class Job:
                 continue
             step = int(vector[0])
             try:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 gathered, merged = self._round(meta, rows, hists, hist_n, vector)
                 self.round_times.append(time.perf_counter() - t0)
+                self.round_cpu.append(time.thread_time() - c0)
             except Exception as exc:  # a peer died or hung past the timeout: off for good
                 self._publish(lambda own=own: own)
                 self._lost(step, exc)
@@ -262,15 +277,27 @@ class Job:
         vec = np.asarray(vector, dtype=np.float64)
         t_vec = torch.from_numpy(vec)
         out = [torch.empty_like(t_vec) for _ in range(self.world)]
+        flat = None
+        if counts is not None:
+            flat, lost = self.cut(counts)
+            sums[:, _LOST] = lost
         # issued together, in this order on every rank; waited for together
         works = [dist.all_gather(out, t_vec, group=self.group, async_op=True),
                  dist.all_reduce(torch.from_numpy(sums), dist.ReduceOp.SUM, group=self.group, async_op=True),
                  dist.all_reduce(torch.from_numpy(maxes), dist.ReduceOp.MAX, group=self.group, async_op=True)]
-        if counts is not None:  # int32: exact while a bin's count over the job stays below 2**31
-            works.append(dist.all_reduce(torch.from_numpy(counts), dist.ReduceOp.SUM, group=self.group,
+        if flat is not None:  # int32: exact while a bin's count over the job stays below 2**31
+            works.append(dist.all_reduce(torch.from_numpy(flat), dist.ReduceOp.SUM, group=self.group,
                                          async_op=True))
         for w in works:
             w.wait()
+        if flat is not None:
+            def whole(part: np.ndarray) -> np.ndarray:  # the same slots on every rank: the SUM says which
+                dist.all_reduce(torch.from_numpy(part), dist.ReduceOp.SUM, group=self.group)
+                return part
+
+            counts, again = self.merge_counts(flat, sums, counts, whole)
+            self.bytes = (*self.bytes[:2], (flat.size + again) * 4, self.bytes[3])
+            self._window(maxes)
         gathered = torch.stack(out).numpy()
         steps = gathered[:, 0]
         if not (steps == steps[0]).all():
@@ -299,11 +326,64 @@ class Job:
         sums[dst, _HIST_N] = np.asarray(hist_n, dtype=np.float64)[src]
         if counts is not None:
             counts[dst] = hists[src]
+            occupied = hists[src] != 0
+            z = histogram.ZERO_BIN  # both signs folded: column m-1 is magnitude m (bins z+m and z-m)
+            fold = occupied[:, z + 1:] | occupied[:, z - 1::-1]
+            has = fold.any(1)
+            maxes[dst, 3] = np.where(has, histogram.MAG_BINS - fold[:, ::-1].argmax(1), -math.inf)
+            maxes[dst, 4] = np.where(has, -(fold.argmax(1) + 1), -math.inf)
         # NaN (a tensor holding one, or an empty one) is neutral here; the NaN count restores it
         mx, mn, init = r[:, COL["max"]], r[:, COL["min"]], r[:, COL["init_dist"]]
         maxes[dst, 0] = np.where(np.isnan(mx), -math.inf, mx)
         maxes[dst, 1] = np.where(np.isnan(mn), -math.inf, -mn)
         maxes[dst, 2] = np.where(np.isnan(init), -math.inf, init)
+
+    # -- histogram windows ------------------------------------------------
+    # A slot's counts occupy a few dozen of the 641 bins. After the first round (all bins), each
+    # round sends per slot only the zero bin and, on both signs, the magnitudes the job occupied
+    # in the previous round plus a margin: the same window on every rank (it comes from the MAX
+    # all-reduce). A rank whose counts fall outside says so in the SUM buffer; those slots' counts
+    # then go again, whole, in one more all-reduce that every rank issues (each knows the same
+    # slots from the SUM): exact, whatever moved.
+
+    def _window(self, maxes) -> None:
+        """Set the next round's windows from a round's all-reduced MAX buffer (None: all bins)."""
+        n, z, nb = len(self.keys), histogram.ZERO_BIN, histogram.NUM_BINS
+        base = np.arange(n) * nb
+        if maxes is None or not self.hist:
+            starts, widths = base, np.full(n, nb if self.hist else 0)
+        else:
+            occupied = np.isfinite(maxes[:, 3])
+            hi = np.minimum(np.nan_to_num(maxes[:, 3], neginf=0) + WINDOW_MARGIN, histogram.MAG_BINS)
+            lo = np.maximum(np.nan_to_num(-maxes[:, 4], posinf=1) - WINDOW_MARGIN, 1)
+            side = np.where(occupied, hi - lo + 1, 0).astype(np.int64)
+            # per slot: negative magnitudes hi..lo, the zero bin, positive magnitudes lo..hi
+            starts = np.stack([base + z - hi, base + z, base + z + lo], 1).reshape(-1).astype(np.int64)
+            widths = np.stack([side, np.ones(n, dtype=np.int64), side], 1).reshape(-1)
+        widths = np.asarray(widths, dtype=np.int64)
+        total = int(widths.sum())
+        offsets = np.concatenate([[0], np.cumsum(widths)[:-1]])
+        #: flat indices (into [n, NUM_BINS]) of the bins sent, and the slot of each
+        self._win_idx = np.repeat(starts - offsets, widths) + np.arange(total)
+        self._win_slot = self._win_idx // nb
+
+    def cut(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's counts inside the windows (flat int32), and per slot 1 where some fell outside."""
+        flat = counts.reshape(-1)[self._win_idx]
+        inside = np.bincount(self._win_slot, weights=flat, minlength=len(self.keys))
+        return flat, (counts.sum(1) != inside).astype(np.float64)
+
+    def merge_counts(self, flat, sums, counts, whole) -> tuple[np.ndarray, int]:
+        """The job's counts [n, NUM_BINS] from the all-reduced windows; slots some rank lost go
+        again whole through ``whole(this rank's counts of those slots)`` (an all-reduce).
+        Returns (counts, bins sent again)."""
+        merged = np.zeros(len(self.keys) * histogram.NUM_BINS, dtype=np.int32)
+        merged[self._win_idx] = flat
+        merged = merged.reshape(len(self.keys), histogram.NUM_BINS)
+        lost = np.nonzero(sums[:, _LOST] > 0)[0]
+        if len(lost):
+            merged[lost] = whole(np.ascontiguousarray(counts[lost]))
+        return merged, int(len(lost) * histogram.NUM_BINS)
 
     def merged_rows(self, merged):
         """Rank 0: the job's rows back in reduce.py's layout: (meta, rows [m, NCOL], hists, hist_n)."""
@@ -361,6 +441,9 @@ class Job:
     def _lost(self, step: int, exc: Exception) -> None:
         """A round failed: switch off, and (rank 0) tell the viewers which ranks went missing."""
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if not dist.is_initialized():  # the script tore torch.distributed down first: nobody is missing
+            self._off("torch.distributed was shut down before the probe closed")
+            return
         self._off(f"a collective failed ({error})")
         if self._store is not None:
             try:  # still here (rank 0 names the ranks that do not say so)

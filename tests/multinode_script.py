@@ -12,7 +12,8 @@ OUTDIR/truth{R}.pt at the end. ``--max-rank``: that rank's inputs hold 100.0, so
 the first Linear's largest output is only on it. ``--diverge-rank``: from step S
 that rank's gradients are scaled by 100 (after DDP's all-reduce). ``--slow-rank``:
 from step S that rank sleeps 0.25 s before each forward (a data-loading stall).
-``--kill-rank``: that rank SIGKILLs itself at step S. ``--wait-file``: rank 0
+``--kill-rank``: that rank SIGKILLs itself at step S (once the job merged a few steps with it).
+``--no-serve-local``: ``serve_local=False``. ``--wait-file``: rank 0
 waits up to 20 s for F to exist before closing (the test lists the live run).
 """
 
@@ -40,6 +41,7 @@ p.add_argument("--kill-rank", type=int, default=-1)
 p.add_argument("--kill-at", type=int, default=0)
 p.add_argument("--timeout", type=float, default=60.0)
 p.add_argument("--wait-file", default="")
+p.add_argument("--no-serve-local", action="store_true")
 args = p.parse_args()
 
 dist.init_process_group("gloo")
@@ -57,7 +59,7 @@ acts: list = []
 first.register_forward_hook(lambda m, i, o: acts.append(o.detach().clone()))
 truth = []
 with probes.attach(model, opt, every=1, name="multi", log=f"{args.outdir}/rank{rank}.xray",
-                   spectral_every=None, job_timeout=args.timeout) as xr:
+                   spectral_every=None, job_timeout=args.timeout, serve_local=not args.no_serve_local) as xr:
     for step in range(args.steps):
         if rank == args.kill_rank and step == args.kill_at:
             # die once the job has merged some steps with this rank (its rounds run behind training)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from probes import histogram, wire
+from probes import job as jobmod
 from probes.job import Job, table_keys
 from probes.probe import build_step
 from probes.reduce import Batch
@@ -138,3 +139,40 @@ def test_the_merged_view_shows_the_whole_jobs_samples():
     assert st.latest(row, "weight", rank=None).count == 5  # the whole job's
     assert st.latest(row, "weight", rank=0).count == 3
     assert [s.count for _, s in st.series("w", "weight", rank=None)] == [5]
+
+
+def test_histogram_windows_send_few_bins_and_stay_exact_when_values_move():
+    """Rounds of two simulated ranks: after the first round only each slot's window of bins travels;
+    a rank whose values leave the window has its slot sent again whole, so the counts stay exact."""
+    jobs = [Job.offline(KEYS, rank=r, world=2) for r in range(2)]
+    g = torch.Generator().manual_seed(2)
+    sent = []
+    for scale in (1.0, 1.0, 1e6, 1e6):
+        tensors = [{("w", "weight"): torch.randn(500, generator=g) * (scale if r == 1 else 1.0),
+                    ("w", "grad"): torch.randn(300, generator=g)} for r in range(2)]
+        packed = [j.pack(*rank_rows(t)) for j, t in zip(jobs, tensors)]
+        cuts = [j.cut(p[2]) for j, p in zip(jobs, packed)]
+        for (sums, _, _), (_, lost) in zip(packed, cuts):
+            sums[:, jobmod._LOST] = lost
+        sums = sum(p[0] for p in packed)  # what the SUM all-reduce gives every rank
+        maxes = np.maximum.reduce([p[1] for p in packed])
+        flat = sum(c[0] for c in cuts)
+        lost = np.nonzero(sums[:, jobmod._LOST] > 0)[0]
+        whole = lambda part: sum(p[2][lost] for p in packed)  # noqa: E731 - the fifth all-reduce
+        counts, again = jobs[0].merge_counts(flat, sums, packed[0][2], whole)
+        sent.append((flat.size, again))
+        for j in jobs:
+            j._window(maxes)
+        meta, rows, hists, hist_n = jobs[0].merged_rows((sums, maxes, counts))
+        got = {(s.layer, s.kind): s for s in build_step(0, -1, 0.0, meta, rows, hists, hist_n).samples}
+        for key in (("w", "weight"), ("w", "grad")):
+            a = torch.cat([t[key] for t in tensors]).double().numpy()
+            want = np.bincount(histogram.bin_index(a.astype(np.float32)), minlength=histogram.NUM_BINS + 1)
+            hist = np.zeros(histogram.NUM_BINS + 1, dtype=np.int64)
+            hist[got[key].hist_lo: got[key].hist_lo + len(got[key].hist)] = got[key].hist
+            assert (hist == want).all(), (scale, key)
+    full = len(KEYS) * histogram.NUM_BINS
+    assert sent[0] == (full, 0)  # the first round: every bin
+    assert sent[1][0] < full / 8 and sent[1][1] == 0  # then the windows only (279 bins of 3,205 here)
+    assert sent[2][1] == histogram.NUM_BINS  # rank 1's weights moved out: that slot went again whole
+    assert sent[3][1] == 0  # and the window followed them

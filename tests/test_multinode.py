@@ -156,11 +156,13 @@ def test_two_nodes_whole_job_on_rank_0(tmp_path):
 
 def test_a_killed_rank_is_named_and_nothing_hangs(tmp_path):
     steps = 40
-    procs, dirs = launch(tmp_path, steps, "--kill-rank", "3", "--kill-at", "6", "--timeout", "3")
+    procs, dirs = launch(tmp_path, steps, "--kill-rank", "3", "--kill-at", "6", "--timeout", "3", "--no-serve-local")
     t0 = time.monotonic()
+    serving = set()
     try:
         done = []
         while time.monotonic() - t0 < 90:
+            serving |= {r for run in ls_json(dirs[0]) for r in run["ranks"]}
             done = [read(tmp_path / f"rank{r}.xray") for r in (0, 1)]
             if all(m and isinstance(m[-1], wire.End) for m in done):
                 break
@@ -168,6 +170,7 @@ def test_a_killed_rank_is_named_and_nothing_hangs(tmp_path):
     finally:
         stop(procs)  # node 0's torchrun would wait for node 1 at its exit barrier
     r0, r1 = done
+    assert serving == {0}  # serve_local=False: rank 1 records but opens no socket
     for msgs in (r0, r1):  # node 0's ranks trained to the end and closed normally
         assert isinstance(msgs[-1], wire.End) and msgs[-1].reason == "finished"
         assert max(m.step for m in msgs if isinstance(m, wire.Step) and m.rank >= 0) == steps - 1
