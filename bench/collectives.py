@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import statistics
 import sys
 import time
@@ -71,6 +72,7 @@ def rank_main(rank: int, world: int, port: int, args, out) -> None:
     for _ in range(3):
         step()
     times = {c: [] for c in CONFIGS}
+    cpu_step = {c: [] for c in CONFIGS}  # the process's CPU seconds per step (all its threads: gloo's too)
     rounds, cpu, handoff, nbytes, slots = [], [], [], None, 0
     order = random.Random(0)  # the same shuffled order on every rank: attach is collective
     for _ in range(args.rounds):
@@ -83,20 +85,24 @@ def rank_main(rank: int, world: int, port: int, args, out) -> None:
                 if xr._job is not None:  # the training thread's hand-off of a sampled step, timed
                     xr._job.submit = timed(handoff, xr._job.submit)
             step()  # the first sampled step of a block warms its buffers
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             for _ in range(args.steps):
                 t0 = time.perf_counter()
                 step()
                 times[cfg].append(time.perf_counter() - t0)
+            if xr is not None and xr._job is not None:
+                xr._job.close()  # its last rounds, so their CPU counts in this block
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu_step[cfg].append((r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / args.steps)
             if xr is not None:
                 if xr._job is not None:
-                    xr._job.close()  # its last rounds, so round_times are whole
                     rounds += list(xr._job.round_times)
                     cpu += list(xr._job.round_cpu)
                     nbytes, slots = xr._job.bytes, len(xr._job.keys)
                 xr.close()
             dist.barrier()
     if rank == 0:
-        out.put((times, rounds, cpu, handoff, nbytes, slots))
+        out.put((times, cpu_step, rounds, cpu, handoff, nbytes, slots))
     dist.destroy_process_group()
 
 
@@ -117,15 +123,17 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(rank_main, args=(args.world, port, args, out), nprocs=args.world, start_method="spawn")
-    times, rounds, cpu, handoff, nbytes, slots = out.get()
+    times, cpu_step, rounds, cpu, handoff, nbytes, slots = out.get()
     base = statistics.median(times["baseline"])
     probe = statistics.median(times["probe"])
     print(f"world {args.world} (gloo, 127.0.0.1), torch {torch.__version__}, demo GPT-2 {args.layers}x{args.width} "
           f"under DDP, every=1, {args.rounds} rounds x {args.steps} steps per configuration\n")
-    print("| configuration | median step (ms) | vs baseline | vs probe |\n|---|---:|---:|---:|")
+    print("| configuration | median step (ms) | vs baseline | vs probe | CPU ms per step, rank 0 (median block) |\n"
+          "|---|---:|---:|---:|---:|")
     for cfg in CONFIGS:
         m = statistics.median(times[cfg])
-        print(f"| {cfg} | {m * 1e3:.1f} | {m / base:.3f} | {m / probe:.3f} |")
+        print(f"| {cfg} | {m * 1e3:.1f} | {m / base:.3f} | {m / probe:.3f} | "
+              f"{statistics.median(cpu_step[cfg]) * 1e3:.1f} |")
     gather, total, hist, mx = nbytes
     print(f"\nslots {slots}; bytes per rank per sampled step: all_gather {gather:,}, all_reduce SUM "
           f"(statistics, float64) {total:,}, all_reduce SUM (histograms, int32) {hist:,}, all_reduce MAX {mx:,}")

@@ -137,7 +137,7 @@ class Job:
         self.on = False
         self.why_off = ""
         self.rounds = 0
-        #: wall seconds of the recent rounds on the job thread (packing, the three collectives, waits)
+        #: wall seconds of the recent rounds on the job thread (packing, the collectives, the waits)
         self.round_times: deque = deque(maxlen=1024)
         self.round_cpu: deque = deque(maxlen=1024)  # and the job thread's CPU seconds in them
         self.hosts: list[str] = []
@@ -271,7 +271,7 @@ class Job:
                 self._publish(lambda own=own, g=gathered, m=merged, f=finish: f(own, g, m))
 
     def _round(self, meta, rows, hists, hist_n, vector):
-        """One round of the three collectives; (gathered vectors [world, len(VECTOR)], merged or None)."""
+        """One round of the collectives; (gathered vectors [world, len(VECTOR)], merged or None)."""
         self.rounds += 1
         sums, maxes, counts = self.pack(meta, rows, hists, hist_n)
         vec = np.asarray(vector, dtype=np.float64)
