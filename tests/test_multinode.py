@@ -64,8 +64,8 @@ def stop(procs):
         p.wait(10)
 
 
-def ls_json(run_dir) -> list[dict]:
-    """``xray-tui ls --json`` as a person on that node runs it."""
+def ls(run_dir, *args) -> str:
+    """``xray-tui ls`` as a person on that node runs it."""
     from tui import cli
 
     old = os.environ.get("XRAY_TUI_RUN_DIR")
@@ -73,10 +73,14 @@ def ls_json(run_dir) -> list[dict]:
     try:
         out = io.StringIO()
         with redirect_stdout(out):
-            cli.main(["ls", "--json"])
+            cli.main(["ls", *args])
     finally:
         os.environ["XRAY_TUI_RUN_DIR"] = old or ""
-    return [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
+    return out.getvalue()
+
+
+def ls_json(run_dir) -> list[dict]:
+    return [json.loads(line) for line in ls(run_dir, "--json").splitlines() if line.strip()]
 
 
 def read(path):
@@ -107,6 +111,7 @@ def test_two_nodes_whole_job_on_rank_0(tmp_path):
         while time.monotonic() < deadline and not (runs and runs[0]["ranks"] == [0, 1]):
             runs = ls_json(dirs[0])
             time.sleep(0.2)
+        table = ls(dirs[0])
         flag.touch()
         outs = [p.communicate(timeout=90)[0] for p in procs]
     finally:
@@ -116,6 +121,8 @@ def test_two_nodes_whole_job_on_rank_0(tmp_path):
     # from node 0: the run, its 2 local ranks of a job of 4 on 2 nodes
     (run,) = runs
     assert (run["name"], run["ranks"], run["world_size"], run["nodes"]) == ("multi", [0, 1], 4, 2)
+    head, line = table.splitlines()[:2]
+    assert head.split()[:4] == ["NAME", "PID", "RANKS", "NODES"] and line.split()[2:4] == ["2/4", "2"]
 
     r0 = read(tmp_path / "rank0.xray")
     truth = [torch.load(tmp_path / f"truth{r}.pt") for r in range(4)]
