@@ -13,7 +13,8 @@ the first Linear's largest output is only on it. ``--diverge-rank``: from step S
 that rank's gradients are scaled by 100 (after DDP's all-reduce). ``--slow-rank``:
 from step S that rank sleeps 0.25 s before each forward (a data-loading stall).
 ``--kill-rank``: that rank SIGKILLs itself at step S (once the job merged a few steps with it).
-``--no-serve-local``: ``serve_local=False``. ``--wait-file``: rank 0
+``--no-serve-local``: ``serve_local=False``. ``--hang-rank``: that rank stops for
+``--hang-s`` seconds at step ``--hang-at`` (hung, then back). ``--wait-file``: rank 0
 waits up to 20 s for F to exist before closing (the test lists the live run).
 """
 
@@ -42,6 +43,9 @@ p.add_argument("--kill-at", type=int, default=0)
 p.add_argument("--timeout", type=float, default=60.0)
 p.add_argument("--wait-file", default="")
 p.add_argument("--no-serve-local", action="store_true")
+p.add_argument("--hang-rank", type=int, default=-1)
+p.add_argument("--hang-at", type=int, default=0)
+p.add_argument("--hang-s", type=float, default=0.0)
 args = p.parse_args()
 
 dist.init_process_group("gloo")
@@ -67,6 +71,8 @@ with probes.attach(model, opt, every=1, name="multi", log=f"{args.outdir}/rank{r
             while xr._job.rounds < args.kill_at and time.monotonic() < deadline:
                 time.sleep(0.01)
             os.kill(os.getpid(), signal.SIGKILL)
+        if rank == args.hang_rank and step == args.hang_at:
+            time.sleep(args.hang_s)  # hung: alive, but not training and not taking part
         time.sleep(0.25 if rank == args.slow_rank and step >= args.slow_at else 0.01)
         x = torch.randn(8, 4, generator=gen)
         if rank == args.max_rank:

@@ -187,3 +187,21 @@ def test_a_killed_rank_is_named_and_nothing_hangs(tmp_path):
     # the job's samples: the steps merged with rank 3, then none
     merged = [s.step for s in job_steps(r0)]
     assert merged == list(range(len(merged))) and 5 <= len(merged) <= 7
+
+
+def test_a_hung_rank_is_named_and_holds_nobody_up(tmp_path):
+    """One node of two ranks: rank 1 hangs 5 s at step 3; rank 0 trains on (no DDP here), its
+    probe's round times out after 1.5 s and names rank 1, and both close normally."""
+    env = dict(os.environ, XRAY_TUI_QUIET="1", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          SCRIPT, str(tmp_path), "20", "--hang-rank", "1", "--hang-at", "3", "--hang-s", "5",
+                          "--timeout", "1.5"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-4000:]
+    r0, r1 = (read(tmp_path / f"rank{r}.xray") for r in (0, 1))
+    missing = [m for m in r0 if isinstance(m, wire.Alert) and m.rule == "rank-missing"]
+    assert [a.rank for a in missing] == [1] and "hung past 1.5 s" in missing[0].message
+    own = [m for m in r0 if isinstance(m, wire.Step) and m.rank == 0]
+    assert len(own) == 20 and own[-1].time - own[0].time < 4  # rank 0 never waited for the hung rank
+    assert isinstance(r0[-1], wire.End) and r0[-1].reason == "finished"
+    assert isinstance(r1[-1], wire.End) and r1[-1].reason == "finished"
+    assert len([m for m in r1 if isinstance(m, wire.Step) and m.rank == 1]) == 20  # its own stream went on
