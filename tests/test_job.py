@@ -5,6 +5,7 @@ of the job's samples."""
 
 import math
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -176,3 +177,32 @@ def test_histogram_windows_send_few_bins_and_stay_exact_when_values_move():
     assert sent[1][0] < full / 8 and sent[1][1] == 0  # then the windows only (279 bins of 3,205 here)
     assert sent[2][1] == histogram.NUM_BINS  # rank 1's weights moved out: that slot went again whole
     assert sent[3][1] == 0  # and the window followed them
+
+
+async def test_the_app_shows_the_whole_job_by_default_and_r_cycles_to_the_local_rank():
+    """Rank 0 alone attached (serve_local=False on a 4-rank job): the view is the whole job's,
+    and ``r`` goes whole job -> rank 0 -> whole job."""
+    from tui import synthetic
+    from tui.app import XRayApp
+    from tui.feed import ListSource
+
+    own = synthetic.steps(3, 3, elements=64, seed=1, rank=0)
+    whole = [wire.Step(step=s.step, rank=-1, time=s.time, ranks=wire.RankStats(step_time=[0.1] * 4),
+                       samples=[msgspec.structs.replace(x, count=x.count * 4) for x in s.samples]) for s in own]
+    batches = [[synthetic.hello(3, run="job", rank=0, world_size=4)]] + [[a, b] for a, b in zip(own, whole)]
+    app = XRayApp(ListSource(batches))
+    async with app.run_test(size=(120, 40)) as pilot:
+        for _ in range(200):
+            await pilot.pause(0.02)
+            if app.state.step >= 2 and app.connection != "live":
+                break
+        app._paint()
+        await pilot.pause()
+        text = lambda: "\n".join(s.text for s in app.screen._compositor.render_strips())  # noqa: E731
+        row = app.state.rows[0]
+        assert app.table.rank is None and "whole job (4 ranks)" in text()
+        assert app.state.latest(row, "weight", None).count == 4 * app.state.latest(row, "weight", 0).count
+        await pilot.press("r")
+        assert app.table.rank == 0 and "(rank 0)" in text()
+        await pilot.press("r")
+        assert app.table.rank is None
