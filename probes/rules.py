@@ -404,6 +404,7 @@ class RuleEngine:
             self._nonfinite_active[key] = first.layer
             others = len(bad) - 1
             also = f"; {others} other {kind} stream{'s' if others != 1 else ''} hold NaN/inf too" if others else ""
+            also += self._where_in_job(step)
             out.append(
                 self._alert(
                     step, first, "critical", "nonfinite", n, 0,
@@ -413,6 +414,18 @@ class RuleEngine:
                 )
             )
         return out
+
+    def _where_in_job(self, step: Step) -> str:
+        """On the whole job's step: which ranks (and hosts) hold the NaN/inf, from the per-rank vector."""
+        ranks = step.ranks
+        if step.rank != -1 or ranks is None:
+            return ""
+        bad = [r for r, n in enumerate(ranks.nonfinite) if n > 0]
+        if not bad:
+            return ""
+        named = ", ".join(f"{r} ({self.hosts[r]})" if r < len(self.hosts) else str(r) for r in bad[:8])
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        return f"; on rank{'s' if len(bad) > 1 else ''} {named}{more}"
 
     def _nonfinite_hint(self, kind: str) -> str:
         p = self._precision_kind()

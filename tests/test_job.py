@@ -206,3 +206,14 @@ async def test_the_app_shows_the_whole_job_by_default_and_r_cycles_to_the_local_
         assert app.table.rank == 0 and "(rank 0)" in text()
         await pilot.press("r")
         assert app.table.rank is None
+
+
+def test_a_nonfinite_alert_on_the_whole_job_names_the_ranks_that_hold_it():
+    eng = RuleEngine()
+    eng.hosts = ["a", "a", "b", "b"]
+    bad = merge([{("w", "weight"): torch.ones(3)}, {("w", "weight"): torch.tensor([1.0, float("nan")])}])
+    step = wire.Step(step=0, rank=-1, time=0.0, samples=list(bad.values()), ranks=wire.RankStats(
+        grad_norm=[1.0] * 4, nonfinite=[0.0, 0.0, 0.0, 1.0], step_time=[0.1] * 4, fwd_time=[0.01] * 4,
+        loss=[1.0] * 4))
+    (alert,) = [a for a in eng.evaluate(step) if a.rule == "nonfinite"]
+    assert alert.rank == -1 and "on rank 3 (b)" in alert.message
