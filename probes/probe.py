@@ -464,6 +464,8 @@ class XRay:
         # the device engine's fallback reaches the viewers (the header shows it, headless prints it)
         self._unsubscribe_engine = engines.on_fallback(
             lambda device, why: self.note("engine-fallback", device=device, why=why))
+        if self._job is not None and not self._job.on and rank == 0:
+            self.note("job-off", why=self._job.why_off)  # e.g. the ranks watch different layers
         for n, kind, why in self._skip_notes:
             self.note("skipped", layer=n, kind=kind, why=why)
         self._skip_notes.clear()
