@@ -1199,7 +1199,13 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **k
     (transformer-block indices, e.g. ``[0, 1, 2]``: only modules and
     parameters inside those items of the model's block ``ModuleList``, e.g.
     ``transformer.h.0``, are watched; ValueError for an index the model does
-    not have).
+    not have), ``job`` (with torch.distributed: rank 0 merges every rank's
+    statistics into the whole job's, ``rank=-1``, through collectives on a
+    gloo group of the probe's own, off the training thread; see
+    :mod:`probes.job`; default True), ``job_timeout`` (seconds a round of
+    those collectives may take before the view is switched off and the
+    missing ranks named, 60), ``serve_local`` (False: ranks other than 0
+    open no socket).
     Usable as a context manager; without an optimizer call ``xr.step()``.
     """
     return XRay(model, optimizer, **kwargs)
