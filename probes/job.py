@@ -33,6 +33,13 @@ masks the rows do not carry); ``init_dist`` is the largest rank's; the
 spectral figures and evaluation passes are not merged (each rank's own
 stream has them).
 
+Pace: each rank's backlog (sampled steps queued for its job thread) is in
+the gathered vector, so every rank sees the largest; while it exceeds
+``BACKLOG_HIGH`` the job merges half as many sampled steps (one in 2, 4, ...
+64; the others go to each rank's own stream only), and twice as many again
+after ``CALM_ROUNDS`` rounds with nothing queued anywhere: the same steps on
+every rank, and a ``job-stride`` note says so.
+
 Failure: the group has a timeout, so a rank that dies or hangs makes a
 round fail after at most ``timeout`` seconds on the job thread while
 training goes on; the job is then off on that rank for good (never a
@@ -79,7 +86,13 @@ MAX_WIDTH = 5
 #: Bins added on each side of the job's occupied range to make the next round's window (2 octaves).
 WINDOW_MARGIN = 8
 #: The per-rank vector, all-gathered.
-VECTOR = ("step", "grad_norm", "nonfinite", "step_time", "fwd_time", "loss")
+VECTOR = ("step", "grad_norm", "nonfinite", "step_time", "fwd_time", "loss", "backlog")
+#: Sampled steps queued on some rank's job thread beyond which the job merges half as many steps.
+BACKLOG_HIGH = 16
+#: Rounds in a row with no step queued anywhere before it merges twice as many again.
+CALM_ROUNDS = 8
+#: Fewest sampled steps merged: 1 in MAX_STRIDE.
+MAX_STRIDE = 64
 #: Largest histogram buffer (bytes, all bins of every slot: the first round's, and the bound of any
 #: round's) that is sent; a bigger table merges statistics only.
 MAX_HIST_BYTES = 32 << 20
@@ -126,7 +139,7 @@ class Job:
     """
 
     def __init__(self, keys: list[tuple[str, str]], publish, run: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 replicated: set[str] | None = None, lora_bases: dict | None = None) -> None:
+                 replicated: set[str] | None = None, lora_bases: dict | None = None, every: int = 1) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.keys = keys
         self.slot = {k: i for i, k in enumerate(keys)}
@@ -137,6 +150,11 @@ class Job:
         self.on = False
         self.why_off = ""
         self.rounds = 0
+        self.every = every
+        #: the job merges one sampled step in ``stride`` (doubled while rounds fall behind, the
+        #: same on every rank: it is decided from the all-gathered backlogs)
+        self.stride = 1
+        self._calm = 0
         #: wall seconds of the recent rounds on the job thread (packing, the collectives, the waits)
         self.round_times: deque = deque(maxlen=1024)
         self.round_cpu: deque = deque(maxlen=1024)  # and the job thread's CPU seconds in them
@@ -177,6 +195,7 @@ class Job:
         job.hist = len(keys) * histogram.NUM_BINS * 4 <= MAX_HIST_BYTES
         job._window(None)
         job.replicated, job.lora_bases, job.on, job.hosts = set(), {}, False, []
+        job.every, job.stride, job._calm, job._publish = 1, 1, 0, lambda build: None
         return job
 
     def pack(self, meta, rows, hists, hist_n) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -251,11 +270,14 @@ class Job:
             except Exception:  # the round still runs (empty), so the ranks stay in step
                 log.exception("xray-tui: a sample could not be built; skipped")
                 own, meta, rows, hists, hist_n, finish = [], [], None, None, [], None
-                vector = [rest[0]] + [math.nan] * (len(VECTOR) - 1)
+                vector = [rest[0]] + [math.nan] * (len(VECTOR) - 2)
             if not self.on:
                 self._publish(lambda own=own: own)
                 continue
             step = int(vector[0])
+            if not self.merges(step):  # skipped by every rank alike (see throttle)
+                self._publish(lambda own=own: own)
+                continue
             try:
                 t0, c0 = time.perf_counter(), time.thread_time()
                 gathered, merged = self._round(meta, rows, hists, hist_n, vector)
@@ -274,7 +296,7 @@ class Job:
         """One round of the collectives; (gathered vectors [world, len(VECTOR)], merged or None)."""
         self.rounds += 1
         sums, maxes, counts = self.pack(meta, rows, hists, hist_n)
-        vec = np.asarray(vector, dtype=np.float64)
+        vec = np.asarray([*vector, self._q.qsize()], dtype=np.float64)
         t_vec = torch.from_numpy(vec)
         out = [torch.empty_like(t_vec) for _ in range(self.world)]
         flat = None
@@ -299,6 +321,7 @@ class Job:
             self.bytes = (*self.bytes[:2], (flat.size + again) * 4, self.bytes[3])
             self._window(maxes)
         gathered = torch.stack(out).numpy()
+        self.throttle(float(np.nanmax(gathered[:, -1])), int(vec[0]))
         steps = gathered[:, 0]
         if not (steps == steps[0]).all():
             # every rank sees the same gathered steps, so all turn off together
@@ -337,6 +360,32 @@ class Job:
         maxes[dst, 0] = np.where(np.isnan(mx), -math.inf, mx)
         maxes[dst, 1] = np.where(np.isnan(mn), -math.inf, -mn)
         maxes[dst, 2] = np.where(np.isnan(init), -math.inf, init)
+
+    # -- pace -------------------------------------------------------------
+
+    def merges(self, step: int) -> bool:
+        """Whether the sampled step ``step`` goes through a round (every rank answers the same)."""
+        return (step // self.every) % self.stride == 0
+
+    def throttle(self, backlog: float, step: int = 0) -> None:
+        """After each round, from the largest backlog of any rank (all ranks see the same): merge
+        half as many sampled steps while some rank's job thread falls behind (a slow network,
+        a busy CPU, a tiny model sampled every step), twice as many again once all keep up."""
+        before = self.stride
+        if backlog > BACKLOG_HIGH and self.stride < MAX_STRIDE:
+            self.stride *= 2
+            self._calm = 0
+        elif backlog == 0 and self.stride > 1:
+            self._calm += 1
+            if self._calm >= CALM_ROUNDS:
+                self.stride //= 2
+                self._calm = 0
+        else:
+            self._calm = 0
+        if self.stride != before and self.rank == 0:
+            note = wire.Note(max(step, 0), wire.JOB_RANK, "job-stride", {
+                "stride": self.stride, "why": "the collectives fell behind" if self.stride > before else "caught up"})
+            self._publish(lambda: [note])
 
     # -- histogram windows ------------------------------------------------
     # A slot's counts occupy a few dozen of the 641 bins. After the first round (all bins), each

@@ -432,7 +432,7 @@ class XRay:
                 self._job = Job(table_keys(self.params, self.trainable, [n for n, _ in modules]),
                                 lambda build: self.publisher.submit(build), self.run, timeout=job_timeout,
                                 replicated={n for n, p in self.params if id(p) not in self._sharded},
-                                lora_bases=self._lora_bases)
+                                lora_bases=self._lora_bases, every=every)
             except Exception:
                 log.exception("xray-tui: the whole-job view could not be set up; each rank serves its own")
                 self._job = None

@@ -217,3 +217,24 @@ def test_a_nonfinite_alert_on_the_whole_job_names_the_ranks_that_hold_it():
         loss=[1.0] * 4))
     (alert,) = [a for a in eng.evaluate(step) if a.rule == "nonfinite"]
     assert alert.rank == -1 and "on rank 3 (b)" in alert.message
+
+
+def test_the_job_merges_fewer_steps_while_a_rank_falls_behind_and_more_once_all_keep_up():
+    job = Job.offline(KEYS)
+    notes = []
+    job._publish = lambda build: notes.extend(build())
+    job.every = 10
+    assert all(job.merges(s) for s in (0, 10, 20))
+    job.throttle(jobmod.BACKLOG_HIGH + 1, step=30)  # some rank has more queued than that
+    assert job.stride == 2 and [job.merges(s) for s in (40, 50, 60)] == [True, False, True]
+    assert notes[-1].event == "job-stride" and notes[-1].data["stride"] == 2 and notes[-1].step == 30
+    for _ in range(10):
+        job.throttle(jobmod.BACKLOG_HIGH + 1)
+    assert job.stride == jobmod.MAX_STRIDE  # bounded
+    for _ in range(jobmod.CALM_ROUNDS - 1):
+        job.throttle(0)
+    assert job.stride == jobmod.MAX_STRIDE
+    job.throttle(1)  # not calm yet: the count starts again
+    for _ in range(jobmod.CALM_ROUNDS):
+        job.throttle(0)
+    assert job.stride == jobmod.MAX_STRIDE // 2 and notes[-1].data["why"] == "caught up"
