@@ -7,7 +7,7 @@ runs four collectives on a gloo group of the probe's own, in the same order
 on every rank:
 
 1. ``all_gather`` of a short per-rank vector (step, replicated gradient
-   norm, non-finite count, step time, data+forward time, loss);
+   norm, non-finite count, step time, data+forward time, loss, backlog);
 2. ``all_reduce(SUM)`` of the additive columns, float64 (counts, power sums,
    near-zero/zero/NaN/Inf counts, the update's reference sum of squares,
    histogram sizes);
