@@ -28,6 +28,8 @@ class XRayCallback(TrainerCallback):
         if self.ranks is not None and rank not in self.ranks:
             return
         opts = dict(self.kwargs)
+        # the whole-job view's collectives need every rank: off when only some ranks attach
+        opts.setdefault("job", self.ranks is None)
         opts.setdefault("name", args.run_name or "hf-trainer")
         optimizer = kwargs.get("optimizer")
         opts.setdefault("start_step", state.global_step)  # a resumed run goes on from its step

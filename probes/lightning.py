@@ -59,6 +59,8 @@ class XRayCallback(Callback):
         if self.xray is not None or (self.ranks is not None and rank not in self.ranks):
             return
         opts = dict(self.kwargs)
+        # the whole-job view's collectives need every rank: off when only some ranks attach
+        opts.setdefault("job", self.ranks is None)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         opts.setdefault("start_step", trainer.global_step)  # a resumed fit goes on from its step
         opts.setdefault("scaler", getattr(getattr(trainer, "precision_plugin", None), "scaler", None))

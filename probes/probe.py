@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Iterable
 
+import msgspec
 import numpy as np
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from .scalars import ScalarLog, grad_norm
 from .reduce import COL, Batch, dead_units, upload
 from .rules import RuleEngine
 from .server import Publisher
+from .job import DEFAULT_TIMEOUT, Job, table_keys
 
 log = logging.getLogger("xray-tui")
 
@@ -324,6 +326,9 @@ class XRay:
         scaler=None,
         start_step: int | None = None,
         hook_optimizer: bool = True,
+        job: bool = True,
+        job_timeout: float = DEFAULT_TIMEOUT,
+        serve_local: bool = True,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -416,6 +421,23 @@ class XRay:
         self.run = name or os.path.splitext(os.path.basename(sys.argv[0] or "run"))[0] or "run"
         if serve and world == 1:
             self.run = _unique_run_name(self.run)
+        # wall clock of step ends (one perf_counter a step), for the job's step-time and straggler figures
+        self._t_end = self._t_sampled = time.perf_counter()
+        self._t_fwd = math.nan  # the sampled step's forward end
+        self._since_sampled = 0
+        #: the whole job's view (probes/job.py): None with one rank, job=False, or a failed setup
+        self._job: Job | None = None
+        if job and world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            try:
+                self._job = Job(table_keys(self.params, self.trainable, [n for n, _ in modules]),
+                                lambda build: self.publisher.submit(build), self.run, timeout=job_timeout,
+                                replicated={n for n, p in self.params if id(p) not in self._sharded},
+                                lora_bases=self._lora_bases, every=every)
+            except Exception:
+                log.exception("xray-tui: the whole-job view could not be set up; each rank serves its own")
+                self._job = None
+        if not serve_local and rank != 0:
+            serve = False  # a very large job: rank 0 serves the whole job, the others only compute
         hello = wire.Hello(
             version=wire.PROTOCOL_VERSION,
             run=self.run,
@@ -432,6 +454,7 @@ class XRay:
             precision=_precision(self.params, scaler),
             param_groups=self._param_groups,
             start_step=self.step_index,
+            hosts=self._job.hosts if self._job is not None else [],
         )
         log = _log_path(log, self.run, rank, world)
         self.publisher = Publisher(hello, serve=serve, log_path=log, rules=rules, tcp=tcp if serve else None)
@@ -441,6 +464,8 @@ class XRay:
         # the device engine's fallback reaches the viewers (the header shows it, headless prints it)
         self._unsubscribe_engine = engines.on_fallback(
             lambda device, why: self.note("engine-fallback", device=device, why=why))
+        if self._job is not None and not self._job.on and rank == 0:
+            self.note("job-off", why=self._job.why_off)  # e.g. the ranks watch different layers
         for n, kind, why in self._skip_notes:
             self.note("skipped", layer=n, kind=kind, why=why)
         self._skip_notes.clear()
@@ -616,6 +641,7 @@ class XRay:
                     self._flush_eval()
             self._active = False  # the next forward's pre-hook sets it (not _sampling: one guard less)
         elif self._sampling and not torch.compiler.is_compiling():
+            self._t_fwd = time.perf_counter()  # data loading + forward of this step end here
             self._reduce_held()
 
     @_eager
@@ -799,8 +825,8 @@ class XRay:
             self._snapshot = self._take_subsets()
         except Exception:
             self._fail("params")
-        if self.world > 1:
-            self._gather_grad_norms()
+        if self.world > 1 and self._job is None:
+            self._gather_grad_norms()  # with the job, the norms travel in its all-gather, off this thread
 
     @_eager
     def after_update(self, skipped: bool = False) -> None:
@@ -843,11 +869,24 @@ class XRay:
     def _end_step(self, skipped: bool = False) -> None:
         """Close the step: its scalars; on a sampled step ship everything; then advance."""
         self._scalars.end_step(self.step_index, skipped)
+        now = time.perf_counter()
+        self._since_sampled += 1
         if self._sampling:
+            # seconds per step since the last sampled step, and this step's data + forward time
+            self._timing = ((now - self._t_sampled) / self._since_sampled, self._t_fwd - self._t_end)
+            self._t_sampled, self._since_sampled, self._t_fwd = now, 0, math.nan
             self._flush(skipped)
         elif self._scalars.full():
-            self.publisher.submit(self._scalars.take())
+            self._ship(self._scalars.take())
+        self._t_end = now
         self._advance()
+
+    def _ship(self, build) -> None:
+        """Hand a builder to the publisher, behind the job's rounds when there are any (step order)."""
+        if self._job is not None:
+            self._job.forward(build)
+        else:
+            self.publisher.submit(build)
 
     @_eager
     def step(self) -> None:
@@ -949,13 +988,16 @@ class XRay:
         scalars = self._scalars.take()
         if self._closed:
             return
-        if not len(batch):
-            self.publisher.submit(scalars)
-            return
-        try:
-            copy = batch.start_copy()  # the one device-to-host copy of the step, waited for by the publisher
-        except Exception:
-            self._fail("transfer")
+        copy = None
+        if len(batch):
+            try:
+                copy = batch.start_copy()  # the one device-to-host copy of the step, waited for by the publisher
+            except Exception:
+                self._fail("transfer")
+        if self._job is not None:
+            self._job.submit(self.step_index, self._job_work(batch, copy, scalars, skipped))
+            return  # every rank takes part in every round, even with nothing to add (the ranks stay in step)
+        if copy is None:
             self.publisher.submit(scalars)
             return
         step, rank, t, bases = self.step_index, self.rank, time.time(), self._lora_bases
@@ -971,6 +1013,44 @@ class XRay:
             return [msg, *out]
 
         self.publisher.submit(build)
+
+    def _job_work(self, batch: Batch, copy, scalars, skipped: bool):
+        """The sampled step's work on the job thread (probes/job.py): build this rank's messages
+        and its per-rank vector; ``finish`` (publisher thread) adds the gathered norms and, on
+        rank 0, the whole job's Step (``rank=-1``)."""
+        step, rank, t, bases, job = self.step_index, self.rank, time.time(), self._lora_bases, self._job
+        step_time, fwd_time = self._timing
+
+        def work():
+            if copy is not None:
+                rows, hists = copy.wait()
+                meta, hist_n = batch.meta, batch.hist_n
+            else:
+                rows, hists, meta, hist_n = np.zeros((0, len(COL))), np.zeros((0, histogram.NUM_BINS)), [], []
+            msg = build_step(step, rank, t, meta, rows, hists, hist_n, lora_bases=bases, skipped=skipped)
+            out = scalars()
+            loss = math.nan
+            if out and out[-1].step == step:
+                out[-1].values["grad_norm"] = grad_norm(msg)
+                loss = float(out[-1].values.get("loss", math.nan))
+            c = COL
+            nonfinite = float(rows[:, [c["nan"], c["posinf"], c["neginf"]]].sum()) if len(rows) else 0.0
+            sq = [s.sumsq for s in msg.samples if s.kind == "grad" and s.layer in job.replicated]
+            gn = math.sqrt(sum(sq)) if sq else math.nan
+            vector = [step, gn, nonfinite, step_time, fwd_time, loss]
+            return [msg, *out], meta, rows, hists, hist_n, vector, finish
+
+        def finish(own, gathered, merged) -> list[wire.Message]:
+            if own and isinstance(own[0], wire.Step) and job.replicated:
+                # the same all-gathered vector on every rank (rank 0's judges rank-divergence)
+                own = [msgspec.structs.replace(own[0], rank_grad_norms=gathered[:, 1].tolist()), *own[1:]]
+            if merged is None:
+                return own
+            meta, rows, hists, hist_n = job.merged_rows(merged)
+            whole = build_step(step, wire.JOB_RANK, t, meta, rows, hists, hist_n, lora_bases=bases, skipped=skipped)
+            return [*own, msgspec.structs.replace(whole, ranks=job.rank_stats(gathered))]
+
+        return work
 
     def _advance(self) -> None:
         self.step_index += 1
@@ -1011,6 +1091,8 @@ class XRay:
                 reason = "stopped"
         if len(self._eval_batch):
             self._flush_eval()  # an eval pass that torch.compile traced
+        if self._job is not None:
+            self._job.close()  # its last rounds reach the publisher before End
         self.publisher.submit(self._scalars.take())  # the steps since the last sampled one
         self._closed = True
         atexit.unregister(self.close)
@@ -1125,7 +1207,13 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **k
     (transformer-block indices, e.g. ``[0, 1, 2]``: only modules and
     parameters inside those items of the model's block ``ModuleList``, e.g.
     ``transformer.h.0``, are watched; ValueError for an index the model does
-    not have).
+    not have), ``job`` (with torch.distributed: rank 0 merges every rank's
+    statistics into the whole job's, ``rank=-1``, through collectives on a
+    gloo group of the probe's own, off the training thread; see
+    :mod:`probes.job`; default True), ``job_timeout`` (seconds a round of
+    those collectives may take before the view is switched off and the
+    missing ranks named, 60), ``serve_local`` (False: ranks other than 0
+    open no socket).
     Usable as a context manager; without an optimizer call ``xr.step()``.
     """
     return XRay(model, optimizer, **kwargs)

@@ -9,7 +9,7 @@ the condition lasts, and says once, at severity ``info``, when it recovers.
 
 Rules (ids as in DESIGN.md): ``nonfinite``, ``exploding``, ``vanishing``,
 ``dead``, ``stalled``, ``no-grad``, ``update-too-large``,
-``rank-divergence``. ``spectral`` is evaluated over spectral passes by
+``rank-divergence``, ``straggler`` (the whole job's Step, ``rank`` -1). ``spectral`` is evaluated over spectral passes by
 :mod:`probes.spectral_rule`, with its thresholds from the same
 :class:`RuleConfig` (``spectral_*``). Thresholds live in :class:`RuleConfig`; per-layer overrides
 are glob patterns over layer names (see :mod:`probes.rules_config` for the
@@ -34,7 +34,7 @@ from .wire import Alert, Sample, Step
 
 #: Every rule id this module knows, in the order they are evaluated.
 RULES = ("nonfinite", "exploding", "vanishing", "dead", "stalled", "no-grad", "update-too-large",
-         "starved", "rank-divergence", "overflow", "loss-spike", "spectral")
+         "starved", "rank-divergence", "straggler", "overflow", "loss-spike", "spectral")
 
 #: Layer name of alerts about the loss (loss-spike, a non-finite loss).
 LOSS_LAYER = "(loss)"
@@ -85,6 +85,12 @@ class RuleConfig:
     starved_min_peers: int = 3  # tensors of that kind (itself included) needed for a median
     rank_factor: float = 2.0  # a rank's total grad norm this many times off the other ranks' median
     rank_k: int = 2
+    # straggler (over the whole job's per-rank times, probes/job.py): a rank's step time this many
+    # times the other ranks' median, and at least straggler_min_s seconds more, for straggler_k
+    # sampled steps in a row
+    straggler_factor: float = 1.5
+    straggler_min_s: float = 0.02
+    straggler_k: int = 3
     # loss-spike and overflow (evaluated by probes.scalar_rules over every step's Scalars):
     spike_sigmas: float = 6.0  # the loss above its rolling median + this many robust sigmas (1.4826 MAD)...
     spike_rel: float = 0.1  # ...and above the median by this fraction of it (a flat loss has a tiny MAD)
@@ -197,6 +203,7 @@ class RuleEngine:
         self.scalars: dict[str, float] = {}
         #: the latest training Step of each rank (loss-spike names the layers that moved in it)
         self.last_step: dict[int, Step] = {}
+        self.hosts: list[str] = []  # every rank's host (Hello.hosts), for the straggler's message
         from .scalar_rules import ScalarRules  # a module of its own; it reads this engine's streams
 
         self._scalar_rules = ScalarRules(self)
@@ -222,6 +229,7 @@ class RuleEngine:
         self.precision = getattr(hello, "precision", "") or ""
         self.param_groups = dict(getattr(hello, "param_groups", {}) or {})
         self.eps = getattr(hello, "eps", self.eps)
+        self.hosts = list(getattr(hello, "hosts", []) or [])
 
     def note(self, msg) -> None:
         """Take a run :class:`~probes.wire.Note`; a ``precision`` note (autocast seen in
@@ -328,6 +336,7 @@ class RuleEngine:
                 if c.on("starved"):
                     self._starved(step, s, st, c, medians, out)
         self._rank_divergence(step, out)
+        self._straggler(step, out)
         return out
 
     # -- helpers ---------------------------------------------------------
@@ -395,6 +404,7 @@ class RuleEngine:
             self._nonfinite_active[key] = first.layer
             others = len(bad) - 1
             also = f"; {others} other {kind} stream{'s' if others != 1 else ''} hold NaN/inf too" if others else ""
+            also += self._where_in_job(step)
             out.append(
                 self._alert(
                     step, first, "critical", "nonfinite", n, 0,
@@ -404,6 +414,18 @@ class RuleEngine:
                 )
             )
         return out
+
+    def _where_in_job(self, step: Step) -> str:
+        """On the whole job's step: which ranks (and hosts) hold the NaN/inf, from the per-rank vector."""
+        ranks = step.ranks
+        if step.rank != -1 or ranks is None:
+            return ""
+        bad = [r for r, n in enumerate(ranks.nonfinite) if n > 0]
+        if not bad:
+            return ""
+        named = ", ".join(f"{r} ({self.hosts[r]})" if r < len(self.hosts) else str(r) for r in bad[:8])
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        return f"; on rank{'s' if len(bad) > 1 else ''} {named}{more}"
 
     def _nonfinite_hint(self, kind: str) -> str:
         p = self._precision_kind()
@@ -836,3 +858,41 @@ class RuleEngine:
                 )
 
             self._track(step, probe, st, "rank-divergence", bad, c.rank_k, fire, out, rank=r)
+
+    def _straggler(self, step: Step, out) -> None:
+        """One rank's step time well above the other ranks' median (the whole job's Step only).
+
+        The data + forward time is judged when every rank has one: in a job whose backward
+        all-reduces gradients (DDP, FSDP) the fast ranks wait there for the slow one, so
+        whole-step times even out while data + forward times still tell them apart; else
+        the wall time per step. The alert names the rank and its host.
+        """
+        ranks = step.ranks
+        c = self.cfg(ALL_LAYERS)
+        if ranks is None or step.rank != -1 or not c.on("straggler"):
+            return
+        fwd = np.asarray(ranks.fwd_time, dtype=float)
+        use_fwd = len(fwd) >= 2 and bool(np.isfinite(fwd).all())
+        v = fwd if use_fwd else np.asarray(ranks.step_time, dtype=float)
+        if len(v) < 2:
+            return
+        what = "data + forward time" if use_fwd else "time per step"
+        for r in range(len(v)):
+            others = np.delete(v, r)
+            others = others[np.isfinite(others)]
+            ref = float(np.median(others)) if len(others) else math.nan
+            bad = bool(math.isfinite(v[r]) and math.isfinite(ref)
+                       and v[r] > c.straggler_factor * ref and v[r] - ref >= c.straggler_min_s)
+            st = self._streams.setdefault((ALL_LAYERS, "straggler", r), _StreamState())
+            probe = _Where(ALL_LAYERS, "scalar")
+            host = self.hosts[r] if r < len(self.hosts) else "?"
+
+            def fire(r=r, ref=ref, host=host):
+                return self._alert(
+                    step, probe, "warning", "straggler", v[r], c.straggler_factor * ref, rank=r,
+                    message=f"rank {r} on {host} is a straggler: its {what} {v[r]:.3g} s is "
+                            f"{v[r] / ref:.1f}x the other ranks' median {ref:.3g} s; the job runs at its pace "
+                            "(a slow or throttled GPU, data loading or another process on that host)",
+                )
+
+            self._track(step, probe, st, "straggler", bad, c.straggler_k, fire, out, rank=r)

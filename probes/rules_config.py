@@ -16,6 +16,11 @@ per-rule tables that apply to matching layer names (later entries win)::
     abs_k = 3
     max = 1.0            # ...or above max at once (and against their own history: factor, k)
 
+    [straggler]
+    factor = 1.5         # a rank's step time this many times the other ranks' median...
+    min_s = 0.02         # ...and at least this many seconds more...
+    k = 3                # ...for this many sampled steps in a row
+
     [starved]
     factor = 100.0       # update ratio this many times below the median of its kind, k samples
     enabled = true
@@ -53,6 +58,7 @@ PREFIX = {
     "no-grad": "nograd_",
     "update-too-large": "update_",
     "rank-divergence": "rank_",
+    "straggler": "straggler_",  # over the whole job's per-rank step times (probes/job.py)
     "nonfinite": None,  # no thresholds: only ``enabled``
     "loss-spike": "spike_",  # evaluated over every step's Scalars by probes.scalar_rules
     "overflow": "overflow_",

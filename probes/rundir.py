@@ -80,6 +80,7 @@ class Manifest:
     protocol: int
     tcp: str = ""  # "host:port" of the optional TCP listener
     log: str = ""  # the recording this rank writes ("" when none)
+    nodes: int = 1  # hosts the job runs on (rank 0 knows them all: probes/job.py), 1 when unknown
 
     @property
     def token_file(self) -> Path:
@@ -102,6 +103,7 @@ class Manifest:
                 protocol=int(data.get("protocol", 0)),
                 tcp=str(data.get("tcp", "")),
                 log=str(data.get("log", "")),
+                nodes=max(1, int(data.get("nodes", 1))),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RunDirError(f"bad manifest {path}: {exc}") from None
@@ -174,6 +176,7 @@ class Run:
             "pids": [m.pid for m in self.ranks],
             "ranks": [m.rank for m in self.ranks],
             "world_size": self.ranks[0].world_size,
+            "nodes": max(m.nodes for m in self.ranks),
             "sockets": [m.socket for m in self.ranks],
             "started": self.ranks[0].started,
             "recordings": [m.log for m in self.ranks],

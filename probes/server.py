@@ -415,6 +415,7 @@ class Publisher:
             protocol=wire.PROTOCOL_VERSION,
             tcp=tcp_address,
             log=os.path.abspath(self.recorder.path) if self.recorder else "",
+            nodes=len(set(self.hello.hosts)) or 1,
         ).write(self.manifest_path)
 
     def _close_listeners(self) -> None:

@@ -29,6 +29,10 @@ HEAT_MAX_ROWS, HEAT_MAX_COLS = 64, 128
 _LEN = struct.Struct(">I")
 
 Count = Annotated[int, Meta(ge=0)]
+#: A rank, or -1: the whole job (rank 0 merges every rank's statistics; probes/job.py)
+Rank = Annotated[int, Meta(ge=-1)]
+#: The rank of the whole job's merged samples and of alerts drawn from them.
+JOB_RANK = -1
 Kind = Literal["weight", "grad", "act", "update"]
 #: What an alert is about: a sample's kind, or ``scalar`` (the loss, the loss scale: layer ``(loss)``)
 AlertKind = Literal["weight", "grad", "act", "update", "scalar"]
@@ -84,6 +88,9 @@ class Hello(Struct, tag="hello", frozen=True):
     param_groups: dict[str, int] = {}
     #: the step the run resumed at (0 for a fresh run): step indices continue from it
     start_step: Count = 0
+    #: with torch.distributed: the host name of every rank (index = rank), from rank 0's
+    #: job setup (probes/job.py); [] when the probe does not merge the job
+    hosts: list[str] = []
 
 
 class Sample(Struct, frozen=True, array_like=True):
@@ -142,11 +149,30 @@ def encode_counts(counts, hist_n: int) -> bytes:
     return np.asarray(counts).astype(counts_dtype(hist_n)).tobytes()
 
 
+class RankStats(Struct, frozen=True):
+    """One number per rank of the job at one sampled step (all-gathered; index = rank).
+
+    ``grad_norm``: the L2 norm of the rank's replicated gradients (FSDP's
+    sharded ones are left out: their pieces differ by rank); ``nonfinite``:
+    NaN/Inf elements over all the rank's samples; ``step_time``: wall seconds
+    per step since the rank's previous sampled step; ``fwd_time``: seconds from
+    the previous step's end to this step's forward end (data loading and
+    forward, which a DDP all-reduce in backward does not even out); ``loss``.
+    NaN where unknown.
+    """
+
+    grad_norm: list[float] = []
+    nonfinite: list[float] = []
+    step_time: list[float] = []
+    fwd_time: list[float] = []
+    loss: list[float] = []
+
+
 class Step(Struct, tag="step", frozen=True):
-    """All samples one rank took at one training step."""
+    """All samples one rank took at one training step (``rank`` -1: the whole job's)."""
 
     step: Count
-    rank: Count
+    rank: Rank
     time: float
     samples: list[Sample]
     drops: Count = 0  # samples the probe dropped so far because it fell behind
@@ -159,6 +185,8 @@ class Step(Struct, tag="step", frozen=True):
     # a GradScaler found non-finite gradients and skipped ``optimizer.step`` at this step: the
     # weights and gradients are as they were read, and there is no update
     skipped: bool = False
+    # the whole job's step (rank -1): every rank's numbers, all-gathered
+    ranks: RankStats | None = None
 
 
 class Scalars(Struct, tag="scalars", frozen=True):
@@ -187,7 +215,7 @@ class Alert(Struct, tag="alert", frozen=True):
     """A rule fired (or, with severity ``info``, recovered)."""
 
     step: Count
-    rank: Count
+    rank: Rank
     severity: Severity
     rule: str
     layer: str
@@ -201,7 +229,7 @@ class Note(Struct, tag="note", frozen=True):
     """A free-form event of the run, e.g. an injected fault in the demo."""
 
     step: Count
-    rank: Count
+    rank: Rank
     event: str
     data: dict[str, str | int | float | bool | None] = {}
 

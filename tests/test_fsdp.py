@@ -27,8 +27,9 @@ def run(tmp_path, *extra):
     return ranks, torch.load(tmp_path / "truth.pt")
 
 
-def steps(msgs):
-    return [m for m in msgs if isinstance(m, wire.Step)]
+def steps(msgs, rank: int | None = None):
+    """The Steps of a recording: each rank's own, or with ``rank=-1`` the whole job's (rank 0's)."""
+    return [m for m in msgs if isinstance(m, wire.Step) and (m.rank >= 0 if rank is None else m.rank == rank)]
 
 
 def check(s, t: torch.Tensor):
@@ -75,6 +76,18 @@ def check_run(ranks, truth, whole_updates):
             if name in whole_updates:
                 check(merged((name, "update")), want["after"][name] - want["weight"][name])
         check(merged(("1", "act")), want["act"])  # both ranks' batches
+    # rank 0's whole-job samples (torch.distributed's SUM/MIN/MAX over the shards) are the whole tensors'
+    jobs = steps(r0, wire.JOB_RANK)
+    assert [s.step for s in jobs] == [0, 1, 2, 3]
+    for st, want in zip(jobs, truth["steps"]):
+        got = {(s.layer, s.kind): s for s in st.samples}
+        for name in PARAMS:
+            check(got[(name, "weight")], want["weight"][name])
+            check(got[(name, "grad")], want["grad"][name])
+            if name in whole_updates:
+                check(got[(name, "update")], want["after"][name] - want["weight"][name])
+        check(got[("1", "act")], want["act"])
+        assert st.ranks.grad_norm == [pytest.approx(float("nan"), nan_ok=True)] * 2  # nothing replicated
 
 
 def test_fsdp2_fully_shard_each_rank_its_shard_merged_equals_the_whole(tmp_path):

@@ -350,9 +350,10 @@ class XRayApp(App):
             view=self._view_label(), shown_step=self._shown_step if self.paused else None))
 
     def _view_label(self) -> str:
-        if len(self.state.hellos) <= 1:
+        if len(self.state.hellos) <= 1 and not self.state.job:
             return ""
-        return "merged" if self.table.rank is None else f"rank {self.table.rank}"
+        whole = f"whole job ({self.state.world_size} ranks)" if self.state.job else "merged"
+        return whole if self.table.rank is None else f"rank {self.table.rank}"
 
     def watch_connection(self) -> None:
         self._dirty = True
@@ -459,7 +460,7 @@ class XRayApp(App):
     def action_cycle_rank(self) -> None:
         """Per-rank vs merged: merged, then each rank in turn."""
         ranks = self.state.ranks
-        if len(ranks) <= 1:
+        if len(ranks) <= 1 and not self.state.job:
             self.notify("this run has one rank: its view is the merged view", timeout=3)
             return
         views: list[int | None] = [None, *ranks]
@@ -468,7 +469,8 @@ class XRayApp(App):
         self.table.set_rank(nxt)
         if isinstance(self.screen, DetailScreen):
             self.screen.set_rank(nxt)
-        self.notify("merged view of all ranks" if nxt is None else f"rank {nxt} only", timeout=2)
+        whole = "the whole job (every rank of every node)" if self.state.job else "merged view of all ranks"
+        self.notify(whole if nxt is None else f"rank {nxt} only", timeout=2)
         self._paint()
 
     def action_cycle_theme(self) -> None:

@@ -53,11 +53,13 @@ def cmd_ls(args) -> int:
     if not runs:
         print(f"no live runs in {rundir.run_dir()}")
         return EXIT_OK
-    print(f"{'NAME':<24} {'PID':>8} {'RANKS':>6}  {'STARTED':<19}  COMMAND")
+    # RANKS: ranks serving here / the job's world size; NODES: hosts of the job (rank 0 knows them)
+    print(f"{'NAME':<24} {'PID':>8} {'RANKS':>6} {'NODES':>5}  {'STARTED':<19}  COMMAND")
     for r in runs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.ranks[0].started))
         ranks = f"{len(r.ranks)}/{r.ranks[0].world_size}"
-        print(f"{r.name:<24} {r.pid:>8} {ranks:>6}  {started:<19}  {' '.join(r.ranks[0].argv)[:60]}")
+        nodes = max(m.nodes for m in r.ranks)
+        print(f"{r.name:<24} {r.pid:>8} {ranks:>6} {nodes:>5}  {started:<19}  {' '.join(r.ranks[0].argv)[:60]}")
         logs = [m.log for m in r.ranks if m.log]
         if logs:  # where to replay it from later
             more = f" (+{len(logs) - 1} more ranks)" if len(logs) > 1 else ""

@@ -158,6 +158,11 @@ class RunState:
     latest_scalars: dict = field(default_factory=dict)
     drops: int = 0
     samples_seen: int = 0
+    #: rank 0 sends the whole job's samples (rank -1, merged over every rank of every node by
+    #: torch.distributed: probes/job.py); the merged view shows them instead of merging here
+    job: bool = False
+    #: the whole job's newest per-rank numbers (wire.RankStats: step time, grad norm, loss...)
+    job_ranks: object = None
     #: Alerts received in all (``alerts`` keeps the newest ``max_alerts`` of them).
     alerts_seen: int = 0
     _times: deque = field(default_factory=lambda: deque(maxlen=16))
@@ -206,6 +211,10 @@ class RunState:
                 buf.append((msg.step, s))
             self.samples_seen += len(msg.samples)
         elif isinstance(msg, wire.Step):
+            if msg.rank == wire.JOB_RANK:
+                self.job = True
+                if msg.ranks is not None:
+                    self.job_ranks = msg.ranks
             self.step = max(self.step, msg.step)
             self.drops = max(self.drops, msg.drops)
             if msg.rank == min(self.hellos, default=msg.rank):
@@ -311,6 +320,8 @@ class RunState:
         stream = row.stream(kind)
         if stream is None:
             return None
+        if rank is None and self.job:
+            rank = wire.JOB_RANK  # the whole job, merged by the probe across nodes
         if rank is None:
             if len(self.hellos) <= 1:
                 rank = next(iter(self.hellos), 0)
@@ -324,6 +335,8 @@ class RunState:
 
         ``rank=None`` merges the ranks step by step (steps every rank has).
         """
+        if rank is None and self.job:
+            rank = wire.JOB_RANK
         if rank is None:
             if len(self.hellos) <= 1:
                 rank = next(iter(self.hellos), 0)
