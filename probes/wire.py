@@ -20,7 +20,12 @@ from msgspec import Meta, Struct
 
 from . import histogram
 
-PROTOCOL_VERSION = 2
+#: 3: the whole job of a multi-node run (rank -1 in Step, Alert and Note; RankStats). A version-2
+#: stream is a version-3 stream without them, so recordings of either replay; a viewer that reads
+#: only 2 refuses a version-3 probe with "upgrade the older side" instead of failing on a rank -1.
+PROTOCOL_VERSION = 3
+#: Versions this side reads.
+READABLE_VERSIONS = frozenset({2, 3})
 MAGIC = b"XRAYTUI\x01"
 #: Largest frame accepted; a bigger length prefix is refused before reading.
 MAX_FRAME = 64 * 1024 * 1024
@@ -402,7 +407,7 @@ def decode(body: bytes) -> Message:
         msg = _decoder.decode(body)
     except (msgspec.MsgspecError, ValueError) as exc:  # ValueError: invalid UTF-8 in a string, found by fuzzing
         raise WireError(f"malformed frame: {exc}") from None
-    if isinstance(msg, Hello) and msg.version != PROTOCOL_VERSION:
+    if isinstance(msg, Hello) and msg.version not in READABLE_VERSIONS:
         raise WireError(
             f"protocol version {msg.version}, this xray-tui speaks {PROTOCOL_VERSION}: "
             "upgrade the older side"

@@ -111,3 +111,14 @@ def test_fuzz_random_bytes_only_ever_raise_wire_error(data):
         except wire.WireError:
             pass
         assert reader.pending <= len(prefix) + len(data)
+
+
+def test_version_2_recordings_still_read_and_unknown_versions_are_refused():
+    """Version 3 added the whole job's rank -1; a version-2 stream (every older recording) still reads."""
+    for version in (2, 3):
+        hello = wire.Hello(version=version, run="old")
+        assert wire.decode(wire.encode(hello)[4:]).version == version
+    with pytest.raises(wire.WireError, match="protocol version 4, this xray-tui speaks 3"):
+        wire.decode(wire.encode(wire.Hello(version=4, run="new"))[4:])
+    step = wire.Step(step=1, rank=-1, time=0.0, samples=[])
+    assert wire.decode(wire.encode(step)[4:]).rank == -1
