@@ -112,7 +112,9 @@ LEGEND: list[tuple[str, str]] = [
     ("‖grad‖", "L2 norm of the gradient of the layer's main weight"),
     ("upd/w", "update ratio ‖ΔW‖/‖W‖ of the last optimizer step (healthy ≈ 1e-3)"),
     ("—", "no such stream: a module without parameters has no gradient or update"),
-    ("status", "✓ ok · ▲ warn (warning) · ✖ CRIT (critical): the worst active alert"),
+    ("status", "✓ ok · ▲ warn (warning) · ✖ CRIT (critical): the worst active alert; a row holding "
+               "NaN/inf is ✖ CRIT where it began (the nonfinite alert names it) and ↳ NaN / ↳ inf "
+               "where it arrived from an earlier layer"),
     ("header", "run · step · training steps/s (the probe's clock) · ranks attached/world size · connection"),
     ("samples drops", "statistics received; samples the probe dropped because it fell behind (never slows training)"),
     ("detail", "HOT chart: x = step, y = value bin (signed, log-spaced), colour = log(1 + count)"),

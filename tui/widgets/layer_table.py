@@ -37,6 +37,10 @@ BADGE_W, NUM_W, GAUGE_W = 6, 7, 9
 #: Near-zero share at which an activation counts as dead (DESIGN.md: >= 99%).
 DEAD_FRACTION = 0.99
 BADGES = {"ok": "✓ ok", "info": "✓ ok", "warning": "▲ warn", "critical": "✖ CRIT"}
+#: The badge of a row that holds NaN/inf it did not start: the ``nonfinite`` alert names the
+#: origin (``✖ CRIT``); every later layer goes non-finite with it, and reading ``✓ ok`` beside
+#: ``✖ NaN 100%`` cells, or ``✖ CRIT`` on all of them, would hide where it began.
+AFFECTED = {"NaN": "↳ NaN", "inf": "↳ inf"}
 #: Row orders the `s` key cycles through ("model" is the forward-definition order).
 SORTS = ("model", "severity", "name", "depth", "grad norm")
 
@@ -210,6 +214,7 @@ class LayerTable(ScrollView, can_focus=True):
         self._cache: dict[int, Strip] = {}  # row index -> unstyled strip at _version
         self._cache_key: tuple = ()
         self._severity: dict[str, str] = {}  # row name -> worst active severity
+        self._nonfinite_origin = False  # a nonfinite alert is active: it names where NaN/inf began
         self._indent_base = 0
         #: Row order, one of :data:`SORTS`.
         self.sort = "model"
@@ -251,6 +256,9 @@ class LayerTable(ScrollView, can_focus=True):
             if SEVERITY_RANK[alert.severity] > SEVERITY_RANK[sev.get(name, "ok")]:
                 sev[name] = alert.severity
         self._severity = sev
+        # A NaN's origin is the row its active nonfinite alert names; with one active, other
+        # rows holding NaN/inf are marked affected, not critical (see AFFECTED).
+        self._nonfinite_origin = any(a.rule == "nonfinite" for a in state.active.values())
         # Data-driven orders move rows as the data changes: re-sort each paint.
         if (id(state.rows), len(state.rows)) != self._rows_seen or self.sort in ("severity", "grad norm"):
             self._rebuild_view()
@@ -444,9 +452,16 @@ class LayerTable(ScrollView, can_focus=True):
         muted = self._style("muted")
         sev = self._severity.get(row.name, "ok")
         latest = {k: state.latest(row, k, self.rank, self.until) for k in ("weight", "grad", "act", "update")}
-        if any(x is not None and stats.nonfinite(x) > 0 for x in latest.values()):
-            # NaN/inf cells are critical whether or not an alert names this row: the nonfinite
-            # alert names only the first layer to go non-finite, and may be switched off
+        badge = BADGES[sev]
+        bad = [x for x in latest.values() if x is not None and stats.nonfinite(x) > 0]
+        if bad and sev != "critical":
+            if self._nonfinite_origin:
+                # Another row is where it began (its alert says so): this one is collateral.
+                badge = AFFECTED["NaN" if any(x.nan for x in bad) else "inf"]
+            else:
+                # No active nonfinite alert (the rule is off for it, or none came yet): nobody
+                # can tell where it began, and NaN/inf cells never read as fine.
+                badge = BADGES["critical"]
             sev = "critical"
         name = " " * (row.depth - self._indent_base) + row.name
         if row.type and len(name) + 2 + len(row.type) <= cols.name:
@@ -479,5 +494,5 @@ class LayerTable(ScrollView, can_focus=True):
         if cols.ratio:
             u = latest["update"]
             segs += [Segment(" "), Segment(sci(u.ratio if u is not None else None).rjust(NUM_W))]
-        segs += [Segment(" "), Segment(BADGES[sev].ljust(BADGE_W), self._style("ok" if sev == "info" else sev))]
+        segs += [Segment(" "), Segment(badge.ljust(BADGE_W), self._style("ok" if sev == "info" else sev))]
         return Strip(segs).adjust_cell_length(cols.width)
