@@ -99,6 +99,36 @@ def _newest(buf, until: int | None) -> wire.Sample | None:
     return None
 
 
+def _last(buf, n: int, until: int | None) -> list:
+    """The newest ``n`` (step, Sample) of a ring at step ``until`` or before, oldest first."""
+    if not buf:
+        return []
+    out = []
+    for item in reversed(buf):
+        if until is not None and item[0] > until:
+            continue
+        out.append(item)
+        if len(out) >= n:
+            break
+    out.reverse()
+    return out
+
+
+def _ratio(s: wire.Sample) -> float | None:
+    return s.ratio  # None: no optimizer step yet (a gap, not a NaN)
+
+
+def _norm(s: wire.Sample) -> float:
+    # a tensor holding NaN/inf has no norm worth drawing: NaN marks the point
+    return math.sqrt(s.sumsq) if s.sumsq >= 0 and not (s.nan or s.posinf or s.neginf) else math.nan
+
+
+#: What the table's trend columns plot per kind, and how the merged view combines ranks.
+_TREND_VALUE = {"grad": _norm, "update": _ratio}
+_TREND_COMBINE = {"grad": lambda v: math.sqrt(sum(x * x for x in v)),
+                  "update": lambda v: max((x for x in v if x is not None), default=None)}
+
+
 @dataclass
 class Row:
     """One layer (module) of the table."""
@@ -258,10 +288,16 @@ class RunState:
         """Every attached rank has sent its End."""
         return bool(self.hellos) and all(r in self.ended for r in self.hellos)
 
-    def scalar(self, name: str, rank: int | None = None) -> float | None:
-        """The newest value of scalar ``name`` (``rank=None``: from the lowest rank that sent it)."""
+    def scalar(self, name: str, rank: int | None = None, until: int | None = None) -> float | None:
+        """The newest value of scalar ``name`` (``rank=None``: from the lowest rank that sent it);
+        ``until``: the newest at that step or before (a paused view, a replay's chosen step)."""
         ranks = [rank] if rank is not None else sorted(self.latest_scalars)
         for r in ranks:
+            if until is not None:
+                found = next((v for st, v in reversed(self.scalars.get((r, name), ())) if st <= until), None)
+                if found is not None:
+                    return found
+                continue
             v = self.latest_scalars.get(r, {}).get(name)
             if v is not None:
                 return v
@@ -318,6 +354,31 @@ class RunState:
                 found = (_newest(self.history.get((stream, kind, r)), until) for r in self.hellos)
                 return merge_samples([s for s in found if s is not None])
         return _newest(self.history.get((stream, kind, rank)), until)
+
+    def trend(self, row: Row, kind: str, n: int, rank: int | None = 0, until: int | None = None) -> list:
+        """The newest ``n`` values of a row's trend quantity, oldest first.
+
+        ``grad``: the gradient's L2 norm; ``update``: the update ratio
+        ‖ΔW‖/‖W‖ (None where a sample has none). Read straight from the
+        stream's ring (the last ``n`` entries only, so a paint costs O(n) per
+        visible row, never O(ring)); ``until`` stops at that step (pause,
+        replay). ``rank=None`` with several ranks combines the ranks per
+        step as the merged view's sample would: norms add in quadrature,
+        ratios take the worst rank.
+        """
+        stream = row.stream(kind)
+        if stream is None or n <= 0:
+            return []
+        value = _TREND_VALUE[kind]
+        if rank is not None or len(self.hellos) <= 1:
+            r = rank if rank is not None else next(iter(self.hellos), 0)
+            return [value(s) for _, s in _last(self.history.get((stream, kind, r)), n, until)]
+        per_step: dict[int, list[float]] = {}
+        for r in self.hellos:
+            for step, s in _last(self.history.get((stream, kind, r)), n, until):
+                per_step.setdefault(step, []).append(value(s))
+        combine = _TREND_COMBINE[kind]
+        return [combine(v) for _, v in sorted(per_step.items())[-n:]]
 
     def series(self, layer: str, kind: str, rank: int | None = 0) -> list:
         """The ring buffer of (step, Sample) of one stream, oldest first.
