@@ -32,7 +32,7 @@ from tui.detail import DetailScreen
 from tui.feed import FeedError
 from tui.reattach import Status, _short
 from tui.state import RunState
-from tui.widgets.alerts import AlertList
+from tui.widgets.alerts import AlertList, full_message
 from tui.widgets.header import HeaderInfo, XRayHeader
 from tui.widgets.layer_table import SORTS, LayerTable
 
@@ -150,10 +150,10 @@ class XRayApp(App):
         Binding("s", "cycle_sort", "Sort"),
         Binding("n", "next_alert", "Next alert"),
         Binding("p", "toggle_pause", "Pause"),
-        Binding("r", "cycle_rank", "Rank"),
-        Binding("t", "cycle_theme", "Theme"),
+        Binding("r", "cycle_rank", "Rank", show=False),
+        Binding("t", "cycle_theme", "Theme", show=False),
         Binding("e", "request_spectral", "Spectral pass", show=False),
-        Binding("tab", "switch_focus", "Table/alerts", priority=True),
+        Binding("tab", "switch_focus", "Table/alerts", priority=True, show=False),
         Binding("1", "toggle_kind('weight')", "Weight col", show=False),
         Binding("2", "toggle_kind('grad')", "Grad col", show=False),
         Binding("3", "toggle_kind('act')", "Act col", show=False),
@@ -221,9 +221,10 @@ class XRayApp(App):
         with Vertical(id="body"):
             yield self._table
             yield self._alerts
+            yield Static(id="alert-message", markup=False)
         yield Static(id="too-small")
         yield Input(placeholder="filter layers by regex (enter: keep, escape: close)", id="filter")
-        yield Footer()
+        yield Footer(compact=True)
 
     @property
     def table(self) -> LayerTable:
@@ -343,6 +344,7 @@ class XRayApp(App):
             self._shown_step = self.state.step
             table.refresh_data()
             self.alert_list.refresh_data()
+            self._show_alert_message()
             if isinstance(self.screen, DetailScreen):
                 self.screen.refresh_data()
         flt = table.filter.pattern if table.filter is not None else ""
@@ -350,6 +352,18 @@ class XRayApp(App):
             self.state, label=getattr(self.source, "label", ""), connection=self.connection,
             paused=self.paused, layers_shown=len(table.view), filter=flt, title=self.title,
             view=self._view_label(), shown_step=self._shown_step if self.paused else None))
+
+    def _show_alert_message(self) -> None:
+        """The full message of the alert under the pane's cursor (the first one when it has no focus)."""
+        alerts = self.alert_list
+        alert = alerts.alert_at(alerts.cursor if alerts.has_focus else 0)
+        box = self.query_one("#alert-message", Static)
+        box.update(full_message(alert, multi_rank=self.state.world_size > 1))
+        box.set_class(alert is not None, "-shown")
+
+    @on(AlertList.Highlighted)
+    def _alert_highlighted(self) -> None:
+        self._show_alert_message()
 
     def _view_label(self) -> str:
         if len(self.state.hellos) <= 1:

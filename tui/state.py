@@ -193,6 +193,7 @@ class RunState:
     _times: deque = field(default_factory=lambda: deque(maxlen=16))
     _row_index: dict = field(default_factory=dict)
     stream_depth: int = 0  # samples each stream keeps now (0: not yet set)
+    _active_cache: tuple = (None, {})  # (key, active_at's answer)
 
     def reset(self) -> None:
         """Forget everything (a new run of the same name replaced the old one)."""
@@ -404,6 +405,28 @@ class RunState:
         if rank is None:
             rank = min(self.hellos, default=0)
         return list(self.history.get((layer, kind, rank, "eval"), ()))
+
+    def active_at(self, step: int) -> dict:
+        """The active alerts as they stood at ``step``: the alerts kept, replayed up to it.
+
+        What ``active`` was then, for a replay's chosen step (alerts older
+        than the ``max_alerts`` kept are not known). Cached per step and
+        alert count: a replay asks once per paint.
+        """
+        key = (step, self.alerts_seen, id(self.alerts))
+        if self._active_cache[0] == key:
+            return self._active_cache[1]
+        active: dict = {}
+        for a in self.alerts:
+            if a.step > step:
+                continue
+            k = (a.rule, a.layer, a.kind, a.rank)
+            if a.severity == "info":
+                active.pop(k, None)
+            else:
+                active[k] = a
+        self._active_cache = (key, active)
+        return active
 
     def stream_alerts(self, row: Row) -> list:
         """Every alert (active or past, newest first) whose layer is this row."""

@@ -254,6 +254,8 @@ class LayerTable(ScrollView, can_focus=True):
         self.rank: int | None = None
         #: Show no sample newer than this step (the app's pause); None: the newest.
         self.until: int | None = None
+        #: The user moved the cursor: the table no longer brings failing rows into view.
+        self.touched = False
 
     # -- data -------------------------------------------------------------
 
@@ -292,8 +294,28 @@ class LayerTable(ScrollView, can_focus=True):
         # Data-driven orders move rows as the data changes: re-sort each paint.
         if (id(state.rows), len(state.rows)) != self._rows_seen or self.sort in ("severity", "grad norm"):
             self._rebuild_view()
+        self._keep_failing_in_view()
         self._version += 1
         self.refresh()
+
+    def _keep_failing_in_view(self) -> None:
+        """Until the user moves the cursor, bring the first failing row into view when none is.
+
+        On a small terminal the broken layer can sit below the fold; the
+        cursor goes to the first critical row (else the first warning) once
+        no failing row is on screen. A cursor the user moved stays put.
+        """
+        if self.touched or not self._severity or not self._view:
+            return
+        top = round(self.scroll_offset.y)
+        body = max(self.size.height - 1, 1)
+        rows = self._rows
+        failing = [pos for pos, i in enumerate(self._view) if self._severity.get(rows[i].name, "ok")
+                   in ("warning", "critical")]
+        if not failing or any(top <= pos < top + body for pos in failing):
+            return
+        crit = [pos for pos in failing if self._severity[rows[self._view[pos]].name] == "critical"]
+        self.cursor = (crit or failing)[0]
 
     def set_filter(self, pattern: str) -> None:
         """Show only rows whose name matches ``pattern`` (a case-insensitive regex).
@@ -378,6 +400,7 @@ class LayerTable(ScrollView, can_focus=True):
         rows = self._rows
         for pos, i in enumerate(self._view):
             if rows[i].name == name:
+                self.touched = True
                 self.cursor = pos
                 return True
         if self.filter is not None and any(r.name == name for r in rows):
@@ -392,6 +415,7 @@ class LayerTable(ScrollView, can_focus=True):
         for step in range(1, n + 1):
             pos = (self.cursor + step) % n
             if self._severity.get(rows[self._view[pos]].name, "ok") in ("warning", "critical"):
+                self.touched = True
                 self.cursor = pos
                 return rows[self._view[pos]]
         return None
@@ -413,19 +437,23 @@ class LayerTable(ScrollView, can_focus=True):
 
     def action_cursor(self, delta: int) -> None:
         """Move the cursor by ``delta`` rows."""
+        self.touched = True
         self.cursor += delta
 
     def action_page(self, direction: int) -> None:
         """Move the cursor by one screenful."""
+        self.touched = True
         self.cursor += direction * max(self.size.height - 2, 1)
 
     def action_jump(self, where: int) -> None:
         """Go to the first (0) or last (-1) row."""
+        self.touched = True
         self.cursor = 0 if where == 0 else len(self._view) - 1
 
     def _on_click(self, event: events.Click) -> None:
         offset = event.get_content_offset(self)
         if offset is not None and offset.y >= 1:
+            self.touched = True
             self.cursor = round(self.scroll_offset.y) + offset.y - 1
 
     def on_resize(self, event: events.Resize) -> None:
