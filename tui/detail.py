@@ -191,7 +191,7 @@ class DetailScreen(Screen):
         depth = state.stream_depth or state.depth
         self.query_one("#detail-title", Static).update(
             f"[b]{row.name}[/b]  {row.type}  params: {', '.join(row.params) or '—'}  ·  {view}"
-            f"{len(series)} samples kept (ring of {depth})"
+            f"{len(series)} samples kept (the viewer keeps the newest {depth} per stream)"
             + (f"  ·  LoRA adapter of [b]{row.adapter_of}[/b]" if row.adapter_of else "")
             + f"\n{kinds}   [dim]escape: back[/dim]")
         self._show_hot(stream, kind, series)

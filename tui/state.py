@@ -7,12 +7,14 @@ recent samples per stream, the latest sample per row and kind, the alerts,
 and which alerts are active.
 
 Memory is bounded whatever the run's size or length. Each stream (layer x
-kind x rank) keeps its last ``stream_depth`` samples: ``depth`` (256) while
+kind x rank) keeps its last ``stream_depth`` samples: ``depth`` (:data:`DEPTH`, 512:
+as many as the probe's backlog sends on attach) while
 ``streams x depth`` fits in ``budget`` (131,072 samples), halved as more
 streams appear, never below ``MIN_DEPTH`` (16). A decoded sample with a
 realistic histogram (~220 bins) takes ~2.4 KB, so the history holds at most
 ~320 MB at the budget; alerts keep the newest ``max_alerts``, notes the
-newest ``max_notes``. A 300-stream run keeps 256 samples per stream; the
+newest ``max_notes``. A 256-stream run keeps 512 samples per stream, a 300-stream
+run 256; the
 2,000-layer benchmark (8,000 streams) keeps 16.
 """
 
@@ -30,6 +32,9 @@ SEVERITY_RANK = {"ok": 0, "info": 1, "warning": 2, "critical": 3}
 KINDS = ("weight", "grad", "act", "update")
 #: The spectral message type, once probes.wire defines one (another issue's work).
 _SPECTRAL = getattr(wire, "Spectral", None)
+#: Samples a stream keeps while the memory budget allows: the probe's backlog
+#: (probes.server, ``backlog_steps``) sends its newest 512 sampled steps on attach.
+DEPTH = 512
 #: Fewest samples a stream keeps however many streams there are.
 MIN_DEPTH = 16
 #: steps of each run-level scalar (loss, lr, ...) kept per rank
@@ -165,7 +170,7 @@ class Row:
 class RunState:
     """Everything the viewer shows about one run, across its ranks."""
 
-    depth: int = 256
+    depth: int = DEPTH
     budget: int = 131_072
     max_alerts: int = 10_000
     max_notes: int = 1_000
