@@ -298,15 +298,15 @@ def test_replay_is_labelled_a_replay_in_the_header(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_run_app(source, args, title=None):
-        seen["title"] = title
+    def fake_run_app(source, args, title=None, replay=False):
+        seen["title"], seen["replay"] = title, replay
         return 0
 
     path = tmp_path / "week.xray"
     path.write_bytes(wire.MAGIC + wire.encode(wire.Hello(version=wire.PROTOCOL_VERSION, run="week")))
     monkeypatch.setattr(cli, "_run_app", fake_run_app)
     assert cli.main(["replay", str(path)]) == 0
-    assert seen["title"] == "replay: week.xray"
+    assert seen["title"] == "replay: week.xray" and seen["replay"]
 
 
 # -- the alerts pane: as tall as it needs, readable when narrow ---------------------

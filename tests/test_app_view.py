@@ -54,3 +54,99 @@ async def test_nan_origin_is_critical_and_every_other_nan_row_says_it_is_affecte
             assert "↳ NaN" in line and "✓ ok" not in line and "✖ CRIT" not in line, line
         for i in (0, 1):
             assert "✓ ok" in _row_line(app, f"model.layers.{i}.fc")
+
+
+# -- the replay timeline -------------------------------------------------------------
+
+
+def _replay_feed(n_layers: int = 6, n_steps: int = 30) -> list[list]:
+    """Steps whose gradient norm grows with the step (so each step's value is known), an
+    alert at step 20, and the End (a whole recording)."""
+    batches = [[synthetic.hello(n_layers, run="rec")]]
+    for step in range(n_steps):
+        samples = []
+        for i in range(n_layers):
+            name = f"model.layers.{i}.fc.weight"
+            g = np.full(100, (step + 1) * 1e-4)  # ‖g‖ = (step + 1) * 1e-3
+            samples.append(synthetic.sample_of(name, "grad", g))
+            samples.append(synthetic.sample_of(name, "weight", np.linspace(-1, 1, 100)))
+        batches.append([wire.Step(step=step, rank=0, time=1_700_000_000.0 + step, samples=samples)])
+    batches.append([synthetic.alert(20, "model.layers.1.fc.weight", rule="exploding", severity="critical",
+                                    kind="grad")])
+    batches.append([wire.End(step=n_steps - 1, rank=0)])
+    return batches
+
+
+async def test_replay_seeks_and_shows_each_steps_recorded_values():
+    from tui.feed import ListSource
+
+    app = XRayApp(ListSource(_replay_feed()), replay=True)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app, step=29, alerts=1)
+        text = screen_text(app)
+        assert "step 29 of 29 (replay)" in text and "steps/s" not in text
+        assert "3.0e-02" in _row_line(app, "model.layers.0.fc")  # ‖g‖ at step 29
+        assert "✖ CRIT" in _row_line(app, "model.layers.1.fc")
+        await pilot.press("left")
+        await pilot.pause()
+        assert "step 28 of 29 (replay)" in screen_text(app)
+        assert "2.9e-02" in _row_line(app, "model.layers.0.fc")
+        await pilot.press("left_square_bracket")  # 10 back: step 18, before the alert
+        await pilot.pause()
+        text = screen_text(app)
+        assert "step 18 of 29 (replay)" in text and "1.9e-02" in _row_line(app, "model.layers.0.fc")
+        assert "✓ ok" in _row_line(app, "model.layers.1.fc") and "exploding" not in text
+        await pilot.press("less_than_sign")
+        await pilot.pause()
+        assert "step 0 of 29" in screen_text(app) and "1.0e-03" in _row_line(app, "model.layers.0.fc")
+        await pilot.press("colon")
+        await pilot.press(*"21", "enter")
+        await pilot.pause()
+        text = screen_text(app)
+        assert "step 21 of 29" in text and "2.2e-02" in _row_line(app, "model.layers.0.fc")
+        assert "exploding" in text and "✖ CRIT" in _row_line(app, "model.layers.1.fc")
+        # the detail shows the layer as it was at that step, and follows the timeline
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        assert "22 samples kept" in screen_text(app)
+        await pilot.press("right")
+        await pilot.pause(0.3)
+        assert "23 samples kept" in screen_text(app)
+        await pilot.press("escape", "greater_than_sign")
+        await pilot.pause()
+        assert "step 29 of 29" in screen_text(app)
+
+
+async def test_live_runs_have_no_timeline_keys():
+    app = XRayApp(HoldSource(feed()))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        await pilot.press("left", "colon")
+        await pilot.pause()
+        assert app.replay_at is None and "(replay)" not in screen_text(app)
+        assert not app.query_one("#goto").has_class("visible")
+
+
+async def test_the_highlighted_alerts_full_message_shows_under_the_pane_at_80_columns():
+    """Seen in the issue: alert messages were cut at the pane's edge."""
+    tail = "lower the learning rate or clip the gradient norm (the end of a long message)"
+    long = wire.Alert(step=3, rank=0, severity="warning", rule="exploding", layer="model.layers.5.fc.weight",
+                      kind="grad", value=1.0, threshold=0.5, message="gradient norm grew 40x in 20 steps: " + tail)
+    app = XRayApp(HoldSource(feed()[:-1] + [[long]]))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app, alerts=1)
+        pane_line = next(line for line in screen_text(app).splitlines() if "●" in line)
+        assert tail not in pane_line  # the pane's line is cut at its edge ...
+        words = " ".join(screen_text(app).split())
+        assert tail in words  # ... the line under it says it all, wrapped
+
+
+async def test_a_critical_alert_stays_on_top_of_newer_warnings_in_a_small_pane():
+    """Seen at 80x24: alerts came newest first, so the only critical one was off screen."""
+    crit = synthetic.alert(3, "model.layers.7.fc.weight", rule="exploding", severity="critical", kind="grad")
+    warns = [synthetic.alert(3 + i, f"model.layers.{i}.fc", rule="dead") for i in range(20)]
+    app = XRayApp(HoldSource(feed()[:-1] + [[crit], warns]))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app, alerts=21)
+        pane = [line for line in screen_text(app).splitlines() if "CRITICAL" in line or "WARNING" in line]
+        assert "CRITICAL" in pane[0] and "exploding" in pane[0], pane

@@ -10,6 +10,7 @@ burst of data costs one paint, not one per message.
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import threading
@@ -125,6 +126,11 @@ LEGEND: list[tuple[str, str]] = [
 MAIN_SCREEN_ACTIONS = frozenset({"detail", "filter", "close_filter", "cycle_sort", "next_alert",
                                  "toggle_kind", "switch_focus"})
 
+#: The replay timeline's actions (off in a live run).
+REPLAY_ACTIONS = frozenset({"seek", "seek_end", "goto"})
+#: Samples per stream a replay keeps while the memory budget allows (a live view keeps DEPTH).
+REPLAY_DEPTH = 4096
+
 #: Below this many columns x lines the app shows a message instead of the views.
 MIN_SIZE = (60, 15)
 
@@ -159,6 +165,14 @@ class XRayApp(App):
         Binding("3", "toggle_kind('act')", "Act col", show=False),
         Binding("S", "screenshot_svg", "Screenshot", show=False),
         Binding("escape", "close_filter", "Close filter", show=False),
+        # the replay timeline (off, and out of the footer, in a live run)
+        Binding("left", "seek(-1)", "Step back", show=False),
+        Binding("right", "seek(1)", "Step on", show=False),
+        Binding("left_square_bracket", "seek(-10)", "10 back", show=False),
+        Binding("right_square_bracket", "seek(10)", "10 on", show=False),
+        Binding("less_than_sign", "seek_end(0)", "First step", show=False),
+        Binding("greater_than_sign", "seek_end(-1)", "Last step", show=False),
+        Binding("colon", "goto", "Go to step"),
     ]
 
     #: "connecting" | "live" | "run ended" | "disconnected" | "error: ..." or a
@@ -182,7 +196,7 @@ class XRayApp(App):
             self.error = error
 
     def __init__(self, source, *, theme: str | None = None, title: str | None = None,
-                 screenshot_dir: str = ".") -> None:
+                 screenshot_dir: str = ".", replay: bool = False) -> None:
         super().__init__()
         themes.register(self)
         name = theme or themes.DEFAULT_THEME
@@ -192,7 +206,12 @@ class XRayApp(App):
         self.theme = name
         self.title = title or self.TITLE
         self.source = source
-        self.state = RunState()
+        #: A recording: the timeline keys seek in it and the header says "step S of N (replay)".
+        self.replay = replay
+        # A replay keeps more of each stream (within the same memory budget) so it can seek far back.
+        self.state = RunState(depth=REPLAY_DEPTH, track_steps=True) if replay else RunState()
+        #: The replay's chosen step; None follows the newest step read.
+        self.replay_at: int | None = None
         self.screenshot_dir = screenshot_dir
         self._stop = threading.Event()
         self._slots = threading.Semaphore(MAX_IN_FLIGHT)
@@ -202,9 +221,14 @@ class XRayApp(App):
         self._asked = False  # a request went to the probe and its answer is awaited
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """Main-screen actions only on the main screen (the footer then lists only what works)."""
+        """Main-screen actions only on the main screen, the timeline only in a replay, pause
+        only in a live run (the footer then lists only what works)."""
         if action in MAIN_SCREEN_ACTIONS and self.screen is not self.screen_stack[0]:
             return False
+        if action in REPLAY_ACTIONS and not self.replay:
+            return False
+        if action == "toggle_pause" and self.replay:
+            return False  # a recording sends nothing new: the timeline is how it moves
         return True
 
     def get_theme_variable_defaults(self) -> dict[str, str]:
@@ -224,6 +248,7 @@ class XRayApp(App):
             yield Static(id="alert-message", markup=False)
         yield Static(id="too-small")
         yield Input(placeholder="filter layers by regex (enter: keep, escape: close)", id="filter")
+        yield Input(placeholder="go to step (enter: go, escape: close)", id="goto", type="integer")
         yield Footer(compact=True)
 
     @property
@@ -341,7 +366,7 @@ class XRayApp(App):
         self._dirty = False
         table = self.table
         if not self.paused:
-            self._shown_step = self.state.step
+            self._shown_step = self.state.step if self.replay_at is None else self.replay_at
             table.refresh_data()
             self.alert_list.refresh_data()
             self._show_alert_message()
@@ -351,7 +376,9 @@ class XRayApp(App):
         self._header.show(HeaderInfo.from_state(
             self.state, label=getattr(self.source, "label", ""), connection=self.connection,
             paused=self.paused, layers_shown=len(table.view), filter=flt, title=self.title,
-            view=self._view_label(), shown_step=self._shown_step if self.paused else None))
+            view=self._view_label(),
+            shown_step=self._shown_step if self.paused or self.replay_at is not None else None,
+            replay_last=self.state.step if self.replay else None))
 
     def _show_alert_message(self) -> None:
         """The full message of the alert under the pane's cursor (the first one when it has no focus)."""
@@ -389,6 +416,89 @@ class XRayApp(App):
         self.table.set_until(self._shown_step if self.paused else None)
         self._paint()
 
+    # -- the replay timeline ------------------------------------------------
+
+    def _timeline(self) -> tuple[list[int], int]:
+        """The recorded steps and the index of the first one whose samples are still kept."""
+        steps = self.state.steps_recorded
+        oldest = self.state.oldest_full_step()
+        return steps, (bisect.bisect_left(steps, oldest) if oldest is not None else 0)
+
+    def action_seek(self, delta: int) -> None:
+        """Show the run as it was ``delta`` recorded steps later (or earlier)."""
+        steps, first = self._timeline()
+        if not steps:
+            self.notify("no steps recorded yet", timeout=3)
+            return
+        current = steps[-1] if self.replay_at is None else self.replay_at
+        i = max(bisect.bisect_right(steps, current) - 1, 0)
+        self.seek(steps[min(max(i + delta, first), len(steps) - 1)])
+
+    def action_seek_end(self, where: int) -> None:
+        """Go to the first (0) or last (-1) recorded step still kept."""
+        steps, first = self._timeline()
+        if steps:
+            self.seek(steps[first] if where == 0 else steps[-1])
+
+    def seek(self, step: int) -> None:
+        """Show the table, alerts and detail as they were at ``step`` (a replay).
+
+        A step between two recorded ones shows the one before it; a step
+        before the oldest kept, that one (and says why). The last step
+        follows the recording as it is read.
+        """
+        steps, first = self._timeline()
+        if not steps:
+            return
+        i = bisect.bisect_right(steps, step) - 1
+        if i < first:
+            if step < steps[first]:
+                self.notify(f"steps before {steps[first]:,} are no longer kept (the viewer keeps "
+                            f"{self.state.stream_depth or self.state.depth} per stream)", timeout=4)
+            i = first
+        target = steps[i]
+        self.replay_at = None if target >= steps[-1] else target
+        until = target if self.replay_at is not None else None
+        self.table.set_until(until)
+        self.alert_list.set_until(until)
+        for screen in self.screen_stack:
+            if isinstance(screen, DetailScreen):
+                screen.set_until(until)
+        self._paint()
+
+    def action_goto(self) -> None:
+        """Open the box to type a step to go to."""
+        if self.screen is not self.screen_stack[0]:
+            self.pop_screen()  # the box lives on the main screen; the detail follows the step chosen
+        box = self.screen_stack[0].query_one("#goto", Input)
+        if box.has_class("visible"):
+            return
+        box.value = ""
+        box.add_class("visible")
+        box.focus()
+
+    @on(Input.Submitted, "#goto")
+    def _goto_submitted(self, event: Input.Submitted) -> None:
+        box = event.input
+        try:
+            step = int(event.value.replace(",", "").replace("_", "").strip())
+        except ValueError:
+            box.add_class("-bad")
+            box.border_title = "not a step number"
+            return
+        box.remove_class("-bad")
+        box.border_title = None
+        box.remove_class("visible")
+        self._refocus()
+        self.seek(step)
+
+    def _refocus(self) -> None:
+        """Give the focus back to the screen's main view after a box closed."""
+        if self.screen is self.screen_stack[0]:
+            self.table.focus()
+        else:
+            self.screen.focus_next()
+
     def action_filter(self) -> None:
         """Open the name filter."""
         if isinstance(self.screen, DetailScreen):
@@ -398,7 +508,12 @@ class XRayApp(App):
         box.focus()
 
     def action_close_filter(self) -> None:
-        """Hide the filter box; the filter stays applied."""
+        """Hide the filter box (the filter stays applied) and the go-to-step box."""
+        goto = self.screen_stack[0].query_one("#goto", Input)
+        if goto.has_class("visible"):
+            goto.remove_class("visible")
+            self._refocus()
+            return
         if isinstance(self.screen, DetailScreen):
             return
         box = self.query_one("#filter", Input)
@@ -454,7 +569,7 @@ class XRayApp(App):
         if row is None:
             self.notify("no layer yet", timeout=3)
             return
-        self.push_screen(DetailScreen(self.state, row, rank=self.table.rank))
+        self.push_screen(DetailScreen(self.state, row, rank=self.table.rank, until=self.replay_at))
 
     def action_cycle_sort(self) -> None:
         """Order the rows by the next of model order, severity, name, depth, grad norm."""

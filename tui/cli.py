@@ -201,11 +201,11 @@ def _watch_replay(source, watch: RunWatch, every: float | None) -> None:
         gen.close()
 
 
-def _run_app(source, args, title: str | None = None) -> int:
+def _run_app(source, args, title: str | None = None, replay: bool = False) -> int:
     from .app import XRayApp  # Textual is imported only for the app
 
     try:
-        app = XRayApp(source, theme=args.theme, title=title)
+        app = XRayApp(source, theme=args.theme, title=title, replay=replay)
     except ValueError as exc:  # an unknown theme
         raise CliError(str(exc)) from None
     app.run()
@@ -290,7 +290,7 @@ def cmd_replay(args) -> int:
     if args.headless:
         return _headless(source, args, live=False)
     # The header says it is a recording, so nobody takes it for a live run.
-    return _run_app(source, args, title=f"replay: {os.path.basename(args.file)}")
+    return _run_app(source, args, title=f"replay: {os.path.basename(args.file)}", replay=True)
 
 
 def cmd_export(args) -> int:

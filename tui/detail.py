@@ -126,15 +126,21 @@ class DetailScreen(Screen):
         Binding("g", "kind('grad')", "Grad"),
         Binding("a", "kind('act')", "Act"),
         Binding("u", "kind('update')", "Update"),
+        # a replay's timeline, over the scroll bindings of the panel that has the focus
+        Binding("left", "app.seek(-1)", "Step back", show=False, priority=True),
+        Binding("right", "app.seek(1)", "Step on", show=False, priority=True),
     ]
 
-    def __init__(self, state: RunState, row: Row, *, rank: int | None = None, kind: str | None = None) -> None:
+    def __init__(self, state: RunState, row: Row, *, rank: int | None = None, kind: str | None = None,
+                 until: int | None = None) -> None:
         super().__init__()
         self.state = state
         self.row = row
         self.rank = rank
         self.kind = kind or self._first_kind()
         self._seen: tuple | None = None
+        #: Show no sample after this step (a replay's chosen step); None: up to the newest.
+        self.until = until
 
     def _first_kind(self) -> str:
         for k in ("weight", "act", "grad", "update"):
@@ -169,6 +175,11 @@ class DetailScreen(Screen):
         self.kind = kind
         self.refresh_data(force=True)
 
+    def set_until(self, step: int | None) -> None:
+        """Show the layer as it was at ``step`` (a replay's chosen step; None: the newest)."""
+        self.until = step
+        self.refresh_data(force=True)
+
     def set_rank(self, rank: int | None) -> None:
         """Follow the table's rank view (None = merged)."""
         self.rank = rank
@@ -179,7 +190,9 @@ class DetailScreen(Screen):
         state, row, kind = self.state, self.row, self.kind
         stream = row.stream(kind)
         series = state.series(stream, kind, self.rank) if stream is not None else []
-        key = (kind, self.rank, len(series), series[-1][0] if series else None, state.alerts_seen,
+        if self.until is not None:
+            series = [item for item in series if item[0] <= self.until]
+        key = (kind, self.rank, self.until, len(series), series[-1][0] if series else None, state.alerts_seen,
                id(spectral_of(state, row)))  # a spectral pass brings new figures and a new heatmap
         if key == self._seen and not force:
             return
@@ -233,6 +246,8 @@ class DetailScreen(Screen):
         steps = ts["step"]
         lines = [Series(steps, ts["l2"], "‖x‖₂", color)]
         evals = self.state.eval_series(self.row.name, rank=self.rank) if kind == "act" else []
+        if self.until is not None:
+            evals = [item for item in evals if item[0] <= self.until]
         if evals:  # evaluation passes, drawn beside the training ones, never mixed into them
             lines.append(Series(tuple(st for st, _ in evals), tuple(stats.l2(s) for _, s in evals),
                                 "‖x‖₂ eval", "xray-muted"))
@@ -274,6 +289,8 @@ class DetailScreen(Screen):
 
     def _show_alerts(self) -> None:
         alerts = self.state.stream_alerts(self.row)
+        if self.until is not None:
+            alerts = [a for a in alerts if a.step <= self.until]
         box = self.query_one("#layer-alerts", Static)
         if not alerts:
             box.update("[b]alerts[/b]\n[dim]none for this layer[/dim]")

@@ -199,11 +199,15 @@ class RunState:
     _row_index: dict = field(default_factory=dict)
     stream_depth: int = 0  # samples each stream keeps now (0: not yet set)
     _active_cache: tuple = (None, {})  # (key, active_at's answer)
+    #: Keep :attr:`steps_recorded` (a replay's timeline); off for live runs, whose length is open.
+    track_steps: bool = False
+    #: Every training step of the lowest rank, in order, when ``track_steps``.
+    steps_recorded: list = field(default_factory=list)
 
     def reset(self) -> None:
         """Forget everything (a new run of the same name replaced the old one)."""
         fresh = RunState(depth=self.depth, budget=self.budget, max_alerts=self.max_alerts,
-                         max_notes=self.max_notes)
+                         max_notes=self.max_notes, track_steps=self.track_steps)
         self.__dict__.update(fresh.__dict__)
 
     def _new_stream(self, key) -> deque:
@@ -246,6 +250,8 @@ class RunState:
             self.drops = max(self.drops, msg.drops)
             if msg.rank == min(self.hellos, default=msg.rank):
                 self._times.append((msg.step, msg.time))
+                if self.track_steps and (not self.steps_recorded or msg.step > self.steps_recorded[-1]):
+                    self.steps_recorded.append(msg.step)
             for s in msg.samples:
                 key = (s.layer, s.kind, msg.rank)
                 buf = self.history.get(key)
@@ -410,6 +416,15 @@ class RunState:
         if rank is None:
             rank = min(self.hellos, default=0)
         return list(self.history.get((layer, kind, rank, "eval"), ()))
+
+    def oldest_full_step(self) -> int | None:
+        """The first step from which every training stream still has its samples (None: no data).
+
+        A replay longer than the rings hold cannot show the steps before it:
+        seeking stops there rather than drawing rows without data.
+        """
+        firsts = [buf[0][0] for key, buf in self.history.items() if len(key) == 3 and buf]
+        return max(firsts) if firsts else None
 
     def active_at(self, step: int) -> dict:
         """The active alerts as they stood at ``step``: the alerts kept, replayed up to it.

@@ -72,6 +72,8 @@ class AlertList(ScrollView, can_focus=True):
     """
 
     BINDINGS = [
+        Binding("left", "app.seek(-1)", "Step back", show=False),
+        Binding("right", "app.seek(1)", "Step on", show=False),
         Binding("up,k", "cursor(-1)", "Up", show=False),
         Binding("down,j", "cursor(1)", "Down", show=False),
         Binding("home", "jump(0)", "Newest", show=False),

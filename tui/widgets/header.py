@@ -63,7 +63,8 @@ class HeaderInfo:
         return cls(run=state.run or label, step=step, live_step=state.step, steps_per_s=state.steps_per_s,
                    ranks=len(state.hellos), world_size=state.world_size, connection=connection,
                    paused=paused, samples=state.samples_seen, drops=state.drops,
-                   active_alerts=len(state.active), layers_shown=layers_shown,
+                   active_alerts=len(state.active if shown_step is None else state.active_at(shown_step)),
+                   layers_shown=layers_shown,
                    layers_total=len(state.rows), filter=filter, title=title, view=view,
                    engine=engine_fallback(state), loss=state.scalar("loss", until=shown_step),
                    lr=state.scalar("lr", until=shown_step),
@@ -187,12 +188,13 @@ class XRayHeader(Widget):
         step = f"{info.step:,}" if info.step >= 0 else "—"
         speed = f"{info.steps_per_s:.2f} steps/s" if info.steps_per_s else "— steps/s"
         if info.replay_last is not None:
-            # A recording has no live rate: where the view stands in it instead.
-            step = f"{step} of {info.replay_last:,}"
-            speed = "replay · ← → step · [ ] 10 · g G first/last · : go to" if width >= 120 else "replay"
+            # A recording has no live rate: where the view stands in it instead, and how to move.
+            step = f"{step} of {info.replay_last:,} (replay)"
+            speed = "← → step · [ ] 10 · < > first/last · : go to" if width >= 120 else ""
         run = (info.run, "bold") if info.run else ("no run yet", muted)
         left1 = Text.assemble(" ", (info.title, self._style("title")), "  ", run,
-                              sep, ("step ", muted), step, sep, speed, sep,
+                              sep, ("step ", muted), step, *((sep, (speed, muted if info.replay_last is not None
+                                                                    else None)) if speed else ()), sep,
                               ("ranks ", muted), f"{info.ranks}/{info.world_size}",
                               *(((" ", muted), (f"({info.view})", "bold")) if info.view else ()))
         right1 = Text.assemble(("● ", self._connection_style(info.connection)),

@@ -217,6 +217,8 @@ class LayerTable(ScrollView, can_focus=True):
     """
 
     BINDINGS = [
+        Binding("left", "app.seek(-1)", "Step back", show=False),
+        Binding("right", "app.seek(1)", "Step on", show=False),
         Binding("up,k", "cursor(-1)", "Up", show=False),
         Binding("down,j", "cursor(1)", "Down", show=False),
         Binding("pageup", "page(-1)", "Page up", show=False),
@@ -283,14 +285,16 @@ class LayerTable(ScrollView, can_focus=True):
         """
         state = self.state
         sev: dict[str, str] = {}
-        for (_, layer, _, _), alert in state.active.items():
+        # A replay's chosen step (or a pause) shows the alerts that were active then.
+        active = state.active if self.until is None else state.active_at(self.until)
+        for (_, layer, _, _), alert in active.items():
             name = state.row_of(layer)
             if SEVERITY_RANK[alert.severity] > SEVERITY_RANK[sev.get(name, "ok")]:
                 sev[name] = alert.severity
         self._severity = sev
         # A NaN's origin is the row its active nonfinite alert names; with one active, other
         # rows holding NaN/inf are marked affected, not critical (see AFFECTED).
-        self._nonfinite_origin = any(a.rule == "nonfinite" for a in state.active.values())
+        self._nonfinite_origin = any(a.rule == "nonfinite" for a in active.values())
         # Data-driven orders move rows as the data changes: re-sort each paint.
         if (id(state.rows), len(state.rows)) != self._rows_seen or self.sort in ("severity", "grad norm"):
             self._rebuild_view()
