@@ -177,7 +177,7 @@ async def test_typing_q_in_filter_does_not_quit():
 
 async def test_help_screen_lists_bindings():
     app = XRayApp(ListSource(feed()))
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with app.run_test(size=(120, 64)) as pilot:
         await settle(pilot, app)
         await pilot.press("question_mark")
         await pilot.pause()
@@ -634,7 +634,9 @@ def test_help_lists_every_binding():
 
     shown = " ".join(k for k, _ in HELP)
     names = {"question_mark": "?", "slash": "/", "up": "↑", "down": "↓", "pageup": "pgup",
-             "pagedown": "pgdn", "backspace": "escape"}
+             "pagedown": "pgdn", "backspace": "escape", "left": "←", "right": "→",
+             "left_square_bracket": "[", "right_square_bracket": "]", "less_than_sign": "<",
+             "greater_than_sign": ">", "colon": ":"}
     for cls in (XRayApp, LayerTable, AlertList, DetailScreen):
         for binding in cls.BINDINGS:
             for key in binding.key.split(","):

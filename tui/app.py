@@ -96,11 +96,15 @@ HELP: list[tuple[str, str]] = [
     ("s", "sort rows: model order → severity → name → depth → grad norm"),
     ("1 2 3", "show / hide the weight, grad, act sparkline columns"),
     ("r", "per-rank vs merged view: merged → rank 0 → rank 1 …"),
-    ("p", "pause / resume the screen (data keeps arriving)"),
+    ("p", "pause / resume the screen (data keeps arriving; a live run only)"),
     ("t", "next theme (dark, light, high contrast, colour-blind safe)"),
     ("S", "save a screenshot of the screen as SVG (in the current directory)"),
     ("e", "ask the live run for a spectral pass now (WeightWatcher's alpha; one per 10 s)"),
     ("w g a u", "(detail) show weight / grad / act / update"),
+    ("← →", "(replay) one recorded step back / on: the table, alerts and detail show the run as it was"),
+    ("[ ]", "(replay) ten recorded steps back / on"),
+    ("< >", "(replay) the first / last step still kept"),
+    (":", "(replay) type a step to go to (the recorded step at or before it)"),
     ("escape", "(detail) back to the table; close the filter"),
 ]
 
@@ -112,11 +116,17 @@ LEGEND: list[tuple[str, str]] = [
                 "for an activation function (embeddings and norms can sit there healthily: the status says)"),
     ("‖grad‖", "L2 norm of the gradient of the layer's main weight"),
     ("upd/w", "update ratio ‖ΔW‖/‖W‖ of the last optimizer step (healthy ≈ 1e-3)"),
+    ("trend", "beside ‖grad‖ and upd/w: their values over the last sampled steps, one cell per step, newest on "
+              "the right, low to high within the window (log scale when it spans 10x or more); ✖ marks a NaN/inf step"),
+    ("loss lr", "(header, third line) the newest loss and learning rate, their trend over the last 64 steps, and "
+                "↑ ↓ → for the newest against the median before it; 'no loss yet' until the probe sends one"),
+    ("●", "(alerts) an active alert, pinned on top, most severe first; the history follows, newest first"),
     ("—", "no such stream: a module without parameters has no gradient or update"),
     ("status", "✓ ok · ▲ warn (warning) · ✖ CRIT (critical): the worst active alert; a row holding "
                "NaN/inf is ✖ CRIT where it began (the nonfinite alert names it) and ↳ NaN / ↳ inf "
                "where it arrived from an earlier layer"),
-    ("header", "run · step · training steps/s (the probe's clock) · ranks attached/world size · connection"),
+    ("header", "run · step · training steps/s (the probe's clock) · ranks attached/world size · connection; "
+               "a replay says step S of N (replay) instead of a rate"),
     ("samples drops", "statistics received; samples the probe dropped because it fell behind (never slows training)"),
     ("detail", "HOT chart: x = step, y = value bin (signed, log-spaced), colour = log(1 + count)"),
 ]
