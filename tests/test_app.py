@@ -470,10 +470,22 @@ def test_current_vs_initial_matches_numpy_shares():
     series = [(0, synthetic.sample_of("w", "weight", a)), (9, synthetic.sample_of("w", "weight", b))]
     x, now, first = current_vs_initial(series, width=10)
     assert len(x) == 10
-    assert math.isclose(sum(now), 1) and math.isclose(sum(first), 1)
+    dx = x[1] - x[0]  # densities: each integrates to 1 over the common range
+    assert math.isclose(sum(now) * dx, 1) and math.isclose(sum(first) * dx, 1)
     # The shifted distribution's mass sits to the right of the first one's.
     assert np.dot(x, now) > np.dot(x, first)
-    assert abs(np.dot(x, first) - a.mean()) < 0.25 and abs(np.dot(x, now) - b.mean()) < 0.25
+    assert abs(np.dot(x, first) * dx - a.mean()) < 0.1 and abs(np.dot(x, now) * dx - b.mean()) < 0.1
+
+
+def test_histogram_density_of_a_normal_tensor_is_a_bell_like_numpys():
+    """Issue 15: the share per log-width bin drew a bell curve as a jagged comb."""
+    x = np.random.default_rng(5).normal(0, 1, 20_000)
+    s = synthetic.sample_of("w", "weight", x)
+    xs, now, _ = current_vs_initial([(0, s), (1, s)], width=30)
+    ref, _ = np.histogram(x.astype(np.float32), bins=30, range=(s.min, s.max), density=True)
+    assert np.corrcoef(now, ref)[0, 1] > 0.98
+    peak = int(np.argmax(now))
+    assert all(np.diff(now[: peak + 1]) > -0.05) and all(np.diff(now[peak:]) < 0.05)  # up, then down
 
 
 @pytest.mark.parametrize("sort", SORTS)

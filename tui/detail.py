@@ -85,21 +85,44 @@ def time_series(series: list) -> dict[str, tuple]:
     }
 
 
-def current_vs_initial(series: list, width: int = 40) -> tuple[tuple, tuple, tuple]:
-    """x (value) and the share of elements per column, now and first kept.
+def density(sample, lo: float, hi: float, width: int) -> np.ndarray:
+    """The sample's density on ``width`` equal columns of [lo, hi] (integrates to its share in range).
 
-    Both histograms are spread over the same linear range (the union of their
-    min and max), as fractions so that different sample sizes compare.
+    Each fixed (log-spaced) bin's count is spread evenly over the part of
+    the bin inside the tensor's exact [min, max], then summed per linear
+    column and divided by the column's width: what a person expects a
+    histogram to look like (a normal tensor draws a bell). Giving each bin's
+    whole count to the column of its midpoint, as a sparkline may, draws a
+    comb: many narrow bins near zero, few wide ones in the tails.
     """
-    (_, first), (_, last) = series[0], series[-1]
-    lo = min(first.min, last.min)
-    hi = max(first.max, last.max)
+    out = np.zeros(width)
+    if not sample.hist.size or width <= 0 or hi <= lo:
+        return out
+    edges = histogram.edges_for(sample.hist_lo, len(sample.hist)).astype(np.float64)
+    if np.isfinite(sample.min) and np.isfinite(sample.max):
+        edges = np.clip(edges, sample.min, sample.max)
+    cum = np.concatenate([[0.0], np.cumsum(sample.hist, dtype=np.float64)])
+    cols = np.linspace(lo, hi, width + 1)
+    mass = np.diff(np.interp(cols, edges, cum))
+    total = cum[-1]
+    return mass / total / ((hi - lo) / width) if total > 0 else out
+
+
+def current_vs_initial(series: list, width: int = 40, chosen: int | None = None) -> tuple[tuple, ...]:
+    """x (value) and the densities of the newest, the first kept and (optionally) a chosen sample.
+
+    All over one linear range (the union of their min and max), as
+    densities so that different sample sizes compare. Returns
+    ``(x, now, first)`` or, with ``chosen`` (an index into ``series``),
+    ``(x, now, first, chosen_density)``; empty tuples when there is no spread.
+    """
+    picked = [series[-1][1], series[0][1]] + ([series[chosen][1]] if chosen is not None else [])
+    lo = min(s.min for s in picked)
+    hi = max(s.max for s in picked)
     if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
         return (), (), ()
-    a = histogram.rebin_linear(first.hist_lo, first.hist, lo, hi, width)
-    b = histogram.rebin_linear(last.hist_lo, last.hist, lo, hi, width)
     x = tuple(lo + (i + 0.5) * (hi - lo) / width for i in range(width))
-    return x, tuple(b / max(b.sum(), 1)), tuple(a / max(a.sum(), 1))
+    return (x, *(tuple(density(s, lo, hi, width)) for s in picked))
 
 
 class DetailScreen(Screen):
@@ -155,7 +178,7 @@ class DetailScreen(Screen):
             with Vertical(id="detail-left"):
                 yield Static(id="hot-title")
                 yield HotChart(id="hot")
-                yield Chart(title="histogram: now vs first kept (share of elements per value bin)", id="hist")
+                yield Chart(title="histogram: now vs first kept (density on a linear axis)", id="hist")
             with VerticalScroll(id="detail-right"):
                 yield Chart(title="L2 norm ‖x‖₂ over steps (log scale)", log_y=True, id="norm")
                 yield Chart(title="mean and std over steps", id="meanstd")
