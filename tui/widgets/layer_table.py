@@ -37,7 +37,7 @@ SPARK_MIN, SPARK_MAX = 6, 32
 TREND_MIN, TREND_MAX = 6, 64
 NAME_MIN, NAME_PREF = 16, 36
 #: The module type column is at most this wide (longer types are cut).
-TYPE_MAX = 16
+TYPE_MAX = 12
 BADGE_W, NUM_W, GAUGE_W = 6, 7, 9
 #: Near-zero share at which an activation counts as dead (DESIGN.md: >= 99%).
 DEAD_FRACTION = 0.99
@@ -103,7 +103,7 @@ def plan_columns(width: int, shown: tuple[str, ...] = SPARK_KINDS, *, name_need:
             continue
         # The name takes what it needs (within the room), the pictures the rest up to their caps.
         name = max(min(max(name_need, NAME_MIN), flex), min(flex, NAME_MIN), 1)
-        name = min(name, max(NAME_PREF, int(flex * 0.4)))  # a very long path is cut, not the pictures
+        name = min(name, max(NAME_PREF, int(flex * 0.5)))  # a very long path is cut, not the pictures
         spare = flex - name
         spark, tr = (SPARK_MIN if kinds else 0), (TREND_MIN if trends else 0)
         n_flex = len(kinds) + trends
@@ -168,6 +168,13 @@ def sci(value: float | None) -> str:
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
     return f"{value:.1e}"
+
+
+def fit_type(type_name: str, width: int) -> str:
+    """A module type in ``width`` cells, cut at the end with ``…`` (``NewGELUActi…``)."""
+    if len(type_name) <= width:
+        return type_name.ljust(width)
+    return type_name[: width - 1] + "…"
 
 
 def fit_name(name: str, indent: int, width: int) -> str:
@@ -559,7 +566,7 @@ class LayerTable(ScrollView, can_focus=True):
             # The type in a column of its own on every row (or on none): "0  Linear" says more
             # than "0", and a type that shows on some rows only reads as a difference between them.
             segs = [Segment(fit_name(row.name, indent, cols.name - cols.type - 2), name_style),
-                    Segment("  " + row.type[: cols.type].ljust(cols.type), muted)]
+                    Segment("  " + fit_type(row.type, cols.type), muted)]
         else:
             segs = [Segment(fit_name(row.name, indent, cols.name), name_style)]
         critical = self._style("critical")
