@@ -452,7 +452,7 @@ def test_hot_matrix_keeps_counts_and_puts_large_values_on_top():
     rng = np.random.default_rng(1)
     series = [(st, synthetic.sample_of("w", "weight", rng.normal(0, 0.1 * (1 + st), 4000))) for st in range(7)]
     m, edges, steps = hot_matrix(series, max_rows=20, max_cols=5)
-    assert steps == [2, 3, 4, 5, 6]  # the most recent columns
+    assert len(steps) == 5 and steps[0] == 0 and steps[-1] == 6  # the whole range, as the line charts
     assert m.shape == (len(edges) - 1, 5) and m.shape[0] <= 20
     # Grouping bins loses no element: each column sums back to its sample size.
     np.testing.assert_allclose(np.expm1(m).sum(axis=0), 4000, rtol=1e-9)
@@ -462,6 +462,17 @@ def test_hot_matrix_keeps_counts_and_puts_large_values_on_top():
     top_lo = e1[-2]
     assert round(np.expm1(m1[0, 0])) == np.sum(x.astype(np.float32) >= top_lo)
     assert e1[0] <= x.min() and e1[-1] >= x.max()
+
+
+def test_hot_matrix_folds_the_empty_bins_between_the_signs():
+    """Issue 15: the signed log axis ran through 1e-12..1e-1 twice, ~40% of the chart empty."""
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.uniform(0.5, 1.0, 500), -rng.uniform(0.5, 1.0, 500)])  # nothing near zero
+    folds: list = []
+    m, edges, _ = hot_matrix([(0, synthetic.sample_of("w", "weight", x))], 200, 1, folds)
+    assert np.all(m[:, 0] > 0)  # every row drawn holds values
+    assert m.shape[0] <= 8 and folds  # the two occupied octaves of each sign, and one fold between
+    np.testing.assert_allclose(np.expm1(m).sum(), 1000, rtol=1e-9)
 
 
 def test_current_vs_initial_matches_numpy_shares():
