@@ -150,3 +150,29 @@ async def test_a_critical_alert_stays_on_top_of_newer_warnings_in_a_small_pane()
         await settle(pilot, app, alerts=21)
         pane = [line for line in screen_text(app).splitlines() if "CRITICAL" in line or "WARNING" in line]
         assert "CRITICAL" in pane[0] and "exploding" in pane[0], pane
+
+
+# -- the detail's line charts ------------------------------------------------------------
+
+
+def test_braille_charts_have_readable_ticks_and_no_negative_zero():
+    from tui.widgets.braille import fmt_tick, nice_ticks
+    from tui.widgets.plots import Series, build_chart
+
+    ticks, step = nice_ticks(-0.0004, 0.0231, 5)
+    labels = [fmt_tick(t, step) for t in ticks]
+    assert "0" in labels and not any(lb.startswith("-0.0") and set(lb[1:]) <= set("0.") for lb in labels)
+    assert fmt_tick(2.5e-3) == "2.5e-03" and fmt_tick(12_500) == "12.5k" and fmt_tick(-1e-20, 0.01) == "0"
+    steps = tuple(range(0, 200, 5))
+    text = build_chart([Series(steps, tuple(1e-3 * (s - 100) for s in steps), "mean")], 50, 10)
+    assert "-0.000" not in text and any(ch in text for ch in "⠁⠂⠄⡀⠈⠐⠠⢀")  # braille dots
+    assert text.splitlines()[-1].split() == ["0", "50", "100", "150"]  # whole steps
+
+
+def test_a_norm_that_spans_decades_gets_a_log_axis():
+    from tui.widgets.plots import Series, spans_decades
+
+    steps = tuple(range(10))
+    assert spans_decades([Series(steps, tuple(10.0 ** s for s in steps), "‖g‖")])
+    assert not spans_decades([Series(steps, tuple(1.0 + s for s in steps), "‖g‖")])
+    assert not spans_decades([Series(steps, tuple(s - 5.0 for s in steps), "mean")])  # signed: linear

@@ -117,8 +117,9 @@ def current_vs_initial(series: list, width: int = 40, chosen: int | None = None)
     ``(x, now, first, chosen_density)``; empty tuples when there is no spread.
     """
     picked = [series[-1][1], series[0][1]] + ([series[chosen][1]] if chosen is not None else [])
-    lo = min(s.min for s in picked)
-    hi = max(s.max for s in picked)
+    # a sample gone all NaN has no [min, max]: the range comes from the others (it draws flat)
+    lo = min((s.min for s in picked if np.isfinite(s.min)), default=np.nan)
+    hi = max((s.max for s in picked if np.isfinite(s.max)), default=np.nan)
     if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
         return (), (), ()
     x = tuple(lo + (i + 0.5) * (hi - lo) / width for i in range(width))
@@ -180,9 +181,10 @@ class DetailScreen(Screen):
                 yield HotChart(id="hot")
                 yield Chart(title="histogram: now vs first kept (density on a linear axis)", id="hist")
             with VerticalScroll(id="detail-right"):
-                yield Chart(title="L2 norm ‖x‖₂ over steps (log scale)", log_y=True, id="norm")
-                yield Chart(title="mean and std over steps", id="meanstd")
-                yield Chart(title="near zero, % of elements with |x| < eps", id="nearzero")
+                # log_y None: a log axis when the values span two decades (a norm that explodes or vanishes)
+                yield Chart(title="L2 norm ‖x‖₂ over steps", log_y=None, id="norm")
+                yield Chart(title="mean and std over steps", log_y=None, id="meanstd")
+                yield Chart(title="near zero, % of elements with |x| < eps", log_y=None, id="nearzero")
                 yield Static(id="layer-alerts")
                 yield Static(id="spectral", classes="note")
                 yield Static(id="matrix-title")  # last: the tallest panel, scrolled to on small screens
@@ -239,7 +241,7 @@ class DetailScreen(Screen):
     def _show_hot(self, stream: str | None, kind: str, series: list) -> None:
         hot = self.query_one("#hot", HotChart)
         self.query_one("#hot-title", Static).update(
-            f"[b]HOT {kind}[/b]: x step · y value (signed, log-spaced bins) · colour log(1 + count)")
+            f"[b]HOT {kind}[/b]: x step · y value (signed log bins; empty ones folded, ≈) · colour count")
         if stream is None:
             why = "this layer's output is not hooked" if kind == "act" else "this layer has no parameters"
             hot.show_series([], empty_text=f"no {kind} stream: {why}")
@@ -267,6 +269,8 @@ class DetailScreen(Screen):
                        Series(x, now, f"now (step {series[-1][0]}){unbinned}", color)])
         ts = time_series(series)
         steps = ts["step"]
+        # One step range for every chart of the screen (the HOT chart covers the same series).
+        xlim = (steps[0], steps[-1]) if steps and steps[-1] > steps[0] else None
         lines = [Series(steps, ts["l2"], "‖x‖₂", color)]
         evals = self.state.eval_series(self.row.name, rank=self.rank) if kind == "act" else []
         if self.until is not None:
@@ -274,23 +278,24 @@ class DetailScreen(Screen):
         if evals:  # evaluation passes, drawn beside the training ones, never mixed into them
             lines.append(Series(tuple(st for st, _ in evals), tuple(stats.l2(s) for _, s in evals),
                                 "‖x‖₂ eval", "xray-muted"))
-        norm.show(lines)
-        meanstd.show([Series(steps, ts["mean"], "mean", color), Series(steps, ts["std"], "std", "xray-muted")])
+        norm.show(lines, xlim=xlim)
+        meanstd.show([Series(steps, ts["mean"], "mean", color), Series(steps, ts["std"], "std", "xray-muted")],
+                     xlim=xlim)
         if kind == "update":
             init = next((s.init_dist for _, s in reversed(series) if s.init_dist is not None), None)
             title = ("update ratio ‖ΔW‖/‖W‖ over steps (healthy ~1e-3)" if init is None else
                      f"‖ΔW‖/‖W‖ (healthy ~1e-3) · from init ‖W−W₀‖/‖W₀‖ {init:.3g}")
-            near.show([Series(steps, ts["ratio"], "‖ΔW‖/‖W‖", color)], title=title)
+            near.show([Series(steps, ts["ratio"], "‖ΔW‖/‖W‖", color)], title=title, xlim=xlim)
         elif kind == "weight" and any(s.lora_shift is not None for _, s in series):
             shift = tuple(s.lora_shift if s.lora_shift is not None else float("nan") for _, s in series)
-            near.show([Series(steps, shift, "‖B·A·s‖/‖W‖", color)],
+            near.show([Series(steps, shift, "‖B·A·s‖/‖W‖", color)], xlim=xlim,
                       title=f"LoRA shift ‖B·A·scale‖/‖W_base‖, now {series[-1][1].lora_shift or 0:.3g}")
         elif kind == "act" and any(v == v for v in ts["dead"]):
             near.show([Series(steps, ts["near_zero"], "|x|<eps %", color),
-                       Series(steps, ts["dead"], "dead units %", "xray-dead")],
+                       Series(steps, ts["dead"], "dead units %", "xray-dead")], xlim=xlim,
                       title="near zero and dead units, % (dead: never above eps)")
         else:
-            near.show([Series(steps, ts["near_zero"], "|x|<eps %", color)],
+            near.show([Series(steps, ts["near_zero"], "|x|<eps %", color)], xlim=xlim,
                       title="near zero, % of elements with |x| < eps")
 
     def _show_matrix(self) -> None:

@@ -203,12 +203,12 @@ class HotChart(Heatmap):
     def legend_line(self, width: int) -> Text:
         """``colour: count 1 ████ 4,000 (log)``: what a colour means, in the ramp's own colours."""
         top = float(self.matrix.max()) if self.matrix.size else 0.0
-        out = Text(" " * self.GUTTER + "colour = count  1 ", style="dim", no_wrap=True, overflow="crop")
-        cells = max(min(LEVELS, width - self.GUTTER - 40), 4)
+        out = Text(" " * self.GUTTER + "count 1 ", style="dim", no_wrap=True, overflow="crop")
+        cells = max(min(LEVELS, width - self.GUTTER - 24), 4)
         ramp = self._ramp()
         for i in range(cells):
             out.append("█", Style(color=ramp[min(int(i * LEVELS / cells), LEVELS - 1)].rich_color))
-        out.append(f" {math.expm1(top):,.0f}  (log scale: log(1 + count); blank: none)", style="dim")
+        out.append(f" {math.expm1(top):,.0f} (log)", style="dim")
         return out
 
     def show_series(self, series: list, *, empty_text: str = "no samples yet") -> None:
