@@ -176,3 +176,67 @@ def test_a_norm_that_spans_decades_gets_a_log_axis():
     assert spans_decades([Series(steps, tuple(10.0 ** s for s in steps), "‖g‖")])
     assert not spans_decades([Series(steps, tuple(1.0 + s for s in steps), "‖g‖")])
     assert not spans_decades([Series(steps, tuple(s - 5.0 for s in steps), "mean")])  # signed: linear
+
+
+# -- two runs side by side -------------------------------------------------------------
+
+
+def _recording(path, batches) -> str:
+    with open(path, "wb") as f:
+        f.write(wire.MAGIC)
+        for batch in batches:
+            for msg in batch:
+                f.write(wire.encode(msg))
+    return str(path)
+
+
+def _scaled_run(scale: float, n_layers: int = 4, n_steps: int = 5) -> list[list]:
+    """Weights of layer 2 scaled by ``scale`` (the others the same as in any run of this seed)."""
+    batches = [[synthetic.hello(n_layers, run=f"run-x{scale:g}")]]
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 0.02, (n_layers, 400))
+    for step in range(n_steps):
+        samples = [synthetic.sample_of(f"model.layers.{i}.fc.weight", "weight", base[i] * (scale if i == 2 else 1))
+                   for i in range(n_layers)]
+        batches.append([wire.Step(step=step, rank=0, time=1_700_000_000.0 + step, samples=samples)])
+    return batches
+
+
+def test_compare_helpers_measure_how_far_two_weight_distributions_moved():
+    from tui import compare
+
+    x = np.random.default_rng(1).normal(0, 1, 5000)
+    a, b = synthetic.sample_of("w", "weight", x), synthetic.sample_of("w", "weight", 4 * x)
+    assert compare.hist_distance(a, a) == 0
+    assert 0.5 < compare.hist_distance(a, b) <= 1  # 4x wider: most elements sit in other bins
+    assert abs(compare.rel_change(1.0, 1.5) - 0.5) < 1e-12 and compare.pct(0.5) == "+50%"
+    assert compare.pct(-0.034) == "-3.4%" and compare.pct(0.0001) == "0%"
+    assert compare.rel_change(None, 1.0) is None and compare.pct(None) == "—"
+
+
+async def test_replay_vs_shows_both_runs_side_by_side_and_overlays_the_histograms(tmp_path):
+    from tui import compare
+    from tui.feed import FileSource
+
+    a = _recording(tmp_path / "a.xray", _scaled_run(1.0))
+    b = _recording(tmp_path / "b.xray", _scaled_run(3.0))
+    app = XRayApp(FileSource(a), replay=True, other=compare.load_state(b), other_label="b.xray")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app, step=4, alerts=0)
+        text = screen_text(app)
+        assert "‖W‖ A" in text and "‖W‖ B" in text and "Δ‖W‖" in text
+        assert "+200%" in _row_line(app, "model.layers.2.fc")  # 3x the norm
+        assert " 0% " in _row_line(app, "model.layers.1.fc") + " "
+        await pilot.press("down", "down", "enter")
+        await pilot.pause(0.3)
+        assert "━ A (step 4)  ━ B b.xray" in screen_text(app)
+
+
+def test_vs_with_headless_or_a_missing_file_is_a_one_line_error(tmp_path, capsys):
+    from tui import cli
+
+    a = _recording(tmp_path / "a.xray", _scaled_run(1.0))
+    assert cli.main(["replay", a, "--vs", str(tmp_path / "nope.xray")]) == 2
+    assert "nope.xray: no such file" in capsys.readouterr().err
+    assert cli.main(["replay", a, "--vs", a, "--headless"]) == 2
+    assert "--vs" in capsys.readouterr().err

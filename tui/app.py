@@ -206,7 +206,8 @@ class XRayApp(App):
             self.error = error
 
     def __init__(self, source, *, theme: str | None = None, title: str | None = None,
-                 screenshot_dir: str = ".", replay: bool = False) -> None:
+                 screenshot_dir: str = ".", replay: bool = False, other: RunState | None = None,
+                 other_label: str = "") -> None:
         super().__init__()
         themes.register(self)
         name = theme or themes.DEFAULT_THEME
@@ -222,6 +223,8 @@ class XRayApp(App):
         self.state = RunState(depth=REPLAY_DEPTH, track_steps=True) if replay else RunState()
         #: The replay's chosen step; None follows the newest step read.
         self.replay_at: int | None = None
+        #: A second recording shown beside this one (``replay A --vs B``), and its name.
+        self.other, self.other_label = other, other_label
         self.screenshot_dir = screenshot_dir
         self._stop = threading.Event()
         self._slots = threading.Semaphore(MAX_IN_FLIGHT)
@@ -250,6 +253,7 @@ class XRayApp(App):
     def compose(self) -> ComposeResult:
         self._header = XRayHeader(id="header")
         self._table = LayerTable(self.state, id="layers")
+        self._table.other = self.other
         self._alerts = AlertList(self.state, id="alerts")
         yield self._header
         with Vertical(id="body"):
@@ -579,7 +583,8 @@ class XRayApp(App):
         if row is None:
             self.notify("no layer yet", timeout=3)
             return
-        self.push_screen(DetailScreen(self.state, row, rank=self.table.rank, until=self.replay_at))
+        self.push_screen(DetailScreen(self.state, row, rank=self.table.rank, until=self.replay_at,
+                                      other=self.other, other_label=self.other_label))
 
     def action_cycle_sort(self) -> None:
         """Order the rows by the next of model order, severity, name, depth, grad norm."""

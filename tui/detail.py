@@ -156,7 +156,7 @@ class DetailScreen(Screen):
     ]
 
     def __init__(self, state: RunState, row: Row, *, rank: int | None = None, kind: str | None = None,
-                 until: int | None = None) -> None:
+                 until: int | None = None, other: RunState | None = None, other_label: str = "") -> None:
         super().__init__()
         self.state = state
         self.row = row
@@ -165,6 +165,8 @@ class DetailScreen(Screen):
         self._seen: tuple | None = None
         #: Show no sample after this step (a replay's chosen step); None: up to the newest.
         self.until = until
+        #: A second run (``replay A --vs B``): its histogram at the same step is drawn over this one's.
+        self.other, self.other_label = other, other_label
 
     def _first_kind(self) -> str:
         for k in ("weight", "act", "grad", "update"):
@@ -257,7 +259,9 @@ class DetailScreen(Screen):
                 chart.show([], empty_text=f"no {kind} samples yet")
             return
         x, now, first = current_vs_initial(series)
-        if not x:
+        if self.other is not None:
+            self._show_overlay(hist, kind, series, color)
+        elif not x:
             last = series[-1][1]
             hist.show([], empty_text=f"every value is {last.min:g} now (min = max): no spread to draw")
         else:
@@ -297,6 +301,34 @@ class DetailScreen(Screen):
         else:
             near.show([Series(steps, ts["near_zero"], "|x|<eps %", color)], xlim=xlim,
                       title="near zero, % of elements with |x| < eps")
+
+    def _show_overlay(self, hist: Chart, kind: str, series: list, color: str) -> None:
+        """Both runs' histograms at the step shown, as densities on one linear axis."""
+        from tui import compare as cmp
+
+        other, row = self.other, self.row
+        step = series[-1][0]
+        mine = series[-1][1]
+        theirs = None
+        if row.name in other._row_index:
+            theirs = other.latest(other.rows[other._row_index[row.name]], kind, None, step)
+        if theirs is None:
+            hist.show([], empty_text=f"B ({self.other_label}) has no {kind} sample of this layer at step {step} "
+                                     "or before", title="histogram: A vs B")
+            return
+        lo = min((v for v in (mine.min, theirs.min) if np.isfinite(v)), default=np.nan)
+        hi = max((v for v in (mine.max, theirs.max) if np.isfinite(v)), default=np.nan)
+        if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+            hist.show([], empty_text="no spread to draw (min = max, or NaN)", title="histogram: A vs B")
+            return
+        width = 48
+        x = tuple(lo + (i + 0.5) * (hi - lo) / width for i in range(width))
+        dist = cmp.hist_distance(mine, theirs)
+        change = cmp.rel_change(cmp.norm(mine), cmp.norm(theirs))
+        hist.show([Series(x, tuple(density(mine, lo, hi, width)), f"A (step {step})", color),
+                   Series(x, tuple(density(theirs, lo, hi, width)), f"B {self.other_label}", "xray-grad")],
+                  title=f"A vs B (density) · norm {cmp.pct(change)} · "
+                        f"{'—' if dist is None else f'{dist * 100:.0f}%'} in other bins")
 
     def _show_matrix(self) -> None:
         """The weight's magnitude as a heatmap, from the latest spectral pass."""
