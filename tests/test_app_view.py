@@ -8,6 +8,7 @@ the point is what a run would show; the screen is read from the compositor.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from probes import wire
 from probes.rules import RuleEngine
@@ -240,3 +241,39 @@ def test_vs_with_headless_or_a_missing_file_is_a_one_line_error(tmp_path, capsys
     assert "nope.xray: no such file" in capsys.readouterr().err
     assert cli.main(["replay", a, "--vs", a, "--headless"]) == 2
     assert "--vs" in capsys.readouterr().err
+
+
+# -- snapshots: the sizes and states (the header shows the probe's clock, never the wall clock) --
+
+
+def _snap_app(view: str, tmp_path):
+    from tui import compare
+    from tui.feed import FileSource, ListSource
+
+    if view == "live":
+        return XRayApp(HoldSource(feed(n_layers=40, n_steps=24)[:-1]))
+    if view == "nan":
+        return XRayApp(HoldSource(nan_run(n_layers=24)))
+    if view == "replay":
+        return XRayApp(ListSource(_replay_feed(n_layers=24)), replay=True)
+    a = _recording(tmp_path / "a.xray", _scaled_run(1.0, n_layers=24))
+    b = _recording(tmp_path / "b.xray", _scaled_run(3.0, n_layers=24))
+    return XRayApp(FileSource(a), replay=True, other=compare.load_state(b), other_label="b.xray")
+
+
+@pytest.mark.parametrize(("view", "size"), [
+    ("live", (200, 60)), ("nan", (120, 40)), ("nan", (200, 60)), ("replay", (80, 24)),
+    ("replay", (120, 40)), ("compare", (120, 40)), ("compare", (200, 60)),
+], ids=lambda v: v if isinstance(v, str) else f"{v[0]}x{v[1]}")
+def test_snapshot_views(snap_compare, tmp_path, view, size):
+    app = _snap_app(view, tmp_path)
+
+    async def run_before(pilot) -> None:
+        step = {"live": 23, "nan": 3, "replay": 29, "compare": 4}[view]
+        await settle(pilot, pilot.app, step=step, alerts=1 if view in ("nan", "replay") else 0)
+        if view == "replay":
+            await pilot.press("colon", *"21", "enter")  # just after the alert at step 20
+        pilot.app._paint()
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)

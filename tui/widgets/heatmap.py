@@ -71,7 +71,9 @@ def hot_matrix(series: list, max_rows: int, max_cols: int,
     lasts = np.append(bins[group - 1 :: group], bins[-1])[: rows.shape[0]]  # the highest
     edges = np.append(histogram.EDGES[firsts], histogram.EDGES[min(int(lasts[-1]) + 1, histogram.NUM_BINS)])
     if folds is not None:
-        gaps = np.flatnonzero(np.diff(bins) > 1)  # kept index i: a fold between bins[i] and bins[i + 1]
+        # kept index i: a fold between bins[i] and bins[i + 1]; marked when an octave or more is left out
+        # (a sparse sample's odd empty bin is not worth a mark on every other line)
+        gaps = np.flatnonzero(np.diff(bins) > histogram.BINS_PER_OCTAVE)
         folds[:] = sorted({int((i + 1) // group) for i in gaps})  # the row whose bins start past the gap
     return np.log1p(rows[::-1]), edges, [st for st, _ in series]
 
