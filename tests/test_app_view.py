@@ -110,6 +110,7 @@ async def test_replay_seeks_and_shows_each_steps_recorded_values():
         await pilot.press("enter")
         await pilot.pause(0.3)
         assert "22 samples kept" in screen_text(app)
+        assert "first kept (step 0)  ━ last (step 29)  ━ step 21" in screen_text(app)  # first vs last vs chosen
         await pilot.press("right")
         await pilot.pause(0.3)
         assert "23 samples kept" in screen_text(app)

@@ -121,7 +121,7 @@ def current_vs_initial(series: list, width: int = 40, chosen: int | None = None)
     lo = min((s.min for s in picked if np.isfinite(s.min)), default=np.nan)
     hi = max((s.max for s in picked if np.isfinite(s.max)), default=np.nan)
     if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
-        return (), (), ()
+        return ((),) * (1 + len(picked))
     x = tuple(lo + (i + 0.5) * (hi - lo) / width for i in range(width))
     return (x, *(tuple(density(s, lo, hi, width)) for s in picked))
 
@@ -167,6 +167,7 @@ class DetailScreen(Screen):
         self.until = until
         #: A second run (``replay A --vs B``): its histogram at the same step is drawn over this one's.
         self.other, self.other_label = other, other_label
+        self._newest = None  # (step, Sample): the recording's newest when a replay shows an earlier step
 
     def _first_kind(self) -> str:
         for k in ("weight", "act", "grad", "update"):
@@ -217,7 +218,11 @@ class DetailScreen(Screen):
         state, row, kind = self.state, self.row, self.kind
         stream = row.stream(kind)
         series = state.series(stream, kind, self.rank) if stream is not None else []
+        #: The recording's newest sample when a replay shows an earlier step: drawn beside it.
+        self._newest = None
         if self.until is not None:
+            if series and series[-1][0] > self.until:
+                self._newest = series[-1]
             series = [item for item in series if item[0] <= self.until]
         key = (kind, self.rank, self.until, len(series), series[-1][0] if series else None, state.alerts_seen,
                id(spectral_of(state, row)))  # a spectral pass brings new figures and a new heatmap
@@ -258,7 +263,7 @@ class DetailScreen(Screen):
             for chart in (hist, norm, meanstd, near):
                 chart.show([], empty_text=f"no {kind} samples yet")
             return
-        x, now, first = current_vs_initial(series)
+        x, now, first = current_vs_initial(series)[:3]
         if self.other is not None:
             self._show_overlay(hist, kind, series, color)
         elif not x:
@@ -269,8 +274,17 @@ class DetailScreen(Screen):
             bad = stats.nonfinite(last)
             # NaN/inf have no bin: say so, or a flat "now" line reads as "all values gone to zero".
             unbinned = f", {100 * bad / last.count:.3g}% NaN/inf unbinned" if bad and last.count else ""
-            hist.show([Series(x, first, f"first kept (step {series[0][0]})", "xray-muted"),
-                       Series(x, now, f"now (step {series[-1][0]}){unbinned}", color)])
+            lines = [Series(x, first, f"first kept (step {series[0][0]})", "xray-muted"),
+                     Series(x, now, f"now (step {series[-1][0]}){unbinned}", color)]
+            if self._newest is not None and len(series) > 0:
+                # A replay at an earlier step: first kept vs the chosen step vs the recording's last.
+                ext = series + [self._newest]
+                x, last_d, first, chosen = current_vs_initial(ext, chosen=len(series) - 1)
+                if x:
+                    lines = [Series(x, first, f"first kept (step {series[0][0]})", "xray-muted"),
+                             Series(x, last_d, f"last (step {self._newest[0]})", "xray-grad"),
+                             Series(x, chosen, f"step {series[-1][0]}{unbinned}", color)]
+            hist.show(lines)
         ts = time_series(series)
         steps = ts["step"]
         # One step range for every chart of the screen (the HOT chart covers the same series).
