@@ -232,6 +232,7 @@ class XRayApp(ReplayTimeline, App):
         self._sized = None
         self._shown_step = -1  # the run's step at the last repaint of the views
         self._asked = False  # a request went to the probe and its answer is awaited
+        self._alert_text: str | None = None  # the full alert message shown under the alerts pane
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Main-screen actions only on the main screen, the timeline only in a replay, pause
@@ -398,8 +399,12 @@ class XRayApp(ReplayTimeline, App):
         """The full message of the alert under the pane's cursor (the first one when it has no focus)."""
         alerts = self.alert_list
         alert = alerts.alert_at(alerts.cursor if alerts.has_focus else 0)
-        box = self.query_one("#alert-message", Static)
-        box.update(full_message(alert, multi_rank=self.state.world_size > 1))
+        text = full_message(alert, multi_rank=self.state.world_size > 1)
+        if text == self._alert_text:
+            return  # an update would lay the screen out again, at every paint
+        self._alert_text = text
+        box = self.screen_stack[0].query_one("#alert-message", Static)
+        box.update(text)
         box.set_class(alert is not None, "-shown")
 
     @on(AlertList.Highlighted)
