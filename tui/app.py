@@ -101,6 +101,7 @@ HELP: list[tuple[str, str]] = [
     ("S", "save a screenshot of the screen as SVG (in the current directory)"),
     ("e", "ask the live run for a spectral pass now (WeightWatcher's alpha; one per 10 s)"),
     ("w g a u", "(detail) show weight / grad / act / update"),
+    ("l", "(detail) the histogram's density axis linear / log (the tails show on a log axis)"),
     ("← →", "(replay) one recorded step back / on: the table, alerts and detail show the run as it was"),
     ("[ ]", "(replay) ten recorded steps back / on"),
     ("< >", "(replay) the first / last step still kept"),

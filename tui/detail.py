@@ -150,6 +150,7 @@ class DetailScreen(Screen):
         Binding("g", "kind('grad')", "Grad"),
         Binding("a", "kind('act')", "Act"),
         Binding("u", "kind('update')", "Update"),
+        Binding("l", "hist_log", "Hist log y"),
         # a replay's timeline, over the scroll bindings of the panel that has the focus
         Binding("left", "app.seek(-1)", "Step back", show=False, priority=True),
         Binding("right", "app.seek(1)", "Step on", show=False, priority=True),
@@ -201,6 +202,12 @@ class DetailScreen(Screen):
     def action_kind(self, kind: str) -> None:
         """Show the HOT chart and plots of another kind of this layer."""
         self.kind = kind
+        self.refresh_data(force=True)
+
+    def action_hist_log(self) -> None:
+        """Switch the histogram between a linear and a log density axis (tails show on a log axis)."""
+        hist = self.query_one("#hist", Chart)
+        hist.log_y_setting = not hist.log_y_setting
         self.refresh_data(force=True)
 
     def set_until(self, step: int | None) -> None:
