@@ -473,6 +473,8 @@ class LayerTable(CompareRows, ScrollView, can_focus=True):
     def on_resize(self, event: events.Resize) -> None:
         self.virtual_size = Size(self.scrollable_content_region.width, len(self._view) + 1)
         self._scroll_to_cursor()
+        # A recording is often read in before the table has its size: look again now that it has one.
+        self._keep_failing_in_view()
 
     def notify_style_update(self) -> None:
         # A theme change alters every colour: drop the cached strips.
