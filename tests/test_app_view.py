@@ -278,3 +278,21 @@ def test_snapshot_views(snap_compare, tmp_path, view, size):
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+async def test_at_80x24_a_failing_row_below_the_fold_is_brought_into_view_until_the_user_moves():
+    """Seen in the issue: at 80x24 the failing rows were off screen."""
+    from tui.feed import ListSource
+
+    batches = feed(n_layers=40, n_steps=3)[:-1]
+    batches.append([synthetic.alert(2, "model.layers.35.fc.weight", rule="exploding", severity="critical",
+                                    kind="grad")])
+    app = XRayApp(ListSource(batches))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app, step=2, alerts=1)
+        assert app.table.cursor_row.name == "model.layers.35.fc"
+        assert "✖ CRIT" in screen_text(app)
+        await pilot.press("home")  # the user's own move is kept
+        app._paint()
+        await pilot.pause()
+        assert app.table.cursor == 0
