@@ -129,7 +129,9 @@ LEGEND: list[tuple[str, str]] = [
     ("header", "run · step · training steps/s (the probe's clock) · ranks attached/world size · connection; "
                "a replay says step S of N (replay) instead of a rate"),
     ("samples drops", "statistics received; samples the probe dropped because it fell behind (never slows training)"),
-    ("detail", "HOT chart: x = step, y = value bin (signed, log-spaced), colour = log(1 + count)"),
+    ("detail", "HOT chart: x = step, y = value bin (signed, log-spaced; bins empty at every step folded "
+               "away, ≈ on the axis), colour = count on a log scale (legend under it); histogram as densities "
+               "on a linear axis; line charts share one step range"),
 ]
 
 #: Actions that act on the main screen's table, filter or alerts: off (and out of the
