@@ -533,7 +533,8 @@ class LayerTable(CompareRows, ScrollView, can_focus=True):
             if shown:
                 parts.append(head.rjust(NUM_W))
                 if cols.trend:
-                    heads = (f"last {n} steps", f"{n} steps", "trend") if n else ("",)
+                    # one cell per sampled step (every N-th training step, as the probe samples)
+                    heads = (f"last {n} sampled steps", f"last {n} samples", f"{n} samples", "trend") if n else ("",)
                     parts.append(next((h for h in heads if len(h) <= cols.trend), "").ljust(cols.trend))
         parts.append("status".ljust(BADGE_W))
         return Strip([Segment(" ".join(parts))]).adjust_cell_length(cols.width)
