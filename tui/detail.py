@@ -148,9 +148,10 @@ class DetailScreen(Screen):
         Binding("escape,backspace", "app.pop_screen", "Back"),
         Binding("w", "kind('weight')", "Weight"),
         Binding("g", "kind('grad')", "Grad"),
-        Binding("a", "kind('act')", "Act"),
-        Binding("u", "kind('update')", "Update"),
-        Binding("l", "hist_log", "Hist log y"),
+        # a and u: the title line lists every kind with its key; the footer fits 80 columns
+        Binding("a", "kind('act')", "Act", show=False),
+        Binding("u", "kind('update')", "Update", show=False),
+        Binding("l", "hist_log", "Hist log y", show=False),  # in the help: the footer fits 80 columns
         # a replay's timeline, over the scroll bindings of the panel that has the focus
         Binding("left", "app.seek(-1)", "Step back", show=False, priority=True),
         Binding("right", "app.seek(1)", "Step on", show=False, priority=True),
@@ -183,7 +184,7 @@ class DetailScreen(Screen):
             with Vertical(id="detail-left"):
                 yield Static(id="hot-title")
                 yield HotChart(id="hot")
-                yield Chart(title="histogram: now vs first kept (density on a linear axis)", id="hist")
+                yield Chart(title="histogram now vs first kept (density, linear axis)", id="hist")
             with VerticalScroll(id="detail-right"):
                 # log_y None: a log axis when the values span two decades (a norm that explodes or vanishes)
                 yield Chart(title="L2 norm ‖x‖₂ over steps", log_y=None, id="norm")
@@ -243,7 +244,7 @@ class DetailScreen(Screen):
         depth = state.stream_depth or state.depth
         self.query_one("#detail-title", Static).update(
             f"[b]{row.name}[/b]  {row.type}  params: {', '.join(row.params) or '—'}  ·  {view}"
-            f"{len(series)} samples kept (the viewer keeps the newest {depth} per stream)"
+            f"{len(series)} samples kept (at most {depth} per stream)"
             + (f"  ·  LoRA adapter of [b]{row.adapter_of}[/b]" if row.adapter_of else "")
             + f"\n{kinds}   [dim]escape: back[/dim]")
         self._show_hot(stream, kind, series)
