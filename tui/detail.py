@@ -184,7 +184,7 @@ class DetailScreen(Screen):
             with Vertical(id="detail-left"):
                 yield Static(id="hot-title")
                 yield HotChart(id="hot")
-                yield Chart(title="histogram now vs first kept (density, linear axis)", id="hist")
+                yield Chart(title="histogram: density, linear axis", id="hist")
             with VerticalScroll(id="detail-right"):
                 # log_y None: a log axis when the values span two decades (a norm that explodes or vanishes)
                 yield Chart(title="L2 norm ‖x‖₂ over steps", log_y=None, id="norm")
