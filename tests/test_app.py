@@ -111,7 +111,7 @@ async def test_navigation_keys():
         await pilot.press("end")
         assert table.cursor == 199
         assert table.scroll_offset.y > 0  # the cursor row was scrolled into view
-        assert "model.layers.199.fc" in screen_text(app)
+        assert "layers.199.fc" in screen_text(app)  # at 80 columns a long name is cut from the left
         await pilot.press("pageup")
         assert table.cursor < 199
         await pilot.press("home")
@@ -177,7 +177,7 @@ async def test_typing_q_in_filter_does_not_quit():
 
 async def test_help_screen_lists_bindings():
     app = XRayApp(ListSource(feed()))
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with app.run_test(size=(120, 64)) as pilot:
         await settle(pilot, app)
         await pilot.press("question_mark")
         await pilot.pause()
@@ -261,7 +261,9 @@ async def test_light_theme_and_unknown_theme():
 def test_plan_columns_degrades():
     wide, mid, narrow, tiny = (plan_columns(w) for w in (158, 78, 50, 10))
     assert wide.kinds == ("weight", "grad", "act") and wide.spark >= 12
-    assert mid.kinds == ("weight", "grad", "act")
+    # at 78 columns the weight sparkline makes way for the trend columns (time beats a third picture)
+    assert mid.kinds == ("grad", "act") and mid.trend >= 6
+    assert wide.trend > mid.trend and wide.name <= 40  # a wide terminal widens the pictures, not the name
     assert len(narrow.kinds) < 3
     assert tiny.name >= 1
     for cols in (wide, mid, narrow, tiny):
@@ -450,7 +452,7 @@ def test_hot_matrix_keeps_counts_and_puts_large_values_on_top():
     rng = np.random.default_rng(1)
     series = [(st, synthetic.sample_of("w", "weight", rng.normal(0, 0.1 * (1 + st), 4000))) for st in range(7)]
     m, edges, steps = hot_matrix(series, max_rows=20, max_cols=5)
-    assert steps == [2, 3, 4, 5, 6]  # the most recent columns
+    assert len(steps) == 5 and steps[0] == 0 and steps[-1] == 6  # the whole range, as the line charts
     assert m.shape == (len(edges) - 1, 5) and m.shape[0] <= 20
     # Grouping bins loses no element: each column sums back to its sample size.
     np.testing.assert_allclose(np.expm1(m).sum(axis=0), 4000, rtol=1e-9)
@@ -462,16 +464,39 @@ def test_hot_matrix_keeps_counts_and_puts_large_values_on_top():
     assert e1[0] <= x.min() and e1[-1] >= x.max()
 
 
+def test_hot_matrix_folds_the_empty_bins_between_the_signs():
+    """Issue 15: the signed log axis ran through 1e-12..1e-1 twice, ~40% of the chart empty."""
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.uniform(0.5, 1.0, 500), -rng.uniform(0.5, 1.0, 500)])  # nothing near zero
+    folds: list = []
+    m, edges, _ = hot_matrix([(0, synthetic.sample_of("w", "weight", x))], 200, 1, folds)
+    assert np.all(m[:, 0] > 0)  # every row drawn holds values
+    assert m.shape[0] <= 8 and folds  # the two occupied octaves of each sign, and one fold between
+    np.testing.assert_allclose(np.expm1(m).sum(), 1000, rtol=1e-9)
+
+
 def test_current_vs_initial_matches_numpy_shares():
     rng = np.random.default_rng(2)
     a, b = rng.normal(0, 1, 3000), rng.normal(1, 0.5, 3000)
     series = [(0, synthetic.sample_of("w", "weight", a)), (9, synthetic.sample_of("w", "weight", b))]
     x, now, first = current_vs_initial(series, width=10)
     assert len(x) == 10
-    assert math.isclose(sum(now), 1) and math.isclose(sum(first), 1)
+    dx = x[1] - x[0]  # densities: each integrates to 1 over the common range
+    assert math.isclose(sum(now) * dx, 1) and math.isclose(sum(first) * dx, 1)
     # The shifted distribution's mass sits to the right of the first one's.
     assert np.dot(x, now) > np.dot(x, first)
-    assert abs(np.dot(x, first) - a.mean()) < 0.25 and abs(np.dot(x, now) - b.mean()) < 0.25
+    assert abs(np.dot(x, first) * dx - a.mean()) < 0.1 and abs(np.dot(x, now) * dx - b.mean()) < 0.1
+
+
+def test_histogram_density_of_a_normal_tensor_is_a_bell_like_numpys():
+    """Issue 15: the share per log-width bin drew a bell curve as a jagged comb."""
+    x = np.random.default_rng(5).normal(0, 1, 20_000)
+    s = synthetic.sample_of("w", "weight", x)
+    xs, now, _ = current_vs_initial([(0, s), (1, s)], width=30)
+    ref, _ = np.histogram(x.astype(np.float32), bins=30, range=(s.min, s.max), density=True)
+    assert np.corrcoef(now, ref)[0, 1] > 0.98
+    peak = int(np.argmax(now))
+    assert all(np.diff(now[: peak + 1]) > -0.05) and all(np.diff(now[peak:]) < 0.05)  # up, then down
 
 
 @pytest.mark.parametrize("sort", SORTS)
@@ -515,7 +540,7 @@ async def test_kind_columns_toggle():
     app = XRayApp(ListSource(feed()))
     async with app.run_test(size=(120, 40)) as pilot:
         await settle(pilot, app)
-        header = lambda: screen_text(app).splitlines()[2]  # noqa: E731 (the table's header line)
+        header = lambda: screen_text(app).splitlines()[3]  # noqa: E731 (the table's header line)
         assert "weight" in header() and "grad" in header()
         await pilot.press("1")
         await pilot.pause()
@@ -632,7 +657,9 @@ def test_help_lists_every_binding():
 
     shown = " ".join(k for k, _ in HELP)
     names = {"question_mark": "?", "slash": "/", "up": "↑", "down": "↓", "pageup": "pgup",
-             "pagedown": "pgdn", "backspace": "escape"}
+             "pagedown": "pgdn", "backspace": "escape", "left": "←", "right": "→",
+             "left_square_bracket": "[", "right_square_bracket": "]", "less_than_sign": "<",
+             "greater_than_sign": ">", "colon": ":"}
     for cls in (XRayApp, LayerTable, AlertList, DetailScreen):
         for binding in cls.BINDINGS:
             for key in binding.key.split(","):

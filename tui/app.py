@@ -32,7 +32,8 @@ from tui.detail import DetailScreen
 from tui.feed import FeedError
 from tui.reattach import Status, _short
 from tui.state import RunState
-from tui.widgets.alerts import AlertList
+from tui.timeline import ReplayTimeline
+from tui.widgets.alerts import AlertList, full_message
 from tui.widgets.header import HeaderInfo, XRayHeader
 from tui.widgets.layer_table import SORTS, LayerTable
 
@@ -95,11 +96,16 @@ HELP: list[tuple[str, str]] = [
     ("s", "sort rows: model order → severity → name → depth → grad norm"),
     ("1 2 3", "show / hide the weight, grad, act sparkline columns"),
     ("r", "per-rank vs merged view: merged → rank 0 → rank 1 …"),
-    ("p", "pause / resume the screen (data keeps arriving)"),
+    ("p", "pause / resume the screen (data keeps arriving; a live run only)"),
     ("t", "next theme (dark, light, high contrast, colour-blind safe)"),
     ("S", "save a screenshot of the screen as SVG (in the current directory)"),
     ("e", "ask the live run for a spectral pass now (WeightWatcher's alpha; one per 10 s)"),
     ("w g a u", "(detail) show weight / grad / act / update"),
+    ("l", "(detail) the histogram's density axis linear / log (the tails show on a log axis)"),
+    ("← →", "(replay) one recorded step back / on: the table, alerts and detail show the run as it was"),
+    ("[ ]", "(replay) ten recorded steps back / on"),
+    ("< >", "(replay) the first / last step still kept"),
+    (":", "(replay) type a step to go to (the recorded step at or before it)"),
     ("escape", "(detail) back to the table; close the filter"),
 ]
 
@@ -111,11 +117,21 @@ LEGEND: list[tuple[str, str]] = [
                 "for an activation function (embeddings and norms can sit there healthily: the status says)"),
     ("‖grad‖", "L2 norm of the gradient of the layer's main weight"),
     ("upd/w", "update ratio ‖ΔW‖/‖W‖ of the last optimizer step (healthy ≈ 1e-3)"),
+    ("trend", "beside ‖grad‖ and upd/w: their values over the last sampled steps, one cell per step, newest on "
+              "the right, low to high within the window (log scale when it spans 10x or more); ✖ marks a NaN/inf step"),
+    ("loss lr", "(header, third line) the newest loss and learning rate, their trend over the last 64 steps, and "
+                "↑ ↓ → for the newest against the median before it; 'no loss yet' until the probe sends one"),
+    ("●", "(alerts) an active alert, pinned on top, most severe first; the history follows, newest first"),
     ("—", "no such stream: a module without parameters has no gradient or update"),
-    ("status", "✓ ok · ▲ warn (warning) · ✖ CRIT (critical): the worst active alert"),
-    ("header", "run · step · training steps/s (the probe's clock) · ranks attached/world size · connection"),
+    ("status", "✓ ok · ▲ warn (warning) · ✖ CRIT (critical): the worst active alert; a row holding "
+               "NaN/inf is ✖ CRIT where it began (the nonfinite alert names it) and ↳ NaN / ↳ inf "
+               "where it arrived from an earlier layer"),
+    ("header", "run · step · training steps/s (the probe's clock) · ranks attached/world size · connection; "
+               "a replay says step S of N (replay) instead of a rate"),
     ("samples drops", "statistics received; samples the probe dropped because it fell behind (never slows training)"),
-    ("detail", "HOT chart: x = step, y = value bin (signed, log-spaced), colour = log(1 + count)"),
+    ("detail", "HOT chart: x = step, y = value bin (signed, log-spaced; bins empty at every step folded "
+               "away, ≈ on the axis), colour = count on a log scale (legend under it); histogram as densities "
+               "on a linear axis; line charts share one step range"),
 ]
 
 #: Actions that act on the main screen's table, filter or alerts: off (and out of the
@@ -123,11 +139,16 @@ LEGEND: list[tuple[str, str]] = [
 MAIN_SCREEN_ACTIONS = frozenset({"detail", "filter", "close_filter", "cycle_sort", "next_alert",
                                  "toggle_kind", "switch_focus"})
 
+#: The replay timeline's actions (off in a live run).
+REPLAY_ACTIONS = frozenset({"seek", "seek_end", "goto"})
+#: Samples per stream a replay keeps while the memory budget allows (a live view keeps DEPTH).
+REPLAY_DEPTH = 4096
+
 #: Below this many columns x lines the app shows a message instead of the views.
 MIN_SIZE = (60, 15)
 
 
-class XRayApp(App):
+class XRayApp(ReplayTimeline, App):
     """Shows a run's layers and alerts live from ``source``.
 
     ``source`` is any object with a ``label`` and a blocking
@@ -148,15 +169,23 @@ class XRayApp(App):
         Binding("s", "cycle_sort", "Sort"),
         Binding("n", "next_alert", "Next alert"),
         Binding("p", "toggle_pause", "Pause"),
-        Binding("r", "cycle_rank", "Rank"),
-        Binding("t", "cycle_theme", "Theme"),
+        Binding("r", "cycle_rank", "Rank", show=False),
+        Binding("t", "cycle_theme", "Theme", show=False),
         Binding("e", "request_spectral", "Spectral pass", show=False),
-        Binding("tab", "switch_focus", "Table/alerts", priority=True),
+        Binding("tab", "switch_focus", "Table/alerts", priority=True, show=False),
         Binding("1", "toggle_kind('weight')", "Weight col", show=False),
         Binding("2", "toggle_kind('grad')", "Grad col", show=False),
         Binding("3", "toggle_kind('act')", "Act col", show=False),
         Binding("S", "screenshot_svg", "Screenshot", show=False),
         Binding("escape", "close_filter", "Close filter", show=False),
+        # the replay timeline (off, and out of the footer, in a live run)
+        Binding("left", "seek(-1)", "Step back", show=False),
+        Binding("right", "seek(1)", "Step on", show=False),
+        Binding("left_square_bracket", "seek(-10)", "10 back", show=False),
+        Binding("right_square_bracket", "seek(10)", "10 on", show=False),
+        Binding("less_than_sign", "seek_end(0)", "First step", show=False),
+        Binding("greater_than_sign", "seek_end(-1)", "Last step", show=False),
+        Binding("colon", "goto", "Go to step"),
     ]
 
     #: "connecting" | "live" | "run ended" | "disconnected" | "error: ..." or a
@@ -180,7 +209,8 @@ class XRayApp(App):
             self.error = error
 
     def __init__(self, source, *, theme: str | None = None, title: str | None = None,
-                 screenshot_dir: str = ".") -> None:
+                 screenshot_dir: str = ".", replay: bool = False, other: RunState | None = None,
+                 other_label: str = "") -> None:
         super().__init__()
         themes.register(self)
         name = theme or themes.DEFAULT_THEME
@@ -190,7 +220,14 @@ class XRayApp(App):
         self.theme = name
         self.title = title or self.TITLE
         self.source = source
-        self.state = RunState()
+        #: A recording: the timeline keys seek in it and the header says "step S of N (replay)".
+        self.replay = replay
+        # A replay keeps more of each stream (within the same memory budget) so it can seek far back.
+        self.state = RunState(depth=REPLAY_DEPTH, track_steps=True) if replay else RunState()
+        #: The replay's chosen step; None follows the newest step read.
+        self.replay_at: int | None = None
+        #: A second recording shown beside this one (``replay A --vs B``), and its name.
+        self.other, self.other_label = other, other_label
         self.screenshot_dir = screenshot_dir
         self._stop = threading.Event()
         self._slots = threading.Semaphore(MAX_IN_FLIGHT)
@@ -198,11 +235,17 @@ class XRayApp(App):
         self._sized = None
         self._shown_step = -1  # the run's step at the last repaint of the views
         self._asked = False  # a request went to the probe and its answer is awaited
+        self._alert_text: str | None = None  # the full alert message shown under the alerts pane
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """Main-screen actions only on the main screen (the footer then lists only what works)."""
+        """Main-screen actions only on the main screen, the timeline only in a replay, pause
+        only in a live run (the footer then lists only what works)."""
         if action in MAIN_SCREEN_ACTIONS and self.screen is not self.screen_stack[0]:
             return False
+        if action in REPLAY_ACTIONS and not self.replay:
+            return False
+        if action == "toggle_pause" and self.replay:
+            return False  # a recording sends nothing new: the timeline is how it moves
         return True
 
     def get_theme_variable_defaults(self) -> dict[str, str]:
@@ -214,14 +257,17 @@ class XRayApp(App):
     def compose(self) -> ComposeResult:
         self._header = XRayHeader(id="header")
         self._table = LayerTable(self.state, id="layers")
+        self._table.other = self.other
         self._alerts = AlertList(self.state, id="alerts")
         yield self._header
         with Vertical(id="body"):
             yield self._table
             yield self._alerts
+            yield Static(id="alert-message", markup=False)
         yield Static(id="too-small")
         yield Input(placeholder="filter layers by regex (enter: keep, escape: close)", id="filter")
-        yield Footer()
+        yield Input(placeholder="go to step (enter: go, escape: close)", id="goto", type="integer")
+        yield Footer(compact=True)
 
     @property
     def table(self) -> LayerTable:
@@ -338,16 +384,35 @@ class XRayApp(App):
         self._dirty = False
         table = self.table
         if not self.paused:
-            self._shown_step = self.state.step
+            self._shown_step = self.state.step if self.replay_at is None else self.replay_at
             table.refresh_data()
             self.alert_list.refresh_data()
+            self._show_alert_message()
             if isinstance(self.screen, DetailScreen):
                 self.screen.refresh_data()
         flt = table.filter.pattern if table.filter is not None else ""
         self._header.show(HeaderInfo.from_state(
             self.state, label=getattr(self.source, "label", ""), connection=self.connection,
             paused=self.paused, layers_shown=len(table.view), filter=flt, title=self.title,
-            view=self._view_label(), shown_step=self._shown_step if self.paused else None))
+            view=self._view_label(),
+            shown_step=self._shown_step if self.paused or self.replay_at is not None else None,
+            replay_last=self.state.step if self.replay else None))
+
+    def _show_alert_message(self) -> None:
+        """The full message of the alert under the pane's cursor (the first one when it has no focus)."""
+        alerts = self.alert_list
+        alert = alerts.alert_at(alerts.cursor if alerts.has_focus else 0)
+        text = full_message(alert, multi_rank=self.state.world_size > 1)
+        if text == self._alert_text:
+            return  # an update would lay the screen out again, at every paint
+        self._alert_text = text
+        box = self.screen_stack[0].query_one("#alert-message", Static)
+        box.update(text)
+        box.set_class(alert is not None, "-shown")
+
+    @on(AlertList.Highlighted)
+    def _alert_highlighted(self) -> None:
+        self._show_alert_message()
 
     def _view_label(self) -> str:
         if len(self.state.hellos) <= 1 and not self.state.job:
@@ -374,6 +439,28 @@ class XRayApp(App):
         self.table.set_until(self._shown_step if self.paused else None)
         self._paint()
 
+    @on(Input.Submitted, "#goto")
+    def _goto_submitted(self, event: Input.Submitted) -> None:
+        box = event.input
+        try:
+            step = int(event.value.replace(",", "").replace("_", "").strip())
+        except ValueError:
+            box.add_class("-bad")
+            box.border_title = "not a step number"
+            return
+        box.remove_class("-bad")
+        box.border_title = None
+        box.remove_class("visible")
+        self._refocus()
+        self.seek(step)
+
+    def _refocus(self) -> None:
+        """Give the focus back to the screen's main view after a box closed."""
+        if self.screen is self.screen_stack[0]:
+            self.table.focus()
+        else:
+            self.screen.focus_next()
+
     def action_filter(self) -> None:
         """Open the name filter."""
         if isinstance(self.screen, DetailScreen):
@@ -383,7 +470,12 @@ class XRayApp(App):
         box.focus()
 
     def action_close_filter(self) -> None:
-        """Hide the filter box; the filter stays applied."""
+        """Hide the filter box (the filter stays applied) and the go-to-step box."""
+        goto = self.screen_stack[0].query_one("#goto", Input)
+        if goto.has_class("visible"):
+            goto.remove_class("visible")
+            self._refocus()
+            return
         if isinstance(self.screen, DetailScreen):
             return
         box = self.query_one("#filter", Input)
@@ -439,7 +531,8 @@ class XRayApp(App):
         if row is None:
             self.notify("no layer yet", timeout=3)
             return
-        self.push_screen(DetailScreen(self.state, row, rank=self.table.rank))
+        self.push_screen(DetailScreen(self.state, row, rank=self.table.rank, until=self.replay_at,
+                                      other=self.other, other_label=self.other_label))
 
     def action_cycle_sort(self) -> None:
         """Order the rows by the next of model order, severity, name, depth, grad norm."""

@@ -203,11 +203,11 @@ def _watch_replay(source, watch: RunWatch, every: float | None) -> None:
         gen.close()
 
 
-def _run_app(source, args, title: str | None = None) -> int:
+def _run_app(source, args, title: str | None = None, replay: bool = False, **compare) -> int:
     from .app import XRayApp  # Textual is imported only for the app
 
     try:
-        app = XRayApp(source, theme=args.theme, title=title)
+        app = XRayApp(source, theme=args.theme, title=title, replay=replay, **compare)
     except ValueError as exc:  # an unknown theme
         raise CliError(str(exc)) from None
     app.run()
@@ -290,13 +290,25 @@ def cmd_attach(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    """Open a recording in the app, or print its alerts with --headless."""
+    """Open a recording in the app, or print its alerts with --headless; --vs B sets a second beside it."""
     _check_recording(args.file)
     source = feed.FileSource(args.file)
     if args.headless:
+        if args.vs:
+            raise CliError("--vs compares two recordings in the app; it does not go with --headless")
         return _headless(source, args, live=False)
     # The header says it is a recording, so nobody takes it for a live run.
-    return _run_app(source, args, title=f"replay: {os.path.basename(args.file)}")
+    if not args.vs:
+        return _run_app(source, args, title=f"replay: {os.path.basename(args.file)}", replay=True)
+    _check_recording(args.vs)
+    from .compare import load_state
+
+    try:
+        other = load_state(args.vs)
+    except wire.WireError as exc:
+        raise CliError(f"{args.vs}: {exc}") from None
+    a, b = os.path.basename(args.file), os.path.basename(args.vs)
+    return _run_app(source, args, title=f"compare: A {a} vs B {b}", replay=True, other=other, other_label=b)
 
 
 def cmd_export(args) -> int:
@@ -602,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("replay", help="open a recording in the app (or --headless alerts)",
                        description="Open a recording made with probes.attach(log=...) or --log.")
     r.add_argument("file", help="a recording (probes.attach(log=...), attach --log, demo --log)")
+    r.add_argument("--vs", metavar="B", help="a second recording to show beside it: per layer both runs' norms, "
+                                             "ratios and their difference at the same step, both histograms "
+                                             "overlaid in the detail")
     output_opts(r, log=False)
     r.set_defaults(func=cmd_replay)
 

@@ -85,21 +85,45 @@ def time_series(series: list) -> dict[str, tuple]:
     }
 
 
-def current_vs_initial(series: list, width: int = 40) -> tuple[tuple, tuple, tuple]:
-    """x (value) and the share of elements per column, now and first kept.
+def density(sample, lo: float, hi: float, width: int) -> np.ndarray:
+    """The sample's density on ``width`` equal columns of [lo, hi] (integrates to its share in range).
 
-    Both histograms are spread over the same linear range (the union of their
-    min and max), as fractions so that different sample sizes compare.
+    Each fixed (log-spaced) bin's count is spread evenly over the part of
+    the bin inside the tensor's exact [min, max], then summed per linear
+    column and divided by the column's width: what a person expects a
+    histogram to look like (a normal tensor draws a bell). Giving each bin's
+    whole count to the column of its midpoint, as a sparkline may, draws a
+    comb: many narrow bins near zero, few wide ones in the tails.
     """
-    (_, first), (_, last) = series[0], series[-1]
-    lo = min(first.min, last.min)
-    hi = max(first.max, last.max)
+    out = np.zeros(width)
+    if not sample.hist.size or width <= 0 or hi <= lo:
+        return out
+    edges = histogram.edges_for(sample.hist_lo, len(sample.hist)).astype(np.float64)
+    if np.isfinite(sample.min) and np.isfinite(sample.max):
+        edges = np.clip(edges, sample.min, sample.max)
+    cum = np.concatenate([[0.0], np.cumsum(sample.hist, dtype=np.float64)])
+    cols = np.linspace(lo, hi, width + 1)
+    mass = np.diff(np.interp(cols, edges, cum))
+    total = cum[-1]
+    return mass / total / ((hi - lo) / width) if total > 0 else out
+
+
+def current_vs_initial(series: list, width: int = 40, chosen: int | None = None) -> tuple[tuple, ...]:
+    """x (value) and the densities of the newest, the first kept and (optionally) a chosen sample.
+
+    All over one linear range (the union of their min and max), as
+    densities so that different sample sizes compare. Returns
+    ``(x, now, first)`` or, with ``chosen`` (an index into ``series``),
+    ``(x, now, first, chosen_density)``; empty tuples when there is no spread.
+    """
+    picked = [series[-1][1], series[0][1]] + ([series[chosen][1]] if chosen is not None else [])
+    # a sample gone all NaN has no [min, max]: the range comes from the others (it draws flat)
+    lo = min((s.min for s in picked if np.isfinite(s.min)), default=np.nan)
+    hi = max((s.max for s in picked if np.isfinite(s.max)), default=np.nan)
     if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
-        return (), (), ()
-    a = histogram.rebin_linear(first.hist_lo, first.hist, lo, hi, width)
-    b = histogram.rebin_linear(last.hist_lo, last.hist, lo, hi, width)
+        return ((),) * (1 + len(picked))
     x = tuple(lo + (i + 0.5) * (hi - lo) / width for i in range(width))
-    return x, tuple(b / max(b.sum(), 1)), tuple(a / max(a.sum(), 1))
+    return (x, *(tuple(density(s, lo, hi, width)) for s in picked))
 
 
 class DetailScreen(Screen):
@@ -124,17 +148,28 @@ class DetailScreen(Screen):
         Binding("escape,backspace", "app.pop_screen", "Back"),
         Binding("w", "kind('weight')", "Weight"),
         Binding("g", "kind('grad')", "Grad"),
-        Binding("a", "kind('act')", "Act"),
-        Binding("u", "kind('update')", "Update"),
+        # a and u: the title line lists every kind with its key; the footer fits 80 columns
+        Binding("a", "kind('act')", "Act", show=False),
+        Binding("u", "kind('update')", "Update", show=False),
+        Binding("l", "hist_log", "Hist log y", show=False),  # in the help: the footer fits 80 columns
+        # a replay's timeline, over the scroll bindings of the panel that has the focus
+        Binding("left", "app.seek(-1)", "Step back", show=False, priority=True),
+        Binding("right", "app.seek(1)", "Step on", show=False, priority=True),
     ]
 
-    def __init__(self, state: RunState, row: Row, *, rank: int | None = None, kind: str | None = None) -> None:
+    def __init__(self, state: RunState, row: Row, *, rank: int | None = None, kind: str | None = None,
+                 until: int | None = None, other: RunState | None = None, other_label: str = "") -> None:
         super().__init__()
         self.state = state
         self.row = row
         self.rank = rank
         self.kind = kind or self._first_kind()
         self._seen: tuple | None = None
+        #: Show no sample after this step (a replay's chosen step); None: up to the newest.
+        self.until = until
+        #: A second run (``replay A --vs B``): its histogram at the same step is drawn over this one's.
+        self.other, self.other_label = other, other_label
+        self._newest = None  # (step, Sample): the recording's newest when a replay shows an earlier step
 
     def _first_kind(self) -> str:
         for k in ("weight", "act", "grad", "update"):
@@ -149,11 +184,12 @@ class DetailScreen(Screen):
             with Vertical(id="detail-left"):
                 yield Static(id="hot-title")
                 yield HotChart(id="hot")
-                yield Chart(title="histogram: now vs first kept (share of elements per value bin)", id="hist")
+                yield Chart(title="histogram: density, linear axis", id="hist")
             with VerticalScroll(id="detail-right"):
-                yield Chart(title="L2 norm ‖x‖₂ over steps (log scale)", log_y=True, id="norm")
-                yield Chart(title="mean and std over steps", id="meanstd")
-                yield Chart(title="near zero, % of elements with |x| < eps", id="nearzero")
+                # log_y None: a log axis when the values span two decades (a norm that explodes or vanishes)
+                yield Chart(title="L2 norm ‖x‖₂ over steps", log_y=None, id="norm")
+                yield Chart(title="mean and std over steps", log_y=None, id="meanstd")
+                yield Chart(title="near zero, % of elements with |x| < eps", log_y=None, id="nearzero")
                 yield Static(id="layer-alerts")
                 yield Static(id="spectral", classes="note")
                 yield Static(id="matrix-title")  # last: the tallest panel, scrolled to on small screens
@@ -169,6 +205,17 @@ class DetailScreen(Screen):
         self.kind = kind
         self.refresh_data(force=True)
 
+    def action_hist_log(self) -> None:
+        """Switch the histogram between a linear and a log density axis (tails show on a log axis)."""
+        hist = self.query_one("#hist", Chart)
+        hist.log_y_setting = not hist.log_y_setting
+        self.refresh_data(force=True)
+
+    def set_until(self, step: int | None) -> None:
+        """Show the layer as it was at ``step`` (a replay's chosen step; None: the newest)."""
+        self.until = step
+        self.refresh_data(force=True)
+
     def set_rank(self, rank: int | None) -> None:
         """Follow the table's rank view (None = merged)."""
         self.rank = rank
@@ -179,7 +226,13 @@ class DetailScreen(Screen):
         state, row, kind = self.state, self.row, self.kind
         stream = row.stream(kind)
         series = state.series(stream, kind, self.rank) if stream is not None else []
-        key = (kind, self.rank, len(series), series[-1][0] if series else None, state.alerts_seen,
+        #: The recording's newest sample when a replay shows an earlier step: drawn beside it.
+        self._newest = None
+        if self.until is not None:
+            if series and series[-1][0] > self.until:
+                self._newest = series[-1]
+            series = [item for item in series if item[0] <= self.until]
+        key = (kind, self.rank, self.until, len(series), series[-1][0] if series else None, state.alerts_seen,
                id(spectral_of(state, row)))  # a spectral pass brings new figures and a new heatmap
         if key == self._seen and not force:
             return
@@ -191,7 +244,7 @@ class DetailScreen(Screen):
         depth = state.stream_depth or state.depth
         self.query_one("#detail-title", Static).update(
             f"[b]{row.name}[/b]  {row.type}  params: {', '.join(row.params) or '—'}  ·  {view}"
-            f"{len(series)} samples kept (ring of {depth})"
+            f"{len(series)} samples kept (at most {depth} per stream)"
             + (f"  ·  LoRA adapter of [b]{row.adapter_of}[/b]" if row.adapter_of else "")
             + f"\n{kinds}   [dim]escape: back[/dim]")
         self._show_hot(stream, kind, series)
@@ -203,7 +256,7 @@ class DetailScreen(Screen):
     def _show_hot(self, stream: str | None, kind: str, series: list) -> None:
         hot = self.query_one("#hot", HotChart)
         self.query_one("#hot-title", Static).update(
-            f"[b]HOT {kind}[/b]: x step · y value (signed, log-spaced bins) · colour log(1 + count)")
+            f"[b]HOT {kind}[/b]: x step · y value (signed log bins; empty ones folded, ≈) · colour count")
         if stream is None:
             why = "this layer's output is not hooked" if kind == "act" else "this layer has no parameters"
             hot.show_series([], empty_text=f"no {kind} stream: {why}")
@@ -218,8 +271,10 @@ class DetailScreen(Screen):
             for chart in (hist, norm, meanstd, near):
                 chart.show([], empty_text=f"no {kind} samples yet")
             return
-        x, now, first = current_vs_initial(series)
-        if not x:
+        x, now, first = current_vs_initial(series)[:3]
+        if self.other is not None:
+            self._show_overlay(hist, kind, series, color)
+        elif not x:
             last = series[-1][1]
             hist.show([], empty_text=f"every value is {last.min:g} now (min = max): no spread to draw")
         else:
@@ -227,33 +282,75 @@ class DetailScreen(Screen):
             bad = stats.nonfinite(last)
             # NaN/inf have no bin: say so, or a flat "now" line reads as "all values gone to zero".
             unbinned = f", {100 * bad / last.count:.3g}% NaN/inf unbinned" if bad and last.count else ""
-            hist.show([Series(x, first, f"first kept (step {series[0][0]})", "xray-muted"),
-                       Series(x, now, f"now (step {series[-1][0]}){unbinned}", color)])
+            lines = [Series(x, first, f"first kept (step {series[0][0]})", "xray-muted"),
+                     Series(x, now, f"now (step {series[-1][0]}){unbinned}", color)]
+            if self._newest is not None and len(series) > 0:
+                # A replay at an earlier step: first kept vs the chosen step vs the recording's last.
+                ext = series + [self._newest]
+                x, last_d, first, chosen = current_vs_initial(ext, chosen=len(series) - 1)
+                if x:
+                    lines = [Series(x, first, f"first kept (step {series[0][0]})", "xray-muted"),
+                             Series(x, last_d, f"last (step {self._newest[0]})", "xray-grad"),
+                             Series(x, chosen, f"step {series[-1][0]}{unbinned}", color)]
+            hist.show(lines)
         ts = time_series(series)
         steps = ts["step"]
+        # One step range for every chart of the screen (the HOT chart covers the same series).
+        xlim = (steps[0], steps[-1]) if steps and steps[-1] > steps[0] else None
         lines = [Series(steps, ts["l2"], "‖x‖₂", color)]
         evals = self.state.eval_series(self.row.name, rank=self.rank) if kind == "act" else []
+        if self.until is not None:
+            evals = [item for item in evals if item[0] <= self.until]
         if evals:  # evaluation passes, drawn beside the training ones, never mixed into them
             lines.append(Series(tuple(st for st, _ in evals), tuple(stats.l2(s) for _, s in evals),
                                 "‖x‖₂ eval", "xray-muted"))
-        norm.show(lines)
-        meanstd.show([Series(steps, ts["mean"], "mean", color), Series(steps, ts["std"], "std", "xray-muted")])
+        norm.show(lines, xlim=xlim)
+        meanstd.show([Series(steps, ts["mean"], "mean", color), Series(steps, ts["std"], "std", "xray-muted")],
+                     xlim=xlim)
         if kind == "update":
             init = next((s.init_dist for _, s in reversed(series) if s.init_dist is not None), None)
             title = ("update ratio ‖ΔW‖/‖W‖ over steps (healthy ~1e-3)" if init is None else
                      f"‖ΔW‖/‖W‖ (healthy ~1e-3) · from init ‖W−W₀‖/‖W₀‖ {init:.3g}")
-            near.show([Series(steps, ts["ratio"], "‖ΔW‖/‖W‖", color)], title=title)
+            near.show([Series(steps, ts["ratio"], "‖ΔW‖/‖W‖", color)], title=title, xlim=xlim)
         elif kind == "weight" and any(s.lora_shift is not None for _, s in series):
             shift = tuple(s.lora_shift if s.lora_shift is not None else float("nan") for _, s in series)
-            near.show([Series(steps, shift, "‖B·A·s‖/‖W‖", color)],
+            near.show([Series(steps, shift, "‖B·A·s‖/‖W‖", color)], xlim=xlim,
                       title=f"LoRA shift ‖B·A·scale‖/‖W_base‖, now {series[-1][1].lora_shift or 0:.3g}")
         elif kind == "act" and any(v == v for v in ts["dead"]):
             near.show([Series(steps, ts["near_zero"], "|x|<eps %", color),
-                       Series(steps, ts["dead"], "dead units %", "xray-dead")],
+                       Series(steps, ts["dead"], "dead units %", "xray-dead")], xlim=xlim,
                       title="near zero and dead units, % (dead: never above eps)")
         else:
-            near.show([Series(steps, ts["near_zero"], "|x|<eps %", color)],
+            near.show([Series(steps, ts["near_zero"], "|x|<eps %", color)], xlim=xlim,
                       title="near zero, % of elements with |x| < eps")
+
+    def _show_overlay(self, hist: Chart, kind: str, series: list, color: str) -> None:
+        """Both runs' histograms at the step shown, as densities on one linear axis."""
+        from tui import compare as cmp
+
+        other, row = self.other, self.row
+        step = series[-1][0]
+        mine = series[-1][1]
+        theirs = None
+        if row.name in other._row_index:
+            theirs = other.latest(other.rows[other._row_index[row.name]], kind, None, step)
+        if theirs is None:
+            hist.show([], empty_text=f"B ({self.other_label}) has no {kind} sample of this layer at step {step} "
+                                     "or before", title="histogram: A vs B")
+            return
+        lo = min((v for v in (mine.min, theirs.min) if np.isfinite(v)), default=np.nan)
+        hi = max((v for v in (mine.max, theirs.max) if np.isfinite(v)), default=np.nan)
+        if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+            hist.show([], empty_text="no spread to draw (min = max, or NaN)", title="histogram: A vs B")
+            return
+        width = 48
+        x = tuple(lo + (i + 0.5) * (hi - lo) / width for i in range(width))
+        dist = cmp.hist_distance(mine, theirs)
+        change = cmp.rel_change(cmp.norm(mine), cmp.norm(theirs))
+        hist.show([Series(x, tuple(density(mine, lo, hi, width)), f"A (step {step})", color),
+                   Series(x, tuple(density(theirs, lo, hi, width)), f"B {self.other_label}", "xray-grad")],
+                  title=f"A vs B (density) · norm {cmp.pct(change)} · "
+                        f"{'—' if dist is None else f'{dist * 100:.0f}%'} in other bins")
 
     def _show_matrix(self) -> None:
         """The weight's magnitude as a heatmap, from the latest spectral pass."""
@@ -274,6 +371,8 @@ class DetailScreen(Screen):
 
     def _show_alerts(self) -> None:
         alerts = self.state.stream_alerts(self.row)
+        if self.until is not None:
+            alerts = [a for a in alerts if a.step <= self.until]
         box = self.query_one("#layer-alerts", Static)
         if not alerts:
             box.update("[b]alerts[/b]\n[dim]none for this layer[/dim]")

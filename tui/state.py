@@ -7,12 +7,14 @@ recent samples per stream, the latest sample per row and kind, the alerts,
 and which alerts are active.
 
 Memory is bounded whatever the run's size or length. Each stream (layer x
-kind x rank) keeps its last ``stream_depth`` samples: ``depth`` (256) while
+kind x rank) keeps its last ``stream_depth`` samples: ``depth`` (:data:`DEPTH`, 512:
+as many as the probe's backlog sends on attach) while
 ``streams x depth`` fits in ``budget`` (131,072 samples), halved as more
 streams appear, never below ``MIN_DEPTH`` (16). A decoded sample with a
 realistic histogram (~220 bins) takes ~2.4 KB, so the history holds at most
 ~320 MB at the budget; alerts keep the newest ``max_alerts``, notes the
-newest ``max_notes``. A 300-stream run keeps 256 samples per stream; the
+newest ``max_notes``. A 256-stream run keeps 512 samples per stream, a 300-stream
+run 256; the
 2,000-layer benchmark (8,000 streams) keeps 16.
 """
 
@@ -30,6 +32,9 @@ SEVERITY_RANK = {"ok": 0, "info": 1, "warning": 2, "critical": 3}
 KINDS = ("weight", "grad", "act", "update")
 #: The spectral message type, once probes.wire defines one (another issue's work).
 _SPECTRAL = getattr(wire, "Spectral", None)
+#: Samples a stream keeps while the memory budget allows: the probe's backlog
+#: (probes.server, ``backlog_steps``) sends its newest 512 sampled steps on attach.
+DEPTH = 512
 #: Fewest samples a stream keeps however many streams there are.
 MIN_DEPTH = 16
 #: steps of each run-level scalar (loss, lr, ...) kept per rank
@@ -99,6 +104,36 @@ def _newest(buf, until: int | None) -> wire.Sample | None:
     return None
 
 
+def _last(buf, n: int, until: int | None) -> list:
+    """The newest ``n`` (step, Sample) of a ring at step ``until`` or before, oldest first."""
+    if not buf:
+        return []
+    out = []
+    for item in reversed(buf):
+        if until is not None and item[0] > until:
+            continue
+        out.append(item)
+        if len(out) >= n:
+            break
+    out.reverse()
+    return out
+
+
+def _ratio(s: wire.Sample) -> float | None:
+    return s.ratio  # None: no optimizer step yet (a gap, not a NaN)
+
+
+def _norm(s: wire.Sample) -> float:
+    # a tensor holding NaN/inf has no norm worth drawing: NaN marks the point
+    return math.sqrt(s.sumsq) if s.sumsq >= 0 and not (s.nan or s.posinf or s.neginf) else math.nan
+
+
+#: What the table's trend columns plot per kind, and how the merged view combines ranks.
+_TREND_VALUE = {"grad": _norm, "update": _ratio}
+_TREND_COMBINE = {"grad": lambda v: math.sqrt(sum(x * x for x in v)),
+                  "update": lambda v: max((x for x in v if x is not None), default=None)}
+
+
 @dataclass
 class Row:
     """One layer (module) of the table."""
@@ -135,7 +170,7 @@ class Row:
 class RunState:
     """Everything the viewer shows about one run, across its ranks."""
 
-    depth: int = 256
+    depth: int = DEPTH
     budget: int = 131_072
     max_alerts: int = 10_000
     max_notes: int = 1_000
@@ -168,11 +203,16 @@ class RunState:
     _times: deque = field(default_factory=lambda: deque(maxlen=16))
     _row_index: dict = field(default_factory=dict)
     stream_depth: int = 0  # samples each stream keeps now (0: not yet set)
+    _active_cache: tuple = (None, {})  # (key, active_at's answer)
+    #: Keep :attr:`steps_recorded` (a replay's timeline); off for live runs, whose length is open.
+    track_steps: bool = False
+    #: Every training step of the lowest rank, in order, when ``track_steps``.
+    steps_recorded: list = field(default_factory=list)
 
     def reset(self) -> None:
         """Forget everything (a new run of the same name replaced the old one)."""
         fresh = RunState(depth=self.depth, budget=self.budget, max_alerts=self.max_alerts,
-                         max_notes=self.max_notes)
+                         max_notes=self.max_notes, track_steps=self.track_steps)
         self.__dict__.update(fresh.__dict__)
 
     def _new_stream(self, key) -> deque:
@@ -219,6 +259,8 @@ class RunState:
             self.drops = max(self.drops, msg.drops)
             if msg.rank == min(self.hellos, default=msg.rank):
                 self._times.append((msg.step, msg.time))
+                if self.track_steps and (not self.steps_recorded or msg.step > self.steps_recorded[-1]):
+                    self.steps_recorded.append(msg.step)
             for s in msg.samples:
                 key = (s.layer, s.kind, msg.rank)
                 buf = self.history.get(key)
@@ -267,10 +309,16 @@ class RunState:
         """Every attached rank has sent its End."""
         return bool(self.hellos) and all(r in self.ended for r in self.hellos)
 
-    def scalar(self, name: str, rank: int | None = None) -> float | None:
-        """The newest value of scalar ``name`` (``rank=None``: from the lowest rank that sent it)."""
+    def scalar(self, name: str, rank: int | None = None, until: int | None = None) -> float | None:
+        """The newest value of scalar ``name`` (``rank=None``: from the lowest rank that sent it);
+        ``until``: the newest at that step or before (a paused view, a replay's chosen step)."""
         ranks = [rank] if rank is not None else sorted(self.latest_scalars)
         for r in ranks:
+            if until is not None:
+                found = next((v for st, v in reversed(self.scalars.get((r, name), ())) if st <= until), None)
+                if found is not None:
+                    return found
+                continue
             v = self.latest_scalars.get(r, {}).get(name)
             if v is not None:
                 return v
@@ -330,6 +378,31 @@ class RunState:
                 return merge_samples([s for s in found if s is not None])
         return _newest(self.history.get((stream, kind, rank)), until)
 
+    def trend(self, row: Row, kind: str, n: int, rank: int | None = 0, until: int | None = None) -> list:
+        """The newest ``n`` values of a row's trend quantity, oldest first.
+
+        ``grad``: the gradient's L2 norm; ``update``: the update ratio
+        ‖ΔW‖/‖W‖ (None where a sample has none). Read straight from the
+        stream's ring (the last ``n`` entries only, so a paint costs O(n) per
+        visible row, never O(ring)); ``until`` stops at that step (pause,
+        replay). ``rank=None`` with several ranks combines the ranks per
+        step as the merged view's sample would: norms add in quadrature,
+        ratios take the worst rank.
+        """
+        stream = row.stream(kind)
+        if stream is None or n <= 0:
+            return []
+        value = _TREND_VALUE[kind]
+        if rank is not None or len(self.hellos) <= 1:
+            r = rank if rank is not None else next(iter(self.hellos), 0)
+            return [value(s) for _, s in _last(self.history.get((stream, kind, r)), n, until)]
+        per_step: dict[int, list[float]] = {}
+        for r in self.hellos:
+            for step, s in _last(self.history.get((stream, kind, r)), n, until):
+                per_step.setdefault(step, []).append(value(s))
+        combine = _TREND_COMBINE[kind]
+        return [combine(v) for _, v in sorted(per_step.items())[-n:]]
+
     def series(self, layer: str, kind: str, rank: int | None = 0) -> list:
         """The ring buffer of (step, Sample) of one stream, oldest first.
 
@@ -356,6 +429,37 @@ class RunState:
         if rank is None:
             rank = min(self.hellos, default=0)
         return list(self.history.get((layer, kind, rank, "eval"), ()))
+
+    def oldest_full_step(self) -> int | None:
+        """The first step from which every training stream still has its samples (None: no data).
+
+        A replay longer than the rings hold cannot show the steps before it:
+        seeking stops there rather than drawing rows without data.
+        """
+        firsts = [buf[0][0] for key, buf in self.history.items() if len(key) == 3 and buf]
+        return max(firsts) if firsts else None
+
+    def active_at(self, step: int) -> dict:
+        """The active alerts as they stood at ``step``: the alerts kept, replayed up to it.
+
+        What ``active`` was then, for a replay's chosen step (alerts older
+        than the ``max_alerts`` kept are not known). Cached per step and
+        alert count: a replay asks once per paint.
+        """
+        key = (step, self.alerts_seen, id(self.alerts))
+        if self._active_cache[0] == key:
+            return self._active_cache[1]
+        active: dict = {}
+        for a in self.alerts:
+            if a.step > step:
+                continue
+            k = (a.rule, a.layer, a.kind, a.rank)
+            if a.severity == "info":
+                active.pop(k, None)
+            else:
+                active[k] = a
+        self._active_cache = (key, active)
+        return active
 
     def stream_alerts(self, row: Row) -> list:
         """Every alert (active or past, newest first) whose layer is this row."""

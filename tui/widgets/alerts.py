@@ -1,6 +1,9 @@
-"""The alerts pane: every alert of the run, newest first, one line each.
+"""The alerts pane: the active alerts, most severe first, then every alert of
+the run, newest first, one line each.
 
-Also a Line-API ``ScrollView``: a week-long run can collect thousands of
+Active warnings and criticals are pinned on top (marked ``●``), so the one
+critical alert is never pushed out of a small pane by newer warnings; the
+history under them is the run's log as it came. Also a Line-API ``ScrollView``: a week-long run can collect thousands of
 alerts, and rebuilding an OptionList to put the newest on top would cost
 O(alerts) per paint. Enter (or a click) on an alert posts
 :class:`AlertList.Selected`; the app moves the layer table to its layer.
@@ -21,6 +24,9 @@ from probes.wire import Alert
 from tui.state import RunState
 
 SEVERITY_LABEL = {"info": "INFO", "warning": "WARNING", "critical": "CRITICAL"}
+SEVERITY_ORDER = {"info": 0, "warning": 1, "critical": 2}
+#: Active alerts pinned on top at most (a run with every layer warning keeps its history in reach).
+MAX_PINNED = 50
 
 
 def alert_text(alert: Alert, *, multi_rank: bool = False, width: int | None = None) -> tuple[str, str, str]:
@@ -66,6 +72,8 @@ class AlertList(ScrollView, can_focus=True):
     """
 
     BINDINGS = [
+        Binding("left", "app.seek(-1)", "Step back", show=False),
+        Binding("right", "app.seek(1)", "Step on", show=False),
         Binding("up,k", "cursor(-1)", "Up", show=False),
         Binding("down,j", "cursor(1)", "Down", show=False),
         Binding("home", "jump(0)", "Newest", show=False),
@@ -88,13 +96,18 @@ class AlertList(ScrollView, can_focus=True):
         super().__init__(name=name, id=id, classes=classes)
         self.state = state
         self._count = 0  # alerts shown as of the last refresh_data
-        self._seen = 0  # state.alerts_seen as of the last refresh_data
+        self._seen = -1  # state.alerts_seen as of the last refresh_data
         # The deque counted at the last refresh_data: a reset state gets a new, shorter
         # one, which must not be indexed with the old count before the next refresh.
         self._alerts = state.alerts
         self._version = 0
         self._cache: dict[int, Strip] = {}
         self._cache_key: tuple = ()
+        self._pinned: list[Alert] = []  # active alerts shown on top, as of the last refresh_data
+        self._order: list[Alert] = []  # every line's alert, as of the last refresh_data
+        self._key: tuple = ()  # what _order was built from
+        #: Show the run as it was at this step (a replay's chosen step); None: as it is now.
+        self.until: int | None = None
         self.border_title = "alerts"
 
     def refresh_data(self) -> None:
@@ -102,38 +115,69 @@ class AlertList(ScrollView, can_focus=True):
         state = self.state
         seen = state.alerts_seen
         if state.alerts is not self._alerts:  # the state was reset (a new run of the same name)
-            self._alerts, self._seen, self._count, self.cursor = state.alerts, 0, 0, 0
-            self._changed()
-        if seen != self._seen:
-            # New alerts go on top: shift the cursor so it stays on the same one,
-            # unless it sits on the newest (then it follows the news). Counted with
-            # alerts_seen, not len(): the deque stops growing at max_alerts.
-            if self.cursor > 0:
-                self.cursor += seen - self._seen
-            self._seen = seen
-            self._count = len(self._alerts)
-            self._changed()
+            self._alerts, self._seen, self._count, self.cursor = state.alerts, -1, 0, 0
+            self._order, self._pinned = [], []
+        pinned = self._active_list()
+        key = (seen, self.until, tuple(id(a) for a in pinned))
+        if key == self._key:
+            return
+        self._key = key
+        # Keep the cursor on its alert, unless it sits on the first line (then it
+        # follows the news); a line that is gone leaves the cursor where it was.
+        current = self._order[self.cursor] if 0 < self.cursor < len(self._order) else None
+        # The pinned alerts, then the history newest first without them (each alert
+        # once). Rebuilt only when an alert came or the step shown moved: O(alerts kept).
+        taken = {id(a) for a in pinned}
+        history = [a for a in reversed(self._alerts)
+                   if id(a) not in taken and (self.until is None or a.step <= self.until)]
+        self._pinned = pinned
+        self._order = pinned + history
+        self._seen = seen
+        self._count = len(self._order)
+        if current is not None:
+            self.cursor = next((i for i, a in enumerate(self._order) if a is current), self.cursor)
+        self._changed()
+
+    def _active_list(self) -> list[Alert]:
+        """The active warnings and criticals, most severe first, newest first within a severity."""
+        active = self.state.active if self.until is None else self.state.active_at(self.until)
+        out = [a for a in active.values() if a.severity in ("warning", "critical")]
+        out.sort(key=lambda a: (-SEVERITY_ORDER.get(a.severity, 0), -a.step))
+        return out[:MAX_PINNED]
+
+    @property
+    def pinned(self) -> int:
+        """Lines on top that hold the active alerts (the history starts below them)."""
+        return len(self._pinned)
+
+    def set_until(self, step: int | None) -> None:
+        """Show the alerts as of ``step`` (None: all of them, as they come)."""
+        if step != self.until:
+            self.until = step
+            self.cursor = 0
+            self.refresh_data()
 
     def _changed(self) -> None:
         self.virtual_size = Size(self.scrollable_content_region.width, max(self._count, 1))
         self._version += 1
-        active = len(self.state.active)
-        self.border_title = f"alerts · {active} active · {self._seen:,} total" if self._seen else "alerts"
+        active = len(self.state.active if self.until is None else self.state.active_at(self.until))
+        total = len(self._order)
+        self.border_title = (f"alerts · {active} active (● on top, most severe first) · {total:,} total"
+                             if total else "alerts")
         self.refresh()
 
     def alert_at(self, pos: int) -> Alert | None:
-        """The alert on line ``pos`` (0 = newest), as of the last refresh."""
-        alerts = self._alerts
-        if not 0 <= pos < self._count:
-            return None
-        # The deque may have grown since the last refresh: count from its end.
-        i = len(alerts) - 1 - pos - (self.state.alerts_seen - self._seen if alerts is self.state.alerts else 0)
-        return alerts[i] if 0 <= i < len(alerts) else None
+        """The alert on line ``pos`` (0 = the first pinned, or the newest), as of the last refresh."""
+        return self._order[pos] if 0 <= pos < len(self._order) else None
 
     def validate_cursor(self, value: int) -> int:
         return max(0, min(value, self._count - 1)) if self._count else 0
 
+    class Highlighted(Message):
+        """The cursor moved: the app shows this alert's full message under the pane."""
+
     def watch_cursor(self, old: int, new: int) -> None:
+        self.post_message(self.Highlighted())
         top = round(self.scroll_offset.y)
         height = max(self.size.height, 1)
         if new < top:
@@ -193,9 +237,12 @@ class AlertList(ScrollView, can_focus=True):
             if alert is None:  # dropped from the oldest end since the last refresh
                 return Strip.blank(width, base)
             step, sev, rest = alert_text(alert, multi_rank=self.state.world_size > 1, width=width)
+            mark = "●" if pos < len(self._pinned) else " "
             strip = Strip([
                 Segment(step, self._style("muted")),
-                Segment("  "),
+                Segment(" "),
+                Segment(mark, self._style(alert.severity)),
+                Segment(" "),
                 Segment(sev, self._style(alert.severity)),
                 Segment("  "),
                 Segment(rest),
@@ -207,6 +254,16 @@ class AlertList(ScrollView, can_focus=True):
 
     def on_focus(self) -> None:
         self.refresh()
+        self.post_message(self.Highlighted())
 
     def on_blur(self) -> None:
         self.refresh()
+
+
+def full_message(alert: Alert | None, *, multi_rank: bool = False) -> str:
+    """Everything an alert says, for the line under the pane (wrapped there, never cut)."""
+    if alert is None:
+        return ""
+    where = f" · rank {alert.rank}" if multi_rank else ""
+    return (f"{SEVERITY_LABEL.get(alert.severity, alert.severity.upper())} {alert.rule} at step {alert.step}"
+            f"{where} · {alert.layer} ({alert.kind}): {alert.message}")

@@ -14,6 +14,10 @@ from rich.text import Text
 from textual.widget import Widget
 
 from tui.state import RunState
+from tui.widgets.trend import direction, trend_line
+
+#: Scalar values the header's loss and lr trends keep (the sparkline shows what fits).
+TREND_STEPS = 64
 
 
 @dataclass(frozen=True)
@@ -39,22 +43,49 @@ class HeaderInfo:
     engine: str = ""  # the probe's statistics engine fell back ("torch on cuda: why"), from its Note
     loss: float | None = None  # the newest Scalars loss (None: the probe sends none)
     lr: float | None = None  # the newest learning rate (param group 0)
+    loss_trend: tuple = ()  # the newest TREND_STEPS losses, oldest first
+    lr_trend: tuple = ()
+    #: In a replay: the last step of the recording (the header says "step S of N (replay)",
+    #: and no steps/s: a recording has no live rate). None for a live run.
+    replay_last: int | None = None
 
     @classmethod
     def from_state(cls, state: RunState, *, label: str, connection: str, paused: bool,
                    layers_shown: int, filter: str = "", title: str = "xray-tui",
-                   view: str = "", shown_step: int | None = None) -> "HeaderInfo":
+                   view: str = "", shown_step: int | None = None,
+                   replay_last: int | None = None) -> "HeaderInfo":
         """Summarise ``state`` (on the app's thread).
 
-        ``shown_step`` is the step the (paused) table shows, if not the newest.
+        ``shown_step`` is the step the (paused or replayed) table shows, if not
+        the newest; ``replay_last`` the recording's last step in a replay.
         """
         step = state.step if shown_step is None else shown_step
         return cls(run=state.run or label, step=step, live_step=state.step, steps_per_s=state.steps_per_s,
                    ranks=len(state.hellos), world_size=state.world_size, connection=connection,
                    paused=paused, samples=state.samples_seen, drops=state.drops,
-                   active_alerts=len(state.active), layers_shown=layers_shown,
+                   active_alerts=len(state.active if shown_step is None else state.active_at(shown_step)),
+                   layers_shown=layers_shown,
                    layers_total=len(state.rows), filter=filter, title=title, view=view,
-                   engine=engine_fallback(state), loss=state.scalar("loss"), lr=state.scalar("lr"))
+                   engine=engine_fallback(state), loss=state.scalar("loss", until=shown_step),
+                   lr=state.scalar("lr", until=shown_step),
+                   loss_trend=_tail(state, "loss", shown_step), lr_trend=_tail(state, "lr", shown_step),
+                   replay_last=replay_last)
+
+
+def _tail(state: RunState, name: str, until: int | None) -> tuple:
+    """The newest TREND_STEPS values of scalar ``name`` (lowest rank that sends it), at ``until`` or before."""
+    for rank in sorted(state.latest_scalars):
+        buf = state.scalars.get((rank, name))
+        if buf:
+            out = []
+            for step, value in reversed(buf):
+                if until is not None and step > until:
+                    continue
+                out.append(value)
+                if len(out) >= TREND_STEPS:
+                    break
+            return tuple(reversed(out))
+    return ()
 
 
 def engine_fallback(state: RunState) -> str:
@@ -80,7 +111,7 @@ class XRayHeader(Widget):
 
     DEFAULT_CSS = """
     XRayHeader {
-        height: 2;
+        height: 3;
         background: $panel;
         color: $foreground;
     }
@@ -118,16 +149,33 @@ class XRayHeader(Widget):
             return self._style("warning")
         return self._style("muted")
 
-    def _scalars(self, info: HeaderInfo, sep, muted) -> tuple:
-        """`` · loss 2.314 · lr 3e-04``, for the scalars the probe sends (nothing without them)."""
-        parts: list = []
-        for label, value, fmt in (("loss", info.loss, ".4g"), ("lr", info.lr, ".3g")):
+    def _scalars(self, info: HeaderInfo, width: int) -> Text:
+        """The third line: `` loss 2.314 ▇▆▅▄▃▂ ↓ · lr 3e-04 ▁▂▃▃ →``; ``no loss yet`` until one comes."""
+        muted = self._style("muted")
+        if info.loss is None and info.lr is None:
+            return Text.assemble(" ", ("no loss yet", muted),
+                                 (" (the probe sends it from xr.log(loss=...) or a Trainer/Lightning callback)"
+                                  if width >= 100 else "", muted))
+        parts: list = [" "]
+        shown = [(label, value, trend, fmt) for label, value, trend, fmt in
+                 (("loss", info.loss, info.loss_trend, ".4g"), ("lr", info.lr, info.lr_trend, ".3g"))]
+        # Each trend gets an equal share of what the numbers leave on the line.
+        spark = max(min((width - 40) // 2, TREND_STEPS), 8)
+        for i, (label, value, trend, fmt) in enumerate(shown):
+            if i:
+                parts.append((" · ", muted))
             if value is None:
+                parts.append((f"no {label}", muted))
                 continue
-            shown = format(value, fmt) if math.isfinite(value) else str(value)
-            style = self._style("critical") if not math.isfinite(value) else None
-            parts += [sep, (f"{label} ", muted), (shown, style)]
-        return tuple(parts)
+            bad = not math.isfinite(value)
+            parts += [(f"{label} ", muted), (format(value, fmt) if not bad else str(value),
+                                             self._style("critical") if bad else "bold")]
+            if len(trend) >= 2:
+                line = trend_line(list(trend), min(spark, len(trend)))
+                arrow = direction(list(trend))
+                parts += [" ", (line, self._style("critical") if "✖" in line else self._style("info")),
+                          (f" {arrow}" if arrow else "", muted)]
+        return Text.assemble(*parts)
 
     def render(self) -> Text:
         """Two lines, each left part plus a right-aligned status."""
@@ -139,9 +187,14 @@ class XRayHeader(Widget):
         sep = (" · ", muted)
         step = f"{info.step:,}" if info.step >= 0 else "—"
         speed = f"{info.steps_per_s:.2f} steps/s" if info.steps_per_s else "— steps/s"
+        if info.replay_last is not None:
+            # A recording has no live rate: where the view stands in it instead, and how to move.
+            step = f"{step} of {info.replay_last:,} (replay)"
+            speed = "← → step · [ ] 10 · < > first/last · : go to" if width >= 120 else ""
         run = (info.run, "bold") if info.run else ("no run yet", muted)
         left1 = Text.assemble(" ", (info.title, self._style("title")), "  ", run,
-                              sep, ("step ", muted), step, sep, speed, sep,
+                              sep, ("step ", muted), step, *((sep, (speed, muted if info.replay_last is not None
+                                                                    else None)) if speed else ()), sep,
                               ("ranks ", muted), f"{info.ranks}/{info.world_size}",
                               *(((" ", muted), (f"({info.view})", "bold")) if info.view else ()))
         right1 = Text.assemble(("● ", self._connection_style(info.connection)),
@@ -153,8 +206,7 @@ class XRayHeader(Widget):
                               (f"{info.drops:,}", self._style("warning") if info.drops else None), sep,
                               ("alerts ", muted),
                               (f"{info.active_alerts} active",
-                               self._style("warning") if info.active_alerts else None),
-                              *self._scalars(info, sep, muted))
+                               self._style("warning") if info.active_alerts else None))
         right2 = Text("")
         if info.engine:
             right2 = Text(f" {info.engine} ", style=self._style("warning"))
@@ -175,6 +227,9 @@ class XRayHeader(Widget):
                 left.truncate(max(width - right.cell_len - 1, 0), overflow="ellipsis")
                 gap = max(width - left.cell_len - right.cell_len, 0)
             lines.append(Text.assemble(left, " " * gap, right))
+        third = self._scalars(info, width)
+        third.truncate(width, overflow="ellipsis")
+        lines.append(third)
         out = Text("\n").join(lines)
         out.no_wrap = True
         out.overflow = "crop"

@@ -28,17 +28,28 @@ LEVELS = 24
 HALF = "▀"
 
 
-def hot_matrix(series: list, max_rows: int, max_cols: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def hot_matrix(series: list, max_rows: int, max_cols: int,
+               folds: list | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The HOT matrix of ``series`` (list of (step, Sample)), fitted to a size.
 
     Returns ``(matrix, edges, steps)``: ``matrix[r, c]`` is log(1 + count) of
     row ``r`` (row 0 = the largest values, at the top) at column ``c``;
-    ``edges`` the value edges of the rows (len rows + 1, ascending from the
-    bottom row); ``steps`` the step of each column. Only the most recent
-    ``max_cols`` samples are drawn; adjacent bins are summed so the non-empty
-    range fits ``max_rows``.
+    ``edges`` the lower value edge of each row from the bottom row up, then
+    the top row's upper edge (len rows + 1, ascending); ``steps`` the step of
+    each column. The columns cover the whole series (evenly picked when it
+    has more samples than ``max_cols``), so the chart spans the same steps
+    as the line charts beside it. Only bins that hold a count at some step
+    are drawn: the empty stretch between the negative and the positive
+    values (a signed log axis runs through 1e-12 .. 1e-1 twice) is folded
+    away; ``folds``, when given, receives the row indices (from the bottom)
+    below which bins were left out. Adjacent kept bins are summed so the
+    rows fit ``max_rows``.
     """
-    series = series[-max_cols:] if max_cols > 0 else []
+    if max_cols > 0 and len(series) > max_cols:
+        picks = np.unique(np.round(np.linspace(0, len(series) - 1, max_cols)).astype(int))
+        series = [series[i] for i in picks]
+    elif max_cols <= 0:
+        series = []
     present = [(st, s) for st, s in series if s.hist.size]
     if not present or max_rows <= 0:
         return np.zeros((0, len(series))), np.zeros(1), [st for st, _ in series]
@@ -48,14 +59,22 @@ def hot_matrix(series: list, max_rows: int, max_cols: int) -> tuple[np.ndarray, 
     for c, (_, s) in enumerate(series):
         if s.hist.size:
             counts[s.hist_lo - lo : s.hist_lo - lo + len(s.hist), c] = s.hist
-    group = max(1, math.ceil((hi - lo) / max_rows))
-    pad = (-(hi - lo)) % group
+    kept = np.flatnonzero(counts.sum(axis=1) > 0)  # bins, from the bottom; the empty ones fold away
+    counts = counts[kept]
+    group = max(1, math.ceil(len(kept) / max_rows))
+    pad = (-len(kept)) % group
+    bins = lo + kept
     if pad:  # pad on top so the groups line up with the bottom (lowest) bin
         counts = np.vstack([counts, np.zeros((pad, counts.shape[1]))])
     rows = counts.reshape(-1, group, counts.shape[1]).sum(axis=1)
-    edges = histogram.EDGES[lo : lo + rows.shape[0] * group + 1 : group]
-    if len(edges) < rows.shape[0] + 1:  # the padded top ran past the last edge
-        edges = np.append(edges, histogram.EDGES[min(lo + rows.shape[0] * group, histogram.NUM_BINS)])
+    firsts = bins[::group]  # the lowest bin of each row
+    lasts = np.append(bins[group - 1 :: group], bins[-1])[: rows.shape[0]]  # the highest
+    edges = np.append(histogram.EDGES[firsts], histogram.EDGES[min(int(lasts[-1]) + 1, histogram.NUM_BINS)])
+    if folds is not None:
+        # kept index i: a fold between bins[i] and bins[i + 1]; marked when an octave or more is left out
+        # (a sparse sample's odd empty bin is not worth a mark on every other line)
+        gaps = np.flatnonzero(np.diff(bins) > histogram.BINS_PER_OCTAVE)
+        folds[:] = sorted({int((i + 1) // group) for i in gaps})  # the row whose bins start past the gap
     return np.log1p(rows[::-1]), edges, [st for st, _ in series]
 
 
@@ -125,7 +144,8 @@ class Heatmap(Widget):
         plot_w = max(width - self.GUTTER, 1)
         m = self.matrix
         flagged = any(self.flags)
-        plot_h = max(height - 1 - flagged, 1)  # the last line holds the step axis
+        legend = getattr(self, "legend", False)
+        plot_h = max(height - 1 - flagged - legend, 1)  # the last lines hold the step axis (and legend)
         if (m.size == 0 or not np.any(m > 0)) and not flagged:
             return Text(" " + self.empty_text, style="dim")
         if m.size == 0:
@@ -149,7 +169,8 @@ class Heatmap(Widget):
             out.append("\n")
         for line in range(plot_h):
             label = self.label_for(line, plot_h)
-            out.append(label.rjust(self.GUTTER - 1)[: self.GUTTER - 1] + "┤", style="dim")
+            out.append(label.rjust(self.GUTTER - 1)[: self.GUTTER - 1] + self.axis_mark(line, plot_h, rows),
+                       style="dim")
             up, down = level[2 * line], level[2 * line + 1]
             for u, d in zip(up.tolist(), down.tolist()):
                 st = styles.get((u, d))
@@ -160,7 +181,14 @@ class Heatmap(Widget):
         left, right = self.x_labels
         axis = " " * self.GUTTER + left + " " * max(plot_w - len(left) - len(right), 1) + right
         out.append(axis[:width], style="dim")
+        if legend:
+            out.append("\n")
+            out.append_text(self.legend_line(width))
         return out
+
+    def axis_mark(self, line: int, lines: int, rows) -> str:
+        """The value axis' character on text line ``line``: ``┤``, or ``≈`` where bins were folded away."""
+        return "┤"
 
 
 class HotChart(Heatmap):
@@ -171,6 +199,19 @@ class HotChart(Heatmap):
         self.series: list = []
         self._fitted: tuple | None = None
         self._edges = np.zeros(1)
+        self._folds: list[int] = []  # matrix rows (from the top) above which empty bins were folded away
+        self.legend = True
+
+    def legend_line(self, width: int) -> Text:
+        """``colour: count 1 ████ 4,000 (log)``: what a colour means, in the ramp's own colours."""
+        top = float(self.matrix.max()) if self.matrix.size else 0.0
+        out = Text(" " * self.GUTTER + "count 1 ", style="dim", no_wrap=True, overflow="crop")
+        cells = max(min(LEVELS, width - self.GUTTER - 24), 4)
+        ramp = self._ramp()
+        for i in range(cells):
+            out.append("█", Style(color=ramp[min(int(i * LEVELS / cells), LEVELS - 1)].rich_color))
+        out.append(f" {math.expm1(top):,.0f} (log)", style="dim")
+        return out
 
     def show_series(self, series: list, *, empty_text: str = "no samples yet") -> None:
         """Draw ``series`` (list of (step, Sample)); the matrix is built at paint time."""
@@ -184,16 +225,25 @@ class HotChart(Heatmap):
         size = (self.size.width, self.size.height)
         if self._fitted != size:
             self._fitted = size
-            rows = max(2 * (size[1] - 1), 2)
+            rows = max(2 * (size[1] - 2), 2)  # a line each for the step axis and the colour legend
             cols = max(size[0] - self.GUTTER, 1)
-            matrix, edges, steps = hot_matrix(self.series, rows, cols)
+            folds: list = []
+            matrix, edges, steps = hot_matrix(self.series, rows, cols, folds)
             self.matrix, self._edges = matrix, edges
+            self._folds = [matrix.shape[0] - f for f in folds]  # as rows from the top
             self.y_top, self.y_bottom = short(float(edges[-1])), short(float(edges[0]))
             self.x_labels = (f"step {steps[0]}", f"step {steps[-1]}") if steps else ("", "")
             # NaN/inf have no bin: mark their steps on a strip of their own instead of a gap.
-            shown = self.series[-cols:] if cols > 0 else []
-            self.flags = [stats.nonfinite(s) > 0 for _, s in shown]
+            by_step = dict(self.series)
+            self.flags = [stats.nonfinite(by_step[st]) > 0 for st in steps]
         return super().render()
+
+    def axis_mark(self, line: int, lines: int, rows) -> str:
+        """``≈`` on a line whose pixels cross a fold (empty bins left out between two rows)."""
+        if not self._folds:
+            return "┤"
+        here = set(rows[2 * line : 2 * line + 2].tolist()) if rows is not None else set()
+        return "≈" if any(f in here for f in self._folds) else "┤"
 
     def label_for(self, line: int, lines: int) -> str:
         """The ends, ``0`` on the line that holds zero, and the value at the top of every third line.

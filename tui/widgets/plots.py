@@ -1,7 +1,6 @@
-"""Line charts drawn by plotext, shown as Rich text in a Textual widget.
+"""Line charts in braille (:mod:`tui.widgets.braille`), shown as Rich text in a Textual widget.
 
-plotext's figure is module-global state, so charts are built only on the
-app's thread (:meth:`Chart.render`), one at a time. Series colours come
+Series colours come
 from the theme's meaning variables (``$xray-weight``, ``$xray-muted``, ...)
 passed by name, never hard-coded.
 """
@@ -11,11 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import plotext
 from rich.style import Style
 from rich.text import Text
 from textual.color import Color
 from textual.widget import Widget
+
+from tui.widgets import braille
 
 
 @dataclass(frozen=True)
@@ -47,37 +47,32 @@ def step_ticks(xs: list, width: int) -> list[int]:
 
 
 def build_chart(series: list[Series], width: int, height: int, *, log_y: bool = False,
-                colors: dict[str, str] | None = None) -> str:
-    """The plotext rendering of ``series`` as an ANSI string of ``height`` lines.
+                colors: dict[str, str] | None = None, xlim: tuple[float, float] | None = None) -> str:
+    """The braille rendering of ``series`` as plain text of ``height`` lines (see :func:`chart_text`)."""
+    return chart_text(series, width, height, log_y=log_y, colors=colors, xlim=xlim).plain
+
+
+def chart_text(series: list[Series], width: int, height: int, *, log_y: bool = False,
+               colors: dict[str, str] | None = None, xlim: tuple[float, float] | None = None) -> Text:
+    """``series`` drawn in braille (:mod:`tui.widgets.braille`), ``height`` lines of ``width`` cells.
 
     Non-finite points are left out (and, with ``log_y``, values <= 0; see
     :func:`left_out`); ``colors`` maps theme variable names to colours (the
-    app's CSS variables). No title and no legend: plotext draws its legend as
-    a box over the data, so :class:`Chart` says both on a line of its own.
-    When every x is a whole number (steps) the x ticks are whole numbers.
+    app's CSS variables). No title and no legend: :class:`Chart` says both
+    on a line of its own. When every x is a whole number (steps) the x ticks
+    are whole numbers; ``xlim`` fixes the x range (one step range per screen).
     """
-    fig = plotext.figure
-    fig.clear()
-    plotext.terminal.limit(False, False)
-    fig.plot_size(max(width, 10), max(height, 4))
-    fig.theme("simple")
-    drawn, all_x = 0, []
-    for s in series:
-        pts = [(x, y) for x, y in zip(s.x, s.y) if _drawable(y, log_y)]
-        if not pts:
-            continue
-        xs, ys = zip(*pts)
-        all_x += xs
-        colour = _colour(s.color, colors)
-        marker = plotext.marker(pixel=plotext.pixel(foreground=Color.parse(colour).rgb)) if colour else None
-        fig.draw(fig.signal(list(xs), list(ys), marker=marker).lines())
-        drawn += 1
-    if drawn and log_y:
-        fig.ruler("y").scale("log")
-    if all_x and all(isinstance(x, int) for x in all_x):
-        ticks = step_ticks(all_x, width)
-        fig.ruler("x").ticks(ticks, [str(t) for t in ticks])
-    return fig.build().string()
+    lines = [braille.Line(s.x, s.y, _style(s.color, colors)) for s in series]
+    whole = all(isinstance(x, int) for s in series for x in s.x)
+    return braille.chart(lines, width, height, log_y=log_y, xlim=xlim, whole_x=whole,
+                         axis_style=_style("xray-muted", colors))
+
+
+def spans_decades(series: list[Series]) -> bool:
+    """Whether the positive values of ``series`` span 100x or more (then a log axis reads better)."""
+    vals = [y for s in series for y in s.y if y is not None and math.isfinite(y) and y > 0]
+    neg = any(y is not None and math.isfinite(y) and y <= 0 for s in series for y in s.y)
+    return bool(vals) and not neg and max(vals) / min(vals) >= 100
 
 
 def _drawable(y, log_y: bool) -> bool:
@@ -114,7 +109,7 @@ def left_out(s: Series, log_y: bool = False, *, named: bool = True) -> str:
 
 
 class Chart(Widget):
-    """A plotext chart that redraws itself at its widget's size.
+    """A braille line chart that redraws itself at its widget's size.
 
     The first line holds the title and, for two or more series, a legend in
     the series' colours (``━ label``); a line under it says which points
@@ -125,18 +120,25 @@ class Chart(Widget):
     Chart { height: 10; min-height: 6; background: $surface; color: $foreground; }
     """
 
-    def __init__(self, *, title: str = "", log_y: bool = False, empty_text: str = "no data yet",
+    def __init__(self, *, title: str = "", log_y: bool | None = False, empty_text: str = "no data yet",
                  id: str | None = None) -> None:
         super().__init__(id=id)
         self.title = title
-        self.log_y = log_y
+        #: True, False, or None: a log axis when the values span two decades or more.
+        self.log_y_setting = log_y
+        self.log_y = bool(log_y)
+        #: The x range every chart of the screen shares (None: the series' own).
+        self.xlim: tuple[float, float] | None = None
         self.empty_text = empty_text
         self.series: list[Series] = []
         self._cache: tuple | None = None
 
-    def show(self, series: list[Series], *, title: str | None = None, empty_text: str | None = None) -> None:
-        """Replace the chart's lines (redraws on the next paint)."""
+    def show(self, series: list[Series], *, title: str | None = None, empty_text: str | None = None,
+             xlim: tuple[float, float] | None = None) -> None:
+        """Replace the chart's lines (redraws on the next paint); ``xlim`` the screen's shared x range."""
         self.series = series
+        self.xlim = xlim
+        self.log_y = spans_decades(series) if self.log_y_setting is None else bool(self.log_y_setting)
         if title is not None:
             self.title = title
         if empty_text is not None:
@@ -145,7 +147,8 @@ class Chart(Widget):
 
     def _heading(self, width: int, colors: dict[str, str]) -> list[Text]:
         """The title line (with the legend when it fits, else on a line of its own) and the notes."""
-        title = Text(" " + self.title, style="bold")
+        title = Text(" " + self.title + (" · log scale" if self.log_y and "log" not in self.title else ""),
+                     style="bold")
         legend = Text()
         if len(self.series) > 1:
             for s in self.series:
@@ -166,16 +169,15 @@ class Chart(Widget):
         width, height = self.size.width, self.size.height
         if not any(len(s.y) for s in self.series):
             return Text(f" {self.title}\n {self.empty_text}", style="dim", no_wrap=True)
-        key = (tuple(self.series), width, height, self.app.theme, self.title, self.log_y)
+        key = (tuple(self.series), width, height, self.app.theme, self.title, self.log_y, self.xlim)
         if self._cache is None or self._cache[0] != key:
             colors = self.app.get_css_variables()
             heading = self._heading(width, colors)
             text = Text("\n").join(heading)
             if any(_drawable(y, self.log_y) for s in self.series for y in s.y):
-                ansi = build_chart(self.series, width, max(height - len(heading), 4), log_y=self.log_y,
-                                   colors=colors)
                 text.append("\n")
-                text.append_text(Text.from_ansi(ansi, no_wrap=True))
+                text.append_text(chart_text(self.series, width, max(height - len(heading), 4), log_y=self.log_y,
+                                            colors=colors, xlim=self.xlim))
             else:
                 text.append(f"\n {self.empty_text if not self.series else 'nothing to draw'}", style="dim")
             text.no_wrap = True
