@@ -238,3 +238,12 @@ def test_the_job_merges_fewer_steps_while_a_rank_falls_behind_and_more_once_all_
     for _ in range(jobmod.CALM_ROUNDS):
         job.throttle(0)
     assert job.stride == jobmod.MAX_STRIDE // 2 and notes[-1].data["why"] == "caught up"
+
+
+def test_whole_job_alerts_say_job_not_rank_minus_one():
+    from tui.widgets.alerts import alert_text
+
+    alert = wire.Alert(step=7, rank=wire.JOB_RANK, severity="warning", rule="straggler", layer="(job)", kind="scalar",
+                       value=2.0, threshold=1.5, message="rank 2 on node-b is slow")
+    assert " job (job)  rank 2" in alert_text(alert, multi_rank=True)[2]  # not "r-1"
+    assert " r3 (job)  rank 2" in alert_text(msgspec.structs.replace(alert, rank=3), multi_rank=True)[2]

@@ -238,7 +238,9 @@ class DetailScreen(Screen):
             return
         self._seen = key
         # One rank: no "merged ranks" to puzzle over.
-        view = "" if len(state.hellos) <= 1 else "merged ranks  ·  " if self.rank is None else f"rank {self.rank}  ·  "
+        merged = f"whole job ({state.world_size} ranks)" if state.job else "merged ranks"
+        view = "" if len(state.hellos) <= 1 and not state.job else f"{merged}  ·  " if self.rank is None \
+            else f"rank {self.rank}  ·  "
         kinds = "  ".join(f"[b]{KIND_KEYS[k]}[/b] {k}" + (" ◀" if k == kind else "")
                           for k in KINDS if row.stream(k) is not None)
         depth = state.stream_depth or state.depth

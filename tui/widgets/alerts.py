@@ -20,7 +20,7 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from probes.wire import Alert
+from probes.wire import JOB_RANK, Alert
 from tui.state import RunState
 
 SEVERITY_LABEL = {"info": "INFO", "warning": "WARNING", "critical": "CRITICAL"}
@@ -37,7 +37,7 @@ def alert_text(alert: Alert, *, multi_rank: bool = False, width: int | None = No
     (the tail of a module path tells layers apart; the detail has it whole).
     """
     step = f"{alert.step:>7}"
-    where = f"r{alert.rank} " if multi_rank else ""
+    where = ("job " if alert.rank == JOB_RANK else f"r{alert.rank} ") if multi_rank else ""
     layer = alert.layer
     if width is not None:
         cap = max(20, width // 3)
