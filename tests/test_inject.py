@@ -48,8 +48,11 @@ class Proc:
     """A target process, killed at the end; ``wait_for(text)`` reads its stdout up to a line."""
 
     def __init__(self, cmd, env=None, cwd_tmp=None):
+        # SIGINT at its default: a test runner started in the background (`cmd &`) has it ignored, and a
+        # Python started with SIGINT ignored never raises KeyboardInterrupt, which these tests send
         self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=env or globals()["env"](), cwd=cwd_tmp or REPO)
+                                  env=env or globals()["env"](), cwd=cwd_tmp or REPO,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines = []
 
     def wait_for(self, text, timeout=30):
