@@ -417,10 +417,12 @@ def decode(body: bytes) -> Message:
     if isinstance(msg, Step):
         # the schema bounds hist_lo, not the run's end: a run past the last bin would
         # break every consumer of the fixed edges (quantiles, export, the sparkline)
-        for s in msg.samples:
-            if len(s.hist_counts) % (2 if s.hist_n < 1 << 16 else 4):
+        for s in msg.samples:  # arithmetic on the byte count: an array per sample cost a viewer 0.4 s per 150k
+            width = 2 if s.hist_n < 1 << 16 else 4
+            nbytes = len(s.hist_counts)
+            if nbytes % width:
                 raise WireError(f"malformed frame: histogram of {s.layer[:80]!r} is not a whole number of counts")
-            if s.hist_lo + len(s.hist) > histogram.NUM_BINS:
+            if s.hist_lo + nbytes // width > histogram.NUM_BINS:
                 raise WireError(f"malformed frame: histogram of {s.layer[:80]!r} runs past bin {histogram.NUM_BINS - 1}")
     return msg
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 
 from rich.table import Table
 from rich.text import Text
@@ -231,6 +232,8 @@ class XRayApp(ReplayTimeline, App):
         self.screenshot_dir = screenshot_dir
         self._stop = threading.Event()
         self._slots = threading.Semaphore(MAX_IN_FLIGHT)
+        self._in_flight = 0  # batches posted and not yet ingested (the reader thread is ahead when > 0)
+        self._painted_at = 0.0
         self._dirty = True
         self._sized = None
         self._shown_step = -1  # the run's step at the last repaint of the views
@@ -328,6 +331,7 @@ class XRayApp(ReplayTimeline, App):
                 while not self._slots.acquire(timeout=0.2):
                     if self._stop.is_set():
                         return
+                self._in_flight += 1  # a plain int: only this thread adds, only the app's subtracts, under the GIL
                 self.post_message(self.Batch(batch))
                 if self._stop.is_set():
                     return
@@ -355,6 +359,7 @@ class XRayApp(ReplayTimeline, App):
                         self._answered(msg)
                     ingest(msg)
         finally:
+            self._in_flight -= 1
             self._slots.release()
         if self.connection == "connecting" and self.state.hellos:
             self.connection = "live"
@@ -376,11 +381,14 @@ class XRayApp(ReplayTimeline, App):
     def _tick(self) -> None:
         if self.size != self._sized:
             self._check_size()  # the App does not always get Resize events; the tick does not miss one
-        if self._dirty:
+        # While the reader is ahead (a backlog or a replay streaming in) ingesting comes first: one
+        # paint a second instead of four, so a 512-step backlog is on screen sooner.
+        if self._dirty and (self._in_flight <= 0 or time.monotonic() - self._painted_at >= 1.0):
             self._paint()
 
     def _paint(self) -> None:
         """Bring every widget up to date with the state (the app's thread only)."""
+        self._painted_at = time.monotonic()
         self._dirty = False
         table = self.table
         if not self.paused:
