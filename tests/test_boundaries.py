@@ -1,0 +1,66 @@
+"""The import boundaries the design depends on, checked instead of trusted.
+
+The viewer (``tui``) runs where torch is not installed, so neither it nor the
+wire-side modules of ``probes`` it reads may import torch (or transformers or
+triton); the probe runs inside training jobs, so nothing in ``probes`` may
+import textual. Each check imports every module of the side in a fresh
+interpreter whose path puts a package first that refuses to be imported.
+"""
+
+from __future__ import annotations
+
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+#: probes modules the viewer imports: numpy and msgspec only
+VIEWER_SIDE_PROBES = ["probes.wire", "probes.histogram", "probes.stats", "probes.rundir", "probes.rules",
+                      "probes.rules_config", "probes.scalar_rules", "probes.spectral_rule"]
+#: executed inside a training process by `attach --pid`, never imported
+NOT_IMPORTED = {"probes.inject_boot"}
+
+
+def modules(package: str) -> list[str]:
+    """Every module of ``package`` (found on disk, so a new one is checked without being listed)."""
+    found = [package]
+    for info in pkgutil.walk_packages([str(REPO / package.replace(".", os.sep))], prefix=package + "."):
+        if info.name not in NOT_IMPORTED:
+            found.append(info.name)
+    return sorted(found)
+
+
+def import_all_without(blocked: list[str], names: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    for name in blocked:
+        pkg = tmp_path / "blocked" / name
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text(f"raise ImportError('{name} is blocked here')\n")
+    code = ("import importlib, sys\n"
+            f"for name in {names!r}:\n"
+            "    importlib.import_module(name)\n"
+            f"leaked = sorted(m for m in {blocked!r} if m in sys.modules)\n"
+            "print('leaked', leaked)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "blocked"), str(REPO)]))
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_the_viewer_never_imports_torch(tmp_path):
+    names = modules("tui") + VIEWER_SIDE_PROBES
+    assert "tui.app" in names and "tui.widgets.layer_table" in names
+    done = import_all_without(["torch", "transformers", "triton"], names, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "leaked []" in done.stdout
+
+
+def test_the_probe_never_imports_textual(tmp_path):
+    pytest.importorskip("torch")
+    names = modules("probes")
+    assert "probes.probe" in names and "probes.job" in names
+    done = import_all_without(["textual"], names, tmp_path)  # rich is lightning's own dependency too
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "leaked []" in done.stdout
