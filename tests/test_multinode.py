@@ -205,3 +205,20 @@ def test_a_hung_rank_is_named_and_holds_nobody_up(tmp_path):
     assert isinstance(r0[-1], wire.End) and r0[-1].reason == "finished"
     assert isinstance(r1[-1], wire.End) and r1[-1].reason == "finished"
     assert len([m for m in r1 if isinstance(m, wire.Step) and m.rank == 1]) == 20  # its own stream went on
+
+
+def test_a_healthy_job_raises_no_alert(tmp_path):
+    """False alarms count as much as detections: four healthy DDP ranks on two nodes, sharing this
+    machine's cores (so their step times jitter), give rank 0 no warning from any rule."""
+    steps = 40
+    procs, dirs = launch(tmp_path, steps, "--ddp", "--timeout", "20")
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        stop(procs)
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-4000:] for o in outs)
+    r0 = read(tmp_path / "rank0.xray")
+    assert [s.step for s in job_steps(r0)] == list(range(steps))
+    alerts = [f"{a.rule} r{a.rank} {a.layer}: {a.message}" for a in r0
+              if isinstance(a, wire.Alert) and a.severity != "info"]
+    assert alerts == []
