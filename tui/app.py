@@ -232,7 +232,9 @@ class XRayApp(ReplayTimeline, App):
         self.screenshot_dir = screenshot_dir
         self._stop = threading.Event()
         self._slots = threading.Semaphore(MAX_IN_FLIGHT)
-        self._in_flight = 0  # batches posted and not yet ingested (the reader thread is ahead when > 0)
+        # batches posted (reader thread) and ingested (app thread): one writer each, so no update is
+        # lost between threads; the reader is ahead while they differ
+        self._posted = self._ingested = 0
         self._painted_at = 0.0
         self._dirty = True
         self._sized = None
@@ -331,7 +333,7 @@ class XRayApp(ReplayTimeline, App):
                 while not self._slots.acquire(timeout=0.2):
                     if self._stop.is_set():
                         return
-                self._in_flight += 1  # a plain int: only this thread adds, only the app's subtracts, under the GIL
+                self._posted += 1
                 self.post_message(self.Batch(batch))
                 if self._stop.is_set():
                     return
@@ -359,7 +361,7 @@ class XRayApp(ReplayTimeline, App):
                         self._answered(msg)
                     ingest(msg)
         finally:
-            self._in_flight -= 1
+            self._ingested += 1
             self._slots.release()
         if self.connection == "connecting" and self.state.hellos:
             self.connection = "live"
@@ -383,7 +385,7 @@ class XRayApp(ReplayTimeline, App):
             self._check_size()  # the App does not always get Resize events; the tick does not miss one
         # While the reader is ahead (a backlog or a replay streaming in) ingesting comes first: one
         # paint a second instead of four, so a 512-step backlog is on screen sooner.
-        if self._dirty and (self._in_flight <= 0 or time.monotonic() - self._painted_at >= 1.0):
+        if self._dirty and (self._posted == self._ingested or time.monotonic() - self._painted_at >= 1.0):
             self._paint()
 
     def _paint(self) -> None:
