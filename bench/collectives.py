@@ -55,7 +55,7 @@ def rank_main(rank: int, world: int, port: int, args, out) -> None:
     torch.set_num_threads(1)  # world ranks share this machine's cores
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import probes
-    from probes import demo
+    from probes.demo import training as demo
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)

@@ -31,7 +31,7 @@ def run_one(config: str, backend: str, every: int, steps: int, compiled: bool) -
     from torch._dynamo.utils import counters
 
     import probes
-    from probes import demo
+    from probes.demo import training as demo
 
     torch.manual_seed(0)
     model = demo.build_model(vocab=256)

@@ -43,7 +43,8 @@ import overhead  # noqa: E402  (puts the repository first on sys.path)
 import torch  # noqa: E402
 
 import probes  # noqa: E402
-from probes import engines, wire  # noqa: E402
+from probes import engines
+from probes.protocol import wire  # noqa: E402
 
 DEFAULT = "baseline,probe/50,probe/10,probe/1,tensorboard/10,histc/10"
 
@@ -181,7 +182,7 @@ def step_work(model, opt, args) -> tuple[int, int, int, collections.Counter]:
     c = OpCounter()
     launches = 0
     try:
-        from probes import device_engine as de
+        from probes.engines import device as de
     except Exception:
         de = None
     if de is not None:

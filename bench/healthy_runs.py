@@ -50,7 +50,7 @@ def setup(name: str):
     import torch
     from torch import nn
 
-    from probes import demo
+    from probes.demo import training as demo
 
     torch.manual_seed(0)
     if name in ("demo", "nanogpt", "zoo-adamw", "zoo-sgd"):
@@ -138,8 +138,8 @@ def summary(path: str, rules=None) -> dict:
     """Alerts (as published, or judged again with ``rules``) and update ratios of one recording."""
     import numpy as np
 
-    from probes import wire
-    from probes.spectral_rule import SpectralAlerts
+    from probes.protocol import wire
+    from probes.rules.spectral import SpectralAlerts
 
     msgs, _ = wire.read_file(path)
     ratios, per_step = [], []
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.judge:
         from probes.rules import RuleEngine
-        from probes.rules_config import load
+        from probes.rules.config import load
 
         for path in sorted(glob.glob(os.path.join(args.judge, "*.xray"))):
             report(path, RuleEngine(load(args.rules) if args.rules else None))

@@ -10,7 +10,7 @@ import sys
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 import torch, probes
-from probes import wire
+from probes.protocol import wire
 import healthy_runs as H
 torch.set_num_threads(1)
 for peak, clip in ((1.0, None), (10.0, 1.0)):

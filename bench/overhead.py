@@ -36,8 +36,10 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch
 
 import probes
-from probes import cpu_kernel, demo, wire
-from probes.probe import select_modules
+from probes.engines import cpu_kernel
+from probes.demo import training as demo
+from probes.protocol import wire
+from probes.capture.probe import select_modules
 
 DEFAULT = "baseline,probe/50,probe/10,probe/1,tensorboard/10,histc/10,fastai/10"
 

@@ -23,7 +23,10 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch
 
 import probes
-from probes import cpu_kernel, demo, probe, wire
+from probes.engines import cpu_kernel
+from probes.demo import training as demo
+from probes.capture import probe
+from probes.protocol import wire
 
 PARTS = {  # XRay method -> what it does, on the training thread
     "_take_act_eager": "hooks: hold each activation",

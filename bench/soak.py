@@ -88,7 +88,7 @@ def faults(args) -> None:
     import torch
 
     import probes
-    from probes import demo
+    from probes.demo import training as demo
 
     torch.manual_seed(0)
     data = demo.CharData(demo.corpus())

@@ -1,12 +1,12 @@
-"""Spectral metrics: probes.spectral against weightwatcher.analyze(), side by side.
+"""Spectral metrics: probes.spectral.analysis against weightwatcher.analyze(), side by side.
 
 Builds a GPT-2 small-shaped model from a config (no download; random init,
 or with --heavy every matrix replaced by a heavy-tailed one so that alpha is
 in the trained range), then in interleaved rounds times
 
 - ``weightwatcher.WeightWatcher(model).analyze()`` with its defaults,
-- ``probes.spectral`` on the same 49 matrices weightwatcher analyses,
-- ``probes.spectral`` on all 50 (adding the 50,257-row token embedding that
+- ``probes.spectral.analysis`` on the same 49 matrices weightwatcher analyses,
+- ``probes.spectral.analysis`` on all 50 (adding the 50,257-row token embedding that
   weightwatcher skips because N > max_N = 50,000),
 
 and reports medians, the ratio, and the largest per-layer differences of
@@ -31,7 +31,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import numpy as np
 import torch
 
-from probes import spectral
+from probes.spectral import analysis as spectral
 
 METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank")
 
@@ -111,7 +111,7 @@ def main() -> None:
           f"threads {torch.get_num_threads()}")
     print(f"model: GPT-2 small shape, {args.layers} blocks, {'heavy-tailed' if args.heavy else 'random init'}; "
           f"weightwatcher analysed {len(details)} matrices (alpha median {np.median(alphas):.2f})")
-    print(f"median of {args.rounds}: weightwatcher.analyze() {med_ww:.2f} s | probes.spectral same "
+    print(f"median of {args.rounds}: weightwatcher.analyze() {med_ww:.2f} s | probes.spectral.analysis same "
           f"{len(ours)} matrices {med_ours:.2f} s ({med_ww / med_ours:.1f}x faster) | "
           f"all {len(ours) + 1} incl. wte {med_all:.2f} s")
     print("largest relative difference per metric: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))

@@ -26,7 +26,9 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch
 
 import probes
-from probes import demo, spectral, wire
+from probes.demo import training as demo
+from probes.spectral import analysis as spectral
+from probes.protocol import wire
 
 
 def zoo_model(vocab: int):
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
     rules = None
     if args.rules:
         from probes.rules import RuleEngine
-        from probes.rules_config import load
+        from probes.rules.config import load
         rules = RuleEngine(load(args.rules))
     t0 = time.perf_counter()
     msgs = run(args.model, args.steps, args.spectral_every, args.threads, rules, args.save)

@@ -2,7 +2,7 @@
 
 Usage: ``python bench/tui.py [--quick]``. Prints a Markdown table of medians
 for docs/benchmarks.md. Every feed is synthetic (:mod:`tui.synthetic`) and
-goes through the real code: msgpack frames, :class:`probes.wire.FrameReader`,
+goes through the real code: msgpack frames, :class:`probes.protocol.wire.FrameReader`,
 :class:`tui.state.RunState`, the Textual app (headless), and for the live
 figures :class:`tui.feed.SocketSource` reading a Unix socket that a child
 process feeds with the frames a probe sends.
@@ -31,7 +31,7 @@ import msgspec
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from probes import wire  # noqa: E402
+from probes.protocol import wire  # noqa: E402
 from tui import synthetic  # noqa: E402
 from tui.state import RunState  # noqa: E402
 
@@ -120,7 +120,7 @@ def _serve(n_layers: int, backlog_steps: int, hz: float, seconds: float, ready, 
     the figures are the viewer's alone."""
     import socket
 
-    from probes import rundir
+    from probes.protocol import rundir
 
     os.environ["XRAY_TUI_RUN_DIR"] = run_dir
     d = rundir.ensure_run_dir()
@@ -256,7 +256,7 @@ def main() -> int:
     cpu = asyncio.run(_cpu_share(2000, 5.0, secs, (160, 50)))
     print(f"live 2000 layers x 3 kinds at 5 steps/s ({secs}s): app CPU {100 * cpu['cpu_share']:.1f}% of one core, "
           f"ingested {cpu['samples_per_s']:,.0f} samples/s")
-    # the probe's backlog holds 512 sampled steps (probes.server backlog_steps): all of it arrives at once
+    # the probe's backlog holds 512 sampled steps (probes.publish.server backlog_steps): all of it arrives at once
     fps = [asyncio.run(_first_paint(100, 512)) for _ in range(1 if args.quick else 3)]
     runs = ", ".join(f"{f['first_paint_s']:.2f}" for f in fps)
     med = statistics.median(f["first_paint_s"] for f in fps)

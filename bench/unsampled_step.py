@@ -24,7 +24,8 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch
 
 import probes
-from probes import demo, probe
+from probes.demo import training as demo
+from probes.capture import probe
 
 PARTS = {  # XRay method -> what it does on an unsampled step
     "_begin_forward": "root pre-hook: phase, input size, autocast",

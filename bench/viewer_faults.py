@@ -23,7 +23,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch
 
 import probes
-from probes import demo
+from probes.demo import training as demo
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """xray-tui probes: attach to a PyTorch training run and stream its statistics.
 
 ``import probes`` does not import torch; :func:`attach` does, when called,
-so the viewer can use :mod:`probes.wire`, :mod:`probes.stats` and
+so the viewer can use :mod:`probes.protocol.wire`, :mod:`probes.protocol.stats` and
 :mod:`probes.rules` on a machine without torch.
 """
 
@@ -11,15 +11,15 @@ __all__ = ["attach", "XRay", "AlertRaised"]
 
 
 def attach(model, optimizer=None, **kwargs):
-    """Attach a probe to ``model``; see :func:`probes.probe.attach`."""
-    from .probe import attach as _attach
+    """Attach a probe to ``model``; see :func:`probes.capture.probe.attach`."""
+    from probes.capture.probe import attach as _attach
 
     return _attach(model, optimizer, **kwargs)
 
 
 def __getattr__(name):
     if name in ("XRay", "AlertRaised"):
-        from . import probe
+        from probes.capture import probe
 
         return getattr(probe, name)
     raise AttributeError(f"module 'probes' has no attribute {name!r}")

@@ -29,7 +29,7 @@ def cpu_kernel_lib():
     """The probe's C kernel, built: a test of it skips only where there is no C compiler at all."""
     import shutil
 
-    from probes import cpu_kernel
+    from probes.engines import cpu_kernel
 
     if shutil.which(os.environ.get("CC") or "cc") is None:
         pytest.skip("no C compiler: the probe uses its torch path here")

@@ -25,7 +25,7 @@ def feed(n_layers: int = N_LAYERS, n_steps: int = 4, *, end: bool = False) -> li
         synthetic.alert(last, "model.layers.7.fc.weight", rule="exploding", severity="critical", kind="grad"),
     ])
     if end:
-        from probes import wire
+        from probes.protocol import wire
 
         batches.append([wire.End(step=last, rank=0)])
     return batches
@@ -334,7 +334,7 @@ import msgspec
 import numpy as np
 
 import themes
-from probes import histogram, stats, wire
+from probes.protocol import histogram, stats, wire
 from tui.chooser import ChooserScreen
 from tui.detail import MATRIX_PENDING, DetailScreen, current_vs_initial
 from tui.reattach import DISCONNECTED, ENDED, ReattachSource, Status
@@ -714,7 +714,7 @@ def test_state_memory_budget_shrinks_rings_but_keeps_a_minimum():
 # -- live sources: re-attach and the chooser ---------------------------------
 
 def publisher(name: str, started: float, n_layers: int = 4):
-    from probes.server import Publisher
+    from probes.publish.server import Publisher
 
     hello = msgspec.structs.replace(synthetic.hello(n_layers, run=name), pid=os.getpid(), started=started)
     return Publisher(hello)

@@ -3,7 +3,7 @@
 import msgspec
 import numpy as np
 
-from probes import wire
+from probes.protocol import wire
 from tui import synthetic
 from tui.app import XRayApp
 from tui.detail import DetailScreen

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from probes import wire
+from probes.protocol import wire
 from tui import synthetic
 from tui.app import XRayApp
 from tui.feed import ListSource

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from probes import rundir, wire
+from probes.protocol import rundir, wire
 from test_app import DEAD, N_LAYERS, HoldSource, feed, publisher, screen_text, settle, shows, until, wait_for
 from tui import reattach, synthetic
 from tui.app import XRayApp
@@ -129,7 +129,7 @@ async def test_pause_freezes_rows_at_one_step_even_when_scrolled_filtered_or_sor
     """Seen in tmux: paused, the header went on counting steps while the table
     stayed put, and a scroll or filter redrew rows with newer data than the
     rest. Now the rows show the paused step and the header says both."""
-    from probes import stats
+    from probes.protocol import stats
     from tui.widgets.layer_table import sci
 
     app = XRayApp(HoldSource(feed(n_steps=2)))

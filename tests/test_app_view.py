@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probes import wire
+from probes.protocol import wire
 from probes.rules import RuleEngine
 from test_app import HoldSource, feed, screen_text, settle
 from tui import synthetic

@@ -11,7 +11,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import probes
-from probes import stats, wire
+from probes.protocol import stats, wire
 
 
 def make_model():
@@ -221,7 +221,7 @@ def test_gradient_checkpointing_inside_a_compiled_model(fullgraph, monkeypatch):
 def test_inductor_on_the_demo_gpt2():
     """HF GPT-2 under inductor: a held *detached view* of an activation became an aliased graph
     output that inductor replayed with a garbage shape (a RuntimeError in training)."""
-    from probes import demo
+    from probes.demo import training as demo
 
     torch._dynamo.reset()
     torch.manual_seed(0)

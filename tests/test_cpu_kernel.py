@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from probes import cpu_kernel, reduce
-from probes.reduce import COLUMNS, NUM_CODES, Batch, sample_plan
+from probes.engines import cpu_kernel, reduce
+from probes.engines.reduce import COLUMNS, NUM_CODES, Batch, sample_plan
 
 EPS = 0.05
 ROW = COLUMNS[:13]
@@ -152,7 +152,7 @@ def test_histograms_equal_torch_bincount_and_threads_change_nothing(cpu_kernel_l
 def test_a_mean_that_dwarfs_the_spread_keeps_its_moments(path, cpu_kernel_lib, monkeypatch):
     """A LayerNorm-like weight, 1 + 1e-3 N(0, 1) with a tail: raw float32 power sums would leave
     nothing of its skewness or kurtosis; sums of powers of x - c, c near the mean, keep them."""
-    from probes import stats
+    from probes.protocol import stats
 
     if path == "torch":
         monkeypatch.setattr(cpu_kernel, "ready", lambda: None)

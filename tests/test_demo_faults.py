@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from probes import demo, wire
+from probes.demo import training as demo
+from probes.protocol import wire
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +84,7 @@ def test_demo_headless_fail_on_stops_training_when_the_alert_arrives(tmp_path):
     import subprocess
     import sys
 
-    from probes import wire
+    from probes.protocol import wire
 
     log = tmp_path / "d.xray"
     out = subprocess.run([sys.executable, "-m", "tui.cli", "demo", "--headless", "--fault", "nan", "--fault-step", "10",

@@ -22,9 +22,9 @@ from test_cpu_kernel import EPS, POWERS, ROW, TENSORS, numpy_row, same
 
 pytest.importorskip("triton")
 from probes import engines  # noqa: E402
-from probes import reduce as red  # noqa: E402
+from probes.engines import reduce as red  # noqa: E402
 
-de = pytest.importorskip("probes.device_engine", reason="the device engine does not load here")
+de = pytest.importorskip("probes.engines.device", reason="the device engine does not load here")
 
 U = 2.0**-24  # float32's unit roundoff
 # The device the engine's launches run on: the same tests check the compiled kernels on a GPU box
@@ -202,7 +202,8 @@ def test_a_failure_falls_back_to_torch_with_one_warning_and_tells_listeners(monk
 
 @interpreter_only
 def test_the_probe_sends_the_fallback_to_viewers(monkeypatch):
-    from probes import probe, wire
+    from probes.capture import probe
+    from probes.protocol import wire
 
     monkeypatch.setenv("XRAY_TUI_ENGINE", "device")
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
@@ -280,7 +281,7 @@ def test_a_sampled_step_on_gpt2_small_dimensions_stays_under_budget(monkeypatch)
     ``tolist``/``numpy``/``item`` on the training thread.
     """
     transformers = pytest.importorskip("transformers")
-    from probes import probe
+    from probes.capture import probe
 
     monkeypatch.setenv("XRAY_TUI_ENGINE", "device")
     monkeypatch.setattr(probe, "ACT_HOLD_BYTES", probe.ACT_HOLD_BYTES // 1024)
@@ -359,7 +360,7 @@ def test_the_viewer_shows_the_fallback_note():
 
     pytest.importorskip("textual")
 
-    from probes import wire
+    from probes.protocol import wire
     from tui import headless
     from tui.state import RunState
     from tui.widgets.header import engine_fallback
@@ -403,7 +404,7 @@ class _LoRA(torch.nn.Module):
 
 
 def _lora_ops(n: int) -> int:
-    from probes import probe
+    from probes.capture import probe
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[_LoRA(16, 4) for _ in range(n)])
@@ -431,7 +432,7 @@ def test_lora_shifts_cost_the_same_ops_for_two_or_eight_adapters():
 @pytest.mark.skipif(DEV.type != "cuda", reason="host syncs exist only on a GPU")
 def test_a_sampled_step_on_cuda_makes_no_host_sync(monkeypatch):
     """A sync on the training thread drains the GPU's queue (``torch.cuda.set_sync_debug_mode`` sees each)."""
-    from probes import probe
+    from probes.capture import probe
 
     monkeypatch.setenv("XRAY_TUI_ENGINE", "device")
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from probes import stats, wire
+from probes.protocol import stats, wire
 
 pytestmark = pytest.mark.slow
 SCRIPT = str(Path(__file__).parent / "dist_script.py")

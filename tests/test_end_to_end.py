@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import probes
-from probes import wire
+from probes.protocol import wire
 from tui import feed
 
 HERE = Path(__file__).parent

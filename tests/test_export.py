@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import probes
-from probes import histogram, stats, wire
+from probes.protocol import histogram, stats, wire
 
 
 def xray(*args, env=None):

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 import probes
-from probes import demo, wire
+from probes.demo import training as demo
+from probes.protocol import wire
 from probes.rules import RuleEngine
 
 pytestmark = pytest.mark.slow
@@ -262,7 +263,7 @@ def build(vocab: int, activation: str, tie: bool = True):
 
 
 def alerts(msgs, severities=("warning", "critical")):
-    """The RuleEngine's alerts; ``spectral`` comes from probes.spectral's own monitor and is not judged here."""
+    """The RuleEngine's alerts; ``spectral`` comes from probes.spectral.analysis's own monitor and is not judged here."""
     return [m for m in msgs if isinstance(m, wire.Alert) and m.severity in severities and m.rule != "spectral"]
 
 
@@ -338,7 +339,7 @@ def main() -> None:
         print(f"  step {a.step} {a.severity} {a.rule} {a.layer} [{a.kind}] {a.message}")
     spectral = alerts(msgs, ("warning", "critical")) and [m for m in msgs if isinstance(m, wire.Alert)
                                                           and m.rule == "spectral" and m.severity != "info"]
-    print(f"(and {len(spectral or [])} spectral warnings from probes.spectral's monitor)")
+    print(f"(and {len(spectral or [])} spectral warnings from probes.spectral.analysis's monitor)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from probes import histogram, wire
+from probes.protocol import histogram, wire
 from tui.state import merge_samples
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from probes import histogram, stats, wire
+from probes.protocol import histogram, stats, wire
 from tui import feed, synthetic
 from tui.headless import AlertPrinter, clean
 from tui.state import RunState

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import probes
-from probes import wire
+from probes.protocol import wire
 from tui import synthetic
 
 HERE = Path(__file__).parent

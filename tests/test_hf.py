@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("accelerate")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
-from probes import wire  # noqa: E402
+from probes.protocol import wire  # noqa: E402
 from probes.hf import XRayCallback  # noqa: E402
 
 

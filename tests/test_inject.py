@@ -98,7 +98,7 @@ def losses(lines):
 
 
 def test_inject_streams_then_detach_leaves_the_run_as_it_was(traceable, tmp_path):
-    from probes import wire
+    from probes.protocol import wire
     from tui import feed
 
     stop = tmp_path / "stop"
@@ -296,7 +296,7 @@ def test_choosing_what_to_watch(monkeypatch):
     import torch
     from torch import nn
 
-    from probes import inject
+    from probes.inject import loader as inject
 
     small = nn.Linear(2, 2)
     big = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))

@@ -12,8 +12,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from probes import spectral, wire  # noqa: E402
-from probes.inspect import token_ids, DEFAULT_TEXT  # noqa: E402
+from probes.spectral import analysis as spectral
+from probes.protocol import wire  # noqa: E402
+from probes.inspect.checkpoint import token_ids, DEFAULT_TEXT  # noqa: E402
 from tui import cli, feed  # noqa: E402
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -200,7 +201,7 @@ def test_quantiles_are_exact_and_within_min_max(model_dirs, tmp_path, capsys, ar
             # exact: numpy's linear method on the same float32 values (float64 interpolation)
             assert q == pytest.approx(np.quantile(a, [0.05, 0.25, 0.5, 0.75, 0.95]), rel=1e-12, abs=1e-300)
     # the recording's samples: quantiles from the histogram, clamped, within [min, max] too
-    from probes import stats
+    from probes.protocol import stats
     msgs, _ = wire.read_file(str(out / "inspection.xray"))
     step = next(m for m in msgs if isinstance(m, wire.Step))
     for smp in step.samples:
@@ -334,7 +335,7 @@ def _maxpool_numpy(x, oh, ow):
 
 
 def test_histogram_svg_has_axes_counts_and_a_summary(model_dirs, tmp_path, capsys):
-    from probes.inspect import svg_histogram
+    from probes.inspect.checkpoint import svg_histogram
 
     out = tmp_path / "out"
     rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--bins", 24, "--no-activations", "--no-gradients")
@@ -384,7 +385,7 @@ def test_histogram_svg_has_axes_counts_and_a_summary(model_dirs, tmp_path, capsy
 
 @pytest.mark.parametrize("pool", ["max", "mean"])
 def test_heatmap_pools_by_largest_magnitude_and_has_a_true_colour_bar(model_dirs, tmp_path, capsys, pool):
-    from probes.inspect import colours
+    from probes.inspect.checkpoint import colours
 
     out = tmp_path / "out"
     rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--heatmap-max-dim", "20", "--heatmap-pool", pool,
@@ -416,7 +417,7 @@ def test_heatmap_pools_by_largest_magnitude_and_has_a_true_colour_bar(model_dirs
 
 
 def test_downsample_max_keeps_an_outlier_and_its_sign():
-    from probes.inspect import downsample
+    from probes.inspect.checkpoint import downsample
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 77, generator=g) * 0.02
@@ -475,7 +476,7 @@ def _changed_gpt2(model_dirs, root):
 
 
 def test_compare_two_checkpoints(model_dirs, tmp_path, capsys):
-    from probes.inspect import colours
+    from probes.inspect.checkpoint import colours
 
     b_dir = _changed_gpt2(model_dirs, tmp_path)
     out = tmp_path / "cmp"
@@ -607,7 +608,7 @@ def test_compare_with_layer_selection(model_dirs, tmp_path, capsys):
 
 
 def test_a_sampled_picture_histogram_says_so_and_keeps_the_true_range(monkeypatch):
-    from probes import inspect as ins
+    from probes.inspect import checkpoint as ins
 
     monkeypatch.setattr(ins, "PICTURE_SAMPLE", 1000)
     x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))

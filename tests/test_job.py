@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from probes import histogram, wire
-from probes import job as jobmod
-from probes.job import Job, table_keys
-from probes.probe import build_step
-from probes.reduce import Batch
+from probes.protocol import histogram, wire
+from probes.distributed import job as jobmod
+from probes.distributed.job import Job, table_keys
+from probes.capture.probe import build_step
+from probes.engines.reduce import Batch
 from probes.rules import RuleConfig, RuleEngine
 from tui.state import Row, RunState
 

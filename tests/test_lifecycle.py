@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import probes
-from probes import lifecycle, rundir, wire
+from probes.publish import lifecycle
+from probes.protocol import rundir, wire
 
 HERE = Path(__file__).parent
 SCRIPT = str(HERE / "train_script.py")

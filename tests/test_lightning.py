@@ -13,7 +13,7 @@ from torch import nn
 
 L = pytest.importorskip("lightning.pytorch")
 
-from probes import wire  # noqa: E402
+from probes.protocol import wire  # noqa: E402
 from probes.lightning import XRayCallback  # noqa: E402
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from probes import histogram, wire
+from probes.protocol import histogram, wire
 
 SCRIPT = str(Path(__file__).parent / "multinode_script.py")
 STEPS = 10

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import probes
-from probes import histogram, wire
+from probes.protocol import histogram, wire
 from test_probe import Net, assert_matches, by_key, collect, steps_of
 from tui.state import merge_samples
 
@@ -167,7 +167,7 @@ def test_an_empty_sample_exports_without_error():
     s = wire.Sample(layer="e", kind="act", count=0, sum=0.0, sumsq=0.0, abssum=0.0, min=float("nan"),
                     max=float("nan"), near_zero=0, zeros=0, nan=0, posinf=0, neginf=0, hist_lo=0,
                     hist_counts=b"", hist_n=0)
-    from probes import stats
+    from probes.protocol import stats
 
     d = stats.export_dict(s, 0, 0)
     assert d["count"] == 0 and np.isnan(d["mean"]) and d["hist"]["counts"] == []

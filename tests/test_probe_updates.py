@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import probes
-from probes import stats, wire
+from probes.protocol import stats, wire
 from tui.state import merge_samples
 
 

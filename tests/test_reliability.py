@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 import probes
-from probes import probe as probe_module
-from probes import wire
+from probes.capture import probe as probe_module
+from probes.protocol import wire
 from probes.rules import RuleEngine
-from probes.server import Publisher, Recorder
+from probes.publish.server import Publisher, Recorder
 from tui import feed, synthetic
 from tui.headless import clean
-from probes import stats
+from probes.protocol import stats
 
 HERE = Path(__file__).parent
 SCRIPT = str(HERE / "train_script.py")

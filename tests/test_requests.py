@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 import probes
-from probes import server, wire
+from probes.publish import server
+from probes.protocol import wire
 from tui.app import XRayApp
 from tui.feed import FileSource, ListSource, SocketSource
 

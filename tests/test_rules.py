@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from probes import wire
+from probes.protocol import wire
 from probes.rules import ALL_LAYERS, RuleConfig, RuleEngine
-from probes.rules_config import RulesConfigError, load, parse
+from probes.rules.config import RulesConfigError, load, parse
 from tui.headless import AlertPrinter
 from tui.synthetic import sample_of
 
@@ -379,7 +379,7 @@ def spectral_fit(layer, alpha, n_tail, step=500, rank=0):
 
 
 def test_spectral_defaults_are_the_rules_own_and_documented():
-    from probes import spectral_rule
+    from probes.rules import spectral as spectral_rule
 
     cfg = RuleConfig()
     assert (cfg.spectral_alpha_low, cfg.spectral_alpha_high, cfg.spectral_min_tail, cfg.spectral_sigmas) == (
@@ -388,7 +388,7 @@ def test_spectral_defaults_are_the_rules_own_and_documented():
 
 
 def test_toml_sets_the_spectral_bands_and_gate_globally_and_per_layer(tmp_path):
-    from probes.spectral_rule import SpectralAlerts
+    from probes.rules.spectral import SpectralAlerts
 
     f = tmp_path / "rules.toml"
     f.write_text(SPECTRAL_TOML)

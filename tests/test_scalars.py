@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import probes
-from probes import demo, wire
+from probes.demo import training as demo
+from probes.protocol import wire
 from probes.rules import RuleConfig, RuleEngine
-from probes.scalar_rules import LOSS
+from probes.rules.scalar import LOSS
 
 
 def _scalars(steps, losses=None, skipped=None, scale=None):

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 import probes
-from probes import server, wire
+from probes.publish import server
+from probes.protocol import wire
 from tui import feed, synthetic
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import probes
-from probes import spectral, wire
+from probes.spectral import analysis as spectral
+from probes.protocol import wire
 
 METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank")
 #: Documented tolerance (docs/spectral.md): relative, per metric. The eigenvalues
@@ -340,7 +341,7 @@ def test_monitor_off_and_bad_cadence():
 
 def test_attach_rules_set_the_monitors_bands_and_gate(tmp_path):
     from probes.rules import RuleEngine
-    from probes.rules_config import load
+    from probes.rules.config import load
 
     torch.manual_seed(6)
     w = torch.distributions.StudentT(1.0).sample((128, 64))  # alpha ~1.4 from a tail of ~30: below MIN_TAIL

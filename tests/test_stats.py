@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from probes import cpu_kernel, histogram, stats
-from probes.probe import build_step
-from probes.reduce import BUCKET, Batch, bin_index, dead_units
+from probes.engines import cpu_kernel
+from probes.protocol import histogram, stats
+from probes.capture.probe import build_step
+from probes.engines.reduce import BUCKET, Batch, bin_index, dead_units
 from tui import synthetic
 
 EPS = 0.05

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probes import histogram, wire
+from probes.protocol import histogram, wire
 from tui import synthetic
 
 

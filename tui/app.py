@@ -27,7 +27,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Static
 
 import themes
-from probes import wire
+from probes.protocol import wire
 from tui.chooser import ChooserScreen
 from tui.detail import DetailScreen
 from tui.feed import FeedError

@@ -11,7 +11,7 @@ from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from probes import rundir
+from probes.protocol import rundir
 
 
 def run_line(run: rundir.Run) -> str:

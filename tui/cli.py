@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from probes import rundir, wire
+from probes.protocol import rundir, wire
 
 from . import feed, inject_cli
 from .headless import AlertPrinter, RunWatch
@@ -97,7 +97,7 @@ def _rules_engine(args):
     if not getattr(args, "rules", None):
         return None
     from probes.rules import RuleEngine
-    from probes.rules_config import RulesConfigError, load
+    from probes.rules.config import RulesConfigError, load
 
     try:
         return RuleEngine(load(args.rules))
@@ -369,7 +369,7 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     """Train the demo GPT-2 with the probe attached, and watch it."""
     try:
-        from probes import demo
+        from probes.demo import training as demo
     except ImportError as exc:
         raise CliError(f"the demo needs torch and transformers ({exc.name} is missing): "
                        "pip install 'xray-tui[demo]' torch==2.13.0") from None
@@ -506,7 +506,7 @@ def cmd_inspect(args) -> int:
     if not os.path.isdir(args.model):
         raise CliError(f"{args.model}: not a directory (give a transformers model directory)")
     try:  # torch and transformers are imported here only: the viewer never needs them
-        from probes import inspect as inspection
+        from probes.inspect import checkpoint as inspection
     except ImportError as exc:
         raise CliError(f"inspect needs torch and transformers ({exc.name} is missing): "
                        "pip install 'xray-tui[demo]' torch==2.13.0") from None
@@ -522,7 +522,7 @@ def cmd_inspect(args) -> int:
     try:
         inspection.check(opts)
         if args.other is not None:
-            from probes import compare
+            from probes.inspect import compare
 
             report = compare.compare(args.model, args.other, args.out, opts)
         else:

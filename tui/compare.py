@@ -1,11 +1,11 @@
 """Two recordings side by side (`xray-tui replay A.xray --vs B.xray`): torch-free.
 
 The question seeds ask is "how did the weights shift between these two runs
-(or checkpoints)". :mod:`probes.compare` answers it offline from the weights
+(or checkpoints)". :mod:`probes.inspect.compare` answers it offline from the weights
 themselves, but it needs torch; the viewer never imports torch, so this
 module answers it from what two recordings hold: per layer the norms and
 update ratios of each run at the same step, their relative difference (as
-probes.compare's relative change, on norms), and how far apart the two
+probes.inspect.compare's relative change, on norms), and how far apart the two
 weight histograms are (the share of elements that would have to move bins
 to turn one into the other, the total variation distance).
 """
@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from probes import stats, wire
+from probes.protocol import stats, wire
 from tui.state import RunState
 
 #: Samples per stream the second run keeps (the same budget as any view).

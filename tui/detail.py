@@ -22,7 +22,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from probes import histogram, stats
+from probes.protocol import histogram, stats
 from tui.state import KINDS, Row, RunState
 from tui.widgets.alerts import alert_text
 from tui.widgets.heatmap import Heatmap, HotChart
@@ -52,7 +52,7 @@ def spectral_text(state: RunState, row: Row) -> str:
     """The spectral panel's text for ``row``.
 
     The place for spectral figures: RunState keeps the latest ``Spectral``
-    message per layer in ``state.spectral`` once probes.wire defines one;
+    message per layer in ``state.spectral`` once probes.protocol.wire defines one;
     until then this says that there are none.
     """
     latest = spectral_of(state, row)

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
 
-from probes import stats, wire
+from probes.protocol import stats, wire
 
 from .headless import alert_json, clean
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from probes import rundir, wire
-from probes.server import Recorder, free_log_path, handshake, parse_tcp
+from probes.protocol import rundir, wire
+from probes.publish.server import Recorder, free_log_path, handshake, parse_tcp
 
 Batch = list  # list[wire.Message]
 
@@ -68,7 +68,7 @@ class SocketSource:
     no access for others, or ``tcp:HOST:PORT``, which is sent the
     ``token`` handshake first. Whatever arrives is only ever decoded as
     frames: never evaluated, unpickled or used as a path. The only thing
-    sent back is a :class:`probes.wire.Request` (:meth:`request`).
+    sent back is a :class:`probes.protocol.wire.Request` (:meth:`request`).
     """
 
     def __init__(self, paths: Iterable[str], label: str = "", token: str | None = None) -> None:

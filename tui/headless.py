@@ -14,9 +14,9 @@ import sys
 from collections import deque
 from typing import TextIO
 
-from probes import wire
+from probes.protocol import wire
 from probes.rules import RuleEngine
-from probes.spectral_rule import SpectralAlerts
+from probes.rules.spectral import SpectralAlerts
 
 SEVERITIES = ("info", "warning", "critical")
 

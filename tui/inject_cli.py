@@ -11,7 +11,7 @@ memray's ``attach`` and py-spy reach a running process:
    The debugger only queues the call, it runs no Python itself: CPython runs
    pending calls in the main thread between bytecodes, where running Python
    code is safe (never in the middle of C code holding locks);
-4. wait for the loader (:mod:`probes.inject_boot`) to write its status. A
+4. wait for the loader (:mod:`probes.inject.boot`) to write its status. A
    target busy in C code runs the call when it returns to Python; after
    ``--timeout`` the request is withdrawn, so the call does nothing when it
    finally runs.
@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from probes import rundir
-from probes.inject import stub
+from probes.protocol import rundir
+from probes.inject.loader import stub
 
 #: how long after scheduling we say that the target is busy in C (seconds)
 BUSY_NOTICE = 2.0

@@ -8,7 +8,7 @@ between the run's messages, so the app can show "disconnected — retrying"
 and reset its state when a new run replaces the old one.
 
 Built on :class:`tui.feed.SocketSource`, :func:`tui.feed.resolve_run` and
-:func:`probes.rundir.live_runs`; nothing here touches widgets.
+:func:`probes.protocol.rundir.live_runs`; nothing here touches widgets.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-from probes import rundir, wire
-from probes.server import Recorder, free_log_path
+from probes.protocol import rundir, wire
+from probes.publish.server import Recorder, free_log_path
 from tui.feed import FeedError, SocketSource, resolve_run
 
 #: Seconds between looks at the run directory while waiting for the run.

@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from probes import wire
+from probes.protocol import wire
 
 SEVERITY_RANK = {"ok": 0, "info": 1, "warning": 2, "critical": 3}
 KINDS = ("weight", "grad", "act", "update")
-#: The spectral message type, once probes.wire defines one (another issue's work).
+#: The spectral message type, once probes.protocol.wire defines one (another issue's work).
 _SPECTRAL = getattr(wire, "Spectral", None)
 #: Samples a stream keeps while the memory budget allows: the probe's backlog
-#: (probes.server, ``backlog_steps``) sends its newest 512 sampled steps on attach.
+#: (probes.publish.server, ``backlog_steps``) sends its newest 512 sampled steps on attach.
 DEPTH = 512
 #: Fewest samples a stream keeps however many streams there are.
 MIN_DEPTH = 16
@@ -49,7 +49,7 @@ def merge_samples(samples: list[wire.Sample]) -> wire.Sample | None:
     Counts, sums and histograms add, min/max take the extremes; the dead-unit
     fraction is averaged and the update ratio, distance from initialisation
     and LoRA shift take the worst (largest) rank.
-    Fields added to :class:`~probes.wire.Sample` later add up when they are
+    Fields added to :class:`~probes.protocol.wire.Sample` later add up when they are
     numbers (power sums, counts). Returns the single sample itself when there
     is one, None for none.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from probes import histogram, wire
+from probes.protocol import histogram, wire
 
 
 def sample_of(layer: str, kind: str, x: np.ndarray, eps: float = 0.05, *,

@@ -20,7 +20,7 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from probes.wire import JOB_RANK, Alert
+from probes.protocol.wire import JOB_RANK, Alert
 from tui.state import RunState
 
 SEVERITY_LABEL = {"info": "INFO", "warning": "WARNING", "critical": "CRITICAL"}

@@ -21,7 +21,7 @@ from rich.text import Text
 from textual.color import Color
 from textual.widget import Widget
 
-from probes import histogram, stats
+from probes.protocol import histogram, stats
 
 #: Colours in the ramp; more would not be told apart on a terminal.
 LEVELS = 24

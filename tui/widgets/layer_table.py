@@ -24,8 +24,8 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from probes import histogram, stats
-from probes.wire import Sample
+from probes.protocol import histogram, stats
+from probes.protocol.wire import Sample
 from tui.state import SEVERITY_RANK, Row, RunState
 from tui.widgets.compare_rows import CompareRows
 from tui.widgets.trend import BAD, trend_line

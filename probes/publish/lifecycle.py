@@ -1,4 +1,4 @@
-"""How a run ended, for :attr:`probes.wire.End.reason`, with nothing for the user to do.
+"""How a run ended, for :attr:`probes.protocol.wire.End.reason`, with nothing for the user to do.
 
 A probe is usually closed by ``atexit``, which cannot tell a run that
 finished from one that raised, and never runs at all when the process dies

@@ -36,7 +36,7 @@ LoRA (peft-style modules with ``base_layer``, ``lora_A``, ``lora_B``,
 ``scaling``): the metrics are those of the merged W + B·A·scaling.
 
 :class:`SpectralMonitor` runs the pass in a background thread at a low
-cadence and sends one :class:`probes.wire.Spectral` per matrix plus
+cadence and sends one :class:`probes.protocol.wire.Spectral` per matrix plus
 ``spectral`` alerts through the probe's publisher.
 """
 
@@ -52,8 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import wire
-from .spectral_rule import (  # noqa: F401  (the rule lives in a torch-free module; re-exported here)
+from probes.protocol import wire
+from probes.rules.spectral import (  # noqa: F401  (the rule lives in a torch-free module; re-exported here)
     ALPHA_HIGH,
     ALPHA_LOW,
     BAND_SIGMAS,
@@ -277,7 +277,7 @@ class Metrics:
         return d
 
     def to_wire(self, step: int, rank: int, untrusted: str = "") -> wire.Spectral:
-        """The :class:`probes.wire.Spectral` message of these metrics (``untrusted``: why the fit is not)."""
+        """The :class:`probes.protocol.wire.Spectral` message of these metrics (``untrusted``: why the fit is not)."""
         return wire.Spectral(step=step, rank=rank, layer=self.name, alpha=self.alpha,
                              alpha_weighted=self.alpha_weighted, log_norm=self.log_norm,
                              log_spectral_norm=self.log_spectral_norm, stable_rank=self.stable_rank,
@@ -349,7 +349,7 @@ def analyze_matrix(w: torch.Tensor, name: str = "", *, max_dim: int = 4096, bins
 
 
 def _unwrap(name: str) -> str:
-    from .probe import _unwrap_name  # one list of wrappers (DDP, compile, FSDP1, checkpointing) for both
+    from probes.capture.probe import _unwrap_name  # one list of wrappers (DDP, compile, FSDP1, checkpointing) for both
 
     return _unwrap_name(name)
 

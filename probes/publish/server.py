@@ -18,13 +18,13 @@ Viewers connect over the Unix socket (checked: the peer must be the same
 user) or, when asked, over TCP on 127.0.0.1 with a random token that only
 the owner can read (a 0600 file in the 0700 run directory). A TCP viewer
 must send :func:`handshake` within :data:`HANDSHAKE_TIMEOUT` seconds or is
-closed. After that a viewer may send :class:`probes.wire.Request` frames
-(at most :data:`probes.wire.MAX_REQUEST` bytes each) and nothing else: a
+closed. After that a viewer may send :class:`probes.protocol.wire.Request` frames
+(at most :data:`probes.protocol.wire.MAX_REQUEST` bytes each) and nothing else: a
 request for a kind registered with :meth:`Publisher.on_request` calls its
 callback at most once per ``request_interval`` seconds (all viewers
 together), and the asking viewer alone gets a ``request`` Note saying
 whether it was accepted; anything else a viewer sends is read and thrown
-away (:class:`probes.wire.RequestReader`). Nothing received is evaluated.
+away (:class:`probes.protocol.wire.RequestReader`). Nothing received is evaluated.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from typing import Callable
 
 import msgspec
 
-from . import rundir, wire
-from .rules import RuleEngine
+from probes.protocol import rundir, wire
+from probes.rules.engine import RuleEngine
 
 log = logging.getLogger("xray-tui")
 

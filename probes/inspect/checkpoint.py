@@ -3,8 +3,8 @@
 Loads a transformers model directory (GPT-2, LLaMA or anything
 ``AutoModelForCausalLM`` loads) from local files only, runs one forward and
 backward pass on a text with the probe attached (so the statistics are the
-live stream's, from :mod:`probes.reduce`), computes the spectral metrics of
-every weight matrix (:mod:`probes.spectral`), and writes into ``out``:
+live stream's, from :mod:`probes.engines.reduce`), computes the spectral metrics of
+every weight matrix (:mod:`probes.spectral.analysis`), and writes into ``out``:
 
 - ``layer_statistics.json``: one entry per (layer, kind), the export
   contract's statistics (README, ``xray-tui export``) plus a linear
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import spectral, stats, wire
+from probes.spectral import analysis as spectral
+from probes.protocol import stats, wire
 
 DEFAULT_TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, "
                 "it was the age of foolishness.")
@@ -543,7 +544,7 @@ def check(opts: Options) -> None:
 
 def inspect(path: str, out: str, opts: Options | None = None) -> Report:
     """Inspect the model directory ``path``; write statistics and pictures into ``out``."""
-    from .probe import attach
+    from probes.capture.probe import attach
 
     opts = opts or Options()
     check(opts)
@@ -585,7 +586,7 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
     handles = []
     try:
         if opts.activations:
-            from .probe import select_modules
+            from probes.capture.probe import select_modules
 
             for name, module in select_modules(model, patterns):
                 handles.append(module.register_forward_hook(keep(name)))

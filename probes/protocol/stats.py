@@ -1,4 +1,4 @@
-"""Statistics derived from a :class:`~probes.wire.Sample`'s sufficient statistics.
+"""Statistics derived from a :class:`~probes.protocol.wire.Sample`'s sufficient statistics.
 
 Numpy-only: used by the probe's rules, the viewer and the exporter alike.
 Definitions follow DESIGN.md: std is the population standard deviation
@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 
-from . import histogram
-from .wire import Sample
+from probes.protocol import histogram
+from probes.protocol.wire import Sample
 
 
 def _nan_on_error(fn):
@@ -102,7 +102,7 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def quantiles(s: Sample) -> dict[str, float]:
-    """p05/p25/median/p75/p95 from the histogram (within one bin, see probes.histogram),
+    """p05/p25/median/p75/p95 from the histogram (within one bin, see probes.protocol.histogram),
     clamped to the sample's exact [min, max]."""
     values = histogram.quantiles(s.hist_lo, s.hist, QUANTILES, s.min, s.max)
     return dict(zip(("p05", "p25", "median", "p75", "p95"), (float(v) for v in values)))

@@ -25,12 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import cpu_kernel, engines, histogram, lifecycle, rundir, wire
-from .scalars import ScalarLog, grad_norm
-from .reduce import COL, Batch, dead_units, upload
-from .rules import RuleEngine
-from .server import Publisher
-from .job import DEFAULT_TIMEOUT, Job, table_keys
+from probes.engines import cpu_kernel
+from probes import engines
+from probes.protocol import histogram, rundir, wire
+from probes.publish import lifecycle
+from probes.capture.scalars import ScalarLog, grad_norm
+from probes.engines.reduce import COL, Batch, dead_units, upload
+from probes.rules.engine import RuleEngine
+from probes.publish.server import Publisher
+from probes.distributed.job import DEFAULT_TIMEOUT, Job, table_keys
 
 log = logging.getLogger("xray-tui")
 
@@ -497,7 +500,7 @@ class XRay:
         #: spectral health (WeightWatcher's metrics) in a background thread every N steps; None: off
         self.spectral = None
         if spectral_every:
-            from .spectral import SpectralMonitor
+            from probes.spectral.analysis import SpectralMonitor
 
             self.spectral = SpectralMonitor(self, every=spectral_every)
         atexit.register(self.close)  # socket, manifest and recording are cleaned up at exit
@@ -795,7 +798,7 @@ class XRay:
         engine = engines.for_device(device)
         if engine == "device":
             try:
-                from . import device_engine
+                from probes.engines import device as device_engine
 
                 # one launch instead of an index op per parameter, on the weights as they are
                 out = device_engine.gather([_local(p) for _, p in self.trainable], indices)
@@ -1197,7 +1200,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **k
     paths whose outputs are hooked), ``hist_sample`` (elements histogrammed
     per tensor), ``update_sample`` (elements per weight used for updates),
     ``rules`` (a :class:`~probes.rules.RuleEngine`), ``on_alert`` (a callable
-    given each warning/critical :class:`~probes.wire.Alert` on the publisher
+    given each warning/critical :class:`~probes.protocol.wire.Alert` on the publisher
     thread; ``"raise"``: raise :class:`AlertRaised` in the training loop at the
     next step boundary; ``"stop"``: set ``xr.should_stop``), ``alert_level``
     (the least severity that raises or stops: ``"critical"``), ``tcp``
@@ -1210,7 +1213,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **k
     not have), ``job`` (with torch.distributed: rank 0 merges every rank's
     statistics into the whole job's, ``rank=-1``, through collectives on a
     gloo group of the probe's own, off the training thread; see
-    :mod:`probes.job`; default True), ``job_timeout`` (seconds a round of
+    :mod:`probes.distributed.job`; default True), ``job_timeout`` (seconds a round of
     those collectives may take before the view is switched off and the
     missing ranks named, 60), ``serve_local`` (False: ranks other than 0
     open no socket).

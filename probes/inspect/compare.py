@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import inspect as ins
-from . import spectral
-from .inspect import InspectError, Options, Report  # what was written: inspect's own report
+from probes.inspect import checkpoint as ins
+from probes.spectral import analysis as spectral
+from probes.inspect.checkpoint import InspectError, Options, Report  # what was written: inspect's own report
 
 COLOURS = {"a": "#89b4fa", "b": "#fab387"}
 
@@ -213,7 +213,7 @@ def _spectral(model, chosen: set[int], opts: Options) -> dict:
 def _record(model_a, pairs, patterns, recording: Path, specs_a, specs_b, name: str, opts: Options) -> None:
     """A's weights at step 0 and B's at step 1 (copied into A's parameters, which are
     restored afterwards), each with its spectral metrics."""
-    from .probe import attach
+    from probes.capture.probe import attach
 
     xr = attach(model_a, every=1, serve=False, log=str(recording), include=patterns, name=name,
                 spectral_every=None, eps=opts.eps)

@@ -10,9 +10,9 @@ the condition lasts, and says once, at severity ``info``, when it recovers.
 Rules (ids as in DESIGN.md): ``nonfinite``, ``exploding``, ``vanishing``,
 ``dead``, ``stalled``, ``no-grad``, ``update-too-large``,
 ``rank-divergence``, ``straggler`` (the whole job's Step, ``rank`` -1). ``spectral`` is evaluated over spectral passes by
-:mod:`probes.spectral_rule`, with its thresholds from the same
+:mod:`probes.rules.spectral`, with its thresholds from the same
 :class:`RuleConfig` (``spectral_*``). Thresholds live in :class:`RuleConfig`; per-layer overrides
-are glob patterns over layer names (see :mod:`probes.rules_config` for the
+are glob patterns over layer names (see :mod:`probes.rules.config` for the
 TOML file).
 """
 
@@ -29,8 +29,8 @@ from typing import NamedTuple
 import msgspec
 import numpy as np
 
-from . import stats
-from .wire import Alert, Sample, Step
+from probes.protocol import stats
+from probes.protocol.wire import Alert, Sample, Step
 
 #: Every rule id this module knows, in the order they are evaluated.
 RULES = ("nonfinite", "exploding", "vanishing", "dead", "stalled", "no-grad", "update-too-large",
@@ -91,7 +91,7 @@ class RuleConfig:
     straggler_factor: float = 1.5
     straggler_min_s: float = 0.02
     straggler_k: int = 3
-    # loss-spike and overflow (evaluated by probes.scalar_rules over every step's Scalars):
+    # loss-spike and overflow (evaluated by probes.rules.scalar over every step's Scalars):
     spike_sigmas: float = 6.0  # the loss above its rolling median + this many robust sigmas (1.4826 MAD)...
     spike_rel: float = 0.1  # ...and above the median by this fraction of it (a flat loss has a tiny MAD)
     spike_window: int = 64  # steps in that median
@@ -102,7 +102,7 @@ class RuleConfig:
     overflow_share: float = 0.5  # skipped share of a full window that warns
     overflow_all_k: int = 20  # this many skipped steps in a row: critical
     overflow_min_scale: float = 1.0  # a skipped step at a GradScaler scale below this: critical (collapsed)
-    # spectral (evaluated by probes.spectral_rule over each spectral pass, not per step):
+    # spectral (evaluated by probes.rules.spectral over each spectral pass, not per step):
     spectral_alpha_low: float = 2.0  # WeightWatcher's alpha below this: "over-trained"...
     spectral_alpha_high: float = 6.0  # ...above this: "under-trained"
     spectral_min_tail: int = 50  # a fit with fewer tail eigenvalues (>= xmin) is not trusted
@@ -204,7 +204,7 @@ class RuleEngine:
         #: the latest training Step of each rank (loss-spike names the layers that moved in it)
         self.last_step: dict[int, Step] = {}
         self.hosts: list[str] = []  # every rank's host (Hello.hosts), for the straggler's message
-        from .scalar_rules import ScalarRules  # a module of its own; it reads this engine's streams
+        from probes.rules.scalar import ScalarRules  # a module of its own; it reads this engine's streams
 
         self._scalar_rules = ScalarRules(self)
 
@@ -222,7 +222,7 @@ class RuleEngine:
                            if p not in li.frozen and f"{p}.grad" not in li.skipped}  # e.g. sparse gradients
 
     def set_hello(self, hello) -> None:
-        """Tell the engine about the run (a :class:`~probes.wire.Hello`): its layers
+        """Tell the engine about the run (a :class:`~probes.protocol.wire.Hello`): its layers
         (:meth:`set_layers`), precision, parameter groups and unoptimized parameters,
         which the hints and the learning rate in the messages read."""
         self.set_layers(hello.layers)
@@ -232,7 +232,7 @@ class RuleEngine:
         self.hosts = list(getattr(hello, "hosts", []) or [])
 
     def note(self, msg) -> None:
-        """Take a run :class:`~probes.wire.Note`; a ``precision`` note (autocast seen in
+        """Take a run :class:`~probes.protocol.wire.Note`; a ``precision`` note (autocast seen in
         forward, e.g. ``{"precision": "bf16-autocast"}``) replaces the precision. Any other
         message is ignored, so the publisher can hand it everything it publishes."""
         if getattr(msg, "event", None) == "precision" and msg.data.get("precision"):
@@ -287,7 +287,7 @@ class RuleEngine:
         return info is not None and info[1] in info[0].unoptimized
 
     def evaluate_scalars(self, msg) -> list[Alert]:
-        """Alerts from one step's :class:`~probes.wire.Scalars`: ``loss-spike``, a
+        """Alerts from one step's :class:`~probes.protocol.wire.Scalars`: ``loss-spike``, a
         non-finite loss (``nonfinite`` on ``(loss)``) and ``overflow`` (skipped steps)."""
         self.scalars.update(msg.values)
         return self._scalar_rules.evaluate(msg)

@@ -1,6 +1,6 @@
 """The work `xray-tui attach --pid` / `xray-tui detach` does inside the target process.
 
-:mod:`probes.inject_boot` calls :func:`handle` in the target's main thread,
+:mod:`probes.inject.boot` calls :func:`handle` in the target's main thread,
 between bytecodes, with the injector's request. Attaching finds what to
 watch (or evaluates ``--model`` / ``--optimizer`` in the target's
 ``__main__``), calls :func:`probes.attach` and keeps the probe here, so that
@@ -17,8 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-#: the loader the stub executes in the target (see :mod:`probes.inject_boot`)
-BOOT = Path(__file__).resolve().parent / "inject_boot.py"
+#: the loader the stub executes in the target (see :mod:`probes.inject.boot`)
+BOOT = Path(__file__).resolve().parent / "boot.py"
 
 #: the probe this module attached (one per process), and the sys.path entries the loader added
 _probe = None
@@ -63,7 +63,7 @@ def handle(req: dict) -> dict:
 
 def attach(req: dict) -> dict:
     """Attach a probe as asked, or report the one already here."""
-    from . import lifecycle
+    from probes.publish import lifecycle
 
     global _probe
     if _probe is not None and not _probe._closed:
@@ -92,7 +92,7 @@ def detach() -> dict:
     global _probe
     probe, _probe = _probe, None
     if probe is None or probe._closed:
-        from . import lifecycle
+        from probes.publish import lifecycle
 
         if lifecycle._open:  # the script's own: its code holds it, so it is not ours to take away
             raise InjectError(f"the probe here (run {lifecycle._open[0].run}) was attached by the script "
@@ -100,7 +100,7 @@ def detach() -> dict:
         raise InjectError("no probe injected by xray-tui is attached in this process")
     probe.note("detached", by="xray-tui detach")
     probe.close("stopped")
-    from . import cpu_kernel
+    from probes.engines import cpu_kernel
 
     builder = cpu_kernel._builder
     if builder is not None and builder.is_alive():  # the one-off build of the C kernel (a compiler run)
@@ -116,7 +116,7 @@ def detach() -> dict:
 def _run_dir(viewer_dir: str | None):
     """The viewer's run directory while the probe opens its socket, so `xray-tui ls` finds it even
     when the target's environment points elsewhere (another XDG_RUNTIME_DIR); restored after."""
-    from . import rundir
+    from probes.protocol import rundir
 
     if not viewer_dir or str(rundir.run_dir()) == viewer_dir:
         yield

@@ -2,8 +2,8 @@
 
 ``XRAY_TUI_ENGINE``:
 
-* ``auto`` (default): the C kernel (:mod:`probes.cpu_kernel`) for CPU
-  tensors, the device engine (:mod:`probes.device_engine`, Triton) for CUDA
+* ``auto`` (default): the C kernel (:mod:`probes.engines.cpu_kernel`) for CPU
+  tensors, the device engine (:mod:`probes.engines.device`, Triton) for CUDA
   tensors, torch's ops for anything else (MPS, XPU...) and wherever the
   chosen engine cannot run (no C compiler, no Triton);
 * ``device``: the device engine for every tensor (CPU tensors run in
@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from . import cpu_kernel
+from probes.engines import cpu_kernel
 
 log = logging.getLogger("xray-tui")
 
@@ -62,7 +62,7 @@ def triton_ready() -> bool:
     global _triton, _triton_why
     if _triton is None:
         try:
-            from . import device_engine  # noqa: F401
+            from probes.engines import device as device_engine  # noqa: F401
             _triton = True
         except Exception as e:  # ImportError, or a broken install
             _triton, _triton_why = False, str(e).splitlines()[0] if str(e) else type(e).__name__

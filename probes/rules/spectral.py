@@ -3,8 +3,8 @@
 Pure Python (no torch, no numpy), so the probe's spectral monitor and the
 viewer's headless mode (``--rules FILE``) judge the same fits the same way:
 the rule reads a fit's ``alpha``, ``n_tail`` (eigenvalues >= xmin) and
-``n_evals``, from :class:`probes.spectral.Metrics` or a
-:class:`probes.wire.Spectral` message alike.
+``n_evals``, from :class:`probes.spectral.analysis.Metrics` or a
+:class:`probes.protocol.wire.Spectral` message alike.
 
 WeightWatcher reads alpha < 2 as "over-trained" and alpha > 6 as
 "under-trained". On small matrices that reading fires on healthy layers: the
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from . import wire
+from probes.protocol import wire
 
 #: WeightWatcher's bands: alpha below is "over-trained", above "under-trained".
 ALPHA_LOW, ALPHA_HIGH = 2.0, 6.0
@@ -102,8 +102,8 @@ class SpectralAlerts:
     fires once per layer while it lasts and says once, at ``info``, when alpha
     is back in the band. A fit that :func:`untrusted` rejects neither fires
     nor recovers: its alpha is still sent, marked ``untrusted`` with the reason.
-    ``evaluate`` takes a :class:`probes.spectral.Metrics` (``name``) or a
-    :class:`probes.wire.Spectral` (``layer``).
+    ``evaluate`` takes a :class:`probes.spectral.analysis.Metrics` (``name``) or a
+    :class:`probes.protocol.wire.Spectral` (``layer``).
 
     The thresholds are the arguments, or, with ``config`` (a
     :class:`probes.rules.RuleConfig`, e.g. from a rules TOML file), its

@@ -1,4 +1,4 @@
-"""Rules over every step's run-level scalars (:class:`probes.wire.Scalars`).
+"""Rules over every step's run-level scalars (:class:`probes.protocol.wire.Scalars`).
 
 ``loss-spike``: the loss above a rolling robust band (median + k robust
 sigmas over a window, and a relative margin, as OLMo's step skipping and
@@ -20,7 +20,7 @@ import math
 import statistics
 from collections import deque
 
-from .wire import Alert, Scalars
+from probes.protocol.wire import Alert, Scalars
 
 LOSS = "(loss)"
 _MAD_SIGMA = 1.4826
@@ -103,7 +103,7 @@ class ScalarRules:
         step = self.engine.last_step.get(rank)
         if step is None:
             return ""
-        from . import stats  # numpy; imported here, as the viewer may never need it
+        from probes.protocol import stats  # numpy; imported here, as the viewer may never need it
 
         moved = []
         for s in step.samples:

@@ -33,7 +33,7 @@ power p: ``(p + log2(BLOCK) + 3) * 2**-24 * sum_i (|c_b| + |x_i - c_b|)**p``
 
 Everything a step reduces goes into one workspace per device (reused, grown
 only when a step needs more), the rows into one buffer, which
-:mod:`probes.reduce` copies to pinned host memory without blocking.
+:mod:`probes.engines.reduce` copies to pinned host memory without blocking.
 
 Triton runs CUDA tensors compiled, and CPU tensors in its interpreter (the
 tests): the interpreter must be chosen before ``triton`` is imported, so on
@@ -50,8 +50,8 @@ import threading
 import numpy as np
 import torch
 
-from . import histogram
-from .reduce import _on, upload
+from probes.protocol import histogram
+from probes.engines.reduce import _on, upload
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors: Triton's interpreter
@@ -467,7 +467,7 @@ class Workspace:
         self.part = _Arena(device, torch.float64, NP, zeroed=False)
         self.hist = _Arena(device, torch.int32, HW, zeroed=True)  # cleared by _finalize_kernel
         self.alive = _Arena(device, torch.int32, 1, zeroed=True)  # cleared by _finalize_kernel
-        from .reduce import CODE_BINS, CODE_SHIFT, NUM_CODES
+        from probes.engines.reduce import CODE_BINS, CODE_SHIFT, NUM_CODES
 
         self.code_bins = upload(CODE_BINS, device, torch.int32)
         self.shift, self.ncodes = CODE_SHIFT, NUM_CODES
@@ -611,7 +611,7 @@ class Rows:
     def finalize(self) -> torch.Tensor:
         """All rows ``[n, NCOL + NUM_BINS]`` (float64, on the device): one launch, and the extra columns
         given as tensors written in a few ops. The workspace goes back to the pool."""
-        from .reduce import NCOL
+        from probes.engines.reduce import NCOL
 
         try:
             ws = self.ws

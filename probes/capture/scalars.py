@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from . import wire
+from probes.protocol import wire
 
 #: Steps kept before they are shipped without waiting for a sampled step (bounds memory).
 RING_LIMIT = 1024
@@ -112,7 +112,7 @@ class ScalarLog:
 
     def take(self):
         """Hand over the kept steps: a builder (run on the publisher thread) of their
-        :class:`~probes.wire.Scalars`. The device values are stacked into one tensor
+        :class:`~probes.protocol.wire.Scalars`. The device values are stacked into one tensor
         here, so only one tensor per device waits for the publisher."""
         ring, self._ring = self._ring, []
         if not ring:

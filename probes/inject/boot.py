@@ -11,7 +11,7 @@ yet: it first claims the request by renaming it (the injector withdraws a
 request it gave up on by deleting it, so a late loader does nothing), then
 makes ``probes`` importable (the target's own install, else the viewer's
 package directories when the Python versions match), hands the request to
-:func:`probes.inject.handle` and writes what happened to the status file the
+:func:`probes.inject.loader.handle` and writes what happened to the status file the
 injector waits for. Nothing here may raise: an exception escaping a pending
 call would surface in the training loop as a SystemError.
 """
@@ -66,7 +66,7 @@ class _Refused(Exception):
 
 
 def _import_inject(req, sys):
-    """``probes.inject``: the target's own xray-tui, else the viewer's package directories."""
+    """``probes.inject.loader``: the target's own xray-tui, else the viewer's package directories."""
     import importlib.util
 
     target = "%d.%d" % sys.version_info[:2]
@@ -74,7 +74,7 @@ def _import_inject(req, sys):
     if "torch" not in sys.modules:  # looked up, not imported: loading torch into a process is no small change
         raise _Refused("the target has not imported torch: nothing for the probe to watch")
     try:
-        from probes import inject
+        from probes.inject import loader as inject
         return inject
     except ImportError:
         pass
@@ -91,7 +91,7 @@ def _import_inject(req, sys):
             sys.path.append(folder)  # appended: the target's own packages keep winning
             added.append(folder)
     try:
-        from probes import inject
+        from probes.inject import loader as inject
     except ImportError as exc:
         for folder in added:
             sys.path.remove(folder)

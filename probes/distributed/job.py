@@ -21,9 +21,9 @@ on every rank:
 
 They are issued together (``async_op``) and waited for on the job thread,
 never on the training thread, and never on an unsampled step. Rank 0 then
-publishes the job's :class:`~probes.wire.Step` with ``rank=-1`` (its counts
+publishes the job's :class:`~probes.protocol.wire.Step` with ``rank=-1`` (its counts
 are the sums over all ranks: a replicated DDP weight counts ``world`` times)
-and the per-rank vector (:class:`~probes.wire.RankStats`).
+and the per-rank vector (:class:`~probes.protocol.wire.RankStats`).
 
 What is exact and what is not: counts, sums, power sums, min, max, the
 histogram and the update ratio (sqrt of summed update sumsq over summed
@@ -67,8 +67,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import histogram, wire
-from .reduce import COL, NCOL
+from probes.protocol import histogram, wire
+from probes.engines.reduce import COL, NCOL
 
 log = logging.getLogger("xray-tui")
 

@@ -18,7 +18,7 @@ import msgspec
 import numpy as np
 from msgspec import Meta, Struct
 
-from . import histogram
+from probes.protocol import histogram
 
 #: 3: the whole job of a multi-node run (rank -1 in Step, Alert and Note; RankStats). A version-2
 #: stream is a version-3 stream without them, so recordings of either replay; a viewer that reads
@@ -105,7 +105,7 @@ class Sample(Struct, frozen=True, array_like=True):
     (so a single NaN makes ``sum`` NaN, as the tensor's true sum is).
     The histogram covers the finite elements of a sample of ``hist_n``
     elements: ``hist`` holds the counts of bins ``hist_lo ..`` in the fixed
-    edge set of :mod:`probes.histogram`. On the wire the counts are one
+    edge set of :mod:`probes.protocol.histogram`. On the wire the counts are one
     little-endian array (uint16 when ``hist_n`` < 2**16, else uint32), so a
     viewer decodes a sample without making an object per bin.
     """

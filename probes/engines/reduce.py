@@ -11,7 +11,7 @@ pass over the concatenated samples and counted by one ``bincount``.
 
 On the CPU the bytes cost instead (torch reads a tensor ~11 times for one
 row), so there every row and histogram sample comes from one pass of
-:mod:`probes.cpu_kernel`'s C kernel when it could be built; the torch path
+:mod:`probes.engines.cpu_kernel`'s C kernel when it could be built; the torch path
 gives the same statistics everywhere else.
 """
 
@@ -22,7 +22,9 @@ import math
 import numpy as np
 import torch
 
-from . import cpu_kernel, engines, histogram
+from probes.engines import cpu_kernel
+from probes import engines
+from probes.protocol import histogram
 
 # Column layout of a statistics row (float64).
 COLUMNS = (
@@ -192,7 +194,7 @@ def float_codes(sample: torch.Tensor) -> torch.Tensor:
 
 
 def bin_index(sample: torch.Tensor) -> torch.Tensor:
-    """Bin of each element, read from the float32 bits (see probes.histogram)."""
+    """Bin of each element, read from the float32 bits (see probes.protocol.histogram)."""
     return CODE_BINS.to(sample.device)[float_codes(sample).long()]
 
 
@@ -340,7 +342,7 @@ class Batch:
             by_device.setdefault(item[3].device if item[0] == "split" else item[2].device, []).append(item)
         for device, items in by_device.items():
             if engines.for_device(device) == "device":
-                from .device_engine import supported
+                from probes.engines.device import supported
 
                 # a dtype the engine does not read (float8...) takes torch's ops, alone
                 other = [it for it in items if not supported(it[3] if it[0] == "split" else it[2])]
@@ -369,7 +371,7 @@ class Batch:
         return out
 
     def _reduce_on_engine(self, device: torch.device, items: list) -> None:
-        from . import device_engine as de
+        from probes.engines import device as de
 
         rows = self._engine.get(device)
         if rows is None:

@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 
-from .rules import RULES, RuleConfig
+from probes.rules.engine import RULES, RuleConfig
 
 #: TOML table name -> RuleConfig field prefix.
 PREFIX = {
@@ -60,10 +60,10 @@ PREFIX = {
     "rank-divergence": "rank_",
     "straggler": "straggler_",  # over the whole job's per-rank step times (probes/job.py)
     "nonfinite": None,  # no thresholds: only ``enabled``
-    "loss-spike": "spike_",  # evaluated over every step's Scalars by probes.scalar_rules
+    "loss-spike": "spike_",  # evaluated over every step's Scalars by probes.rules.scalar
     "overflow": "overflow_",
     "starved": "starved_",
-    "spectral": "spectral_",  # evaluated over spectral passes by probes.spectral_rule
+    "spectral": "spectral_",  # evaluated over spectral passes by probes.rules.spectral
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(RuleConfig) if f.name not in ("disabled", "overrides")}
 _TOP = {"recover_k"}

@@ -1,0 +1,3 @@
+"""The whole job across ranks and nodes: :mod:`~probes.distributed.job` merges every rank's
+sample into rank -1 through a torch.distributed group of the probe's own.
+"""
