@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from probes.engines import cpu_kernel, reduce
-from probes.engines.reduce import COLUMNS, NUM_CODES, Batch, sample_plan
+from probes.engines import batch, cpu_kernel, layout, reduce
+from probes.engines.batch import Batch
+from probes.engines.layout import COLUMNS, NUM_CODES
+from probes.engines.reduce import sample_plan
 
 EPS = 0.05
 ROW = COLUMNS[:13]
@@ -39,7 +41,7 @@ def _tensors():
         "float16": (torch.randn(4096, generator=g) * 3).half(),
         "bfloat16": (torch.randn(4096, generator=g) * 3).bfloat16(),
         "float64": torch.randn(2048, generator=g, dtype=torch.float64),
-        "large": torch.randn(reduce.BUCKET + 5, generator=g) * 0.5,
+        "large": torch.randn(batch.BUCKET + 5, generator=g) * 0.5,
     }
 
 
@@ -85,7 +87,7 @@ def sum_tolerance(col: str, x: torch.Tensor, raw_rel: float = 1e-12) -> float:
 def kernel_rows(xs, k=65535, threads=1):
     flats = [reduce._flat32(x).contiguous() for x in xs]
     plans = [sample_plan(x, k, torch.Generator().manual_seed(i)) for i, x in enumerate(xs)]
-    return cpu_kernel.reduce(flats, plans, EPS, reduce.CODE_SHIFT, reduce.CODE_BINS_INT32, threads), flats, plans
+    return cpu_kernel.reduce(flats, plans, EPS, layout.CODE_SHIFT, layout.CODE_BINS_INT32, threads), flats, plans
 
 
 def same(a: float, b: float, rel: float = 1e-12) -> bool:
@@ -139,7 +141,7 @@ def test_histograms_equal_torch_bincount_and_threads_change_nothing(cpu_kernel_l
     (rows1, hists1), flats, plans = kernel_rows(xs, k=1000, threads=1)
     codes = Batch._count_codes(flats, plans).view(len(xs), NUM_CODES).numpy()
     ref = np.zeros_like(hists1)
-    for code, b in enumerate(reduce.CODE_BINS.tolist()):
+    for code, b in enumerate(layout.CODE_BINS.tolist()):
         ref[:, b] += codes[:, code]
     assert np.array_equal(hists1, ref) and ref[:, -1].sum() > 0  # NaN and Inf go to the last (trash) bin
     for threads in (2, 3, 16):
@@ -233,7 +235,7 @@ def test_dead_units_equal_the_torch_path_nan_columns_included(cpu_kernel_lib, mo
         b = Batch(EPS, 4096)
         for i, c in enumerate(cases):
             b.hold(str(i), "act", c, units=True)
-        return b.to_host()[0][:, reduce.COL["dead_units"]]
+        return b.to_host()[0][:, layout.COL["dead_units"]]
 
     kernel = dead_column()
     monkeypatch.setattr(cpu_kernel, "ready", lambda: None)

@@ -22,6 +22,8 @@ from test_cpu_kernel import EPS, POWERS, ROW, TENSORS, numpy_row, same
 
 pytest.importorskip("triton")
 from probes import engines  # noqa: E402
+from probes.engines import batch, layout  # noqa: E402
+from probes.protocol import histogram  # noqa: E402
 from probes.engines import reduce as red  # noqa: E402
 
 de = pytest.importorskip("probes.engines.device", reason="the device engine does not load here")
@@ -61,7 +63,7 @@ def engine_rows(xs, k=65535, units=None, seeds=None):
     rows = de.Rows(DEV, EPS)
     rows.add([de.Item(x.to(DEV), p, units=(units or [0] * len(xs))[i]) for i, (x, p) in enumerate(zip(xs, plans))])
     out = rows.finalize().cpu().numpy()
-    return out[:, : red.NCOL], out[:, red.NCOL:].astype(np.int64), plans
+    return out[:, : layout.NCOL], out[:, layout.NCOL:].astype(np.int64), plans
 
 
 def bound(col: str, x: torch.Tensor) -> float:
@@ -102,8 +104,8 @@ def test_rows_equal_numpy(name, shapes):
             assert same(got, want[col]), (col, got, want[col])
     off, stride, k = plans[0]
     sample = x.detach().float().reshape(-1).numpy()[off::stride][:k]
-    assert np.array_equal(hists[0], red.histogram.histogram(sample))  # numpy's reference binning
-    assert math.isnan(rows[0, red.COL["dead_units"]])
+    assert np.array_equal(hists[0], histogram.histogram(sample))  # numpy's reference binning
+    assert math.isnan(rows[0, layout.COL["dead_units"]])
 
 
 def test_many_tensors_in_one_launch_equal_each_alone(shapes):
@@ -122,7 +124,7 @@ def test_histograms_identical_across_engines(name, monkeypatch, cpu_kernel_lib):
     got = {}
     for engine in ("device", "cpu-kernel", "torch"):
         monkeypatch.setenv("XRAY_TUI_ENGINE", engine)
-        b = red.Batch(EPS, 1000, np.random.default_rng(7))
+        b = batch.Batch(EPS, 1000, np.random.default_rng(7))
         b.hold("t", "weight", x if engine == "cpu-kernel" else x.to(DEV))  # the C kernel reads host memory
         rows, hists = b.to_host()
         got[engine] = rows, hists, b.hist_n
@@ -148,12 +150,12 @@ def test_non_contiguous_views_are_read_in_place_and_dead_units_match_torch(shape
         c = c.cpu()
         want = numpy_row(c)
         for col in ("count", "min", "max", "near_zero", "zeros", "nan"):
-            assert same(rows[i, red.COL[col]], want[col]), (i, col)
+            assert same(rows[i, layout.COL[col]], want[col]), (i, col)
         off, stride, k = plans[i]
-        assert np.array_equal(hists[i], red.histogram.histogram(c.float().reshape(-1).numpy()[off::stride][:k]))
+        assert np.array_equal(hists[i], histogram.histogram(c.float().reshape(-1).numpy()[off::stride][:k]))
         truth = float(red.dead_units(c, EPS)) if c.numel() else math.nan
-        assert same(rows[i, red.COL["dead_units"]], truth, rel=1e-7), i
-    assert rows[0, red.COL["dead_units"]] == 6 / 24
+        assert same(rows[i, layout.COL["dead_units"]], truth, rel=1e-7), i
+    assert rows[0, layout.COL["dead_units"]] == 6 / 24
 
 
 @interpreter_only
@@ -162,18 +164,18 @@ def test_extra_columns_and_split_pieces(monkeypatch):
     g = torch.Generator().manual_seed(2)
     flat = torch.randn(1000, generator=g)
     lengths = [10, 0, 500, 490]
-    b = red.Batch(EPS, 64, np.random.default_rng(0))
+    b = batch.Batch(EPS, 64, np.random.default_rng(0))
     b.hold("w", "weight", torch.randn(5, 5, generator=g), lora_sumsq=2.5, ref_sumsq=torch.tensor(4.0))
     b.hold_split(["a", "b", "c", "d"], "update", flat, lengths, ref_sumsq=torch.arange(4.0), init_dist=None)
     rows, hists = b.to_host()
     assert b.meta == [("w", "weight"), ("a", "update"), ("b", "update"), ("c", "update"), ("d", "update")]
-    assert rows[0, red.COL["lora_sumsq"]] == 2.5 and rows[0, red.COL["ref_sumsq"]] == 4.0
-    assert list(rows[1:, red.COL["ref_sumsq"]]) == [0, 1, 2, 3] and np.isnan(rows[:, red.COL["init_dist"]]).all()
+    assert rows[0, layout.COL["lora_sumsq"]] == 2.5 and rows[0, layout.COL["ref_sumsq"]] == 4.0
+    assert list(rows[1:, layout.COL["ref_sumsq"]]) == [0, 1, 2, 3] and np.isnan(rows[:, layout.COL["init_dist"]]).all()
     at = 0
     for i, n in enumerate(lengths):
         piece = flat[at : at + n].double().numpy()
-        assert rows[1 + i, red.COL["count"]] == n
-        assert rows[1 + i, red.COL["sum"]] == pytest.approx(piece.sum(), abs=1e-5)
+        assert rows[1 + i, layout.COL["count"]] == n
+        assert rows[1 + i, layout.COL["sum"]] == pytest.approx(piece.sum(), abs=1e-5)
         assert hists[1 + i].sum() == b.hist_n[1 + i]
         at += n
 
@@ -191,10 +193,10 @@ def test_a_failure_falls_back_to_torch_with_one_warning_and_tells_listeners(monk
     x = torch.arange(10.0)
     with caplog.at_level(logging.WARNING, logger="xray-tui"):
         for _ in range(2):
-            b = red.Batch(EPS, 64)
+            b = batch.Batch(EPS, 64)
             b.hold("t", "weight", x)
             rows, _ = b.to_host()
-            assert rows[0, red.COL["sum"]] == 45.0  # torch's ops answered
+            assert rows[0, layout.COL["sum"]] == 45.0  # torch's ops answered
     remove()
     assert told == [("cpu", "RuntimeError: no kernel today")]
     assert len([r for r in caplog.records if "device engine failed" in r.getMessage()]) == 1
@@ -380,14 +382,14 @@ def test_a_dtype_the_engine_does_not_read_takes_torch_and_keeps_the_engine_on(mo
     monkeypatch.setenv("XRAY_TUI_ENGINE", "device")
     told = []
     remove = engines.on_fallback(lambda device, why: told.append(why))
-    b = red.Batch(EPS, 64, np.random.default_rng(0))
+    b = batch.Batch(EPS, 64, np.random.default_rng(0))
     b.hold("a", "weight", torch.arange(4.0))
     b.hold("b", "weight", torch.arange(4.0).to(torch.float8_e4m3fn))
     b.hold("c", "weight", torch.arange(5.0))
     rows, _ = b.to_host()
     remove()
     assert told == [] and engines.for_device(torch.device("cpu")) == "device"
-    assert sorted(zip(b.meta, rows[:, red.COL["sum"]].tolist())) == [
+    assert sorted(zip(b.meta, rows[:, layout.COL["sum"]].tolist())) == [
         (("a", "weight"), 6.0), (("b", "weight"), 6.0), (("c", "weight"), 10.0)]
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import probes
 from probes.protocol import stats, wire
-from probes.engines.reduce import Batch
+from probes.engines.batch import Batch
 
 
 class Net(nn.Module):

@@ -9,7 +9,9 @@ import torch
 from probes.engines import cpu_kernel
 from probes.protocol import histogram, stats
 from probes.capture.probe import build_step
-from probes.engines.reduce import BUCKET, Batch, bin_index, dead_units
+from probes.engines.batch import BUCKET, Batch
+from probes.engines.layout import bin_index
+from probes.engines.reduce import dead_units
 from tui import synthetic
 
 EPS = 0.05

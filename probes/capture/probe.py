@@ -30,7 +30,10 @@ from probes import engines
 from probes.protocol import histogram, rundir, wire
 from probes.publish import lifecycle
 from probes.capture.scalars import ScalarLog, grad_norm
-from probes.engines.reduce import COL, Batch, dead_units, upload
+from probes.engines.batch import Batch
+from probes.engines.layout import COL
+from probes.engines.reduce import dead_units
+from probes.engines.transfer import upload
 from probes.rules.engine import RuleEngine
 from probes.publish.server import Publisher
 from probes.distributed.job import DEFAULT_TIMEOUT, Job, table_keys

@@ -68,7 +68,7 @@ import torch
 import torch.distributed as dist
 
 from probes.protocol import histogram, wire
-from probes.engines.reduce import COL, NCOL
+from probes.engines.layout import COL, NCOL
 
 log = logging.getLogger("xray-tui")
 

@@ -10,7 +10,7 @@
  * what this CPU runs), so a cached library never holds instructions another
  * node of a cluster lacks.
  *
- * Row layout (double), as probes/reduce.py's COLUMNS[:14]:
+ * Row layout (double), as probes/engines/layout.py's COLUMNS[:14]:
  *   count sum sumsq abssum min max near_zero zeros nan posinf neginf sum3 sum4 dead_units
  */
 #include <math.h>
@@ -33,7 +33,7 @@ enum { COUNT, SUM, SUMSQ, ABSSUM, MIN, MAX, NEAR, ZEROS, NAN_, POSINF, NEGINF, S
  * hardware prefetcher alone leaves the core waiting on memory. */
 #define AHEAD 4
 /* |x| range where powers of x - c, summed over a block in float32, neither overflow nor sink
- * into subnormals (as probes/reduce.py's POW4_SAFE and POW4_TINY): outside it, float64. */
+ * into subnormals (as probes/engines/reduce.py's POW4_SAFE and POW4_TINY): outside it, float64. */
 #define POW4_SAFE 1e4f
 #define POW4_TINY 1e-7f
 /* Histogram sub-counters (four), used in turn: consecutive samples often share a code, and one

@@ -127,7 +127,7 @@ def _load() -> ctypes.CDLL | None:
             lib.xray_gather.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr]
             lib.xray_gather.restype = None
             if lib.xray_nrow() != NROW:
-                raise RuntimeError("row layout differs from probes/reduce.py")
+                raise RuntimeError("row layout differs from probes/engines/layout.py")
             _lib = lib
         except Exception as e:  # any failure leaves the (correct, slower) torch path
             log.info("xray-tui: CPU kernel unavailable (%s): statistics use torch", e)
