@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 from probes.spectral import analysis as spectral
 from probes.protocol import wire  # noqa: E402
-from probes.inspect.checkpoint import token_ids, DEFAULT_TEXT  # noqa: E402
+from probes.inspect.loading import token_ids  # noqa: E402
+from probes.inspect.options import DEFAULT_TEXT  # noqa: E402
 from tui import cli, feed  # noqa: E402
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -335,7 +336,7 @@ def _maxpool_numpy(x, oh, ow):
 
 
 def test_histogram_svg_has_axes_counts_and_a_summary(model_dirs, tmp_path, capsys):
-    from probes.inspect.checkpoint import svg_histogram
+    from probes.inspect.pictures import svg_histogram
 
     out = tmp_path / "out"
     rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--bins", 24, "--no-activations", "--no-gradients")
@@ -385,7 +386,7 @@ def test_histogram_svg_has_axes_counts_and_a_summary(model_dirs, tmp_path, capsy
 
 @pytest.mark.parametrize("pool", ["max", "mean"])
 def test_heatmap_pools_by_largest_magnitude_and_has_a_true_colour_bar(model_dirs, tmp_path, capsys, pool):
-    from probes.inspect.checkpoint import colours
+    from probes.inspect.pictures import colours
 
     out = tmp_path / "out"
     rc, err = run(capsys, model_dirs / "gpt2", "--out", out, "--heatmap-max-dim", "20", "--heatmap-pool", pool,
@@ -417,7 +418,7 @@ def test_heatmap_pools_by_largest_magnitude_and_has_a_true_colour_bar(model_dirs
 
 
 def test_downsample_max_keeps_an_outlier_and_its_sign():
-    from probes.inspect.checkpoint import downsample
+    from probes.inspect.pictures import downsample
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 77, generator=g) * 0.02
@@ -476,7 +477,7 @@ def _changed_gpt2(model_dirs, root):
 
 
 def test_compare_two_checkpoints(model_dirs, tmp_path, capsys):
-    from probes.inspect.checkpoint import colours
+    from probes.inspect.pictures import colours
 
     b_dir = _changed_gpt2(model_dirs, tmp_path)
     out = tmp_path / "cmp"
@@ -608,7 +609,7 @@ def test_compare_with_layer_selection(model_dirs, tmp_path, capsys):
 
 
 def test_a_sampled_picture_histogram_says_so_and_keeps_the_true_range(monkeypatch):
-    from probes.inspect import checkpoint as ins
+    from probes.inspect import checkpoint as ins, pictures
 
     monkeypatch.setattr(ins, "PICTURE_SAMPLE", 1000)
     x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
@@ -616,6 +617,6 @@ def test_a_sampled_picture_histogram_says_so_and_keeps_the_true_range(monkeypatc
     edges, counts, every = ins.linear_histogram(x, 8, float(x.min()), float(x.max()))
     assert every == 11 and edges[-1] == 40.0 and counts.sum() == len(range(0, 10_000, 11))
     assert np.array_equal(counts, np.histogram(x.numpy()[::11], bins=8, range=(float(x.min()), 40.0))[0])
-    root = ET.fromstring(ins.svg_histogram(edges, counts, "t", every=every))
+    root = ET.fromstring(pictures.svg_histogram(edges, counts, "t", every=every))
     assert next(t.text for t in root.iter(f"{SVG}text") if t.get("class") == "ylabel") == \
         "count per bin, 1 in 11 elements"

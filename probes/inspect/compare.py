@@ -29,8 +29,11 @@ import numpy as np
 import torch
 
 from probes.inspect import checkpoint as ins
+from probes.inspect.loading import layer_patterns, load, one_line, selected
+from probes.inspect.options import InspectError, Options, Report, check  # what was written: inspect's own report
+from probes.inspect.pictures import HistogramFrame, downsample, fmt, svg_heatmap
 from probes.spectral import analysis as spectral
-from probes.inspect.checkpoint import InspectError, Options, Report  # what was written: inspect's own report
+
 
 COLOURS = {"a": "#89b4fa", "b": "#fab387"}
 
@@ -43,22 +46,22 @@ def is_adapter(path: str) -> bool:
 
 def load_pair(a: str, b: str, device: str, notes: list[str]):
     """The models of A and B; B a LoRA adapter is merged into a fresh copy of A."""
-    model_a, _ = ins.load(a, device)
+    model_a, _ = load(a, device)
     if is_adapter(b):
         try:
             from peft import PeftModel
         except ImportError as exc:
             raise InspectError(f"{b} is a LoRA adapter: comparing it needs peft ({exc})") from None
-        base, _ = ins.load(a, device)
+        base, _ = load(a, device)
         try:
             model_b = PeftModel.from_pretrained(base, b, local_files_only=True).merge_and_unload()
         except Exception as exc:
-            raise InspectError(f"{b}: cannot apply the adapter to {a}: {ins._one_line(exc)}") from None
+            raise InspectError(f"{b}: cannot apply the adapter to {a}: {one_line(exc)}") from None
         notes.append(f"{b} is a LoRA adapter: B is {a} with the adapter merged (W + B·A·scaling)")
     else:
         if not Path(b).exists():
             raise InspectError(f"{b}: no such directory")
-        model_b, _ = ins.load(b, device)
+        model_b, _ = load(b, device)
     return model_a, model_b
 
 
@@ -79,12 +82,12 @@ def svg_overlay(edges: np.ndarray, counts_a, counts_b, title: str, labels: tuple
     outline, with x and y axes, a legend and each side's mean/std/min/max."""
     ca, cb = np.asarray(counts_a, dtype=np.float64), np.asarray(counts_b, dtype=np.float64)
     cmax = float(max(ca.max(initial=0), cb.max(initial=0)))
-    frame = ins.HistogramFrame(edges, cmax, title, scale, width, height)
+    frame = HistogramFrame(edges, cmax, title, scale, width, height)
     parts = frame.head()
     for series, counts, style in (("a", ca, 'fill-opacity="0.85"'),
                                   ("b", cb, f'fill-opacity="0.45" stroke="{COLOURS["b"]}" stroke-width="1"')):
         for i, c in enumerate(counts):
-            tip = f"{series.upper()} [{ins._fmt(edges[i])}, {ins._fmt(edges[i + 1])}): {int(c)}"
+            tip = f"{series.upper()} [{fmt(edges[i])}, {fmt(edges[i + 1])}): {int(c)}"
             parts.append(frame.bar(i, c, f'fill="{COLOURS[series]}" {style}', tip, series=series))
     parts += frame.axes()
     left, top, w, fg, dim = frame.left, frame.top, frame.w, frame.fg, frame.dim
@@ -111,12 +114,12 @@ def svg_overlay(edges: np.ndarray, counts_a, counts_b, title: str, labels: tuple
 def compare(path_a: str, path_b: str, out: str, opts: Options | None = None) -> Report:
     """Compare the weights of ``path_a`` and ``path_b``; write statistics and pictures into ``out``."""
     opts = opts or Options()
-    ins.check(opts)
+    check(opts)
     if not opts.weights:
         raise InspectError("--no-weights: a comparison compares weights")
     notes: list[str] = []
     model_a, model_b = load_pair(path_a, path_b, opts.device, notes)
-    patterns = ins.layer_patterns(model_a, opts.layers)
+    patterns = layer_patterns(model_a, opts.layers)
     outdir = Path(out)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +130,7 @@ def compare(path_a: str, path_b: str, out: str, opts: Options | None = None) -> 
     params_b = dict(model_b.named_parameters())
     pairs, unmatched = [], []
     for n, p in model_a.named_parameters():
-        if not ins._selected(n.rpartition(".")[0], patterns):
+        if not selected(n.rpartition(".")[0], patterns):
             continue
         q = params_b.get(n)
         if q is None or q.shape != p.shape:
@@ -143,7 +146,7 @@ def compare(path_a: str, path_b: str, out: str, opts: Options | None = None) -> 
     specs_a = _spectral(model_a, {id(p) for _, p, _ in pairs}, opts)
     specs_b = _spectral(model_b, {id(q) for _, _, q in pairs}, opts)
     entries, pictures = [], []
-    with ins._progress(opts.progress) as bar:
+    with ins.progress(opts.progress) as bar:
         task = bar.add_task("compare", total=len(pairs))
         for n, p, q in pairs:
             wa, wb = p.detach(), q.detach()
@@ -166,17 +169,17 @@ def compare(path_a: str, path_b: str, out: str, opts: Options | None = None) -> 
             if n in specs_b:
                 entry["spectral_b"] = specs_b[n].as_dict()
             if opts.plots:
-                stem = ins._safe(n)
+                stem = ins.file_stem(n)
                 hp = outdir / "weights" / f"{stem}.compare.svg"
-                title = f"weight {n}: {la} vs {lb}, ‖ΔW‖/‖W‖ = {ins._fmt(rel)}"
+                title = f"weight {n}: {la} vs {lb}, ‖ΔW‖/‖W‖ = {fmt(rel)}"
                 hp.write_text(svg_overlay(edges, ha, hb, title, (la, lb), (sa, sb), opts.hist_scale))
                 entry["pictures"].append(str(hp.relative_to(outdir)))
                 pictures.append(hp)
-                mat = ins._as_matrix(d) if opts.heatmaps else None
+                mat = ins.as_matrix(d) if opts.heatmaps else None
                 if mat is not None:
                     dp = outdir / "weights" / f"{stem}.diff.heatmap.svg"
                     dmin, dmax = (float(d.min()), float(d.max())) if d.numel() else (0.0, 0.0)
-                    dp.write_text(ins.svg_heatmap(ins.downsample(mat, opts.heatmap_max_dim, opts.heatmap_pool),
+                    dp.write_text(svg_heatmap(downsample(mat, opts.heatmap_max_dim, opts.heatmap_pool),
                                                   f"W_B - W_A {n} ({lb} - {la})", tuple(wa.shape), dmin, dmax,
                                                   opts.heatmap_pool))
                     entry["pictures"].append(str(dp.relative_to(outdir)))
@@ -190,7 +193,7 @@ def compare(path_a: str, path_b: str, out: str, opts: Options | None = None) -> 
     doc = {"a": str(Path(path_a).resolve()), "b": str(Path(path_b).resolve()),
            "b_kind": "lora-adapter" if is_adapter(path_b) else "model",
            "model_type": model_a.config.model_type, "layers": opts.layers, "notes": notes,
-           "unmatched": unmatched, "entries": [ins._clean(e) for e in entries]}
+           "unmatched": unmatched, "entries": [ins.json_ready(e) for e in entries]}
     json_path = outdir / "layer_comparison.json"
     json_path.write_text(json.dumps(doc, indent=1))
     return Report(outdir, json_path, recording, len(entries), pictures, notes=notes)

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from probes.protocol import wire
+from probes.protocol import messages, wire
 from probes.rules.spectral import (  # noqa: F401  (the rule lives in a torch-free module; re-exported here)
     ALPHA_HIGH,
     ALPHA_LOW,
@@ -319,7 +319,7 @@ def metrics_of(eig: Eigen, name: str = "", bins: int = 32) -> Metrics:
     )
 
 
-def heat_grid(w: torch.Tensor, rows: int = wire.HEAT_MAX_ROWS, cols: int = wire.HEAT_MAX_COLS
+def heat_grid(w: torch.Tensor, rows: int = messages.HEAT_MAX_ROWS, cols: int = messages.HEAT_MAX_COLS
               ) -> tuple[tuple[int, int], bytes]:
     """The matrix's magnitude on a grid of at most ``rows`` x ``cols`` cells, for the viewer's heatmap.
 
