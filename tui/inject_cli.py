@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probes.protocol import rundir
-from probes.inject.loader import stub
+from probes.inject.stub import stub
 
 #: how long after scheduling we say that the target is busy in C (seconds)
 BUSY_NOTICE = 2.0
