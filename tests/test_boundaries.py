@@ -63,3 +63,43 @@ def test_the_probe_never_imports_textual(tmp_path):
     done = import_all_without(["textual"], names, tmp_path)  # rich is lightning's own dependency too
     assert done.returncode == 0, done.stderr[-2000:]
     assert "leaked []" in done.stdout
+
+
+# -- the import contracts (pyproject.toml, [tool.importlinter]) ---------------------------------
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """``lint-imports`` over the packages under ``root``, with the contracts of ``root/pyproject.toml``."""
+    env = dict(os.environ, PYTHONPATH=str(root))
+    return subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as c;"
+                           " sys.exit(c())"], cwd=root, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_the_import_contracts_hold():
+    """The rooms in layers, no cycles between siblings, no torch in the viewer, no viewer in the probe."""
+    pytest.importorskip("importlinter")
+    done = lint_imports(REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
+    assert "Contracts: 4 kept, 0 broken." in done.stdout
+
+
+def test_the_import_contracts_catch_a_stray_import(tmp_path):
+    """A copy of the packages with three stray imports breaks every contract (the contracts have teeth)."""
+    pytest.importorskip("importlinter")
+    import shutil
+
+    for name in ("probes", "tui", "themes"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    strays = {"probes/protocol/histogram.py": "import torch  # stray\n",  # the viewer's side imports torch
+              "probes/rules/engine.py": "from probes.capture import probe  # stray\n",  # a room imports one above it
+              "probes/capture/probe.py": "import textual  # stray\n"}  # the probe imports the viewer's toolkit
+    for path, line in strays.items():
+        f = tmp_path / path
+        f.write_text(f.read_text() + line)
+    done = lint_imports(tmp_path)
+    assert done.returncode != 0
+    assert "Contracts: 0 kept, 4 broken." in done.stdout, done.stdout[-3000:]  # rules -> capture is also a cycle
+    assert "probes.protocol.histogram -> torch" in done.stdout
+    assert "probes.rules.engine -> probes.capture.probe" in done.stdout
+    assert "probes.capture.probe -> textual" in done.stdout
