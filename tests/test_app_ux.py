@@ -295,6 +295,7 @@ async def test_screenshot_says_the_full_path(tmp_path, monkeypatch):
 def test_replay_is_labelled_a_replay_in_the_header(tmp_path, monkeypatch):
     """`xray-tui replay run.xray` looked exactly like a live run."""
     from tui import cli
+    from tui.commands import viewer
 
     seen = {}
 
@@ -304,7 +305,7 @@ def test_replay_is_labelled_a_replay_in_the_header(tmp_path, monkeypatch):
 
     path = tmp_path / "week.xray"
     path.write_bytes(wire.MAGIC + wire.encode(wire.Hello(version=wire.PROTOCOL_VERSION, run="week")))
-    monkeypatch.setattr(cli, "_run_app", fake_run_app)
+    monkeypatch.setattr(viewer, "run_app", fake_run_app)
     assert cli.main(["replay", str(path)]) == 0
     assert seen["title"] == "replay: week.xray" and seen["replay"]
 
