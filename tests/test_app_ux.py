@@ -130,7 +130,7 @@ async def test_pause_freezes_rows_at_one_step_even_when_scrolled_filtered_or_sor
     stayed put, and a scroll or filter redrew rows with newer data than the
     rest. Now the rows show the paused step and the header says both."""
     from probes.protocol import stats
-    from tui.widgets.layer_table import sci
+    from tui.widgets.table_cells import sci
 
     app = XRayApp(HoldSource(feed(n_steps=2)))
     async with app.run_test(size=(120, 40)) as pilot:
@@ -226,7 +226,7 @@ async def test_help_wraps_long_meanings_keeps_brackets_and_gives_the_runs_eps():
     said eps is 0.05 whatever the run set."""
     import msgspec
 
-    from tui.app import HelpScreen
+    from tui.help import HelpScreen
 
     batches = feed()
     batches[0] = [msgspec.structs.replace(batches[0][0], eps=0.01)]
