@@ -9,7 +9,9 @@ import pytest
 from tui import synthetic
 from tui.app import XRayApp
 from tui.feed import FeedError, ListSource
-from tui.widgets.layer_table import LayerTable, plan_columns, sparkline
+from tui.widgets.layer_table import LayerTable
+from tui.widgets.table_cells import sparkline
+from tui.widgets.table_columns import plan_columns
 
 N_LAYERS = 12
 DEAD = 3
@@ -337,10 +339,12 @@ import themes
 from probes.protocol import histogram, stats, wire
 from tui.chooser import ChooserScreen
 from tui.detail import MATRIX_PENDING, DetailScreen, current_vs_initial
+from tui.merge import merge_samples
 from tui.reattach import DISCONNECTED, ENDED, ReattachSource, Status
-from tui.state import MIN_DEPTH, RunState, merge_samples
+from tui.state import MIN_DEPTH, RunState
 from tui.widgets.heatmap import hot_matrix
-from tui.widgets.layer_table import BADGES, SORTS
+from tui.widgets.layer_table import SORTS
+from tui.widgets.table_cells import BADGES
 
 
 async def until(pilot, app, done, tries: int = 50) -> None:
@@ -652,7 +656,7 @@ async def test_screenshot_key_writes_svg(tmp_path):
 
 
 def test_help_lists_every_binding():
-    from tui.app import HELP
+    from tui.help import HELP
     from tui.widgets.alerts import AlertList
 
     shown = " ".join(k for k, _ in HELP)

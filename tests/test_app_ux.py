@@ -130,7 +130,7 @@ async def test_pause_freezes_rows_at_one_step_even_when_scrolled_filtered_or_sor
     stayed put, and a scroll or filter redrew rows with newer data than the
     rest. Now the rows show the paused step and the header says both."""
     from probes.protocol import stats
-    from tui.widgets.layer_table import sci
+    from tui.widgets.table_cells import sci
 
     app = XRayApp(HoldSource(feed(n_steps=2)))
     async with app.run_test(size=(120, 40)) as pilot:
@@ -226,7 +226,7 @@ async def test_help_wraps_long_meanings_keeps_brackets_and_gives_the_runs_eps():
     said eps is 0.05 whatever the run set."""
     import msgspec
 
-    from tui.app import HelpScreen
+    from tui.help import HelpScreen
 
     batches = feed()
     batches[0] = [msgspec.structs.replace(batches[0][0], eps=0.01)]
@@ -295,6 +295,7 @@ async def test_screenshot_says_the_full_path(tmp_path, monkeypatch):
 def test_replay_is_labelled_a_replay_in_the_header(tmp_path, monkeypatch):
     """`xray-tui replay run.xray` looked exactly like a live run."""
     from tui import cli
+    from tui.commands import viewer
 
     seen = {}
 
@@ -304,7 +305,7 @@ def test_replay_is_labelled_a_replay_in_the_header(tmp_path, monkeypatch):
 
     path = tmp_path / "week.xray"
     path.write_bytes(wire.MAGIC + wire.encode(wire.Hello(version=wire.PROTOCOL_VERSION, run="week")))
-    monkeypatch.setattr(cli, "_run_app", fake_run_app)
+    monkeypatch.setattr(viewer, "run_app", fake_run_app)
     assert cli.main(["replay", str(path)]) == 0
     assert seen["title"] == "replay: week.xray" and seen["replay"]
 
@@ -349,7 +350,8 @@ def test_step_axes_have_whole_number_ticks():
     """Seen in tmux: step axes read 0.0 53.3 106.7 160.0."""
     import re
 
-    from tui.widgets.plots import Series, build_chart, step_ticks
+    from tui.widgets.braille import step_ticks
+    from tui.widgets.plots import Series, build_chart
 
     assert step_ticks(list(range(0, 321, 5)), 40) == [0, 100, 200, 300]
     assert step_ticks([0, 1, 2], 40) == [0, 1, 2]

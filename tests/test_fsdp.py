@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from probes.protocol import histogram, wire
-from tui.state import merge_samples
+from tui.merge import merge_samples
 
 pytestmark = pytest.mark.slow
 SCRIPT = str(Path(__file__).parent / "fsdp_script.py")

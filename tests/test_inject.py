@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tui import inject_cli
+from tui.injector import checks, debugger, exchange
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "tests" / "plain_train_script.py")
@@ -160,12 +160,12 @@ def test_not_a_python_process():
     try:
         one_line_error(xray("attach", "--pid", str(sleeper.pid)), "not a Python process", "sleep")
         deadline = time.monotonic() + 10
-        while not inject_cli._python_children(shell.pid) and time.monotonic() < deadline:
+        while not checks._python_children(shell.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        child = inject_cli._python_children(shell.pid)[0]
+        child = checks._python_children(shell.pid)[0]
         one_line_error(xray("attach", "--pid", str(shell.pid)), "not a Python process", f"Python child: {child}")
     finally:
-        for kid in inject_cli._python_children(shell.pid):  # before the shell goes, while still its children
+        for kid in checks._python_children(shell.pid):  # before the shell goes, while still its children
             os.kill(kid, signal.SIGKILL)
         for p in (sleeper, shell):
             p.kill()
@@ -246,19 +246,19 @@ def test_pid_options_need_pid_and_pid_takes_no_run_name():
 def test_ptrace_refused_names_the_setting_and_the_capability(tmp_path, monkeypatch):
     scope = tmp_path / "ptrace_scope"
     scope.write_text("3\n")
-    why = inject_cli.ptrace_refusal(os.getpid(), str(scope))
+    why = checks.ptrace_refusal(os.getpid(), str(scope))
     assert "kernel.yama.ptrace_scope" in why and "CAP_SYS_PTRACE" in why
     scope.write_text("1\n")
-    monkeypatch.setattr(inject_cli, "_has_cap_sys_ptrace", lambda: False)
-    assert "kernel.yama.ptrace_scope = 1" in inject_cli.ptrace_refusal(1, str(scope))
-    monkeypatch.setattr(inject_cli, "_has_cap_sys_ptrace", lambda: True)
-    assert inject_cli.ptrace_refusal(1, str(scope)) is None
+    monkeypatch.setattr(checks, "_has_cap_sys_ptrace", lambda: False)
+    assert "kernel.yama.ptrace_scope = 1" in checks.ptrace_refusal(1, str(scope))
+    monkeypatch.setattr(checks, "_has_cap_sys_ptrace", lambda: True)
+    assert checks.ptrace_refusal(1, str(scope)) is None
     gdb_said = ("Could not attach to process.  If your uid matches the uid of the target\nprocess, check the "
                 "setting of /proc/sys/kernel/yama/ptrace_scope, or try\nagain as the root user.\n"
                 "ptrace: Operation not permitted.\n")
-    why = inject_cli.classify_debugger_output(123, "gdb", 1, gdb_said)
+    why = debugger.classify_debugger_output(123, "gdb", 1, gdb_said)
     assert "kernel.yama.ptrace_scope" in why and "CAP_SYS_PTRACE" in why
-    assert inject_cli.classify_debugger_output(123, "gdb", 0, '$2 = "XRAY-TUI: SCHEDULED"') is None
+    assert debugger.classify_debugger_output(123, "gdb", 0, '$2 = "XRAY-TUI: SCHEDULED"') is None
 
 
 def test_headless_attach_with_the_viewers_own_package(traceable, tmp_path):
@@ -322,10 +322,10 @@ def test_lldb_loads_the_probe_where_it_is_the_debugger(traceable, monkeypatch, t
     target = Proc([sys.executable, SCRIPT, "--until", str(stop), "--sleep", "0.02"])
     try:
         target.wait_for("ready")
-        monkeypatch.setattr(inject_cli, "find_debugger", lambda: "lldb")
-        status = inject_cli.request(target.p.pid, "attach", {"name": "by-lldb"}, timeout=20, say=lambda _: None)
+        monkeypatch.setattr(debugger, "find_debugger", lambda: "lldb")
+        status = exchange.request(target.p.pid, "attach", {"name": "by-lldb"}, timeout=20, say=lambda _: None)
         assert status["state"] == "done" and status["run"] == "by-lldb"
-        assert inject_cli.request(target.p.pid, "detach", {}, timeout=20, say=lambda _: None)["detached"]
+        assert exchange.request(target.p.pid, "detach", {}, timeout=20, say=lambda _: None)["detached"]
         stop.touch()
         target.finish()
     finally:

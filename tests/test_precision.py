@@ -9,7 +9,7 @@ from torch import nn
 import probes
 from probes.protocol import histogram, wire
 from test_probe import Net, assert_matches, by_key, collect, steps_of
-from tui.state import merge_samples
+from tui.merge import merge_samples
 
 
 def assert_hist(s, t: torch.Tensor):

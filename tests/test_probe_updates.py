@@ -8,7 +8,7 @@ from torch import nn
 
 import probes
 from probes.protocol import stats, wire
-from tui.state import merge_samples
+from tui.merge import merge_samples
 
 
 def collect(xr):

@@ -6,24 +6,24 @@ never touches widgets or the :class:`~tui.state.RunState`. The app's own
 thread ingests batches (cheap: ring-buffer appends) and marks the view dirty;
 a timer repaints at a fixed rate, and only when something changed, so a
 burst of data costs one paint, not one per message.
+
+What the keys do is :mod:`tui.keys` (and :mod:`tui.timeline` for a
+replay's), the help screen :mod:`tui.help`; this module keeps the App:
+its layout, the reader, ingesting, painting and the messages its widgets send.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
 
-from rich.table import Table
-from rich.text import Text
 from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical, VerticalScroll
+from textual.containers import Vertical
 from textual.message import Message
 from textual.reactive import reactive
-from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Static
 
 import themes
@@ -31,109 +31,19 @@ from probes.protocol import wire
 from tui.chooser import ChooserScreen
 from tui.detail import DetailScreen
 from tui.feed import FeedError
+from tui.keys import KeyActions
 from tui.reattach import Status, _short
 from tui.state import RunState
 from tui.timeline import ReplayTimeline
 from tui.widgets.alerts import AlertList, full_message
 from tui.widgets.header import HeaderInfo, XRayHeader
-from tui.widgets.layer_table import SORTS, LayerTable
+from tui.widgets.layer_table import LayerTable
 
 #: Repaints per second; data arriving faster is folded into the next paint.
 PAINT_HZ = 4
 #: Batches the reader may have posted and the app not yet ingested. Bounds the
 #: memory a fast replay can queue up; a live probe drops on its own side.
 MAX_IN_FLIGHT = 16
-
-
-class HelpScreen(ModalScreen[None]):
-    """Every key binding, with what it does, and what the columns mean."""
-
-    DEFAULT_CSS = """
-    HelpScreen { align: center middle; }
-    HelpScreen > VerticalScroll {
-        width: 110; max-width: 96%; height: auto; max-height: 96%;
-        padding: 1 2; background: $panel; border: round $primary;
-    }
-    HelpScreen Static { width: 100%; }
-    """
-    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
-
-    def __init__(self, lines: list[tuple[str, str]], legend: list[tuple[str, str]] = ()) -> None:
-        super().__init__()
-        self.lines = lines
-        self.legend = list(legend)
-
-    def _grid(self, rows: list[tuple[str, str]]) -> Table:
-        """Keys (or marks) and what they mean; long meanings wrap under themselves."""
-        grid = Table.grid(padding=(0, 2))
-        grid.add_column(no_wrap=True)
-        grid.add_column(ratio=1)
-        for key, what in rows:  # Text, not markup: "[min, max]" is meant literally
-            grid.add_row(Text(key, style="bold"), Text(what))
-        return grid
-
-    def compose(self) -> ComposeResult:
-        with VerticalScroll():
-            yield Static("[b]xray-tui keys[/b]\n")
-            yield Static(self._grid(self.lines))
-            if self.legend:
-                yield Static("\n[b]what the table shows[/b]\n")
-                yield Static(self._grid(self.legend))
-            yield Static("\n[dim]escape, ? or q closes · ↑ ↓ pgup pgdn scroll[/dim]")
-
-
-#: Every key and what it does: the help screen lists exactly these.
-HELP: list[tuple[str, str]] = [
-    ("q", "quit"),
-    ("?", "this help"),
-    ("↑ ↓ / j k", "move the cursor"),
-    ("pgup pgdn", "move a page"),
-    ("home end", "first / last row"),
-    ("enter", "(table) open the layer's detail screen, which lists its alerts in full; "
-              "(alerts) go to the alert's layer"),
-    ("tab", "switch focus between the layer table and the alerts"),
-    ("n", "jump to the next layer with an active alert"),
-    ("/", "filter layers by name (regex); enter keeps it, escape closes; clear the text to show all"),
-    ("s", "sort rows: model order → severity → name → depth → grad norm"),
-    ("1 2 3", "show / hide the weight, grad, act sparkline columns"),
-    ("r", "per-rank vs merged view: merged → rank 0 → rank 1 …"),
-    ("p", "pause / resume the screen (data keeps arriving; a live run only)"),
-    ("t", "next theme (dark, light, high contrast, colour-blind safe)"),
-    ("S", "save a screenshot of the screen as SVG (in the current directory)"),
-    ("e", "ask the live run for a spectral pass now (WeightWatcher's alpha; one per 10 s)"),
-    ("w g a u", "(detail) show weight / grad / act / update"),
-    ("l", "(detail) the histogram's density axis linear / log (the tails show on a log axis)"),
-    ("← →", "(replay) one recorded step back / on: the table, alerts and detail show the run as it was"),
-    ("[ ]", "(replay) ten recorded steps back / on"),
-    ("< >", "(replay) the first / last step still kept"),
-    (":", "(replay) type a step to go to (the recorded step at or before it)"),
-    ("escape", "(detail) back to the table; close the filter"),
-]
-
-#: What each column and mark means; ``{eps}`` is the run's near-zero threshold.
-LEGEND: list[tuple[str, str]] = [
-    ("weight grad act", "histogram of the latest sample, over its own [min, max]; a blank cell is an empty bin"),
-    ("✖ NaN 3%", "(in a column) the tensor holds NaN or inf: that share of its elements"),
-    ("act ≈ 0", "share of activation elements with |x| < eps ({eps}); highlighted at ≥ 99%, which is dead "
-                "for an activation function (embeddings and norms can sit there healthily: the status says)"),
-    ("‖grad‖", "L2 norm of the gradient of the layer's main weight"),
-    ("upd/w", "update ratio ‖ΔW‖/‖W‖ of the last optimizer step (healthy ≈ 1e-3)"),
-    ("trend", "beside ‖grad‖ and upd/w: their values over the last sampled steps, one cell per step, newest on "
-              "the right, low to high within the window (log scale when it spans 10x or more); ✖ marks a NaN/inf step"),
-    ("loss lr", "(header, third line) the newest loss and learning rate, their trend over the last 64 steps, and "
-                "↑ ↓ → for the newest against the median before it; 'no loss yet' until the probe sends one"),
-    ("●", "(alerts) an active alert, pinned on top, most severe first; the history follows, newest first"),
-    ("—", "no such stream: a module without parameters has no gradient or update"),
-    ("status", "✓ ok · ▲ warn (warning) · ✖ CRIT (critical): the worst active alert; a row holding "
-               "NaN/inf is ✖ CRIT where it began (the nonfinite alert names it) and ↳ NaN / ↳ inf "
-               "where it arrived from an earlier layer"),
-    ("header", "run · step · training steps/s (the probe's clock) · ranks attached/world size · connection; "
-               "a replay says step S of N (replay) instead of a rate"),
-    ("samples drops", "statistics received; samples the probe dropped because it fell behind (never slows training)"),
-    ("detail", "HOT chart: x = step, y = value bin (signed, log-spaced; bins empty at every step folded "
-               "away, ≈ on the axis), colour = count on a log scale (legend under it); histogram as densities "
-               "on a linear axis; line charts share one step range"),
-]
 
 #: Actions that act on the main screen's table, filter or alerts: off (and out of the
 #: footer) while another screen is on top, where they would change what nobody sees.
@@ -149,7 +59,7 @@ REPLAY_DEPTH = 4096
 MIN_SIZE = (60, 15)
 
 
-class XRayApp(ReplayTimeline, App):
+class XRayApp(KeyActions, ReplayTimeline, App):
     """Shows a run's layers and alerts live from ``source``.
 
     ``source`` is any object with a ``label`` and a blocking
@@ -437,17 +347,7 @@ class XRayApp(ReplayTimeline, App):
         self._dirty = True
         self.sub_title = "PAUSED" if paused else ""
 
-    # -- actions ----------------------------------------------------------
-
-    def action_toggle_pause(self) -> None:
-        """Freeze the views at the step shown (data keeps arriving) or resume.
-
-        While paused the table shows no sample newer than that step, also
-        when it is scrolled, filtered or sorted, and the header says both steps.
-        """
-        self.paused = not self.paused
-        self.table.set_until(self._shown_step if self.paused else None)
-        self._paint()
+    # -- the boxes' and the alerts pane's messages (the keys' actions: tui.keys) --
 
     @on(Input.Submitted, "#goto")
     def _goto_submitted(self, event: Input.Submitted) -> None:
@@ -463,35 +363,6 @@ class XRayApp(ReplayTimeline, App):
         box.remove_class("visible")
         self._refocus()
         self.seek(step)
-
-    def _refocus(self) -> None:
-        """Give the focus back to the screen's main view after a box closed."""
-        if self.screen is self.screen_stack[0]:
-            self.table.focus()
-        else:
-            self.screen.focus_next()
-
-    def action_filter(self) -> None:
-        """Open the name filter."""
-        if isinstance(self.screen, DetailScreen):
-            return
-        box = self.query_one("#filter", Input)
-        box.add_class("visible")
-        box.focus()
-
-    def action_close_filter(self) -> None:
-        """Hide the filter box (the filter stays applied) and the go-to-step box."""
-        goto = self.screen_stack[0].query_one("#goto", Input)
-        if goto.has_class("visible"):
-            goto.remove_class("visible")
-            self._refocus()
-            return
-        if isinstance(self.screen, DetailScreen):
-            return
-        box = self.query_one("#filter", Input)
-        if box.has_class("visible"):
-            box.remove_class("visible")
-            self.table.focus()
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
@@ -510,21 +381,6 @@ class XRayApp(ReplayTimeline, App):
     def _filter_submitted(self) -> None:
         self.action_close_filter()
 
-    def action_switch_focus(self) -> None:
-        """Move the focus between the layer table and the alerts pane."""
-        if self.screen is not self.screen_stack[0]:
-            return  # tab is a priority binding: do not move focus under a modal or the detail
-        if self.table.has_focus:
-            self.alert_list.focus()
-        else:
-            self.query_one("#filter", Input).remove_class("visible")
-            self.table.focus()
-
-    def action_next_alert(self) -> None:
-        """Jump to the next layer with an active warning or critical alert."""
-        if self.table.next_alerting() is None:
-            self.notify("no layer has an active alert", timeout=3)
-
     @on(AlertList.Selected)
     def _alert_selected(self, event: AlertList.Selected) -> None:
         name = self.state.row_of(event.alert.layer)
@@ -532,101 +388,6 @@ class XRayApp(ReplayTimeline, App):
             self.table.focus()
         else:
             self.notify(f"layer {name!r} is not in the table", severity="warning", timeout=4)
-
-    def action_detail(self) -> None:
-        """Open the detail screen of the layer under the cursor."""
-        if self.screen is not self.screen_stack[0] or not self.table.has_focus:
-            return
-        row = self.table.cursor_row
-        if row is None:
-            self.notify("no layer yet", timeout=3)
-            return
-        self.push_screen(DetailScreen(self.state, row, rank=self.table.rank, until=self.replay_at,
-                                      other=self.other, other_label=self.other_label))
-
-    def action_cycle_sort(self) -> None:
-        """Order the rows by the next of model order, severity, name, depth, grad norm."""
-        table = self.table
-        table.set_sort(SORTS[(SORTS.index(table.sort) + 1) % len(SORTS)])
-        self.notify(f"rows sorted by {table.sort}", timeout=2)
-        self._paint()
-
-    def action_toggle_kind(self, kind: str) -> None:
-        """Show or hide one kind's sparkline column."""
-        table = self.table
-        shown = set(table.shown)
-        shown ^= {kind}
-        table.set_shown(tuple(shown))
-        self.notify(f"{kind} column {'shown' if kind in shown else 'hidden'}", timeout=2)
-        self._paint()
-
-    def action_cycle_rank(self) -> None:
-        """Per-rank vs merged: merged, then each rank in turn."""
-        ranks = self.state.ranks
-        if len(ranks) <= 1 and not self.state.job:
-            self.notify("this run has one rank: its view is the merged view", timeout=3)
-            return
-        views: list[int | None] = [None, *ranks]
-        current = self.table.rank
-        nxt = views[(views.index(current) + 1) % len(views)] if current in views else None
-        self.table.set_rank(nxt)
-        if isinstance(self.screen, DetailScreen):
-            self.screen.set_rank(nxt)
-        whole = "the whole job (every rank of every node)" if self.state.job else "merged view of all ranks"
-        self.notify(whole if nxt is None else f"rank {nxt} only", timeout=2)
-        self._paint()
-
-    def action_cycle_theme(self) -> None:
-        """Switch to the next xray theme."""
-        self.theme = themes.next_theme(self.theme)
-        self.notify(f"theme {self.theme}", timeout=2)
-
-    def action_screenshot_svg(self) -> None:
-        """Save the screen as an SVG file (Textual's own screenshot)."""
-        try:
-            path = os.path.abspath(self.save_screenshot(path=self.screenshot_dir))
-        except OSError as exc:
-            self.notify(f"screenshot failed: {exc.strerror or exc}", severity="error", timeout=6)
-        else:
-            self.notify(f"screenshot saved to {path}", timeout=5)
-
-    def action_request_spectral(self) -> None:
-        """Ask the live probe(s) for a spectral pass now; say what happened."""
-        ask = getattr(self.source, "request", None)
-        if ask is None:
-            self.notify("spectral pass not available: this is a replay or recording, not a live run", timeout=4)
-            return
-        hellos = list(self.state.hellos.values())
-        if hellos and not any("spectral" in h.accepts for h in hellos):
-            self.notify("spectral pass not available: the run has the spectral monitor off "
-                        "(spectral_every=None) or an older probe", severity="warning", timeout=5)
-            return
-        sent = ask("spectral")
-        if not sent:
-            self.notify("spectral pass not available: not connected to a live run", severity="warning", timeout=4)
-            return
-        self._asked = True
-        ranks = f" from {sent} ranks" if sent > 1 else ""
-        self.notify(f"spectral pass requested{ranks}; figures appear in each layer's detail screen", timeout=4)
-
-    def _answered(self, note) -> None:
-        """Show the probe's answer to our request (a ``request`` Note sent to us alone)."""
-        data = note.data
-        who = f"rank {note.rank}: " if len(self.state.hellos) > 1 else ""
-        why = str(data.get("reason") or "")[:200]
-        if data.get("accepted"):
-            self.notify(f"{who}{why or 'accepted'}", timeout=4, markup=False)
-        else:
-            self.notify(f"{who}spectral pass refused: {why}", severity="warning", timeout=5, markup=False)
-
-    def action_help(self) -> None:
-        """Show every key binding and what the columns mean."""
-        if isinstance(self.screen, HelpScreen):
-            return
-        eps = sorted({h.eps for h in self.state.hellos.values()})
-        said = (f"eps = {', '.join(f'{e:g}' for e in eps)} in this run" if eps
-                else "eps is set by the probe, 0.05 by default")
-        self.push_screen(HelpScreen(HELP, [(k, d.replace("{eps}", said)) for k, d in LEGEND]))
 
     async def action_quit(self) -> None:
         """Stop the reader and exit."""

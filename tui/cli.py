@@ -7,542 +7,30 @@ that disconnected, a recording cut short); 2 for usage errors, unknown runs
 and bad input (one line on stderr, never a traceback); 3 as soon as
 ``--fail-on`` sees an alert of that severity or worse; 130 when the viewer
 itself is interrupted.
+
+This module holds the argument parser (every command's help text) and
+:func:`main`; each command's body is in :mod:`tui.commands`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import queue
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
 
 from probes.protocol import rundir, wire
+from tui import feed
+from tui.commands.attach import cmd_attach
+from tui.commands.demo import cmd_demo
+from tui.commands.errors import EXIT_OK, EXIT_USAGE, CliError
+from tui.commands.export import cmd_export
+from tui.commands.inject import cmd_detach
+from tui.commands.inspect import cmd_inspect
+from tui.commands.ls import cmd_ls
+from tui.commands.replay import cmd_replay
+from tui.injector import InjectFailed
 
-from . import feed, inject_cli
-from .headless import AlertPrinter, RunWatch
-
-EXIT_OK, EXIT_DISCONNECTED, EXIT_USAGE, EXIT_ALERT = 0, 1, 2, 3
 FAULTS = ("none", "exploding", "dead", "nan", "stalled")
-
-
-class CliError(Exception):
-    """A one-line error for the user; exit status 2."""
-
-
-# -- commands ---------------------------------------------------------------
-
-
-def cmd_ls(args) -> int:
-    """List live runs (removing stale entries of dead processes)."""
-    try:
-        runs = rundir.live_runs()
-    except rundir.RunDirError as exc:
-        raise CliError(str(exc)) from None
-    if args.json:
-        for r in runs:
-            print(json.dumps(r.as_json()))
-        return EXIT_OK
-    if not runs:
-        print(f"no live runs in {rundir.run_dir()}")
-        return EXIT_OK
-    # RANKS: ranks serving here / the job's world size; NODES: hosts of the job (rank 0 knows them)
-    print(f"{'NAME':<24} {'PID':>8} {'RANKS':>6} {'NODES':>5}  {'STARTED':<19}  COMMAND")
-    for r in runs:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.ranks[0].started))
-        ranks = f"{len(r.ranks)}/{r.ranks[0].world_size}"
-        nodes = max(m.nodes for m in r.ranks)
-        print(f"{r.name:<24} {r.pid:>8} {ranks:>6} {nodes:>5}  {started:<19}  {' '.join(r.ranks[0].argv)[:60]}")
-        logs = [m.log for m in r.ranks if m.log]
-        if logs:  # where to replay it from later
-            more = f" (+{len(logs) - 1} more ranks)" if len(logs) > 1 else ""
-            print(f"{'':<24} recording: {logs[0]}{more}")
-    return EXIT_OK
-
-
-def _live_source(args):
-    if args.tcp:
-        source = _tcp_source(args)
-    else:
-        source = feed.SocketSource(args.socket) if args.socket else feed.SocketSource.for_run(args.run)
-    return feed.RecordingSource(source, args.log) if args.log else source
-
-
-def _tcp_source(args):
-    """``--tcp``: the run's own TCP listeners, or HOST:PORT with a token from a file or the environment.
-
-    The token is never taken on the command line, where other users could
-    read it in the process list.
-    """
-    if args.tcp is True:
-        return feed.SocketSource.for_run(args.run, tcp=True)
-    if args.token_file:
-        token = feed.read_token(args.token_file)
-    elif os.environ.get("XRAY_TUI_TOKEN"):
-        token = os.environ["XRAY_TUI_TOKEN"].strip()
-    else:
-        raise CliError("--tcp HOST:PORT needs the run's token: --token-file FILE or $XRAY_TUI_TOKEN")
-    return feed.SocketSource([f"tcp:{args.tcp}"], label=args.run or args.tcp, token=token)
-
-
-def _rules_engine(args):
-    """A RuleEngine with the thresholds of ``--rules FILE``, or None without it."""
-    if not getattr(args, "rules", None):
-        return None
-    from probes.rules import RuleEngine
-    from probes.rules.config import RulesConfigError, load
-
-    try:
-        return RuleEngine(load(args.rules))
-    except RulesConfigError as exc:
-        raise CliError(str(exc)) from None
-
-
-def _headless(source, args, *, live: bool) -> int:
-    """Print alerts and status lines from ``source``, then how the run ended; pick the exit code.
-
-    Exit 3 as soon as an alert meets ``--fail-on`` (the run may go on), else
-    0 when the run finished or stopped, 1 when it crashed, was killed or
-    interrupted, or the stream stopped without an End. Status lines come
-    every ``--status-every`` seconds: of the wall clock when live (a hung
-    run still gets them), of the probe's own timestamps in a replay.
-    """
-    every = _seconds(args.status_every, "--status-every")
-    every = None if args.quiet or every <= 0 else every
-    printer = AlertPrinter(as_json=args.json, rules=_rules_engine(args))
-    printer.fail_on = args.fail_on
-    watch = RunWatch(printer, live=live, label=source.label)
-    try:
-        if live:
-            _watch_live(source, watch, every)
-        else:
-            _watch_replay(source, watch, every)
-    except KeyboardInterrupt:
-        return 130
-    torn = getattr(source, "torn", 0)
-    if torn:
-        print(f"xray-tui: {source.label}: the recording ends with {torn} torn bytes "
-              "(the writer stopped mid-frame); everything before them was read", file=sys.stderr)
-    return watch.finish(args.fail_on)
-
-
-_DONE = object()
-
-
-def _watch_live(source, watch: RunWatch, every: float | None) -> None:
-    """Read the live source on a thread of its own, so status lines keep their clock while the
-    run is quiet; return when the stream ends or ``--fail-on`` trips (the reader is stopped)."""
-    q: queue.Queue = queue.Queue(maxsize=256)
-    stop = threading.Event()
-
-    def read() -> None:
-        item = _DONE
-        try:
-            for batch in source.batches(stop):
-                while not stop.is_set():
-                    try:
-                        q.put(batch, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
-            item = exc
-        q.put(item)
-
-    reader = threading.Thread(target=read, name="xray-tui-headless-reader", daemon=True)
-    reader.start()
-    next_status = time.monotonic() + every if every else math.inf
-    try:
-        while True:
-            try:
-                item = q.get(timeout=max(0.0, min(next_status - time.monotonic(), 1.0)))
-            except queue.Empty:
-                item = None
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            for msg in item or ():
-                watch.handle(msg)
-                if watch.tripped is not None:
-                    return
-            if time.monotonic() >= next_status:
-                watch.status()
-                next_status += every * (math.floor((time.monotonic() - next_status) / every) + 1)
-    finally:
-        stop.set()
-        reader.join(2.0)  # the recording (--log) is closed by the reader's generator
-
-
-def _watch_replay(source, watch: RunWatch, every: float | None) -> None:
-    """Read a recording; status lines at each ``every`` seconds of the probe's own clock."""
-    next_status = None
-    stop = threading.Event()
-    gen = source.batches(stop)
-    try:
-        for batch in gen:
-            for msg in batch:
-                watch.handle(msg)
-                if watch.tripped is not None:
-                    return
-                t = watch.newest_time
-                if every and t is not None:
-                    if next_status is None:
-                        next_status = t + every
-                    elif t >= next_status:
-                        watch.status()
-                        next_status += every * (math.floor((t - next_status) / every) + 1)
-    finally:
-        gen.close()
-
-
-def _run_app(source, args, title: str | None = None, replay: bool = False, **compare) -> int:
-    from .app import XRayApp  # Textual is imported only for the app
-
-    try:
-        app = XRayApp(source, theme=args.theme, title=title, replay=replay, **compare)
-    except ValueError as exc:  # an unknown theme
-        raise CliError(str(exc)) from None
-    app.run()
-    return app.return_code or EXIT_OK
-
-
-def _check_recording(path: str) -> None:
-    """A recording given on the command line: a file whose first frame is an xray-tui hello
-    (read before any screen opens, so a wrong file is a one-line error, not an app)."""
-    if os.path.isdir(path):
-        raise CliError(f"{path}: is a directory, not a recording")
-    if not os.path.exists(path):
-        raise CliError(f"{path}: no such file")
-    reader = wire.FrameReader(source=path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1 << 20)
-            whole = not f.read(1)
-    except OSError as exc:
-        raise CliError(f"{path}: {exc.strerror or exc}") from None
-    if not head:
-        raise CliError(f"{path}: empty file, not an xray-tui recording")
-    reader.feed(head)  # WireError (bad magic, a first frame that is not a hello) is a one-line error
-    if reader.hello is None and whole:
-        raise CliError(f"{path}: not an xray-tui recording (no hello message)")
-
-
-def _check_sockets(paths) -> None:
-    """``--socket`` paths: each one exists and is a private socket (checked before the app opens)."""
-    for path in paths:
-        if path.startswith("tcp:"):
-            continue
-        if not os.path.exists(path):
-            raise CliError(f"{path}: no such socket (see `xray-tui ls` for live runs)")
-        try:
-            rundir.check_private(Path(path), want_dir=False)
-        except rundir.RunDirError as exc:
-            raise CliError(str(exc)) from None
-
-
-def _check_writable(path: str | None, what: str = "--log") -> None:
-    """A file to be written: its folder exists and it is not a folder (checked before any work)."""
-    if not path:
-        return
-    if os.path.isdir(path):
-        raise CliError(f"{what} {path}: is a directory; give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise CliError(f"{what} {path}: no such directory {folder}")
-    if not os.access(folder, os.W_OK):
-        raise CliError(f"{what} {path}: {folder} is not writable")
-
-
-def cmd_attach(args) -> int:
-    """Watch a live run: the app, or alerts on stdout with --headless.
-
-    The app follows the run by name: it keeps the last data when the run ends
-    or disconnects and re-attaches when a run of that name is live again;
-    with no name and several live runs it asks which (tui.reattach, tui.chooser).
-    ``--pid`` first loads the probe into a process started without it (tui.inject_cli).
-    """
-    _check_writable(args.log)
-    if args.pid is not None:
-        return inject_cli.cmd_attach_pid(args, cmd_attach)
-    inject_cli.check_pid_options(args)
-    if args.socket:
-        _check_sockets(args.socket)
-    if args.headless or args.socket:
-        source = _live_source(args)
-        if args.headless:
-            return _headless(source, args, live=True)
-        return _run_app(source, args)
-    from .reattach import ReattachSource, live_runs
-
-    if args.run is not None:
-        feed.resolve_run(args.run)  # an unknown name is a one-line error, as in headless mode
-    elif not live_runs():
-        feed.resolve_run(None)  # "no live runs (start one with ...)"
-    return _run_app(ReattachSource(args.run, record=args.log), args)
-
-
-def cmd_replay(args) -> int:
-    """Open a recording in the app, or print its alerts with --headless; --vs B sets a second beside it."""
-    _check_recording(args.file)
-    source = feed.FileSource(args.file)
-    if args.headless:
-        if args.vs:
-            raise CliError("--vs compares two recordings in the app; it does not go with --headless")
-        return _headless(source, args, live=False)
-    # The header says it is a recording, so nobody takes it for a live run.
-    if not args.vs:
-        return _run_app(source, args, title=f"replay: {os.path.basename(args.file)}", replay=True)
-    _check_recording(args.vs)
-    from .compare import load_state
-
-    try:
-        other = load_state(args.vs)
-    except wire.WireError as exc:
-        raise CliError(f"{args.vs}: {exc}") from None
-    a, b = os.path.basename(args.file), os.path.basename(args.vs)
-    return _run_app(source, args, title=f"compare: A {a} vs B {b}", replay=True, other=other, other_label=b)
-
-
-def cmd_export(args) -> int:
-    """Write a recording's samples, scalars, alerts and notes as JSON lines, CSV, Parquet or TensorBoard events."""
-    from . import export  # the writers; pyarrow and tensorboard only when their format is asked for
-
-    if args.format not in export.FORMATS:
-        raise CliError(f"unknown format {args.format!r}; supported: {', '.join(export.FORMATS)}")
-    try:
-        selection = export.Selection.parse(args.what, args.layer, args.kind)
-        if args.format in export.NEED_OUTPUT and not args.output:
-            raise export.ExportError(f"--format {args.format} needs -o "
-                                     f"{'DIR' if args.format == 'tensorboard' else 'FILE'}; it cannot go to stdout")
-        if args.format == "tensorboard" and set(selection.what) - {"samples", "scalars"}:
-            raise export.ExportError("--format tensorboard writes samples and scalars only; "
-                                     "export alerts and notes as jsonl, csv or parquet")
-        export.require(args.format)
-    except export.ExportError as exc:
-        raise CliError(str(exc)) from None
-    _check_recording(args.file)
-    if args.format == "tensorboard":
-        if os.path.exists(args.output) and not os.path.isdir(args.output):
-            raise CliError(f"-o {args.output}: not a directory (tensorboard writes event files into a directory)")
-        try:
-            os.makedirs(args.output, exist_ok=True)
-        except OSError as exc:
-            raise CliError(f"-o {args.output}: {exc.strerror or exc}") from None
-    else:
-        _check_writable(args.output, "-o")
-    source = feed.FileSource(args.file)
-    records = selection.records(source.batches())
-    if args.format == "tensorboard":
-        counts = export.write_tensorboard(records, args.output)
-    elif args.format == "parquet":
-        try:
-            counts = export.write_parquet(records, args.output)
-        except OSError as exc:
-            raise CliError(f"-o {args.output}: {exc}") from None
-    else:
-        try:
-            out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
-        except OSError as exc:
-            raise CliError(f"-o {args.output}: {exc.strerror or exc}") from None
-        try:
-            counts = (export.write_csv if args.format == "csv" else export.write_jsonl)(records, out)
-        except BrokenPipeError:
-            return EXIT_OK
-        finally:
-            if args.output:
-                out.close()
-    if args.output:
-        print(f"wrote {counts.describe(selection.what)} to {args.output}", file=sys.stderr)
-    if source.torn:
-        print(f"xray-tui: {args.file}: {source.torn} torn bytes at the end were skipped", file=sys.stderr)
-    return EXIT_OK
-
-
-def cmd_demo(args) -> int:
-    """Train the demo GPT-2 with the probe attached, and watch it."""
-    try:
-        from probes.demo import training as demo
-    except ImportError as exc:
-        raise CliError(f"the demo needs torch and transformers ({exc.name} is missing): "
-                       "pip install 'xray-tui[demo]' torch==2.13.0") from None
-    _check_writable(args.log)
-    if args.headless:
-        return _demo_headless(demo, args)
-    return _demo_app(args)
-
-
-def _demo_headless(demo, args) -> int:
-    """Train in this process and print what `attach --headless` prints: alerts, a status line every
-    ``--status-every`` seconds, the end line; the same exit status (3 stops the training at once)."""
-    every = _seconds(args.status_every, "--status-every")
-    every = None if args.quiet or every <= 0 else every
-    printer = AlertPrinter(as_json=args.json)
-    printer.fail_on = args.fail_on
-    watch = RunWatch(printer, live=True, label=args.name)
-    watch.stops_run = True
-    lock = threading.Lock()  # messages come on the probe's publisher thread, status lines on a timer
-
-    def listen(msg) -> None:
-        with lock:
-            watch.handle(msg)
-
-    done = threading.Event()
-
-    def tick() -> None:
-        while every and not done.wait(every):
-            with lock:
-                watch.status()
-
-    ticker = threading.Thread(target=tick, name="xray-tui-demo-status", daemon=True)
-    ticker.start()
-    rules = _rules_engine(args)  # the probe itself evaluates the rules with these thresholds
-    try:
-        demo.train(steps=args.steps or 300, every=args.every, fault=args.fault, fault_step=args.fault_step,
-                   name=args.name, log=args.log, listener=listen, rules=rules,
-                   should_stop=lambda: watch.tripped is not None)  # --fail-on: stop at once
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        done.set()
-        ticker.join()
-    # the probe's close gives its publisher 5 s; on a busy machine the End comes a little later
-    deadline = time.monotonic() + 30.0
-    while watch.tripped is None and not watch.ends and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with lock:
-        return watch.finish(args.fail_on)
-
-
-def _demo_app(args) -> int:
-    """The trainer in a child process, the app in this one; `q` stops both."""
-    logf = tempfile.NamedTemporaryFile(prefix="xray-demo-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "probes.demo", "--steps", str(args.steps), "--every", str(args.every),
-           "--fault", args.fault, "--fault-step", str(args.fault_step), "--name", args.name]
-    if args.log:
-        cmd += ["--log", args.log]
-    env = dict(os.environ)
-    # Leave the app a core: torch's OpenMP threads spin at each parallel region's barrier, and when
-    # one of them shares a core with the app every region waits for it (on 2 cores the demo ran
-    # at 0.3 steps/s beside the app, 7 with one thread fewer).
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
-    child = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    source = feed.PidSource(child.pid, label=args.name, alive=lambda: child.poll() is None)
-    try:
-        return _run_app(source, args)
-    finally:
-        if child.poll() is None:
-            child.send_signal(signal.SIGINT)  # lets the probe close its socket and recording
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        logf.close()
-        if child.returncode not in (0, -signal.SIGINT, None):
-            print(f"xray-tui: the demo trainer exited with {child.returncode}; log: {logf.name}", file=sys.stderr)
-        else:
-            os.unlink(logf.name)
-
-
-def _count(least: int):
-    """An argparse type: an integer >= ``least``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = least - 1
-        if value < least:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
-        return value
-    parse.__name__ = f"integer >= {least}"
-    return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with the CLI's error contract: one line on stderr, exit 2."""
-
-    def error(self, message: str):
-        where = self.prog.removeprefix("xray-tui").strip()
-        self.exit(EXIT_USAGE, f"xray-tui: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n")
-
-
-def _seconds(text: str, flag: str) -> float:
-    """``text`` as seconds >= 0, or a one-line error naming ``flag``."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise CliError(f"{flag} must be a number of seconds >= 0, got {text!r}")
-    return value
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block numbers like 0,1,2, got {text!r}")
-
-
-def _number(text: str, kind, flag: str, what: str):
-    """``text`` as an int or float, or a one-line error naming ``flag`` (checked for range later)."""
-    try:
-        return kind(text)
-    except ValueError:
-        raise CliError(f"{flag} must be {what}, got {text!r}") from None
-
-
-def cmd_inspect(args) -> int:
-    """Offline statistics, spectral metrics and pictures of a local causal-LM directory."""
-    if not os.path.exists(args.model):
-        raise CliError(f"{args.model}: no such directory")
-    if not os.path.isdir(args.model):
-        raise CliError(f"{args.model}: not a directory (give a transformers model directory)")
-    try:  # torch and transformers are imported here only: the viewer never needs them
-        from probes.inspect import checkpoint as inspection
-    except ImportError as exc:
-        raise CliError(f"inspect needs torch and transformers ({exc.name} is missing): "
-                       "pip install 'xray-tui[demo]' torch==2.13.0") from None
-    max_dim = _number(args.heatmap_max_dim, int, "--heatmap-max-dim", "a whole number >= 1")
-    eps = _number(args.eps, float, "--eps", "a finite number > 0")
-    opts = inspection.Options(layers=args.layers, weights=not args.no_weights, activations=not args.no_activations,
-                              gradients=not args.no_gradients, bins=args.bins, device=args.device,
-                              progress=sys.stderr.isatty(), plots=not args.no_plots, heatmaps=not args.no_heatmaps,
-                              heatmap_max_dim=max_dim, eps=eps, hist_scale=args.hist_scale,
-                              heatmap_pool=args.heatmap_pool)
-    if args.text is not None:
-        opts.text = args.text
-    try:
-        inspection.check(opts)
-        if args.other is not None:
-            from probes.inspect import compare
-
-            report = compare.compare(args.model, args.other, args.out, opts)
-        else:
-            report = inspection.inspect(args.model, args.out, opts)
-    except inspection.InspectError as exc:
-        raise CliError(str(exc)) from None
-    if args.other is not None:
-        print(f"wrote {report.entries} weights' comparison to {report.json_path}, {len(report.pictures)} pictures "
-              f"and the recording {report.recording}", file=sys.stderr)
-        if args.tui:
-            title = f"compare: {os.path.basename(os.path.abspath(args.model))} vs " \
-                    f"{os.path.basename(os.path.abspath(args.other))}"
-            return _run_app(feed.FileSource(str(report.recording)), args, title=title)
-        return EXIT_OK
-    print(f"wrote {report.entries} tensors' statistics to {report.json_path}, {len(report.pictures)} pictures "
-          f"and the recording {report.recording} (loss {report.loss:.4g})", file=sys.stderr)
-    if args.tui:
-        title = f"inspect: {os.path.basename(os.path.abspath(args.model))}"
-        return _run_app(feed.FileSource(str(report.recording)), args, title=title)
-    return EXIT_OK
 
 
 # -- parser -----------------------------------------------------------------
@@ -603,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--token-file", metavar="FILE",
                    help="with --tcp HOST:PORT: file holding the run's token (the probe's <run>.token, mode 600)")
     output_opts(a)
-    inject_cli.add_attach_options(a)
+    add_attach_options(a)
     a.set_defaults(func=cmd_attach)
-    inject_cli.add_detach_parser(sub)
+    add_detach_parser(sub)
 
     ls = sub.add_parser("ls", help="list live runs", description="List live runs; removes stale entries.")
     ls.add_argument("--json", action="store_true", help="one JSON object per run")
@@ -683,6 +171,93 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_attach_options(a: argparse.ArgumentParser) -> None:
+    """``attach``'s options for loading the probe into a process started without it."""
+    g = a.add_argument_group(
+        "loading the probe into a running process (--pid)",
+        "For a run started without probes.attach: the probe is loaded into it with gdb or lldb (sys.remote_exec "
+        "on Python 3.14+), found model and optimizer are watched, then the run is shown as any other. Needs the "
+        "same user, a debugger and ptrace allowed; steps before it attached are not seen.")
+    g.add_argument("--pid", type=_positive, metavar="PID", help="load the probe into this Python process")
+    g.add_argument("--model", metavar="EXPR", help="the model to watch, an expression evaluated in the target's "
+                   "__main__ (default: the root module whose parameters the optimizer trains)")
+    g.add_argument("--optimizer", metavar="EXPR", help="the optimizer, an expression evaluated in the target's "
+                   "__main__ (default: the only live optimizer)")
+    g.add_argument("--every", type=_positive, metavar="N", help="sample one step in N (the probe's default: 10)")
+    g.add_argument("--name", metavar="NAME", help="the run's name (default: the target script's name)")
+    g.add_argument("--probe-log", metavar="FILE", help="the target records its stream to FILE "
+                   "(probes.attach(log=FILE)); --log records what this viewer receives")
+    g.add_argument("--timeout", type=_timeout, default=30.0, metavar="SECONDS",
+                   help="how long the target may stay in C code before it loads the probe (default 30)")
+    g.add_argument("--load-only", action="store_true",
+                   help="load the probe and return; watch later with `xray-tui attach NAME`")
+
+
+def add_detach_parser(sub) -> None:
+    """``xray-tui detach PID``."""
+    d = sub.add_parser("detach", help="remove a probe that attach --pid loaded",
+                       description="Remove the probe `xray-tui attach --pid` loaded into a process: its hooks "
+                                   "and thread go, the training goes on as before.")
+    d.add_argument("pid", type=_positive, help="the process")
+    d.add_argument("--timeout", type=_timeout, default=30.0, metavar="SECONDS",
+                   help="how long the target may stay in C code before it runs the request (default 30)")
+    d.set_defaults(func=cmd_detach)
+
+
+# -- argument types ---------------------------------------------------------
+
+
+def _count(least: int):
+    """An argparse type: an integer >= ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+        return value
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one line on stderr, exit 2."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("xray-tui").strip()
+        self.exit(EXIT_USAGE, f"xray-tui: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n")
+
+
+def _int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated block numbers (``--layers 0,1,2``)."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block numbers like 0,1,2, got {text!r}")
+
+
+def _timeout(text: str) -> float:
+    """An argparse type: seconds > 0 (``--timeout`` of attach --pid and detach)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1 written in digits (a pid, ``--every``)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+# -- main -------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -695,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise CliError(f"{', '.join(given)} work{'s' if len(given) == 1 else ''} with --headless "
                                "(the app shows the alerts the probe sent)")
         return args.func(args)
-    except (CliError, feed.FeedError, wire.WireError, rundir.RunDirError, inject_cli.InjectFailed) as exc:
+    except (CliError, feed.FeedError, wire.WireError, rundir.RunDirError, InjectFailed) as exc:
         print(f"xray-tui: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

@@ -4,7 +4,8 @@ Pure Python and numpy (no Textual, no torch): the app, headless mode and the
 tests share it. One :class:`RunState` is fed every decoded message with
 :meth:`RunState.ingest` on one thread (the app's), keeps a ring buffer of
 recent samples per stream, the latest sample per row and kind, the alerts,
-and which alerts are active.
+and which alerts are active; the queries over them are in
+:mod:`tui.state_views`, the merge of several ranks' samples in :mod:`tui.merge`.
 
 Memory is bounded whatever the run's size or length. Each stream (layer x
 kind x rank) keeps its last ``stream_depth`` samples: ``depth`` (:data:`DEPTH`, 512:
@@ -20,15 +21,13 @@ run 256; the
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from probes.protocol import wire
+from tui.state_views import StateViews
 
-SEVERITY_RANK = {"ok": 0, "info": 1, "warning": 2, "critical": 3}
+#: The kinds of stream a layer can have, in the order the views list them.
 KINDS = ("weight", "grad", "act", "update")
 #: The spectral message type, once probes.protocol.wire defines one (another issue's work).
 _SPECTRAL = getattr(wire, "Spectral", None)
@@ -41,97 +40,6 @@ MIN_DEPTH = 16
 SCALAR_DEPTH = 2048
 #: distinct (rank, name) scalar streams kept; names beyond it (a runaway ``xr.log``) are dropped
 MAX_SCALAR_STREAMS = 512
-
-
-def merge_samples(samples: list[wire.Sample]) -> wire.Sample | None:
-    """One sample from several ranks' samples of one stream (sufficient stats add).
-
-    Counts, sums and histograms add, min/max take the extremes; the dead-unit
-    fraction is averaged and the update ratio, distance from initialisation
-    and LoRA shift take the worst (largest) rank.
-    Fields added to :class:`~probes.protocol.wire.Sample` later add up when they are
-    numbers (power sums, counts). Returns the single sample itself when there
-    is one, None for none.
-    """
-    if not samples:
-        return None
-    if len(samples) == 1:
-        return samples[0]
-    with_hist = [s for s in samples if s.hist.size]
-    lo = min((s.hist_lo for s in with_hist), default=0)
-    hi = max((s.hist_lo + len(s.hist) for s in with_hist), default=lo)
-    hist = np.zeros(hi - lo, dtype=np.int64)
-    for s in with_hist:
-        hist[s.hist_lo - lo : s.hist_lo - lo + s.hist.size] += s.hist
-    hist_n = sum(s.hist_n for s in samples)
-    first = samples[0]
-    out = {}
-    for name in wire.Sample.__struct_fields__:
-        values = [getattr(s, name) for s in samples]
-        if name in ("layer", "kind"):
-            out[name] = values[0]
-        elif name in ("min", "max"):
-            # an empty rank's (an empty FSDP shard's) NaN says nothing; a NaN of a tensor holding one wins
-            known = [v for s, v in zip(samples, values) if s.count]
-            pick = min if name == "min" else max
-            out[name] = math.nan if not known or any(math.isnan(v) for v in known) else pick(known)
-        elif name == "hist_lo":
-            out[name] = lo
-        elif name == "hist_counts":
-            out[name] = wire.encode_counts(hist, hist_n)
-        elif name == "dead_units":
-            known = [v for v in values if v is not None]
-            out[name] = sum(known) / len(known) if known else None
-        elif name in ("ratio", "init_dist", "lora_shift"):
-            known = [v for v in values if v is not None]
-            out[name] = max(known) if known else None
-        elif all(isinstance(v, (int, float)) for v in values):
-            out[name] = sum(values)
-        else:
-            out[name] = getattr(first, name)
-    return wire.Sample(**out)
-
-
-def _newest(buf, until: int | None) -> wire.Sample | None:
-    """The last sample of a ring of (step, Sample), or the last at step ``until`` or before."""
-    if not buf:
-        return None
-    if until is None:
-        return buf[-1][1]
-    for step, sample in reversed(buf):
-        if step <= until:
-            return sample
-    return None
-
-
-def _last(buf, n: int, until: int | None) -> list:
-    """The newest ``n`` (step, Sample) of a ring at step ``until`` or before, oldest first."""
-    if not buf:
-        return []
-    out = []
-    for item in reversed(buf):
-        if until is not None and item[0] > until:
-            continue
-        out.append(item)
-        if len(out) >= n:
-            break
-    out.reverse()
-    return out
-
-
-def _ratio(s: wire.Sample) -> float | None:
-    return s.ratio  # None: no optimizer step yet (a gap, not a NaN)
-
-
-def _norm(s: wire.Sample) -> float:
-    # a tensor holding NaN/inf has no norm worth drawing: NaN marks the point
-    return math.sqrt(s.sumsq) if s.sumsq >= 0 and not (s.nan or s.posinf or s.neginf) else math.nan
-
-
-#: What the table's trend columns plot per kind, and how the merged view combines ranks.
-_TREND_VALUE = {"grad": _norm, "update": _ratio}
-_TREND_COMBINE = {"grad": lambda v: math.sqrt(sum(x * x for x in v)),
-                  "update": lambda v: max((x for x in v if x is not None), default=None)}
 
 
 @dataclass
@@ -167,8 +75,13 @@ class Row:
 
 
 @dataclass
-class RunState:
-    """Everything the viewer shows about one run, across its ranks."""
+class RunState(StateViews):
+    """Everything the viewer shows about one run, across its ranks.
+
+    This class is the store: :meth:`ingest` folds messages into its rings
+    and tables. What the views read from them (a row's newest sample, a
+    trend, a series, the alerts active at a step) is :class:`~tui.state_views.StateViews`.
+    """
 
     depth: int = DEPTH
     budget: int = 131_072
@@ -297,7 +210,7 @@ class RunState:
         elif _SPECTRAL is not None and isinstance(msg, _SPECTRAL):
             self.spectral[msg.layer] = msg
 
-    # -- queries ----------------------------------------------------------
+    # -- the run as a whole -----------------------------------------------
 
     @property
     def world_size(self) -> int:
@@ -359,120 +272,3 @@ class RunState:
         """Ranks that said hello, in order."""
         return sorted(self.hellos)
 
-    def latest(self, row: Row, kind: str, rank: int | None = 0, until: int | None = None) -> wire.Sample | None:
-        """The newest sample of a row's column, or None.
-
-        ``rank=None`` merges every rank's newest sample (the merged view);
-        ``until`` takes the newest of step ``until`` or before (a paused view).
-        """
-        stream = row.stream(kind)
-        if stream is None:
-            return None
-        if rank is None and self.job:
-            rank = wire.JOB_RANK  # the whole job, merged by the probe across nodes
-        if rank is None:
-            if len(self.hellos) <= 1:
-                rank = next(iter(self.hellos), 0)
-            else:
-                found = (_newest(self.history.get((stream, kind, r)), until) for r in self.hellos)
-                return merge_samples([s for s in found if s is not None])
-        return _newest(self.history.get((stream, kind, rank)), until)
-
-    def trend(self, row: Row, kind: str, n: int, rank: int | None = 0, until: int | None = None) -> list:
-        """The newest ``n`` values of a row's trend quantity, oldest first.
-
-        ``grad``: the gradient's L2 norm; ``update``: the update ratio
-        ‖ΔW‖/‖W‖ (None where a sample has none). Read straight from the
-        stream's ring (the last ``n`` entries only, so a paint costs O(n) per
-        visible row, never O(ring)); ``until`` stops at that step (pause,
-        replay). ``rank=None`` with several ranks combines the ranks per
-        step as the merged view's sample would: norms add in quadrature,
-        ratios take the worst rank.
-        """
-        stream = row.stream(kind)
-        if stream is None or n <= 0:
-            return []
-        value = _TREND_VALUE[kind]
-        if rank is not None or len(self.hellos) <= 1:
-            r = rank if rank is not None else next(iter(self.hellos), 0)
-            return [value(s) for _, s in _last(self.history.get((stream, kind, r)), n, until)]
-        per_step: dict[int, list[float]] = {}
-        for r in self.hellos:
-            for step, s in _last(self.history.get((stream, kind, r)), n, until):
-                per_step.setdefault(step, []).append(value(s))
-        combine = _TREND_COMBINE[kind]
-        return [combine(v) for _, v in sorted(per_step.items())[-n:]]
-
-    def series(self, layer: str, kind: str, rank: int | None = 0) -> list:
-        """The ring buffer of (step, Sample) of one stream, oldest first.
-
-        ``rank=None`` merges the ranks step by step (steps every rank has).
-        """
-        if rank is None and self.job:
-            rank = wire.JOB_RANK
-        if rank is None:
-            if len(self.hellos) <= 1:
-                rank = next(iter(self.hellos), 0)
-            else:
-                by_step: dict[int, list] = {}
-                for r in self.hellos:
-                    for step, s in self.history.get((layer, kind, r), ()):
-                        by_step.setdefault(step, []).append(s)
-                n = len(self.hellos)
-                return [(st, merge_samples(v)) for st, v in sorted(by_step.items()) if len(v) == n]
-        return list(self.history.get((layer, kind, rank), ()))
-
-    def eval_series(self, layer: str, kind: str = "act", rank: int | None = 0) -> list:
-        """The (step, Sample) ring of a stream's evaluation passes, oldest first
-        (``step``: training steps done when the pass ran). ``rank=None``: the
-        first rank's."""
-        if rank is None:
-            rank = min(self.hellos, default=0)
-        return list(self.history.get((layer, kind, rank, "eval"), ()))
-
-    def oldest_full_step(self) -> int | None:
-        """The first step from which every training stream still has its samples (None: no data).
-
-        A replay longer than the rings hold cannot show the steps before it:
-        seeking stops there rather than drawing rows without data.
-        """
-        firsts = [buf[0][0] for key, buf in self.history.items() if len(key) == 3 and buf]
-        return max(firsts) if firsts else None
-
-    def active_at(self, step: int) -> dict:
-        """The active alerts as they stood at ``step``: the alerts kept, replayed up to it.
-
-        What ``active`` was then, for a replay's chosen step (alerts older
-        than the ``max_alerts`` kept are not known). Cached per step and
-        alert count: a replay asks once per paint.
-        """
-        key = (step, self.alerts_seen, id(self.alerts))
-        if self._active_cache[0] == key:
-            return self._active_cache[1]
-        active: dict = {}
-        for a in self.alerts:
-            if a.step > step:
-                continue
-            k = (a.rule, a.layer, a.kind, a.rank)
-            if a.severity == "info":
-                active.pop(k, None)
-            else:
-                active[k] = a
-        self._active_cache = (key, active)
-        return active
-
-    def stream_alerts(self, row: Row) -> list:
-        """Every alert (active or past, newest first) whose layer is this row."""
-        return [a for a in reversed(self.alerts) if self.row_of(a.layer) == row.name]
-
-    def row_severity(self, row: Row) -> str:
-        """Worst active alert on this row: ok, warning or critical."""
-        worst = "ok"
-        for (_, layer, _, _), alert in self.active.items():
-            if self.row_of(layer) == row.name and SEVERITY_RANK[alert.severity] > SEVERITY_RANK[worst]:
-                worst = alert.severity
-        return worst
-
-    def row_alerts(self, row: Row) -> list:
-        """Active alerts on this row."""
-        return [a for (_, layer, _, _), a in self.active.items() if self.row_of(layer) == row.name]

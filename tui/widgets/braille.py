@@ -52,6 +52,24 @@ def fmt_tick(value: float, step: float = 0.0) -> str:
     return f"{value:.1e}".replace("e+0", "e+").replace(".0e", "e")
 
 
+def step_ticks(xs: list, width: int) -> list[int]:
+    """Whole-number ticks over ``xs`` at a 1-2-5 spacing, about one per 10 cells.
+
+    Steps are counts: an axis of steps reads 0, 50, 100, never 53.3.
+    """
+    lo, hi = int(math.floor(min(xs))), int(math.ceil(max(xs)))
+    if hi <= lo:
+        return [lo]
+    want = max(2, min(8, width // 10))
+    raw = (hi - lo) / (want - 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    # The finest 1-2-5 spacing that gives at most one tick more than wanted.
+    gap = next((k * mag for k in (1, 2, 5, 10) if (hi - lo) / (k * mag) <= want), 10 * mag)
+    gap = max(1, int(gap))
+    first = -(-lo // gap) * gap
+    return list(range(first, hi + 1, gap)) or [lo]
+
+
 def nice_ticks(lo: float, hi: float, want: int) -> tuple[list[float], float]:
     """Ticks at a 1-2-5 spacing covering [lo, hi], about ``want`` of them; and the spacing."""
     if hi <= lo:
@@ -167,7 +185,6 @@ def _x_axis(lo: float, hi: float, gutter: int, plot_w: int, whole: bool, style: 
     """The x tick labels under the plot, each centred on its column where it fits."""
     want = max(2, min(8, plot_w // 10))
     if whole:
-        from tui.widgets.plots import step_ticks
 
         ticks = step_ticks([lo, hi], plot_w)
         labels = [str(int(t)) for t in ticks]

@@ -16,6 +16,8 @@ from textual.strip import Strip
 
 from tui import compare as cmp
 from tui.state import Row
+from tui.widgets.table_cells import BADGES, fit_name, sci
+from tui.widgets.table_columns import BADGE_W, NAME_MIN, NUM_W
 
 
 class CompareRows:
@@ -23,8 +25,6 @@ class CompareRows:
 
     def _compare_cols(self, width: int) -> tuple[int, bool]:
         """The name's width and whether the gradient and update columns fit beside the weight ones."""
-        from tui.widgets.layer_table import BADGE_W, NAME_MIN, NUM_W
-
         fixed = 4 * (NUM_W + 1) + BADGE_W + 1
         more = 4 * (NUM_W + 1)
         full = width - fixed - more >= NAME_MIN + 8
@@ -32,8 +32,6 @@ class CompareRows:
 
     def _compare_line(self, y: int, width: int, base: Style) -> Strip:
         """Line ``y`` of the table in compare mode: the header, or one layer of both runs."""
-        from tui.widgets.layer_table import BADGE_W, NUM_W, fit_name
-
         name_w, full = self._compare_cols(width)
         if y == 0:
             heads = ["‖W‖ A", "‖W‖ B", "Δ‖W‖", "hist Δ"] + (["‖g‖ A", "‖g‖ B", "upd/w A", "upd/w B"] if full else [])
@@ -55,8 +53,6 @@ class CompareRows:
 
     def _compare_strip(self, row: Row, width: int, name_w: int, full: bool) -> Strip:
         """One layer of both runs: A's and B's figures at A's step shown, and how far apart they are."""
-        from tui.widgets.layer_table import BADGE_W, BADGES, NUM_W, fit_name, sci
-
         state, other = self.state, self.other
         step = self.until if self.until is not None else state.step
         other_row = other.rows[other._row_index[row.name]] if row.name in other._row_index else None

@@ -28,24 +28,6 @@ class Series:
     color: str = "xray-weight"
 
 
-def step_ticks(xs: list, width: int) -> list[int]:
-    """Whole-number ticks over ``xs`` at a 1-2-5 spacing, about one per 10 cells.
-
-    Steps are counts: an axis of steps reads 0, 50, 100, never 53.3.
-    """
-    lo, hi = int(math.floor(min(xs))), int(math.ceil(max(xs)))
-    if hi <= lo:
-        return [lo]
-    want = max(2, min(8, width // 10))
-    raw = (hi - lo) / (want - 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    # The finest 1-2-5 spacing that gives at most one tick more than wanted.
-    gap = next((k * mag for k in (1, 2, 5, 10) if (hi - lo) / (k * mag) <= want), 10 * mag)
-    gap = max(1, int(gap))
-    first = -(-lo // gap) * gap
-    return list(range(first, hi + 1, gap)) or [lo]
-
-
 def build_chart(series: list[Series], width: int, height: int, *, log_y: bool = False,
                 colors: dict[str, str] | None = None, xlim: tuple[float, float] | None = None) -> str:
     """The braille rendering of ``series`` as plain text of ``height`` lines (see :func:`chart_text`)."""
