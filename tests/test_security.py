@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import probes
-from probes.publish import server
+from probes.publish.handshake import handshake
 from probes.protocol import wire
 from tui import feed, synthetic
 
@@ -307,7 +307,7 @@ def test_the_token_is_never_logged_nor_sent(caplog):
     token = xr.publisher.token
     try:
         s = socket.create_connection(addr)
-        s.sendall(server.handshake(token))
+        s.sendall(handshake(token))
         s.settimeout(5)
         data = s.recv(1 << 20)
         s.close()

@@ -32,7 +32,7 @@ from probes.publish import lifecycle
 from probes.capture.scalars import ScalarLog, grad_norm
 from probes.engines.reduce import COL, Batch, dead_units, upload
 from probes.rules.engine import RuleEngine
-from probes.publish.server import Publisher
+from probes.publish.publisher import Publisher
 from probes.distributed.job import DEFAULT_TIMEOUT, Job, table_keys
 
 log = logging.getLogger("xray-tui")
