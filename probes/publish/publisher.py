@@ -41,6 +41,7 @@ import msgspec
 
 from probes.protocol import rundir, wire
 from probes.publish.endpoints import Endpoints
+from probes.publish.handshake import Pending
 from probes.publish.recorder import Recorder, free_log_path
 from probes.publish.requests import REQUEST_INTERVAL, RequestCallback, Requests
 from probes.publish.viewers import Viewer, Viewers
@@ -126,18 +127,21 @@ class Publisher:
         self._thread = threading.Thread(target=self._run, name="xray-tui-publisher", daemon=True)
         self._thread.start()
 
-    # where viewers reach this rank (see Endpoints), and what the tests and bench/soak.py watch
+    # -- where viewers reach this rank, and how they fare (the parts' state, read here) --
 
     @property
     def socket_path(self) -> Path | None:
+        """The Unix socket viewers connect to (None when not serving)."""
         return self.endpoints.socket_path
 
     @property
     def manifest_path(self) -> Path | None:
+        """The run's manifest in the run directory (None when not serving)."""
         return self.endpoints.manifest_path
 
     @property
     def token_path(self) -> Path | None:
+        """The 0600 file holding the TCP token (None without TCP)."""
         return self.endpoints.token_path
 
     @property
@@ -164,12 +168,14 @@ class Publisher:
     def request_interval(self, seconds: float) -> None:
         self.requests.interval = seconds
 
+    # the tests watch connections come and go through these two
+
     @property
     def _viewers(self) -> dict[int, Viewer]:
         return self.viewers.connected
 
     @property
-    def _pending(self) -> dict:
+    def _pending(self) -> dict[int, Pending]:
         return self.viewers.pending
 
     # -- training-thread side -------------------------------------------
