@@ -80,7 +80,7 @@ def rss_kib(pid: int | str = "self") -> int:
 
 def wait_attached(pub, n: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while len(pub._viewers) < n and time.monotonic() < deadline:
+    while len(pub.viewers.connected) < n and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -146,7 +146,7 @@ def faults(args) -> None:
                 p.kill()
                 p.wait()
             deadline = time.monotonic() + 10
-            while pub._viewers and time.monotonic() < deadline:
+            while pub.viewers.connected and time.monotonic() < deadline:
                 time.sleep(0.05)
 
     phases = ["no viewer", "viewer SIGKILLed mid-block", "viewer SIGSTOPped", "viewer reading 1 byte/s",
@@ -182,7 +182,7 @@ def soak(args) -> None:
     log = os.path.join(tempfile.mkdtemp(prefix="xray-soak-"), "soak.xray")
     xr = probes.attach(model, opt, every=args.every, name="soak", log=log)
     if args.viewer_buffer:
-        xr.publisher._viewer_buffer = args.viewer_buffer << 20  # a bench-only knob: reach the cap sooner
+        xr.publisher.viewers.buffer = args.viewer_buffer << 20  # a bench-only knob: reach the cap sooner
     x, y = torch.randn(64, 32), torch.randn(64, 1)
 
     def step():
@@ -205,7 +205,7 @@ def soak(args) -> None:
     for i in range(1, args.steps + 1):
         step()
         if i % (args.steps // 10) == 0:
-            viewers = list(xr.publisher._viewers.values())
+            viewers = list(xr.publisher.viewers.connected.values())
             held = max((v.bytes for v in viewers), default=0)
             print(f"| {i} | {rss_kib() / 1024:.1f} | {rss_kib(state_viewer.pid) / 1024:.1f} | "
                   f"{os.path.getsize(log) / 2**20:.1f} | {held / 2**20:.1f} |", flush=True)

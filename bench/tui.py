@@ -256,7 +256,7 @@ def main() -> int:
     cpu = asyncio.run(_cpu_share(2000, 5.0, secs, (160, 50)))
     print(f"live 2000 layers x 3 kinds at 5 steps/s ({secs}s): app CPU {100 * cpu['cpu_share']:.1f}% of one core, "
           f"ingested {cpu['samples_per_s']:,.0f} samples/s")
-    # the probe's backlog holds 512 sampled steps (probes.publish.server backlog_steps): all of it arrives at once
+    # the probe's backlog holds 512 sampled steps (probes.publish.publisher backlog_steps): all of it arrives at once
     fps = [asyncio.run(_first_paint(100, 512)) for _ in range(1 if args.quick else 3)]
     runs = ", ".join(f"{f['first_paint_s']:.2f}" for f in fps)
     med = statistics.median(f["first_paint_s"] for f in fps)

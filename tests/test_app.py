@@ -718,7 +718,7 @@ def test_state_memory_budget_shrinks_rings_but_keeps_a_minimum():
 # -- live sources: re-attach and the chooser ---------------------------------
 
 def publisher(name: str, started: float, n_layers: int = 4):
-    from probes.publish.server import Publisher
+    from probes.publish.publisher import Publisher
 
     hello = msgspec.structs.replace(synthetic.hello(n_layers, run=name), pid=os.getpid(), started=started)
     return Publisher(hello)

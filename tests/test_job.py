@@ -12,6 +12,7 @@ import torch
 
 from probes.protocol import histogram, wire
 from probes.distributed import job as jobmod
+from probes.distributed import merge as mergemod
 from probes.distributed.job import Job, table_keys
 from probes.capture.probe import build_step
 from probes.engines.batch import Batch
@@ -154,11 +155,11 @@ def test_histogram_windows_send_few_bins_and_stay_exact_when_values_move():
         packed = [j.pack(*rank_rows(t)) for j, t in zip(jobs, tensors)]
         cuts = [j.cut(p[2]) for j, p in zip(jobs, packed)]
         for (sums, _, _), (_, lost) in zip(packed, cuts):
-            sums[:, jobmod._LOST] = lost
+            sums[:, mergemod._LOST] = lost
         sums = sum(p[0] for p in packed)  # what the SUM all-reduce gives every rank
         maxes = np.maximum.reduce([p[1] for p in packed])
         flat = sum(c[0] for c in cuts)
-        lost = np.nonzero(sums[:, jobmod._LOST] > 0)[0]
+        lost = np.nonzero(sums[:, mergemod._LOST] > 0)[0]
         whole = lambda part: sum(p[2][lost] for p in packed)  # noqa: E731 - the fifth all-reduce
         counts, again = jobs[0].merge_counts(flat, sums, packed[0][2], whole)
         sent.append((flat.size, again))

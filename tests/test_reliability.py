@@ -27,7 +27,8 @@ import probes
 from probes.capture import probe as probe_module
 from probes.protocol import wire
 from probes.rules import RuleEngine
-from probes.publish.server import Publisher, Recorder
+from probes.publish.publisher import Publisher
+from probes.publish.recorder import Recorder
 from tui import feed, synthetic
 from tui.headless import clean
 from probes.protocol import stats

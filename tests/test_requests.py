@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 import probes
-from probes.publish import server
+from probes.publish import viewers
+from probes.publish.handshake import handshake
+from probes.publish.publisher import Publisher
 from probes.protocol import wire
 from tui.app import XRayApp
 from tui.feed import FileSource, ListSource, SocketSource
@@ -102,7 +104,7 @@ def test_older_viewers_ignore_accepts_and_older_hellos_read():
 class Peer:
     """A raw viewer socket on a publisher, reading frames with the viewer's own reader."""
 
-    def __init__(self, pub: server.Publisher) -> None:
+    def __init__(self, pub: Publisher) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(str(pub.socket_path))
         self.sock.settimeout(10)
@@ -145,8 +147,8 @@ def answer(m) -> bool:
 
 @pytest.fixture
 def pub(monkeypatch):
-    monkeypatch.setattr(server, "REPLY_INTERVAL", 0.0)  # answer every request: no timing in the test
-    p = server.Publisher(hello(), request_interval=3600.0)
+    monkeypatch.setattr(viewers, "REPLY_INTERVAL", 0.0)  # answer every request: no timing in the test
+    p = Publisher(hello(), request_interval=3600.0)
     calls = []
     p.on_request("spectral", lambda: (calls.append(1), (True, "spectral pass started"))[1])
     p.calls = calls
@@ -199,8 +201,8 @@ def test_junk_is_ignored_as_before_and_the_viewer_keeps_its_stream(pub, junk):
 
 
 def test_a_tcp_viewer_may_ask_after_its_handshake_and_not_before(monkeypatch):
-    monkeypatch.setattr(server, "REPLY_INTERVAL", 0.0)
-    p = server.Publisher(hello(), tcp=True, request_interval=0.0)
+    monkeypatch.setattr(viewers, "REPLY_INTERVAL", 0.0)
+    p = Publisher(hello(), tcp=True, request_interval=0.0)
     calls = []
     p.on_request("spectral", lambda: (calls.append(1), (True, "ok"))[1])
     host, port = p.tcp_address.rsplit(":", 1)
@@ -211,7 +213,7 @@ def test_a_tcp_viewer_may_ask_after_its_handshake_and_not_before(monkeypatch):
         assert bad.recv(100) == b""
         # handshake and request in one write: the request is read after the handshake
         sock = socket.create_connection((host, int(port)), timeout=10)
-        sock.sendall(server.handshake(p.token) + wire.encode_request("spectral"))
+        sock.sendall(handshake(p.token) + wire.encode_request("spectral"))
         reader, msgs = wire.FrameReader("tcp"), []
         while not any(answer(m) for m in msgs):
             data = sock.recv(65536)
@@ -225,8 +227,8 @@ def test_a_tcp_viewer_may_ask_after_its_handshake_and_not_before(monkeypatch):
 
 
 def test_a_failing_callback_is_removed_and_the_probe_goes_on(monkeypatch):
-    monkeypatch.setattr(server, "REPLY_INTERVAL", 0.0)
-    p = server.Publisher(hello(), request_interval=0.0)
+    monkeypatch.setattr(viewers, "REPLY_INTERVAL", 0.0)
+    p = Publisher(hello(), request_interval=0.0)
 
     def boom():
         raise RuntimeError("boom")

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from probes.protocol import rundir, wire
-from probes.publish.server import Recorder, free_log_path, handshake, parse_tcp
+from probes.publish.handshake import handshake, parse_tcp
+from probes.publish.recorder import Recorder, free_log_path
 
 Batch = list  # list[wire.Message]
 

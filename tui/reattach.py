@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from probes.protocol import rundir, wire
-from probes.publish.server import Recorder, free_log_path
+from probes.publish.recorder import Recorder, free_log_path
 from tui.feed import FeedError, SocketSource, resolve_run
 
 #: Seconds between looks at the run directory while waiting for the run.

@@ -32,7 +32,7 @@ KINDS = ("weight", "grad", "act", "update")
 #: The spectral message type, once probes.protocol.wire defines one (another issue's work).
 _SPECTRAL = getattr(wire, "Spectral", None)
 #: Samples a stream keeps while the memory budget allows: the probe's backlog
-#: (probes.publish.server, ``backlog_steps``) sends its newest 512 sampled steps on attach.
+#: (probes.publish.publisher, ``backlog_steps``) sends its newest 512 sampled steps on attach.
 DEPTH = 512
 #: Fewest samples a stream keeps however many streams there are.
 MIN_DEPTH = 16

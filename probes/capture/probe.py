@@ -35,7 +35,7 @@ from probes.engines.layout import COL
 from probes.engines.reduce import dead_units
 from probes.engines.transfer import upload
 from probes.rules.engine import RuleEngine
-from probes.publish.server import Publisher
+from probes.publish.publisher import Publisher
 from probes.distributed.job import DEFAULT_TIMEOUT, Job, table_keys
 
 log = logging.getLogger("xray-tui")

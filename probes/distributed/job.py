@@ -1,10 +1,10 @@
 """The whole job through torch.distributed: rank 0 merges every rank's statistics.
 
-On a sampled training step every rank hands its rows (probes/reduce.py) to
-a :class:`Job`, whose own thread packs them into flat buffers, one slot
-per (layer, kind) of a table fixed at attach and equal on every rank, and
-runs four collectives on a gloo group of the probe's own, in the same order
-on every rank:
+On a sampled training step every rank hands its rows (:mod:`probes.engines.batch`)
+to a :class:`Job`, whose own thread packs them into flat buffers, one slot
+per (layer, kind) of a table fixed at attach and equal on every rank (the
+arithmetic is :mod:`probes.distributed.merge`'s), and runs four collectives
+on a gloo group of the probe's own, in the same order on every rank:
 
 1. ``all_gather`` of a short per-rank vector (step, replicated gradient
    norm, non-finite count, step time, data+forward time, loss, backlog);
@@ -23,15 +23,8 @@ They are issued together (``async_op``) and waited for on the job thread,
 never on the training thread, and never on an unsampled step. Rank 0 then
 publishes the job's :class:`~probes.protocol.wire.Step` with ``rank=-1`` (its counts
 are the sums over all ranks: a replicated DDP weight counts ``world`` times)
-and the per-rank vector (:class:`~probes.protocol.wire.RankStats`).
-
-What is exact and what is not: counts, sums, power sums, min, max, the
-histogram and the update ratio (sqrt of summed update sumsq over summed
-reference sumsq) are exact merges. ``dead_units`` is the mean of the ranks'
-fractions (the job's exact figure, units dead on every rank, needs per-unit
-masks the rows do not carry); ``init_dist`` is the largest rank's; the
-spectral figures and evaluation passes are not merged (each rank's own
-stream has them).
+and the per-rank vector (:class:`~probes.protocol.wire.RankStats`); what
+is exact in that merge is said in :mod:`probes.distributed.merge`.
 
 Pace: each rank's backlog (sampled steps queued for its job thread) is in
 the gathered vector, so every rank sees the largest; while it exceeds
@@ -67,43 +60,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from probes.distributed.merge import MAX_WIDTH, SUM_HEAD, VECTOR, Merger
 from probes.protocol import histogram, wire
-from probes.engines.layout import COL, NCOL
 
 log = logging.getLogger("xray-tui")
 
-#: Additive columns of a row, summed over ranks (a rank without the row adds zeros).
-SUM_COLS = ("count", "sum", "sumsq", "abssum", "near_zero", "zeros", "nan", "posinf", "neginf",
-            "sum3", "sum4", "ref_sumsq", "lora_sumsq")
-# then: dead-unit fractions and how many ranks had one, ranks with the row, histogram sizes, and
-# ranks whose counts fell outside this round's window (their slot's counts go again, whole)
-_DEAD, _DEAD_N, _PRESENT, _HIST_N, _LOST = range(len(SUM_COLS), len(SUM_COLS) + 5)
-#: Columns of a slot in the SUM buffer (float64).
-SUM_HEAD = len(SUM_COLS) + 5
-#: Columns of a slot in the MAX buffer: max, -min, init_dist, and the largest and (negated) smallest
-#: magnitude (bins away from the zero bin) its non-zero histogram bins hold.
-MAX_WIDTH = 5
-#: Bins added on each side of the job's occupied range to make the next round's window (2 octaves).
-WINDOW_MARGIN = 8
-#: The per-rank vector, all-gathered.
-VECTOR = ("step", "grad_norm", "nonfinite", "step_time", "fwd_time", "loss", "backlog")
 #: Sampled steps queued on some rank's job thread beyond which the job merges half as many steps.
 BACKLOG_HIGH = 16
 #: Rounds in a row with no step queued anywhere before it merges twice as many again.
 CALM_ROUNDS = 8
 #: Fewest sampled steps merged: 1 in MAX_STRIDE.
 MAX_STRIDE = 64
-#: Largest histogram buffer (bytes, all bins of every slot: the first round's, and the bound of any
-#: round's) that is sent; a bigger table merges statistics only.
-MAX_HIST_BYTES = 32 << 20
 #: Seconds a round (or the setup) may take before the job is switched off.
 DEFAULT_TIMEOUT = 60.0
 #: Seconds the probe's close waits at most for the job thread's last rounds.
 CLOSE_WAIT = 10.0
 #: Sampled steps waiting for the job thread; one more means it fell behind (a peer is slow or gone).
 QUEUE_STEPS = 64
-
-_SUM_IDX = [COL[c] for c in SUM_COLS]
 
 
 def table_keys(params, trainable, act_layers) -> list[tuple[str, str]]:
@@ -130,8 +103,9 @@ def _digest(keys) -> int:
     return zlib.crc32("\n".join(f"{a}\t{b}" for a, b in keys).encode())
 
 
-class Job:
-    """The probe's part in the whole job's view (see the module docstring).
+class Job(Merger):
+    """The probe's part in the whole job's view (see the module docstring): the group, the job
+    thread, its pace and its failure; packing and merging are :class:`Merger`'s.
 
     ``publish(messages)`` hands a list of messages to the publisher (the
     probe's ``publisher.submit``). Every rank builds one, at attach, in the
@@ -140,9 +114,8 @@ class Job:
 
     def __init__(self, keys: list[tuple[str, str]], publish, run: str, *, timeout: float = DEFAULT_TIMEOUT,
                  replicated: set[str] | None = None, lora_bases: dict | None = None, every: int = 1) -> None:
+        super().__init__(keys)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.keys = keys
-        self.slot = {k: i for i, k in enumerate(keys)}
         self.timeout = timeout
         self.replicated = replicated or set()
         self.lora_bases = lora_bases or {}
@@ -160,8 +133,6 @@ class Job:
         self.round_cpu: deque = deque(maxlen=1024)  # and the job thread's CPU seconds in them
         self.hosts: list[str] = []
         n = len(keys)
-        self.hist = n * histogram.NUM_BINS * 4 <= MAX_HIST_BYTES  # the same on every rank
-        self._window(None)
         #: bytes each collective moved per rank in the last round: all_gather, SUM of statistics,
         #: SUM of histogram counts (windowed, plus any slot sent again whole), MAX
         self.bytes = (len(VECTOR) * 8 * self.world, n * SUM_HEAD * 8, n * histogram.NUM_BINS * 4 * self.hist,
@@ -190,26 +161,12 @@ class Job:
         """A Job without torch.distributed (no group, no thread): packing and merging only,
         for tests and bench/collectives.py."""
         job = cls.__new__(cls)
-        job.rank, job.world, job.keys = rank, world, keys
-        job.slot = {k: i for i, k in enumerate(keys)}
-        job.hist = len(keys) * histogram.NUM_BINS * 4 <= MAX_HIST_BYTES
-        job._window(None)
+        Merger.__init__(job, keys)
+        job.rank, job.world = rank, world
         job.replicated, job.lora_bases, job.on, job.hosts = set(), {}, False, []
         job.every, job.stride, job._calm, job._publish = 1, 1, 0, lambda build: None
         return job
 
-    def pack(self, meta, rows, hists, hist_n) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """This rank's buffers for one step's rows: statistics (float64, SUM), extremes
-        (float64, MAX) and histogram counts (int32, SUM; None when histograms are off)."""
-        n = len(self.keys)
-        sums = np.zeros((n, SUM_HEAD))
-        maxes = np.full((n, MAX_WIDTH), -math.inf)
-        counts = np.zeros((n, histogram.NUM_BINS), dtype=np.int32) if self.hist else None
-        if meta:
-            self._pack(meta, rows, hists, hist_n, sums, maxes, counts)
-        return sums, maxes, counts
-
-    @property
     def nodes(self) -> int:
         """Hosts the job runs on."""
         return len(set(self.hosts)) or 1
@@ -301,8 +258,7 @@ class Job:
         out = [torch.empty_like(t_vec) for _ in range(self.world)]
         flat = None
         if counts is not None:
-            flat, lost = self.cut(counts)
-            sums[:, _LOST] = lost
+            flat = self.windowed(counts, sums)
         # issued together, in this order on every rank; waited for together
         works = [dist.all_gather(out, t_vec, group=self.group, async_op=True),
                  dist.all_reduce(torch.from_numpy(sums), dist.ReduceOp.SUM, group=self.group, async_op=True),
@@ -329,38 +285,6 @@ class Job:
                                "give every rank the same every=")
         return gathered, (sums, maxes, counts) if self.rank == 0 else None
 
-    def _pack(self, meta, rows, hists, hist_n, sums, maxes, counts) -> None:
-        """This rank's rows into the slots (rows of layers outside the table are left out)."""
-        idx = [(i, self.slot[m]) for i, m in enumerate(meta) if m in self.slot]
-        if not idx:
-            return
-        src = np.fromiter((i for i, _ in idx), dtype=np.int64)
-        dst = np.fromiter((j for _, j in idx), dtype=np.int64)
-        r = rows[src]
-        add = r[:, _SUM_IDX]
-        # the extra columns are NaN where they do not apply: zeros add nothing
-        add[:, -2:] = np.nan_to_num(add[:, -2:], nan=0.0)
-        sums[dst, : len(SUM_COLS)] = add
-        dead = r[:, COL["dead_units"]]
-        known = ~np.isnan(dead)
-        sums[dst, _DEAD] = np.where(known, dead, 0.0)
-        sums[dst, _DEAD_N] = known
-        sums[dst, _PRESENT] = 1.0
-        sums[dst, _HIST_N] = np.asarray(hist_n, dtype=np.float64)[src]
-        if counts is not None:
-            counts[dst] = hists[src]
-            occupied = hists[src] != 0
-            z = histogram.ZERO_BIN  # both signs folded: column m-1 is magnitude m (bins z+m and z-m)
-            fold = occupied[:, z + 1:] | occupied[:, z - 1::-1]
-            has = fold.any(1)
-            maxes[dst, 3] = np.where(has, histogram.MAG_BINS - fold[:, ::-1].argmax(1), -math.inf)
-            maxes[dst, 4] = np.where(has, -(fold.argmax(1) + 1), -math.inf)
-        # NaN (a tensor holding one, or an empty one) is neutral here; the NaN count restores it
-        mx, mn, init = r[:, COL["max"]], r[:, COL["min"]], r[:, COL["init_dist"]]
-        maxes[dst, 0] = np.where(np.isnan(mx), -math.inf, mx)
-        maxes[dst, 1] = np.where(np.isnan(mn), -math.inf, -mn)
-        maxes[dst, 2] = np.where(np.isnan(init), -math.inf, init)
-
     # -- pace -------------------------------------------------------------
 
     def merges(self, step: int) -> bool:
@@ -386,81 +310,6 @@ class Job:
             note = wire.Note(max(step, 0), wire.JOB_RANK, "job-stride", {
                 "stride": self.stride, "why": "the collectives fell behind" if self.stride > before else "caught up"})
             self._publish(lambda: [note])
-
-    # -- histogram windows ------------------------------------------------
-    # A slot's counts occupy a few dozen of the 641 bins. After the first round (all bins), each
-    # round sends per slot only the zero bin and, on both signs, the magnitudes the job occupied
-    # in the previous round plus a margin: the same window on every rank (it comes from the MAX
-    # all-reduce). A rank whose counts fall outside says so in the SUM buffer; those slots' counts
-    # then go again, whole, in one more all-reduce that every rank issues (each knows the same
-    # slots from the SUM): exact, whatever moved.
-
-    def _window(self, maxes) -> None:
-        """Set the next round's windows from a round's all-reduced MAX buffer (None: all bins)."""
-        n, z, nb = len(self.keys), histogram.ZERO_BIN, histogram.NUM_BINS
-        base = np.arange(n) * nb
-        if maxes is None or not self.hist:
-            starts, widths = base, np.full(n, nb if self.hist else 0)
-        else:
-            occupied = np.isfinite(maxes[:, 3])
-            hi = np.minimum(np.nan_to_num(maxes[:, 3], neginf=0) + WINDOW_MARGIN, histogram.MAG_BINS)
-            lo = np.maximum(np.nan_to_num(-maxes[:, 4], posinf=1) - WINDOW_MARGIN, 1)
-            side = np.where(occupied, hi - lo + 1, 0).astype(np.int64)
-            # per slot: negative magnitudes hi..lo, the zero bin, positive magnitudes lo..hi
-            starts = np.stack([base + z - hi, base + z, base + z + lo], 1).reshape(-1).astype(np.int64)
-            widths = np.stack([side, np.ones(n, dtype=np.int64), side], 1).reshape(-1)
-        widths = np.asarray(widths, dtype=np.int64)
-        total = int(widths.sum())
-        offsets = np.concatenate([[0], np.cumsum(widths)[:-1]])
-        #: flat indices (into [n, NUM_BINS]) of the bins sent, and the slot of each
-        self._win_idx = np.repeat(starts - offsets, widths) + np.arange(total)
-        self._win_slot = self._win_idx // nb
-
-    def cut(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's counts inside the windows (flat int32), and per slot 1 where some fell outside."""
-        flat = counts.reshape(-1)[self._win_idx]
-        inside = np.bincount(self._win_slot, weights=flat, minlength=len(self.keys))
-        return flat, (counts.sum(1) != inside).astype(np.float64)
-
-    def merge_counts(self, flat, sums, counts, whole) -> tuple[np.ndarray, int]:
-        """The job's counts [n, NUM_BINS] from the all-reduced windows; slots some rank lost go
-        again whole through ``whole(this rank's counts of those slots)`` (an all-reduce).
-        Returns (counts, bins sent again)."""
-        merged = np.zeros(len(self.keys) * histogram.NUM_BINS, dtype=np.int32)
-        merged[self._win_idx] = flat
-        merged = merged.reshape(len(self.keys), histogram.NUM_BINS)
-        lost = np.nonzero(sums[:, _LOST] > 0)[0]
-        if len(lost):
-            merged[lost] = whole(np.ascontiguousarray(counts[lost]))
-        return merged, int(len(lost) * histogram.NUM_BINS)
-
-    def merged_rows(self, merged):
-        """Rank 0: the job's rows back in reduce.py's layout: (meta, rows [m, NCOL], hists, hist_n)."""
-        sums, maxes, counts = merged
-        present = np.nonzero(sums[:, _PRESENT] > 0)[0]
-        m = len(present)
-        rows = np.full((m, NCOL), math.nan)
-        s, mx = sums[present], maxes[present]
-        rows[:, _SUM_IDX] = s[:, : len(SUM_COLS)]
-        bad = (rows[:, COL["count"]] == 0) | (rows[:, COL["nan"]] > 0)  # as one tensor holding a NaN, or none
-        rows[:, COL["max"]] = np.where(bad | np.isinf(mx[:, 0]) & (mx[:, 0] < 0), math.nan, mx[:, 0])
-        rows[:, COL["min"]] = np.where(bad | np.isinf(mx[:, 1]) & (mx[:, 1] < 0), math.nan, -mx[:, 1])
-        rows[:, COL["init_dist"]] = np.where(np.isneginf(mx[:, 2]), math.nan, mx[:, 2])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rows[:, COL["dead_units"]] = np.where(s[:, _DEAD_N] > 0, s[:, _DEAD] / s[:, _DEAD_N], math.nan)
-        ref = rows[:, COL["ref_sumsq"]]
-        rows[:, COL["ref_sumsq"]] = np.where(ref > 0, ref, math.nan)
-        hists = (counts[present].astype(np.int64) if counts is not None
-                 else np.zeros((m, histogram.NUM_BINS), dtype=np.int64))
-        hist_n = s[:, _HIST_N].astype(np.int64).tolist() if counts is not None else [0] * m
-        meta = [self.keys[i] for i in present]
-        return meta, rows, hists, hist_n
-
-    def rank_stats(self, gathered) -> wire.RankStats:
-        """The all-gathered per-rank vector as the wire carries it."""
-        col = {name: gathered[:, i].tolist() for i, name in enumerate(VECTOR)}
-        return wire.RankStats(grad_norm=col["grad_norm"], nonfinite=col["nonfinite"], step_time=col["step_time"],
-                              fwd_time=col["fwd_time"], loss=col["loss"])
 
     # -- failure ----------------------------------------------------------
 
