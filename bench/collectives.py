@@ -7,7 +7,7 @@ the training thread in interleaved blocks of three configurations:
 - ``baseline``: no probe;
 - ``probe``: the probe without the whole-job view (``job=False``; with several
   ranks it all-gathers the gradient norms on the training thread, as before);
-- ``probe+job``: the probe with the whole-job view (probes/job.py).
+- ``probe+job``: the probe with the whole-job view (probes/distributed/job.py).
 
 It also reports the job thread's round (packing, the four collectives,
 waiting for the other ranks): its wall time and the CPU time it takes, which

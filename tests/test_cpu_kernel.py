@@ -1,4 +1,4 @@
-"""The one-pass C kernel (probes/cpu_kernel.c) against numpy and against the torch path."""
+"""The one-pass C kernel (probes/engines/cpu_kernel.c) against numpy and against the torch path."""
 
 import logging
 import math

@@ -1,4 +1,4 @@
-"""The device engine (probes/device_engine.py, Triton): on CUDA tensors where a GPU is here, else in
+"""The device engine (probes/engines/device.py, Triton): on CUDA tensors where a GPU is here, else in
 Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1 then).
 
 Its rows against numpy's ground truth on the tensors the C kernel is tested
@@ -67,7 +67,7 @@ def engine_rows(xs, k=65535, units=None, seeds=None):
 
 
 def bound(col: str, x: torch.Tensor) -> float:
-    """The engine's error bound for ``col`` (see probes/device_engine.py): per chunk of CHUNK elements,
+    """The engine's error bound for ``col`` (see probes/engines/device.py): per chunk of CHUNK elements,
     float32 sums of (x - c)^p, c the mean of the chunk's first BLOCK finite elements, each lane adding
     FLUSH blocks before a block-wide sum folds them into float64:
     (p + FLUSH + 2 log2(BLOCK) + 3) u sum (|c| + |x - c|)^p, plus float64 rounding."""

@@ -1,4 +1,4 @@
-"""The whole job's merge (probes/job.py) without torch.distributed: each "rank" packs its rows,
+"""The whole job's merge (probes/distributed/job.py) without torch.distributed: each "rank" packs its rows,
 the buffers are summed and maxed as the collectives would, and rank 0's rows must be the
 statistics of all the ranks' tensors together. Also the straggler rule and the viewer's use
 of the job's samples."""

@@ -433,7 +433,7 @@ EXIT_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("mode,reason,codes", [
     ("no-close", "finished", (0,)),
     ("error", "crashed", (1,)),
-    ("error-no-with", "crashed", (1,)),  # atexit closes it, and knows of the exception (probes/lifecycle.py)
+    ("error-no-with", "crashed", (1,)),  # atexit closes it, and knows of the exception (probes/publish/lifecycle.py)
     ("ctrl-c", "interrupted", (130, -signal.SIGINT)),
 ])
 def test_every_exit_removes_socket_and_manifest_and_closes_the_recording(tmp_path, run_dir, mode, reason, codes):

@@ -107,7 +107,7 @@ class RunState(StateViews):
     drops: int = 0
     samples_seen: int = 0
     #: rank 0 sends the whole job's samples (rank -1, merged over every rank of every node by
-    #: torch.distributed: probes/job.py); the merged view shows them instead of merging here
+    #: torch.distributed: probes/distributed/job.py); the merged view shows them instead of merging here
     job: bool = False
     #: the whole job's newest per-rank numbers (wire.RankStats: step time, grad norm, loss...)
     job_ranks: object = None

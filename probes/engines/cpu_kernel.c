@@ -1,4 +1,4 @@
-/* One pass per tensor for the probe's statistics on the CPU (probes/cpu_kernel.py).
+/* One pass per tensor for the probe's statistics on the CPU (probes/engines/cpu_kernel.py).
  *
  * torch computes the same row in ~11 passes over memory (sum, norms, aminmax,
  * x*x, abs, compares, dot products), each a separate kernel; this reads each

@@ -21,7 +21,7 @@ from probes.protocol import histogram
 HEAT_MAX_ROWS, HEAT_MAX_COLS = 64, 128
 
 Count = Annotated[int, Meta(ge=0)]
-#: A rank, or -1: the whole job (rank 0 merges every rank's statistics; probes/job.py)
+#: A rank, or -1: the whole job (rank 0 merges every rank's statistics; probes/distributed/job.py)
 Rank = Annotated[int, Meta(ge=-1)]
 #: The rank of the whole job's merged samples and of alerts drawn from them.
 JOB_RANK = -1
@@ -77,7 +77,7 @@ class Hello(Struct, tag="hello", frozen=True):
     #: the step the run resumed at (0 for a fresh run): step indices continue from it
     start_step: Count = 0
     #: with torch.distributed: the host name of every rank (index = rank), from rank 0's
-    #: job setup (probes/job.py); [] when the probe does not merge the job
+    #: job setup (probes/distributed/job.py); [] when the probe does not merge the job
     hosts: list[str] = []
 
 

@@ -80,7 +80,7 @@ class Manifest:
     protocol: int
     tcp: str = ""  # "host:port" of the optional TCP listener
     log: str = ""  # the recording this rank writes ("" when none)
-    nodes: int = 1  # hosts the job runs on (rank 0 knows them all: probes/job.py), 1 when unknown
+    nodes: int = 1  # hosts the job runs on (rank 0 knows them all: probes/distributed/job.py), 1 when unknown
 
     @property
     def token_file(self) -> Path:
