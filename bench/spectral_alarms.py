@@ -46,7 +46,7 @@ def run(model_kind: str, steps: int, spectral_every: int, threads: int, rules=No
     if model_kind == "zoo":  # as tests/test_fault_zoo.py trains it
         data = demo.CharData(demo.corpus(), block=32, seed=0)
         model, batch, every = zoo_model(len(data.chars)), 8, 5
-    else:  # as probes.demo.train does
+    else:  # as probes.demo.training.train does
         data = demo.CharData(demo.corpus(), seed=0)
         model, batch, every = demo.build_model(len(data.chars)), 16, 5
     model.train()
