@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 
-from probes.rules.engine import RULES, RuleConfig
+from probes.rules.thresholds import RULES, RuleConfig
 
 #: TOML table name -> RuleConfig field prefix.
 PREFIX = {

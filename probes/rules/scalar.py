@@ -109,7 +109,7 @@ class ScalarRules:
         for s in step.samples:
             if s.kind not in ("grad", "update"):
                 continue
-            st = self.engine._streams.get((s.layer, s.kind, rank))
+            st = self.engine.streams.get((s.layer, s.kind, rank))
             if st is None:
                 continue
             value, series = (stats.l2(s), "l2") if s.kind == "grad" else (s.ratio, "ratio")
