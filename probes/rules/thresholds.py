@@ -63,9 +63,9 @@ class RuleConfig:
     starved_min_peers: int = 3  # tensors of that kind (itself included) needed for a median
     rank_factor: float = 2.0  # a rank's total grad norm this many times off the other ranks' median
     rank_k: int = 2
-    # straggler (over the whole job's per-rank times, probes/job.py): a rank's step time this many
-    # times the other ranks' median, and at least straggler_min_s seconds more, for straggler_k
-    # sampled steps in a row
+    # straggler (over the whole job's per-rank times, probes/distributed/job.py): a rank's step
+    # time this many times the other ranks' median, and at least straggler_min_s seconds more,
+    # for straggler_k sampled steps in a row
     straggler_factor: float = 1.5
     straggler_min_s: float = 0.02
     straggler_k: int = 3
