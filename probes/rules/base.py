@@ -102,13 +102,11 @@ class Finding(NamedTuple):
     message: str
 
 
-class Verdict(NamedTuple):
-    """A :class:`SampleRule`'s judgement of one sample."""
-
-    bad: bool
-    k: int  # bad samples in a row before it fires
-    # built only when the rule fires (after the bad run is counted, which a message may quote)
-    finding: Callable[[], Finding]
+#: A :class:`SampleRule`'s judgement of one sample: ``(bad, k, finding)``, where ``k`` is the bad
+#: samples in a row it needs before it fires and ``finding()`` builds what the alert says, called
+#: only when it fires (after the run of bad samples is counted, which a message may quote). A
+#: plain tuple: it is made for every sample every rule judges, ~100k times in a demo run.
+Verdict = tuple[bool, int, Callable[[], Finding]]
 
 
 def alert(step: Step, where: Sample | Where, rule: str, finding: Finding, *, kind: str | None = None,
@@ -127,12 +125,12 @@ def recovered(step: Step, where: Sample | Where, rule: str, *, kind: str | None 
                  kind=kind, rank=rank)
 
 
-def tracked(engine, step: Step, where: Sample | Where, st: StreamState, rule: str, bad: bool, k: int,
+def tracked(step: Step, where: Sample | Where, st: StreamState, rule: str, bad: bool, k: int, recover_k: int,
             finding: Callable[[], Finding], out: list[Alert], *, kind: str | None = None,
             rank: int | None = None) -> None:
     """:func:`track` one judgement and append the alert it calls for, if any (for step rules,
-    which judge streams of their own)."""
-    change = track(st, rule, bad, k, engine.cfg(where.layer).recover_k)
+    which judge streams of their own; ``recover_k`` from the thresholds of ``where.layer``)."""
+    change = track(st, rule, bad, k, recover_k)
     if change == FIRE:
         out.append(alert(step, where, rule, finding(), kind=kind, rank=rank))
     elif change == RECOVER:
@@ -146,6 +144,8 @@ class StepContext:
     step: Step
     #: trainable parameters without a gradient at this step (no-grad's: the update rules leave them be)
     missing: set = field(default_factory=set)
+    #: figures several rules read from the sample being judged, computed once (see exploding.norm)
+    memo: tuple = ()
 
 
 class SampleRule:

@@ -65,7 +65,7 @@ class DeadActivations(SampleRule):
                 "check the bias init, the learning rate and the activation function",
             )
 
-        return Verdict(bad, c.dead_k, finding)
+        return bad, c.dead_k, finding
 
 
 class DeadGradients(SampleRule):
@@ -98,4 +98,4 @@ class DeadGradients(SampleRule):
                 f"the start: {hint}",
             )
 
-        return Verdict(zero, c.dead_k, finding)
+        return zero, c.dead_k, finding

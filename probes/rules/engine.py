@@ -87,37 +87,44 @@ class RuleEngine(RunFacts):
         step = ctx.step
         for rule in stage.rules:
             rule.begin(ctx)
+        by_kind, settles, streams, zero_init = stage.by_kind, stage.settles, self.streams, self.zero_init
         for s in step.samples:
-            if s.kind == "weight" and s.layer not in self.zero_init and s.count:
-                self.zero_init[s.layer] = s.sumsq == 0  # e.g. a LoRA B: its ratio starts at 1/n
+            if s.kind == "weight" and s.layer not in zero_init and s.count:
+                zero_init[s.layer] = s.sumsq == 0  # e.g. a LoRA B: its ratio starts at 1/n
             if stats.nonfinite(s):
                 continue  # the nonfinite rule owns this sample; others would be collateral
-            st = self.streams.setdefault((s.layer, s.kind, step.rank), StreamState())
+            st = streams.setdefault((s.layer, s.kind, step.rank), StreamState())
             c = self.cfg(s.layer)
-            rules = stage.by_kind.get(s.kind, ())
-            bad: set[str] = set()
-            for rule in rules:
-                if not (c.on(rule.id) and rule.applies(ctx, s)):
+            bad = _NONE
+            for rule, rid, applies in by_kind.get(s.kind, ()):
+                if rid in c.disabled or (applies is not None and not applies(ctx, s)):
                     continue
                 verdict = rule.judge(ctx, s, st, c)
                 if verdict is None:
                     continue
-                if verdict.bad:
-                    bad.add(rule.id)
-                change = track(st, rule.id, verdict.bad, verdict.k, c.recover_k)
+                is_bad, k, finding = verdict
+                if is_bad:
+                    bad = bad | {rid}
+                change = track(st, rid, is_bad, k, c.recover_k)
                 if change == FIRE:
-                    out.append(alert(step, s, rule.id, verdict.finding()))
+                    out.append(alert(step, s, rid, finding()))
                 elif change == RECOVER:
-                    out.append(recovered(step, s, rule.id))
-            for rule in rules:
+                    out.append(recovered(step, s, rid))
+            for rule in settles.get(s.kind, ()):
                 rule.settle(ctx, s, st, c, bad)
+
+
+_NONE: frozenset = frozenset()  # no rule found the sample bad (the usual case: no set built)
 
 
 class _SamplePass(NamedTuple):
     """A run of consecutive sample rules of the registry, judged in one pass over the samples."""
 
     rules: list  # in registry order
-    by_kind: dict  # sample kind -> the rules that judge it, in registry order
+    # sample kind -> (rule, its id, its applies() if it has one) for the rules that judge it, in
+    # registry order: the per-sample loop runs ~100k times a demo run, so it looks nothing up twice
+    by_kind: dict
+    settles: dict  # sample kind -> those of them with a settle step (most have none: not called)
 
 
 def _plan(rules: list) -> list:
@@ -127,10 +134,13 @@ def _plan(rules: list) -> list:
     for rule in rules:
         if isinstance(rule, SampleRule):
             if not (stages and isinstance(stages[-1], _SamplePass)):
-                stages.append(_SamplePass([], {}))
+                stages.append(_SamplePass([], {}, {}))
             stages[-1].rules.append(rule)
             for kind in sorted(rule.kinds):
-                stages[-1].by_kind.setdefault(kind, []).append(rule)
+                applies = rule.applies if type(rule).applies is not SampleRule.applies else None
+                stages[-1].by_kind.setdefault(kind, []).append((rule, rule.id, applies))
+                if type(rule).settle is not SampleRule.settle:
+                    stages[-1].settles.setdefault(kind, []).append(rule)
         else:
             stages.append(rule)
     return stages

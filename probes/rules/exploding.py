@@ -13,15 +13,23 @@ import math
 import statistics
 
 from probes.protocol import stats
+from probes.protocol.wire import Sample
 from probes.rules.base import MAD_SIGMA, Finding, SampleRule, StepContext, StreamState, Verdict, mad, median
 
 #: the stream series of recent healthy L2 norms
 L2 = "l2"
 
 
-def l2_median(st: StreamState, c) -> float:
-    """The median of a stream's recent healthy L2 norms (NaN while it is too short)."""
-    return median(st.series(L2), c.explode_window, c.explode_min_history)
+def norm(ctx: StepContext, s: Sample, st: StreamState, c) -> tuple[float, float]:
+    """(``s``'s L2 norm, the median of its stream's recent healthy L2 norms: NaN while it is
+    too short), computed once per sample for the rules that read them."""
+    memo = ctx.memo
+    if memo and memo[0] is s:
+        return memo[1], memo[2]
+    value = stats.l2(s)
+    ref = median(st.series(L2), c.explode_window, c.explode_min_history) if math.isfinite(value) else math.nan
+    ctx.memo = (s, value, ref)
+    return value, ref
 
 
 class Exploding(SampleRule):
@@ -61,9 +69,11 @@ class Exploding(SampleRule):
     def judge(self, ctx, s, st, c) -> Verdict | None:
         value = stats.l2(s)
         if not math.isfinite(value):
+            ctx.memo = (s, value, math.nan)
             return None  # the nonfinite rule owns this sample
         hist = st.series(L2)
-        ref = l2_median(st, c)
+        ref = median(hist, c.explode_window, c.explode_min_history)
+        ctx.memo = (s, value, ref)  # for vanishing and settle: norm() without computing them again
         # a gradient is judged against its own history times the whole model's growth at this step
         together = self.growth if s.kind == "grad" else 1.0
         threshold = c.explode_factor * ref * together
@@ -94,13 +104,14 @@ class Exploding(SampleRule):
             )
 
         # a jump far out of range, or past the cap, needs no confirmation
-        return Verdict(bool(rel or cap), 1 if (now or cap) else c.explode_k, finding)
+        return bool(rel or cap), 1 if (now or cap) else c.explode_k, finding
 
     def settle(self, ctx, s, st, c, bad) -> None:
         """A stream's history is its healthy past: bad values do not move the baseline."""
-        value = stats.l2(s)
+        memo = ctx.memo
+        value = memo[1] if memo and memo[0] is s else norm(ctx, s, st, c)[0]
         if not math.isfinite(value):
             return
-        hist = st.series(L2)
+        hist = st.hist[L2]  # (made when the value was read)
         if not (bad & {"exploding", "vanishing"} or st.active & {"exploding", "vanishing"}):
             hist.append(value)

@@ -42,4 +42,4 @@ class NoGrad(StepRule):
                     "detached branch (.detach(), torch.no_grad()), or unused in forward?",
                 )
 
-            tracked(engine, step, s, st, "no-grad", bad, c.nograd_k, finding, out, kind="grad")
+            tracked(step, s, st, "no-grad", bad, c.nograd_k, c.recover_k, finding, out, kind="grad")

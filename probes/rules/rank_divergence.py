@@ -69,4 +69,4 @@ class RankDivergence(StepRule):
                     f"{ref:.3g}: a corrupted gradient, a rank out of sync, or faulty hardware on it",
                 )
 
-            tracked(engine, step, where, st, "rank-divergence", bad, c.rank_k, finding, out, rank=r)
+            tracked(step, where, st, "rank-divergence", bad, c.rank_k, c.recover_k, finding, out, rank=r)

@@ -32,7 +32,7 @@ class Stalled(UpdateRule):
                 f"update ratio {ratio:.2g} < {c.stall_ratio:g} for {c.stall_k} samples: " + self._hint(s.layer),
             )
 
-        return Verdict(ratio < c.stall_ratio, c.stall_k, finding)
+        return ratio < c.stall_ratio, c.stall_k, finding
 
     def _hint(self, param: str) -> str:
         """Why ``param`` does not move, as far as the run's facts tell."""

@@ -59,4 +59,4 @@ class Starved(UpdateRule):
                 "or a gradient scaled down",
             )
 
-        return Verdict(ratio * c.starved_factor < ref, c.starved_k, finding)
+        return ratio * c.starved_factor < ref, c.starved_k, finding

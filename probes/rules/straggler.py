@@ -54,4 +54,4 @@ class Straggler(StepRule):
                     "(a slow or throttled GPU, data loading or another process on that host)",
                 )
 
-            tracked(engine, step, where, st, "straggler", bad, c.straggler_k, finding, out, rank=r)
+            tracked(step, where, st, "straggler", bad, c.straggler_k, c.recover_k, finding, out, rank=r)

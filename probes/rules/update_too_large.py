@@ -67,4 +67,4 @@ class UpdateTooLarge(UpdateRule):
                 f"healthy training's 1e-3 to 3e-2{lr}: learning rate too high, or warm-up missing?",
             )
 
-        return Verdict(bad, k, finding)
+        return bad, k, finding

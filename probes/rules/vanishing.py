@@ -11,7 +11,7 @@ import math
 
 from probes.protocol import stats
 from probes.rules.base import Finding, SampleRule, Verdict, median
-from probes.rules.exploding import l2_median
+from probes.rules.exploding import norm
 
 
 class Vanishing(SampleRule):
@@ -21,10 +21,9 @@ class Vanishing(SampleRule):
     kinds = frozenset({"grad"})
 
     def judge(self, ctx, s, st, c) -> Verdict | None:
-        value = stats.l2(s)
+        value, ref = norm(ctx, s, st, c)
         if not math.isfinite(value):
             return None  # the nonfinite rule owns this sample
-        ref = l2_median(st, c)
         zeros = stats.fraction(s.zeros, s)
         zhist = st.series("zeros")
         zmed = median(zhist, c.explode_window, c.explode_min_history)
@@ -51,7 +50,7 @@ class Vanishing(SampleRule):
                 f"{ref:.3g}: gradients vanish; {hint}",
             )
 
-        return Verdict(bad, c.vanish_k, finding)
+        return bad, c.vanish_k, finding
 
     def _underflow_hint(self) -> str:
         """Why gradients flush to zero, for the run's precision."""
