@@ -9,7 +9,7 @@ in a row, stay quiet while the condition lasts, and say once, at severity
 Two shapes of rule (:mod:`probes.rules.registry` lists them in the order they run):
 
 - :class:`SampleRule` judges one sample of one stream (layer, kind, rank) and
-  returns a :class:`Verdict`; the engine keeps the stream's state and tracks it.
+  returns a :data:`Verdict`; the engine keeps the stream's state and tracks it.
 - :class:`StepRule` judges a whole :class:`~probes.protocol.wire.Step` (several
   streams at once, or a stream that is not one sample's) and appends its alerts.
 """
@@ -177,8 +177,9 @@ class SampleRule:
         raise NotImplementedError
 
     def settle(self, ctx: StepContext, s: Sample, st: StreamState, c, bad: set[str]) -> None:
-        """Called after every rule has judged ``s`` (enabled or not), with the ids that found it
-        bad: for baselines that several rules share."""
+        """Called after the rules have judged ``s``, whether this rule is on or not, with the ids
+        that found it bad: for a baseline several rules share, which must keep moving when one
+        of them is switched off (``exploding``'s L2 history, which ``vanishing`` reads)."""
 
 
 class UpdateRule(SampleRule):
