@@ -159,10 +159,10 @@ def summary(path: str, rules=None) -> dict:
             for x in m.samples:
                 if x.kind != "update" or x.ratio is None or not math.isfinite(x.ratio):
                     continue
-                kind = kinds._param_kind(x.layer)
+                kind = kinds.param_kind(x.layer)
                 if x.ratio > 0:
                     by_kind.setdefault(kind, []).append(x.ratio)
-                if kind == "matrix" and not kinds._zero_init.get(x.layer, False):
+                if kind == "matrix" and not kinds.zero_init.get(x.layer, False):
                     (first if x.layer not in runs else band).append(x.ratio)
                     run_now[x.layer] = run_now.get(x.layer, 0) + 1 if x.ratio > 0.1 else 0
                     runs[x.layer] = max(runs.get(x.layer, 0), run_now[x.layer])

@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 
-from probes.rules.engine import RULES, RuleConfig
+from probes.rules.thresholds import RULES, RuleConfig
 
 #: TOML table name -> RuleConfig field prefix.
 PREFIX = {
@@ -58,7 +58,7 @@ PREFIX = {
     "no-grad": "nograd_",
     "update-too-large": "update_",
     "rank-divergence": "rank_",
-    "straggler": "straggler_",  # over the whole job's per-rank step times (probes/job.py)
+    "straggler": "straggler_",  # over the whole job's per-rank step times (probes/distributed/job.py)
     "nonfinite": None,  # no thresholds: only ``enabled``
     "loss-spike": "spike_",  # evaluated over every step's Scalars by probes.rules.scalar
     "overflow": "overflow_",

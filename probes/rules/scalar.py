@@ -21,20 +21,24 @@ import statistics
 from collections import deque
 
 from probes.protocol.wire import Alert, Scalars
+from probes.rules.base import FIRE, MAD_SIGMA, RECOVER, track
+from probes.rules.thresholds import LOSS_LAYER
 
-LOSS = "(loss)"
-_MAD_SIGMA = 1.4826
+LOSS = LOSS_LAYER
 
 
 class _RankState:
+    """One rank's loss history, skipped steps and firing rules."""
+
     def __init__(self) -> None:
         self.losses: deque = deque(maxlen=512)  # healthy losses only: a spike must not move the band
         self.first: list[float] = []  # the first losses seen: where the run started
         self.above_start = 0  # steps in a row with the loss far above where it started
         self.skipped: deque = deque(maxlen=512)
         self.skipped_run = 0
-        self.active: set[str] = set()
-        self.good: dict[str, int] = {}
+        self.active: set[str] = set()  # rules (and conditions: "diverging", "overflow-critical") firing
+        self.good: dict[str, int] = {}  # (for base.track) good steps in a row while active...
+        self.bad: dict[str, int] = {}  # ...and bad ones
 
 
 class ScalarRules:
@@ -71,20 +75,14 @@ class ScalarRules:
         return Alert(msg.step, msg.rank, severity, rule, LOSS, "scalar", float(value), float(threshold), message)
 
     def _judge(self, msg, st, rule, bad, out, fire, recovered: str, key: str = "") -> None:
-        """Fire once while ``bad`` holds (hysteresis is the caller's), say once, at severity
-        ``info``, when it has not held for ``recover_k`` steps. ``key`` tells apart two
-        conditions of one rule."""
-        key = key or rule
-        if bad:
-            st.good[key] = 0
-            if key not in st.active:
-                st.active.add(key)
-                out.append(fire())
-        elif key in st.active:
-            st.good[key] = st.good.get(key, 0) + 1
-            if st.good[key] >= self.engine.cfg(LOSS).recover_k:
-                st.active.discard(key)
-                out.append(self._alert(msg, "info", rule, 0.0, 0.0, recovered))
+        """Fire once while ``bad`` holds (hysteresis is the caller's: :func:`~probes.rules.base.track`
+        with ``k`` 1), say once, at severity ``info``, when it has not held for ``recover_k``
+        steps. ``key`` tells apart two conditions of one rule."""
+        change = track(st, key or rule, bad, 1, self.engine.cfg(LOSS).recover_k)
+        if change == FIRE:
+            out.append(fire())
+        elif change == RECOVER:
+            out.append(self._alert(msg, "info", rule, 0.0, 0.0, recovered))
 
     def _lr(self) -> str:
         lr = self.engine.scalars.get("lr")
@@ -109,7 +107,7 @@ class ScalarRules:
         for s in step.samples:
             if s.kind not in ("grad", "update"):
                 continue
-            st = self.engine._streams.get((s.layer, s.kind, rank))
+            st = self.engine.streams.get((s.layer, s.kind, rank))
             if st is None:
                 continue
             value, series = (stats.l2(s), "l2") if s.kind == "grad" else (s.ratio, "ratio")
@@ -133,7 +131,7 @@ class ScalarRules:
         if len(window) >= c.spike_min_history and c.on("loss-spike"):
             median = statistics.median(window)
             mad = statistics.median(abs(v - median) for v in window)
-            threshold = max(median + c.spike_sigmas * _MAD_SIGMA * mad, median + c.spike_rel * abs(median))
+            threshold = max(median + c.spike_sigmas * MAD_SIGMA * mad, median + c.spike_rel * abs(median))
             bad = loss > threshold
 
             def fire():
