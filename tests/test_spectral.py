@@ -10,6 +10,8 @@ from torch import nn
 
 import probes
 from probes.spectral import analysis as spectral
+from probes.spectral.matrices import analyze_model, targets
+from probes.spectral.monitor import SpectralMonitor
 from probes.protocol import wire
 
 METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank")
@@ -68,7 +70,7 @@ def test_matches_weightwatcher_on_random_matrices():
     mats = _matrices()
     model = _linear_model(mats)
     details = _ww_details(model)
-    ours = {m.name: m for m in spectral.analyze_model(model)}
+    ours = {m.name: m for m in analyze_model(model)}
     _compare(details, ours, model)
     # the matrices span the bands: heavy tails below 6, the Gaussian above
     assert ours["2.weight"].alpha < 2.5 and ours["0.weight"].alpha > 6
@@ -78,7 +80,7 @@ def test_matches_weightwatcher_on_conv2d():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Conv2d(32, 24, (1, 2)))
     details = _ww_details(model)
-    ours = {m.name: m for m in spectral.analyze_model(model)}
+    ours = {m.name: m for m in analyze_model(model)}
     _compare(details, ours, model)
     assert ours["0.weight"].method == "conv-slices" and ours["0.weight"].n_evals == 16 * 9
 
@@ -92,7 +94,7 @@ def test_matches_weightwatcher_on_gpt2_shaped_model():
         w = model.transformer.h[0].mlp.c_fc.weight
         w.copy_(0.02 * torch.distributions.StudentT(2.0).sample(w.shape))
     details = _ww_details(model)
-    ours = {m.name: m for m in spectral.analyze_model(model)}
+    ours = {m.name: m for m in analyze_model(model)}
     assert len(details) == len(ours) + 1  # lm_head is tied to wte
     _compare(details, ours, model)
 
@@ -161,11 +163,11 @@ class _LoraLinear(nn.Module):
 def test_lora_metrics_are_those_of_the_merged_weight():
     torch.manual_seed(5)
     model = nn.Sequential(_LoraLinear(64, 80, 4))
-    tg, _ = spectral.targets(model)
+    tg, _ = targets(model)
     assert [t.name for t in tg] == ["0.base_layer.weight"]  # A and B are not analysed alone
     layer = model[0]
     merged = layer.base_layer.weight + 2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
-    got = spectral.analyze_model(model)[0]
+    got = analyze_model(model)[0]
     want = spectral.analyze_matrix(merged.detach())
     base = spectral.analyze_matrix(layer.base_layer.weight.detach())
     for k in METRICS:
@@ -175,7 +177,7 @@ def test_lora_metrics_are_those_of_the_merged_weight():
 
 def test_small_matrices_are_listed_as_skipped_not_dropped():
     model = nn.Sequential(nn.Linear(4, 100), nn.Linear(100, 50))
-    tg, skipped = spectral.targets(model)
+    tg, skipped = targets(model)
     assert [t.name for t in tg] == ["1.weight"]
     assert skipped and skipped[0][0] == "0.weight" and "min_evals" in skipped[0][1]
 
@@ -336,7 +338,7 @@ def test_monitor_off_and_bad_cadence():
     assert xr.spectral is None
     xr.close()
     with pytest.raises(ValueError):
-        spectral.SpectralMonitor(object(), every=0)
+        SpectralMonitor(object(), every=0)
 
 
 def test_attach_rules_set_the_monitors_bands_and_gate(tmp_path):

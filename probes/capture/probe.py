@@ -500,7 +500,7 @@ class XRay:
         #: spectral health (WeightWatcher's metrics) in a background thread every N steps; None: off
         self.spectral = None
         if spectral_every:
-            from probes.spectral.analysis import SpectralMonitor
+            from probes.spectral.monitor import SpectralMonitor
 
             self.spectral = SpectralMonitor(self, every=spectral_every)
         atexit.register(self.close)  # socket, manifest and recording are cleaned up at exit

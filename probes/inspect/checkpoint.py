@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from probes.spectral import analysis as spectral
+from probes.spectral import matrices
 from probes.protocol import stats, wire
 
 DEFAULT_TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, "
@@ -661,7 +662,7 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
         "notes": notes,
         "loss": float(loss.detach()),
         "layers": opts.layers,
-        "spectral_skipped": [{"layer": n, "reason": r} for n, r in spectral.targets(model)[1]
+        "spectral_skipped": [{"layer": n, "reason": r} for n, r in matrices.targets(model)[1]
                              if _selected(n.rpartition(".")[0], patterns)] if opts.weights else [],
         "entries": [_clean(e) for e in entries],
     }
@@ -714,7 +715,7 @@ def _hook_extra(model: nn.Module, patterns, xr, acts: dict) -> list:
 def _spectral(model, params, opts: Options, xr) -> dict[str, dict]:
     """Spectral metrics of the selected weight matrices, also sent to the recording."""
     chosen = {id(p) for _, p in params}
-    tg = [t for t in spectral.targets(model)[0] if id(t.param) in chosen]
+    tg = [t for t in matrices.targets(model)[0] if id(t.param) in chosen]
     out = {}
     with _progress(opts.progress) as bar:
         task = bar.add_task("spectral", total=len(tg))
