@@ -13,7 +13,7 @@ import torch
 from probes.protocol import histogram, wire
 from probes.distributed import job as jobmod
 from probes.distributed.job import Job, table_keys
-from probes.capture.probe import build_step
+from probes.capture.step import build_step
 from probes.engines.reduce import Batch
 from probes.rules import RuleConfig, RuleEngine
 from tui.state import Row, RunState

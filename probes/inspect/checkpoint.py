@@ -587,7 +587,7 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
     handles = []
     try:
         if opts.activations:
-            from probes.capture.probe import select_modules
+            from probes.capture.selection import select_modules
 
             for name, module in select_modules(model, patterns):
                 handles.append(module.register_forward_hook(keep(name)))
