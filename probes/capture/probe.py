@@ -8,25 +8,24 @@ device, the optimizer pre-step hook reduces every parameter and its gradient
 the post-step hook reduces the update on that subset. The rows of the step
 come to the host once, and the publisher thread does everything else.
 
-:class:`XRay` coordinates: it owns the step count and the flags that say
-which pass is sampled, registers the hooks, and hands the work to its
-collaborators: :class:`~probes.capture.selection.Watched` (what is watched),
-:class:`~probes.capture.activations.Activations` (held outputs),
+:class:`XRay` attaches and closes the probe and is its public face; it
+builds collaborators with one job each and wires them together:
+:class:`~probes.capture.selection.Watched` (what is watched),
+:class:`~probes.capture.steps.Steps` (the hooks, and the per-step state they
+read), :class:`~probes.capture.activations.Activations` (held outputs),
 :class:`~probes.capture.reads.WeightReads` (weights, gradients, updates),
 :class:`~probes.capture.lora.LoraShifts`, :class:`~probes.capture.scalars.ScalarLog`
-(the every-step tier), :mod:`~probes.capture.handoff` (builders for the
-publisher) and :class:`~probes.capture.actions.AlertActions` (``on_alert``).
+(the every-step tier), :class:`~probes.capture.handoff.Handoff` (to the
+publisher or the job thread), :mod:`~probes.capture.outlets` (publisher and job
+view) and :class:`~probes.capture.actions.AlertActions` (``on_alert``).
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import math
-import time
 from typing import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -34,7 +33,6 @@ from probes import engines
 from probes.capture import handoff
 from probes.capture.actions import AlertActions
 from probes.capture.activations import Activations
-from probes.capture.eager import eager
 from probes.capture.hello import build_hello
 from probes.capture.lora import LoraShifts
 from probes.capture.options import check_options
@@ -42,10 +40,10 @@ from probes.capture.reads import WeightReads
 from probes.capture.outlets import open_publisher, start_job
 from probes.capture.run import default_name, optimizer_step, rank_and_world, unique_run_name
 from probes.capture.scalars import ScalarLog
+from probes.capture.steps import Steps
 from probes.capture.selection import Watched
 from probes.distributed.job import DEFAULT_TIMEOUT, Job
 from probes.engines import cpu_kernel
-from probes.engines.reduce import Batch
 from probes.protocol import wire
 from probes.publish import lifecycle
 from probes.rules.engine import RuleEngine
@@ -68,26 +66,12 @@ class XRay:
         check_options(every, hist_sample, update_sample, on_alert, start_step, scaler, alert_level)
         self.model = model
         self.optimizer = optimizer
-        self.every = every
         self.eps = eps
-        self.hist_k = hist_sample
         self.scaler = scaler
         # the step a resumed run is at: given, or the optimizer's own count (Adam-family state["step"])
-        self.step_index = start_step if start_step is not None else optimizer_step(optimizer)
-        self._sampling = self.step_index % every == 0
-        #: the activation hooks' one flag: this forward pass is sampled (set per forward by the root pre-hook)
-        self._active = self._sampling
-        self._phase: str | None = None  # "train" or "eval" inside a forward of the model, else None
-        self._eval_armed = True  # the next evaluation forward is sampled (re-armed by each sampled step)
-        self._seen: set[str] = set()
-        self._eval_seen: set[str] = set()
-        self._plan_rng = np.random.default_rng(seed)  # histogram sample offsets: no torch op, no host read
-        self._batch = self._new_batch()
-        self._eval_batch = self._new_batch()
+        start = start_step if start_step is not None else optimizer_step(optimizer)
         self._handles: list = []
-        self._closed = False
         self._failed: set[str] = set()
-        self._warned_step = False
         self._actions = AlertActions(on_alert, alert_level)
         self._skipped: set[tuple[str, str]] = set()  # (tensor name, kind) already noted as unreadable
         self._skip_notes: list[tuple[str, str, str]] = []  # noted before the publisher existed
@@ -105,14 +89,9 @@ class XRay:
                                   self._skip)
         #: every step's loss, learning rates, scale and rates (the cheap tier), shipped with sampled steps
         self._scalars = ScalarLog(rank, optimizer, scaler, self.params[0][1] if self.params else None, self.note)
-        self._stepped = False  # optimizer.step ran in this iteration (a GradScaler may skip it)
         self.run = name or default_name()
         if serve and world == 1:
             self.run = unique_run_name(self.run)
-        # wall clock of step ends (one perf_counter a step), for the job's step-time and straggler figures
-        self._t_end = self._t_sampled = time.perf_counter()
-        self._t_fwd = math.nan  # the sampled step's forward end
-        self._since_sampled = 0
         #: the whole job's view (probes/job.py): None with one rank, job=False, or a failed setup
         self._job: Job | None = None
         if job and world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -122,9 +101,15 @@ class XRay:
             serve = False  # a very large job: rank 0 serves the whole job, the others only compute
         hello = build_hello(model, watched, self._lora.adapter_of, optimizer, scaler, run=self.run, rank=rank,
                             world=world, every=every, eps=eps, spectral=bool(spectral_every),
-                            start_step=self.step_index, hosts=self._job.hosts if self._job is not None else [])
+                            start_step=start, hosts=self._job.hosts if self._job is not None else [])
         self.publisher = open_publisher(hello, serve=serve, log=log, rules=rules, tcp=tcp)
-        self._handoff = handoff.Handoff(self.publisher, self._job, rank, self._lora.bases, self._fail)
+        self._hooked = optimizer is not None and hook_optimizer
+        #: the hooks and the per-step state they read (one object: an unsampled step reads only it)
+        self._steps = steps = Steps(
+            step_index=start, every=every, eps=eps, hist_k=hist_sample, seed=seed, world=world, optimizer=optimizer,
+            scaler=scaler, hooked=self._hooked, job=self._job, scalars=self._scalars, acts=self._acts,
+            reads=self._reads, actions=self._actions, failed=self._failed, fail=self._fail,
+            handoff=handoff.Handoff(self.publisher, self._job, rank, self._lora.bases, self._fail))
         if on_alert is not None:
             self.publisher.subscribe(self._actions)
         # the device engine's fallback reaches the viewers (the header shows it, headless prints it)
@@ -137,20 +122,19 @@ class XRay:
         self._skip_notes.clear()
         self._reads.keep_init()  # distance from initialisation: the update subsets as they are at attach
         for mname, module in watched.modules:
-            self._handles.append(module.register_forward_hook(self._make_hook(mname)))
+            self._handles.append(module.register_forward_hook(steps._make_hook(mname)))
         # which pass this is (training or evaluation), and whether it is sampled
-        self._handles.append(model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+        self._handles.append(model.register_forward_pre_hook(steps._begin_forward, with_kwargs=True))
         # the forward is over: reduce the held activations together, then let them go
-        self._handles.append(model.register_forward_hook(self._end_forward))
-        self._hooked = optimizer is not None and hook_optimizer
+        self._handles.append(model.register_forward_hook(steps._end_forward))
         if self._hooked:
-            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_update()))
-            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.after_update()))
+            self._handles.append(optimizer.register_step_pre_hook(lambda *_: steps.before_update()))
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: steps.after_update()))
             if scaler is not None:
                 # with a GradScaler the step ends at scaler.update(): it runs every iteration, while
                 # optimizer.step (and its hooks) does not when the gradients overflowed
-                self._scaler_update = scaler.update
-                scaler.update = self._on_scaler_update
+                steps._scaler_update = scaler.update
+                scaler.update = steps._on_scaler_update
         #: spectral health (WeightWatcher's metrics) in a background thread every N steps; None: off
         self.spectral = None
         if spectral_every:
@@ -159,6 +143,49 @@ class XRay:
             self.spectral = SpectralMonitor(self, every=spectral_every)
         atexit.register(self.close)  # socket, manifest and recording are cleaned up at exit
         lifecycle.register(self)  # so End says whether the run crashed or was killed (probes/lifecycle.py)
+
+    @property
+    def step_index(self) -> int:
+        """The step the run is at (the optimizer steps taken, from ``start_step``)."""
+        return self._steps.step_index
+
+    @property
+    def every(self) -> int:
+        """The sampling cadence: one step in ``every`` is sampled."""
+        return self._steps.every
+
+    @every.setter
+    def every(self, n: int) -> None:
+        self._steps.every = n
+
+    @property
+    def _closed(self) -> bool:
+        return self._steps._closed
+
+    @property
+    def _batch(self):
+        """The current step's batch of held tensors (empty on a step that is not sampled)."""
+        return self._steps._batch
+
+    def before_update(self) -> None:
+        """Read weights and gradients before the optimizer steps (for integrations that drive the steps)."""
+        self._steps.before_update()
+
+    def after_update(self, skipped: bool = False) -> None:
+        """Read the update and close the step (``skipped``: the optimizer did not step)."""
+        self._steps.after_update(skipped)
+
+    def step(self) -> None:
+        """Mark a step boundary in loops that did not pass an optimizer.
+
+        Call it once per optimizer step, after ``backward()`` and before
+        ``zero_grad()``. The update is measured between two calls.
+        """
+        self._steps.step()
+
+    def _take_act(self, name: str, output) -> None:
+        """Hold one module's output as a hooked one would be (``xray-tui inspect``'s extra hooks)."""
+        self._steps._take_act(name, output)
 
     @property
     def should_stop(self) -> bool:
@@ -185,45 +212,6 @@ class XRay:
         self._failed.add(part)
         log.exception("xray-tui: the probe's %s statistics failed and are switched off", part)
 
-    # -- hooks ----------------------------------------------------------
-
-    def _begin_forward(self, module, args, kwargs) -> None:
-        """Root pre-hook: a training pass (gradients enabled) is sampled with
-        its step; an evaluation pass (``torch.no_grad()`` or
-        ``inference_mode``) when armed: the first one after each sampled
-        training step. ``model.eval()`` alone does not make a pass an
-        evaluation: a pass that can be backpropagated is training (dropout-free
-        fine-tuning and ``xray-tui inspect`` run ``model.eval()`` with a
-        backward). A training pass reads only
-        ``_sampling`` and an eval pass only ``_eval_armed``, so torch.compile
-        keeps two variants of each kind of pass, not one per combination."""
-        if torch.is_grad_enabled():
-            self._phase, self._active = "train", self._sampling
-            if not torch.compiler.is_compiling():
-                self._scalars.note_inputs(args, kwargs)
-        else:
-            self._phase, self._active = "eval", self._eval_armed and "eval" not in self._failed
-
-    def _end_forward(self, module, args, output) -> None:
-        """Root hook: the forward is over; reduce what it held (and ship an eval pass).
-
-        When torch.compile traces this hook, nothing is reduced here (that
-        would break the graph): the held activations are reduced with the
-        parameters at the optimizer step, and an eval pass is shipped then.
-        """
-        phase, self._phase = self._phase, None
-        if phase == "train" and not torch.compiler.is_compiling():
-            self._scalars.note_loss(output)
-        if phase == "eval":
-            if self._active:
-                self._eval_armed = False
-                if not torch.compiler.is_compiling():
-                    self._flush_eval()
-            self._active = False  # the next forward's pre-hook sets it (not _sampling: one guard less)
-        elif self._sampling and not torch.compiler.is_compiling():
-            self._t_fwd = time.perf_counter()  # data loading + forward of this step end here
-            self._acts.reduce(self._batch)
-
     def log(self, **values) -> None:
         """Record run-level scalars of the current step: ``xr.log(loss=loss, acc=0.9)``.
 
@@ -233,154 +221,6 @@ class XRay:
         or ``scaler.update()`` with a GradScaler).
         """
         self._scalars.log(values)
-
-    def _make_hook(self, name: str):
-        def hook(module, inputs, output):
-            if not self._active:
-                return
-            self._take_act(name, output)
-
-        return hook
-
-    def _take_act(self, name: str, output) -> None:
-        """Hold one module's output (sampled passes only), in the batch of the pass it belongs to."""
-        if self._phase == "eval":
-            part, batch, seen = "eval", self._eval_batch, self._eval_seen
-        elif self._phase is None and not torch.is_grad_enabled():
-            return  # called outside a forward of the model, under no_grad: not a training activation
-        else:
-            part, batch, seen = "act", self._batch, self._seen
-        if torch.compiler.is_compiling():
-            self._acts.hold_traced(name, output, part, batch)
-            return
-        self._acts.hold(name, output, part, batch, seen)
-
-    def _new_batch(self) -> Batch:
-        return Batch(self.eps, self.hist_k, self._plan_rng)
-
-    @eager
-    def _flush_eval(self) -> None:
-        """Ship the evaluation pass's activations as their own Step (``phase="eval"``)."""
-        if not len(self._eval_batch):
-            return
-        batch, self._eval_batch = self._eval_batch, self._new_batch()
-        self._eval_seen.clear()
-        if len(batch) and not self._closed and "eval" not in self._failed:
-            self._handoff.eval_pass(batch, self.step_index)
-
-    # -- step boundaries --------------------------------------------------
-
-    @eager
-    def before_update(self) -> None:
-        """Read weights and gradients, and keep the update subset (sampled steps)."""
-        if len(self._eval_batch):
-            self._flush_eval()  # an eval pass that torch.compile traced
-        self._stepped = True
-        if self.scaler is not None:
-            self._scalars.keep_scale()
-        if not self._sampling or "params" in self._failed:
-            return
-        try:
-            self._reads.read_params(self._batch)
-            self._reads.keep_snapshot()
-        except Exception:
-            self._fail("params")
-        if self.world > 1 and self._job is None:
-            self._reads.gather_grad_norms()  # with the job, the norms travel in its all-gather, off this thread
-
-    @eager
-    def after_update(self, skipped: bool = False) -> None:
-        """Reduce the updates, ship the step, and move to the next one.
-
-        ``skipped``: the optimizer did not step (an integration's GradScaler
-        found inf/NaN gradients); the step still counts, without an update.
-        With a GradScaler given to :func:`attach` the step ends at
-        ``scaler.update()`` instead.
-        """
-        if self._sampling and not skipped:
-            try:
-                self._reads.read_updates(self._batch)
-            except Exception:
-                self._fail("params")
-        if skipped:
-            self._reads.snapshot = None  # nothing moved: no update to measure
-        if self._hooked and self.scaler is not None:
-            return  # the step ends in scaler.update()
-        self._end_step(skipped)
-
-    @eager
-    def _on_scaler_update(self, *args, **kwargs):
-        """``scaler.update`` while attached: the iteration's end, whether or not
-        ``optimizer.step`` ran (it did not when the scaler found inf/NaN gradients)."""
-        skipped, self._stepped = not self._stepped, False
-        try:
-            if skipped and self._sampling and "params" not in self._failed:
-                try:
-                    self._reads.read_params(self._batch)  # the gradients that overflowed (unscaled by scaler.step)
-                except Exception:
-                    self._fail("params")
-            if skipped:
-                self._scalars.keep_scale()  # the scale this step used, before update() changes it
-        finally:
-            result = self._scaler_update(*args, **kwargs)
-        self._end_step(skipped)
-        return result
-
-    def _end_step(self, skipped: bool = False) -> None:
-        """Close the step: its scalars; on a sampled step ship everything; then advance."""
-        self._scalars.end_step(self.step_index, skipped)
-        now = time.perf_counter()
-        self._since_sampled += 1
-        if self._sampling:
-            # seconds per step since the last sampled step, and this step's data + forward time
-            self._timing = ((now - self._t_sampled) / self._since_sampled, self._t_fwd - self._t_end)
-            self._t_sampled, self._since_sampled, self._t_fwd = now, 0, math.nan
-            self._flush(skipped)
-        elif self._scalars.full():
-            self._handoff.ship(self._scalars.take())
-        self._t_end = now
-        self._advance()
-
-    def _flush(self, skipped: bool = False) -> None:
-        """Hand the sampled step off (its rows, every rank's gradient norm, the scalars since
-        the last one); the next step gets a new batch, and the next evaluation pass is sampled."""
-        batch, self._batch = self._batch, self._new_batch()
-        norms, self._reads.rank_norms = self._reads.rank_norms, None
-        self._seen.clear()
-        self._eval_armed = True  # the next evaluation pass is sampled
-        scalars = self._scalars.take()
-        if not self._closed:
-            self._handoff.step(batch, self.step_index, norms, scalars, skipped, self._timing)
-
-    @eager
-    def step(self) -> None:
-        """Mark a step boundary in loops that did not pass an optimizer.
-
-        Call it once per optimizer step, after ``backward()`` and before
-        ``zero_grad()``. The update is measured between two calls.
-        """
-        if self.optimizer is not None:
-            if not self._warned_step:
-                log.warning("xray-tui: step() ignored: the optimizer's own hooks count steps")
-                self._warned_step = True
-            return
-        if len(self._eval_batch):
-            self._flush_eval()  # an eval pass that torch.compile traced
-        if self._sampling:
-            try:
-                self._reads.read_params(self._batch)
-                self._reads.read_updates(self._batch)
-            except Exception:
-                self._fail("params")
-        self._end_step()
-        if self._sampling:
-            self._reads.keep_snapshot()
-
-    def _advance(self) -> None:
-        self.step_index += 1
-        self._sampling = self._active = self.step_index % self.every == 0
-        if self._actions.pending is not None and not self._closed:
-            raise self._actions.take()  # on_alert="raise": the alert, at the step boundary
 
     # -- lifecycle --------------------------------------------------------
 
@@ -410,12 +250,11 @@ class XRay:
             reason, error = lifecycle.exit_reason()
             if reason == "finished" and self.should_stop:
                 reason = "stopped"
-        if len(self._eval_batch):
-            self._flush_eval()  # an eval pass that torch.compile traced
+        self._steps.flush_eval()  # an eval pass that torch.compile traced
         if self._job is not None:
             self._job.close()  # its last rounds reach the publisher before End
         self.publisher.submit(self._scalars.take())  # the steps since the last sampled one
-        self._closed = True
+        self._steps._closed = True
         atexit.unregister(self.close)
         self._unsubscribe_engine()
         lifecycle.unregister(self)
