@@ -28,12 +28,12 @@ from probes.demo import training as demo
 from probes.capture import handoff
 from probes.protocol import wire
 
-PARTS = {  # the probe's collaborator (_steps, _acts, _reads) and its method -> what it does, on the training thread
+PARTS = {  # the probe's collaborator (_hooks, _acts, _reads) and its method -> what it does, on the training thread
     "_acts.hold": "hooks: hold each activation",
     "_acts.reduce": "activations' rows, histograms and dead units",
     "_reads.read_params": "weights' and gradients' rows and histograms",
     "_reads.read_updates": "update subsets copied after the step, their deltas held",
-    "_steps._flush": "updates' rows, the host copy, hand-off to the publisher",
+    "_hooks._flush": "updates' rows, the host copy, hand-off to the publisher",
 }
 
 

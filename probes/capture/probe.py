@@ -11,7 +11,7 @@ come to the host once, and the publisher thread does everything else.
 :class:`XRay` attaches and closes the probe and is its public face; it
 builds collaborators with one job each and wires them together:
 :class:`~probes.capture.selection.Watched` (what is watched),
-:class:`~probes.capture.steps.Steps` (the hooks, and the per-step state they
+:class:`~probes.capture.hooks.Hooks` (the hooks, and the per-step state they
 read), :class:`~probes.capture.activations.Activations` (held outputs),
 :class:`~probes.capture.reads.WeightReads` (weights, gradients, updates),
 :class:`~probes.capture.lora.LoraShifts`, :class:`~probes.capture.scalars.ScalarLog`
@@ -40,7 +40,7 @@ from probes.capture.reads import WeightReads
 from probes.capture.outlets import open_publisher, start_job
 from probes.capture.run import default_name, optimizer_step, rank_and_world, unique_run_name
 from probes.capture.scalars import ScalarLog
-from probes.capture.steps import Steps
+from probes.capture.hooks import Hooks
 from probes.capture.selection import Watched
 from probes.distributed.job import DEFAULT_TIMEOUT, Job
 from probes.engines import cpu_kernel
@@ -105,7 +105,7 @@ class XRay:
         self.publisher = open_publisher(hello, serve=serve, log=log, rules=rules, tcp=tcp)
         self._hooked = optimizer is not None and hook_optimizer
         #: the hooks and the per-step state they read (one object: an unsampled step reads only it)
-        self._steps = steps = Steps(
+        self._hooks = hooks = Hooks(
             step_index=start, every=every, eps=eps, hist_k=hist_sample, seed=seed, world=world, optimizer=optimizer,
             scaler=scaler, hooked=self._hooked, job=self._job, scalars=self._scalars, acts=self._acts,
             reads=self._reads, actions=self._actions, failed=self._failed, fail=self._fail,
@@ -122,19 +122,19 @@ class XRay:
         self._skip_notes.clear()
         self._reads.keep_init()  # distance from initialisation: the update subsets as they are at attach
         for mname, module in watched.modules:
-            self._handles.append(module.register_forward_hook(steps._make_hook(mname)))
+            self._handles.append(module.register_forward_hook(hooks._make_hook(mname)))
         # which pass this is (training or evaluation), and whether it is sampled
-        self._handles.append(model.register_forward_pre_hook(steps._begin_forward, with_kwargs=True))
+        self._handles.append(model.register_forward_pre_hook(hooks._begin_forward, with_kwargs=True))
         # the forward is over: reduce the held activations together, then let them go
-        self._handles.append(model.register_forward_hook(steps._end_forward))
+        self._handles.append(model.register_forward_hook(hooks._end_forward))
         if self._hooked:
-            self._handles.append(optimizer.register_step_pre_hook(lambda *_: steps.before_update()))
-            self._handles.append(optimizer.register_step_post_hook(lambda *_: steps.after_update()))
+            self._handles.append(optimizer.register_step_pre_hook(lambda *_: hooks.before_update()))
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: hooks.after_update()))
             if scaler is not None:
                 # with a GradScaler the step ends at scaler.update(): it runs every iteration, while
                 # optimizer.step (and its hooks) does not when the gradients overflowed
-                steps._scaler_update = scaler.update
-                scaler.update = steps._on_scaler_update
+                hooks._scaler_update = scaler.update
+                scaler.update = hooks._on_scaler_update
         #: spectral health (WeightWatcher's metrics) in a background thread every N steps; None: off
         self.spectral = None
         if spectral_every:
@@ -147,33 +147,33 @@ class XRay:
     @property
     def step_index(self) -> int:
         """The step the run is at (the optimizer steps taken, from ``start_step``)."""
-        return self._steps.step_index
+        return self._hooks.step_index
 
     @property
     def every(self) -> int:
         """The sampling cadence: one step in ``every`` is sampled."""
-        return self._steps.every
+        return self._hooks.every
 
     @every.setter
     def every(self, n: int) -> None:
-        self._steps.every = n
+        self._hooks.every = n
 
     @property
     def _closed(self) -> bool:
-        return self._steps._closed
+        return self._hooks._closed
 
     @property
     def _batch(self):
         """The current step's batch of held tensors (empty on a step that is not sampled)."""
-        return self._steps._batch
+        return self._hooks._batch
 
     def before_update(self) -> None:
         """Read weights and gradients before the optimizer steps (for integrations that drive the steps)."""
-        self._steps.before_update()
+        self._hooks.before_update()
 
     def after_update(self, skipped: bool = False) -> None:
         """Read the update and close the step (``skipped``: the optimizer did not step)."""
-        self._steps.after_update(skipped)
+        self._hooks.after_update(skipped)
 
     def step(self) -> None:
         """Mark a step boundary in loops that did not pass an optimizer.
@@ -181,11 +181,11 @@ class XRay:
         Call it once per optimizer step, after ``backward()`` and before
         ``zero_grad()``. The update is measured between two calls.
         """
-        self._steps.step()
+        self._hooks.step()
 
     def _take_act(self, name: str, output) -> None:
         """Hold one module's output as a hooked one would be (``xray-tui inspect``'s extra hooks)."""
-        self._steps._take_act(name, output)
+        self._hooks._take_act(name, output)
 
     @property
     def should_stop(self) -> bool:
@@ -250,11 +250,11 @@ class XRay:
             reason, error = lifecycle.exit_reason()
             if reason == "finished" and self.should_stop:
                 reason = "stopped"
-        self._steps.flush_eval()  # an eval pass that torch.compile traced
+        self._hooks.flush_eval()  # an eval pass that torch.compile traced
         if self._job is not None:
             self._job.close()  # its last rounds reach the publisher before End
         self.publisher.submit(self._scalars.take())  # the steps since the last sampled one
-        self._steps._closed = True
+        self._hooks._closed = True
         atexit.unregister(self.close)
         self._unsubscribe_engine()
         lifecycle.unregister(self)

@@ -1,6 +1,6 @@
 """What the probe does inside training, pass by pass and step by step.
 
-:class:`Steps` holds every flag and buffer the hooks read, on one object, so
+:class:`Hooks` holds every flag and buffer the hooks read, on one object, so
 that a step that is not sampled costs each hook a flag check and a few
 attribute reads: the root pre-hook says which pass runs (training or
 evaluation) and whether it is sampled, the module hooks hold outputs on
@@ -29,7 +29,7 @@ from probes.engines.reduce import Batch
 log = logging.getLogger("xray-tui")
 
 
-class Steps:
+class Hooks:
     """The hooks of one probe and the state they share: step count, sampling flags, the pass's batches.
 
     Built by :class:`~probes.capture.probe.XRay` once its collaborators exist;
