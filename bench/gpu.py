@@ -257,8 +257,8 @@ def main() -> None:
     for name, (model, opt, xr) in setups.items():
         if xr is not None and xr.every == 1:  # a sampled step against an unsampled one of the same model
             xr.every = 2
-            xr._advance()  # noqa: SLF001  (re-phase: the next step is unsampled)
-            if xr._sampling:  # noqa: SLF001
+            xr._hooks._advance()  # noqa: SLF001  (re-phase: the next step is unsampled)
+            if xr._hooks._sampling:  # noqa: SLF001
                 train(model, opt, args, 1)
             unsampled = step_work(model, opt, args)
             sampled = step_work(model, opt, args)

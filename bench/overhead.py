@@ -39,7 +39,7 @@ import probes
 from probes.engines import cpu_kernel
 from probes.demo import training as demo
 from probes.protocol import wire
-from probes.capture.probe import select_modules
+from probes.capture.selection import select_modules
 
 DEFAULT = "baseline,probe/50,probe/10,probe/1,tensorboard/10,histc/10,fastai/10"
 

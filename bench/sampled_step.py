@@ -25,15 +25,15 @@ import torch
 import probes
 from probes.engines import cpu_kernel
 from probes.demo import training as demo
-from probes.capture import probe
+from probes.capture import handoff
 from probes.protocol import wire
 
-PARTS = {  # XRay method -> what it does, on the training thread
-    "_take_act_eager": "hooks: hold each activation",
-    "_reduce_held": "activations' rows, histograms and dead units",
-    "_read_params": "weights' and gradients' rows and histograms",
-    "_read_updates": "update subsets copied after the step, their deltas held",
-    "_flush": "updates' rows, the host copy, hand-off to the publisher",
+PARTS = {  # the probe's collaborator (_hooks, _acts, _reads) and its method -> what it does, on the training thread
+    "_acts.hold": "hooks: hold each activation",
+    "_acts.reduce": "activations' rows, histograms and dead units",
+    "_reads.read_params": "weights' and gradients' rows and histograms",
+    "_reads.read_updates": "update subsets copied after the step, their deltas held",
+    "_hooks._flush": "updates' rows, the host copy, hand-off to the publisher",
 }
 
 
@@ -58,10 +58,12 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     xr = probes.attach(model, opt, every=1, serve=False, spectral_every=None)
     totals: dict[str, float] = collections.defaultdict(float)
-    for name, label in PARTS.items():
-        setattr(xr, name, timed(totals, label, getattr(xr, name)))
+    for path, label in PARTS.items():
+        owner, _, name = path.rpartition(".")
+        obj = getattr(xr, owner) if owner else xr
+        setattr(obj, name, timed(totals, label, getattr(obj, name)))
     # the publisher thread's parts
-    probe.build_step = timed(totals, "publisher: build the Step", probe.build_step)
+    handoff.build_step = timed(totals, "publisher: build the Step", handoff.build_step)
     xr.publisher.rules.evaluate = timed(totals, "publisher: rules", xr.publisher.rules.evaluate)
     wire.encode = timed(totals, "publisher: encode", wire.encode)
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from probes.spectral import analysis as spectral
+from probes.spectral import matrices
 
 METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank")
 
@@ -60,7 +61,7 @@ def run_ww(model):
 
 
 def run_ours(model, names: set[str] | None):
-    tg, _ = spectral.targets(model)
+    tg, _ = matrices.targets(model)
     out = {}
     for t in tg:
         if names is None or t.name in names:

@@ -27,7 +27,7 @@ import torch
 
 import probes
 from probes.demo import training as demo
-from probes.spectral import analysis as spectral
+from probes.rules import spectral as spectral_rule
 from probes.protocol import wire
 
 
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     active: set = set()  # the rule before the gate: fires once per layer while alpha is out of band
     band_fired = []
     for m in spec:
-        what = spectral.band(m.alpha)
+        what = spectral_rule.band(m.alpha)
         if what and m.layer not in active:
             active.add(m.layer)
             band_fired.append((m.step, m.layer, round(m.alpha, 2)))

@@ -25,9 +25,9 @@ import torch
 
 import probes
 from probes.demo import training as demo
-from probes.capture import probe
+from probes.capture import hooks
 
-PARTS = {  # XRay method -> what it does on an unsampled step
+PARTS = {  # the probe's hook method (probes.capture.hooks.Hooks) -> what it does on an unsampled step
     "_begin_forward": "root pre-hook: phase, input size, autocast",
     "_end_forward": "root hook: the loss kept (on its device)",
     "before_update": "optimizer pre-hook",
@@ -57,7 +57,7 @@ def main() -> None:
 
     # on the class, before attach: the hooks hold bound methods taken at attach
     for name, label in PARTS.items():
-        setattr(probe.XRay, name, timed(label, getattr(probe.XRay, name)))
+        setattr(hooks.Hooks, name, timed(label, getattr(hooks.Hooks, name)))
     xr = probes.attach(model, opt, every=10**9, start_step=1, serve=False, spectral_every=None)
     steps = []
     for i in range(args.steps):

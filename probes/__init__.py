@@ -18,8 +18,12 @@ def attach(model, optimizer=None, **kwargs):
 
 
 def __getattr__(name):
-    if name in ("XRay", "AlertRaised"):
-        from probes.capture import probe
+    if name == "XRay":
+        from probes.capture.probe import XRay
 
-        return getattr(probe, name)
+        return XRay
+    if name == "AlertRaised":
+        from probes.capture.actions import AlertRaised
+
+        return AlertRaised
     raise AttributeError(f"module 'probes' has no attribute {name!r}")

@@ -27,7 +27,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from probes.engines import device as de  # noqa: E402
-from probes.engines import batch, layout  # noqa: E402
 from probes.engines import reduce as red  # noqa: E402
 
 TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64",

@@ -83,7 +83,7 @@ with probes.attach(model, opt, every=1, name=f"fsdp{args.fsdp}", log=f"{args.out
             "after": {n: w for n, (w, _) in zip(clean, after)},
             "act": torch.cat(gathered),
             # which elements of each rank's flat shard the update is measured on (None: all)
-            "subsets": {n: (None if i is None else i.tolist()) for n, i in xr._subsets.items()},
+            "subsets": {n: (None if i is None else i.tolist()) for n, i in xr._reads.subsets.items()},
         })
         opt.zero_grad()
     subsets = [None] * world

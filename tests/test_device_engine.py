@@ -283,10 +283,10 @@ def test_a_sampled_step_on_gpt2_small_dimensions_stays_under_budget(monkeypatch)
     ``tolist``/``numpy``/``item`` on the training thread.
     """
     transformers = pytest.importorskip("transformers")
-    from probes.capture import probe
+    from probes.capture import activations, probe
 
     monkeypatch.setenv("XRAY_TUI_ENGINE", "device")
-    monkeypatch.setattr(probe, "ACT_HOLD_BYTES", probe.ACT_HOLD_BYTES // 1024)
+    monkeypatch.setattr(activations, "ACT_HOLD_BYTES", activations.ACT_HOLD_BYTES // 1024)
     counter = Counter()
     launched = []
 

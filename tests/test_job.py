@@ -14,7 +14,7 @@ from probes.protocol import histogram, wire
 from probes.distributed import job as jobmod
 from probes.distributed import merge as mergemod
 from probes.distributed.job import Job, table_keys
-from probes.capture.probe import build_step
+from probes.capture.step import build_step
 from probes.engines.batch import Batch
 from probes.rules import RuleConfig, RuleEngine
 from tui.state import Row, RunState

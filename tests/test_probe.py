@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import probes
+import probes.capture.selection
 from probes.protocol import stats, wire
 from probes.engines.batch import Batch
 
@@ -289,7 +290,7 @@ def test_layers_keeps_only_the_chosen_blocks():
         return any(path == b or path.startswith(b + ".") for b in inside)
 
     want_params = {n for n, _ in model.named_parameters() if chosen(n)}
-    want_acts = {n for n, _ in probes.capture.probe.select_modules(model) if chosen(n)}
+    want_acts = {n for n, _ in probes.capture.selection.select_modules(model) if chosen(n)}
     assert len(want_params) == 2 * 6 and {"transformer.h.0", "transformer.h.2.mlp.1"} <= want_acts
     samples = steps_of(msgs)[0].samples
     for kind, want in (("weight", want_params), ("grad", want_params), ("update", want_params), ("act", want_acts)):

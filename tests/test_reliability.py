@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 import probes
-from probes.capture import probe as probe_module
+from probes.capture import activations
+from probes.capture.reads import WeightReads
 from probes.protocol import wire
 from probes.rules import RuleEngine
 from probes.publish.publisher import Publisher
@@ -374,8 +375,8 @@ def test_hook_failures_switch_that_part_off_with_one_warning_each(monkeypatch, c
     def broken(*a, **k):
         raise RuntimeError("injected reduction failure")
 
-    monkeypatch.setattr(probe_module, "_first_tensor", broken)  # inside the forward hooks
-    monkeypatch.setattr(probe_module.XRay, "_read_params", broken)  # inside the optimizer pre-step hook
+    monkeypatch.setattr(activations, "first_tensor", broken)  # inside the forward hooks
+    monkeypatch.setattr(WeightReads, "read_params", broken)  # inside the optimizer pre-step hook
     model, opt = small_model()
     with caplog.at_level(logging.WARNING, "xray-tui"):
         with probes.attach(model, opt, every=1, name="hookfail", serve=False):

@@ -9,7 +9,10 @@ import torch
 from torch import nn
 
 import probes
+from probes.rules import spectral as spectral_rule
 from probes.spectral import analysis as spectral
+from probes.spectral.matrices import analyze_model, targets
+from probes.spectral.monitor import SpectralMonitor
 from probes.protocol import wire
 
 METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank")
@@ -68,7 +71,7 @@ def test_matches_weightwatcher_on_random_matrices():
     mats = _matrices()
     model = _linear_model(mats)
     details = _ww_details(model)
-    ours = {m.name: m for m in spectral.analyze_model(model)}
+    ours = {m.name: m for m in analyze_model(model)}
     _compare(details, ours, model)
     # the matrices span the bands: heavy tails below 6, the Gaussian above
     assert ours["2.weight"].alpha < 2.5 and ours["0.weight"].alpha > 6
@@ -78,7 +81,7 @@ def test_matches_weightwatcher_on_conv2d():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Conv2d(32, 24, (1, 2)))
     details = _ww_details(model)
-    ours = {m.name: m for m in spectral.analyze_model(model)}
+    ours = {m.name: m for m in analyze_model(model)}
     _compare(details, ours, model)
     assert ours["0.weight"].method == "conv-slices" and ours["0.weight"].n_evals == 16 * 9
 
@@ -92,7 +95,7 @@ def test_matches_weightwatcher_on_gpt2_shaped_model():
         w = model.transformer.h[0].mlp.c_fc.weight
         w.copy_(0.02 * torch.distributions.StudentT(2.0).sample(w.shape))
     details = _ww_details(model)
-    ours = {m.name: m for m in spectral.analyze_model(model)}
+    ours = {m.name: m for m in analyze_model(model)}
     assert len(details) == len(ours) + 1  # lm_head is tied to wte
     _compare(details, ours, model)
 
@@ -161,11 +164,11 @@ class _LoraLinear(nn.Module):
 def test_lora_metrics_are_those_of_the_merged_weight():
     torch.manual_seed(5)
     model = nn.Sequential(_LoraLinear(64, 80, 4))
-    tg, _ = spectral.targets(model)
+    tg, _ = targets(model)
     assert [t.name for t in tg] == ["0.base_layer.weight"]  # A and B are not analysed alone
     layer = model[0]
     merged = layer.base_layer.weight + 2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
-    got = spectral.analyze_model(model)[0]
+    got = analyze_model(model)[0]
     want = spectral.analyze_matrix(merged.detach())
     base = spectral.analyze_matrix(layer.base_layer.weight.detach())
     for k in METRICS:
@@ -175,7 +178,7 @@ def test_lora_metrics_are_those_of_the_merged_weight():
 
 def test_small_matrices_are_listed_as_skipped_not_dropped():
     model = nn.Sequential(nn.Linear(4, 100), nn.Linear(100, 50))
-    tg, skipped = spectral.targets(model)
+    tg, skipped = targets(model)
     assert [t.name for t in tg] == ["1.weight"]
     assert skipped and skipped[0][0] == "0.weight" and "min_evals" in skipped[0][1]
 
@@ -190,13 +193,13 @@ class Fit:
 
 
 def test_alerts_use_weightwatchers_bands_and_recover():
-    rules = spectral.SpectralAlerts()
+    rules = spectral_rule.SpectralAlerts()
     m = Fit(9.0, 400)  # sigma 0.4: 3 above 6 is 7.5 sigma
     a = rules.evaluate(m, 10, 0)
     assert a.rule == "spectral" and a.severity == "warning" and a.threshold == 6.0 and "under-trained" in a.message
     assert "tail of 400" in a.message
     assert rules.evaluate(m, 20, 0) is None  # once while it lasts
-    custom = spectral.SpectralAlerts(low=2.0, high=100.0)
+    custom = spectral_rule.SpectralAlerts(low=2.0, high=100.0)
     assert custom.evaluate(m, 10, 0) is None
     m.alpha = 3.0
     assert rules.evaluate(m, 30, 0).severity == "info"
@@ -207,8 +210,8 @@ def test_alerts_use_weightwatchers_bands_and_recover():
 def test_a_heavy_tailed_matrix_fires_over_trained():
     torch.manual_seed(1)
     m = spectral.analyze_matrix(torch.distributions.StudentT(1.0).sample((512, 256)), "t")
-    assert m.alpha < 2 and m.n_tail >= spectral.MIN_TAIL and spectral.untrusted(m) == ""
-    assert spectral.SpectralAlerts().evaluate(m, 1, 0).severity == "warning"
+    assert m.alpha < 2 and m.n_tail >= spectral_rule.MIN_TAIL and spectral_rule.untrusted(m) == ""
+    assert spectral_rule.SpectralAlerts().evaluate(m, 1, 0).severity == "warning"
 
 
 @pytest.mark.parametrize("fit, why", [
@@ -219,8 +222,8 @@ def test_a_heavy_tailed_matrix_fires_over_trained():
     (Fit(None, 0), "no power-law fit"),
 ])
 def test_untrusted_fits_neither_fire_nor_recover(fit, why):
-    assert why in spectral.untrusted(fit)
-    rules = spectral.SpectralAlerts()
+    assert why in spectral_rule.untrusted(fit)
+    rules = spectral_rule.SpectralAlerts()
     assert rules.evaluate(fit, 1, 0) is None
     rules.active.add("w")  # an alert raised by an earlier, trusted fit...
     assert rules.evaluate(fit, 2, 0) is None  # ...is not cleared by an untrusted one
@@ -229,12 +232,12 @@ def test_untrusted_fits_neither_fire_nor_recover(fit, why):
 
 def test_the_gate_is_the_tail_and_the_standard_error_not_a_moved_band():
     # the band edges stay WeightWatcher's 2 and 6: a well-measured alpha just past them fires
-    assert spectral.SpectralAlerts().evaluate(Fit(1.85, 2000), 1, 0) is not None  # sigma 0.019
-    assert spectral.SpectralAlerts().evaluate(Fit(6.3, 5000), 1, 0) is not None  # sigma 0.075
+    assert spectral_rule.SpectralAlerts().evaluate(Fit(1.85, 2000), 1, 0) is not None  # sigma 0.019
+    assert spectral_rule.SpectralAlerts().evaluate(Fit(6.3, 5000), 1, 0) is not None  # sigma 0.075
     # the same alphas from tails below MIN_TAIL do not
-    assert spectral.SpectralAlerts().evaluate(Fit(1.85, spectral.MIN_TAIL - 1), 1, 0) is None
+    assert spectral_rule.SpectralAlerts().evaluate(Fit(1.85, spectral_rule.MIN_TAIL - 1), 1, 0) is None
     # and the thresholds are the rule's own arguments
-    lax = spectral.SpectralAlerts(min_tail=8, sigmas=0.0)
+    lax = spectral_rule.SpectralAlerts(min_tail=8, sigmas=0.0)
     assert lax.evaluate(Fit(1.6, 12, 32), 1, 0) is not None
 
 
@@ -245,23 +248,23 @@ def test_the_gate_is_the_tail_and_the_standard_error_not_a_moved_band():
     Fit(1.71, 62, 64, stable_rank=3.0),
 ])
 def test_healthy_heavy_tails_without_a_collapsed_spectrum_do_not_fire(fit):
-    assert spectral.untrusted(fit) == ""  # trusted: it is the stable-rank condition that holds it back
-    rules = spectral.SpectralAlerts()
+    assert spectral_rule.untrusted(fit) == ""  # trusted: it is the stable-rank condition that holds it back
+    rules = spectral_rule.SpectralAlerts()
     assert rules.evaluate(fit, 1, 0) is None
-    assert spectral.SpectralAlerts(max_stable_rank=100.0).evaluate(fit, 1, 0) is not None  # alpha alone would
+    assert spectral_rule.SpectralAlerts(max_stable_rank=100.0).evaluate(fit, 1, 0) is not None  # alpha alone would
 
 
 def test_a_collapsed_heavy_tailed_spectrum_fires_and_says_its_stable_rank():
-    a = spectral.SpectralAlerts().evaluate(Fit(1.40, 141, 256, stable_rank=1.25), 1, 0)
+    a = spectral_rule.SpectralAlerts().evaluate(Fit(1.40, 141, 256, stable_rank=1.25), 1, 0)
     assert a is not None and "stable rank 1.2" in a.message and "over-trained" in a.message
     # the under-trained side is not gated by it
-    assert spectral.SpectralAlerts().evaluate(Fit(9.0, 400, stable_rank=50.0), 1, 0) is not None
+    assert spectral_rule.SpectralAlerts().evaluate(Fit(9.0, 400, stable_rank=50.0), 1, 0) is not None
 
 
 def test_spectral_messages_carry_the_tail_sigma_and_why_untrusted():
     torch.manual_seed(2)
     m = spectral.analyze_matrix(torch.randn(64, 32), "small")
-    why = spectral.untrusted(m)
+    why = spectral_rule.untrusted(m)
     assert why.startswith(f"tail of {m.n_tail} eigenvalues")
     msg = wire.decode(wire.encode(m.to_wire(5, 0, why))[4:])
     assert (msg.n_tail, msg.untrusted) == (m.n_tail, why)
@@ -336,7 +339,7 @@ def test_monitor_off_and_bad_cadence():
     assert xr.spectral is None
     xr.close()
     with pytest.raises(ValueError):
-        spectral.SpectralMonitor(object(), every=0)
+        SpectralMonitor(object(), every=0)
 
 
 def test_attach_rules_set_the_monitors_bands_and_gate(tmp_path):
@@ -346,7 +349,7 @@ def test_attach_rules_set_the_monitors_bands_and_gate(tmp_path):
     torch.manual_seed(6)
     w = torch.distributions.StudentT(1.0).sample((128, 64))  # alpha ~1.4 from a tail of ~30: below MIN_TAIL
     m = spectral.analyze_matrix(w)
-    assert m.alpha < 2 and 20 <= m.n_tail < spectral.MIN_TAIL
+    assert m.alpha < 2 and 20 <= m.n_tail < spectral_rule.MIN_TAIL
 
     def alerts_with(rules):
         model = nn.Linear(64, 128)

@@ -8,7 +8,7 @@ import torch
 
 from probes.engines import cpu_kernel
 from probes.protocol import histogram, stats
-from probes.capture.probe import build_step
+from probes.capture.step import build_step
 from probes.engines.batch import BUCKET, Batch
 from probes.engines.layout import bin_index
 from probes.engines.reduce import dead_units

@@ -1,7 +1,7 @@
 """The cheap tier: run-level scalars of every training step, kept until a sampled step ships them.
 
 Every step the probe notes the loss (the model output's ``.loss``, or what
-``xr.log`` was given), each param group's learning rate, a GradScaler's
+``xr.log`` was given), the input size, each param group's learning rate, a GradScaler's
 scale, whether the step was skipped, and the step rate. Device values (a
 CUDA loss, the scaler's scale) are not read: they are kept as 0-d tensors
 and stacked once when the next sampled step ships its statistics, and the
@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from probes.capture.eager import eager
 from probes.protocol import wire
 
 #: Steps kept before they are shipped without waiting for a sampled step (bounds memory).
@@ -35,12 +36,22 @@ def _value(v):
 
 
 class ScalarLog:
-    """Per-step scalars of one rank: collect during a step, close it, ship in bursts."""
+    """Per-step scalars of one rank: collect during a step, close it, ship in bursts.
 
-    def __init__(self, rank: int, optimizer=None, scaler=None) -> None:
+    It reads what each training forward says (:meth:`note_inputs`,
+    :meth:`note_loss`); ``first`` (a watched parameter, or None) tells it the
+    device whose autocast state gives the precision, reported once through
+    ``note("precision", precision=...)``.
+    """
+
+    def __init__(self, rank: int, optimizer=None, scaler=None, first: torch.Tensor | None = None,
+                 note=None) -> None:
         self.rank = rank
         self.optimizer = optimizer
         self.scaler = scaler
+        self._first = first
+        self._note = note
+        self.precision_seen = ""  # autocast's dtype once a training forward ran under it
         self._ring: list[tuple[int, float, dict, bool]] = []
         self._current: dict[str, object] = {}
         self._loss_sum = None  # sum of this step's training losses (gradient accumulation: several)
@@ -59,6 +70,38 @@ class ScalarLog:
         """A training forward's input size, for tokens/s and samples/s."""
         self._tokens += tokens
         self._samples += samples
+
+    @eager
+    def note_inputs(self, args, kwargs) -> None:
+        """A training forward's size (tokens/s, samples/s) and precision (autocast), read from
+        the inputs' shapes and the autocast state: no tensor is read."""
+        x = kwargs.get("input_ids")
+        if not isinstance(x, torch.Tensor):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is not None and x.dim():
+            if not x.is_floating_point():
+                self.add_inputs(x.numel(), x.shape[0])  # token ids: (batch, sequence)
+            else:
+                self.add_inputs(0, x.shape[0])
+        if not self.precision_seen and self._first is not None:
+            device = self._first.device.type
+            if torch.is_autocast_enabled(device):
+                dtype = torch.get_autocast_dtype(device)
+                name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).replace("torch.", ""))
+                self.precision_seen = f"{name}-autocast" + ("+scaler" if self.scaler is not None else "")
+                self._note("precision", precision=self.precision_seen)
+
+    @eager
+    def note_loss(self, output) -> None:
+        """The loss of a training forward, when the model returns one (Hugging Face models
+        given labels return ``.loss``; nanoGPT-style models a ``(logits, loss)`` tuple, whose
+        first 0-d floating tensor that autograd tracks is taken); kept on its device."""
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if loss is None and isinstance(output, tuple) and not hasattr(output, "_fields"):
+            loss = next((t for t in output if isinstance(t, torch.Tensor) and t.dim() == 0
+                         and t.is_floating_point() and t.grad_fn is not None), None)
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
+            self.add_loss(loss)
 
     def log(self, values: dict) -> None:
         """User scalars for the current step (``xr.log(loss=..., acc=...)``); a ``loss`` here wins."""

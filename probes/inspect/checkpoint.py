@@ -30,6 +30,7 @@ from torch import nn
 from probes.inspect.loading import layer_patterns, load, one_line, selected, token_ids
 from probes.inspect.options import InspectError, Options, Report, check
 from probes.inspect.pictures import downsample, svg_heatmap, svg_histogram
+from probes.spectral import matrices
 from probes.protocol import stats, wire
 from probes.spectral import analysis as spectral
 
@@ -156,7 +157,7 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
     handles = []
     try:
         if opts.activations:
-            from probes.capture.probe import select_modules
+            from probes.capture.selection import select_modules
 
             for name, module in select_modules(model, patterns):
                 handles.append(module.register_forward_hook(keep(name)))
@@ -231,7 +232,7 @@ def inspect(path: str, out: str, opts: Options | None = None) -> Report:
         "notes": notes,
         "loss": float(loss.detach()),
         "layers": opts.layers,
-        "spectral_skipped": [{"layer": n, "reason": r} for n, r in spectral.targets(model)[1]
+        "spectral_skipped": [{"layer": n, "reason": r} for n, r in matrices.targets(model)[1]
                              if selected(n.rpartition(".")[0], patterns)] if opts.weights else [],
         "entries": [json_ready(e) for e in entries],
     }
@@ -284,7 +285,7 @@ def _hook_extra(model: nn.Module, patterns, xr, acts: dict) -> list:
 def _spectral(model, params, opts: Options, xr) -> dict[str, dict]:
     """Spectral metrics of the selected weight matrices, also sent to the recording."""
     chosen = {id(p) for _, p in params}
-    tg = [t for t in spectral.targets(model)[0] if id(t.param) in chosen]
+    tg = [t for t in matrices.targets(model)[0] if id(t.param) in chosen]
     out = {}
     with progress(opts.progress) as bar:
         task = bar.add_task("spectral", total=len(tg))

@@ -34,6 +34,7 @@ from probes.inspect.options import InspectError, Options, Report, check  # what 
 from probes.inspect.pictures import HistogramFrame, downsample, fmt, svg_heatmap
 from probes.spectral import analysis as spectral
 
+from probes.spectral import matrices
 
 COLOURS = {"a": "#89b4fa", "b": "#fab387"}
 
@@ -207,7 +208,7 @@ def _counts(x: torch.Tensor, edges: np.ndarray) -> np.ndarray:
 def _spectral(model, chosen: set[int], opts: Options) -> dict:
     """Spectral metrics (objects) of the chosen weight matrices, by name."""
     out = {}
-    for t in spectral.targets(model)[0]:
+    for t in matrices.targets(model)[0]:
         if id(t.param) in chosen:
             out[t.name] = spectral.analyze_matrix(t.tensor(), t.name, max_dim=opts.max_dim)
     return out

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from probes.capture.probe import XRay, _rank_and_world
+from probes.capture.probe import XRay
+from probes.capture.run import rank_and_world
 
 
 class XRayCallback(TrainerCallback):
@@ -24,7 +25,7 @@ class XRayCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         """Attach to the model (the Trainer's own optimizer step is hooked by events)."""
-        rank, _ = _rank_and_world()
+        rank, _ = rank_and_world()
         if self.ranks is not None and rank not in self.ranks:
             return
         opts = dict(self.kwargs)

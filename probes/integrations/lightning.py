@@ -36,7 +36,8 @@ except ImportError:  # the standalone package; Lightning calls callbacks' hooks 
     from pytorch_lightning import Callback
 
 from probes.publish import lifecycle
-from probes.capture.probe import XRay, _rank_and_world
+from probes.capture.probe import XRay
+from probes.capture.run import rank_and_world
 
 _HOOK = "configure_gradient_clipping"
 
@@ -55,7 +56,7 @@ class XRayCallback(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Attach to the module (after the strategy set it up: the process group exists)."""
-        rank, _ = _rank_and_world()
+        rank, _ = rank_and_world()
         if self.xray is not None or (self.ranks is not None and rank not in self.ranks):
             return
         opts = dict(self.kwargs)
