@@ -416,7 +416,7 @@ def _lora_ops(n: int) -> int:
     try:
         counter = Counter()
         with counter:
-            got = xr._lora_sumsq()
+            got = xr._reads.lora_sumsq()
     finally:
         xr.close()
     for i, m in enumerate(model):

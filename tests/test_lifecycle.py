@@ -212,7 +212,7 @@ def test_a_forked_child_that_gets_sigterm_just_dies_of_it(tmp_path):
                 os._exit(7)  # not reached when the signal kills it
         _, status = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
-        assert not xr._closed
+        assert not xr.closed
     finally:
         xr.close()
     assert end_of(tmp_path / "x.xray").reason == "finished"

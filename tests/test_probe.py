@@ -87,7 +87,7 @@ def test_unsampled_steps_cost_only_a_flag_check():
     for _ in range(9):
         model(torch.randn(4, 12)).sum().backward()
         if xr.step_index % 4:  # an unsampled step: nothing is gathered
-            assert len(xr._batch) == 0
+            assert len(xr._hooks._batch) == 0
         opt.step()
         opt.zero_grad()
     xr.close()

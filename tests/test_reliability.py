@@ -74,7 +74,7 @@ def read_all(sock: socket.socket, already: bytes = b"") -> list:
 def shrink_kernel_buffers(pub: Publisher) -> None:
     """Make the probe's side of each viewer socket small, so the probe's own
     bounded buffer, not the kernel's, is what a stuck viewer fills."""
-    for v in pub._viewers.values():
+    for v in pub.viewers.connected.values():
         v.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
 
 
@@ -102,7 +102,7 @@ def test_a_viewer_that_falls_behind_loses_whole_oldest_frames_is_told_how_many_a
     sock = socket.socket(socket.AF_UNIX)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small kernel buffer: the backlog is ours
     sock.connect(str(pub.socket_path))
-    wait_for(lambda: len(pub._viewers) == 1, what="the viewer to be accepted")
+    wait_for(lambda: len(pub.viewers.connected) == 1, what="the viewer to be accepted")
     shrink_kernel_buffers(pub)
     stop = threading.Event()
     crawled = bytearray()
@@ -116,7 +116,7 @@ def test_a_viewer_that_falls_behind_loses_whole_oldest_frames_is_told_how_many_a
         pub.submit(lambda s=s: s)
         if i % 10 == 9:
             wait_for(lambda: pub.queue.empty() and len(published) and pub._last_step == s.step, what="the publisher")
-            high = max(high, max(v.bytes for v in pub._viewers.values()))
+            high = max(high, max(v.bytes for v in pub.viewers.connected.values()))
     pub.submit(lambda: wire.End(300, 0))
     stop.set()
     if slow.is_alive():
@@ -145,7 +145,7 @@ def test_the_next_viewer_is_told_about_drops_and_gets_the_backlog():
     stuck = socket.socket(socket.AF_UNIX)
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.connect(str(pub.socket_path))
-    wait_for(lambda: len(pub._viewers) == 1)
+    wait_for(lambda: len(pub.viewers.connected) == 1)
     shrink_kernel_buffers(pub)
     steps = synthetic.steps(2, 300, elements=2048)
     assert 20 * max(len(wire.encode(s)) for s in steps) < 128 * 1024 < sum(len(wire.encode(s)) for s in steps) // 2
@@ -153,13 +153,13 @@ def test_the_next_viewer_is_told_about_drops_and_gets_the_backlog():
         pub.submit(lambda s=s: s)
         wait_for(lambda: pub.queue.empty() and pub._last_step == s.step)
     stuck.close()
-    wait_for(lambda: not pub._viewers, what="the stuck viewer to be dropped")
+    wait_for(lambda: not pub.viewers.connected, what="the stuck viewer to be dropped")
     nxt = socket.socket(socket.AF_UNIX)
     nxt.connect(str(pub.socket_path))
     t = threading.Thread(target=lambda: got.extend(read_all(nxt)))
     got: list = []
     t.start()
-    wait_for(lambda: len(pub._viewers) == 1)
+    wait_for(lambda: len(pub.viewers.connected) == 1)
     pub.close()
     t.join(30)
     notes = [m for m in got if isinstance(m, wire.Note)]
@@ -207,7 +207,7 @@ def test_ten_viewers_attaching_and_detaching_in_a_loop_leave_nothing_behind():
     stop.set()
     for t in threads:
         t.join(10)
-    wait_for(lambda: not xr.publisher._viewers, what="every viewer to be dropped")
+    wait_for(lambda: not xr.publisher.viewers.connected, what="every viewer to be dropped")
     assert open_fds() == fds
     got = []
     reader = threading.Thread(target=lambda: [got.extend(b) for b in feed.SocketSource.for_run("churn").batches()])

@@ -294,9 +294,9 @@ def test_tcp_connections_that_fail_the_handshake_are_closed(sent):
             s.close()
         # the probe holds nothing for them
         deadline = time.monotonic() + 5
-        while xr.publisher._pending and time.monotonic() < deadline:
+        while xr.publisher.viewers.pending and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not xr.publisher._pending and not xr.publisher._viewers
+        assert not xr.publisher.viewers.pending and not xr.publisher.viewers.connected
     finally:
         xr.close()
 
@@ -329,7 +329,7 @@ def test_cli_attach_over_tcp_with_the_runs_token_and_with_a_wrong_one(tmp_path):
         viewer = subprocess.Popen([sys.executable, "-m", "tui.cli", "attach", "overtcp", "--tcp", "--headless",
                                    "--log", str(tmp_path / "tcp.xray")], stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
-        while not xr.publisher._viewers and viewer.poll() is None and time.monotonic() < deadline:
+        while not xr.publisher.viewers.connected and viewer.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         train(xr.model, xr.optimizer, 2)
     finally:

@@ -159,13 +159,9 @@ class XRay:
         self._hooks.every = n
 
     @property
-    def _closed(self) -> bool:
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run (nothing more is read or sent)."""
         return self._hooks._closed
-
-    @property
-    def _batch(self):
-        """The current step's batch of held tensors (empty on a step that is not sampled)."""
-        return self._hooks._batch
 
     def before_update(self) -> None:
         """Read weights and gradients before the optimizer steps (for integrations that drive the steps)."""
@@ -183,7 +179,7 @@ class XRay:
         """
         self._hooks.step()
 
-    def _take_act(self, name: str, output) -> None:
+    def hold_activation(self, name: str, output) -> None:
         """Hold one module's output as a hooked one would be (``xray-tui inspect``'s extra hooks)."""
         self._hooks._take_act(name, output)
 
@@ -191,10 +187,6 @@ class XRay:
     def should_stop(self) -> bool:
         """Set when an alert at ``alert_level`` fired and ``on_alert="stop"``: the loop should stop."""
         return self._actions.should_stop
-
-    def _lora_sumsq(self) -> dict[str, tuple[torch.Tensor, int]]:
-        """||B A scale||_F^2 of every LoRA adapter, by B weight name (see :meth:`LoraShifts.sumsq`)."""
-        return self._reads.lora_sumsq()
 
     def _skip(self, name: str, kind: str, why: str) -> None:
         """Leave a tensor out, saying why once per (name, kind): an info log and a ``skipped`` Note."""
@@ -244,7 +236,7 @@ class XRay:
         set :attr:`should_stop`, else ``finished``. ``error`` is the exception
         as ``Type: message``.
         """
-        if self._closed:
+        if self.closed:
             return
         if reason is None:
             reason, error = lifecycle.exit_reason()

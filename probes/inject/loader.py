@@ -42,7 +42,7 @@ def attach(req: dict) -> dict:
     from probes.publish import lifecycle
 
     global _probe
-    if _probe is not None and not _probe._closed:
+    if _probe is not None and not _probe.closed:
         return {"run": _probe.run, "already": "injected"}
     with lifecycle._lock:
         mine = [p for p in lifecycle._open if not getattr(p, "_closed", True)]
@@ -67,7 +67,7 @@ def detach() -> dict:
     """Close the injected probe: hooks removed, threads joined, the loader's paths taken off sys.path."""
     global _probe
     probe, _probe = _probe, None
-    if probe is None or probe._closed:
+    if probe is None or probe.closed:
         from probes.publish import lifecycle
 
         if lifecycle._open:  # the script's own: its code holds it, so it is not ours to take away

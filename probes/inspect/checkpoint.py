@@ -258,7 +258,7 @@ def _hook_extra(model: nn.Module, patterns, xr, acts: dict) -> list:
     def take(name: str, x) -> None:
         if isinstance(x, torch.Tensor) and x.is_floating_point() and name not in acts:
             acts[name] = x.detach()
-            xr._take_act(name, x)  # reduced with the step's other activations, and recorded
+            xr.hold_activation(name, x)  # reduced with the step's other activations, and recorded
 
     def pre(name):
         return lambda module, inputs: take(f"{name}.input", inputs[0] if inputs else None)

@@ -41,10 +41,9 @@ import msgspec
 
 from probes.protocol import rundir, wire
 from probes.publish.endpoints import Endpoints
-from probes.publish.handshake import Pending
 from probes.publish.recorder import Recorder, free_log_path
 from probes.publish.requests import REQUEST_INTERVAL, RequestCallback, Requests
-from probes.publish.viewers import Viewer, Viewers
+from probes.publish.viewers import Viewers
 from probes.rules.engine import RuleEngine
 
 log = logging.getLogger("xray-tui")
@@ -169,14 +168,6 @@ class Publisher:
         self.requests.interval = seconds
 
     # the tests watch connections come and go through these two
-
-    @property
-    def _viewers(self) -> dict[int, Viewer]:
-        return self.viewers.connected
-
-    @property
-    def _pending(self) -> dict[int, Pending]:
-        return self.viewers.pending
 
     # -- training-thread side -------------------------------------------
 
