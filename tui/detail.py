@@ -64,7 +64,7 @@ def spectral_text(state: RunState, row: Row) -> str:
               if isinstance(v, (int, float)) and k not in ("step", "rank")}
     text = "[b]spectral[/b]  " + "  ".join(f"{k} {v:.3g}" for k, v in fields.items())
     why = getattr(latest, "untrusted", "")
-    if why:  # alpha shown, but the probe does not alert on it (probes/spectral_rule.py)
+    if why:  # alpha shown, but the probe does not alert on it (probes/rules/spectral.py)
         from rich.markup import escape
 
         text += f"\n[b]alpha not trusted[/b] (no spectral alert): {escape(why[:200])}"

@@ -102,7 +102,7 @@ def train_step(step: int, rank: int, t: float, batch: Batch, copy, norms, scalar
 
 def job_work(step: int, rank: int, t: float, batch: Batch, copy, scalars, bases: dict[str, str], skipped: bool,
              job: Job, timing: tuple[float, float]):
-    """The sampled step's work on the job thread (probes/job.py): build this rank's messages
+    """The sampled step's work on the job thread (probes/distributed/job.py): build this rank's messages
     and its per-rank vector; ``finish`` (publisher thread) adds the gathered norms and, on
     rank 0, the whole job's Step (``rank=-1``). ``timing``: seconds per step since the last
     sampled step, and this step's data + forward time."""

@@ -92,7 +92,7 @@ class XRay:
         self.run = name or default_name()
         if serve and world == 1:
             self.run = unique_run_name(self.run)
-        #: the whole job's view (probes/job.py): None with one rank, job=False, or a failed setup
+        #: the whole job's view (probes/distributed/job.py): None with one rank, job=False, or a failed setup
         self._job: Job | None = None
         if job and world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             self._job = start_job(watched, self._lora.bases, self.run, every, job_timeout,
@@ -142,7 +142,7 @@ class XRay:
 
             self.spectral = SpectralMonitor(self, every=spectral_every)
         atexit.register(self.close)  # socket, manifest and recording are cleaned up at exit
-        lifecycle.register(self)  # so End says whether the run crashed or was killed (probes/lifecycle.py)
+        lifecycle.register(self)  # so End says whether the run crashed or was killed (probes/publish/lifecycle.py)
 
     @property
     def step_index(self) -> int:

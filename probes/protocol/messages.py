@@ -244,7 +244,7 @@ class End(Struct, tag="end", frozen=True):
 
 
 class Spectral(Struct, tag="spectral", frozen=True):
-    """Spectral health of one weight matrix (WeightWatcher's metrics; probes/spectral.py).
+    """Spectral health of one weight matrix (WeightWatcher's metrics; probes/spectral/analysis.py).
 
     ``layer`` is the parameter name; eigenvalues are those of W^T W. ``alpha``
     (power-law exponent, None when the fit failed), ``xmin`` and ``ks`` (the
