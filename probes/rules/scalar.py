@@ -21,7 +21,7 @@ import statistics
 from collections import deque
 
 from probes.protocol.wire import Alert, Scalars
-from probes.rules.base import FIRE, MAD_SIGMA, RECOVER, track
+from probes.rules.base import FIRE, MAD_SIGMA, RECOVER, mad, median, track
 from probes.rules.thresholds import LOSS_LAYER
 
 LOSS = LOSS_LAYER
@@ -125,20 +125,19 @@ class ScalarRules:
     # -- rules -----------------------------------------------------------
 
     def _loss_spike(self, msg, st, c, loss, out) -> None:
-        window = list(st.losses)[-c.spike_window:]
         bad = False
         threshold = math.nan
-        if len(window) >= c.spike_min_history and c.on("loss-spike"):
-            median = statistics.median(window)
-            mad = statistics.median(abs(v - median) for v in window)
-            threshold = max(median + c.spike_sigmas * MAD_SIGMA * mad, median + c.spike_rel * abs(median))
+        if min(len(st.losses), c.spike_window) >= c.spike_min_history and c.on("loss-spike"):
+            mid = median(st.losses, c.spike_window, 0)
+            threshold = max(mid + c.spike_sigmas * MAD_SIGMA * mad(st.losses, c.spike_window),
+                            mid + c.spike_rel * abs(mid))
             bad = loss > threshold
 
             def fire():
                 movers = self.first_movers(msg.rank)
                 return self._alert(
                     msg, "warning", "loss-spike", loss, threshold,
-                    f"loss {loss:.4g} spiked above its recent band (median {median:.4g}, limit {threshold:.4g})"
+                    f"loss {loss:.4g} spiked above its recent band (median {mid:.4g}, limit {threshold:.4g})"
                     + (f"; first movers: {movers}" if movers else "")
                     + f": a bad batch, or instability; {self._hint()}")
 
