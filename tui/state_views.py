@@ -173,15 +173,3 @@ class StateViews:
     def stream_alerts(self, row: Row) -> list:
         """Every alert (active or past, newest first) whose layer is this row."""
         return [a for a in reversed(self.alerts) if self.row_of(a.layer) == row.name]
-
-    def row_severity(self, row: Row) -> str:
-        """Worst active alert on this row: ok, warning or critical."""
-        worst = "ok"
-        for (_, layer, _, _), alert in self.active.items():
-            if self.row_of(layer) == row.name and SEVERITY_RANK[alert.severity] > SEVERITY_RANK[worst]:
-                worst = alert.severity
-        return worst
-
-    def row_alerts(self, row: Row) -> list:
-        """Active alerts on this row."""
-        return [a for (_, layer, _, _), a in self.active.items() if self.row_of(layer) == row.name]
