@@ -185,8 +185,9 @@ class ScalarLog:
                 if isinstance(v, torch.Tensor):
                     tensors.setdefault(v.device, []).append(v)
         copies = {d: to_host_async(torch.stack(ts)) for d, ts in tensors.items()}
-        sig = [s for *_, s in ring if s is not None]
-        sig_copy = to_host_async(torch.stack([s[0] for s in sig])) if sig else None
+        # the tier's sums: on the device (stacked, one copy) or already on the host (the C kernel's)
+        on_device = [s[0] for *_, s in ring if s is not None and isinstance(s[0], torch.Tensor)]
+        sig_copy = to_host_async(torch.stack(on_device)) if on_device else None
         rank = self.rank
 
         def build() -> list[wire.Scalars]:
@@ -197,7 +198,8 @@ class ScalarLog:
                 vals = {k: next(host[v.device]) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
                 rms = ratio = b""
                 if signals is not None:
-                    r, u, est = tier.finish(next(sums), signals[1])
+                    raw = next(sums) if isinstance(signals[0], torch.Tensor) else signals[0]
+                    r, u, est = tier.finish(raw, signals[1])
                     rms, ratio = r.astype("<f4").tobytes(), u.astype("<f4").tobytes()
                     vals["grad_norm_est"] = est
                 out.append(wire.Scalars(step, rank, t, vals, skipped, rms, ratio))

@@ -4,9 +4,9 @@ Large runs see Adam's second moment lag the squared gradient (StableAdamW's
 RMS_t = sqrt(mean(g^2 / v_hat)) rises above 1 one to eight steps before a
 loss spike: Wortsman et al. 2023) and the update norms jump before the
 loss moves. Sampled steps (one in ``every``) cannot give that lead, so on
-every optimizer step the probe reads, on each trainable weight's fixed
-element subset (the update subsets of :mod:`probes.capture.reads`, at most
-``update_sample`` elements each):
+every optimizer step the probe reads, on a fixed element subset of each
+trainable weight (:data:`TIER_SAMPLE` elements drawn once from the update
+subsets of :mod:`probes.capture.reads`):
 
 - before the step: the weight, its gradient (after clipping and unscaling:
   what the optimizer applies) and Adam's ``exp_avg_sq`` (read in place);
@@ -29,12 +29,16 @@ import numpy as np
 import torch
 
 from probes import engines
-from probes.distributed.shards import local
+from probes.distributed.shards import is_dtensor, local
 from probes.engines import cpu_kernel
 from probes.engines.transfer import upload
 
 #: Adam's epsilon, squared, floors v_t: a zero second moment (a gradient never seen) is no signal.
 EPS2 = 1e-16
+#: Elements per tensor the tier reads: a random part of the update subset (RMS and ratio to a few
+#: per cent; a rise of 2x or more is what it watches), so a step's reads stay a few hundred
+#: microseconds on the CPU for GPT-2 small's 148 tensors.
+TIER_SAMPLE = 1024
 
 
 class StepSignals:
@@ -98,22 +102,28 @@ class StepSignals:
     # -- work --------------------------------------------------------------
 
     def _setup(self) -> None:
-        self._indices = self._subsets()
+        gen = torch.Generator().manual_seed(0x5eed)
+        self._indices = [_thin(p, i, gen) for p, i in zip(map(local, self._params), self._subsets())]
         self._numels = np.array([local(p).numel() for p in self._params], dtype=np.float64)
         self._counts = np.array([n if i is None else i.numel() for n, i in zip(self._numels, self._indices)],
                                 dtype=np.float64)
         device = self._params[0].device
-        self._device = device
         self._lengths = upload(self._counts.astype(np.int64), device)
         self._fast = (engines.for_device(device) == "cpu-kernel" and cpu_kernel.load() is not None
+                      and not any(is_dtensor(p) for p in self._params)
                       and all(p.dtype == torch.float32 and p.is_contiguous() and p.device.type == "cpu"
-                              for p in map(local, self._params)))
+                              for p in self._params))
         if self._fast:
-            self._table = cpu_kernel.subset_table([local(p) for p in self._params], self._indices)
+            self._table = cpu_kernel.subset_table(self._params, self._indices)
+            self._checked: set[int] = set()  # second moments already seen to be contiguous float32
 
     def _begin(self) -> None:
         if self._indices is None:
             self._setup()
+        if self._fast:
+            self._before = self._fast_before()
+            if self._before is not None:
+                return
         state = self.optimizer.state
         weights = [local(p) for p in self._params]
         grads, moments, no_grad, no_moment = [], [], [], []
@@ -131,23 +141,11 @@ class StepSignals:
                 g, v = local(g), local(v)
             grads.append(g)
             moments.append(v)
-        self._missing = (np.array(no_grad, dtype=np.int64), np.array(no_moment, dtype=np.int64))
-        self._t += 1.0
-        if no_grad:
-            self._t[self._missing[0]] -= 1.0  # Adam leaves a parameter without a gradient be
-        b2 = self._beta2
-        self._bc = 1.0 - b2 ** self._t  # Adam's bias correction of v at this step, per tensor
-        if self._fast and all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
-                              for t in (*grads, *moments)):
-            w0, sums = cpu_kernel.signals_before(weights, grads, moments, self._table, b2, EPS2)
-        else:
-            w0, sums = self._torch_before(weights, grads, moments, b2)
-        self._before = (w0, sums)
-
-    def _torch_before(self, weights, grads, moments, b2):
+        self._mark(no_grad, no_moment)
         w0 = _gather(weights, self._indices)
         g = _gather(grads, self._indices)
         v = _gather(moments, self._indices)
+        b2 = self._beta2
         if len(set(b2.tolist())) == 1:
             beta2 = float(b2[0])
             vt = v.mul(beta2).addcmul_(g, g, value=1.0 - beta2)
@@ -156,20 +154,62 @@ class StepSignals:
             vt = v.mul(per).addcmul_(g, g * (1 - per))
         g2 = g.square()
         r = g2 / vt.clamp_min(EPS2)
-        sums = _segment_sums(torch.stack([r, g2], dim=1), self._lengths)
-        return w0, sums
+        self._before = (w0, _segment_sums(torch.stack([r, g2], dim=1), self._lengths))
+
+    def _fast_before(self):
+        """The first half on contiguous float32 CPU tensors: one C call, no torch op (None: a
+        gradient or moment is not such a tensor this step, and torch's ops take it)."""
+        state, f32, checked = self.optimizer.state, torch.float32, self._checked
+        gp, vp, no_grad, no_moment = [], [], [], []
+        for i, p in enumerate(self._params):
+            g = p.grad
+            st = state.get(p)
+            v = st.get("exp_avg_sq") if st else None
+            if g is None:
+                no_grad.append(i)
+                g = p
+            elif g.dtype is not f32 or not g.is_contiguous() or g.layout is not torch.strided:
+                return None
+            if v is None:
+                no_moment.append(i)
+                v = p
+            elif id(v) not in checked:
+                if v.dtype is not f32 or not v.is_contiguous() or v.device.type != "cpu":
+                    return None
+                checked.add(id(v))
+            gp.append(g.data_ptr())
+            vp.append(v.data_ptr())
+        self._mark(no_grad, no_moment)
+        return cpu_kernel.signals_before(self._params, np.array(gp, dtype=np.uint64), np.array(vp, dtype=np.uint64),
+                                         self._table, self._beta2, EPS2)
+
+    def _mark(self, no_grad: list, no_moment: list) -> None:
+        """This step's tensors without a gradient or second moment, and the bias correction."""
+        self._missing = (np.array(no_grad, dtype=np.int64), np.array(no_moment, dtype=np.int64))
+        self._t += 1.0
+        if no_grad:
+            self._t[self._missing[0]] -= 1.0  # Adam leaves a parameter without a gradient be
+        self._bc = 1.0 - self._beta2 ** self._t  # Adam's bias correction of v at this step, per tensor
 
     def _end(self, before) -> tuple:
         w0, sums = before
-        weights = [local(p) for p in self._params]
-        if self._fast:
-            moved = cpu_kernel.signals_after(weights, self._table, w0)
-        else:
-            w1 = _gather(weights, self._indices)
-            d = w1 - w0
-            moved = _segment_sums(torch.stack([d.square(), w0.square()], dim=1), self._lengths)
-        out = torch.cat([sums, moved]).float()  # [4, n]: r, g^2, dW^2, W^2 sums, on the device
-        return out, (self._counts, self._numels, self._bc, self._missing)
+        facts = (self._counts, self._numels, self._bc, self._missing)
+        if isinstance(w0, np.ndarray):  # the C kernel's first half
+            return cpu_kernel.signals_after(self._params, self._table, w0, sums), facts
+        w1 = _gather([local(p) for p in self._params], self._indices)
+        d = w1 - w0
+        moved = _segment_sums(torch.stack([d.square(), w0.square()], dim=1), self._lengths)
+        return torch.cat([sums, moved]), facts  # [4, n] float64: r, g^2, dW^2, W^2 sums, on the device
+
+
+def _thin(p: torch.Tensor, idx: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor | None:
+    """At most :data:`TIER_SAMPLE` of ``p``'s update subset ``idx`` (None: all of ``p``), chosen
+    at random once, in increasing order (memory order); None when all of ``p`` fits."""
+    n = p.numel() if idx is None else idx.numel()
+    if n <= TIER_SAMPLE:
+        return idx
+    pick = torch.randperm(n, generator=gen)[:TIER_SAMPLE].sort().values
+    return pick.to(p.device) if idx is None else idx[pick.to(idx.device)]
 
 
 def _beta2_of(optimizer, params: list) -> np.ndarray:
@@ -201,7 +241,7 @@ def finish(sums: np.ndarray, facts: tuple) -> tuple[np.ndarray, np.ndarray, floa
     """Each tensor's RMS of g^2 / v_hat and update ratio, and the global gradient norm
     estimated from the subsets, from :meth:`StepSignals.after`'s sums (on the host)."""
     counts, numels, bc, (no_grad, no_moment) = facts
-    r, g2, d2, w2 = (sums[i].astype(np.float64) for i in range(4))
+    r, g2, d2, w2 = (np.asarray(sums[i], dtype=np.float64) for i in range(4))
     with np.errstate(divide="ignore", invalid="ignore"):
         rms = np.sqrt(r / counts * bc)
         ratio = np.sqrt(d2 / w2)

@@ -229,33 +229,34 @@ def subset_table(tensors: list[torch.Tensor], indices: list[torch.Tensor | None]
     return np.array([0 if i is None else i.data_ptr() for i in indices], dtype=np.uint64), counts
 
 
-def signals_before(weights, grads, moments, table: tuple[np.ndarray, np.ndarray], beta2: np.ndarray, eps2: float):
+def signals_before(weights, grads: np.ndarray, moments: np.ndarray, table: tuple[np.ndarray, np.ndarray],
+                   beta2: np.ndarray, eps2: float) -> tuple[np.ndarray, np.ndarray]:
     """The every-step tier's first half (probes/capture/signals.py) in one call: the weights'
-    subsets (float32) and a [2, m] float64 tensor of per-tensor sum(g^2 / v_t) and sum(g^2),
-    with v_t = beta2 v + (1 - beta2) g^2. Contiguous float32 CPU tensors; ``table`` from
-    :func:`subset_table` (its indices in range: not checked)."""
+    subsets (float32) and a [4, m] float64 array whose rows 0 and 1 get per-tensor sum(g^2 / v_t)
+    and sum(g^2), with v_t = beta2 v + (1 - beta2) g^2 (rows 2 and 3: :func:`signals_after`'s).
+    ``grads`` and ``moments`` are the data pointers (uint64) of contiguous float32 CPU tensors the
+    caller keeps alive; ``table`` from :func:`subset_table` (its indices in range: not checked)."""
     lib = load()
     if lib is None:
         raise RuntimeError("the CPU kernel is not available")
     m = len(weights)
     idx, counts = table
-    w0 = torch.empty(int(counts.sum()), dtype=torch.float32)
-    sums = torch.empty((2, m), dtype=torch.float64)
-    b2 = np.ascontiguousarray(beta2, dtype=np.float64)
-    tw, tg, tv = _table(weights), _table(grads), _table(moments)
-    lib.xray_signals_before(m, tw.ctypes.data, tg.ctypes.data, tv.ctypes.data, idx.ctypes.data, counts.ctypes.data,
-                            b2.ctypes.data, eps2, w0.data_ptr(), sums.data_ptr())
+    w0 = np.empty(int(counts.sum()), dtype=np.float32)
+    sums = np.empty((4, m), dtype=np.float64)
+    tw = _table(weights)
+    lib.xray_signals_before(m, tw.ctypes.data, grads.ctypes.data, moments.ctypes.data, idx.ctypes.data,
+                            counts.ctypes.data, beta2.ctypes.data, eps2, w0.ctypes.data, sums.ctypes.data)
     return w0, sums
 
 
-def signals_after(weights, table: tuple[np.ndarray, np.ndarray], w0: torch.Tensor) -> torch.Tensor:
-    """The tier's second half: a [2, m] float64 tensor of per-tensor sum((w - w0)^2) and sum(w0^2)."""
+def signals_after(weights, table: tuple[np.ndarray, np.ndarray], w0: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """The tier's second half: rows 2 and 3 of ``sums`` get per-tensor sum((w - w0)^2) and sum(w0^2)."""
     lib = load()
     if lib is None:
         raise RuntimeError("the CPU kernel is not available")
     m = len(weights)
     idx, counts = table
-    sums = torch.empty((2, m), dtype=torch.float64)
     tw = _table(weights)
-    lib.xray_signals_after(m, tw.ctypes.data, idx.ctypes.data, counts.ctypes.data, w0.data_ptr(), sums.data_ptr())
+    lib.xray_signals_after(m, tw.ctypes.data, idx.ctypes.data, counts.ctypes.data, w0.ctypes.data,
+                           sums[2:].ctypes.data)
     return sums
