@@ -132,6 +132,8 @@ class XRay:
             self.note("skipped", layer=n, kind=kind, why=why)
         self._skip_notes.clear()
         self._reads.keep_init()  # distance from initialisation: the update subsets as they are at attach
+        if self._signals is not None:
+            self._signals.prepare()  # the tier's subsets, drawn from the update subsets, before any step
         for mname, module in watched.modules:
             self._handles.append(module.register_forward_hook(hooks._make_hook(mname)))
         # which pass this is (training or evaluation), and whether it is sampled

@@ -62,6 +62,7 @@ class StepSignals:
         #: each tensor's Adam beta2 (its param group's; 0.999 where it has none)
         self._beta2 = _beta2_of(optimizer, self._params) if self.on else np.zeros(0)
         self._indices: list | None = None
+        self._fast: bool | None = None  # the C kernel's path (decided at the first step)
         self._counts = self._numels = None  # subset sizes and tensor sizes (numpy)
         self._lengths: torch.Tensor | None = None
         self._before = None  # (w0 subset, per-tensor r and g^2 sums) between the two halves
@@ -101,14 +102,25 @@ class StepSignals:
 
     # -- work --------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Choose the tier's subsets now (at attach, after the update subsets exist), so that
+        no training step pays for it."""
+        if not self.on or self._indices is not None:
+            return
+        try:
+            gen = torch.Generator().manual_seed(0x5eed)
+            self._indices = [_thin(p, i, gen) for p, i in zip(map(local, self._params), self._subsets())]
+            self._numels = np.array([local(p).numel() for p in self._params], dtype=np.float64)
+            self._counts = np.array([n if i is None else i.numel() for n, i in zip(self._numels, self._indices)],
+                                    dtype=np.float64)
+            self._lengths = upload(self._counts.astype(np.int64), self._params[0].device)
+        except Exception:
+            self.on = False
+            self._fail("signals")
+
     def _setup(self) -> None:
-        gen = torch.Generator().manual_seed(0x5eed)
-        self._indices = [_thin(p, i, gen) for p, i in zip(map(local, self._params), self._subsets())]
-        self._numels = np.array([local(p).numel() for p in self._params], dtype=np.float64)
-        self._counts = np.array([n if i is None else i.numel() for n, i in zip(self._numels, self._indices)],
-                                dtype=np.float64)
+        self.prepare()
         device = self._params[0].device
-        self._lengths = upload(self._counts.astype(np.int64), device)
         self._fast = (engines.for_device(device) == "cpu-kernel" and cpu_kernel.load() is not None
                       and not any(is_dtensor(p) for p in self._params)
                       and all(p.dtype == torch.float32 and p.is_contiguous() and p.device.type == "cpu"
@@ -118,7 +130,7 @@ class StepSignals:
             self._checked: set[int] = set()  # second moments already seen to be contiguous float32
 
     def _begin(self) -> None:
-        if self._indices is None:
+        if self._fast is None:
             self._setup()
         if self._fast:
             self._before = self._fast_before()
@@ -129,6 +141,8 @@ class StepSignals:
         grads, moments, no_grad, no_moment = [], [], [], []
         for i, (p, w) in enumerate(zip(self._params, weights)):
             g = p.grad
+            if g is not None and (g.layout != torch.strided or g.is_meta):
+                g = None  # a sparse gradient (an embedding's sparse=True): not read, as the sampled reads skip it
             st = state.get(p)
             v = st.get("exp_avg_sq") if st else None
             if g is None or v is None:  # read the weight in their place, and forget what it gives
@@ -168,7 +182,7 @@ class StepSignals:
             if g is None:
                 no_grad.append(i)
                 g = p
-            elif g.dtype is not f32 or not g.is_contiguous() or g.layout is not torch.strided:
+            elif g.layout is not torch.strided or g.dtype is not f32 or not g.is_contiguous():
                 return None
             if v is None:
                 no_moment.append(i)

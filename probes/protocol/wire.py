@@ -27,11 +27,9 @@ __all__ = ["JOB_RANK", "Alert", "End", "Hello", "LayerInfo", "Message", "Note", 
 #: 3: the whole job of a multi-node run (rank -1 in Step, Alert and Note; RankStats). A version-2
 #: stream is a version-3 stream without them, so recordings of either replay; a viewer that reads
 #: only 2 refuses a version-3 probe with "upgrade the older side" instead of failing on a rank -1.
-#: 4: the every-step tier (Scalars.adam_rms / update_ratio, Hello.signal_tensors); older streams
-#: are version-4 streams without it.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 3
 #: Versions this side reads.
-READABLE_VERSIONS = frozenset({2, 3, 4})
+READABLE_VERSIONS = frozenset({2, 3})
 MAGIC = b"XRAYTUI\x01"
 #: Largest frame accepted; a bigger length prefix is refused before reading.
 MAX_FRAME = 64 * 1024 * 1024
