@@ -62,6 +62,7 @@ PREFIX = {
     "nonfinite": None,  # no thresholds: only ``enabled``
     "loss-spike": "spike_",  # evaluated over every step's Scalars by probes.rules.scalar
     "overflow": "overflow_",
+    "instability": "instability_",  # the every-step tier, over every step's Scalars (probes.rules.instability)
     "starved": "starved_",
     "spectral": "spectral_",  # evaluated over spectral passes by probes.rules.spectral
 }

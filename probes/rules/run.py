@@ -33,6 +33,8 @@ class RunFacts:
         #: the latest training Step of each rank (loss-spike names the layers that moved in it)
         self.last_step: dict[int, Step] = {}
         self.hosts: list[str] = []  # every rank's host (Hello.hosts), for the straggler's message
+        #: the tensors of the every-step tier's arrays, in their order (Hello.signal_tensors)
+        self.signal_tensors: list[str] = []
 
     def set_layers(self, layers) -> None:
         """Tell the engine the model's layers (a Hello's ``layers``): the
@@ -56,6 +58,7 @@ class RunFacts:
         self.param_groups = dict(getattr(hello, "param_groups", {}) or {})
         self.eps = getattr(hello, "eps", self.eps)
         self.hosts = list(getattr(hello, "hosts", []) or [])
+        self.signal_tensors = list(getattr(hello, "signal_tensors", []) or [])
 
     def note(self, msg) -> None:
         """Take a run :class:`~probes.protocol.wire.Note`; a ``precision`` note (autocast seen in

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 #: Every rule id. The per-step rules run in the order of probes.rules.registry.REGISTRY; the loss
 #: rules over each step's Scalars in probes.rules.scalar; spectral per spectral pass.
 RULES = ("nonfinite", "exploding", "vanishing", "dead", "stalled", "no-grad", "update-too-large",
-         "starved", "rank-divergence", "straggler", "overflow", "loss-spike", "spectral")
+         "starved", "rank-divergence", "straggler", "overflow", "loss-spike", "instability", "spectral")
 
 #: Layer name of alerts about the loss (loss-spike, a non-finite loss).
 LOSS_LAYER = "(loss)"
@@ -70,12 +70,23 @@ class RuleConfig:
     straggler_min_s: float = 0.02
     straggler_k: int = 3
     # loss-spike and overflow (evaluated by probes.rules.scalar over every step's Scalars):
-    spike_sigmas: float = 6.0  # the loss above its rolling median + this many robust sigmas (1.4826 MAD)...
-    spike_rel: float = 0.1  # ...and above the median by this fraction of it (a flat loss has a tiny MAD)
-    spike_window: int = 64  # steps in that median
+    # the loss above the median of its last spike_recent healthy steps + this many robust sigmas of its
+    # step-to-step noise (1.4826 MAD of the first differences / sqrt 2, over spike_window steps)...
+    spike_sigmas: float = 8.0
+    spike_rel: float = 0.15  # ...and above that median by this fraction of it (a flat loss has a tiny MAD)
+    spike_window: int = 64  # steps in the noise estimate
+    spike_recent: int = 8  # steps in the median (few: a falling loss leaves a long window's median behind)
     spike_min_history: int = 16  # steps needed before a spike can be judged
     spike_diverge: float = 1.5  # the loss this many times where it started (its first 3 steps)...
     spike_diverge_k: int = 5  # ...for this many steps in a row: diverging (critical)
+    # instability (probes.rules.instability, over the every-step tier in each step's Scalars): warn at
+    # the first step where the median tensor's update ratio is this many times its own recent median...
+    instability_update: float = 4.0
+    instability_rms: float = 2.5  # ...or the median tensor's Adam RMS(g^2/v) at least this (healthy ~1)...
+    instability_rms_factor: float = 2.5  # ...and this many times its recent median...
+    instability_grad: float = 4.0  # ...or the gradient norm (pre-clip) this many times its recent median
+    instability_window: int = 64  # steps in those medians
+    instability_min_history: int = 16  # steps before anything is judged
     overflow_window: int = 50  # steps over which skipped steps are counted
     overflow_share: float = 0.5  # skipped share of a full window that warns
     overflow_all_k: int = 20  # this many skipped steps in a row: critical
