@@ -64,6 +64,11 @@ PREFIX = {
     "overflow": "overflow_",
     "starved": "starved_",
     "spectral": "spectral_",  # evaluated over spectral passes by probes.rules.spectral
+    "frozen": "frozen_",
+    "lagging": "lagging_",
+    "loss-collapse": "collapse_",  # over every step's loss, by probes.rules.loss_collapse
+    "adapter-drift": "drift_",
+    "weight-spread": "spread_",
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(RuleConfig) if f.name not in ("disabled", "overrides")}
 _TOP = {"recover_k"}

@@ -73,7 +73,7 @@ class NoGrad(StepRule):
             names = [p for _, ps in gs for p in ps]
             n = runs[names[0]]
             what = (f"{names[0]} requires a gradient but got none" if len(names) == 1 else
-                    f"{len(names)} parameters that require a gradient got none ({describe(gs)})")
+                    f"{len(names)} parameter tensors that require a gradient got none ({describe(gs)})")
             out.append(alert(ctx.step, by_name[names[0]], self.id,
                              Finding("warning", n, k, f"{what} in {n} sampled steps: {hint}"), kind="grad"))
         return out

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from probes.rules.dead import DeadActivations, DeadGradients
 from probes.rules.exploding import Exploding
+from probes.rules.frozen import Frozen
+from probes.rules.lagging import Lagging
 from probes.rules.no_grad import NoGrad
 from probes.rules.nonfinite import Nonfinite
 from probes.rules.rank_divergence import RankDivergence
@@ -21,6 +23,7 @@ from probes.rules.update_too_large import UpdateTooLarge
 from probes.rules.vanishing import Vanishing
 
 REGISTRY = (
+    Frozen,
     Nonfinite,
     NoGrad,
     Exploding,
@@ -30,6 +33,7 @@ REGISTRY = (
     Stalled,
     UpdateTooLarge,
     Starved,
+    Lagging,
     RankDivergence,
     Straggler,
 )

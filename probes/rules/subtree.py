@@ -39,8 +39,8 @@ def subtrees(names, universe) -> list[tuple[str, list[str]]]:
 
 
 def describe(groups: list[tuple[str, list[str]]], most: int = 4) -> str:
-    """``a.b (16 parameters), a.c.weight`` for a message; past ``most`` groups, "and N more"."""
-    parts = [path if len(ps) == 1 and ps[0] == path else f"{path} ({len(ps)} parameters)"
+    """``a.b (16 tensors), a.c.weight`` for a message; past ``most`` groups, "and N more"."""
+    parts = [path if len(ps) == 1 and ps[0] == path else f"{path} ({len(ps)} tensors)"
              for path, ps in groups[:most]]
     if len(groups) > most:
         parts.append(f"and {len(groups) - most} more")

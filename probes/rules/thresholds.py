@@ -14,7 +14,8 @@ from dataclasses import dataclass
 #: Every rule id. The per-step rules run in the order of probes.rules.registry.REGISTRY; the loss
 #: rules over each step's Scalars in probes.rules.scalar; spectral per spectral pass.
 RULES = ("nonfinite", "exploding", "vanishing", "dead", "stalled", "no-grad", "update-too-large",
-         "starved", "rank-divergence", "straggler", "overflow", "loss-spike", "spectral")
+         "starved", "rank-divergence", "straggler", "overflow", "loss-spike", "spectral",
+         "frozen", "lagging", "loss-collapse", "adapter-drift", "weight-spread")
 
 #: Layer name of alerts about the loss (loss-spike, a non-finite loss).
 LOSS_LAYER = "(loss)"
@@ -49,6 +50,7 @@ class RuleConfig:
     dead_k: int = 3
     stall_ratio: float = 1e-7  # update ratio below this counts as not moving
     stall_k: int = 3
+    stall_lr: float = 1e-6  # a stalled parameter's group lr at most this: the message says the lr is too low
     nograd_k: int = 3  # sampled steps in a row without a gradient
     update_max: float = 1.0  # update ratio ||dW||/||W|| above this in one step...
     update_factor: float = 30.0  # ...or this many times its own recent median
@@ -61,6 +63,13 @@ class RuleConfig:
     starved_factor: float = 100.0  # update ratio this many times below the median of its kind...
     starved_k: int = 4  # ...for this many samples in a row
     starved_min_peers: int = 3  # tensors of that kind (itself included) needed for a median
+    # lagging: a weight matrix's update ratio this many times below the median of the model's
+    # weight matrices (up to starved_factor) for lagging_k samples; healthy runs spread at most 5x
+    lagging_factor: float = 10.0
+    lagging_k: int = 4
+    # frozen (at a rank's first step): a model without LoRA adapters whose elements requiring a
+    # gradient are below this share (the healthy corpus trains 100%; a base frozen by mistake 0.1%)
+    frozen_share: float = 0.2
     rank_factor: float = 2.0  # a rank's total grad norm this many times off the other ranks' median
     rank_k: int = 2
     # straggler (over the whole job's per-rank times, probes/distributed/job.py): a rank's step
