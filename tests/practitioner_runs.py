@@ -93,7 +93,7 @@ def llama(vocab: int):
 def bert(vocab: int):
     from transformers import BertConfig, BertForSequenceClassification
 
-    return BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+    return BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=4,
                                                     num_attention_heads=2, intermediate_size=64,
                                                     max_position_embeddings=SEQ, num_labels=2))
 
@@ -122,7 +122,8 @@ class _NoGrad(torch.nn.Module):
 RUNS = {
     "gpt2": dict(model=gpt2, lr=1e-3, steps=STEPS),
     "llama": dict(model=llama, lr=1e-3, steps=STEPS),
-    "bert": dict(model=bert, classify=True, lr=1e-3, steps=STEPS),
+    # 400 steps: the linear decay leaves the lr high enough at step 125 for its plateau break (below)
+    "bert": dict(model=bert, classify=True, lr=1e-3, steps=2 * STEPS),
     "lora": dict(model=lora, lr=1e-3, steps=STEPS),
     # the faults: each caught by step 30
     "frozen-base": dict(model=bert, classify=True, lr=1e-3, steps=40, fault="frozen",
@@ -173,6 +174,8 @@ def train(name: str, steps: int | None = None, *, every: int = EVERY, path: str 
     with contextlib.ExitStack() as stack:
         out = path or stack.enter_context(tempfile.TemporaryDirectory())
         log = os.path.join(out, f"{name}.xray")
+        if os.path.exists(log):
+            os.remove(log)  # the recorder would write NAME-1.xray beside it
         cb = XRayCallback(every=every, name=name, serve=False, log=log, spectral_every=None)
         # the healthy runs keep the Trainer's linear decay; a fault run is short, so its lr is held
         # (a decay to 0 over 40 steps would halve the fault)

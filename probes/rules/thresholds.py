@@ -40,6 +40,9 @@ class RuleConfig:
     explode_window: int = 16  # samples in that median
     explode_min_history: int = 4  # samples needed before the relative test applies
     explode_abs_cap: float = 1e4  # absmax of an activation or gradient above this
+    # with gradient clipping on, a gradient fires only holding at least this share of the step's
+    # (clipped) gradient norm: healthy plateau breaks grew 80x at 1% of it
+    explode_clip_share: float = 0.3
     vanish_zeros: float = 0.5  # exact-zero fraction of a gradient at least this...
     vanish_zeros_jump: float = 0.4  # ...and this much above its own recent median (underflow)
     vanish_factor: float = 1e-3  # or gradient l2 below this times its recent median
