@@ -9,6 +9,7 @@ before the update rules (which leave a parameter without a gradient to it).
 
 from __future__ import annotations
 
+from probes.rules.adapter_drift import AdapterDrift
 from probes.rules.dead import DeadActivations, DeadGradients
 from probes.rules.exploding import Exploding
 from probes.rules.frozen import Frozen
@@ -20,6 +21,7 @@ from probes.rules.stalled import Stalled
 from probes.rules.starved import Starved
 from probes.rules.straggler import Straggler
 from probes.rules.update_too_large import UpdateTooLarge
+from probes.rules.weight_spread import WeightSpread
 from probes.rules.vanishing import Vanishing
 
 REGISTRY = (
@@ -30,6 +32,8 @@ REGISTRY = (
     Vanishing,
     DeadActivations,
     DeadGradients,
+    WeightSpread,
+    AdapterDrift,
     Stalled,
     UpdateTooLarge,
     Starved,

@@ -73,6 +73,15 @@ class RuleConfig:
     # frozen (at a rank's first step): a model without LoRA adapters whose elements requiring a
     # gradient are below this share (the healthy corpus trains 100%; a base frozen by mistake 0.1%)
     frozen_share: float = 0.2
+    # adapter-drift: a LoRA adapter's shift ||B A scale||/||W|| at least drift_shift and growing by
+    # drift_rate per step, for drift_k samples (a healthy LoRA run grows under 0.03 per step)
+    drift_shift: float = 0.5
+    drift_rate: float = 0.06
+    drift_k: int = 2
+    # weight-spread: a weight matrix's std at least this many times its first sample's, spread_k
+    # samples (healthy runs: at most 3.3x)
+    spread_factor: float = 8.0
+    spread_k: int = 2
     rank_factor: float = 2.0  # a rank's total grad norm this many times off the other ranks' median
     rank_k: int = 2
     # straggler (over the whole job's per-rank times, probes/distributed/job.py): a rank's step
@@ -88,6 +97,10 @@ class RuleConfig:
     spike_min_history: int = 16  # steps needed before a spike can be judged
     spike_diverge: float = 1.5  # the loss this many times where it started (its first 3 steps)...
     spike_diverge_k: int = 5  # ...for this many steps in a row: diverging (critical)
+    # loss-collapse (probes.rules.loss_collapse, over every step's loss): the loss at most this share
+    # of where the run started within collapse_steps steps (healthy runs: 75-100% at 50 steps)
+    collapse_frac: float = 0.3
+    collapse_steps: int = 50
     overflow_window: int = 50  # steps over which skipped steps are counted
     overflow_share: float = 0.5  # skipped share of a full window that warns
     overflow_all_k: int = 20  # this many skipped steps in a row: critical
