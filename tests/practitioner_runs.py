@@ -4,7 +4,8 @@ Each run builds a small model from a ``transformers`` config (nothing is downloa
 memory from the bundled public-domain text (``tui/data/corpus.txt``, character-level), and trains it
 through the ``Trainer`` with :class:`probes.hf.XRayCallback` attached at ``every=5``, recording every
 message. ``tests/test_practitioner.py`` asserts on them; ``python tests/practitioner_runs.py [NAME...]``
-prints each run's alerts and the figures the new rules' bands were calibrated on.
+prints each run's alerts and the figures the new rules' bands were calibrated on
+(:func:`figures`; ``--figures FILE...`` prints them for recordings, e.g. bench/healthy_runs.py's).
 
 Healthy (:data:`HEALTHY`): ``gpt2``, ``llama`` (causal LMs from scratch, AdamW 1e-3), ``bert`` (a
 sequence classifier at lr 1e-3 with the Trainer's clipping at 1.0: the issue's false ``exploding``),
@@ -208,15 +209,71 @@ def losses(msgs) -> list[tuple[int, float]]:
     return [(m.step, m.values["loss"]) for m in msgs if isinstance(m, wire.Scalars) and "loss" in m.values]
 
 
+def figures(msgs) -> dict:
+    """What the new rules' bands were calibrated on, over one recording: the widest gap between the
+    median update ratio of the weight matrices and the slowest (lagging's peers), the largest std
+    growth of a matrix against its first sample (weight-spread), the fastest LoRA shift growth per
+    step once past 0.5 (adapter-drift) and the largest shift, the loss at step 50 as a share of the
+    start (loss-collapse), and the share of elements that train (frozen)."""
+    import statistics
+
+    from probes.protocol import stats, wire
+    from probes.rules import RuleEngine
+
+    eng = RuleEngine()
+    gap = spread = rate = shift = 0.0
+    first: dict = {}
+    prev: dict = {}
+    share = 1.0
+    for m in msgs:
+        if isinstance(m, wire.Hello):
+            eng.set_hello(m)
+        elif isinstance(m, wire.Step) and m.phase == "train":
+            eng.evaluate(m)  # (its zero-init bookkeeping)
+            peers = eng.rules[[r.id for r in eng.rules].index("lagging")]
+            sizes = {s.layer: s.count for s in m.samples if s.kind == "weight"}
+            if first == {} and eng.trainable is not None and sizes:
+                share = sum(n for p, n in sizes.items() if p in eng.trainable) / sum(sizes.values())
+            ratios = [s.ratio for s in m.samples if s.kind == "update" and s.ratio and peers._peer(s.layer)]
+            if len(ratios) >= 3:
+                gap = max(gap, statistics.median(ratios) / min(ratios))
+            for s in m.samples:
+                if s.kind != "weight":
+                    continue
+                if s.lora_shift is not None:
+                    if s.layer in prev and s.lora_shift >= 0.5:
+                        rate = max(rate, (s.lora_shift - prev[s.layer][1]) / (m.step - prev[s.layer][0]))
+                    prev[s.layer] = (m.step, s.lora_shift)
+                    shift = max(shift, s.lora_shift)
+                elif s.count > 1 and eng.param_kind(s.layer) == "matrix" and not eng.zero_init.get(s.layer):
+                    sd = stats.std(s)
+                    first.setdefault(s.layer, sd)
+                    if first[s.layer] > 0:
+                        spread = max(spread, sd / first[s.layer])
+    loss = losses(msgs)
+    at50 = [v for st, v in loss if st <= loss[0][0] + 50][-3:]
+    fall = statistics.median(at50) / statistics.median([v for _, v in loss[:3]]) if len(loss) >= 3 else math.nan
+    return {"lagging gap": gap, "std growth": spread, "lora shift rate": rate, "lora shift max": shift,
+            "loss at 50 / start": fall, "trainable share": share}
+
+
 def main(argv: list[str]) -> int:
     import time
 
+    if argv[:1] == ["--figures"]:
+        from probes.protocol import wire
+
+        for path in argv[1:]:
+            msgs, _ = wire.read_file(path)
+            print(os.path.basename(path), {k: round(v, 3) for k, v in figures(msgs).items()}, flush=True)
+        return 0
     for name in argv or list(RUNS):
         t = time.perf_counter()
         msgs = train(name)
         loss = losses(msgs)
         print(f"{name}: {len(loss)} steps in {time.perf_counter() - t:.1f}s; loss {loss[0][1]:.3f} -> "
               f"{sum(v for _, v in loss[-10:]) / 10:.3f}", flush=True)
+        print("  " + ", ".join(f"{k} {v:.3g}" for k, v in figures(msgs).items()))
         for a in alerts(msgs, info=True):
             print(f"  step {a.step} {a.severity} {a.rule} {a.layer} [{a.kind}] {a.message[:300]}")
     return 0

@@ -86,7 +86,7 @@ FAILURES = [
     ("constant-labels", "loss-collapse", "(loss)", ["collapsed", "constant"]),
     ("lora-lr", "adapter-drift", None, ["LoRA adapter on", "base weight", "far too high"]),
     ("lr-tiny", "stalled", None, ["learning rate is far too low", "lr 1e-08"]),
-    ("plateau", "weight-spread", None, ["starting std", "kurtosis", "lr 0.1", "plateau"]),
+    ("plateau", "weight-spread", None, ["std at step 0", "kurtosis", "lr 0.1", "plateau"]),
 ]
 
 

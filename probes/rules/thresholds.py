@@ -78,9 +78,10 @@ class RuleConfig:
     drift_shift: float = 0.5
     drift_rate: float = 0.06
     drift_k: int = 2
-    # weight-spread: a weight matrix's std at least this many times its first sample's, spread_k
-    # samples (healthy runs: at most 3.3x)
+    # weight-spread: a weight matrix's std at least this many times its own spread_window samples
+    # earlier (or its first), spread_k samples in a row (healthy runs: at most 2.1x over 10 samples)
     spread_factor: float = 8.0
+    spread_window: int = 10
     spread_k: int = 2
     rank_factor: float = 2.0  # a rank's total grad norm this many times off the other ranks' median
     rank_k: int = 2
