@@ -212,7 +212,7 @@ def losses(msgs) -> list[tuple[int, float]]:
 def figures(msgs) -> dict:
     """What the new rules' bands were calibrated on, over one recording: the widest gap between the
     median update ratio of the weight matrices and the slowest (lagging's peers), the largest std
-    growth of a matrix against its first sample (weight-spread), the fastest LoRA shift growth per
+    growth of a matrix over 10 samples (weight-spread's window), the fastest LoRA shift growth per
     step once past 0.5 (adapter-drift) and the largest shift, the loss at step 50 as a share of the
     start (loss-collapse), and the share of elements that train (frozen)."""
     import statistics
@@ -222,9 +222,9 @@ def figures(msgs) -> dict:
 
     eng = RuleEngine()
     gap = spread = rate = shift = 0.0
-    first: dict = {}
+    first: dict = {}  # matrix -> its stds so far
     prev: dict = {}
-    share = 1.0
+    share = None  # at the first step
     for m in msgs:
         if isinstance(m, wire.Hello):
             eng.set_hello(m)
@@ -232,7 +232,7 @@ def figures(msgs) -> dict:
             eng.evaluate(m)  # (its zero-init bookkeeping)
             peers = eng.rules[[r.id for r in eng.rules].index("lagging")]
             sizes = {s.layer: s.count for s in m.samples if s.kind == "weight"}
-            if first == {} and eng.trainable is not None and sizes:
+            if share is None and eng.trainable is not None and sizes:
                 share = sum(n for p, n in sizes.items() if p in eng.trainable) / sum(sizes.values())
             ratios = [s.ratio for s in m.samples if s.kind == "update" and s.ratio and peers._peer(s.layer)]
             if len(ratios) >= 3:
@@ -246,15 +246,15 @@ def figures(msgs) -> dict:
                     prev[s.layer] = (m.step, s.lora_shift)
                     shift = max(shift, s.lora_shift)
                 elif s.count > 1 and eng.param_kind(s.layer) == "matrix" and not eng.zero_init.get(s.layer):
-                    sd = stats.std(s)
-                    first.setdefault(s.layer, sd)
-                    if first[s.layer] > 0:
-                        spread = max(spread, sd / first[s.layer])
+                    seen = first.setdefault(s.layer, [])  # its stds, as weight-spread's window
+                    if seen and seen[max(0, len(seen) - 10)] > 0:
+                        spread = max(spread, stats.std(s) / seen[max(0, len(seen) - 10)])
+                    seen.append(stats.std(s))
     loss = losses(msgs)
     at50 = [v for st, v in loss if st <= loss[0][0] + 50][-3:]
     fall = statistics.median(at50) / statistics.median([v for _, v in loss[:3]]) if len(loss) >= 3 else math.nan
     return {"lagging gap": gap, "std growth": spread, "lora shift rate": rate, "lora shift max": shift,
-            "loss at 50 / start": fall, "trainable share": share}
+            "loss at 50 / start": fall, "trainable share": 1.0 if share is None else share}
 
 
 def main(argv: list[str]) -> int:

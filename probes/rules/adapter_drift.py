@@ -44,17 +44,17 @@ class AdapterDrift(SampleRule):
             info = engine.params.get(s.layer)
             base = info[0].adapter_of if info else ""
             lr = engine.lr_text(s.layer)
-            ratios = [f"{x.layer.rsplit('.', 2)[-2]} {x.ratio:.2g}" for x in ctx.step.samples
-                      if x.kind == "update" and x.ratio is not None and info is not None
-                      and x.layer.startswith(info[0].name.replace("lora_B", "lora_"))]
+            pair = info[0].name.rsplit("lora_B", 1)[0] + "lora_" if info else None  # its A and B
+            ratios = [f"{'A' if 'lora_A' in x.layer else 'B'} {x.ratio:.2g}" for x in ctx.step.samples
+                      if pair and x.kind == "update" and x.ratio is not None and x.layer.startswith(pair)]
             on = f" on {base}" if base else ""
             return Finding(
                 "warning", shift, c.drift_shift,
                 f"the LoRA adapter{on} shifts its base weight by {shift:.2f} of its norm (||B A scale|| / ||W||) "
                 f"and grows {rate:.2g} per step (a healthy LoRA run: under 0.03 per step)"
-                + (f"; update ratios {', '.join(ratios)}" if ratios else "") + (f"; {lr}" if lr else "")
+                + (f"; its update ratios {', '.join(ratios)} (healthy LoRA: ~4e-3)" if ratios else "") + (f"; {lr}" if lr else "")
                 + ": the adapter is overwriting the pretrained weight; the LoRA learning rate is far too high "
-                "(LoRA usually trains at 1e-4 to 1e-3), or lora_alpha / r is",
+                "(LoRA usually trains at 1e-4 to 1e-3), or lora_alpha / r too large",
             )
 
         return shift >= c.drift_shift and rate >= c.drift_rate, c.drift_k, finding
