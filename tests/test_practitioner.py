@@ -16,6 +16,7 @@ import pytest
 from probes.protocol import wire
 from probes.rules import RuleEngine, parse
 from probes.rules.subtree import describe, leading, subtrees
+from tui.synthetic import sample_of
 
 pytest.importorskip("accelerate")
 pytest.importorskip("peft")
@@ -166,8 +167,6 @@ def test_new_rules_have_toml_tables():
 
 
 def _upd(layer, ratio):
-    from test_rules import sample_of
-
     return sample_of(layer, "update", np.full(16, 1e-3), ratio=ratio)
 
 
@@ -183,3 +182,46 @@ def test_update_too_large_recovers_only_once_the_lr_has_fallen():
         out += eng.evaluate_scalars(scalars(i, 3.0, lr))
     fired = [(a.step, a.severity) for a in out if a.rule == "update-too-large"]
     assert fired == [(0, "warning"), (11, "info")]  # not at step 3 (the lr still 1e-1): 3 good steps after it fell
+
+
+def _grads(i, jump):
+    """20 gradients of L2 1, and one of 0.01 that jumps to ``jump`` from step 6."""
+    rng = np.random.default_rng(i)
+    out = [sample_of(f"p{j}.weight", "grad", rng.normal(0, 1, 64) / 8) for j in range(20)]
+    x = rng.normal(0, 1, 64) / 8
+    return out + [sample_of("q.weight", "grad", x / np.linalg.norm(x) * (jump if i >= 6 else 0.01))]
+
+
+def _exploding(clip, jump):
+    eng, out = RuleEngine(), []
+    for i in range(8):
+        out += eng.evaluate(wire.Step(step=i, rank=0, time=float(i), samples=_grads(i, jump)))
+        values = {"loss": 3.0, "lr": 1e-3} | ({"clip": clip} if clip else {})
+        out += eng.evaluate_scalars(wire.Scalars(step=i, rank=0, time=float(i), values=values))
+    return [a for a in out if a.rule == "exploding"]
+
+
+def test_exploding_under_clipping_needs_a_gradient_that_dominates_the_step():
+    # 0.01 -> 1.2: 120x its history, above the median layer's, but 26% of the step's norm
+    (a,) = _exploding(None, 1.2)
+    assert a.layer == "q.weight" and "clip gradients" in a.message
+    assert _exploding(1.0, 1.2) == []  # clipping bounds the step; this gradient does not dominate it
+    (b,) = _exploding(1.0, 8.0)  # 87% of the step's norm: an explosion clipping only hides
+    assert b.layer == "q.weight" and "gradient clipping at 1 is already on" in b.message
+    assert "or clip gradients" not in b.message
+
+
+def test_weight_spread_fires_on_a_jump_not_on_slow_growth():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 0.02, 256)
+
+    def spread(scales):
+        eng, out = RuleEngine(), []
+        for i, k in enumerate(scales):
+            out += eng.evaluate(wire.Step(step=5 * i, rank=0, time=float(i),
+                                          samples=[sample_of("h.w.weight", "weight", x * k)]))
+        return [a for a in out if a.rule == "weight-spread"]
+
+    assert spread([1.2 ** i for i in range(30)]) == []  # 237x in 30 samples, 6.2x over any 10
+    (a,) = spread([1.0, 10.0, 12.0, 13.0])
+    assert a.step == 10 and "12x their std at step 0" in a.message
