@@ -19,7 +19,8 @@ import math
 from probes.protocol import stats
 from probes.rules.base import Finding, SampleRule, Verdict
 
-#: the stream series of the weight's recent (step, std, excess kurtosis)
+#: the stream series of the weight's recent (step, std, sample): the kurtosis is computed only
+#: for a message
 RECENT = "spread"
 
 
@@ -38,15 +39,17 @@ class WeightSpread(SampleRule):
         sd = stats.std(s)
         if not (math.isfinite(sd) and sd > 0):
             return None
-        then = recent[max(0, len(recent) - c.spread_window)] if recent else None
-        recent.append((ctx.step.step, sd, stats.kurtosis(s)))
+        then = recent[max(0, len(recent) - c.spread_window)] if recent else None  # window samples ago
+        recent.append((ctx.step.step, sd, s))
+        while len(recent) > c.spread_window + 1:
+            recent.popleft()  # the window only: each entry holds a whole sample
         if then is None:
             return None
-        step0, sd0, k0 = then
+        step0, sd0, s0 = then
         grown = sd / sd0
 
         def finding() -> Finding:
-            k = stats.kurtosis(s)
+            k, k0 = stats.kurtosis(s), stats.kurtosis(s0)
             lr = self.engine.lr_text(s.layer)
             return Finding(
                 "warning", grown, c.spread_factor,
