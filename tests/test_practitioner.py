@@ -225,3 +225,25 @@ def test_weight_spread_fires_on_a_jump_not_on_slow_growth():
     assert spread([1.2 ** i for i in range(30)]) == []  # 237x in 30 samples, 6.2x over any 10
     (a,) = spread([1.0, 10.0, 12.0, 13.0])
     assert a.step == 10 and "12x their std at step 0" in a.message
+
+
+def test_no_grad_is_one_alert_per_cause_and_recovers_on_its_layer():
+    """Two parameters of one module lose their gradient together: one alert on the first, and
+    one recovery on that same layer once both have gradients again (a viewer clears it)."""
+    layers = [wire.LayerInfo("a", "Linear", ["weight", "bias"]), wire.LayerInfo("b", "Linear", ["weight", "bias"])]
+    eng = RuleEngine()
+    eng.set_layers(layers)
+    out = []
+    for i in range(12):
+        missing = {"b.weight", "b.bias"} if 2 <= i < 7 else set()
+        if i == 7:
+            missing = {"b.bias"}  # one comes back a step before the other
+        samples = []
+        for name in ("a.weight", "a.bias", "b.weight", "b.bias"):
+            samples.append(sample_of(name, "weight", np.ones(4)))
+            if name not in missing:
+                samples.append(sample_of(name, "grad", np.ones(4)))
+        out += eng.evaluate(wire.Step(step=i, rank=0, time=float(i), samples=samples))
+    got = [(a.step, a.severity, a.layer) for a in out if a.rule == "no-grad"]
+    assert got == [(4, "warning", "b.weight"), (10, "info", "b.weight")]
+    assert "2 parameter tensors" in out[0].message and "b (2 tensors)" in out[0].message

@@ -15,7 +15,7 @@ parameter. The alert's layer is the group's first parameter in model order.
 from __future__ import annotations
 
 from probes.protocol.wire import Alert
-from probes.rules.base import FIRE, RECOVER, Finding, StepContext, StepRule, StreamState, alert, track
+from probes.rules.base import FIRE, RECOVER, Finding, StepContext, StepRule, StreamState, Where, alert, track
 from probes.rules.subtree import describe, leading, subtrees
 
 
@@ -23,6 +23,13 @@ class NoGrad(StepRule):
     """``no-grad``, judged on each trainable parameter's gradient stream (alerts of kind grad)."""
 
     id = "no-grad"
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        #: (rank, parameter) -> the parameter its alert is on (its group's first), while it fires
+        self._leader: dict[tuple[int, str], str] = {}
+        #: (rank, leader) -> (the group's description, its parameters still without a gradient)
+        self._open: dict[tuple[int, str], tuple[str, set]] = {}
 
     def evaluate(self, ctx: StepContext, out: list[Alert]) -> None:
         step, engine = ctx.step, self.engine
@@ -50,10 +57,15 @@ class NoGrad(StepRule):
         order = [p for p in engine.params if p in trainable]  # model order
         if fired:
             out.extend(self._fired(ctx, fired, order, runs, k))
-        if recovered:
-            groups = subtrees([s.layer for s in recovered], order)
-            out.append(alert(step, recovered[0], self.id, Finding(
-                "info", 0.0, 0.0, f"no-grad on {describe(groups)} recovered: gradients arrive again"), kind="grad"))
+        for s in recovered:
+            # said once per alert, on its layer (so a viewer clears it), when all it covered recovered
+            leader = self._leader.pop((step.rank, s.layer), s.layer)
+            what, members = self._open.get((step.rank, leader), (leader, set()))
+            members.discard(s.layer)
+            if not members:
+                self._open.pop((step.rank, leader), None)
+                out.append(alert(step, Where(leader, "grad"), self.id, Finding(
+                    "info", 0.0, 0.0, f"no-grad on {what} recovered: gradients arrive again"), kind="grad"))
 
     def _fired(self, ctx, fired, order, runs, k) -> list[Alert]:
         """The alerts for the parameters that fired at this step: one per module subtree, or one
@@ -76,4 +88,7 @@ class NoGrad(StepRule):
                     f"{len(names)} parameter tensors that require a gradient got none ({describe(gs)})")
             out.append(alert(ctx.step, by_name[names[0]], self.id,
                              Finding("warning", n, k, f"{what} in {n} sampled steps: {hint}"), kind="grad"))
+            rank = ctx.step.rank
+            self._open[(rank, names[0])] = (describe(gs), set(names))
+            self._leader.update({(rank, p): names[0] for p in names})
         return out
