@@ -99,7 +99,7 @@ class RuleConfig:
     spike_diverge: float = 1.5  # the loss this many times where it started (its first 3 steps)...
     spike_diverge_k: int = 5  # ...for this many steps in a row: diverging (critical)
     # loss-collapse (probes.rules.loss_collapse, over every step's loss): the loss at most this share
-    # of where the run started within collapse_steps steps (healthy runs: 75-100% at 50 steps)
+    # of where the run started within collapse_steps steps (healthy runs: 67-100% at 50 steps)
     collapse_frac: float = 0.3
     collapse_steps: int = 50
     overflow_window: int = 50  # steps over which skipped steps are counted
