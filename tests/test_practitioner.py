@@ -192,11 +192,12 @@ def _grads(i, jump):
     return out + [sample_of("q.weight", "grad", x / np.linalg.norm(x) * (jump if i >= 6 else 0.01))]
 
 
-def _exploding(clip, jump):
+def _exploding(clip, jump, pre=None):
     eng, out = RuleEngine(), []
     for i in range(8):
         out += eng.evaluate(wire.Step(step=i, rank=0, time=float(i), samples=_grads(i, jump)))
         values = {"loss": 3.0, "lr": 1e-3} | ({"clip": clip} if clip else {})
+        values |= {"grad_norm_preclip": pre} if pre else {}
         out += eng.evaluate_scalars(wire.Scalars(step=i, rank=0, time=float(i), values=values))
     return [a for a in out if a.rule == "exploding"]
 
@@ -209,6 +210,8 @@ def test_exploding_under_clipping_needs_a_gradient_that_dominates_the_step():
     (b,) = _exploding(1.0, 8.0)  # 87% of the step's norm: an explosion clipping only hides
     assert b.layer == "q.weight" and "gradient clipping at 1 is already on" in b.message
     assert "or clip gradients" not in b.message
+    (c,) = _exploding(1.0, 8.0, pre=20.0)  # with the lead's pre-clip scalar, the message quotes it
+    assert "the gradient norm before clipping was 20" in c.message
 
 
 def test_weight_spread_fires_on_a_jump_not_on_slow_growth():

@@ -106,7 +106,9 @@ class Exploding(SampleRule):
 
         def finding() -> Finding:
             clip_on = self.engine.clip()
-            advice = (f"lower the learning rate (gradient clipping at {clip_on:g} is already on)" if clip_on
+            pre = self.engine.scalars.get("grad_norm_preclip")  # the global norm before clipping, when sent
+            before = f"; the gradient norm before clipping was {pre:.3g}" if clip_on and pre is not None else ""
+            advice = (f"lower the learning rate (gradient clipping at {clip_on:g} is already on{before})" if clip_on
                       else "lower the learning rate or clip gradients")
             if rel:
                 # 10x its own history is a precursor worth a look (early training can grow that
