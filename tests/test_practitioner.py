@@ -1,8 +1,8 @@
 """The failures practitioners report, each caught by step 30 of a real (tiny) HF Trainer run and
 named with its cause, and a healthy corpus of four model families that raises no warning.
 
-The runs are :mod:`tests.practitioner_runs`' (each trained once per session; about 35 s in all on
-2 cores); the rules' own edges are tested on synthetic messages below them.
+The runs are :mod:`tests.practitioner_runs`' (each trained once per session; the whole file
+takes about 16 s of CPU); the rules' own edges are tested on synthetic messages below them.
 """
 
 from __future__ import annotations
