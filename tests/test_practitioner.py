@@ -250,3 +250,18 @@ def test_no_grad_is_one_alert_per_cause_and_recovers_on_its_layer():
     got = [(a.step, a.severity, a.layer) for a in out if a.rule == "no-grad"]
     assert got == [(4, "warning", "b.weight"), (10, "info", "b.weight")]
     assert "2 parameter tensors" in out[0].message and "b (2 tensors)" in out[0].message
+
+
+def test_lagging_covers_10x_to_100x_and_leaves_the_rest_to_starved():
+    def judged(head_ratio):
+        eng, out = RuleEngine(), []
+        for i in range(6):
+            samples = [sample_of(f"l{j}.weight", "update", np.full(16, 1e-3), ratio=1e-2 * (1 + 0.1 * j))
+                       for j in range(4)]
+            samples.append(sample_of("head.weight", "update", np.full(16, 1e-3), ratio=head_ratio))
+            out += eng.evaluate(wire.Step(step=i, rank=0, time=float(i), samples=samples))
+        return [(a.rule, a.layer, a.step) for a in out]
+
+    assert judged(2e-3) == []  # 5x: within the healthy spread
+    assert judged(5e-4) == [("lagging", "head.weight", 3)]  # 21x, 4 samples
+    assert judged(5e-5) == [("starved", "head.weight", 3)]  # 210x: starved's, not both

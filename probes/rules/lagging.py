@@ -76,7 +76,11 @@ class Lagging(UpdateRule):
                     f"(param group {self.peer_group}: {peer_lr:.3g}): raise that group's lr (a new head left at "
                     "a fine-tuning rate, or a typo in its lr?)")
         at = f" at lr {lr:.3g}" if lr is not None else ""
-        return (f"it is in the same param group as the rest{at}" if group == self.peer_group and engine.param_groups
-                else f"param group {group}{at}") + (
-            ": its gradient is small against its weight (a layer behind a saturated one, weights initialised "
-            "far larger than the rest, or a gradient scaled down)")
+        if not engine.param_groups:
+            where = f"its lr is unknown to the probe{at}" if not at else f"it trains{at}"
+        elif group == self.peer_group:
+            where = f"it is in the same param group as the rest{at}"
+        else:
+            where = f"it is in param group {group}{at}"
+        return where + (": its gradient is small against its weight (a layer behind a saturated one, weights "
+                        "initialised far larger than the rest, or a gradient scaled down)")
