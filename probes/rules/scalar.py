@@ -25,6 +25,7 @@ from collections import deque
 
 from probes.protocol.wire import Alert, Scalars
 from probes.rules.base import FIRE, MAD_SIGMA, RECOVER, track
+from probes.rules.loss_collapse import LossCollapse
 from probes.rules.thresholds import LOSS_LAYER
 
 LOSS = LOSS_LAYER
@@ -64,6 +65,7 @@ class ScalarRules:
     def __init__(self, engine) -> None:
         self.engine = engine
         self._ranks: dict[int, _RankState] = {}
+        self._collapse = LossCollapse(engine)  # loss-collapse: a module of its own
 
     def evaluate(self, msg: Scalars) -> list[Alert]:
         """Alerts that fire or recover at this step."""
@@ -82,6 +84,7 @@ class ScalarRules:
                 self._loss_spike(msg, st, c, loss, out)
                 if c.on("loss-spike"):
                     self._diverging(msg, st, c, loss, out)
+                self._collapse.evaluate(msg, c, loss, out)
         if c.on("overflow") and ("scale" in msg.values or msg.skipped):
             self._overflow(msg, st, c, out)
         return out
