@@ -211,8 +211,10 @@ class XRay:
 
         Tensors stay on their device (no host read) and travel with the next
         sampled step; a ``loss`` given here replaces the one read from the
-        model's output. Call it before the step ends (before ``optimizer.step()``,
-        or ``scaler.update()`` with a GradScaler).
+        model's output. A name given several times within one step records
+        their mean (one call per micro-batch of an accumulation loop). Call it
+        before the step ends (before ``optimizer.step()``, or ``scaler.update()``
+        with a GradScaler).
         """
         self._scalars.log(values)
 
