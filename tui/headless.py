@@ -17,6 +17,7 @@ from typing import TextIO
 from probes.protocol import wire
 from probes.rules import RuleEngine
 from probes.rules.spectral import SpectralAlerts
+from tui.drops import DropWatch, drop_line
 
 SEVERITIES = ("info", "warning", "critical")
 
@@ -194,6 +195,7 @@ class RunWatch:
         self._saw_scalars = False
         self.scalar_step = -1  # the newest step whose Scalars came
         self.stops_run = False  # --fail-on stops the training too (the demo trains in this process)
+        self.drops = DropWatch()  # steps this viewer lost when it fell behind (tui/drops.py)
 
     @property
     def tripped(self) -> wire.Alert | None:
@@ -223,6 +225,15 @@ class RunWatch:
                         latest[name] = value
                 self.scalar_step = max(self.scalar_step, msg.step)
         self.printer.handle(msg)
+        self._say_drops(self.drops.handle(msg))
+
+    def tick(self) -> None:
+        """Say the drop episodes that have ended by now (the live loop calls it when idle too)."""
+        self._say_drops(self.drops.due())
+
+    def _say_drops(self, episodes) -> None:
+        for ep in episodes:
+            self.printer._print(drop_line(ep, self.printer.as_json))
 
     # -- the status line --------------------------------------------------
 
@@ -254,6 +265,7 @@ class RunWatch:
 
         ``step`` is that of the newest Scalars when the run sends them (the
         loss shown is that step's), else the newest sampled step."""
+        self.tick()
         at = self.scalar_step if self._saw_scalars else self.step
         if self.printer.as_json:
             rank = min(self.scalars, default=None)
@@ -288,6 +300,7 @@ class RunWatch:
 
     def finish(self, fail_on: str | None = None) -> int:
         """Print the end line; the exit status (see the class)."""
+        self._say_drops(self.drops.close())
         tripped = self.tripped
         if tripped is not None:
             reason, error, step, rank = FAIL_ON, "", max(self.step, tripped.step), tripped.rank

@@ -54,10 +54,10 @@ class ScalarLog:
         self.precision_seen = ""  # autocast's dtype once a training forward ran under it
         self._ring: list[tuple[int, float, dict, bool]] = []
         self._current: dict[str, object] = {}
-        self._logged: dict[str, tuple] = {}  # xr.log's sum and count per name, this step's while in _current
         self._loss_sum = None  # sum of this step's training losses (gradient accumulation: several)
         self._loss_n = 0
         self._tokens = self._samples = 0
+        self._logged: dict[str, tuple] = {}  # xr.log's sum and count of a name logged more than once this step
         self._last_time: float | None = None
         self._step_scale = None  # the scale this step used, kept before scaler.update() changes it
 
@@ -110,6 +110,12 @@ class ScalarLog:
         if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
             self.add_loss(loss, share)
 
+    def _mean_with(self, name: str, v):
+        """The mean of ``name``'s values this step with ``v`` added (``xr.log`` again in one step)."""
+        total, n = self._logged.get(name) or (self._current[name], 1)
+        self._logged[name] = (total + v, n + 1)
+        return (total + v) / (n + 1)
+
     def log(self, values: dict) -> None:
         """User scalars for the current step (``xr.log(loss=..., acc=...)``); a ``loss`` here wins.
 
@@ -119,16 +125,11 @@ class ScalarLog:
         for name, v in values.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"scalar names are non-empty strings, got {name!r}")
-            v = _value(v)
-            # a name absent from this step's values starts a new sum (the step's end empties them)
-            if name in self._current and name in self._logged:
-                total, n = self._logged[name]
-                total, n = total + v, n + 1
-                self._logged[name] = (total, n)
-                self._current[name] = total / n
-            else:
-                self._logged[name] = (v, 1)
-                self._current[name] = v
+            if name in self._current:
+                self._current[name] = self._mean_with(name, _value(v))
+                continue
+            self._logged.pop(name, None)  # a new step (its end emptied _current): a new sum
+            self._current[name] = _value(v)
 
     def _scale(self):
         s = self.scaler
