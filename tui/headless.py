@@ -228,7 +228,7 @@ class RunWatch:
         self._say_drops(self.drops.handle(msg))
 
     def tick(self) -> None:
-        """Say the drop episodes that have ended by now (the live loop calls it when idle too)."""
+        """Say the drop episodes that have ended by now (each message and status line calls it)."""
         self._say_drops(self.drops.due())
 
     def _say_drops(self, episodes) -> None:

@@ -105,7 +105,6 @@ def _watch_live(source, watch: RunWatch, every: float | None) -> None:
                 watch.handle(msg)
                 if watch.tripped is not None:
                     return
-            watch.tick()  # a drop episode that just ended is said now, not at the next message
             if time.monotonic() >= next_status:
                 watch.status()
                 next_status += every * (math.floor((time.monotonic() - next_status) / every) + 1)
