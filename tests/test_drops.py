@@ -137,3 +137,29 @@ def test_a_stopped_headless_viewer_says_how_many_steps_it_lost(tmp_path):
     assert said[0]["steps_lost"] == len(missing) > 200
     assert [s for a, b in said[0]["gaps"] for s in range(a, b + 1)] == missing
     assert said[0]["frames"] == 2 * 330 + 1 - len(kept)  # each step's Step and Scalars, and the End
+
+
+async def test_the_app_says_it_once_in_a_toast_and_keeps_the_sum_in_the_header():
+    """The app's tick hands each ended episode to one warning toast; the header's "lost" keeps the total."""
+    from test_app import HoldSource, screen_text
+
+    from tui.app import XRayApp
+
+    batches = [[synthetic.hello(2, run="laggard")], [scalars(s) for s in range(5)],
+               [scalars(40), drops(70), drops(90), scalars(41)]]
+    app = XRayApp(HoldSource(batches))
+    app.state._drop_watch.quiet = 0.3  # the episode ends sooner than the default QUIET
+    told = []
+    app.notify = lambda message, **kw: told.append((message, kw.get("severity")))
+    async with app.run_test(size=(140, 30)) as pilot:
+        for _ in range(100):
+            await pilot.pause(0.05)
+            if told:
+                break
+        await pilot.pause(0.6)  # more ticks: still one toast
+        app._paint()
+        await pilot.pause()
+        header = "\n".join(screen_text(app).splitlines()[:3])
+    assert len(told) == 1 and told[0][1] == "warning"
+    assert "35 steps never arrived (5-39), 90 frames dropped" in told[0][0]
+    assert "lost 35 steps, last at" in header, header

@@ -297,6 +297,9 @@ class XRayApp(KeyActions, ReplayTimeline, App):
         # paint a second instead of four, so a 512-step backlog is on screen sooner.
         if self._dirty and (self._posted == self._ingested or time.monotonic() - self._painted_at >= 1.0):
             self._paint()
+        for ep in self.state.new_losses():  # once per drop episode (tui/drops.py); the header keeps the sum
+            self.notify(ep.text(), title="viewer fell behind", severity="warning", timeout=10)
+            self._dirty = True
 
     def _paint(self) -> None:
         """Bring every widget up to date with the state (the app's thread only)."""
