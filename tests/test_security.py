@@ -134,6 +134,45 @@ def test_a_socket_that_is_not_ours_alone_is_refused_before_connecting(tmp_path, 
         srv.close()
 
 
+def without_root_override(*args):
+    """``args`` as a command run by root without the capabilities that bypass file modes
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): permissions bind it as they bind any user."""
+    needs_root()
+    if not shutil.which("setpriv"):
+        pytest.skip("needs setpriv (util-linux) to drop root's file-mode override")
+    cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *args]
+    if subprocess.run(cmd[:3] + ["true"], capture_output=True).returncode != 0:
+        pytest.skip("setpriv cannot drop capabilities here")
+    return cmd
+
+
+@pytest.mark.parametrize("where", ["in a directory not open to you", "with a mode that shuts you out"])
+def test_a_socket_you_may_not_open_is_permission_denied_not_missing(tmp_path, where):
+    """It exists: "no such socket" sent the user looking for a run that was there."""
+    if where == "in a directory not open to you":
+        d = tmp_path / "theirs"
+        d.mkdir(mode=0o700)
+        path = d / "probe.sock"
+        message = "permission denied: a directory on its path is not open to you"
+    else:
+        path = tmp_path / "probe.sock"
+        message = "permission denied: the socket exists, but its mode (0) lets you not connect to it"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+    if where == "in a directory not open to you":
+        os.chown(path.parent, OTHER_UID, OTHER_UID)  # another user's run directory
+    else:
+        path.chmod(0o000)
+    try:
+        cmd = without_root_override(sys.executable, "-m", "tui.cli", "attach", "--socket", str(path), "--headless")
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        one_line_exit_2(out, message)
+        assert "no such socket" not in out.stderr
+    finally:
+        srv.close()
+
+
 def test_manifests_of_someone_else_are_neither_listed_nor_removed(run_dir):
     needs_root()
     fake = run_dir / "intruder-1-r0.json"

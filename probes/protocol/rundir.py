@@ -40,6 +40,8 @@ def check_private(path: Path, want_dir: bool) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         raise RunDirError(f"{path} does not exist") from None
+    except PermissionError:
+        raise RunDirError(f"{path}: permission denied (a directory on its path is not open to you)") from None
     kind_ok = stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISSOCK(st.st_mode)
     if not kind_ok:
         raise RunDirError(f"{path} is not a {'directory' if want_dir else 'socket'}")
