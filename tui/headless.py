@@ -15,6 +15,7 @@ from collections import deque
 from typing import TextIO
 
 from probes.protocol import wire
+from probes.publish.recorder import STOPPED
 from probes.rules import RuleEngine
 from probes.rules.spectral import SpectralAlerts
 from tui.drops import DropWatch, drop_line
@@ -166,6 +167,14 @@ def _printable(text: str, limit: int = 300) -> str:
     return out if len(out) <= limit else out[:limit - 1] + "…"
 
 
+def _recording_cut(at: str, stopped: wire.Note | None) -> str:
+    """Why a recording ends without an End: the probe's own note when it left one, else the causes."""
+    if stopped is not None:
+        why = _printable(str(stopped.data.get("why", "")), 120)
+        return f"the recording stops at {at}: the probe stopped recording ({why}); the run went on unrecorded"
+    return f"the recording stops at {at} without an End (the process died, the disk filled, or it is still writing it)"
+
+
 def _num(v: float | None, fmt: str) -> str:
     return "—" if v is None or not math.isfinite(v) else format(v, fmt)
 
@@ -196,6 +205,7 @@ class RunWatch:
         self.scalar_step = -1  # the newest step whose Scalars came
         self.stops_run = False  # --fail-on stops the training too (the demo trains in this process)
         self.drops = DropWatch()  # steps this viewer lost when it fell behind (tui/drops.py)
+        self.recording_stopped: wire.Note | None = None  # the probe's note that its recording stopped, and why
 
     @property
     def tripped(self) -> wire.Alert | None:
@@ -208,6 +218,8 @@ class RunWatch:
             self.hellos.add(msg.rank)
         elif isinstance(msg, wire.End):
             self.ends[msg.rank] = msg
+        elif isinstance(msg, wire.Note) and msg.event == STOPPED:
+            self.recording_stopped = msg
         elif isinstance(msg, (wire.Step, wire.Scalars)) and getattr(msg, "phase", "train") == "train":
             self.step = max(self.step, msg.step)
             # The replay clock. Scalars come in bursts right after their sampled Step, so once a run
@@ -308,6 +320,8 @@ class RunWatch:
         else:
             reason, error, step, rank = self.outcome()
             code = 0 if reason in END_OK else 1
+            if reason == DISCONNECTED and not self.live and self.recording_stopped is not None:
+                error = f"recording stopped: {self.recording_stopped.data.get('why', '')}"  # the probe said why
         if self.printer.as_json:
             self.printer._print(json.dumps(clean({
                 "type": "end", "step": step if step >= 0 else None, "rank": rank, "reason": reason,
@@ -320,7 +334,7 @@ class RunWatch:
                     f"({'training stopped' if self.stops_run else 'the run goes on'})")
         elif reason == DISCONNECTED:
             what = (f"run disconnected at {at} without an End (the process died or was SIGKILLed)" if self.live else
-                    f"the recording stops at {at} without an End (the process died, or is still writing it)")
+                    _recording_cut(at, self.recording_stopped))
         else:
             why = f" ({_printable(error)})" if error else ""
             what = f"run ended at {at}: {_printable(reason, 40)}{why}"
