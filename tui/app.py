@@ -32,6 +32,7 @@ from tui.chooser import ChooserScreen
 from tui.detail import DetailScreen
 from tui.feed import FeedError
 from tui.keys import KeyActions
+from tui.not_a_probe import on_status
 from tui.reattach import Status, _short
 from tui.state import RunState
 from tui.timeline import ReplayTimeline
@@ -266,6 +267,7 @@ class XRayApp(KeyActions, ReplayTimeline, App):
                     if msg.fresh:
                         self.state.reset()  # a new connection's backlog repeats the history
                     self.connection = msg.connection
+                    on_status(self, msg)  # a failed handshake: the whole reason; quit after a few
                 else:
                     if self._asked and isinstance(msg, wire.Note) and msg.event == "request":
                         self._answered(msg)
