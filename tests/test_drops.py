@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from probes.protocol import wire
 from probes.publish.publisher import Publisher
 from tui import synthetic
@@ -86,6 +88,7 @@ def test_headless_prints_the_episode_once_in_text_and_json():
             assert said[0].startswith("step       2  DROPS") and "28 steps never arrived" in said[0]
 
 
+@pytest.mark.slow
 def test_a_stopped_headless_viewer_says_how_many_steps_it_lost(tmp_path):
     """A real publisher, a real `attach --headless` SIGSTOPped while 300 steps go by: it prints one
     drops line whose lost steps are exactly the steps absent from what it received (its --log)."""
