@@ -139,7 +139,7 @@ def test_a_stopped_headless_viewer_says_how_many_steps_it_lost(tmp_path):
     missing = sorted(set(range(330)) - received)
     assert said[0]["steps_lost"] == len(missing) > 200
     assert [s for a, b in said[0]["gaps"] for s in range(a, b + 1)] == missing
-    assert said[0]["frames"] == 2 * 330 + 1 - len(kept)  # each step's Step and Scalars, and the End
+    assert said[0]["frames"] == 2 * 330 + 1 - len(kept) == pub.viewer_drops  # each step's Step and Scalars, the End
 
 
 async def test_the_app_says_it_once_in_a_toast_and_keeps_the_sum_in_the_header():
