@@ -84,30 +84,40 @@ class DropWatch:
     def __init__(self, quiet: float = QUIET) -> None:
         self.quiet = quiet
         self._streams: dict[int, _Stream] = {}
+        self._open = 0  # streams with an episode open
 
     def handle(self, msg: wire.Message, now: float | None = None) -> list[Episode]:
-        """Fold ``msg`` in (``now``: wall clock, ``time.time()`` by default); episodes now over."""
-        now = time.time() if now is None else now
+        """Fold ``msg`` in (``now``: wall clock, ``time.time()`` by default); episodes now over.
+
+        A step that follows its predecessor (nearly every message) costs a few attribute
+        reads: the clock is read only for a gap, a drops note or an open episode."""
         s = self._streams.get(msg.rank)
         if s is None:
             s = self._streams[msg.rank] = _Stream()
-        if isinstance(msg, wire.Hello):
-            s.every = max(1, msg.every)
-        elif isinstance(msg, wire.Scalars):
+        if isinstance(msg, wire.Scalars):
             s.has_scalars = True
-            if s.last_scalars >= 0 and msg.step > s.last_scalars + 1:
+            if msg.step > s.last_scalars + 1 and s.last_scalars >= 0:
+                now = time.time() if now is None else now
                 self._gap(s, now, s.last_scalars + 1, msg.step - 1, False)
-            s.last_scalars = max(s.last_scalars, msg.step)
-        elif isinstance(msg, wire.Step) and msg.phase == "train":
-            if not s.has_scalars and s.last_step >= 0 and msg.step > s.last_step + s.every:
-                self._gap(s, now, s.last_step + s.every, msg.step - s.every, True)
-            s.last_step = max(s.last_step, msg.step)
+            if msg.step > s.last_scalars:
+                s.last_scalars = msg.step
+        elif isinstance(msg, wire.Step):
+            if msg.phase == "train":
+                if not s.has_scalars and s.last_step >= 0 and msg.step > s.last_step + s.every:
+                    now = time.time() if now is None else now
+                    self._gap(s, now, s.last_step + s.every, msg.step - s.every, True)
+                if msg.step > s.last_step:
+                    s.last_step = msg.step
+        elif isinstance(msg, wire.Hello):
+            s.every = max(1, msg.every)
         elif isinstance(msg, wire.Note) and msg.event == "drops":
+            now = time.time() if now is None else now
             frames, queue = int(msg.data.get("frames", 0) or 0), int(msg.data.get("queue", 0) or 0)
             if frames > s.frames:
                 ep = s.episode
                 if ep is None:
                     ep = s.episode = Episode(msg.rank, now)
+                    self._open += 1
                     # the gaps a resumed viewer met just before this note are this episode's
                     for t, a, b, sampled in s.recent:
                         if t >= now - self.quiet:
@@ -117,7 +127,7 @@ class DropWatch:
                 ep.queue += max(0, queue - s.queue)
                 s.last_loss = now
             s.frames, s.queue = max(s.frames, frames), max(s.queue, queue)
-        return self.due(now)
+        return self.due(now) if self._open else []
 
     def _gap(self, s: _Stream, now: float, first: int, last: int, sampled: bool) -> None:
         if s.episode is not None:
@@ -134,12 +144,15 @@ class DropWatch:
 
     def due(self, now: float | None = None) -> list[Episode]:
         """Episodes quiet for :attr:`quiet` seconds at ``now``: ended, handed out once."""
+        if not self._open:
+            return []
         now = time.time() if now is None else now
         out = []
         for s in self._streams.values():
             if s.episode is not None and now - s.last_loss >= self.quiet:
                 out.append(s.episode)
                 s.episode = None
+                self._open -= 1
         return out
 
     def close(self) -> list[Episode]:
