@@ -167,14 +167,6 @@ def _printable(text: str, limit: int = 300) -> str:
     return out if len(out) <= limit else out[:limit - 1] + "…"
 
 
-def _recording_cut(at: str, stopped: wire.Note | None) -> str:
-    """Why a recording ends without an End: the probe's own note when it left one, else the causes."""
-    if stopped is not None:
-        why = _printable(str(stopped.data.get("why", "")), 120)
-        return f"the recording stops at {at}: the probe stopped recording ({why}); the run went on unrecorded"
-    return f"the recording stops at {at} without an End (the process died, the disk filled, or it is still writing it)"
-
-
 def _num(v: float | None, fmt: str) -> str:
     return "—" if v is None or not math.isfinite(v) else format(v, fmt)
 
@@ -196,6 +188,8 @@ class RunWatch:
         self.live = live
         self.label = label
         self.hellos: set[int] = set()
+        self.drops = DropWatch()  # steps this viewer lost when it fell behind (tui/drops.py)
+        self.recording_stopped: wire.Note | None = None  # the probe's note that its recording stopped, and why
         self.ends: dict[int, wire.End] = {}
         self.step = -1  # the newest training step seen (Step or Scalars)
         self.scalars: dict[int, dict[str, float]] = {}  # rank -> latest value of each name
@@ -204,8 +198,6 @@ class RunWatch:
         self._saw_scalars = False
         self.scalar_step = -1  # the newest step whose Scalars came
         self.stops_run = False  # --fail-on stops the training too (the demo trains in this process)
-        self.drops = DropWatch()  # steps this viewer lost when it fell behind (tui/drops.py)
-        self.recording_stopped: wire.Note | None = None  # the probe's note that its recording stopped, and why
 
     @property
     def tripped(self) -> wire.Alert | None:
@@ -340,3 +332,11 @@ class RunWatch:
             what = f"run ended at {at}: {_printable(reason, 40)}{why}"
         self.printer._print(f"{what}; alerts {self._alert_counts()}")
         return code
+
+
+def _recording_cut(at: str, stopped: wire.Note | None) -> str:
+    """Why a recording ends without an End: the probe's own note when it left one, else the causes."""
+    if stopped is not None:
+        why = _printable(str(stopped.data.get("why", "")), 120)
+        return f"the recording stops at {at}: the probe stopped recording ({why}); the run went on unrecorded"
+    return f"the recording stops at {at} without an End (the process died, the disk filled, or it is still writing it)"
