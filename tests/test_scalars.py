@@ -280,6 +280,33 @@ def test_loss_from_a_nanogpt_style_tuple_and_nothing_from_other_tuples(tmp_path)
         assert got == (pytest.approx(seen) if with_loss else [None] * 3)
 
 
+def test_xr_log_of_one_name_within_a_step_is_their_mean(tmp_path):
+    """nanoGPT's accumulation loop calling ``xr.log(loss=loss)`` per micro-batch records the step's mean
+    loss (it kept only the last one), for tensors and floats alike, and each step starts afresh."""
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    log = tmp_path / "l.xray"
+    xr = probes.attach(model, opt, every=2, serve=False, log=str(log), spectral_every=None)
+    want = []
+    for step in range(3):
+        seen = []
+        for micro in range(4):
+            loss = model(torch.randn(3, 4)).pow(2).mean()
+            seen.append(loss.item())
+            xr.log(loss=loss, acc=float(step * 10 + micro))
+            (loss / 4).backward()
+        opt.step()
+        opt.zero_grad()
+        want.append((sum(seen) / 4, step * 10 + 1.5))
+    xr.log(other=1.0)
+    opt.step()  # a step with one log: the value itself
+    xr.close()
+    scalars = [m for m in wire.read_file(str(log))[0] if isinstance(m, wire.Scalars)]
+    assert [m.values["loss"] for m in scalars[:3]] == pytest.approx([w[0] for w in want], rel=1e-6)
+    assert [m.values["acc"] for m in scalars[:3]] == pytest.approx([w[1] for w in want])
+    assert scalars[3].values["other"] == 1.0 and "acc" not in scalars[3].values
+
+
 def test_bad_log_values_and_arguments_are_refused():
     model = _mlp()
     xr = probes.attach(model, serve=False, spectral_every=None)

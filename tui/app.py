@@ -32,6 +32,7 @@ from tui.chooser import ChooserScreen
 from tui.detail import DetailScreen
 from tui.feed import FeedError
 from tui.keys import KeyActions
+from tui.not_a_probe import on_status
 from tui.reattach import Status, _short
 from tui.state import RunState
 from tui.timeline import ReplayTimeline
@@ -266,6 +267,7 @@ class XRayApp(KeyActions, ReplayTimeline, App):
                     if msg.fresh:
                         self.state.reset()  # a new connection's backlog repeats the history
                     self.connection = msg.connection
+                    on_status(self, msg)  # a failed handshake: the whole reason; quit after a few
                 else:
                     if self._asked and isinstance(msg, wire.Note) and msg.event == "request":
                         self._answered(msg)
@@ -297,6 +299,9 @@ class XRayApp(KeyActions, ReplayTimeline, App):
         # paint a second instead of four, so a 512-step backlog is on screen sooner.
         if self._dirty and (self._posted == self._ingested or time.monotonic() - self._painted_at >= 1.0):
             self._paint()
+        for ep in self.state.new_losses():  # once per drop episode (tui/drops.py); the header keeps the sum
+            self.notify(ep.text(), title="viewer fell behind", severity="warning", timeout=10)
+            self._dirty = True
 
     def _paint(self) -> None:
         """Bring every widget up to date with the state (the app's thread only)."""

@@ -101,6 +101,7 @@ LEGEND: list[tuple[str, str]] = [
     ("header", "run · step · training steps/s (the probe's clock) · ranks attached/world size · connection; "
                "a replay says step S of N (replay) instead of a rate"),
     ("samples drops", "statistics received; samples the probe dropped because it fell behind (never slows training)"),
+    ("lost", "(header, when it happened) steps this viewer never got because it fell behind, and when it last did"),
     ("detail", "HOT chart: x = step, y = value bin (signed, log-spaced; bins empty at every step folded "
                "away, ≈ on the axis), colour = count on a log scale (legend under it); histogram as densities "
                "on a linear axis; line charts share one step range"),

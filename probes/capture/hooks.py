@@ -56,6 +56,7 @@ class Hooks:
         #: the activation hooks' one flag: this forward pass is sampled (set per forward by the root pre-hook)
         self._active = self._sampling
         self._phase: str | None = None  # "train" or "eval" inside a forward of the model, else None
+        self._loss_share = False  # this training forward was given num_items_in_batch (ScalarLog.add_loss)
         self._eval_armed = True  # the next evaluation forward is sampled (re-armed by each sampled step)
         self._seen: set[str] = set()
         self._eval_seen: set[str] = set()
@@ -87,6 +88,8 @@ class Hooks:
             self._phase, self._active = "train", self._sampling
             if not torch.compiler.is_compiling():
                 self._scalars.note_inputs(args, kwargs)
+                # the HF Trainer's num_items_in_batch: the model's loss is a share of the step's
+                self._loss_share = kwargs.get("num_items_in_batch") is not None
         else:
             self._phase, self._active = "eval", self._eval_armed and "eval" not in self._failed
 
@@ -99,7 +102,7 @@ class Hooks:
         """
         phase, self._phase = self._phase, None
         if phase == "train" and not torch.compiler.is_compiling():
-            self._scalars.note_loss(output)
+            self._scalars.note_loss(output, self._loss_share)
         if phase == "eval":
             if self._active:
                 self._eval_armed = False

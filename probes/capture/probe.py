@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from probes import engines
-from probes.capture import handoff
+from probes.capture import handoff, optimizers
 from probes.capture.actions import AlertActions
 from probes.capture.activations import Activations
 from probes.capture.hello import build_hello
@@ -66,6 +66,8 @@ class XRay:
                  start_step: int | None = None, hook_optimizer: bool = True, job: bool = True,
                  job_timeout: float = DEFAULT_TIMEOUT, serve_local: bool = True, signals: bool = True) -> None:
         check_options(every, hist_sample, update_sample, on_alert, start_step, scaler, alert_level)
+        # Accelerate's, DeepSpeed's or a user's wrapper: the torch optimizer inside it is read and hooked
+        optimizer, scaler = optimizers.unwrap(optimizer, scaler, hook=hook_optimizer)
         self.model = model
         self.optimizer = optimizer
         self.eps = eps
@@ -222,8 +224,10 @@ class XRay:
 
         Tensors stay on their device (no host read) and travel with the next
         sampled step; a ``loss`` given here replaces the one read from the
-        model's output. Call it before the step ends (before ``optimizer.step()``,
-        or ``scaler.update()`` with a GradScaler).
+        model's output. A name given several times within one step records
+        their mean (one call per micro-batch of an accumulation loop). Call it
+        before the step ends (before ``optimizer.step()``, or ``scaler.update()``
+        with a GradScaler).
         """
         self._scalars.log(values)
 
@@ -293,6 +297,10 @@ class XRay:
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kwargs) -> XRay:
     """Attach a probe to ``model`` (and ``optimizer``, to count steps).
+
+    ``optimizer`` is a torch optimizer or a wrapper that holds one in
+    ``.optimizer`` (Accelerate's, DeepSpeed's): the one inside is hooked
+    (:mod:`probes.capture.optimizers`), so accumulation counts optimizer steps.
 
     Keyword arguments: ``every`` (sample one step in N, default 10), ``name``
     (the run's name in ``xray-tui ls``), ``log`` (record the stream to this

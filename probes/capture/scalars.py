@@ -66,15 +66,21 @@ class ScalarLog:
         self._loss_sum = None  # sum of this step's training losses (gradient accumulation: several)
         self._loss_n = 0
         self._tokens = self._samples = 0
+        self._logged: dict[str, tuple] = {}  # xr.log's sum and count of a name logged more than once this step
         self._last_time: float | None = None
         self._step_scale = None  # the scale this step used, kept before scaler.update() changes it
         self._shipped = time.perf_counter()  # when the kept steps were last taken
 
-    def add_loss(self, loss) -> None:
-        """A training forward's loss (a tensor or a float): the step's loss is their mean."""
+    def add_loss(self, loss, share: bool = False) -> None:
+        """A training forward's loss (a tensor or a float): the step's loss is their mean.
+
+        ``share``: the loss is already a share of the step's (the model divided its sum by
+        ``num_items_in_batch``, the items of all the step's micro-batches, as the HF Trainer
+        asks): the step's loss is then their sum, kept as one loss so the mean leaves it whole.
+        """
         v = _value(loss)
         self._loss_sum = v if self._loss_sum is None else self._loss_sum + v
-        self._loss_n += 1
+        self._loss_n = 1 if share else self._loss_n + 1
 
     def add_inputs(self, tokens: int, samples: int) -> None:
         """A training forward's input size, for tokens/s and samples/s."""
@@ -102,22 +108,37 @@ class ScalarLog:
                 self._note("precision", precision=self.precision_seen)
 
     @eager
-    def note_loss(self, output) -> None:
+    def note_loss(self, output, share: bool = False) -> None:
         """The loss of a training forward, when the model returns one (Hugging Face models
         given labels return ``.loss``; nanoGPT-style models a ``(logits, loss)`` tuple, whose
-        first 0-d floating tensor that autograd tracks is taken); kept on its device."""
+        first 0-d floating tensor that autograd tracks is taken); kept on its device.
+        ``share``: the forward was given ``num_items_in_batch`` (see :meth:`add_loss`)."""
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if loss is None and isinstance(output, tuple) and not hasattr(output, "_fields"):
             loss = next((t for t in output if isinstance(t, torch.Tensor) and t.dim() == 0
                          and t.is_floating_point() and t.grad_fn is not None), None)
         if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
-            self.add_loss(loss)
+            self.add_loss(loss, share)
+
+    def _mean_with(self, name: str, v):
+        """The mean of ``name``'s values this step with ``v`` added (``xr.log`` again in one step)."""
+        total, n = self._logged.get(name) or (self._current[name], 1)
+        self._logged[name] = (total + v, n + 1)
+        return (total + v) / (n + 1)
 
     def log(self, values: dict) -> None:
-        """User scalars for the current step (``xr.log(loss=..., acc=...)``); a ``loss`` here wins."""
+        """User scalars for the current step (``xr.log(loss=..., acc=...)``); a ``loss`` here wins.
+
+        A name logged several times within one step is their mean (``xr.log(loss=loss)`` in
+        each micro-batch of a gradient-accumulation loop gives the step's mean loss).
+        """
         for name, v in values.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"scalar names are non-empty strings, got {name!r}")
+            if name in self._current:
+                self._current[name] = self._mean_with(name, _value(v))
+                continue
+            self._logged.pop(name, None)  # a new step (its end emptied _current): a new sum
             self._current[name] = _value(v)
 
     def note_clip(self, total_norm, max_norm: float) -> None:
