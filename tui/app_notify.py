@@ -82,8 +82,11 @@ class AppNotifications:
             counts = {sev: 0 for sev in ("critical", "warning", "info")}
             for a in state.alerts:
                 counts[a.severity] += 1
+            ends = [state.ended[r] for r in sorted(state.ended)]
+            error = next((e.error for e in ends if e.reason == reason and e.error), "")
+            step = max([state.step, *(e.step for e in ends)])
             self._send([*self.policy.close(),
-                        end_notice(reason, run=state.run or "", step=state.step, counts=counts)])
+                        end_notice(reason, run=state.run or "", step=step, error=error, counts=counts)])
 
     def tick(self) -> None:
         """The paint timer: send a summary that came due."""

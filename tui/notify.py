@@ -75,31 +75,36 @@ def alert_notice(a: wire.Alert, run: str = "") -> Notice:
                   printable(f"{where} at step {a.step}{rank}: {a.message}"), fields)
 
 
-#: How the run's end reads, and how severe it is (a reason not listed here is critical).
+#: How the run's end reads: a headline, what it means, how severe it is (an unknown reason is critical).
 END_WORDS = {
-    "finished": ("finished", "info"), "stopped": ("was stopped by on_alert", "warning"),
-    "crashed": ("CRASHED", "critical"), "killed": ("was KILLED", "critical"),
-    "interrupted": ("was interrupted", "warning"), "error": ("CRASHED", "critical"),
-    "disconnected": ("stream LOST (the process died, or the connection broke)", "critical"),
-    "fail-on": ("--fail-on tripped; the viewer left, the run goes on", "critical"),
-    "viewer-interrupted": ("the viewer was interrupted; nobody is watching now", "warning"),
+    "finished": ("run finished", "", "info"),
+    "stopped": ("run stopped", "on_alert stopped the training", "warning"),
+    "crashed": ("run CRASHED", "", "critical"),
+    "error": ("run CRASHED", "", "critical"),
+    "killed": ("run KILLED", "", "critical"),
+    "interrupted": ("run interrupted", "", "warning"),
+    "disconnected": ("stream LOST", "the process died or the connection broke", "critical"),
+    "fail-on": ("--fail-on tripped", "the viewer left; the run goes on", "critical"),
+    "viewer-interrupted": ("viewer interrupted", "nobody is watching the run now", "warning"),
 }
 
 
 def end_notice(reason: str, *, run: str = "", step: int | None = None, error: str = "",
                counts: dict | None = None, code: int | None = None) -> Notice:
     """The notice of the run's end: finished, crashed, killed, stream lost, ..."""
-    words, severity = END_WORDS.get(reason, (f"ended: {reason}", "critical"))
-    at = f" at step {step:,}" if step is not None and step >= 0 else ""
-    why = f" ({error})" if error else ""
-    tally = ""
+    head, means, severity = END_WORDS.get(reason, (f"run ended: {reason}", "", "critical"))
+    text = f"at step {step:,}" if step is not None and step >= 0 else "at the start"
+    if error:
+        text += f" ({error})"
+    if means:
+        text += f": {means}"
     if counts:
-        tally = f"; alerts {counts.get('critical', 0)} critical, {counts.get('warning', 0)} warning"
+        text += f"; alerts {counts.get('critical', 0)} critical, {counts.get('warning', 0)} warning"
     fields = clean({"type": "end", "run": run, "reason": reason, "error": error,
                     "step": step if step is not None and step >= 0 else None,
                     "alerts": dict(counts or {}), "exit": code})
-    return Notice("end", severity, printable(f"xray-tui {run}: run {words.split(' (')[0]}".replace("  ", " ")),
-                  printable(f"run {words}{at}{why}{tally}"), fields)
+    return Notice("end", severity, printable(f"xray-tui {run}: {head}".replace("  ", " ")), printable(text),
+                  fields)
 
 
 def summary_notice(held: list[Notice], run: str = "", why: str = "at once") -> Notice:
