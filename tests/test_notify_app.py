@@ -57,7 +57,7 @@ async def test_history_is_one_summary_then_each_new_alert_then_the_end():
                                                                               rule="exploding"),
                           crit(3, "model.layers.1.fc", severity="warning")],
                 [Status(DISCONNECTED)], [Status("live", fresh=True), *start(0)], [wire.End(4, 0, "crashed", "E")])
-    app = XRayApp(src)
+    app = XRayApp(src, notify_on="critical")
     now = [100.0]
     app.notifications.clock = lambda: now[0]
     toasts = []
@@ -108,7 +108,8 @@ async def test_off_with_no_notify_and_in_a_replay_and_n_turns_it_on():
         await until(pilot, lambda: notes.sent)
         assert notes.sent[0].fields["layer"] == "model.layers.1.fc"
 
-    replay = XRayApp(Gated([*start(3), crit(5, "model.layers.3.fc"), wire.End(5, 0, "crashed")]), replay=True)
+    replay = XRayApp(Gated([*start(3), crit(5, "model.layers.3.fc"), wire.End(5, 0, "crashed")]), replay=True,
+                     notify_on="critical")
     async with replay.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: replay.state.finished)
         replay.notifications.clock = lambda: 1e9

@@ -68,6 +68,9 @@ class XRayApp(KeyActions, ReplayTimeline, App):
     batches may carry :class:`tui.reattach.Status` items, and a source with
     ``needs_choice()`` true gets the run chooser first.
     ``state`` (the :class:`RunState`) and ``connection`` are public.
+    ``notify_on`` (a severity; None: off, as tests and benchmarks want it; the
+    CLI passes ``critical`` unless ``--no-notify``) turns on the notifications
+    of :mod:`tui.app_notify`, at most one per rule and layer per ``notify_interval`` seconds.
     """
 
     CSS_PATH = themes.CSS_PATH
@@ -123,7 +126,7 @@ class XRayApp(KeyActions, ReplayTimeline, App):
 
     def __init__(self, source, *, theme: str | None = None, title: str | None = None,
                  screenshot_dir: str = ".", replay: bool = False, other: RunState | None = None,
-                 other_label: str = "", notify_on: str | None = "critical",
+                 other_label: str = "", notify_on: str | None = None,
                  notify_interval: float | None = None) -> None:
         super().__init__()
         themes.register(self)
