@@ -26,7 +26,7 @@ from tui.notify import BURST_WINDOW, NotifyPolicy, end_notice, printable
 from tui.notify_send import QUEUE_SIZE, Sender, environment
 from tui.terminal_notify import osc9, osc777, sequence, tmux_passthrough
 
-HOSTILE = "NaN \x1b]0;pwned\x07 in $(touch PWNED); `id` here"
+HOSTILE = "NaN \x1b]0;pwned\x07 in $(touch PWNED); `id` <!channel> here"
 
 
 def xray(*args, timeout=60, **kw):
@@ -289,6 +289,7 @@ def test_webhook_posts_slack_text_and_the_fields(tmp_path, hook):
     first = hook.bodies[0]
     assert first["text"].startswith("xray-tui r.xray: CRITICAL nonfinite: model.layers.0.fc [act] at step 3: NaN")
     assert "\x1b" not in first["text"] and first["message"] == HOSTILE
+    assert "&lt;!channel&gt;" in first["text"] and "<!channel>" not in first["text"]  # Slack pings nobody
     assert {k: first[k] for k in ("type", "step", "rank", "rule", "kind", "value", "threshold")} == {
         "type": "alert", "step": 3, "rank": 0, "rule": "nonfinite", "kind": "act", "value": 1.0, "threshold": 0.0}
     assert hook.bodies[-1]["reason"] == "crashed" and "run CRASHED" in hook.bodies[-1]["text"]

@@ -161,6 +161,11 @@ class CommandSender(Sender):
         return True
 
 
+def slack_escape(text: str) -> str:
+    """``&``, ``<`` and ``>`` as Slack asks for them in ``text``: an alert's ``<!channel>`` stays words, no ping."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 class WebhookSender(Sender):
     """``--webhook URL``: POSTs each notice as JSON (Slack's ``text`` and the structured fields).
 
@@ -180,7 +185,9 @@ class WebhookSender(Sender):
         super().__init__(**kw)
 
     def deliver(self, notice: Notice) -> bool:
-        body = json.dumps(notice.payload()).encode()
+        payload = notice.payload()
+        payload["text"] = slack_escape(payload["text"])
+        body = json.dumps(payload).encode()
         why = ""
         for attempt in range(self.tries):
             if attempt:
