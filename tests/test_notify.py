@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -212,6 +211,7 @@ def test_notify_on_warning_and_no_interval(tmp_path):
     (["--notify-cmd", "'unbalanced"], "--notify-cmd \"'unbalanced\": No closing quotation"),
     (["--notify-cmd", "  "], "--notify-cmd is empty"),
     (["--webhook", "ftp://example.com/x"], "--webhook must be an http:// or https:// URL"),
+    (["--webhook", "@/no/such/file"], "--webhook @/no/such/file: No such file or directory"),
     (["--webhook", "http://127.0.0.1:9/", "--webhook-timeout", "0"], "--webhook-timeout must be"),
     (["--notify-interval", "-1"], "--notify-interval must be a number of minutes >= 0"),
     (["--notify-interval", "soon"], "--notify-interval must be a number of minutes >= 0"),
@@ -293,6 +293,16 @@ def test_webhook_posts_slack_text_and_the_fields(tmp_path, hook):
     assert {k: first[k] for k in ("type", "step", "rank", "rule", "kind", "value", "threshold")} == {
         "type": "alert", "step": 3, "rank": 0, "rule": "nonfinite", "kind": "act", "value": 1.0, "threshold": 0.0}
     assert hook.bodies[-1]["reason"] == "crashed" and "run CRASHED" in hook.bodies[-1]["text"]
+
+
+@pytest.mark.parametrize("hook", ["ok"], indirect=True)
+def test_webhook_url_from_a_file_stays_off_the_command_line(tmp_path, hook):
+    secret = tmp_path / "hook.url"
+    secret.write_text(hook.url + "\n")
+    rec = record(tmp_path / "r.xray", stream(n_steps=3, end=wire.End(2, 0)))
+    got = xray("replay", rec, "--headless", "--webhook", f"@{secret}")
+    assert got.returncode == 0 and got.stderr == "", got.stderr
+    assert [b["event"] for b in hook.bodies] == ["end"] and hook.bodies[0]["reason"] == "finished"
 
 
 @pytest.mark.parametrize("hook", ["500"], indirect=True)

@@ -130,7 +130,7 @@ def read_until(path, pattern: re.Pattern, count: int, timeout: float = 20.0) -> 
     raise AssertionError(f"{pattern.pattern!r} came {len(pattern.findall(data))} times, not {count}")
 
 
-def start_app(pane: Pane, stream: Stream) -> None:
+def start_app(pane: Pane) -> None:
     pane.start()
     pane.wait_for("● live")
     time.sleep(CATCH_UP + 0.5)  # past the connection's catch-up, so the next alert is notified on its own
@@ -144,7 +144,7 @@ def test_inside_tmux_the_notifications_pass_through_to_the_outer_terminal(tmp_pa
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "TERM": "xterm-256color"})
     try:
-        start_app(pane, stream)
+        start_app(pane)
         stream.send(alert("model.layers.0.fc"), alert("model.layers.0.fc"))  # the second is rate-limited
         pane.wait_for("2 total")
         raw = read_until(pane.raw, WRAPPED, 2)
@@ -181,7 +181,7 @@ def test_outside_tmux_bare_sequences_the_bell_flag_the_off_key_and_no_colour(tmp
     stream = Stream(str(tmp_path / "run.sock"))
     pane = Pane(tmp_path, "-u TMUX NO_COLOR=1", options=[("monitor-bell", "on")])
     try:
-        start_app(pane, stream)
+        start_app(pane)
         assert pane.tmux("display", "-p", "-t", "x", "#{window_bell_flag}").strip() == "0"
         stream.send(alert("model.layers.0.fc"), alert("model.layers.0.fc"))
         pane.wait_for("CRITICAL nonfinite")  # the toast

@@ -201,7 +201,8 @@ def add_headless_notify_options(sp: argparse.ArgumentParser) -> None:
                         "JSON on stdin; its output goes to stderr")
     g.add_argument("--webhook", metavar="URL",
                    help="POST each notification as JSON to URL: a Slack-compatible \"text\" and the "
-                        "structured fields (a Slack incoming webhook works as is); retried with backoff")
+                        "structured fields; retried with backoff. @FILE reads the URL from FILE (a webhook URL "
+                        "is a secret, and the process list shows command lines)")
     g.add_argument("--webhook-timeout", default=None, metavar="SECONDS",
                    help="seconds each --webhook try may take (default 5)")
 

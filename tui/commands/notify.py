@@ -51,10 +51,21 @@ def command(text: str) -> list[str]:
 
 
 def webhook(url: str) -> str:
-    """``--webhook``: an http or https URL with a host."""
+    """``--webhook``: an http or https URL with a host, or ``@FILE`` holding one.
+
+    A Slack webhook URL is a secret, and other users can read a command line
+    in the process list: ``@FILE`` (mode 600) keeps it off it."""
+    if url.startswith("@"):
+        try:
+            with open(url[1:], encoding="utf-8") as f:
+                url = f.readline().strip()
+        except OSError as exc:
+            raise CliError(f"--webhook {url}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise CliError(f"--webhook {url}: not a text file") from None
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise CliError(f"--webhook must be an http:// or https:// URL, got {url!r}")
+        raise CliError(f"--webhook must be an http:// or https:// URL (or @FILE holding one), got {url[:80]!r}")
     return url
 
 
