@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -367,3 +368,46 @@ def test_a_webhook_that_never_answers_stalls_nothing_and_loses_nothing(tmp_path,
     assert t_late - sent[1] < 1.0, "the second phase's alert waited for the hung webhook"
     assert t_exit - got[-1][0] < 8.0  # the grace (5 s), then the viewer leaves anyway
     assert hook.posts >= 2 and "not sent (gave up after 5s)" in err, err
+
+
+# -- on real training: the injected fault is notified, a healthy run notifies only its end ----------
+
+
+SCRIPT = str(Path(__file__).parent / "train_script.py")
+
+
+def trained_and_notified(tmp_path, name, *script_args):
+    """Run tests/train_script.py and watch it headless with --notify-cmd; (stdout lines, notifications)."""
+    hook, out = tmp_path / "hook.py", tmp_path / f"{name}.jsonl"
+    hook.write_text(HOOK)
+    proc = subprocess.Popen([sys.executable, SCRIPT, name, "200", "--sleep", "0.01", *script_args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        got = xray("attach", name, "--headless", "--json", "--quiet",
+                   "--notify-cmd", f"{sys.executable} {hook} {out}", timeout=120)
+    finally:
+        proc.wait(60)
+    assert got.returncode == 0, got.stderr
+    return [json.loads(x) for x in got.stdout.splitlines()], [json.loads(x)["stdin"] for x in
+                                                              out.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_real_training_a_nan_is_notified_once_per_rule_and_layer_and_a_healthy_run_only_ends(tmp_path):
+    lines, sent = trained_and_notified(tmp_path, "nan-run", "--nan-at", "30")
+    critical = [x for x in lines if x["type"] == "alert" and x["severity"] == "critical"]
+    keys = list(dict.fromkeys((x["rule"], x["layer"]) for x in critical))  # what the probe found, in order
+    alerts = [n for n in sent if n["event"] == "alert"]
+    assert ("nonfinite", "2") in keys  # the fault, where it was injected (model[2])
+    assert [(n["rule"], n["layer"]) for n in alerts] == keys[:5]  # each (rule, layer) once, the burst's first five
+    assert all(n["severity"] == "critical" for n in alerts)
+    nonfinite = next(n for n in alerts if n["rule"] == "nonfinite")
+    assert nonfinite["step"] >= 30 and nonfinite["layer"] == "2"
+    if len(keys) > 5:
+        assert sent[-2]["event"] == "summary" and sent[-2]["count"] >= len(keys) - 5
+    assert sent[-1]["event"] == "end" and sent[-1]["reason"] == "finished"
+
+    lines, sent = trained_and_notified(tmp_path, "healthy-run")
+    assert [n["event"] for n in sent] == ["end"]  # no false alarm reached anyone
+    assert sent[0]["reason"] == "finished" and sent[0]["alerts"]["critical"] == 0
