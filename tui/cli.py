@@ -300,13 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not getattr(args, "headless", True):
             given = [flag for flag, on in (("--rules", getattr(args, "rules", None)), ("--json", args.json),
-                                           ("--fail-on", args.fail_on), ("--quiet", getattr(args, "quiet", False)),
-                                           ("--notify-cmd", getattr(args, "notify_cmd", None)),
-                                           ("--webhook", getattr(args, "webhook", None)))
+                                           ("--fail-on", args.fail_on), ("--quiet", getattr(args, "quiet", False)))
                      if on]
             if given:
                 raise CliError(f"{', '.join(given)} work{'s' if len(given) == 1 else ''} with --headless "
                                "(the app shows the alerts the probe sent)")
+            sends = [flag for flag in ("--notify-cmd", "--webhook") if getattr(args, flag[2:].replace("-", "_"), None)]
+            if sends:
+                raise CliError(f"{' and '.join(sends)} work{'s' if len(sends) == 1 else ''} with --headless "
+                               "(the app notifies through the terminal: a toast, OSC 9/777 and the bell)")
         return args.func(args)
     except (CliError, feed.FeedError, wire.WireError, rundir.RunDirError, InjectFailed) as exc:
         print(f"xray-tui: error: {exc}", file=sys.stderr)
