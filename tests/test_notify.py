@@ -365,7 +365,7 @@ def test_a_webhook_that_never_answers_stalls_nothing_and_loses_nothing(tmp_path,
                                                         (2, "vanishing"), (9, "stalled")]
     assert got[-1][1]["reason"] == "killed" and proc.returncode == 1
     t_late = next(t for t, x in got if x["type"] == "alert" and x["step"] == 9)
-    # sent in order, the first phase's five notices would hold the viewer 5 x 1.8 s: ~7.5 s behind here
+    # sent in line, the first phase's four notices would hold the viewer 4 x 1.8 s: ~5.7 s behind here
     assert t_late - sent[1] < 3.0, "the second phase's alert waited for the hung webhook"
     assert t_exit - got[-1][0] < 10.0  # the grace (5 s), then the viewer leaves anyway
     assert hook.posts >= 2 and "not sent (gave up after 5s)" in err, err
