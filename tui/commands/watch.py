@@ -64,31 +64,28 @@ def headless(source, args, *, live: bool) -> int:
 
         printer.on_alert = lambda a: notifier.alert(a, clock())
     try:
-        try:
-            if live:
-                _watch_live(source, watch, every, tick)
-            else:
-                _watch_replay(source, watch, every, tick)
-        except KeyboardInterrupt:
-            _notify_end(notifier, watch, "viewer-interrupted", 130)
-            return 130
-        torn = getattr(source, "torn", 0)
-        if torn:
-            print(f"xray-tui: {source.label}: the recording ends with {torn} torn bytes "
-                  "(the writer stopped mid-frame); everything before them was read", file=sys.stderr)
-        code = watch.finish(args.fail_on)
-        _notify_end(notifier, watch, None, code)
-        return code
-    finally:
-        if notifier is not None:
-            try:
-                notifier.close()
-            except KeyboardInterrupt:
-                pass  # a second Ctrl-C: leave without the notices still queued
+        if live:
+            _watch_live(source, watch, every, tick)
+        else:
+            _watch_replay(source, watch, every, tick)
+    except KeyboardInterrupt:
+        _notify_end(notifier, watch, "viewer-interrupted", 130)
+        return 130
+    except Exception:  # a stream that broke mid-way (a one-line error follows): tell whoever waits on it
+        _notify_end(notifier, watch, "disconnected", 2)
+        raise
+    torn = getattr(source, "torn", 0)
+    if torn:
+        print(f"xray-tui: {source.label}: the recording ends with {torn} torn bytes "
+              "(the writer stopped mid-frame); everything before them was read", file=sys.stderr)
+    code = watch.finish(args.fail_on)
+    _notify_end(notifier, watch, None, code)
+    return code
 
 
 def _notify_end(notifier, watch: RunWatch, reason: str | None, code: int) -> None:
-    """Tell --notify-cmd and --webhook how the run ended (``reason`` None: as the end line says)."""
+    """Tell --notify-cmd and --webhook how the run ended (``reason`` None: as the end line says), then
+    give them their grace to finish."""
     if notifier is None:
         return
     error = ""
@@ -99,8 +96,12 @@ def _notify_end(notifier, watch: RunWatch, reason: str | None, code: int) -> Non
         error = f"{t.severity} {t.rule} on {t.layer} [{t.kind}] at step {t.step}"
     elif reason is None:
         reason, error, step, _rank = watch.outcome()
-    notifier.end(end_notice(reason, run=watch.label, step=step, error=error,
-                            counts=dict(watch.printer.counts), code=code))
+    try:
+        notifier.end(end_notice(reason, run=watch.label, step=step, error=error,
+                                counts=dict(watch.printer.counts), code=code))
+        notifier.close()  # what is queued gets its grace, then the viewer exits anyway
+    except KeyboardInterrupt:
+        pass  # a second Ctrl-C: leave without the notices still queued
 
 
 #: The reader thread's last item: the stream ended.
