@@ -74,6 +74,8 @@ class AlertPrinter:
         self.rules = rules
         self._spectral: dict[int, SpectralAlerts] = {}  # rank -> the spectral rule, with --rules
         self._rejudged: set[tuple[int, str]] = set()  # (rank, layer) whose spectral fits we judge
+        #: called with every alert seen, printed or not (headless notifications: tui.notify_send)
+        self.on_alert = None
 
     def _print(self, line: str) -> None:
         self.out.write(line + "\n")
@@ -134,6 +136,8 @@ class AlertPrinter:
             self.tripped = msg
         if self.worst is None or rank > SEVERITIES.index(self.worst):
             self.worst = msg.severity
+        if self.on_alert is not None:
+            self.on_alert(msg)
         if rank < self.min_rank:
             return
         if self.as_json:

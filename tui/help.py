@@ -71,6 +71,8 @@ HELP: list[tuple[str, str]] = [
     ("p", "pause / resume the screen (data keeps arriving; a live run only)"),
     ("t", "next theme (dark, light, high contrast, colour-blind safe)"),
     ("S", "save a screenshot of the screen as SVG (in the current directory)"),
+    ("N", "notifications of new critical alerts and of the run's end (a toast, the terminal's desktop "
+          "notification and bell) off / on"),
     ("e", "ask the live run for a spectral pass now (WeightWatcher's alpha; one per 10 s)"),
     ("w g a u", "(detail) show weight / grad / act / update"),
     ("l", "(detail) the histogram's density axis linear / log (the tails show on a log axis)"),
