@@ -144,7 +144,7 @@ class AlertPrinter:
             self._print(json.dumps(alert_json(msg)))
         else:
             self._print(f"step {msg.step:>7}  rank {msg.rank}  {msg.severity.upper():<8}  {msg.rule:<10}  "
-                        f"{msg.layer} [{msg.kind}]  {msg.message}")
+                        f"{_printable(msg.layer)} [{msg.kind}]  {_printable(msg.message, 4000)}")
 
     def failed(self, fail_on: str | None) -> bool:
         """Whether an alert at or above ``fail_on`` was seen."""
