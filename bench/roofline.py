@@ -1,0 +1,636 @@
+"""The device engine's roofline: what a sampled step must read, the launches it makes, and (on a GPU) how fast.
+
+A sampled step must read each watched tensor once: the outputs of the hooked
+modules at the given batch x seq and dtype, every parameter and every
+gradient. At a GPU's memory bandwidth that is the floor of the probe's cost;
+issue 26 asks for the engine within 3x of it.
+
+How the figures are made, with nothing large allocated:
+
+1. **Shapes.** The model is built from a ``transformers`` config and run
+   forward and backward under ``FakeTensorMode`` (shapes, dtypes and strides,
+   no memory), with bf16 autocast when asked (CPU autocast: for GPT-2 and
+   LLaMA the same dtypes as CUDA's: matmuls in bf16, norms and the residual
+   stream in float32). The probe's own selection (``capture.selection``)
+   chooses the modules and parameters, so the tensors are the probe's.
+2. **Launches.** The sampled step's reductions are replayed through the
+   engine's real host side (``engines.batch.Batch``, ``engines.device.Rows``,
+   ``gather``) in the order ``capture`` makes them: activations held until
+   ``ACT_HOLD_BYTES`` and reduced in their hook, the rest at the forward's
+   end; weights and gradients before the optimizer step; the update subsets
+   gathered before and after it; their deltas; one finalize. On the CPU the
+   tensors are on the ``meta`` device and each launch is recorded, not run;
+   the engine is loaded *compiled* (as ``tests/compile_sm90.py`` does), so
+   the chunk sizes and grids are a GPU's, not the interpreter's.
+3. **On a CUDA GPU** (``--device cuda``) the same launches run on real
+   tensors of those shapes (random normal), each timed with CUDA events
+   (median of ``--repeat`` runs after a warm-up), against the device's
+   nominal peak and a measured streaming read (``torch.sum`` of 2 GiB).
+
+    python bench/roofline.py                        # GPT-2 small, bf16, 16 x 1024: the launch table
+    python bench/roofline.py --scaling              # small, medium, LLaMA-style 1B at an H100's and H200's bandwidth
+    python bench/roofline.py --model llama-1b --json
+    python bench/roofline.py --device cuda --repeat 5   # on a GPU: achieved GB/s per launch and in all
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+#: Nominal HBM bandwidth (bytes/s) by device name (vendor datasheets), and the machines the
+#: scaling table is priced at.
+PEAK = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12,
+        "A100": 1.555e12}
+SCALING_AT = (("H100 SXM", 3.35e12), ("H200", 4.8e12))
+#: Hopper's streaming multiprocessors (H100 SXM and H200), and the stats kernel's CTAs per SM at
+#: 72 registers x 128 threads (tests/compile_sm90.py): 65,536 // (72 * 128) = 7.
+SMS, CTAS_PER_SM = 132, 7
+
+
+def _models() -> dict:
+    """Name -> (description, a function building its ``transformers`` config and model class)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    return {
+        "gpt2-small": ("GPT-2 small (12 x 768)", lambda: (GPT2Config(), GPT2LMHeadModel)),
+        "gpt2-medium": ("GPT-2 medium (24 x 1024)",
+                        lambda: (GPT2Config(n_embd=1024, n_layer=24, n_head=16), GPT2LMHeadModel)),
+        # Llama 3.2 1B's shape: 16 x 2048, MLP 8192, 32 heads / 8 KV heads, 128,256 tokens, tied embeddings
+        "llama-1b": ("LLaMA-style 1.2 B (16 x 2048, Llama-3.2-1B's shape)",
+                     lambda: (LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                          max_position_embeddings=4096, tie_word_embeddings=True),
+                              LlamaForCausalLM)),
+    }
+
+
+def tiny_gpt2(layers: int = 1, width: int = 8, vocab: int = 16, positions: int = 64):
+    """A tiny GPT-2 ``(config, class)`` (tests)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2Config(n_layer=layers, n_embd=width, n_head=2, vocab_size=vocab, n_positions=positions,
+                      bos_token_id=0, eos_token_id=0), GPT2LMHeadModel
+
+
+# -- 1. shapes ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Spec:
+    """One watched tensor: a hooked module's output, a parameter or a gradient."""
+
+    name: str
+    kind: str  # "act", "weight", "grad"
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    units: bool = False  # an activation function's output: its dead units are counted
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclasses.dataclass
+class Trace:
+    """The tensors one sampled step reads, in the order the probe reads them."""
+
+    acts: list[Spec]
+    params: list[Spec]
+    grads: list[Spec]  # in parameter order, one per parameter with a gradient
+    trainable: list[tuple[str, int]]  # (name, elements) of the parameters the optimizer updates
+    nparams: int
+    tokens: int
+
+
+def trace(config, cls, batch: int, seq: int, bf16: bool = True) -> Trace:
+    """Shapes and dtypes of everything the probe watches in one training step of ``cls(config)``
+    on ``batch x seq`` tokens, from a forward and backward under ``FakeTensorMode``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers.utils import logging as hf_logging
+
+    from probes.capture.activations import first_tensor
+    from probes.capture.selection import Watched
+    from probes.engines.reduce import _has_units
+
+    hf_logging.set_verbosity_error()
+    acts: list[Spec] = []
+    with FakeTensorMode():
+        model = cls(config)
+        watched = Watched(model, None, None, None, lambda *a: None)
+        seen: set[str] = set()
+
+        def hook(name):
+            def record(module, inputs, output):
+                x = first_tensor(output)
+                if x is None or not x.is_floating_point() or name in seen:
+                    return  # what Activations.hold skips
+                seen.add(name)
+                acts.append(Spec(name, "act", tuple(x.shape), tuple(x.stride()), x.dtype,
+                                 name in watched.activations and _has_units(x)))
+            return record
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in watched.modules]
+        ids = torch.randint(0, config.vocab_size, (batch, seq))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for h in handles:
+            h.remove()
+        params = [Spec(n, "weight", tuple(p.shape), tuple(p.stride()), p.dtype) for n, p in watched.params]
+        grads = [Spec(n, "grad", tuple(p.grad.shape), tuple(p.grad.stride()), p.grad.dtype)
+                 for n, p in watched.params if p.grad is not None]
+        trainable = [(n, p.numel()) for n, p in watched.trainable]
+        nparams = sum(p.numel() for _, p in watched.params)
+    return Trace(acts, params, grads, trainable, nparams, batch * seq)
+
+
+# -- 2. launches ----------------------------------------------------------------------------------
+
+
+def load_engine(compiled: bool = True):
+    """``probes.engines.device``, loaded compiled where possible: on a machine without CUDA the
+    engine is imported with ``torch.cuda.is_available`` answering True for the import only (its
+    constants are then a GPU's; launches are recorded, never run). Already imported: as it is."""
+    if "probes.engines.device" in sys.modules or not compiled or torch.cuda.is_available():
+        from probes.engines import device
+        return device
+    real = torch.cuda.is_available
+    os.environ.pop("TRITON_INTERPRET", None)
+    torch.cuda.is_available = lambda: True
+    try:
+        from probes.engines import device
+    finally:
+        torch.cuda.is_available = real
+    return device
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch of the sampled step."""
+
+    kernel: str
+    phase: str
+    programs: int  # CTAs in the grid
+    tensors: int  # tensors (or pieces) it reads
+    dtypes: str
+    elements: int
+    nbytes: int  # tensor data read (each element once)
+    time_s: float | None = None  # on a GPU: the median of the timed runs
+
+    def gbps(self) -> float | None:
+        return None if not self.time_s else self.nbytes / self.time_s / 1e9
+
+
+class _Recorder:
+    """Wraps the engine's launch points: which tensors each launch reads, and (on CUDA) its time."""
+
+    def __init__(self, de, run: bool, warps: int | None = None, cuda: bool = True) -> None:
+        self.de, self.run, self.warps, self.cuda = de, run, warps, cuda
+        self.launches: list[Launch] = []
+        self.events: list[tuple] = []
+        self.phase = ""
+        self._what: tuple | None = None  # (tensors, dtypes, elements, bytes) of the launch being made
+
+    @contextlib.contextmanager
+    def installed(self):
+        de, rec = self.de, self
+        real_launch, real_stats, real_units = de._launch, de.Rows._launch_stats, de.Rows._launch_units
+
+        def launch(kernel, grid, *args, **kwargs):
+            tensors, dtypes, elements, nbytes = rec._what or (0, "", 0, 0)
+            rec._what = None
+            rec.launches.append(Launch(kernel.__name__, rec.phase, math.prod(grid), tensors, dtypes, elements, nbytes))
+            if not rec.run:
+                return
+            if rec.warps and kernel is de._stats_kernel:
+                kwargs = {**kwargs, "num_warps": rec.warps}  # a variant (--variants): Triton's launch option
+            if not rec.cuda:  # Triton's interpreter on CPU tensors (tests): the wall clock
+                t0 = time.perf_counter()
+                real_launch(kernel, grid, *args, **kwargs)
+                rec.events.append((len(rec.launches) - 1, t0, time.perf_counter()))
+                return
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            real_launch(kernel, grid, *args, **kwargs)
+            end.record()
+            rec.events.append((len(rec.launches) - 1, start, end))
+
+        def stats(rows, group):
+            items = [it for _, it, _ in group if it.n]
+            rec._what = (len(items), ",".join(sorted({_dt(it.x.dtype) for it in items})),
+                         sum(it.n for it in items), sum(it.n * it.x.element_size() for it in items))
+            return real_stats(rows, group)
+
+        def units(rows, it, shape):
+            rec._what = (1, _dt(it.x.dtype), it.n, it.n * it.x.element_size())
+            return real_units(rows, it, shape)
+
+        real_finalize = de.Rows.finalize
+
+        def finalize(rows):  # its traffic: the chunk partials and bin counters read, the rows written
+            chunks = sum(r[1] for r in rows.table)
+            rec._what = (0, "f64", 0, chunks * de.NP * 8 + len(rows.table) * (2 * de.HW * 4 + 8 * (
+                de.NCOL + de.NUM_BINS)))
+            return real_finalize(rows)
+
+        de._launch, de.Rows._launch_stats, de.Rows._launch_units = launch, stats, units
+        de.Rows.finalize = finalize
+        try:
+            yield self
+        finally:
+            de._launch, de.Rows._launch_stats, de.Rows._launch_units = real_launch, real_stats, real_units
+            de.Rows.finalize = real_finalize
+
+    def times(self) -> list[float]:
+        """Seconds per launch of the last run (CUDA), then forgets the events."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = [0.0] * len(self.launches)
+        for i, start, end in self.events:
+            out[i] = start.elapsed_time(end) / 1e3 if self.cuda else end - start
+        self.events = []
+        return out
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "").replace("float", "f").replace("bf16", "bf16")
+
+
+def _tensor(spec: Spec, device: torch.device) -> torch.Tensor:
+    if device.type == "meta":
+        return torch.empty_strided(spec.shape, spec.stride, dtype=spec.dtype, device=device)
+    x = torch.empty_strided(spec.shape, spec.stride, dtype=spec.dtype, device=device)
+    return x.normal_()
+
+
+def replay(tr: Trace, de, device: torch.device, hist_k: int = 65535, update_k: int = 4096, eps: float = 0.05,
+           rec: _Recorder | None = None) -> list[Launch]:
+    """The launches of one sampled step of ``tr``, in the order capture/ makes them (see the module's
+    docstring); on CUDA each one runs (``rec.run``). Returns the recorder's launches."""
+    from probes.capture import activations
+    from probes.engines import batch as batch_mod
+
+    rec = rec or _Recorder(de, run=device.type == "cuda")
+    if device.type == "cpu" and not de.INTERPRET:
+        raise ValueError("CPU tensors run only in Triton's interpreter (TRITON_INTERPRET=1)")
+    old_env = os.environ.get("XRAY_TUI_ENGINE")
+    os.environ["XRAY_TUI_ENGINE"] = "device"  # the device engine for these tensors (meta or CUDA)
+    real_copy = batch_mod._to_host_async
+    batch_mod._to_host_async = lambda t: (t, None)  # the rows stay where they are: nothing reads them here
+    try:
+        with rec.installed():
+            b = batch_mod.Batch(eps, hist_k, np.random.default_rng(0))
+            rec.phase = "activations"
+            for spec in tr.acts:  # Activations.hold: reduced in the hook past the hold limit
+                b.hold(spec.name, "act", _tensor(spec, device), units=spec.units)
+                if b.held_bytes > activations.ACT_HOLD_BYTES:
+                    b.reduce()
+            b.reduce()  # the forward's end (Hooks._end_forward)
+            rec.phase = "weights+grads"  # WeightReads.read_params
+            params = {s.name: _tensor(s, device) for s in tr.params}
+            for s in tr.params:
+                b.hold(s.name, "weight", params[s.name])
+                g = next((g for g in tr.grads if g.name == s.name), None)
+                if g is not None:
+                    b.hold(s.name, "grad", _tensor(g, device))
+            b.reduce()
+            rec.phase = "update subsets"  # keep_snapshot, then take_subsets after the optimizer step
+            flats = [params[n].reshape(-1) for n, _ in tr.trainable]
+            idx = [None if n <= update_k else torch.arange(update_k, device=device) * (n // update_k)
+                   for _, n in tr.trainable]
+            lengths = [min(n, update_k) for _, n in tr.trainable]
+            gathered = (len(flats), ",".join(sorted({_dt(f.dtype) for f in flats})), sum(lengths),
+                        sum(lengths) * (flats[0].element_size() if flats else 0)
+                        + 8 * sum(len(i) for i in idx if i is not None))
+            rec._what = gathered
+            before = de.gather(flats, idx)
+            rec._what = gathered
+            after = de.gather(flats, idx)
+            rec._what = None
+            if before is not None:
+                rec.phase = "updates"  # reduced at start_copy in the probe: the same launch
+                refs = torch.zeros(len(lengths), dtype=torch.float64, device=device)
+                b.hold_split([n for n, _ in tr.trainable], "update", after - before, lengths, ref_sumsq=refs,
+                             init_dist=refs)
+                b.reduce()
+            rec.phase = "finalize"
+            b.start_copy()
+            del params, flats
+    finally:
+        batch_mod._to_host_async = real_copy
+        if old_env is None:
+            os.environ.pop("XRAY_TUI_ENGINE", None)
+        else:
+            os.environ["XRAY_TUI_ENGINE"] = old_env
+    return rec.launches
+
+
+@contextlib.contextmanager
+def variant(de, block: int | None = None, iters: int | None = None):
+    """The engine with another summation block or chunk (``BLOCK`` x ``ITERS`` elements per program),
+    for a timing sweep on a GPU; the module's own values come back after."""
+    saved = de.BLOCK, de.ITERS, de.CHUNK
+    de.BLOCK, de.ITERS = block or de.BLOCK, iters or de.ITERS
+    de.CHUNK = de.BLOCK * de.ITERS
+    try:
+        yield
+    finally:
+        de.BLOCK, de.ITERS, de.CHUNK = saved
+
+
+def parse_variant(text: str) -> dict:
+    """``"iters=16+warps=8"`` -> ``{"iters": 16, "warps": 8}`` (``"base"``: the engine as it is)."""
+    out: dict = {}
+    if text.strip() in ("", "base"):
+        return out
+    for part in text.split("+"):
+        key, _, value = part.partition("=")
+        if key not in ("block", "iters", "warps") or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"variant {text!r}: give base, or block=N, iters=N, warps=N joined by +")
+        out[key] = int(value)
+    if "block" in out and out["block"] & (out["block"] - 1):
+        raise ValueError(f"variant {text!r}: block must be a power of two")
+    return out
+
+
+def measure(tr: Trace, de, repeat: int, hist_k: int = 65535, warps: int | None = None,
+            device: torch.device = torch.device("cuda")) -> list[Launch]:
+    """The launches of ``tr`` run on CUDA (on the CPU in Triton's interpreter: tests): one warm-up
+    (compiles), then ``repeat`` timed runs; each launch's time is the median of its runs."""
+    cuda = device.type == "cuda"
+    replay(tr, de, device, hist_k, rec=_Recorder(de, run=True, warps=warps, cuda=cuda))  # compiles, grows the workspace
+    runs = []
+    launches = None
+    for _ in range(repeat):
+        rec = _Recorder(de, run=True, warps=warps, cuda=cuda)
+        launches = replay(tr, de, device, hist_k, rec=rec)
+        runs.append(rec.times())
+        if cuda:
+            torch.cuda.empty_cache()
+    for i, launch in enumerate(launches):
+        launch.time_s = statistics.median(r[i] for r in runs)
+    return launches
+
+
+def stream_read(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Bytes/s of ``torch.sum`` over a ``nbytes`` float32 tensor: a practical streaming-read peak."""
+    x = torch.ones(nbytes // 4, device=device)
+    for _ in range(2):
+        x.sum()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(5):
+        start.record()
+        x.sum()
+        end.record()
+        torch.cuda.synchronize()
+        ts.append(start.elapsed_time(end) / 1e3)
+    del x
+    torch.cuda.empty_cache()
+    return nbytes / statistics.median(ts)
+
+
+def nominal_peak(name: str) -> float | None:
+    """The datasheet bandwidth of a CUDA device named ``name`` (None when unknown)."""
+    for key, bw in PEAK.items():  # longest names first in PEAK where they share a prefix
+        if key in name:
+            return bw
+    return None
+
+
+# -- 3. figures -----------------------------------------------------------------------------------
+
+
+def summary(tr: Trace, launches: list[Launch]) -> dict:
+    """Must-read bytes (each watched tensor once) against what the launches read, and the launches."""
+    act = sum(s.nbytes for s in tr.acts)
+    par = sum(s.nbytes for s in tr.params)
+    grad = sum(s.nbytes for s in tr.grads)
+    by_kernel = collections.Counter(launch.kernel for launch in launches)
+    read = sum(launch.nbytes for launch in launches)
+    by_bytes = collections.Counter()
+    for launch in launches:
+        by_bytes[launch.kernel] += launch.nbytes
+    biggest = max(tr.acts, key=lambda s: s.nbytes) if tr.acts else None
+    act_dtypes = collections.Counter()
+    for s in tr.acts:
+        act_dtypes[_dt(s.dtype)] += s.nbytes
+    return {
+        "parameters": tr.nparams, "tokens": tr.tokens,
+        "tensors": {"activations": len(tr.acts), "weights": len(tr.params), "grads": len(tr.grads)},
+        "must_read_bytes": {"activations": act, "weights": par, "grads": grad, "total": act + par + grad},
+        "activation_bytes_by_dtype": dict(act_dtypes),
+        "activation_bytes_per_token": act / tr.tokens,
+        "largest_activation": None if biggest is None else {"name": biggest.name, "bytes": biggest.nbytes},
+        "engine_read_bytes": read,
+        "engine_bytes_by_kernel": dict(by_bytes),
+        # the dead-unit kernel reads the activation functions' outputs a second time
+        "units_reread_bytes": by_bytes.get("_units_kernel", 0),
+        "launches": dict(by_kernel), "launches_total": len(launches),
+        "programs": sum(launch.programs for launch in launches),
+        "launches_under_one_wave": sum(1 for launch in launches if launch.kernel == "_stats_kernel"
+                                       and launch.programs < SMS * CTAS_PER_SM),
+    }
+
+
+def _mb(b: float) -> str:
+    return f"{b / 1e6:,.1f}"
+
+
+def launch_table(launches: list[Launch], peak: float | None) -> str:
+    """The launches as a markdown table (time and GB/s where they ran)."""
+    timed = any(launch.time_s for launch in launches)
+    head = "| # | kernel | phase | tensors | dtypes | elements | MB moved | programs | waves |"
+    rule = "|---:|---|---|---:|---|---:|---:|---:|---:|"
+    if timed:
+        head += " us | GB/s | of peak |"
+        rule += "---:|---:|---:|"
+    lines = [head, rule]
+    for i, launch in enumerate(launches):
+        waves = launch.programs / (SMS * CTAS_PER_SM)
+        line = (f"| {i} | {launch.kernel} | {launch.phase} | {launch.tensors} | {launch.dtypes} | {launch.elements:,} | "
+                f"{_mb(launch.nbytes)} | {launch.programs:,} | {waves:.2f} |")
+        if timed:
+            g = launch.gbps()
+            line += (f" {launch.time_s * 1e6:,.1f} | {g:,.0f} | {g * 1e9 / peak:.0%} |" if g and peak
+                     else f" {(launch.time_s or 0) * 1e6:,.1f} | | |")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def report(name: str, desc: str, args, tr: Trace, launches: list[Launch], s: dict, peak: float | None,
+           measured_peak: float | None, device_name: str) -> str:
+    """The text report of one model: totals, the floor at the peaks, the launch table."""
+    mr = s["must_read_bytes"]
+    out = [f"{desc}: {tr.nparams / 1e6:,.1f} M parameters, batch {args.batch} x {args.seq}"
+           f"{', bf16 autocast' if args.bf16 else ', float32'}; engine constants: "
+           f"{'compiled (a GPU launch plan)' if not _interpreted() else 'Triton interpreter'}; device: {device_name}",
+           f"must read (each watched tensor once): activations {_mb(mr['activations'])} MB in {len(tr.acts)} "
+           f"tensors ({', '.join(f'{k} {_mb(v)} MB' for k, v in s['activation_bytes_by_dtype'].items())}), "
+           f"weights {_mb(mr['weights'])} MB, gradients {_mb(mr['grads'])} MB: total {_mb(mr['total'])} MB",
+           f"largest activation: {s['largest_activation']['name']} {_mb(s['largest_activation']['bytes'])} MB; "
+           f"activations per token: {s['activation_bytes_per_token'] / 1e3:,.1f} kB",
+           f"the launches move {_mb(s['engine_read_bytes'])} MB (" + ", ".join(
+               f"{k} {_mb(v)}" for k, v in s["engine_bytes_by_kernel"].items()) + f"): {_mb(s['units_reread_bytes'])} "
+           f"MB of it read twice (the dead-unit kernel's second read of the activation functions' outputs); "
+           f"{s['launches_total']} launches {s['launches']}, {s['launches_under_one_wave']} statistics launches "
+           f"under one wave ({SMS} SMs x {CTAS_PER_SM} CTAs)"]
+    for label, bw in SCALING_AT:
+        out.append(f"floor at {label}'s {bw / 1e12:.2f} TB/s: {mr['total'] / bw * 1e3:.2f} ms "
+                   f"(3x: {3 * mr['total'] / bw * 1e3:.2f} ms); the launches' bytes: "
+                   f"{s['engine_read_bytes'] / bw * 1e3:.2f} ms")
+    if any(launch.time_s for launch in launches):
+        total = sum(launch.time_s for launch in launches)
+        out.append(f"measured: {total * 1e3:.2f} ms of kernel time for {_mb(s['engine_read_bytes'])} MB = "
+                   f"{s['engine_read_bytes'] / total / 1e9:,.0f} GB/s; nominal peak "
+                   f"{(peak or 0) / 1e9:,.0f} GB/s, streaming read (torch.sum) {(measured_peak or 0) / 1e9:,.0f} GB/s; "
+                   f"floor (must-read at the streaming read): {mr['total'] / (measured_peak or peak) * 1e3:.2f} ms, "
+                   f"engine {total / (mr['total'] / (measured_peak or peak)):.1f}x it")
+        by = collections.defaultdict(float)
+        for launch in launches:
+            by[launch.kernel] += launch.time_s
+        out.append("kernel time by kernel: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in by.items()))
+    out.append("")
+    out.append(launch_table(launches, measured_peak or peak))
+    return "\n".join(out)
+
+
+def _interpreted() -> bool:
+    de = sys.modules.get("probes.engines.device")
+    return bool(de is not None and de.INTERPRET)
+
+
+def scaling_table(rows: list[tuple[str, Trace, dict]], args) -> str:
+    """Predicted sampled-step cost against model size at an H100's and an H200's bandwidth."""
+    head = ("| model | parameters | activations per token | must read | of it activations | launches | "
+            + " | ".join(f"floor at {label} (ms) | 3x floor (ms)" for label, _ in SCALING_AT) + " |")
+    rule = "|---|---:|---:|---:|---:|---:|" + "---:|---:|" * len(SCALING_AT)
+    lines = [f"batch {args.batch} x {args.seq}{', bf16 autocast' if args.bf16 else ', float32'}; "
+             f"cost of one sampled step = bytes / bandwidth (the floor) and the issue's 3x target", "", head, rule]
+    for desc, tr, s in rows:
+        mr = s["must_read_bytes"]
+        cells = " | ".join(f"{mr['total'] / bw * 1e3:.2f} | {3 * mr['total'] / bw * 1e3:.2f}" for _, bw in SCALING_AT)
+        lines.append(f"| {desc} | {tr.nparams / 1e6:,.0f} M | {s['activation_bytes_per_token'] / 1e3:,.1f} kB | "
+                     f"{mr['total'] / 1e9:.2f} GB | {mr['activations'] / mr['total']:.0%} | {s['launches_total']} | "
+                     f"{cells} |")
+    lines.append("")
+    lines.append("On another model: bytes = tokens x (activation bytes per token) + 8 x parameters (float32 weights "
+                 "and gradients); cost ~ bytes / bandwidth, and the per-step overhead at every=N is that / N over "
+                 "the step time.")
+    return "\n".join(lines)
+
+
+def sweep(tr: Trace, de, variants: list[tuple[str, dict]], args, s: dict, bw: float) -> list[dict]:
+    """Each engine variant timed on the same tensors: kernel time, GB/s, and how far from the floor."""
+    floor = s["must_read_bytes"]["total"] / bw
+    out = []
+    print(f"\nvariants (BLOCK x ITERS elements per program, num_warps of the statistics kernel), floor "
+          f"{floor * 1e3:.2f} ms:\n")
+    print("| variant | launches | programs | stats kernel (ms) | all kernels (ms) | GB/s | x floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for text, v in variants:
+        with variant(de, v.get("block"), v.get("iters")):
+            launches = measure(tr, de, args.repeat, args.hist_sample, warps=v.get("warps"))
+        total = sum(x.time_s for x in launches)
+        stats = sum(x.time_s for x in launches if x.kernel == "_stats_kernel")
+        nbytes = sum(x.nbytes for x in launches)
+        row = {"variant": text, "launches": len(launches), "programs": sum(x.programs for x in launches),
+               "stats_s": stats, "total_s": total, "GBps": nbytes / total / 1e9, "x_floor": total / floor}
+        out.append(row)
+        print(f"| {text} | {row['launches']} | {row['programs']:,} | {stats * 1e3:.2f} | {total * 1e3:.2f} | "
+              f"{row['GBps']:,.0f} | {row['x_floor']:.2f} |", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    models = None
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2-small", help="gpt2-small, gpt2-medium or llama-1b")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 (no bf16 autocast)")
+    p.add_argument("--hist-sample", type=int, default=65535, help="histogram sample per tensor (attach's hist_sample)")
+    p.add_argument("--device", default="meta", help="meta (count only; the default) or cuda (run and time)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per launch on CUDA (after one warm-up)")
+    p.add_argument("--variants", default="", metavar="LIST",
+                   help="on CUDA, time these engine variants too, comma-separated: base, or block=N, iters=N, "
+                        "warps=N joined by + (e.g. base,iters=16,block=1024+iters=32,warps=8)")
+    p.add_argument("--scaling", action="store_true", help="the scaling table over every model (counts only)")
+    p.add_argument("--json", action="store_true", help="JSON instead of text")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.seq < 1 or args.repeat < 1 or args.hist_sample < 1:
+        p.error("--batch, --seq, --repeat and --hist-sample must be >= 1")
+    if args.device not in ("meta", "cuda"):
+        p.error(f"--device {args.device}: give meta or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (the default, meta, counts without one)")
+    try:
+        variants = [(v, parse_variant(v)) for v in args.variants.split(",") if v.strip()]
+    except ValueError as exc:
+        p.error(str(exc))
+    if variants and args.device != "cuda":
+        p.error("--variants: timed on CUDA only (give --device cuda)")
+    try:
+        models = _models()
+    except ImportError as exc:
+        p.error(f"transformers is needed to build the models: {exc}")
+    names = list(models) if args.scaling else [args.model]
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        p.error(f"--model {unknown[0]}: one of {', '.join(models)}")
+    de = load_engine(compiled=True)
+    device = torch.device(args.device)
+    peak = measured = None
+    device_name = "none (launches counted, not run)"
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+        peak, measured = nominal_peak(device_name), stream_read(device)
+    results, rows = {}, []
+    for name in names:
+        desc, make = models[name]
+        config, cls = make()
+        tr = trace(config, cls, args.batch, args.seq, args.bf16)
+        if device.type == "cuda" and not args.scaling:
+            launches = measure(tr, de, args.repeat, args.hist_sample)
+        else:
+            launches = replay(tr, de, torch.device("meta"), args.hist_sample)
+        s = summary(tr, launches)
+        rows.append((desc, tr, s))
+        results[name] = {"model": desc, "summary": s, "launches": [dataclasses.asdict(x) for x in launches]}
+        if not args.json and not args.scaling:
+            print(report(name, desc, args, tr, launches, s, peak, measured, device_name))
+        if variants:
+            results[name]["variants"] = sweep(tr, de, variants, args, s, measured or peak)
+    if args.json:
+        print(json.dumps({"batch": args.batch, "seq": args.seq, "bf16": args.bf16, "device": device_name,
+                          "nominal_peak_Bps": peak, "stream_read_Bps": measured, "sms": SMS,
+                          "ctas_per_sm": CTAS_PER_SM, "compiled_constants": not _interpreted(),
+                          "models": results}, indent=1))
+    elif args.scaling:
+        print(scaling_table(rows, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
