@@ -541,6 +541,75 @@ def scaling_table(rows: list[tuple[str, Trace, dict]], args) -> str:
     return "\n".join(lines)
 
 
+def static_sm90(de, variants: list[tuple[str, dict]]) -> list[dict]:
+    """Each variant's statistics kernel (one contiguous tensor: the activation launch; float32 and
+    bf16) compiled for sm_90 on this machine, as tests/compile_sm90.py compiles the engine's: its
+    registers, spills and shared memory, the CTAs an H100/H200 SM keeps resident (registers,
+    warps and shared memory limit it), and the bytes in flight per SM per loop iteration (each
+    resident CTA loads one BLOCK). No GPU is needed; Triton's NVIDIA backend is."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from probes.engines import reduce as red
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    kinds = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int64: "*i64", torch.int32: "*i32",
+             torch.float64: "*fp64"}
+    out = []
+    for text, v in variants:
+        for dtype in (torch.bfloat16, torch.float32):
+            got: dict = {}
+
+            def compile_launch(kernel, grid, *args, **consts):
+                if kernel is not de._stats_kernel:
+                    return
+                sig = {}
+                for name, a in zip(kernel.arg_names, args):
+                    if isinstance(a, torch.Tensor):
+                        sig[name] = kinds[a.dtype]
+                    elif isinstance(a, bool):
+                        sig[name] = "i1"
+                    elif isinstance(a, int):
+                        sig[name] = "i64" if name in kernel.do_not_specialize or abs(a) > 2**31 - 1 else "i32"
+                    else:
+                        sig[name] = "fp32"
+                full = {n: ("constexpr" if n in consts else sig[n]) for n in kernel.arg_names}
+                src = ASTSource(kernel, full, constexprs={(kernel.arg_names.index(k),): c for k, c in consts.items()})
+                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                          options={"num_warps": v.get("warps", 4)})
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(compiled.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                           text=True).stdout
+                got["registers"] = int(re.search(r"REG:(\d+)", usage).group(1))
+                got["local"] = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+                got["shared"] = int(compiled.metadata.shared)
+
+            real = de._launch
+            de._launch = compile_launch
+            try:
+                with variant(de, v.get("block"), v.get("iters")):
+                    x = torch.zeros(4 * de.CHUNK, dtype=dtype)
+                    rows = de.Rows(torch.device("cpu"), 0.05)
+                    rows.add([de.Item(x, red.sample_plan(x, 1000))])
+                    rows.finalize()
+                    block = de.BLOCK
+            finally:
+                de._launch = real
+            warps = v.get("warps", 4)
+            regs = -(-got["registers"] // 8) * 8  # allocated per thread in steps of 8
+            ctas = min(65536 // (regs * 32 * warps), 64 // warps, 32, 233472 // (got["shared"] + 1024))
+            out.append({"variant": text, "dtype": _dt(dtype), **got, "warps": warps, "ctas_per_sm": ctas,
+                        "bytes_in_flight_per_sm": ctas * block * dtype.itemsize})
+    return out
+
+
 def sweep(tr: Trace, de, variants: list[tuple[str, dict]], args, s: dict, bw: float) -> list[dict]:
     """Each engine variant timed on the same tensors: kernel time, GB/s, and how far from the floor."""
     floor = s["must_read_bytes"]["total"] / bw
@@ -576,6 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", metavar="LIST",
                    help="on CUDA, time these engine variants too, comma-separated: base, or block=N, iters=N, "
                         "warps=N joined by + (e.g. base,iters=16,block=1024+iters=32,warps=8)")
+    p.add_argument("--sm90", action="store_true",
+                   help="compile the statistics kernel of each of --variants (default: base) for sm_90 here and "
+                        "print its registers, spills, resident CTAs per SM and bytes in flight (no GPU needed)")
     p.add_argument("--scaling", action="store_true", help="the scaling table over every model (counts only)")
     p.add_argument("--json", action="store_true", help="JSON instead of text")
     args = p.parse_args(argv)
@@ -589,8 +661,27 @@ def main(argv: list[str] | None = None) -> int:
         variants = [(v, parse_variant(v)) for v in args.variants.split(",") if v.strip()]
     except ValueError as exc:
         p.error(str(exc))
-    if variants and args.device != "cuda":
-        p.error("--variants: timed on CUDA only (give --device cuda)")
+    if variants and args.device != "cuda" and not args.sm90:
+        p.error("--variants: timed on CUDA only (give --device cuda), or compiled with --sm90")
+    if args.sm90:
+        de = load_engine(compiled=True)
+        if de.INTERPRET:
+            p.error("--sm90: the engine loaded in Triton's interpreter (unset TRITON_INTERPRET)")
+        try:
+            static = static_sm90(de, variants or [("base", {})])
+        except Exception as exc:  # noqa: BLE001  (no NVIDIA backend, no cuobjdump: one line, exit 2)
+            p.error(f"--sm90: could not compile for sm_90 here: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        if args.json:
+            print(json.dumps(static, indent=1))
+            return 0
+        print("| variant | dtype | registers | spilled (bytes) | shared (bytes) | warps | CTAs per SM | "
+              "bytes in flight per SM |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for r in static:
+            print(f"| {r['variant']} | {r['dtype']} | {r['registers']} | {r['local']} | {r['shared']:,} | {r['warps']} "
+                  f"| {r['ctas_per_sm']} | {r['bytes_in_flight_per_sm']:,} |")
+        return 0
+    de = load_engine(compiled=True)  # before transformers, which may import triton
     try:
         models = _models()
     except ImportError as exc:
@@ -599,7 +690,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in models]
     if unknown:
         p.error(f"--model {unknown[0]}: one of {', '.join(models)}")
-    de = load_engine(compiled=True)
     device = torch.device(args.device)
     peak = measured = None
     device_name = "none (launches counted, not run)"
