@@ -117,6 +117,26 @@ def test_many_tensors_in_one_launch_equal_each_alone(shapes):
         assert np.allclose(alone, together[i : i + 1], rtol=0, atol=0, equal_nan=True)
 
 
+def test_unmasked_full_blocks_give_the_masked_loops_rows(shapes, monkeypatch):
+    """Windows of full blocks are read without a mask (``SPLIT``, so the loads vectorize on a GPU):
+    the rows and histograms are those of the loop that masks every block (``SPLIT = False``), bit for
+    bit in the interpreter (the same float32 operations in the same order), within the error bound
+    compiled. Several windows per chunk, partial tails, non-finite chunks and strided views."""
+    names = ["normal", "nonfinite", "huge", "tiny", "transposed", "float16", "bfloat16", "float64"]
+    xs = [TENSORS[n] for n in names]
+    split, split_h, _ = engine_rows(xs, k=1000)
+    monkeypatch.setattr(de, "SPLIT", False)
+    masked, masked_h, _ = engine_rows(xs, k=1000)
+    assert np.array_equal(split_h, masked_h)
+    for i, x in enumerate(xs):
+        for c, col in enumerate(ROW):
+            a, b = split[i, c], masked[i, c]
+            if col in POWERS and DEV.type == "cuda" and math.isfinite(b):
+                assert abs(a - b) <= 2 * bound(col, x), (names[i], col, a, b)
+            else:
+                assert same(a, b, rel=0), (names[i], col, a, b)
+
+
 @pytest.mark.parametrize("name", ["normal", "nonfinite", "zeros-and-eps-edges", "transposed", "float16", "bfloat16",
                                   "float64", "empty", "tiny", "huge"])
 def test_histograms_identical_across_engines(name, monkeypatch, cpu_kernel_lib):
