@@ -346,27 +346,34 @@ def replay(tr: Trace, de, device: torch.device, hist_k: int = 65535, update_k: i
 
 
 @contextlib.contextmanager
-def variant(de, block: int | None = None, iters: int | None = None):
+def variant(de, block: int | None = None, iters: int | None = None, tail: int | None = None):
     """The engine with another summation block or chunk (``BLOCK`` x ``ITERS`` elements per program),
-    for a timing sweep on a GPU; the module's own values come back after."""
-    saved = de.BLOCK, de.ITERS, de.CHUNK
+    or (``tail=0``) with every block of the loop masked, as before the unmasked full blocks, for a
+    timing sweep on a GPU; the module's own values come back after."""
+    saved = de.BLOCK, de.ITERS, de.CHUNK, de.SPLIT
     de.BLOCK, de.ITERS = block or de.BLOCK, iters or de.ITERS
     de.CHUNK = de.BLOCK * de.ITERS
+    if tail is not None:
+        de.SPLIT = bool(tail)
     try:
         yield
     finally:
-        de.BLOCK, de.ITERS, de.CHUNK = saved
+        de.BLOCK, de.ITERS, de.CHUNK, de.SPLIT = saved
 
 
 def parse_variant(text: str) -> dict:
-    """``"iters=16+warps=8"`` -> ``{"iters": 16, "warps": 8}`` (``"base"``: the engine as it is)."""
+    """``"iters=16+warps=8"`` -> ``{"iters": 16, "warps": 8}`` (``"base"``: the engine as it is;
+    ``tail=0``: every block masked)."""
     out: dict = {}
     if text.strip() in ("", "base"):
         return out
     for part in text.split("+"):
         key, _, value = part.partition("=")
+        if key == "tail" and value in ("0", "1"):
+            out[key] = int(value)
+            continue
         if key not in ("block", "iters", "warps") or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"variant {text!r}: give base, or block=N, iters=N, warps=N joined by +")
+            raise ValueError(f"variant {text!r}: give base, or block=N, iters=N, warps=N, tail=0 joined by +")
         out[key] = int(value)
     if "block" in out and out["block"] & (out["block"] - 1):
         raise ValueError(f"variant {text!r}: block must be a power of two")
@@ -579,7 +586,11 @@ def static_sm90(de, variants: list[tuple[str, dict]]) -> list[dict]:
                     else:
                         sig[name] = "fp32"
                 full = {n: ("constexpr" if n in consts else sig[n]) for n in kernel.arg_names}
-                src = ASTSource(kernel, full, constexprs={(kernel.arg_names.index(k),): c for k, c in consts.items()})
+                # pointers 16-byte aligned, as Triton's JIT specializes them at a launch on CUDA tensors
+                attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+                         if sig.get(n, "").startswith("*")}
+                src = ASTSource(kernel, full, constexprs={(kernel.arg_names.index(k),): c for k, c in consts.items()},
+                                attrs=attrs)
                 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                           options={"num_warps": v.get("warps", 4)})
                 with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -587,14 +598,16 @@ def static_sm90(de, variants: list[tuple[str, dict]]) -> list[dict]:
                     f.flush()
                     usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
                                            text=True).stdout
+                    sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
                 got["registers"] = int(re.search(r"REG:(\d+)", usage).group(1))
                 got["local"] = int(re.search(r"LOCAL:(\d+)", usage).group(1))
                 got["shared"] = int(compiled.metadata.shared)
+                got["loops"] = sass_loops(sass)
 
             real = de._launch
             de._launch = compile_launch
             try:
-                with variant(de, v.get("block"), v.get("iters")):
+                with variant(de, v.get("block"), v.get("iters"), v.get("tail")):
                     x = torch.zeros(4 * de.CHUNK, dtype=dtype)
                     rows = de.Rows(torch.device("cpu"), 0.05)
                     rows.add([de.Item(x, red.sample_plan(x, 1000))])
@@ -605,9 +618,34 @@ def static_sm90(de, variants: list[tuple[str, dict]]) -> list[dict]:
             warps = v.get("warps", 4)
             regs = -(-got["registers"] // 8) * 8  # allocated per thread in steps of 8
             ctas = min(65536 // (regs * 32 * warps), 64 // warps, 32, 233472 // (got["shared"] + 1024))
+            per_thread = block // (32 * warps)  # elements each thread handles per loop iteration
+            hot = [lp for lp in got.pop("loops") if lp["loads"]]  # the innermost loops that read x
+            hot = min(hot, key=lambda lp: lp["instructions"]) if hot else None
             out.append({"variant": text, "dtype": _dt(dtype), **got, "warps": warps, "ctas_per_sm": ctas,
-                        "bytes_in_flight_per_sm": ctas * block * dtype.itemsize})
+                        "bytes_in_flight_per_sm": ctas * block * dtype.itemsize,
+                        "loop_instructions_per_element": hot and hot["instructions"] / per_thread,
+                        "loop_loads": hot and hot["loads"]})
     return out
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """The loops of a kernel's SASS (``cuobjdump -sass``): each backward branch's body, its
+    instruction count and its global loads (``LDG.E.64``: 8 bytes a thread; ``LDG.E.U16``: 2)."""
+    import re
+
+    ins = []
+    for line in sass.splitlines():
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(\S.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    loops = []
+    for at, text in ins:
+        m = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < at:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= at]
+            loads = collections.Counter(re.search(r"(LDG\S*)", t).group(1) for t in body if "LDG" in t)
+            loops.append({"instructions": len(body), "loads": dict(loads)})
+    return loops
 
 
 def sweep(tr: Trace, de, variants: list[tuple[str, dict]], args, s: dict, bw: float) -> list[dict]:
@@ -619,7 +657,7 @@ def sweep(tr: Trace, de, variants: list[tuple[str, dict]], args, s: dict, bw: fl
     print("| variant | launches | programs | stats kernel (ms) | all kernels (ms) | GB/s | x floor |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for text, v in variants:
-        with variant(de, v.get("block"), v.get("iters")):
+        with variant(de, v.get("block"), v.get("iters"), v.get("tail")):
             launches = measure(tr, de, args.repeat, args.hist_sample, warps=v.get("warps"))
         total = sum(x.time_s for x in launches)
         stats = sum(x.time_s for x in launches if x.kernel == "_stats_kernel")
@@ -644,12 +682,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed runs per launch on CUDA (after one warm-up)")
     p.add_argument("--variants", default="", metavar="LIST",
                    help="on CUDA, time these engine variants too, comma-separated: base, or block=N, iters=N, "
-                        "warps=N joined by + (e.g. base,iters=16,block=1024+iters=32,warps=8)")
+                        "warps=N, tail=0 (every block masked) joined by + (e.g. base,tail=0,iters=16,warps=8)")
     p.add_argument("--sm90", action="store_true",
                    help="compile the statistics kernel of each of --variants (default: base) for sm_90 here and "
                         "print its registers, spills, resident CTAs per SM and bytes in flight (no GPU needed)")
     p.add_argument("--scaling", action="store_true", help="the scaling table over every model (counts only)")
     p.add_argument("--json", action="store_true", help="JSON instead of text")
+    p.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE (beside the text)")
     args = p.parse_args(argv)
     if args.batch < 1 or args.seq < 1 or args.repeat < 1 or args.hist_sample < 1:
         p.error("--batch, --seq, --repeat and --hist-sample must be >= 1")
@@ -675,11 +714,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(static, indent=1))
             return 0
         print("| variant | dtype | registers | spilled (bytes) | shared (bytes) | warps | CTAs per SM | "
-              "bytes in flight per SM |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|")
+              "bytes in flight per SM | hot loop: SASS instructions per element | its loads |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in static:
+            per = r["loop_instructions_per_element"]
+            loads = ", ".join(f"{k} x{n}" for k, n in (r["loop_loads"] or {}).items())
             print(f"| {r['variant']} | {r['dtype']} | {r['registers']} | {r['local']} | {r['shared']:,} | {r['warps']} "
-                  f"| {r['ctas_per_sm']} | {r['bytes_in_flight_per_sm']:,} |")
+                  f"| {r['ctas_per_sm']} | {r['bytes_in_flight_per_sm']:,} | {per:.1f} | {loads} |")
         return 0
     de = load_engine(compiled=True)  # before transformers, which may import triton
     try:
@@ -712,11 +753,14 @@ def main(argv: list[str] | None = None) -> int:
             print(report(name, desc, args, tr, launches, s, peak, measured, device_name))
         if variants:
             results[name]["variants"] = sweep(tr, de, variants, args, s, measured or peak)
+    doc = json.dumps({"batch": args.batch, "seq": args.seq, "bf16": args.bf16, "device": device_name,
+                      "nominal_peak_Bps": peak, "stream_read_Bps": measured, "sms": SMS, "ctas_per_sm": CTAS_PER_SM,
+                      "compiled_constants": not _interpreted(), "models": results}, indent=1)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(doc + "\n")
     if args.json:
-        print(json.dumps({"batch": args.batch, "seq": args.seq, "bf16": args.bf16, "device": device_name,
-                          "nominal_peak_Bps": peak, "stream_read_Bps": measured, "sms": SMS,
-                          "ctas_per_sm": CTAS_PER_SM, "compiled_constants": not _interpreted(),
-                          "models": results}, indent=1))
+        print(doc)
     elif args.scaling:
         print(scaling_table(rows, args))
     return 0

@@ -128,7 +128,8 @@ def test_measure_runs_every_launch_and_times_it():
 def test_variants_parse_and_bad_input_exits_2(capsys):
     assert roofline.parse_variant("base") == {}
     assert roofline.parse_variant("iters=16+warps=8") == {"iters": 16, "warps": 8}
-    for bad in ("iters=0", "block=100", "warp=8", "iters=x"):
+    assert roofline.parse_variant("tail=0") == {"tail": 0}
+    for bad in ("iters=0", "block=100", "warp=8", "iters=x", "tail=2"):
         with pytest.raises(ValueError):
             roofline.parse_variant(bad)
     for argv in (["--model", "gpt5"], ["--batch", "0"], ["--device", "tpu"], ["--variants", "iters=16"]):
