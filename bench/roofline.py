@@ -57,9 +57,9 @@ import torch  # noqa: E402
 PEAK = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12,
         "A100": 1.555e12}
 SCALING_AT = (("H100 SXM", 3.35e12), ("H200", 4.8e12))
-#: Hopper's streaming multiprocessors (H100 SXM and H200), and the stats kernel's CTAs per SM at
-#: 72 registers x 128 threads (tests/compile_sm90.py): 65,536 // (72 * 128) = 7.
-SMS, CTAS_PER_SM = 132, 7
+#: Hopper's streaming multiprocessors (H100 SXM and H200), and the stats kernel's resident CTAs per SM
+#: at 76-80 registers x 128 threads (``--sm90``): 65,536 // (80 * 128) = 6.
+SMS, CTAS_PER_SM = 132, 6
 
 
 def _models() -> dict:
@@ -287,6 +287,7 @@ def replay(tr: Trace, de, device: torch.device, hist_k: int = 65535, update_k: i
            rec: _Recorder | None = None) -> list[Launch]:
     """The launches of one sampled step of ``tr``, in the order capture/ makes them (see the module's
     docstring); on CUDA each one runs (``rec.run``). Returns the recorder's launches."""
+    from probes import engines
     from probes.capture import activations
     from probes.engines import batch as batch_mod
 
@@ -297,6 +298,8 @@ def replay(tr: Trace, de, device: torch.device, hist_k: int = 65535, update_k: i
     os.environ["XRAY_TUI_ENGINE"] = "device"  # the device engine for these tensors (meta or CUDA)
     real_copy = batch_mod._to_host_async
     batch_mod._to_host_async = lambda t: (t, None)  # the rows stay where they are: nothing reads them here
+    fell: list[str] = []
+    remove = engines.on_fallback(lambda device_type, why: fell.append(why))  # torch's ops would count nothing
     try:
         with rec.installed():
             b = batch_mod.Batch(eps, hist_k, np.random.default_rng(0))
@@ -337,11 +340,14 @@ def replay(tr: Trace, de, device: torch.device, hist_k: int = 65535, update_k: i
             b.start_copy()
             del params, flats
     finally:
+        remove()
         batch_mod._to_host_async = real_copy
         if old_env is None:
             os.environ.pop("XRAY_TUI_ENGINE", None)
         else:
             os.environ["XRAY_TUI_ENGINE"] = old_env
+    if fell:
+        raise RuntimeError(f"the device engine fell back to torch's ops on {device.type}: {fell[0]}")
     return rec.launches
 
 
@@ -742,10 +748,14 @@ def main(argv: list[str] | None = None) -> int:
         desc, make = models[name]
         config, cls = make()
         tr = trace(config, cls, args.batch, args.seq, args.bf16)
-        if device.type == "cuda" and not args.scaling:
-            launches = measure(tr, de, args.repeat, args.hist_sample)
-        else:
-            launches = replay(tr, de, torch.device("meta"), args.hist_sample)
+        try:
+            if device.type == "cuda" and not args.scaling:
+                launches = measure(tr, de, args.repeat, args.hist_sample)
+            else:
+                launches = replay(tr, de, torch.device("meta"), args.hist_sample)
+        except RuntimeError as exc:  # the engine fell back: its launches cannot be counted or timed
+            print(f"roofline: {name}: {exc}", file=sys.stderr)
+            return 1
         s = summary(tr, launches)
         rows.append((desc, tr, s))
         results[name] = {"model": desc, "summary": s, "launches": [dataclasses.asdict(x) for x in launches]}
