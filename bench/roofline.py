@@ -30,6 +30,7 @@ How the figures are made, with nothing large allocated:
     python bench/roofline.py                        # GPT-2 small, bf16, 16 x 1024: the launch table
     python bench/roofline.py --scaling              # small, medium, LLaMA-style 1B at an H100's and H200's bandwidth
     python bench/roofline.py --model llama-1b --json
+    python bench/roofline.py --config path/to/config.json --batch 8 --seq 2048   # your own model
     python bench/roofline.py --device cuda --repeat 5   # on a GPU: achieved GB/s per launch and in all
 """
 
@@ -680,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     models = None
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt2-small", help="gpt2-small, gpt2-medium or llama-1b")
+    p.add_argument("--config", metavar="FILE",
+                   help="a causal LM's config.json (or its folder) instead of --model: your own model's figures "
+                        "(built from the config with AutoModelForCausalLM.from_config; nothing is downloaded)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 (no bf16 autocast)")
@@ -733,6 +737,21 @@ def main(argv: list[str] | None = None) -> int:
         models = _models()
     except ImportError as exc:
         p.error(f"transformers is needed to build the models: {exc}")
+    if args.config:
+        if args.scaling:
+            p.error("--config: give it without --scaling")
+        if not os.path.exists(args.config):
+            p.error(f"--config {args.config}: no such file or folder")
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            config = AutoConfig.from_pretrained(args.config, local_files_only=True)
+            AutoModelForCausalLM._model_mapping[type(config)]  # noqa: B018  (a causal LM, or KeyError)
+        except Exception as exc:  # noqa: BLE001  (a missing file, bad JSON, an unknown model type)
+            p.error(f"--config {args.config}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        models = {"config": (f"{type(config).__name__} from {args.config}",
+                             lambda: (config, AutoModelForCausalLM.from_config))}
+        args.model = "config"
     names = list(models) if args.scaling else [args.model]
     unknown = [n for n in names if n not in models]
     if unknown:
@@ -747,7 +766,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         desc, make = models[name]
         config, cls = make()
-        tr = trace(config, cls, args.batch, args.seq, args.bf16)
+        try:
+            tr = trace(config, cls, args.batch, args.seq, args.bf16)
+        except Exception as exc:  # noqa: BLE001  (a config that does not train at this batch x seq: one line)
+            why = str(exc).splitlines()[0] if str(exc) else ""
+            p.error(f"{name}: a training step at batch {args.batch} x {args.seq} failed: {type(exc).__name__}: {why}")
         try:
             if device.type == "cuda" and not args.scaling:
                 launches = measure(tr, de, args.repeat, args.hist_sample)

@@ -132,8 +132,32 @@ def test_variants_parse_and_bad_input_exits_2(capsys):
     for bad in ("iters=0", "block=100", "warp=8", "iters=x", "tail=2"):
         with pytest.raises(ValueError):
             roofline.parse_variant(bad)
-    for argv in (["--model", "gpt5"], ["--batch", "0"], ["--device", "tpu"], ["--variants", "iters=16"]):
+    for argv in (["--model", "gpt5"], ["--batch", "0"], ["--device", "tpu"], ["--variants", "iters=16"],
+                 ["--config", "/no/such/config.json"]):
         with pytest.raises(SystemExit) as e:
             roofline.main(argv)
         assert e.value.code == 2
         assert "error:" in capsys.readouterr().err
+
+
+def test_a_config_file_gives_that_models_figures(tmp_path, capsys, monkeypatch):
+    """``--config``: a user's own causal LM from its config.json (a tiny LLaMA here), counted like the
+    built-in ones; a config that cannot train at the batch x seq asked is one line and exit 2."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=100, max_position_embeddings=64).save_pretrained(tmp_path)
+    assert roofline.main(["--config", str(tmp_path / "config.json"), "--batch", "2", "--seq", "8", "--json"]) == 0
+    import json
+
+    got = json.loads(capsys.readouterr().out)["models"]["config"]["summary"]
+    # 10 per block (norms, q k v o, gate up down, the SiLU), the block, the embeddings, the final norm, lm_head
+    assert got["tensors"]["activations"] == 11 + 3 and got["launches"]["_units_kernel"] == 1
+    monkeypatch.setattr(roofline, "trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("size mismatch")))
+    with pytest.raises(SystemExit) as e:
+        roofline.main(["--config", str(tmp_path / "config.json"), "--batch", "1", "--seq", "8"])
+    assert e.value.code == 2 and "failed: RuntimeError: size mismatch" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')  # not a causal LM
+    with pytest.raises(SystemExit) as e:
+        roofline.main(["--config", str(tmp_path / "config.json")])
+    assert e.value.code == 2 and "KeyError" in capsys.readouterr().err
