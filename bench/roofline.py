@@ -61,6 +61,8 @@ SCALING_AT = (("H100 SXM", 3.35e12), ("H200", 4.8e12))
 #: Hopper's streaming multiprocessors (H100 SXM and H200), and the stats kernel's resident CTAs per SM
 #: at 76-80 registers x 128 threads (``--sm90``): 65,536 // (80 * 128) = 6.
 SMS, CTAS_PER_SM = 132, 6
+#: GPU clock cycles of ``torch.cuda._sleep`` queued before each timed launch (~0.1 ms at ~2 GHz).
+_SLEEP_CYCLES = 200_000
 
 
 def _models() -> dict:
@@ -231,6 +233,9 @@ class _Recorder:
                 rec.events.append((len(rec.launches) - 1, t0, time.perf_counter()))
                 return
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            # keep the GPU busy while the host enqueues: the events then time the kernel, not the
+            # host's launch path (tens of microseconds, as long as a small launch's kernel)
+            torch.cuda._sleep(_SLEEP_CYCLES)
             start.record()
             real_launch(kernel, grid, *args, **kwargs)
             end.record()
@@ -415,6 +420,7 @@ def stream_read(device: torch.device, nbytes: int = 2 << 30) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     ts = []
     for _ in range(5):
+        torch.cuda._sleep(_SLEEP_CYCLES)
         start.record()
         x.sum()
         end.record()
