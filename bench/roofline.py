@@ -489,8 +489,8 @@ def launch_table(launches: list[Launch], peak: float | None) -> str:
     lines = [head, rule]
     for i, launch in enumerate(launches):
         waves = launch.programs / (SMS * CTAS_PER_SM)
-        line = (f"| {i} | {launch.kernel} | {launch.phase} | {launch.tensors} | {launch.dtypes} | {launch.elements:,} | "
-                f"{_mb(launch.nbytes)} | {launch.programs:,} | {waves:.2f} |")
+        line = (f"| {i} | {launch.kernel} | {launch.phase} | {launch.tensors} | {launch.dtypes} | "
+                f"{launch.elements:,} | {_mb(launch.nbytes)} | {launch.programs:,} | {waves:.2f} |")
         if timed:
             g = launch.gbps()
             line += (f" {launch.time_s * 1e6:,.1f} | {g:,.0f} | {g * 1e9 / peak:.0%} |" if g and peak

@@ -137,6 +137,24 @@ def test_unmasked_full_blocks_give_the_masked_loops_rows(shapes, monkeypatch):
                 assert same(a, b, rel=0), (names[i], col, a, b)
 
 
+def test_a_nan_alone_sends_its_chunk_to_float64(shapes):
+    """The kernel learns that a chunk held a NaN or an inf from its float32 sum of x - c (NaN or inf
+    then), not from a flag per element: a NaN with no inf and no large value beside it, in a full
+    window and in a partial tail, is counted and min/max skip it, as numpy's ground truth says."""
+    g = torch.Generator().manual_seed(3)
+    xs = []
+    for n, at in ((3000, [5]), (3000, [2999]), (700, [0, 699])):
+        x = torch.randn(n, generator=g)
+        x[at] = math.nan
+        xs += [x, x.bfloat16()]
+    rows, _, _ = engine_rows(xs, k=100)
+    for i, x in enumerate(xs):
+        want = numpy_row(x)
+        for col in ("count", "nan", "posinf", "neginf", "min", "max", "near_zero", "zeros"):
+            assert same(rows[i, layout.COL[col]], want[col]), (i, col, rows[i, layout.COL[col]], want[col])
+        assert not math.isfinite(rows[i, layout.COL["sum"]])
+
+
 @pytest.mark.parametrize("name", ["normal", "nonfinite", "zeros-and-eps-edges", "transposed", "float16", "bfloat16",
                                   "float64", "empty", "tiny", "huge"])
 def test_histograms_identical_across_engines(name, monkeypatch, cpu_kernel_lib):

@@ -226,7 +226,8 @@ class Rows:
 
     def _launch_stats(self, group: list[tuple[int, Item, tuple]]) -> None:
         ws = self.ws
-        consts = dict(BLOCK=BLOCK, ITERS=ITERS, FLUSH=FLUSH, SPLIT=SPLIT, HBLOCK=HBLOCK, SHIFT=ws.shift, NCODES=ws.ncodes, HW=HW, NP=NP, TW=TW)
+        consts = dict(BLOCK=BLOCK, ITERS=ITERS, FLUSH=FLUSH, SPLIT=SPLIT, HBLOCK=HBLOCK, SHIFT=ws.shift,
+                      NCODES=ws.ncodes, HW=HW, NP=NP, TW=TW)
         group = [g for g in group if g[1].n]
         if not group:
             return
