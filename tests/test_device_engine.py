@@ -155,6 +155,19 @@ def test_a_nan_alone_sends_its_chunk_to_float64(shapes):
         assert not math.isfinite(rows[i, layout.COL["sum"]])
 
 
+def test_only_large_or_tiny_negative_values_take_float64(shapes):
+    """The largest |x| comes from the chunk's min and max (max(max, -min)), not from a running |x|
+    max per element: chunks of negative values only, too large or too small for float32's powers,
+    still take float64, and their power sums match numpy."""
+    g = torch.Generator().manual_seed(4)
+    xs = [-(torch.randn(3000, generator=g).abs() + 1) * 1e30, -(torch.randn(3000, generator=g).abs() + 1) * 1e-12]
+    rows, _, _ = engine_rows(xs, k=100)
+    for i, x in enumerate(xs):
+        want = numpy_row(x)
+        for col in ("sumsq", "sum4"):
+            assert abs(rows[i, layout.COL[col]] - want[col]) <= bound(col, x), (i, col)
+
+
 @pytest.mark.parametrize("name", ["normal", "nonfinite", "zeros-and-eps-edges", "transposed", "float16", "bfloat16",
                                   "float64", "empty", "tiny", "huge"])
 def test_histograms_identical_across_engines(name, monkeypatch, cpu_kernel_lib):
