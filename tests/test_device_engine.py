@@ -122,8 +122,8 @@ def test_unmasked_full_blocks_give_the_masked_loops_rows(shapes, monkeypatch):
     the rows and histograms are those of the loop that masks every block (``SPLIT = False``), bit for
     bit in the interpreter (the same float32 operations in the same order), within the error bound
     compiled. Several windows per chunk, partial tails, non-finite chunks and strided views."""
-    names = ["nonfinite", "huge", "tiny", "transposed", "bfloat16"]
-    xs = [TENSORS[n] for n in names]
+    names = ["nonfinite", "huge", "tiny", "transposed", "bfloat16", "eps-edges x 400"]
+    xs = [TENSORS[n] for n in names[:-1]] + [TENSORS["zeros-and-eps-edges"].repeat(400)]  # edges in full windows
     split, split_h, _ = engine_rows(xs, k=1000)
     monkeypatch.setattr(de, "SPLIT", False)
     masked, masked_h, _ = engine_rows(xs, k=1000)
@@ -135,6 +135,9 @@ def test_unmasked_full_blocks_give_the_masked_loops_rows(shapes, monkeypatch):
                 assert abs(a - b) <= 2 * bound(col, x), (names[i], col, a, b)
             else:
                 assert same(a, b, rel=0), (names[i], col, a, b)
+    want = numpy_row(xs[-1])
+    for col in ("near_zero", "zeros", "min", "max"):
+        assert split[-1, layout.COL[col]] == want[col], col
 
 
 def test_a_nan_alone_sends_its_chunk_to_float64(shapes):
