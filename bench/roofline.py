@@ -59,8 +59,8 @@ PEAK = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12
         "A100": 1.555e12}
 SCALING_AT = (("H100 SXM", 3.35e12), ("H200", 4.8e12))
 #: Hopper's streaming multiprocessors (H100 SXM and H200), and the stats kernel's resident CTAs per SM
-#: at 64-68 registers x 128 threads (``--sm90``): 8 for bf16, 65,536 // (72 * 128) = 7 for float32.
-SMS, CTAS_PER_SM = 132, 7
+#: at 64 registers x 128 threads (``--sm90``): 65,536 // (64 * 128) = 8.
+SMS, CTAS_PER_SM = 132, 8
 #: GPU clock cycles of ``torch.cuda._sleep`` queued before each timed launch (~0.1 ms at ~2 GHz).
 _SLEEP_CYCLES = 200_000
 
