@@ -52,7 +52,7 @@ step() {
 }
 
 # the variants: base is the engine as committed; tail=0 puts the mask back on every block of the loop
-# (the kernel before the unmasked full blocks); iters/block/warps resize the programs
+# (scalar loads again; the flag-free checks and float counts stay); iters/block/warps resize the programs
 # (bench/roofline.py --sm90 gives each one's registers and resident CTAs without a GPU)
 VARIANTS=${VARIANTS:-base,tail=0,iters=16,iters=8,warps=8,block=1024+warps=8}
 step roofline "${ROOF_S:-150}" python3 bench/roofline.py --device cuda --repeat 3 --variants "$VARIANTS" \
