@@ -219,7 +219,7 @@ def _stream(n_steps, n=6, seed=0, jump_at=None, jump=20.0, rms_at=None, lr=1e-3)
             ratio = ratio * jump
             values["lr"] = lr * jump
         if rms_at is not None and step == rms_at:
-            rms = rms * 4
+            rms = rms * 6
         yield wire.Scalars(step, 0, float(step), values, False, rms.astype("<f4").tobytes(),
                            ratio.astype("<f4").tobytes())
 

@@ -4,7 +4,7 @@ Judged over each step's :class:`~probes.protocol.wire.Scalars` that carry
 the tier's arrays (probes/capture/signals.py): per trainable weight, Adam's
 RMS_t = sqrt(mean(g^2 / v_hat)) and the update ratio ||dW||/||W||, and the
 global gradient norm (before clipping when the loop clips, else estimated
-from the subsets). It warns on the first step at which any of these holds:
+from the subsets). It warns on the first step at which either holds:
 
 - **updates surge**: the median tensor's update ratio is ``instability_update``
   times its own recent median (the lr jumped, or Adam's step grew: every
@@ -13,14 +13,20 @@ from the subsets). It warns on the first step at which any of these holds:
   ``instability_rms`` and ``instability_rms_factor`` times its own recent
   median (in a healthy run g^2 and v_hat agree, RMS_t ~ 1; StableAdamW
   clips the lr once it passes 1; Wortsman et al. 2023 see it rise one to
-  eight steps before a spike);
-- **the gradient norm surges**: ``instability_grad`` times its recent median.
+  eight steps before a spike).
 
-The bands were set on healthy runs (docs/alerts.md, "The early-warning
-tier"): after its first ``instability_min_history`` steps a healthy GPT-2
-run's median update factor stays under 1.9, its median RMS_t under 1.9 and
-its gradient-norm factor under 2.2. Every value joins the history, so a
-lasting change (a new lr held for good) becomes the new normal within half
+The global gradient norm (before clipping when the loop clips) is quoted
+when it stands 2x or more above its recent median, but never warns alone:
+the field sees the gradient norm jump *after* the updates do, and a
+healthy fine-tune leaving a plateau grows it 9x (the BERT classifier of
+tests/practitioner_runs.py).
+
+The bands were set on healthy runs of four families (docs/alerts.md, "The
+early-warning tier"): after their first ``instability_min_history`` steps
+the median update factor stayed at most 2.1 (BERT through the Trainer) and
+the median RMS_t at most 3.6 (GPT-2 through the Trainer, 6.5x its own
+median as its gradients grew back after a fall). Every value joins the
+history, so a lasting change (a new lr held for good) becomes the new normal within half
 a window and the warning recovers; it names the tensors that moved first
 and what to do.
 """
@@ -133,13 +139,11 @@ class Instability:
                            "than Adam's second moment follows")
             if not math.isfinite(value):
                 value, threshold = rms_now, c.instability_rms
-        if g_up >= c.instability_grad:
-            pre = "before clipping " if "grad_norm_preclip" in msg.values else ""
-            reasons.append(f"the gradient norm {pre}is {grad:.3g}, {g_up:.1f}x its recent median")
-            if not math.isfinite(value):
-                value, threshold = g_up, c.instability_grad
         if not reasons:
             return None
+        if math.isfinite(g_up) and g_up >= 2:  # after the updates, not before: a supporting figure only
+            pre = "before clipping " if "grad_norm_preclip" in msg.values else ""
+            reasons.append(f"the gradient norm {pre}is {grad:.3g}, {g_up:.1f}x its recent median")
         first = sorted(st.crossed, key=lambda i: (st.crossed[i], -np.nan_to_num(own[i])))[:3]
         movers = ", ".join(f"{names[i]} {own[i]:.0f}x" for i in first if np.isfinite(own[i]))
         return (float(value), float(threshold),
