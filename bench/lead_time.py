@@ -9,6 +9,8 @@ judges the recordings with the rules (``RuleEngine``, the defaults):
 - ``lr-high``: the same model at lr 2e-2 from step 0, no warm-up;
 - ``lr-jump``: healthy until step 300, then the lr x20 (a schedule bug, a resumed run's lost state);
 - ``lr-ramp``: healthy until step 200, then the lr grows 3% a step (a schedule bug);
+- ``lost-state``: healthy, and at step 300 the optimizer's state cleared (a run resumed without it:
+  Adam's first steps move every weight by about the lr);
 - ``bad-batch``: healthy, and at step 300 one batch of random tokens (a corrupted shard);
 - ``early-bad-batch``: the bad batch at step 40, while the loss still falls fast;
 - ``lr-jump-clipped``: the lr jump with clip_grad_norm_(1.0), as most recipes clip.
@@ -34,7 +36,8 @@ import time
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCENARIOS = ("healthy", "lr-high", "lr-jump", "lr-ramp", "bad-batch", "early-bad-batch", "lr-jump-clipped")
+SCENARIOS = ("healthy", "lr-high", "lr-jump", "lr-ramp", "lost-state", "bad-batch", "early-bad-batch",
+             "lr-jump-clipped")
 #: a spike: the loss above this many times the median of the WINDOW steps before it
 SPIKE, WINDOW = 1.5, 16
 
@@ -63,6 +66,8 @@ def plan(name: str):
             (1.0 if name == "lr-jump-clipped" else None)
     if name == "lr-ramp":
         return 400, lambda i: 1e-3 * min(1.0, (i + 1) / 100) * 1.03 ** max(0, i - 200), lambda i: False, None
+    if name == "lost-state":
+        return 400, lambda i: 1e-3 * min(1.0, (i + 1) / 100), lambda i: False, None
     if name in ("bad-batch", "early-bad-batch"):
         at = 300 if name == "bad-batch" else 40
         return 400 if name == "bad-batch" else 120, lambda i: 1e-3 * min(1.0, (i + 1) / 100), lambda i: i == at, None
@@ -88,6 +93,8 @@ def record(name: str, out: str, every: int = 10) -> str:
         for i in range(steps):
             for group in opt.param_groups:
                 group["lr"] = lr(i)
+            if name == "lost-state" and i == 300:
+                opt.state.clear()
             x = data.batch(16)
             if corrupt(i):
                 x = torch.randint(len(data.chars), x.shape, generator=torch.Generator().manual_seed(i))

@@ -11,6 +11,7 @@ import functools
 import math
 
 import numpy as np
+import msgspec
 import pytest
 
 from probes.protocol import wire
@@ -50,17 +51,28 @@ def test_healthy_corpus_raises_no_warning(name):
 
 @pytest.mark.slow
 def test_clipped_bert_fine_tune_is_judged_as_clipped():
-    """The issue's false alarm: without the clip fact the same recording fires `exploding` on the
+    """The issue's false alarm: without the clip facts the same recording fires `exploding` on the
     attention's query/key gradients as they leave their plateau (80x, at 1% of the clipped norm),
-    and advises clipping that is on; with it (the HF callback's clip Note), nothing fires."""
+    and advises clipping that is on; with them (the HF callback's clip Note, and the every-step
+    ``clip`` scalar the probe reads from the Trainer's own clipping), nothing fires."""
     msgs = recorded("bert")
     assert any(isinstance(m, wire.Note) and m.event == "clip" and m.data["max_norm"] == 1.0 for m in msgs)
+    scalars = [m for m in msgs if isinstance(m, wire.Scalars)]
+    assert scalars[5].values["clip"] == 1.0 and scalars[5].values["grad_norm_preclip"] > 0
     with_note = rejudge(msgs)
-    without = rejudge([m for m in msgs if not (isinstance(m, wire.Note) and m.event == "clip")])
+    without = rejudge([_unclipped(m) for m in msgs if not (isinstance(m, wire.Note) and m.event == "clip")])
     assert [a for a in with_note if a.rule == "exploding"] == []
     fired = [a for a in without if a.rule == "exploding"]
     assert fired and all(a.kind == "grad" and "attention.self" in a.layer for a in fired)
     assert "clip gradients" in fired[0].message
+
+
+def _unclipped(m):
+    """``m`` as a probe that knew nothing of the clipping would have sent it."""
+    if not isinstance(m, wire.Scalars):
+        return m
+    values = {k: v for k, v in m.values.items() if k not in ("clip", "grad_norm_preclip")}
+    return msgspec.structs.replace(m, values=values)
 
 
 def rejudge(msgs) -> list:

@@ -23,6 +23,7 @@ RMS, update ratio and the global gradient-norm estimate
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -70,6 +71,8 @@ class StepSignals:
         self._bc: np.ndarray | None = None
         #: each tensor's Adam step count (steps with a gradient), for the bias correction
         self._t = np.full(len(self._params), float(start_step))
+        # a weak reference to each tensor's exp_avg_sq as last seen, to tell a new state (an id could be reused)
+        self._moments: list = [None] * len(self._params)
 
     # -- the two halves of a step ----------------------------------------
 
@@ -127,7 +130,6 @@ class StepSignals:
                               for p in self._params))
         if self._fast:
             self._table = cpu_kernel.subset_table(self._params, self._indices)
-            self._checked: set[int] = set()  # second moments already seen to be contiguous float32
 
     def _begin(self) -> None:
         if self._fast is None:
@@ -152,6 +154,8 @@ class StepSignals:
                 g = w if g is None else local(g)
                 v = w if v is None else local(v)
             else:
+                if self._moments[i] is None or self._moments[i]() is not v:
+                    self._new_state(i, st, v)
                 g, v = local(g), local(v)
             grads.append(g)
             moments.append(v)
@@ -173,7 +177,7 @@ class StepSignals:
     def _fast_before(self):
         """The first half on contiguous float32 CPU tensors: one C call, no torch op (None: a
         gradient or moment is not such a tensor this step, and torch's ops take it)."""
-        state, f32, checked = self.optimizer.state, torch.float32, self._checked
+        state, f32 = self.optimizer.state, torch.float32
         gp, vp, no_grad, no_moment = [], [], [], []
         for i, p in enumerate(self._params):
             g = p.grad
@@ -187,15 +191,28 @@ class StepSignals:
             if v is None:
                 no_moment.append(i)
                 v = p
-            elif id(v) not in checked:
-                if v.dtype is not f32 or not v.is_contiguous() or v.device.type != "cpu":
-                    return None
-                checked.add(id(v))
+            else:
+                seen = self._moments[i]
+                if seen is None or seen() is not v:
+                    if v.dtype is not f32 or not v.is_contiguous() or v.device.type != "cpu":
+                        return None
+                    self._new_state(i, st, v)
             gp.append(g.data_ptr())
             vp.append(v.data_ptr())
         self._mark(no_grad, no_moment)
         return cpu_kernel.signals_before(self._params, np.array(gp, dtype=np.uint64), np.array(vp, dtype=np.uint64),
                                          self._table, self._beta2, EPS2)
+
+    def _new_state(self, i: int, st: dict, v) -> None:
+        """Tensor ``i`` has a second moment the tier has not seen: its first, or a new state (the
+        optimizer's state cleared, or loaded from a checkpoint), whose step count restarts or is
+        the checkpoint's. Read once then (a CPU step count; a device one is not read, and the
+        tier's own count goes on)."""
+        if self._moments[i] is not None:
+            step = st.get("step")
+            if isinstance(step, torch.Tensor) and step.device.type == "cpu" or isinstance(step, (int, float)):
+                self._t[i] = float(step)
+        self._moments[i] = weakref.ref(v)
 
     def _mark(self, no_grad: list, no_moment: list) -> None:
         """This step's tensors without a gradient or second moment, and the bias correction."""
