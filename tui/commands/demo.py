@@ -81,7 +81,8 @@ def _demo_app(args) -> int:
     """The trainer in a child process, the app in this one; `q` stops both."""
     logf = tempfile.NamedTemporaryFile(prefix="xray-demo-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "probes.demo", "--steps", str(args.steps), "--every", str(args.every),
-           "--fault", args.fault, "--fault-step", str(args.fault_step), "--name", args.name]
+           "--fault", args.fault, "--fault-step", str(args.fault_step), "--name", args.name,
+           "--parent", str(os.getpid())]  # it stops when this process is gone, however it went
     if args.log:
         cmd += ["--log", args.log]
     env = dict(os.environ)
