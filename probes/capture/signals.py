@@ -73,6 +73,8 @@ class StepSignals:
         self._t = np.full(len(self._params), float(start_step))
         # a weak reference to each tensor's exp_avg_sq as last seen, to tell a new state (an id could be reused)
         self._moments: list = [None] * len(self._params)
+        self._state_of: list | None = None  # the optimizer's state dict of each parameter, cached...
+        self._state_key: tuple = ()  # ...while the optimizer's state is this object of this size
 
     # -- the two halves of a step ----------------------------------------
 
@@ -178,10 +180,16 @@ class StepSignals:
         """The first half on contiguous float32 CPU tensors: one C call, no torch op (None: a
         gradient or moment is not such a tensor this step, and torch's ops take it)."""
         state, f32 = self.optimizer.state, torch.float32
+        # each parameter's state dict, looked up once while the optimizer keeps them (hashing a
+        # tensor is a Python call: 52 lookups a step cost more than the C kernel's pass)
+        if self._state_of is None or self._state_key != (id(state), len(state)):
+            self._state_of = [state.get(p) for p in self._params]
+            self._state_key = (id(state), len(state))
+        states = self._state_of
         gp, vp, no_grad, no_moment = [], [], [], []
         for i, p in enumerate(self._params):
             g = p.grad
-            st = state.get(p)
+            st = states[i]
             v = st.get("exp_avg_sq") if st else None
             if g is None:
                 no_grad.append(i)

@@ -34,6 +34,7 @@ and what to do.
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from collections import deque
 
@@ -74,8 +75,8 @@ class Instability:
     def __init__(self, engine) -> None:
         self.engine = engine
         self._ranks: dict[int, _Rank] = {}
-        #: each rank's latest per-tensor factors (name -> factor), for loss-spike's "first movers"
-        self.factors: dict[int, list[tuple[float, str, str]]] = {}
+        # each rank's latest per-tensor factors (rise, whether the update's, names), for movers()
+        self._latest: dict[int, tuple] = {}
 
     def evaluate(self, msg: Scalars) -> list[Alert]:
         """The alert that fires or recovers at this step, if any."""
@@ -120,8 +121,7 @@ class Instability:
         g_up = grad / base_grad if math.isfinite(grad) and base_grad > 0 else math.nan
         # each tensor's own rise, for the names: the larger of its update and RMS factors
         own = np.fmax(f_ratio, f_rms)
-        self.factors[msg.rank] = sorted(((float(f), names[i], "update" if f_ratio[i] >= f_rms[i] else "rms")
-                                         for i, f in enumerate(own) if np.isfinite(f) and f > 1.5), reverse=True)
+        self._latest[msg.rank] = (own, f_ratio >= f_rms, names)
         for i in np.flatnonzero(np.nan_to_num(own) >= min(c.instability_update, c.instability_rms_factor)):
             st.crossed.setdefault(int(i), msg.step)
         st.crossed = {i: s for i, s in st.crossed.items() if msg.step - s < LOOKBACK}
@@ -161,13 +161,20 @@ class Instability:
     def movers(self, rank: int, top: int = 3) -> str:
         """The tensors whose update ratio or Adam RMS stood furthest above their own recent
         median at the latest step, e.g. ``h.0.attn.c_attn.weight update 20x``; "" when none."""
-        return ", ".join(f"{name} {what} {f:.0f}x" for f, name, what in self.factors.get(rank, [])[:top])
+        latest = self._latest.get(rank)
+        if latest is None:
+            return ""
+        own, by_update, names = latest
+        moved = sorted(((float(f), names[i], "update" if by_update[i] else "rms")
+                        for i, f in enumerate(own.tolist()) if f > 1.5), reverse=True)  # NaN > 1.5 is False
+        return ", ".join(f"{name} {what} {f:.0f}x" for f, name, what in moved[:top])
 
 
 def _median(values) -> float:
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    return float(np.median(v)) if len(v) else math.nan
+    """The median of the finite values (NaN for none): a sort of a few dozen floats, where
+    ``np.median``'s own overhead was most of the rule's time."""
+    v = [x for x in (values.tolist() if isinstance(values, np.ndarray) else values) if math.isfinite(x)]
+    return statistics.median(v) if v else math.nan
 
 
 def _nanmedian(ring: np.ndarray) -> np.ndarray:
