@@ -302,8 +302,8 @@ def replay(tr: Trace, de, device: torch.device, hist_k: int = 65535, update_k: i
         raise ValueError("CPU tensors run only in Triton's interpreter (TRITON_INTERPRET=1)")
     old_env = os.environ.get("XRAY_TUI_ENGINE")
     os.environ["XRAY_TUI_ENGINE"] = "device"  # the device engine for these tensors (meta or CUDA)
-    real_copy = batch_mod._to_host_async
-    batch_mod._to_host_async = lambda t: (t, None)  # the rows stay where they are: nothing reads them here
+    real_copy = batch_mod.to_host_async
+    batch_mod.to_host_async = lambda t: (t, None)  # the rows stay where they are: nothing reads them here
     fell: list[str] = []
     remove = engines.on_fallback(lambda device_type, why: fell.append(why))  # torch's ops would count nothing
     try:
@@ -347,7 +347,7 @@ def replay(tr: Trace, de, device: torch.device, hist_k: int = 65535, update_k: i
             del params, flats
     finally:
         remove()
-        batch_mod._to_host_async = real_copy
+        batch_mod.to_host_async = real_copy
         if old_env is None:
             os.environ.pop("XRAY_TUI_ENGINE", None)
         else:
