@@ -74,6 +74,10 @@ def classify_debugger_output(pid: int, debugger: str, rc: int, output: str) -> s
             and "XRAY-TUI: ATTACHED" not in output:
         return (f"ptrace of pid {pid} refused: check kernel.yama.ptrace_scope (0 allows tracing your own "
                 "processes) and that xray-tui has CAP_SYS_PTRACE (inside a container: --cap-add=SYS_PTRACE)")
+    if "Couldn't write extended state status" in output:  # gdb's PTRACE_SETREGSET of the FPU state failed
+        return (f"{debugger} attached to pid {pid} but cannot call a function in it: this kernel refuses its "
+                "register writes (\"Couldn't write extended state status\", as some virtual machines do); "
+                "attach the probe in the script instead (probes.attach)")
     # the debuggers echo the commands, so only their own "unknown symbol" errors say that it is not CPython
     if re.search(r"No symbol \"Py\w+\" in current context|undeclared identifier '_*Py\w+'", output):
         return (f"pid {pid}: {debugger} found no CPython runtime to call (Py_AddPendingCall); "
