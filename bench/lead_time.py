@@ -125,18 +125,7 @@ def judge(path: str) -> dict:
     from probes.rules import RuleEngine
 
     msgs, _ = wire.read_file(path)
-    rules = RuleEngine()
-    alerts = []
-    for m in msgs:
-        if isinstance(m, wire.Hello):
-            rules.set_hello(m)
-        elif isinstance(m, wire.Note):
-            rules.note(m)
-        elif isinstance(m, wire.Step):
-            alerts += rules.evaluate(m)
-        elif isinstance(m, wire.Scalars):
-            alerts += rules.evaluate_scalars(m)
-    warned = [a for a in alerts if a.severity != "info"]
+    warned = [a for a in RuleEngine().judge(msgs) if a.severity != "info"]
     with open(path + ".losses.json") as f:
         losses = json.load(f)
     spike = spike_step(losses)

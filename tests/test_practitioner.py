@@ -77,17 +77,7 @@ def _unclipped(m):
 
 def rejudge(msgs) -> list:
     """The warnings the rules raise over ``msgs`` again (as headless --rules does)."""
-    eng, out = RuleEngine(), []
-    for m in msgs:
-        if isinstance(m, wire.Hello):
-            eng.set_hello(m)
-        elif isinstance(m, wire.Note):
-            eng.note(m)
-        elif isinstance(m, wire.Scalars):
-            out += eng.evaluate_scalars(m)
-        elif isinstance(m, wire.Step):
-            out += eng.evaluate(m)
-    return [a for a in out if a.severity != "info"]
+    return [a for a in RuleEngine().judge(msgs) if a.severity != "info"]
 
 
 # -- each failure, caught by step 30 with its cause -----------------------------------

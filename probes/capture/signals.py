@@ -62,6 +62,7 @@ class StepSignals:
         self.on = bool(self._params) and optimizer is not None
         #: each tensor's Adam beta2 (its param group's; 0.999 where it has none)
         self._beta2 = _beta2_of(optimizer, self._params) if self.on else np.zeros(0)
+        self._beta2_elements: torch.Tensor | None = None  # torch's path with several betas: per element
         self._indices: list | None = None
         self._fast: bool | None = None  # the C kernel's path (decided at the first step)
         self._counts = self._numels = None  # subset sizes and tensor sizes (numpy)
@@ -169,8 +170,11 @@ class StepSignals:
         if len(set(b2.tolist())) == 1:
             beta2 = float(b2[0])
             vt = v.mul(beta2).addcmul_(g, g, value=1.0 - beta2)
-        else:
-            per = upload(np.repeat(b2, self._counts.astype(np.int64)).astype(np.float32), g.device)
+        else:  # param groups with their own betas: each element's beta2, uploaded once
+            if self._beta2_elements is None:
+                self._beta2_elements = upload(np.repeat(b2, self._counts.astype(np.int64)).astype(np.float32),
+                                              g.device)
+            per = self._beta2_elements
             vt = v.mul(per).addcmul_(g, g * (1 - per))
         g2 = g.square()
         r = g2 / vt.clamp_min(EPS2)

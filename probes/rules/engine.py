@@ -27,7 +27,7 @@ from typing import NamedTuple
 import msgspec
 
 from probes.protocol import stats
-from probes.protocol.wire import Alert, Step
+from probes.protocol.wire import Alert, Hello, Note, Scalars, Step
 from probes.rules.base import FIRE, RECOVER, SampleRule, StepContext, StreamState, alert, recovered, track
 from probes.rules.instability import Instability
 from probes.rules.registry import REGISTRY
@@ -67,6 +67,22 @@ class RuleEngine(RunFacts):
         ``overflow`` (skipped steps)."""
         self.scalars.update(msg.values)
         return self.instability.evaluate(msg) + self._scalar_rules.evaluate(msg)
+
+    def judge(self, messages) -> list[Alert]:
+        """Every alert the rules draw from a stream of messages (a recording's, say), in order:
+        the Hello and Notes tell the engine about the run, Steps and Scalars are judged
+        (spectral passes are judged apart, by :mod:`probes.rules.spectral`)."""
+        out: list[Alert] = []
+        for m in messages:
+            if isinstance(m, Hello):
+                self.set_hello(m)
+            elif isinstance(m, Note):
+                self.note(m)
+            elif isinstance(m, Scalars):
+                out += self.evaluate_scalars(m)
+            elif isinstance(m, Step):
+                out += self.evaluate(m)
+        return out
 
     def evaluate(self, step: Step) -> list[Alert]:
         """Alerts that fire or recover at this step (none for an evaluation pass's step)."""
