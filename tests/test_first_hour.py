@@ -108,3 +108,87 @@ def test_readme_says_what_ci_runs_beyond_pytest():
         assert tool in ci, tool  # (what .ci/run does)
         assert tool in section, f"the README's test section does not say .ci/run uses {tool}"
     assert "this is what `.ci/run` does" not in section
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_vanishing_on_fp32_says_what_exact_zero_gradients_mean(precision):
+    """Exact-zero gradients on an fp32/bf16 run are not underflow (it used to say "gradients
+    underflow; the run is fp32, whose exponent range does not underflow here")."""
+    from test_rules import fired, grad, hello, run, step
+
+    from probes.rules import RuleEngine
+
+    eng = RuleEngine()
+    eng.set_hello(hello([], precision))
+    alerts = run(eng, [step(i, grad(1.0)) for i in range(8)] + [step(8 + i, grad(1.0, zeros=0.9)) for i in range(3)])
+    (a,) = fired(alerts)
+    assert a.rule == "vanishing" and "underflow" not in a.message
+    assert a.message.endswith(f"no gradient flows back (the run is {precision}, which does not flush small "
+                              "gradients to zero): check for a saturated activation (sigmoid, tanh), a dead "
+                              "ReLU/GELU region after it or masking")
+
+
+# -- headless and replay -------------------------------------------------------------------------
+
+
+def _watch(live: bool):
+    import io
+
+    from tui.headless import AlertPrinter, RunWatch
+
+    out = io.StringIO()
+    return RunWatch(AlertPrinter(out=out), live=live, label="t"), out
+
+
+def test_status_line_after_a_nan_says_loss_nan():
+    """A NaN loss is the news: the status line says `loss nan` (it said `loss —`, as if none came);
+    `—` stays for a loss not sent yet."""
+    from probes.protocol import wire
+
+    watch, out = _watch(live=False)
+    watch.status()
+    watch.handle(wire.Scalars(step=50, rank=0, time=1.0, values={"loss": float("nan"), "lr": 1e-3}))
+    watch.status()
+    first, second = out.getvalue().splitlines()
+    assert "loss —" in first
+    assert "step 50 " in second and "loss nan  lr 0.001" in second
+
+
+def test_live_status_lines_never_repeat_the_same_line():
+    """Live, a status line with no new step since the one before says for how long the run has
+    been quiet, rather than printing the previous line again."""
+    from probes.protocol import wire
+
+    watch, out = _watch(live=True)
+    watch.handle(wire.Scalars(step=70, rank=0, time=1.0, values={"loss": 2.5}))
+    watch.status()
+    watch.status()
+    watch.handle(wire.Scalars(step=75, rank=0, time=2.0, values={"loss": 2.4}))
+    watch.status()
+    lines = out.getvalue().splitlines()
+    assert len(set(lines)) == 3, lines
+    assert lines[1] == lines[0] + "  (no new step for 0 s)"
+    assert "step 75 " in lines[2] and "no new step" not in lines[2]
+
+
+async def test_replay_header_counts_to_the_step_the_run_ended_at():
+    """A 120-step run sampled every 5 has its last sample at 115 and its End at 120: the header
+    says "step 115 of 120", as the headless end line says "run ended at step 120" (it said 115 of 115)."""
+    import numpy as np
+    from test_app import screen_text, settle
+
+    from probes.protocol import wire
+    from tui import synthetic
+    from tui.app import XRayApp
+    from tui.feed import ListSource
+
+    batches = [[synthetic.hello(2, run="rec")]]
+    for step in range(0, 120, 5):
+        samples = [synthetic.sample_of(f"model.layers.{i}.fc.weight", "weight", np.linspace(-1, 1, 50))
+                   for i in range(2)]
+        batches.append([wire.Step(step=step, rank=0, time=1e9 + step, samples=samples)])
+    batches.append([wire.End(step=120, rank=0)])
+    app = XRayApp(ListSource(batches), replay=True)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app, step=115, alerts=0)
+        assert "step 115 of 120 (replay)" in screen_text(app)

@@ -316,7 +316,7 @@ class XRayApp(KeyActions, ReplayTimeline, App):
             paused=self.paused, layers_shown=len(table.view), filter=flt, title=self.title,
             view=self._view_label(),
             shown_step=self._shown_step if self.paused or self.replay_at is not None else None,
-            replay_last=self.state.step if self.replay else None))
+            replay_last=self.state.last_step if self.replay else None))
 
     def _show_alert_message(self) -> None:
         """The full message of the alert under the pane's cursor (the first one when it has no focus)."""
