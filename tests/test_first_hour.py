@@ -192,3 +192,25 @@ async def test_replay_header_counts_to_the_step_the_run_ended_at():
     async with app.run_test(size=(120, 40)) as pilot:
         await settle(pilot, app, step=115, alerts=0)
         assert "step 115 of 120 (replay)" in screen_text(app)
+
+
+@pytest.mark.slow
+def test_demo_dead_fault_is_the_first_and_loudest_alert():
+    """`demo --fault dead`: the first alert after the fault is `dead` on the layer it names, and
+    nothing is louder. It used to be `exploding`, critical, on c_fc's bias: the demo wrote -10 into
+    a bias whose norm was near 0.1, a 1600x jump in a weight; now it shifts the activation's input."""
+    from probes.demo import training as demo
+    from probes.protocol import wire
+
+    msgs = []
+    demo.train(steps=45, every=5, fault="dead", fault_step=20, name="demo-dead-first", serve=False,
+               listener=msgs.append)
+    (note,) = [m for m in msgs if isinstance(m, wire.Note) and m.event == "fault"]
+    alerts = [m for m in msgs if isinstance(m, wire.Alert) and m.severity != "info"]
+    assert alerts, "no alert"
+    first = alerts[0]
+    assert (first.rule, first.layer, first.kind) == ("dead", note.data["layer"], "act") == (
+        "dead", "transformer.h.1.mlp.act", "act")
+    assert first.step - note.step <= 10  # the third sample at every=5
+    rank = {"warning": 1, "critical": 2}
+    assert max(rank[a.severity] for a in alerts) == rank[first.severity], [(a.rule, a.severity) for a in alerts]
