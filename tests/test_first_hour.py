@@ -214,3 +214,33 @@ def test_demo_dead_fault_is_the_first_and_loudest_alert():
     assert first.step - note.step <= 10  # the third sample at every=5
     rank = {"warning": 1, "critical": 2}
     assert max(rank[a.severity] for a in alerts) == rank[first.severity], [(a.rule, a.severity) for a in alerts]
+
+
+# -- the app -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_the_selected_alerts_message_is_never_cut(size):
+    """A long message (~480 characters: 7 lines at 80 columns, 5 at 120) shows whole under the
+    pane, focused or not; it was cut after 3 lines (max-height: 3)."""
+    from test_app import HoldSource, feed, screen_text, settle
+
+    from probes.protocol import wire
+    from tui.app import XRayApp
+
+    tail = "check for a saturated activation (sigmoid, tanh), a dead ReLU/GELU region after it or masking"
+    message = ("100% of model.layers.5.fc.weight's gradient is exactly zero (it was 0%): no gradient flows back "
+               "(the run is fp32, which does not flush small gradients to zero): " + tail
+               + "; 14 other streams of this block and the next hold exact zeros too, model.layers.6.fc.weight "
+                 "first, so look at the layer after it before the optimizer, END.")
+    long = wire.Alert(step=3, rank=0, severity="warning", rule="vanishing", layer="model.layers.5.fc.weight",
+                      kind="grad", value=1.0, threshold=0.5, message=message)
+    app = XRayApp(HoldSource(feed()[:-1] + [[long]]))
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot, app, alerts=1)
+        assert message in " ".join(screen_text(app).split())
+        app.alert_list.focus()
+        await pilot.pause()
+        app._paint()
+        await pilot.pause()
+        assert message in " ".join(screen_text(app).split())
