@@ -244,3 +244,23 @@ async def test_the_selected_alerts_message_is_never_cut(size):
         app._paint()
         await pilot.pause()
         assert message in " ".join(screen_text(app).split())
+
+
+async def test_before_any_data_the_trend_header_counts_no_samples():
+    """With a hello and no sample yet, the trend column is headed "trend", not "13 samples" (which,
+    beside "‖grad‖", read as samples received); once samples come, it says how many it shows."""
+    from test_app import HoldSource, feed, screen_text, settle
+
+    from tui import synthetic
+    from tui.app import XRayApp
+
+    app = XRayApp(HoldSource([[synthetic.hello(4, run="quiet")]]))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app, step=-1, alerts=0)
+        header = next(line for line in screen_text(app).splitlines() if "‖grad‖" in line)
+        assert "samples" not in header and "trend" in header, header
+    app = XRayApp(HoldSource(feed()[:-1]))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app, alerts=0)
+        header = next(line for line in screen_text(app).splitlines() if "‖grad‖" in line)
+        assert re.search(r"\d+ samples", header), header

@@ -75,7 +75,9 @@ class TableRows:
                 parts.append(head.rjust(NUM_W))
                 if cols.trend:
                     # one cell per sampled step (every N-th training step, as the probe samples)
-                    heads = (f"last {n} sampled steps", f"last {n} samples", f"{n} samples", "trend") if n else ("",)
+                    # before any sample a count would read as samples received ("‖grad‖ 13 samples")
+                    heads = ((f"last {n} sampled steps", f"last {n} samples", f"{n} samples", "trend")
+                             if n and self.state.samples_seen else ("trend",) if n else ("",))
                     parts.append(next((h for h in heads if len(h) <= cols.trend), "").ljust(cols.trend))
         parts.append("status".ljust(BADGE_W))
         return Strip([Segment(" ".join(parts))]).adjust_cell_length(cols.width)
