@@ -264,3 +264,54 @@ async def test_before_any_data_the_trend_header_counts_no_samples():
         await settle(pilot, app, alerts=0)
         header = next(line for line in screen_text(app).splitlines() if "‖grad‖" in line)
         assert re.search(r"\d+ samples", header), header
+
+
+def _alerting_feed(n_layers: int, alerts: list) -> list:
+    from tui import synthetic
+
+    batches = [[synthetic.hello(n_layers, run="n-run")]]
+    batches += [[s] for s in synthetic.steps(n_layers, 4, elements=64)]
+    batches.append(alerts)
+    return batches
+
+
+async def test_n_goes_to_the_layer_the_first_alert_names_then_the_next():
+    """`n` follows the alerts, the earliest first (the likeliest origin), not the table's order:
+    it used to take the row highest in the table, such as a block above the layer that broke."""
+    from test_app import HoldSource, settle
+
+    from tui import synthetic
+    from tui.app import XRayApp
+
+    first = synthetic.alert(1, "model.layers.5.fc.weight", rule="exploding", severity="critical", kind="weight")
+    later = synthetic.alert(3, "model.layers.2.fc", rule="exploding", severity="critical", kind="act")
+    app = XRayApp(HoldSource(_alerting_feed(8, [first, later])))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app, alerts=2)
+        table = app.table
+        seen = []
+        for _ in range(3):
+            await pilot.press("n")
+            seen.append(table.cursor_row.name)
+        assert seen == ["model.layers.5.fc", "model.layers.2.fc", "model.layers.5.fc"]
+
+
+async def test_n_at_80x24_does_not_skip_the_origin_the_table_scrolled_to():
+    """At 80x24 the table brings a failing row below the fold into view on its own; the first `n`
+    must still go to the first alert's layer (it went to the next one, skipping the origin)."""
+    from test_app import HoldSource, settle
+
+    from tui import synthetic
+    from tui.app import XRayApp
+
+    origin = synthetic.alert(1, "model.layers.28.fc.weight", rule="exploding", severity="critical", kind="grad")
+    after = synthetic.alert(3, "model.layers.29.fc", rule="exploding", severity="critical", kind="act")
+    app = XRayApp(HoldSource(_alerting_feed(30, [origin, after])))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app, alerts=2)
+        table = app.table
+        assert table.scroll_offset.y > 0  # the table scrolled down to the failing rows by itself
+        await pilot.press("n")
+        assert table.cursor_row.name == "model.layers.28.fc"
+        await pilot.press("n")
+        assert table.cursor_row.name == "model.layers.29.fc"

@@ -101,6 +101,7 @@ class LayerTable(TableRows, CompareRows, ScrollView, can_focus=True):
         self._cache: dict[int, Strip] = {}  # row index -> unstyled strip at _version
         self._cache_key: tuple = ()
         self._severity: dict[str, str] = {}  # row name -> worst active severity
+        self._alerting: list[str] = []  # rows the active alerts name, in alert order
         self._nonfinite_origin = False  # a nonfinite alert is active: it names where NaN/inf began
         self._indent_base = 0
         self._name_need, self._type_w = NAME_PREF, 0
@@ -150,6 +151,12 @@ class LayerTable(TableRows, CompareRows, ScrollView, can_focus=True):
             if SEVERITY_RANK[alert.severity] > SEVERITY_RANK[sev.get(name, "ok")]:
                 sev[name] = alert.severity
         self._severity = sev
+        # The rows the active alerts name, the earliest alert first (ties in arrival order): the
+        # alert that fired first is the likeliest origin (an exploding c_fc before its block's
+        # output, which the table lists above it). `n` follows this order, not the table's.
+        named = sorted((a for a in active.values() if a.severity in ("warning", "critical")),
+                       key=lambda a: a.step)
+        self._alerting = list(dict.fromkeys(state.row_of(a.layer) for a in named))
         # A NaN's origin is the row its active nonfinite alert names; with one active, other
         # rows holding NaN/inf are marked affected, not critical (see AFFECTED).
         self._nonfinite_origin = any(a.rule == "nonfinite" for a in active.values())
@@ -270,17 +277,23 @@ class LayerTable(TableRows, CompareRows, ScrollView, can_focus=True):
             return self.select_layer(name)
         return False
 
+    def _alerting_positions(self) -> list[int]:
+        """View positions of the rows active alerts name, in alert order (see refresh_data)."""
+        where = {self._rows[i].name: pos for pos, i in enumerate(self._view)}
+        return [where[name] for name in self._alerting if name in where]
+
     def next_alerting(self) -> Row | None:
-        """Move to the next row (after the cursor, wrapping) with an active alert."""
-        n = len(self._view)
-        rows = self._rows
-        for step in range(1, n + 1):
-            pos = (self.cursor + step) % n
-            if self._severity.get(rows[self._view[pos]].name, "ok") in ("warning", "critical"):
-                self.touched = True
-                self.cursor = pos
-                return rows[self._view[pos]]
-        return None
+        """Move to the next row an active alert names, in alert order (the earliest first),
+        wrapping; the first press goes to the first alert's layer, even when the table had
+        already brought the cursor there on its own."""
+        targets = self._alerting_positions()
+        if not targets:
+            return None
+        pos = (targets[(targets.index(self.cursor) + 1) % len(targets)]
+               if self.touched and self.cursor in targets else targets[0])
+        self.touched = True
+        self.cursor = pos
+        return self._rows[self._view[pos]]
 
     def validate_cursor(self, value: int) -> int:
         return max(0, min(value, len(self._view) - 1)) if self._view else 0
