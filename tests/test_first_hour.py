@@ -315,3 +315,39 @@ async def test_n_at_80x24_does_not_skip_the_origin_the_table_scrolled_to():
         assert table.cursor_row.name == "model.layers.28.fc"
         await pilot.press("n")
         assert table.cursor_row.name == "model.layers.29.fc"
+
+
+async def test_a_blocks_detail_footer_lists_only_keys_that_work():
+    """A block's detail (activations only) has no `w Weight` or `g Grad` in its footer, and those
+    keys do nothing there; a Linear's detail still lists them."""
+    import numpy as np
+    from test_app import HoldSource, screen_text, settle
+
+    from probes.protocol import wire
+    from tui import synthetic
+    from tui.app import XRayApp
+
+    hello = synthetic.hello(2, run="blocks")
+    hello = wire.Hello(version=hello.version, run=hello.run, rank=0, world_size=1, pid=1, started=hello.started,
+                       every=1, layers=[wire.LayerInfo("model.block", "Block", [], True, role="block"),
+                                        *hello.layers])
+    steps = [wire.Step(step=s.step, rank=0, time=s.time,
+                       samples=[*s.samples, synthetic.sample_of("model.block", "act", np.linspace(-1, 1, 64))])
+             for s in synthetic.steps(2, 4, elements=64)]
+    app = XRayApp(HoldSource([[hello], *[[s] for s in steps]]))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app, alerts=0)
+        assert app.table.select_layer("model.block")
+        await pilot.press("enter")
+        await pilot.pause()
+        footer = screen_text(app).splitlines()[-1]
+        assert "Back" in footer and "Weight" not in footer and "Grad" not in footer, footer
+        await pilot.press("w")
+        await pilot.pause()
+        assert app.screen.kind == "act"
+        await pilot.press("escape")
+        assert app.table.select_layer("model.layers.0.fc")
+        await pilot.press("enter")
+        await pilot.pause()
+        footer = screen_text(app).splitlines()[-1]
+        assert "Weight" in footer and "Grad" in footer, footer
