@@ -351,3 +351,25 @@ async def test_a_blocks_detail_footer_lists_only_keys_that_work():
         await pilot.pause()
         footer = screen_text(app).splitlines()[-1]
         assert "Weight" in footer and "Grad" in footer, footer
+
+
+async def test_a_charts_wrapped_message_keeps_its_indent():
+    """A chart's message wider than the chart wraps with every line one column in, as its title
+    ("no spread / to draw" started the second line at column 0 in the detail at 80x24)."""
+    from textual.app import App
+
+    from tui.widgets.plots import Chart
+
+    class One(App):
+        CSS = "Chart { width: 30; height: 6; }"
+
+        def compose(self):
+            yield Chart(title="histogram", empty_text="every value is 0.5 now (min = max): no spread to draw")
+
+    app = One()
+    async with app.run_test(size=(40, 8)) as pilot:
+        await pilot.pause()
+        lines = [strip.text[:30].rstrip() for strip in app.screen._compositor.render_strips()][:6]
+        shown = [line for line in lines if line.strip()]
+        assert len(shown) >= 3 and all(line.startswith(" ") and not line.startswith("  ") for line in shown), lines
+        assert " ".join(" ".join(shown).split()) == "histogram every value is 0.5 now (min = max): no spread to draw"
