@@ -373,3 +373,37 @@ async def test_a_charts_wrapped_message_keeps_its_indent():
         shown = [line for line in lines if line.strip()]
         assert len(shown) >= 3 and all(line.startswith(" ") and not line.startswith("  ") for line in shown), lines
         assert " ".join(" ".join(shown).split()) == "histogram every value is 0.5 now (min = max): no spread to draw"
+
+
+async def test_screenshot_goes_where_the_variable_says_in_local_fonts_and_the_toast_keeps_names_whole(
+        tmp_path, monkeypatch):
+    """`S` writes into $XRAY_TUI_SCREENSHOTS (it was always the working directory), the SVG asks
+    for no font from the network and names fonts with braille, and the toast breaks the path after
+    a / only (it split a name mid-word)."""
+    from test_app import ListSource, feed, settle
+
+    from tui.app import XRayApp
+
+    where = tmp_path / "shots" / "a-long-directory-for-screenshots"
+    monkeypatch.setenv("XRAY_TUI_SCREENSHOTS", str(where))
+    monkeypatch.chdir(tmp_path)
+    app = XRayApp(ListSource(feed()))
+    said = []
+    app.notify = lambda message, **kw: said.append(message)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        await pilot.press("S")
+        await pilot.pause()
+    (svg,) = where.glob("*.svg")
+    assert list(tmp_path.glob("*.svg")) == []
+    text = svg.read_text()
+    assert text.lstrip().startswith("<svg") and "model.layers" in text
+    assert "url(\"http" not in text and "@font-face" not in text
+    assert '"DejaVu Sans Mono"' in text and "font-family: Fira Code, monospace;" not in text
+    (message,) = said
+    lines = message.splitlines()
+    assert lines[0] == "screenshot saved to" and "".join(lines[1:-1]) == str(svg)
+    width = min(60, 80 // 2) - 3
+    assert all(len(line) <= width and (line.endswith("/") or line == lines[-2]) for line in lines[1:-1]), lines
+    assert lines[-2] == svg.name  # the file's name whole on its line
+    assert lines[-1] == "($XRAY_TUI_SCREENSHOTS sets the directory)"

@@ -120,7 +120,7 @@ class XRayApp(KeyActions, ReplayTimeline, App):
             self.error = error
 
     def __init__(self, source, *, theme: str | None = None, title: str | None = None,
-                 screenshot_dir: str = ".", replay: bool = False, other: RunState | None = None,
+                 screenshot_dir: str | None = None, replay: bool = False, other: RunState | None = None,
                  other_label: str = "") -> None:
         super().__init__()
         themes.register(self)
@@ -139,6 +139,7 @@ class XRayApp(KeyActions, ReplayTimeline, App):
         self.replay_at: int | None = None
         #: A second recording shown beside this one (``replay A --vs B``), and its name.
         self.other, self.other_label = other, other_label
+        #: Where `S` writes screenshots; None: $XRAY_TUI_SCREENSHOTS, else the working directory.
         self.screenshot_dir = screenshot_dir
         self._stop = threading.Event()
         self._slots = threading.Semaphore(MAX_IN_FLIGHT)

@@ -70,7 +70,7 @@ HELP: list[tuple[str, str]] = [
     ("r", "per-rank vs merged view: merged → rank 0 → rank 1 …"),
     ("p", "pause / resume the screen (data keeps arriving; a live run only)"),
     ("t", "next theme (dark, light, high contrast, colour-blind safe)"),
-    ("S", "save a screenshot of the screen as SVG (in the current directory)"),
+    ("S", "save a screenshot of the screen as SVG (in $XRAY_TUI_SCREENSHOTS, else the working directory)"),
     ("e", "ask the live run for a spectral pass now (WeightWatcher's alpha; one per 10 s)"),
     ("w g a u", "(detail) show weight / grad / act / update"),
     ("l", "(detail) the histogram's density axis linear / log (the tails show on a log axis)"),
