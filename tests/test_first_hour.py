@@ -407,3 +407,64 @@ async def test_screenshot_goes_where_the_variable_says_in_local_fonts_and_the_to
     assert all(len(line) <= width and (line.endswith("/") or line == lines[-2]) for line in lines[1:-1]), lines
     assert lines[-2] == svg.name  # the file's name whole on its line
     assert lines[-1] == "($XRAY_TUI_SCREENSHOTS sets the directory)"
+
+
+def test_relative_labels_follow_the_tree():
+    from tui.widgets.layer_table import relative_labels
+
+    names = ["transformer.wte", "transformer.h.0", "transformer.h.0.ln_1", "transformer.h.0.attn.c_attn",
+             "transformer.h.1", "transformer.h.10.mlp", "transformer.h.10.mlp.act", "lm_head"]
+    assert relative_labels(names) == {"transformer.h.0.ln_1": "ln_1", "transformer.h.0.attn.c_attn": "attn.c_attn",
+                                      "transformer.h.10.mlp.act": "act"}
+
+
+async def test_rows_show_names_relative_to_their_parent_and_the_header_the_full_path():
+    """Under `transformer.h.0` a row reads `attn.c_attn` (it was `…ormer.h.0.attn.c_attn` at 80
+    columns, the block number cut off); the selected row's full path is in the column's header,
+    and the detail's title has it too. Sorted by name (no tree) rows show full paths again."""
+    import numpy as np
+    from test_app import HoldSource, screen_text, settle
+
+    from probes.protocol import wire
+    from tui import synthetic
+    from tui.app import XRayApp
+
+    names = ["transformer.wte"] + [n for b in range(3) for n in (
+        f"transformer.h.{b}", f"transformer.h.{b}.ln_1", f"transformer.h.{b}.attn.c_attn",
+        f"transformer.h.{b}.mlp.c_fc", f"transformer.h.{b}.mlp.act")]
+    layers = [wire.LayerInfo(n, "Block" if n.count(".") == 2 else "Linear",
+                             [] if n.count(".") == 2 or n.endswith("act") else ["weight"], True) for n in names]
+    hello = wire.Hello(version=wire.PROTOCOL_VERSION, run="tree", rank=0, world_size=1, pid=1,
+                       started=1e9, every=1, layers=layers)
+    x = np.linspace(-1, 1, 64)
+    steps = [[wire.Step(step=i, rank=0, time=1e9 + i,
+                        samples=[synthetic.sample_of(n, "act", x) for n in names]
+                        + [synthetic.sample_of(f"{li.name}.weight", "weight", x) for li in layers if li.params])]
+             for i in range(3)]
+    app = XRayApp(HoldSource([[hello], *steps]))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app, step=2, alerts=0)
+        lines = screen_text(app).splitlines()
+        row = next(line for line in lines if "attn.c_attn" in line)
+        assert "…" not in row and "transformer.h.0.attn" not in row and row.lstrip().startswith("attn.c_attn")
+        assert any(line.lstrip().startswith("transformer.h.2 ") for line in lines)
+        assert app.table.select_layer("transformer.h.1.mlp.c_fc")
+        await pilot.pause()
+        header = next(line for line in screen_text(app).splitlines() if "‖grad‖" in line)
+        # at 80 columns the path loses leading names whole, never the block number
+        assert header.lstrip().startswith("…h.1.mlp.c_fc ") or header.lstrip().startswith(
+            "transformer.h.1.mlp.c_fc "), header
+        await pilot.resize_terminal(120, 40)
+        await pilot.pause()
+        app._paint()
+        await pilot.pause()
+        header = next(line for line in screen_text(app).splitlines() if "‖grad‖" in line)
+        assert header.lstrip().startswith("transformer.h.1.mlp.c_fc "), header
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "transformer.h.1.mlp.c_fc" in screen_text(app)
+        await pilot.press("escape")
+        await pilot.pause()
+        app.table.set_sort("name")
+        await pilot.pause()
+        assert all(app.table.label(r) == r.name for r in app.state.rows)  # no tree: full paths

@@ -104,6 +104,7 @@ class LayerTable(TableRows, CompareRows, ScrollView, can_focus=True):
         self._alerting: list[str] = []  # rows the active alerts name, in alert order
         self._nonfinite_origin = False  # a nonfinite alert is active: it names where NaN/inf began
         self._indent_base = 0
+        self._labels: dict[str, str] = {}  # row name -> the name it shows (see label)
         self._name_need, self._type_w = NAME_PREF, 0
         #: Row order, one of :data:`SORTS`.
         self.sort = "model"
@@ -132,6 +133,11 @@ class LayerTable(TableRows, CompareRows, ScrollView, can_focus=True):
         if not self._view:
             return None
         return self._rows[self._view[min(self.cursor, len(self._view) - 1)]]
+
+    def label(self, row: Row) -> str:
+        """The name ``row`` shows in the table: relative to the row above it that is its
+        ancestor in model order (``attn.c_attn`` under ``transformer.h.0``), else its full path."""
+        return self._labels.get(row.name, row.name)
 
     def severity(self, row: Row) -> str:
         """Worst active severity of ``row`` as of the last data refresh."""
@@ -251,9 +257,10 @@ class LayerTable(TableRows, CompareRows, ScrollView, can_focus=True):
         self._view = self._order(rows, [i for i, r in enumerate(rows) if flt is None or flt.search(r.name)])
         # Indent relative to the shallowest row so a flat model is not pushed right.
         self._indent_base = min((rows[i].depth for i in self._view), default=0)
-        # What the name column needs: the longest indented name, and the type column beside it.
+        self._labels = relative_labels([rows[i].name for i in self._view]) if self.sort == "model" else {}
+        # What the name column needs: the longest indented label, and the type column beside it.
         self._type_w = min(max((len(rows[i].type) for i in self._view), default=0), TYPE_MAX)
-        self._name_need = max((rows[i].depth - self._indent_base + len(rows[i].name) for i in self._view),
+        self._name_need = max((rows[i].depth - self._indent_base + len(self.label(rows[i])) for i in self._view),
                               default=0) + (2 + self._type_w if self._type_w else 0)
         self.virtual_size = Size(self.scrollable_content_region.width, len(self._view) + 1)
         names = [rows[i].name for i in self._view]
@@ -343,3 +350,19 @@ class LayerTable(TableRows, CompareRows, ScrollView, can_focus=True):
         self._cache = {}
         self._cache_key = ()
 
+
+def relative_labels(names: list[str]) -> dict[str, str]:
+    """Each name relative to the nearest earlier name that is its ancestor (a module path
+    prefix followed by a dot), for rows listed in model order; names without one are left out.
+
+    The tree's indentation already says which block a row is in, so the row need not repeat
+    it: at 80 columns the full paths were cut from the left and the block number was lost."""
+    out: dict[str, str] = {}
+    stack: list[str] = []
+    for name in names:
+        while stack and not name.startswith(stack[-1] + "."):
+            stack.pop()
+        if stack:
+            out[name] = name[len(stack[-1]) + 1:]
+        stack.append(name)
+    return out

@@ -86,6 +86,18 @@ def fit_type(type_name: str, width: int) -> str:
     return type_name[: width - 1] + "…"
 
 
+def fit_path(path: str, indent: int, width: int) -> str:
+    """A module path in ``width`` cells, leading components dropped whole (``…h.1.mlp.c_fc``)
+    so what is kept reads as names, the block number with them; :func:`fit_name` when even the
+    last two components do not fit."""
+    parts = path.split(".")
+    for start in range(len(parts) - 1):
+        text = ("…" if start else "") + ".".join(parts[start:])
+        if indent + len(text) <= width:
+            return (" " * indent + text).ljust(width)
+    return fit_name(path, indent, width)
+
+
 def fit_name(name: str, indent: int, width: int) -> str:
     """Indent ``name`` and cut it from the left (the tail tells layers apart)."""
     text = " " * indent + name
