@@ -63,7 +63,7 @@ HELP: list[tuple[str, str]] = [
     ("enter", "(table) open the layer's detail screen, which lists its alerts in full; "
               "(alerts) go to the alert's layer"),
     ("tab", "switch focus between the layer table and the alerts"),
-    ("n", "jump to the layer the next active alert names (the earliest first)"),
+    ("n", "jump to the next layer an active alert names (the earliest alert first)"),
     ("/", "filter layers by name (regex); enter keeps it, escape closes; clear the text to show all"),
     ("s", "sort rows: model order → severity → name → depth → grad norm"),
     ("1 2 3", "show / hide the weight, grad, act sparkline columns"),
