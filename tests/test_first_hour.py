@@ -468,3 +468,24 @@ async def test_rows_show_names_relative_to_their_parent_and_the_header_the_full_
         app.table.set_sort("name")
         await pilot.pause()
         assert all(app.table.label(r) == r.name for r in app.state.rows)  # no tree: full paths
+
+
+def test_sparkline_peaks_stay_below_the_cell_top():
+    """The tallest column is ▇ (7/8), never █: neighbouring rows' peaks no longer merge into towers."""
+    import numpy as np
+
+    from tui import synthetic
+    from tui.widgets.table_cells import sparkline
+
+    rng = np.random.default_rng(0)
+    for x in (rng.normal(0, 1, 4096), np.ones(10), [0.0, 0.0, 1.0]):
+        line = sparkline(synthetic.sample_of("x", "weight", np.asarray(x, dtype=float)), 12)
+        assert "█" not in line and "▇" in line, line
+
+
+def test_trend_peaks_stay_below_the_cell_top():
+    from tui.widgets.trend import trend_line
+
+    line = trend_line([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0], 9)
+    assert "█" not in line and line[-1] == "▇" and line[0] == "▁", line
+    assert trend_line([2.0, 2.0], 2) == "▄▄"  # a flat line at mid height, as before

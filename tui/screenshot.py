@@ -4,8 +4,8 @@ Textual's SVG (Rich's template) asks for Fira Code from a CDN and falls back to
 ``monospace`` alone: offline, or in a viewer that fetches nothing, the picture
 a user sends a colleague came out in a proportional font or with empty boxes
 for the braille sparklines. :func:`local_fonts` drops the network fonts and
-names monospace fonts that machines have (DejaVu Sans Mono and Noto Sans Mono
-carry braille), so the SVG looks like the terminal wherever it is opened.
+names monospace fonts that machines have, led by DejaVu Sans Mono (it carries
+braille), so the SVG looks like the terminal wherever it is opened.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import time
 #: The environment variable naming the directory screenshots go to (default: the working directory).
 ENV = "XRAY_TUI_SCREENSHOTS"
 
-#: Monospace fonts, the first a machine has wins per glyph: Fira Code where installed (what the
-#: template meant), then the common system ones; the braille cells come from DejaVu or Noto.
-FONTS = ('"Fira Code", "DejaVu Sans Mono", Menlo, Consolas, "Liberation Mono", "Noto Sans Mono", '
+#: Monospace fonts. DejaVu Sans Mono first: Linux machines have it, it carries braille, and some
+#: renderers (cairosvg) take the first family alone, so a list led by Fira Code came out in a
+#: proportional sans wherever Fira Code was missing. Browsers go on down the list, glyph by glyph.
+FONTS = ('"DejaVu Sans Mono", "Fira Code", Menlo, Consolas, "Liberation Mono", "Noto Sans Mono", '
          '"Noto Sans Symbols 2", "Apple Braille", "Segoe UI Symbol", monospace')
 
 _FONT_FACE = re.compile(r"\s*@font-face\s*\{[^}]*\}", re.S)
