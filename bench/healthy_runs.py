@@ -186,7 +186,7 @@ def summary(path: str, rules=None) -> dict:
         elif isinstance(m, wire.Note) and hasattr(rules, "note"):
             rules.note(m)
         elif isinstance(m, wire.Scalars):
-            rules.evaluate_scalars(m)
+            alerts += [a for a in rules.evaluate_scalars(m) if a.severity != "info"]  # loss rules count too
         elif isinstance(m, wire.Step):
             alerts += [a for a in rules.evaluate(m) if a.severity != "info"]
         elif isinstance(m, wire.Spectral):

@@ -30,14 +30,16 @@ from probes.capture import hooks
 PARTS = {  # the probe's hook method (probes.capture.hooks.Hooks) -> what it does on an unsampled step
     "_begin_forward": "root pre-hook: phase, input size, autocast",
     "_end_forward": "root hook: the loss kept (on its device)",
-    "before_update": "optimizer pre-hook",
-    "_end_step": "step end: lrs, scale, rates; scalars kept",
+    "before_update": "optimizer pre-hook (the tier's first half)",
+    "after_update": "optimizer post-hook (the tier's second half)",
+    "_end_step": "step end: lrs, scale, rates; scalars kept and shipped",
 }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--no-signals", action="store_true", help="without the every-step tier (signals=False)")
     args = p.parse_args()
     torch.manual_seed(0)
     data = demo.CharData(demo.corpus(), block=64, seed=0)
@@ -58,7 +60,8 @@ def main() -> None:
     # on the class, before attach: the hooks hold bound methods taken at attach
     for name, label in PARTS.items():
         setattr(hooks.Hooks, name, timed(label, getattr(hooks.Hooks, name)))
-    xr = probes.attach(model, opt, every=10**9, start_step=1, serve=False, spectral_every=None)
+    xr = probes.attach(model, opt, every=10**9, start_step=1, serve=False, spectral_every=None,
+                       signals=not args.no_signals)
     steps = []
     for i in range(args.steps):
         current.clear()

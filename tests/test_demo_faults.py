@@ -94,3 +94,38 @@ def test_demo_headless_fail_on_stops_training_when_the_alert_arrives(tmp_path):
     assert "nonfinite" in out.stdout and "(training stopped)" in out.stdout
     steps = [m.step for m in wire.read_file(str(log))[0] if isinstance(m, wire.Step)]
     assert steps and max(steps) < 100  # stopped within a few sampled steps of step 10, not at 2000
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie no init reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line for line in f)
+    except FileNotFoundError:
+        return True
+
+
+def test_the_demo_trainer_stops_when_its_viewer_is_killed(tmp_path):
+    """`xray-tui demo` passes --parent: a viewer killed outright (SIGKILL runs no cleanup) must not
+    leave its trainer training, unseen, forever (one did, for 35 minutes, on this machine)."""
+    import os
+    import signal
+    import time
+
+    spawn = ("import os, subprocess, sys, time; c = subprocess.Popen([sys.executable, '-m', 'probes.demo', "
+             "'--steps', '0', '--name', 'orphan-check', '--parent', str(os.getpid())], "
+             "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(c.pid, flush=True); time.sleep(600)")
+    viewer = subprocess.Popen([sys.executable, "-c", spawn], stdout=subprocess.PIPE, text=True)
+    trainer = int(viewer.stdout.readline())
+    try:
+        time.sleep(2)
+        assert not _gone(trainer)
+        viewer.send_signal(signal.SIGKILL)
+        viewer.wait(10)
+        deadline = time.monotonic() + 90  # it may still be importing torch; then one check a second
+        while not _gone(trainer) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _gone(trainer)
+    finally:
+        if not _gone(trainer):
+            os.kill(trainer, signal.SIGKILL)

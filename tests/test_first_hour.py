@@ -30,6 +30,7 @@ def cli_in_process(*argv: str) -> tuple[int, bool, str]:
     (["demo", "--status-every", "soon"], "--status-every must be a number of seconds >= 0"),
     (["demo", "--headless", "--rules", "/nonexistent/rules.toml"], "/nonexistent/rules.toml"),
     (["demo", "--log", "/nonexistent/dir/run.xray"], "--log /nonexistent/dir/run.xray: no such directory"),
+    (["demo", "--notify-interval", "-3"], "--notify-interval must be a number of minutes >= 0, got '-3'"),
 ])
 def test_demo_checks_every_option_before_importing_torch(argv, said):
     """A typo costs what --help costs: the one-line error comes with torch never imported (and no

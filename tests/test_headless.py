@@ -110,6 +110,16 @@ def test_hostile_end_text_stays_one_line(tmp_path):
     assert out.returncode == 1 and len(out.stdout.splitlines()) == 1 and "\x1b" not in out.stdout
 
 
+def test_hostile_alert_text_stays_one_line(tmp_path):
+    """An alert's layer and message come from the training process: printed, control characters
+    show as escapes, so a crafted alert cannot write to the terminal or fake a line."""
+    bad = wire.Alert(2, 0, "warning", "dead", "fc\x1b]9;pwned\x07", "act", 1.0, 0.5, "msg\n\x1b[2Jfake line")
+    out = xray("replay", record(tmp_path / "r.xray", run_msgs(3, wire.End(3, 0), [bad])), "--headless")
+    printed = [line for line in out.stdout.splitlines() if "dead" in line]
+    assert len(printed) == 1 and "\x1b" not in out.stdout and "\x07" not in out.stdout
+    assert "fake line" in printed[0] and "\\x1b" in printed[0]
+
+
 def test_fail_on_in_a_replay_stops_at_the_first_such_alert(tmp_path):
     alerts = [synthetic.alert(2, "model.layers.0.fc"), synthetic.alert(4, "model.layers.1.fc", severity="critical"),
               synthetic.alert(7, "model.layers.0.fc", rule="exploding", severity="critical")]

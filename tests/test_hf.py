@@ -75,3 +75,46 @@ def test_peft_lora_names_come_without_the_wrappers_prefix(tmp_path):
                for s in step.samples)
     scalars = next(m for m in msgs if isinstance(m, wire.Scalars))
     assert scalars.values["loss"] > 0  # read from the PEFT model's output
+
+
+class Ragged(torch.utils.data.Dataset):
+    """Sequences whose labels have different numbers of real tokens (-100 elsewhere), so a step's
+    token-weighted loss (num_items_in_batch) differs from the mean of its micro-batches' means."""
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        ids = (torch.arange(16) * (i % 5 + 1)) % 13 + 1
+        labels = ids.clone()
+        labels[4 + (i * 3) % 12:] = -100
+        return {"input_ids": ids, "labels": labels}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation,num_items", [(1, True), (4, True), (4, False)])
+def test_recorded_loss_is_the_trainers_logged_loss(tmp_path, accumulation, num_items):
+    """The loss recorded for each step equals the loss the Trainer logs (logging_steps=1), whether the
+    model divides by ``num_items_in_batch`` (each micro-batch's ``.loss`` a share of the step's) or the
+    Trainer divides each micro-batch's mean loss by the accumulation steps."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=16, n_embd=32, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
+    path = str(tmp_path / "ga.xray")
+    cb = XRayCallback(every=1, name="ga", serve=False, log=path, spectral_every=None)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=accumulation, report_to=[], logging_steps=1,
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_drop_last=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Ragged(), callbacks=[cb])
+    given = []
+    model.register_forward_pre_hook(lambda m, a, kw: given.append(kw.get("num_items_in_batch") is not None),
+                                    with_kwargs=True)
+    if not num_items:
+        trainer.model_accepts_loss_kwargs = False  # as for a model whose forward takes no loss kwargs
+    trainer.train()
+    assert given and all(g == num_items for g in given)
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    msgs, _ = wire.read_file(path)
+    recorded = [m.values["loss"] for m in msgs if isinstance(m, wire.Scalars)]
+    assert len(logged) == 3
+    assert recorded == pytest.approx(logged, rel=1e-5)

@@ -257,7 +257,29 @@ def test_recording_disk_full_warns_once_and_training_goes_on(tmp_path):
     msgs, torn = wire.read_file(str(log))
     steps = [m.step for m in msgs if isinstance(m, wire.Step)]
     assert 0 < len(steps) < 80 and steps == list(range(len(steps)))
-    assert log.stat().st_size <= 48 * 1024 and torn < 48 * 1024
+    assert log.stat().st_size <= 48 * 1024
+    # the torn frame was cut off and the probe's last word says why the recording stops
+    assert torn == 0 and isinstance(msgs[-1], wire.Note) and msgs[-1].event == "recording-stopped"
+    assert msgs[-1].data["why"] == "File too large"
+    replay = xray("replay", str(log), "--headless")
+    assert replay.returncode == 1 and "Traceback" not in replay.stderr
+    assert replay.stdout.splitlines()[-1].startswith(
+        f"the recording stops at step {steps[-1]}: the probe stopped recording (File too large); "
+        "the run went on unrecorded"), replay.stdout
+
+
+def test_a_recording_cut_short_without_a_note_names_every_cause(tmp_path):
+    """No End and no note of the probe's: the replay names the disk as well as a death."""
+    log = tmp_path / "cut.xray"
+    rec = Recorder(str(log))
+    rec.write(wire.encode(synthetic.hello(1)))
+    for s in synthetic.steps(1, 3):
+        rec.write(wire.encode(s))
+    rec.close()
+    out = xray("replay", str(log), "--headless")
+    assert out.returncode == 1
+    assert out.stdout.splitlines()[-1].startswith(
+        "the recording stops at step 2 without an End (the process died, the disk filled, or it is still writing it)")
 
 
 def test_recorder_on_a_full_device_warns_once(caplog):

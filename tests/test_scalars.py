@@ -62,6 +62,33 @@ def test_loss_spike_fires_once_on_the_step_and_recovers():
     assert [a.step for a in alerts if a.severity == "info"] == [203]  # recover_k good steps later
 
 
+def _steep(n, seed, noise=0.03):
+    """A loss falling fast (8.5 -> 2.5 in ~60 steps), with multiplicative batch noise."""
+    rng = random.Random(seed)
+    return [(2.5 + 6 * math.exp(-i / 15)) * (1 + noise * rng.gauss(0, 1)) for i in range(n)]
+
+
+@pytest.mark.parametrize("at", [25, 35, 45])
+def test_loss_spike_is_caught_during_a_steep_descent(at):
+    # a 64-step median/MAD band of the loss's levels is widened by the descent itself: a bad batch
+    # at 1.9x the recent loss sat inside it (issue 29); the band of the last few steps plus the
+    # noise of the step-to-step differences, which a trend does not widen, catches it
+    losses = _steep(120, 0)
+    losses[at] *= 1.9
+    fired = [a for a in _judge(_scalars(range(120), losses)) if a.severity != "info"]
+    assert [(a.step, a.rule) for a in fired] == [(at, "loss-spike")]
+    # what the old band said: the median and MAD of the 64 levels before it
+    history = losses[max(0, at - 64):at]
+    mid = sorted(history)[len(history) // 2]
+    mad = sorted(abs(x - mid) for x in history)[len(history) // 2]
+    assert losses[at] < mid + 6 * 1.4826 * mad, "the old band would have caught it: not the case this tests"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_loss_spike_on_a_steep_healthy_descent(seed):
+    assert [a for a in _judge(_scalars(range(300), _steep(300, seed))) if a.severity != "info"] == []
+
+
 def test_loss_spike_needs_history_and_a_relative_margin():
     flat = [2.0] * 40 + [2.1]  # a flat loss has MAD 0: +5% is noise, not a spike
     assert _judge(_scalars(range(41), flat)) == []
@@ -251,6 +278,33 @@ def test_loss_from_a_nanogpt_style_tuple_and_nothing_from_other_tuples(tmp_path)
         scalars = [m for m in wire.read_file(str(log))[0] if isinstance(m, wire.Scalars)]
         got = [m.values.get("loss") for m in scalars]
         assert got == (pytest.approx(seen) if with_loss else [None] * 3)
+
+
+def test_xr_log_of_one_name_within_a_step_is_their_mean(tmp_path):
+    """nanoGPT's accumulation loop calling ``xr.log(loss=loss)`` per micro-batch records the step's mean
+    loss (it kept only the last one), for tensors and floats alike, and each step starts afresh."""
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    log = tmp_path / "l.xray"
+    xr = probes.attach(model, opt, every=2, serve=False, log=str(log), spectral_every=None)
+    want = []
+    for step in range(3):
+        seen = []
+        for micro in range(4):
+            loss = model(torch.randn(3, 4)).pow(2).mean()
+            seen.append(loss.item())
+            xr.log(loss=loss, acc=float(step * 10 + micro))
+            (loss / 4).backward()
+        opt.step()
+        opt.zero_grad()
+        want.append((sum(seen) / 4, step * 10 + 1.5))
+    xr.log(other=1.0)
+    opt.step()  # a step with one log: the value itself
+    xr.close()
+    scalars = [m for m in wire.read_file(str(log))[0] if isinstance(m, wire.Scalars)]
+    assert [m.values["loss"] for m in scalars[:3]] == pytest.approx([w[0] for w in want], rel=1e-6)
+    assert [m.values["acc"] for m in scalars[:3]] == pytest.approx([w[1] for w in want])
+    assert scalars[3].values["other"] == 1.0 and "acc" not in scalars[3].values
 
 
 def test_bad_log_values_and_arguments_are_refused():

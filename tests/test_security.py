@@ -134,6 +134,45 @@ def test_a_socket_that_is_not_ours_alone_is_refused_before_connecting(tmp_path, 
         srv.close()
 
 
+def without_root_override(*args):
+    """``args`` as a command run by root without the capabilities that bypass file modes
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): permissions bind it as they bind any user."""
+    needs_root()
+    if not shutil.which("setpriv"):
+        pytest.skip("needs setpriv (util-linux) to drop root's file-mode override")
+    cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *args]
+    if subprocess.run(cmd[:3] + ["true"], capture_output=True).returncode != 0:
+        pytest.skip("setpriv cannot drop capabilities here")
+    return cmd
+
+
+@pytest.mark.parametrize("where", ["in a directory not open to you", "with a mode that shuts you out"])
+def test_a_socket_you_may_not_open_is_permission_denied_not_missing(tmp_path, where):
+    """It exists: "no such socket" sent the user looking for a run that was there."""
+    if where == "in a directory not open to you":
+        d = tmp_path / "theirs"
+        d.mkdir(mode=0o700)
+        path = d / "probe.sock"
+        message = "permission denied: a directory on its path is not open to you"
+    else:
+        path = tmp_path / "probe.sock"
+        message = "permission denied: the socket exists, but its mode (0) lets you not connect to it"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+    if where == "in a directory not open to you":
+        os.chown(path.parent, OTHER_UID, OTHER_UID)  # another user's run directory
+    else:
+        path.chmod(0o000)
+    try:
+        cmd = without_root_override(sys.executable, "-m", "tui.cli", "attach", "--socket", str(path), "--headless")
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        one_line_exit_2(out, message)
+        assert "no such socket" not in out.stderr
+    finally:
+        srv.close()
+
+
 def test_manifests_of_someone_else_are_neither_listed_nor_removed(run_dir):
     needs_root()
     fake = run_dir / "intruder-1-r0.json"
@@ -142,6 +181,43 @@ def test_manifests_of_someone_else_are_neither_listed_nor_removed(run_dir):
     os.chown(fake, OTHER_UID, OTHER_UID)
     out = xray("ls", "--json")
     assert out.returncode == 0 and out.stdout == "" and fake.exists()
+
+
+def test_a_stale_manifest_removes_only_its_own_socket_and_token(run_dir, tmp_path):
+    """A dead run's manifest names its socket; `ls` removes that socket and its token only where they
+    are a socket and a token file of ours directly inside the run directory. A file elsewhere, a regular
+    file, a directory or a link it names (with their .token siblings) survives; each manifest goes."""
+    from probes.protocol import rundir
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    precious = outside / "precious.sock"  # what a crafted manifest could name: anyone's file
+    precious.write_text("keep")
+    (outside / "precious.token").write_text("keep")
+    inside_file = run_dir / "notes.sock"
+    inside_file.write_text("keep")
+    (run_dir / "adir.sock").mkdir()
+    link = run_dir / "link.sock"
+    link.symlink_to(precious)
+    real = run_dir / "dead-999999-r0.sock"  # a socket the dead probe left: removed, with its token
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(real))
+    s.close()
+    real.with_suffix(".token").write_text("0" * 32)
+    targets = {"outside": precious, "dotdot": run_dir / ".." / "outside" / "precious.sock", "file": inside_file,
+               "dir": run_dir / "adir.sock", "link": link, "dead": real, "plain": outside / "precious.txt"}
+    for name, target in targets.items():
+        (run_dir / f"{name}-999999-r0.json").write_text(json.dumps(
+            {"run": name, "pid": 999999, "rank": 0, "world_size": 1, "started": 0, "socket": str(target)}))
+    (outside / "precious.txt").write_text("keep")
+    out = xray("ls", "--json")
+    assert out.returncode == 0 and out.stdout == ""
+    assert precious.read_text() == "keep" and (outside / "precious.token").read_text() == "keep"
+    assert (outside / "precious.txt").read_text() == "keep"
+    assert inside_file.read_text() == "keep" and (run_dir / "adir.sock").is_dir() and link.is_symlink()
+    assert not real.exists() and not real.with_suffix(".token").exists()
+    assert not list(run_dir.glob("*.json"))  # every dead manifest is gone
+    assert rundir.live_manifests() == []
 
 
 def test_a_token_file_open_to_others_is_refused(tmp_path):

@@ -28,10 +28,12 @@ from textual.widgets import Footer, Input, Static
 
 import themes
 from probes.protocol import wire
+from tui.app_notify import AppNotifications
 from tui.chooser import ChooserScreen
 from tui.detail import DetailScreen
 from tui.feed import FeedError
 from tui.keys import KeyActions
+from tui.not_a_probe import on_status
 from tui.reattach import Status, _short
 from tui.state import RunState
 from tui.timeline import ReplayTimeline
@@ -67,6 +69,9 @@ class XRayApp(KeyActions, ReplayTimeline, App):
     batches may carry :class:`tui.reattach.Status` items, and a source with
     ``needs_choice()`` true gets the run chooser first.
     ``state`` (the :class:`RunState`) and ``connection`` are public.
+    ``notify_on`` (a severity; None: off, as tests and benchmarks want it; the
+    CLI passes ``critical`` unless ``--no-notify``) turns on the notifications
+    of :mod:`tui.app_notify`, at most one per rule and layer per ``notify_interval`` seconds.
     """
 
     CSS_PATH = themes.CSS_PATH
@@ -88,6 +93,7 @@ class XRayApp(KeyActions, ReplayTimeline, App):
         Binding("2", "toggle_kind('grad')", "Grad col", show=False),
         Binding("3", "toggle_kind('act')", "Act col", show=False),
         Binding("S", "screenshot_svg", "Screenshot", show=False),
+        Binding("N", "toggle_notify", "Notifications", show=False),
         Binding("escape", "close_filter", "Close filter", show=False),
         # the replay timeline (off, and out of the footer, in a live run)
         Binding("left", "seek(-1)", "Step back", show=False),
@@ -121,7 +127,8 @@ class XRayApp(KeyActions, ReplayTimeline, App):
 
     def __init__(self, source, *, theme: str | None = None, title: str | None = None,
                  screenshot_dir: str | None = None, replay: bool = False, other: RunState | None = None,
-                 other_label: str = "") -> None:
+                 other_label: str = "", notify_on: str | None = None,
+                 notify_interval: float | None = None) -> None:
         super().__init__()
         themes.register(self)
         name = theme or themes.DEFAULT_THEME
@@ -152,6 +159,9 @@ class XRayApp(KeyActions, ReplayTimeline, App):
         self._shown_step = -1  # the run's step at the last repaint of the views
         self._asked = False  # a request went to the probe and its answer is awaited
         self._alert_text: str | None = None  # the full alert message shown under the alerts pane
+        #: toasts and desktop notifications of new alerts and of the run's end (tui.app_notify)
+        self.notifications = AppNotifications(self, min_severity=notify_on, replay=replay,
+                                              **({} if notify_interval is None else {"interval": notify_interval}))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Main-screen actions only on the main screen, the timeline only in a replay, pause
@@ -260,17 +270,23 @@ class XRayApp(KeyActions, ReplayTimeline, App):
 
     @on(Batch)
     def _ingest(self, event: Batch) -> None:
+        notes = self.notifications
         try:
             ingest = self.state.ingest
             for msg in event.messages:
                 if isinstance(msg, Status):
                     if msg.fresh:
                         self.state.reset()  # a new connection's backlog repeats the history
+                        notes.reconnected()
                     self.connection = msg.connection
+                    on_status(self, msg)  # a failed handshake: the whole reason; quit after a few
                 else:
                     if self._asked and isinstance(msg, wire.Note) and msg.event == "request":
                         self._answered(msg)
                     ingest(msg)
+                    if isinstance(msg, (wire.Alert, wire.Hello)):
+                        notes.message(msg)
+            notes.after_batch(self.state, lost=self.connection.startswith("disconnected"))
         finally:
             self._ingested += 1
             self._slots.release()
@@ -287,17 +303,22 @@ class XRayApp(KeyActions, ReplayTimeline, App):
             reason = self.state.end_reason
             self.connection = ("disconnected" if reason is None else
                                "run ended" if reason == "finished" else f"run ended: {_short(reason)}")
+        self.notifications.after_batch(self.state, lost=True)
         self._paint()
 
     # -- painting ---------------------------------------------------------
 
     def _tick(self) -> None:
+        self.notifications.tick()
         if self.size != self._sized:
             self._check_size()  # the App does not always get Resize events; the tick does not miss one
         # While the reader is ahead (a backlog or a replay streaming in) ingesting comes first: one
         # paint a second instead of four, so a 512-step backlog is on screen sooner.
         if self._dirty and (self._posted == self._ingested or time.monotonic() - self._painted_at >= 1.0):
             self._paint()
+        for ep in self.state.new_losses():  # once per drop episode (tui/drops.py); the header keeps the sum
+            self.notify(ep.text(), title="viewer fell behind", severity="warning", timeout=10)
+            self._dirty = True
 
     def _paint(self) -> None:
         """Bring every widget up to date with the state (the app's thread only)."""

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--quiet", action="store_true", help="with --headless: no status lines")
         sp.add_argument("--rules", metavar="FILE", help="with --headless: alert thresholds from a TOML file "
                         "(docs/alerts.md); the rules are evaluated again with them")
+        add_notify_options(sp)
 
     d = sub.add_parser("demo", help="train a small GPT-2 with the probe attached and watch it",
                        description="Train a small GPT-2 (built from a config, char-level, on a bundled "
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--token-file", metavar="FILE",
                    help="with --tcp HOST:PORT: file holding the run's token (the probe's <run>.token, mode 600)")
     output_opts(a)
+    add_headless_notify_options(a)
     add_attach_options(a)
     a.set_defaults(func=cmd_attach)
     add_detach_parser(sub)
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "ratios and their difference at the same step, both histograms "
                                              "overlaid in the detail")
     output_opts(r, log=False)
+    add_headless_notify_options(r)
     r.set_defaults(func=cmd_replay)
 
     e = sub.add_parser("export", help="write a recording as JSON lines, CSV, Parquet or TensorBoard events",
@@ -171,6 +174,39 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--theme", default=None, help="colour theme of the app (with --tui)")
     i.set_defaults(func=cmd_inspect)
     return p
+
+
+def add_notify_options(sp: argparse.ArgumentParser) -> None:
+    """Notifications of new alerts and of the run's end, in the app and with --headless (tui/notify.py)."""
+    sp.add_argument("--notify-on", choices=("info", "warning", "critical"), default=None,
+                    help="notify alerts this severe or worse (default critical; info adds recoveries): in the "
+                         "app a toast and a desktop notification through the terminal (OSC 9/777, the bell), "
+                         "with --headless through --notify-cmd and --webhook. The run's end is always notified")
+    sp.add_argument("--notify-interval", default="10", metavar="MINUTES",
+                    help="at most one notification per rule and layer per MINUTES (default 10; 0: no limit); "
+                         "many alerts at once come as one summary")
+    sp.add_argument("--no-notify", action="store_true",
+                    help="the app starts with notifications off (N turns them on)")
+
+
+def add_headless_notify_options(sp: argparse.ArgumentParser) -> None:
+    """``--notify-cmd`` and ``--webhook``: where headless mode sends its notifications."""
+    g = sp.add_argument_group(
+        "notifications with --headless",
+        "Each alert of --notify-on severity or worse (rate-limited by --notify-interval) and the run's end "
+        "(finished, crashed, killed, stream lost) are sent on a thread of their own: a slow command or a dead "
+        "endpoint never stalls the output.")
+    g.add_argument("--notify-cmd", metavar="CMD",
+                   help="run CMD per notification (split like shell words, never run by a shell): the "
+                        "notification's fields in XRAY_* environment variables (XRAY_EVENT, XRAY_SEVERITY, "
+                        "XRAY_RULE, XRAY_LAYER, XRAY_STEP, XRAY_MESSAGE, XRAY_TEXT, XRAY_REASON, ...) and as "
+                        "JSON on stdin; its output goes to stderr")
+    g.add_argument("--webhook", metavar="URL",
+                   help="POST each notification as JSON to URL: a Slack-compatible \"text\" and the "
+                        "structured fields; retried with backoff. @FILE reads the URL from FILE (a webhook URL "
+                        "is a secret, and the process list shows command lines)")
+    g.add_argument("--webhook-timeout", default=None, metavar="SECONDS",
+                   help="seconds each --webhook try may take (default 5)")
 
 
 def add_attach_options(a: argparse.ArgumentParser) -> None:
@@ -271,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             if given:
                 raise CliError(f"{', '.join(given)} work{'s' if len(given) == 1 else ''} with --headless "
                                "(the app shows the alerts the probe sent)")
+            sends = [flag for flag in ("--notify-cmd", "--webhook") if getattr(args, flag[2:].replace("-", "_"), None)]
+            if sends:
+                raise CliError(f"{' and '.join(sends)} work{'s' if len(sends) == 1 else ''} with --headless "
+                               "(the app notifies through the terminal: a toast, OSC 9/777 and the bell)")
         return args.func(args)
     except (CliError, feed.FeedError, wire.WireError, rundir.RunDirError, InjectFailed) as exc:
         print(f"xray-tui: error: {exc}", file=sys.stderr)

@@ -16,8 +16,10 @@ from collections import deque
 from typing import TextIO
 
 from probes.protocol import wire
+from probes.publish.recorder import STOPPED
 from probes.rules import RuleEngine
 from probes.rules.spectral import SpectralAlerts
+from tui.drops import DropWatch, drop_line
 
 SEVERITIES = ("info", "warning", "critical")
 
@@ -73,6 +75,8 @@ class AlertPrinter:
         self.rules = rules
         self._spectral: dict[int, SpectralAlerts] = {}  # rank -> the spectral rule, with --rules
         self._rejudged: set[tuple[int, str]] = set()  # (rank, layer) whose spectral fits we judge
+        #: called with every alert seen, printed or not (headless notifications: tui.notify_send)
+        self.on_alert = None
 
     def _print(self, line: str) -> None:
         self.out.write(line + "\n")
@@ -133,13 +137,15 @@ class AlertPrinter:
             self.tripped = msg
         if self.worst is None or rank > SEVERITIES.index(self.worst):
             self.worst = msg.severity
+        if self.on_alert is not None:
+            self.on_alert(msg)
         if rank < self.min_rank:
             return
         if self.as_json:
             self._print(json.dumps(alert_json(msg)))
         else:
             self._print(f"step {msg.step:>7}  rank {msg.rank}  {msg.severity.upper():<8}  {msg.rule:<10}  "
-                        f"{msg.layer} [{msg.kind}]  {msg.message}")
+                        f"{_printable(msg.layer)} [{msg.kind}]  {_printable(msg.message, 4000)}")
 
     def failed(self, fail_on: str | None) -> bool:
         """Whether an alert at or above ``fail_on`` was seen."""
@@ -189,6 +195,8 @@ class RunWatch:
         self.live = live
         self.label = label
         self.hellos: set[int] = set()
+        self.drops = DropWatch()  # steps this viewer lost when it fell behind (tui/drops.py)
+        self.recording_stopped: wire.Note | None = None  # the probe's note that its recording stopped, and why
         self.ends: dict[int, wire.End] = {}
         self.step = -1  # the newest training step seen (Step or Scalars)
         self.scalars: dict[int, dict[str, float]] = {}  # rank -> latest value of each name
@@ -210,6 +218,8 @@ class RunWatch:
             self.hellos.add(msg.rank)
         elif isinstance(msg, wire.End):
             self.ends[msg.rank] = msg
+        elif isinstance(msg, wire.Note) and msg.event == STOPPED:
+            self.recording_stopped = msg
         elif isinstance(msg, (wire.Step, wire.Scalars)) and getattr(msg, "phase", "train") == "train":
             self.step = max(self.step, msg.step)
             # The replay clock. Scalars come in bursts right after their sampled Step, so once a run
@@ -227,6 +237,15 @@ class RunWatch:
                         latest[name] = value
                 self.scalar_step = max(self.scalar_step, msg.step)
         self.printer.handle(msg)
+        self._say_drops(self.drops.handle(msg))
+
+    def tick(self) -> None:
+        """Say the drop episodes that have ended by now (each message and status line calls it)."""
+        self._say_drops(self.drops.due())
+
+    def _say_drops(self, episodes) -> None:
+        for ep in episodes:
+            self.printer._print(drop_line(ep, self.printer.as_json))
 
     # -- the status line --------------------------------------------------
 
@@ -258,6 +277,7 @@ class RunWatch:
 
         ``step`` is that of the newest Scalars when the run sends them (the
         loss shown is that step's), else the newest sampled step."""
+        self.tick()
         at = self.scalar_step if self._saw_scalars else self.step
         if self.printer.as_json:
             rank = min(self.scalars, default=None)
@@ -301,6 +321,7 @@ class RunWatch:
 
     def finish(self, fail_on: str | None = None) -> int:
         """Print the end line; the exit status (see the class)."""
+        self._say_drops(self.drops.close())
         tripped = self.tripped
         if tripped is not None:
             reason, error, step, rank = FAIL_ON, "", max(self.step, tripped.step), tripped.rank
@@ -308,6 +329,8 @@ class RunWatch:
         else:
             reason, error, step, rank = self.outcome()
             code = 0 if reason in END_OK else 1
+            if reason == DISCONNECTED and not self.live and self.recording_stopped is not None:
+                error = f"recording stopped: {self.recording_stopped.data.get('why', '')}"  # the probe said why
         if self.printer.as_json:
             self.printer._print(json.dumps(clean({
                 "type": "end", "step": step if step >= 0 else None, "rank": rank, "reason": reason,
@@ -320,9 +343,17 @@ class RunWatch:
                     f"({'training stopped' if self.stops_run else 'the run goes on'})")
         elif reason == DISCONNECTED:
             what = (f"run disconnected at {at} without an End (the process died or was SIGKILLed)" if self.live else
-                    f"the recording stops at {at} without an End (the process died, or is still writing it)")
+                    _recording_cut(at, self.recording_stopped))
         else:
             why = f" ({_printable(error)})" if error else ""
             what = f"run ended at {at}: {_printable(reason, 40)}{why}"
         self.printer._print(f"{what}; alerts {self._alert_counts()}")
         return code
+
+
+def _recording_cut(at: str, stopped: wire.Note | None) -> str:
+    """Why a recording ends without an End: the probe's own note when it left one, else the causes."""
+    if stopped is not None:
+        why = _printable(str(stopped.data.get("why", "")), 120)
+        return f"the recording stops at {at}: the probe stopped recording ({why}); the run went on unrecorded"
+    return f"the recording stops at {at} without an End (the process died, the disk filled, or it is still writing it)"

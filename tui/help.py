@@ -71,6 +71,8 @@ HELP: list[tuple[str, str]] = [
     ("p", "pause / resume the screen (data keeps arriving; a live run only)"),
     ("t", "next theme (dark, light, high contrast, colour-blind safe)"),
     ("S", "save a screenshot of the screen as SVG (in $XRAY_TUI_SCREENSHOTS, else the working directory)"),
+    ("N", "notifications of new critical alerts and of the run's end (a toast, the terminal's desktop "
+          "notification and bell) off / on"),
     ("e", "ask the live run for a spectral pass now (WeightWatcher's alpha; one per 10 s)"),
     ("w g a u", "(detail) show weight / grad / act / update"),
     ("l", "(detail) the histogram's density axis linear / log (the tails show on a log axis)"),
@@ -101,6 +103,7 @@ LEGEND: list[tuple[str, str]] = [
     ("header", "run · step · training steps/s (the probe's clock) · ranks attached/world size · connection; "
                "a replay says step S of N (replay) instead of a rate"),
     ("samples drops", "statistics received; samples the probe dropped because it fell behind (never slows training)"),
+    ("lost", "(header, when it happened) steps this viewer never got because it fell behind, and when it last did"),
     ("detail", "HOT chart: x = step, y = value bin (signed, log-spaced; bins empty at every step folded "
                "away, ≈ on the axis), colour = count on a log scale (legend under it); histogram as densities "
                "on a linear axis; line charts share one step range"),

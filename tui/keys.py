@@ -135,6 +135,15 @@ class KeyActions:
             self.notify(f"screenshot saved to\n{where}\n(${screenshot.ENV} sets the directory)", timeout=6,
                         markup=False)
 
+    def action_toggle_notify(self) -> None:
+        """Turn the toasts and desktop notifications of new alerts off or on (``--no-notify`` starts off)."""
+        notes = self.notifications
+        if notes.replay:
+            self.notify("notifications are off in a replay: a recording is the past", timeout=3)
+            return
+        on = notes.toggle()
+        self.notify(f"notifications {'on' if on else 'off'}", timeout=2)
+
     def action_request_spectral(self) -> None:
         """Ask the live probe(s) for a spectral pass now; say what happened."""
         ask = getattr(self.source, "request", None)

@@ -36,9 +36,15 @@ class Status:
 
     connection: str
     fresh: bool = False
+    #: the whole reason of a failed handshake (``connection`` carries it too, but the header cuts it)
+    why: str = ""
+    #: failed handshakes in a row with the run (0: none); the app offers to quit at :data:`GIVE_UP_AFTER`
+    failures: int = 0
 
 
 WAITING = "waiting for the run"
+#: Failed handshakes in a row after which the app says the socket may not be a probe and offers to quit.
+GIVE_UP_AFTER = 3
 
 
 def _short(text: str, limit: int = 24) -> str:
@@ -121,6 +127,7 @@ class ReattachSource:
                 raise FeedError(f"cannot record to {self.record}: {exc.strerror}") from None
         said = None
         ended_identity = None  # the run that sent End: never re-attach to it again
+        failures = 0  # handshakes in a row that ended before a hello
         try:
             while not stop.is_set():
                 run = self._find()
@@ -156,9 +163,11 @@ class ReattachSource:
                         # Could not even say hello: the run went away between the
                         # listing and the connect, or the socket is not a probe.
                         said = f"{DISCONNECTED} ({exc})"
-                        yield [Status(said)]
+                        failures += 1
+                        yield [Status(said, why=str(exc), failures=failures)]
                         stop.wait(self.poll)
                         continue
+                failures = 0
                 self._live = None
                 if stop.is_set():
                     return

@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from probes.protocol import wire
+from tui.drops import DropWatch, Episode
 from tui.state_views import StateViews
 
 #: The kinds of stream a layer can have, in the order the views list them.
@@ -121,6 +122,10 @@ class RunState(StateViews):
     track_steps: bool = False
     #: Every training step of the lowest rank, in order, when ``track_steps``.
     steps_recorded: list = field(default_factory=list)
+    #: What this viewer lost when it fell behind: the ended episodes (tui/drops.py), oldest first.
+    lost: list = field(default_factory=list)
+    _drop_watch: DropWatch = field(default_factory=DropWatch)
+    _lost_told: int = 0  # episodes :meth:`new_losses` has handed out
 
     def reset(self) -> None:
         """Forget everything (a new run of the same name replaced the old one)."""
@@ -209,6 +214,19 @@ class RunState(StateViews):
             self.ended[msg.rank] = msg
         elif _SPECTRAL is not None and isinstance(msg, _SPECTRAL):
             self.spectral[msg.layer] = msg
+        self.lost += self._drop_watch.handle(msg)
+
+    def new_losses(self) -> list[Episode]:
+        """Drop episodes that ended since the last call (each handed out once), and the
+        stream's end closes an open one (:attr:`finished`)."""
+        self.lost += self._drop_watch.close() if self.finished else self._drop_watch.due()
+        new, self._lost_told = self.lost[self._lost_told:], len(self.lost)
+        return new
+
+    @property
+    def lost_steps(self) -> int:
+        """Steps (sampled steps, without Scalars) this viewer lost over all ended episodes."""
+        return sum(ep.steps for ep in self.lost)
 
     # -- the run as a whole -----------------------------------------------
 

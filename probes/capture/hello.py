@@ -80,7 +80,8 @@ def layer_infos(model: nn.Module, params, hooked: dict[str, nn.Module], unread: 
 
 
 def build_hello(model: nn.Module, watched, adapter_of: dict[str, str], optimizer, scaler, *, run: str, rank: int,
-                world: int, every: int, eps: float, spectral: bool, start_step: int, hosts: list) -> wire.Hello:
+                world: int, every: int, eps: float, spectral: bool, start_step: int, hosts: list,
+                signal_tensors: list | None = None) -> wire.Hello:
     """The run's Hello: who it is, how it samples, and its layers (``watched`` is the
     :class:`~probes.capture.selection.Watched` of ``model``)."""
     infos, param_groups = layer_infos(model, watched.params, dict(watched.modules), watched.unread, adapter_of,
@@ -90,5 +91,5 @@ def build_hello(model: nn.Module, watched, adapter_of: dict[str, str], optimizer
         started=time.time(), argv=list(sys.argv), every=every, eps=eps, hist=histogram.SPEC, layers=infos,
         accepts=["spectral"] if spectral else [],  # so the recorded Hello equals the served one
         precision=precision(watched.params, scaler), param_groups=param_groups,
-        start_step=start_step, hosts=hosts,
+        start_step=start_step, hosts=hosts, signal_tensors=list(signal_tensors or []),
     )

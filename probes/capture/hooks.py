@@ -24,6 +24,7 @@ from probes.capture.eager import eager
 from probes.capture.handoff import Handoff
 from probes.capture.reads import WeightReads
 from probes.capture.scalars import ScalarLog
+from probes.capture.signals import StepSignals
 from probes.engines.batch import Batch
 
 log = logging.getLogger("xray-tui")
@@ -42,16 +43,20 @@ class Hooks:
 
     def __init__(self, *, step_index: int, every: int, eps: float, hist_k: int, seed: int, world: int,
                  optimizer, scaler, hooked: bool, job, scalars: ScalarLog, acts: Activations, reads: WeightReads,
-                 handoff: Handoff, actions: AlertActions, failed: set[str], fail: Callable[[str], None]) -> None:
+                 handoff: Handoff, actions: AlertActions, failed: set[str], fail: Callable[[str], None],
+                 signals: StepSignals | None = None) -> None:
         self.optimizer, self.scaler, self._hooked = optimizer, scaler, hooked
         self.every, self.eps, self.hist_k, self.world, self._job = every, eps, hist_k, world, job
         self._scalars, self._acts, self._reads, self._handoff, self._actions = scalars, acts, reads, handoff, actions
         self._failed, self._fail = failed, fail
+        self._signals = signals  # the every-step early-warning tier, or None
+        self._step_signals = None  # this step's, between after_update and the step's end
         self.step_index = step_index
         self._sampling = self.step_index % every == 0
         #: the activation hooks' one flag: this forward pass is sampled (set per forward by the root pre-hook)
         self._active = self._sampling
         self._phase: str | None = None  # "train" or "eval" inside a forward of the model, else None
+        self._loss_share = False  # this training forward was given num_items_in_batch (ScalarLog.add_loss)
         self._eval_armed = True  # the next evaluation forward is sampled (re-armed by each sampled step)
         self._seen: set[str] = set()
         self._eval_seen: set[str] = set()
@@ -83,6 +88,8 @@ class Hooks:
             self._phase, self._active = "train", self._sampling
             if not torch.compiler.is_compiling():
                 self._scalars.note_inputs(args, kwargs)
+                # the HF Trainer's num_items_in_batch: the model's loss is a share of the step's
+                self._loss_share = kwargs.get("num_items_in_batch") is not None
         else:
             self._phase, self._active = "eval", self._eval_armed and "eval" not in self._failed
 
@@ -95,7 +102,7 @@ class Hooks:
         """
         phase, self._phase = self._phase, None
         if phase == "train" and not torch.compiler.is_compiling():
-            self._scalars.note_loss(output)
+            self._scalars.note_loss(output, self._loss_share)
         if phase == "eval":
             if self._active:
                 self._eval_armed = False
@@ -150,6 +157,8 @@ class Hooks:
         self._stepped = True
         if self.scaler is not None:
             self._scalars.keep_scale()
+        if self._signals is not None:
+            self._signals.before()  # every step: what precedes a loss spike cannot wait for a sample
         if not self._sampling or "params" in self._failed:
             return
         try:
@@ -174,6 +183,11 @@ class Hooks:
                 self._reads.read_updates(self._batch)
             except Exception:
                 self._fail("params")
+        if self._signals is not None:
+            if skipped:
+                self._signals.skip()
+            else:
+                self._step_signals = self._signals.after()
         if skipped:
             self._reads.snapshot = None  # nothing moved: no update to measure
         if self._hooked and self.scaler is not None:
@@ -185,6 +199,8 @@ class Hooks:
         """``scaler.update`` while attached: the iteration's end, whether or not
         ``optimizer.step`` ran (it did not when the scaler found inf/NaN gradients)."""
         skipped, self._stepped = not self._stepped, False
+        if skipped and self._signals is not None:
+            self._signals.skip()
         try:
             if skipped and self._sampling and "params" not in self._failed:
                 try:
@@ -200,7 +216,8 @@ class Hooks:
 
     def _end_step(self, skipped: bool = False) -> None:
         """Close the step: its scalars; on a sampled step ship everything; then advance."""
-        self._scalars.end_step(self.step_index, skipped)
+        signals, self._step_signals = self._step_signals, None
+        self._scalars.end_step(self.step_index, skipped, signals)
         now = time.perf_counter()
         self._since_sampled += 1
         if self._sampling:
@@ -208,8 +225,8 @@ class Hooks:
             self._timing = ((now - self._t_sampled) / self._since_sampled, self._t_fwd - self._t_end)
             self._t_sampled, self._since_sampled, self._t_fwd = now, 0, math.nan
             self._flush(skipped)
-        elif self._scalars.full():
-            self._handoff.ship(self._scalars.take())
+        elif self._scalars.due() and not self._closed:
+            self._handoff.ship(self._scalars.take())  # every step or two: an alert about it need not wait
         self._t_end = now
         self._advance()
 

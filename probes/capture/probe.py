@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from probes import engines
-from probes.capture import handoff
+from probes.capture import handoff, optimizers
 from probes.capture.actions import AlertActions
 from probes.capture.activations import Activations
 from probes.capture.hello import build_hello
@@ -40,6 +40,8 @@ from probes.capture.reads import WeightReads
 from probes.capture.outlets import open_publisher, start_job
 from probes.capture.run import default_name, optimizer_step, rank_and_world, unique_run_name
 from probes.capture.scalars import ScalarLog
+from probes.capture.signals import StepSignals
+from probes.capture import clipping
 from probes.capture.hooks import Hooks
 from probes.capture.selection import Watched
 from probes.distributed.job import DEFAULT_TIMEOUT, Job
@@ -62,8 +64,10 @@ class XRay:
                  alert_level: str = "critical", seed: int = 0, tcp: str | int | bool | None = None,
                  spectral_every: int | None = 500, layers: Iterable[int] | None = None, scaler=None,
                  start_step: int | None = None, hook_optimizer: bool = True, job: bool = True,
-                 job_timeout: float = DEFAULT_TIMEOUT, serve_local: bool = True) -> None:
+                 job_timeout: float = DEFAULT_TIMEOUT, serve_local: bool = True, signals: bool = True) -> None:
         check_options(every, hist_sample, update_sample, on_alert, start_step, scaler, alert_level)
+        # Accelerate's, DeepSpeed's or a user's wrapper: the torch optimizer inside it is read and hooked
+        optimizer, scaler = optimizers.unwrap(optimizer, scaler, hook=hook_optimizer)
         self.model = model
         self.optimizer = optimizer
         self.eps = eps
@@ -89,6 +93,11 @@ class XRay:
                                   self._skip)
         #: every step's loss, learning rates, scale and rates (the cheap tier), shipped with sampled steps
         self._scalars = ScalarLog(rank, optimizer, scaler, self.params[0][1] if self.params else None, self.note)
+        #: the every-step early-warning tier (Adam's RMS of g^2/v, update ratios) on the update subsets
+        self._signals = StepSignals(self.trainable, self._reads.subset_indices, optimizer,
+                                    self._fail, start) if signals else None
+        if self._signals is not None and not self._signals.on:
+            self._signals = None
         self.run = name or default_name()
         if serve and world == 1:
             self.run = unique_run_name(self.run)
@@ -101,7 +110,8 @@ class XRay:
             serve = False  # a very large job: rank 0 serves the whole job, the others only compute
         hello = build_hello(model, watched, self._lora.adapter_of, optimizer, scaler, run=self.run, rank=rank,
                             world=world, every=every, eps=eps, spectral=bool(spectral_every),
-                            start_step=start, hosts=self._job.hosts if self._job is not None else [])
+                            start_step=start, hosts=self._job.hosts if self._job is not None else [],
+                            signal_tensors=self._signals.names if self._signals is not None else [])
         self.publisher = open_publisher(hello, serve=serve, log=log, rules=rules, tcp=tcp)
         self._hooked = optimizer is not None and hook_optimizer
         #: the hooks and the per-step state they read (one object: an unsampled step reads only it)
@@ -109,7 +119,10 @@ class XRay:
             step_index=start, every=every, eps=eps, hist_k=hist_sample, seed=seed, world=world, optimizer=optimizer,
             scaler=scaler, hooked=self._hooked, job=self._job, scalars=self._scalars, acts=self._acts,
             reads=self._reads, actions=self._actions, failed=self._failed, fail=self._fail,
-            handoff=handoff.Handoff(self.publisher, self._job, rank, self._lora.bases, self._fail))
+            handoff=handoff.Handoff(self.publisher, self._job, rank, self._lora.bases, self._fail),
+            signals=self._signals)
+        # the norm the loop's clipping was given: clipped gradients read the clip value through a blow-up
+        self._unwatch_clip = clipping.watch(list(model.parameters()), self._scalars.note_clip)
         if on_alert is not None:
             self.publisher.subscribe(self._actions)
         # the device engine's fallback reaches the viewers (the header shows it, headless prints it)
@@ -121,6 +134,8 @@ class XRay:
             self.note("skipped", layer=n, kind=kind, why=why)
         self._skip_notes.clear()
         self._reads.keep_init()  # distance from initialisation: the update subsets as they are at attach
+        if self._signals is not None:
+            self._signals.prepare()  # the tier's subsets, drawn from the update subsets, before any step
         for mname, module in watched.modules:
             self._handles.append(module.register_forward_hook(hooks._make_hook(mname)))
         # which pass this is (training or evaluation), and whether it is sampled
@@ -209,8 +224,10 @@ class XRay:
 
         Tensors stay on their device (no host read) and travel with the next
         sampled step; a ``loss`` given here replaces the one read from the
-        model's output. Call it before the step ends (before ``optimizer.step()``,
-        or ``scaler.update()`` with a GradScaler).
+        model's output. A name given several times within one step records
+        their mean (one call per micro-batch of an accumulation loop). Call it
+        before the step ends (before ``optimizer.step()``, or ``scaler.update()``
+        with a GradScaler).
         """
         self._scalars.log(values)
 
@@ -249,6 +266,7 @@ class XRay:
         self._hooks._closed = True
         atexit.unregister(self.close)
         self._unsubscribe_engine()
+        self._unwatch_clip()
         lifecycle.unregister(self)
         for h in self._handles:
             h.remove()
@@ -280,6 +298,10 @@ class XRay:
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kwargs) -> XRay:
     """Attach a probe to ``model`` (and ``optimizer``, to count steps).
 
+    ``optimizer`` is a torch optimizer or a wrapper that holds one in
+    ``.optimizer`` (Accelerate's, DeepSpeed's): the one inside is hooked
+    (:mod:`probes.capture.optimizers`), so accumulation counts optimizer steps.
+
     Keyword arguments: ``every`` (sample one step in N, default 10), ``name``
     (the run's name in ``xray-tui ls``), ``log`` (record the stream to this
     file), ``eps`` (near-zero threshold, 0.05), ``serve`` (listen for
@@ -303,7 +325,9 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **k
     :mod:`probes.distributed.job`; default True), ``job_timeout`` (seconds a round of
     those collectives may take before the view is switched off and the
     missing ranks named, 60), ``serve_local`` (False: ranks other than 0
-    open no socket).
+    open no socket), ``signals`` (the every-step early-warning tier: Adam's
+    RMS of g^2/v and the update ratio of each trainable weight on its update
+    subset, every optimizer step; default True; see probes/capture/signals.py).
     Usable as a context manager; without an optimizer call ``xr.step()``.
     """
     return XRay(model, optimizer, **kwargs)

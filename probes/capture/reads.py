@@ -106,25 +106,11 @@ class WeightReads:
         """The update subsets of all trainable weights, in one new float32 buffer."""
         if not self.trainable:
             return None
-        device = self.trainable[0][1].device
-        indices = [self._subset(name, p) for name, p in self.trainable]
-        engine = engines.for_device(device)
-        if engine == "device":
-            try:
-                from probes.engines import device as device_engine
+        return gather([local(p) for _, p in self.trainable], self.subset_indices())
 
-                # one launch instead of an index op per parameter, on the weights as they are
-                out = device_engine.gather([local(p) for _, p in self.trainable], indices)
-                if out is not None:
-                    return out
-            except Exception as e:
-                engines.failed(device, e)
-        flats = [local(p).detach().reshape(-1) for _, p in self.trainable]
-        if (engine == "cpu-kernel"
-                and all(f.dtype == torch.float32 and f.device.type == "cpu" and f.is_contiguous() for f in flats)):
-            return cpu_kernel.gather(flats, indices)  # one call instead of an index op per parameter
-        pieces = [(f if i is None else f[i]).to(device=device, dtype=torch.float32) for f, i in zip(flats, indices)]
-        return torch.cat(pieces)  # a copy: the optimizer's in-place update cannot reach it
+    def subset_indices(self) -> list[torch.Tensor | None]:
+        """Each trainable weight's subset indices, in :attr:`trainable` order (None: all of it)."""
+        return [self._subset(name, p) for name, p in self.trainable]
 
     def keep_snapshot(self) -> None:
         """Copy the update subsets before the optimizer steps (sampled steps)."""
@@ -182,3 +168,26 @@ class WeightReads:
             self.rank_norms = torch.stack(gathered)
         except Exception:
             self._fail("ranks")
+
+
+def gather(tensors: list[torch.Tensor], indices: list[torch.Tensor | None]) -> torch.Tensor:
+    """``torch.cat([t.reshape(-1)[i] ...])`` as one new float32 buffer on the tensors' device:
+    one launch of the device engine, one call of the C kernel, else an index op per tensor."""
+    device = tensors[0].device
+    engine = engines.for_device(device)
+    if engine == "device":
+        try:
+            from probes.engines import device as device_engine
+
+            # one launch instead of an index op per parameter, on the weights as they are
+            out = device_engine.gather(tensors, indices)
+            if out is not None:
+                return out
+        except Exception as e:
+            engines.failed(device, e)
+    if (engine == "cpu-kernel"
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)):
+        return cpu_kernel.gather(tensors, indices)  # one call instead of an index op per parameter
+    flats = [t.detach().reshape(-1) for t in tensors]
+    pieces = [(f if i is None else f[i]).to(device=device, dtype=torch.float32) for f, i in zip(flats, indices)]
+    return torch.cat(pieces)  # a copy: the optimizer's in-place update cannot reach it

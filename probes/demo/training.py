@@ -109,6 +109,22 @@ def train(*, steps: int, every: int = 5, fault: str = "none", fault_step: int = 
     return step
 
 
+def _exit_with(parent: int) -> None:
+    """Interrupt this process once ``parent`` has gone: a viewer killed outright (SIGKILL, a
+    closed terminal's SIGHUP) runs no cleanup, and its trainer would train on, unseen, forever."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGINT)  # the probe closes its socket and recording as on Ctrl-C
+
+    threading.Thread(target=watch, name="xray-demo-parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the demo trainer process."""
     p = argparse.ArgumentParser(prog="python -m probes.demo", description=__doc__)
@@ -118,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fault-step", type=int, default=50)
     p.add_argument("--name", default="demo")
     p.add_argument("--log", default=None)
+    p.add_argument("--parent", type=int, default=None,
+                   help="stop (as Ctrl-C would) when this process is gone: the viewer that started us")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.parent:
+        _exit_with(args.parent)
     try:
         train(steps=args.steps, every=args.every, fault=args.fault, fault_step=args.fault_step,
               name=args.name, log=args.log)

@@ -26,7 +26,7 @@ from probes import engines
 from probes.engines import cpu_kernel
 from probes.engines.layout import CODE_BINS, CODE_BINS_INT32, CODE_SHIFT, COL, NCOL, NUM_CODES, _NBASE, float_codes
 from probes.engines.reduce import _flat32, _has_units, dead_units, sample_plan, segment_rows, tensor_row
-from probes.engines.transfer import HostCopy, _element, _on, _to_host_async, upload
+from probes.engines.transfer import HostCopy, _element, _on, to_host_async, upload
 from probes.protocol import histogram
 
 #: Largest flat buffer reduced at once (elements).
@@ -279,7 +279,7 @@ class Batch:
         copies, where = [], {}
         for device, pieces in per_device.items():
             where[device] = len(copies)
-            copies.append(_to_host_async(pieces[0] if len(pieces) == 1 else torch.cat(pieces)))
+            copies.append(to_host_async(pieces[0] if len(pieces) == 1 else torch.cat(pieces)))
             at = 0
             for b, d, p in placed:
                 if d == device:

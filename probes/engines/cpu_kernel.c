@@ -220,4 +220,49 @@ void xray_gather(int64_t m, const float *const *ptrs, const int64_t *const *idx,
     }
 }
 
+/* The every-step tier (probes/capture/signals.py), before the optimizer steps, for `m` float32
+ * tensors read at their subsets (idx_t NULL: all of tensor t): the weights' subsets into w0 (as
+ * xray_gather), and per tensor sum(g^2 / max(b2 v + (1 - b2) g^2, eps2)) into sums[t] and
+ * sum(g^2) into sums[m + t] (double): Adam's second moment after this step's update, from
+ * exp_avg_sq as it is before it. One pass over three tensors instead of a dozen torch ops. */
+void xray_signals_before(int64_t m, const float *const *w, const float *const *g, const float *const *v,
+                         const int64_t *const *idx, const int64_t *counts, const double *b2, double eps2,
+                         float *w0, double *sums) {
+    for (int64_t t = 0; t < m; t++) {
+        const float *wt = w[t], *gt = g[t], *vt = v[t];
+        const int64_t *ix = idx[t];
+        const double beta = b2[t], rest = 1.0 - b2[t];
+        double sr = 0.0, sg = 0.0;
+        for (int64_t j = 0; j < counts[t]; j++) {
+            const int64_t k = ix == NULL ? j : ix[j];
+            const double gj = gt[k], g2 = gj * gj;
+            const double second = beta * (double)vt[k] + rest * g2;
+            sr += g2 / (second > eps2 ? second : eps2);
+            sg += g2;
+            w0[j] = wt[k];
+        }
+        sums[t] = sr;
+        sums[m + t] = sg;
+        w0 += counts[t];
+    }
+}
+
+/* ... and after it: per tensor sum((w - w0)^2) into sums[t] and sum(w0^2) into sums[m + t]. */
+void xray_signals_after(int64_t m, const float *const *w, const int64_t *const *idx, const int64_t *counts,
+                        const float *w0, double *sums) {
+    for (int64_t t = 0; t < m; t++) {
+        const float *wt = w[t];
+        const int64_t *ix = idx[t];
+        double sd = 0.0, sw = 0.0;
+        for (int64_t j = 0; j < counts[t]; j++) {
+            const double before = w0[j], d = (double)wt[ix == NULL ? j : ix[j]] - before;
+            sd += d * d;
+            sw += before * before;
+        }
+        sums[t] = sd;
+        sums[m + t] = sw;
+        w0 += counts[t];
+    }
+}
+
 int xray_nrow(void) { return NROW; }

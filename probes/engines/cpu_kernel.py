@@ -126,6 +126,11 @@ def _load() -> ctypes.CDLL | None:
             lib.xray_reduce.restype = ctypes.c_int
             lib.xray_gather.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr]
             lib.xray_gather.restype = None
+            lib.xray_signals_before.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_double,
+                                                _ptr, _ptr]
+            lib.xray_signals_before.restype = None
+            lib.xray_signals_after.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr]
+            lib.xray_signals_after.restype = None
             if lib.xray_nrow() != NROW:
                 raise RuntimeError("row layout differs from probes/engines/layout.py")
             _lib = lib
@@ -211,3 +216,47 @@ def gather(flats: list[torch.Tensor], indices: list[torch.Tensor | None]) -> tor
     idx = np.array([0 if i is None else i.data_ptr() for i in indices], dtype=np.uint64)
     lib.xray_gather(len(flats), ptrs.ctypes.data, idx.ctypes.data, counts.ctypes.data, out.data_ptr())
     return out
+
+
+def _table(tensors: list[torch.Tensor]) -> np.ndarray:
+    return np.array([t.data_ptr() for t in tensors], dtype=np.uint64)
+
+
+def subset_table(tensors: list[torch.Tensor], indices: list[torch.Tensor | None]) -> tuple[np.ndarray, np.ndarray]:
+    """The index pointers and element counts of subsets (for :func:`signals_before` and
+    :func:`signals_after`, made once: a tier's subsets are fixed)."""
+    counts = np.array([t.numel() if i is None else i.numel() for t, i in zip(tensors, indices)], dtype=np.int64)
+    return np.array([0 if i is None else i.data_ptr() for i in indices], dtype=np.uint64), counts
+
+
+def signals_before(weights, grads: np.ndarray, moments: np.ndarray, table: tuple[np.ndarray, np.ndarray],
+                   beta2: np.ndarray, eps2: float) -> tuple[np.ndarray, np.ndarray]:
+    """The every-step tier's first half (probes/capture/signals.py) in one call: the weights'
+    subsets (float32) and a [4, m] float64 array whose rows 0 and 1 get per-tensor sum(g^2 / v_t)
+    and sum(g^2), with v_t = beta2 v + (1 - beta2) g^2 (rows 2 and 3: :func:`signals_after`'s).
+    ``grads`` and ``moments`` are the data pointers (uint64) of contiguous float32 CPU tensors the
+    caller keeps alive; ``table`` from :func:`subset_table` (its indices in range: not checked)."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the CPU kernel is not available")
+    m = len(weights)
+    idx, counts = table
+    w0 = np.empty(int(counts.sum()), dtype=np.float32)
+    sums = np.empty((4, m), dtype=np.float64)
+    tw = _table(weights)
+    lib.xray_signals_before(m, tw.ctypes.data, grads.ctypes.data, moments.ctypes.data, idx.ctypes.data,
+                            counts.ctypes.data, beta2.ctypes.data, eps2, w0.ctypes.data, sums.ctypes.data)
+    return w0, sums
+
+
+def signals_after(weights, table: tuple[np.ndarray, np.ndarray], w0: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """The tier's second half: rows 2 and 3 of ``sums`` get per-tensor sum((w - w0)^2) and sum(w0^2)."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the CPU kernel is not available")
+    m = len(weights)
+    idx, counts = table
+    tw = _table(weights)
+    lib.xray_signals_after(m, tw.ctypes.data, idx.ctypes.data, counts.ctypes.data, w0.ctypes.data,
+                           sums[2:].ctypes.data)
+    return sums

@@ -57,6 +57,9 @@ ITERS = 1 if INTERPRET else 64
 #: Blocks whose float32 per-lane sums are added before they are folded into float64.
 FLUSH = 1 if INTERPRET else 16
 CHUNK = BLOCK * ITERS
+#: Windows of FLUSH full blocks are read without a mask (vector loads); False masks every block, as the
+#: kernel did before (bench/roofline.py's ``tail=0`` variant times the two side by side on a GPU).
+SPLIT = True
 HBLOCK = 1 << 16 if INTERPRET else 1024
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _NAN_BITS = int(np.array(math.nan, dtype=np.float64).view(np.int64))
@@ -223,7 +226,8 @@ class Rows:
 
     def _launch_stats(self, group: list[tuple[int, Item, tuple]]) -> None:
         ws = self.ws
-        consts = dict(BLOCK=BLOCK, ITERS=ITERS, FLUSH=FLUSH, HBLOCK=HBLOCK, SHIFT=ws.shift, NCODES=ws.ncodes, HW=HW, NP=NP, TW=TW)
+        consts = dict(BLOCK=BLOCK, ITERS=ITERS, FLUSH=FLUSH, SPLIT=SPLIT, HBLOCK=HBLOCK, SHIFT=ws.shift,
+                      NCODES=ws.ncodes, HW=HW, NP=NP, TW=TW)
         group = [g for g in group if g[1].n]
         if not group:
             return

@@ -62,7 +62,7 @@ def upload(values, device: torch.device, dtype: torch.dtype | None = None) -> to
     return t.to(device)
 
 
-def _to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, object]:
+def to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, object]:
     """``t`` copied to (pinned) host memory without blocking, and the CUDA event that marks the end."""
     if t.device.type == "cpu":
         return t, None

@@ -38,6 +38,9 @@ class XRayCallback(TrainerCallback):
         opts.setdefault("scaler", getattr(optimizer, "scaler", None))
         # the optimizer's param groups give the learning rates; its steps are this callback's events
         self.xray = XRay(model, optimizer, hook_optimizer=False, **opts)
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            # the Trainer clips every step: the rules judge gradients as clipped, and advise no clipping
+            self.xray.note("clip", max_norm=float(args.max_grad_norm))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         """Weights and gradients, as the optimizer is about to see them."""

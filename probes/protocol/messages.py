@@ -79,6 +79,9 @@ class Hello(Struct, tag="hello", frozen=True):
     #: with torch.distributed: the host name of every rank (index = rank), from rank 0's
     #: job setup (probes/distributed/job.py); [] when the probe does not merge the job
     hosts: list[str] = []
+    #: the tensors of the every-step tier's arrays (:attr:`Scalars.adam_rms`,
+    #: :attr:`Scalars.update_ratio`), in their order: the trainable weights the probe watches
+    signal_tensors: list[str] = []
 
 
 class Sample(Struct, frozen=True, array_like=True):
@@ -180,15 +183,22 @@ class Step(Struct, tag="step", frozen=True):
 class Scalars(Struct, tag="scalars", frozen=True):
     """Run-level numbers of one training step: every step, sampled or not.
 
-    The probe keeps them (device scalars on the device) and ships them with
-    the next sampled step's one host copy, so they arrive in bursts, in step
-    order, right after that step's :class:`Step` (so a rule that sees a loss
-    spike has the step's per-layer statistics already). Names the probe fills in itself:
+    The probe keeps them (device scalars on the device) and ships them every
+    step, or every few steps when steps are faster than
+    :data:`probes.capture.scalars.SHIP_INTERVAL`, with one non-blocking copy
+    to the host; a sampled step's own Scalars follow its :class:`Step` (so a
+    rule that sees a loss spike has the step's per-layer statistics already).
+    Messages come in step order. Names the probe fills in itself:
     ``loss`` (the model output's ``.loss``, or ``xr.log(loss=...)``), ``lr``
     (param group 0) and ``lr/N`` (group N), ``grad_norm`` (the global L2
     norm of the gradients, sampled steps only), ``scale`` (a GradScaler's
     scale), ``steps_per_s``, and ``tokens_per_s`` / ``samples_per_s`` when
-    known; any other name comes from ``xr.log(name=value)``.
+    known; the every-step tier's ``grad_norm_est`` (the global gradient
+    norm, estimated from each weight's fixed subset, every step), and, on a
+    step where the loop called ``torch.nn.utils.clip_grad_norm_``,
+    ``grad_norm_preclip`` (what it returned: the norm before clipping) and
+    ``clip`` (its ``max_norm``); any other name comes from
+    ``xr.log(name=value)``.
     """
 
     step: Count
@@ -197,6 +207,20 @@ class Scalars(Struct, tag="scalars", frozen=True):
     values: dict[str, float]
     #: a GradScaler found inf/NaN gradients and skipped this step's ``optimizer.step``
     skipped: bool = False
+    #: The every-step early-warning tier (probes/capture/signals.py): one little-endian float32 per
+    #: tensor of :attr:`Hello.signal_tensors`, read on each tensor's fixed element subset; b"" when
+    #: the tier did not run this step. ``adam_rms``: sqrt(mean(g^2 / v_hat)) with Adam's second
+    #: moment after this step's update (StableAdamW's RMS_t; NaN without Adam-family state);
+    #: ``update_ratio``: ||W_after - W_before|| / ||W_before|| (NaN where no step was taken).
+    adam_rms: bytes = b""
+    update_ratio: bytes = b""
+
+    def signals(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The tier's arrays (``adam_rms``, ``update_ratio``) as float64, or None when absent."""
+        if not self.adam_rms:
+            return None
+        return (np.frombuffer(self.adam_rms, dtype="<f4").astype(np.float64),
+                np.frombuffer(self.update_ratio, dtype="<f4").astype(np.float64))
 
 
 class Alert(Struct, tag="alert", frozen=True):

@@ -40,6 +40,8 @@ def check_private(path: Path, want_dir: bool) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         raise RunDirError(f"{path} does not exist") from None
+    except PermissionError:
+        raise RunDirError(f"{path}: permission denied (a directory on its path is not open to you)") from None
     kind_ok = stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISSOCK(st.st_mode)
     if not kind_ok:
         raise RunDirError(f"{path} is not a {'directory' if want_dir else 'socket'}")
@@ -148,12 +150,36 @@ def live_manifests(clean: bool = True) -> list[Manifest]:
         if _alive(m.pid) and os.path.exists(m.socket):
             found.append(m)
         elif clean:
-            for stale in (path, Path(m.socket), m.token_file):
-                try:
-                    stale.unlink()
-                except OSError:
-                    pass
+            remove_stale(d, path, m)
     return found
+
+
+def _ours_in(d: Path, path: Path, is_kind) -> bool:
+    """Whether ``path`` is an entry of ``d`` itself (not below, above or through a link), of
+    the kind ``is_kind`` accepts (``stat.S_ISSOCK``...) and owned by the user."""
+    try:
+        inside = os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(d)
+        st = os.lstat(path)  # the entry itself: a link is not followed, and is not of any kind here
+    except (OSError, ValueError):
+        return False
+    return inside and path.name not in ("", ".", "..") and is_kind(st.st_mode) and st.st_uid == os.getuid()
+
+
+def remove_stale(d: Path, manifest_path: Path, m: Manifest) -> None:
+    """Remove a dead run's manifest, and the socket and token it names only where each is
+    what the probe makes: a socket (a regular token file) directly inside the run directory
+    and the user's. A manifest's ``socket`` is a path anyone's file could hold; whatever else
+    it names (a file elsewhere, a link, a directory) is left alone."""
+    sock = Path(m.socket)
+    entries = [(manifest_path, stat.S_ISREG)]
+    if sock.suffix == ".sock":
+        entries += [(sock, stat.S_ISSOCK), (m.token_file, stat.S_ISREG)]
+    for path, is_kind in entries:
+        if _ours_in(d, path, is_kind):
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ class Publisher:
         self.recorder: Recorder | None = None
         if log_path:
             try:
-                self.recorder = Recorder(free_log_path(log_path))
+                self.recorder = Recorder(free_log_path(log_path), note=self._note)  # says why, if it stops
             except OSError as exc:
                 log.warning("xray-tui: cannot record to %s: %s; training goes on unrecorded", log_path, exc)
         if self.recorder:

@@ -147,11 +147,12 @@ class Viewers:
         for viewer in list(self.connected.values()):
             before = viewer.dropped
             viewer.push(frame)
-            if viewer.dropped > before:
-                self.drops += viewer.dropped - before
+            self.drops += viewer.dropped - before
             if viewer.dropped > viewer.reported:
                 # tell the viewer, in its stream, how much it lost (a tiny frame, never counted)
+                before = viewer.dropped
                 viewer.push(self._drops_note(viewer), counted=False)
+                self.drops += viewer.dropped - before  # making room for the note can drop a frame too
             self._flush(viewer)
 
     def finish(self, wait: float = 2.0) -> None:

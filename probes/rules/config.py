@@ -25,6 +25,17 @@ per-rule tables that apply to matching layer names (later entries win)::
     factor = 100.0       # update ratio this many times below the median of its kind, k samples
     enabled = true
 
+    [lagging]
+    factor = 10.0        # a matrix this many times below its peers' median update ratio (up to starved's)
+    k = 4
+
+    [loss-collapse]
+    frac = 0.3           # the loss at most this share of its start...
+    steps = 50           # ...within this many steps of it
+
+    [frozen]
+    enabled = false      # a deliberate linear probe (share = 0.2: the trainable share that warns)
+
     [spectral]           # WeightWatcher's alpha bands, behind the trust gate
     alpha_low = 2.0      # RuleConfig.spectral_alpha_low
     alpha_high = 6.0
@@ -62,8 +73,14 @@ PREFIX = {
     "nonfinite": None,  # no thresholds: only ``enabled``
     "loss-spike": "spike_",  # evaluated over every step's Scalars by probes.rules.scalar
     "overflow": "overflow_",
+    "instability": "instability_",  # the every-step tier, over every step's Scalars (probes.rules.instability)
     "starved": "starved_",
     "spectral": "spectral_",  # evaluated over spectral passes by probes.rules.spectral
+    "frozen": "frozen_",
+    "lagging": "lagging_",
+    "loss-collapse": "collapse_",  # over every step's loss, by probes.rules.loss_collapse
+    "adapter-drift": "drift_",
+    "weight-spread": "spread_",
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(RuleConfig) if f.name not in ("disabled", "overrides")}
 _TOP = {"recover_k"}

@@ -12,6 +12,7 @@ Each rule is a module of its own, listed in :mod:`probes.rules.registry`
 (ids as in DESIGN.md): ``nonfinite``, ``exploding``, ``vanishing``, ``dead``,
 ``stalled``, ``no-grad``, ``update-too-large``, ``starved``,
 ``rank-divergence``, ``straggler`` (the whole job's Step, ``rank`` -1). The
+every-step tier's ``instability`` (:mod:`probes.rules.instability`) and the
 loss rules (``loss-spike``, ``overflow``, a non-finite loss) are judged over
 each step's Scalars by :mod:`probes.rules.scalar`; ``spectral`` over spectral
 passes by :mod:`probes.rules.spectral`. Thresholds live in
@@ -28,6 +29,7 @@ import msgspec
 from probes.protocol import stats
 from probes.protocol.wire import Alert, Step
 from probes.rules.base import FIRE, RECOVER, SampleRule, StepContext, StreamState, alert, recovered, track
+from probes.rules.instability import Instability
 from probes.rules.registry import REGISTRY
 from probes.rules.run import RunFacts
 from probes.rules.scalar import ScalarRules
@@ -48,6 +50,8 @@ class RuleEngine(RunFacts):
         self.affected: dict[tuple[str, int], set[str]] = {}
         self.rules = [rule(self) for rule in REGISTRY]
         self._plan = _plan(self.rules)
+        #: the every-step tier's rule; loss-spike names the tensors it saw move first
+        self.instability = Instability(self)
         self._scalar_rules = ScalarRules(self)
 
     def cfg(self, layer: str) -> RuleConfig:
@@ -58,10 +62,11 @@ class RuleEngine(RunFacts):
         return c
 
     def evaluate_scalars(self, msg) -> list[Alert]:
-        """Alerts from one step's :class:`~probes.protocol.wire.Scalars`: ``loss-spike``, a
-        non-finite loss (``nonfinite`` on ``(loss)``) and ``overflow`` (skipped steps)."""
+        """Alerts from one step's :class:`~probes.protocol.wire.Scalars`: ``instability`` (the
+        every-step tier), ``loss-spike``, a non-finite loss (``nonfinite`` on ``(loss)``) and
+        ``overflow`` (skipped steps)."""
         self.scalars.update(msg.values)
-        return self._scalar_rules.evaluate(msg)
+        return self.instability.evaluate(msg) + self._scalar_rules.evaluate(msg)
 
     def evaluate(self, step: Step) -> list[Alert]:
         """Alerts that fire or recover at this step (none for an evaluation pass's step)."""

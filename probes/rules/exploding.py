@@ -5,6 +5,15 @@ Each stream is judged against the median of its recent healthy L2 norms (the
 whole model's growth at that step: when a model leaves its starting plateau
 every gradient grows together, which is no explosion. Activations and
 gradients past an absolute cap on their abs-max fire at once.
+
+Judged on what the optimizer applies: with gradient clipping on (a ``clip``
+scalar or Note, :meth:`~probes.rules.run.RunFacts.clip`) the step's whole
+gradient is bounded, so a gradient that grew against its own history is an
+explosion only when it holds at least ``explode_clip_share`` of the step's
+gradient norm (the gradients the probe reads are the clipped ones); a BERT
+classifier's attention query/key gradients grow 80x from near zero as it
+leaves its plateau, at 1% of the clipped norm. A weight that started at zero
+(a bias) grows from nothing and is not judged against its history.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ class Exploding(SampleRule):
         super().__init__(engine)
         self.growth = 1.0  # the whole model's gradient growth at the step being judged
         self.peers = 0.0  # and the median L2 of its gradients at that step
+        self.total = 0.0  # and their global L2 norm (as clipped, when clipping is on)
 
     def begin(self, ctx: StepContext) -> None:
         """How much the model's gradients grew at this step, and their median L2 norm.
@@ -63,6 +73,7 @@ class Exploding(SampleRule):
             ref = median(st.hist.get(L2, ()), c.explode_window, c.explode_min_history) if st else math.nan
             if ref > 0:
                 growths.append(value / ref)
+        self.total = math.sqrt(sum(v * v for v in norms))
         self.growth = max(1.0, statistics.median(growths)) if len(growths) >= 3 else 1.0
         self.peers = statistics.median(norms) if len(norms) >= 3 else 0.0
 
@@ -82,12 +93,23 @@ class Exploding(SampleRule):
         # ...and a gradient still below the median layer's is no explosion, however fast it grew
         # from a tiny start (a LayerNorm's, 1e-4 at init, reaching 1e-2 as training begins)
         significant = s.kind != "grad" or value > self.peers
+        clip = self.engine.clip() if s.kind == "grad" else None
+        if clip is not None:
+            # clipping bounds the step: a gradient is an explosion only when it dominates what is applied
+            significant = significant and value >= c.explode_clip_share * self.total
+        if s.kind == "weight" and self.engine.zero_init.get(s.layer, False):
+            significant = False  # a zero-initialised weight (a bias) grows from nothing: no history to judge
         rel = ref > 0 and value > threshold and significant
         now = rel and value > max(threshold, c.explode_now * ref * together)
         absmax = stats.absmax(s)
         cap = s.kind in ("act", "grad") and absmax > c.explode_abs_cap
 
         def finding() -> Finding:
+            clip_on = self.engine.clip()
+            pre = self.engine.scalars.get("grad_norm_preclip")  # the global norm before clipping, when sent
+            before = f"; the gradient norm before clipping was {pre:.3g}" if clip_on and pre is not None else ""
+            advice = (f"lower the learning rate (gradient clipping at {clip_on:g} is already on{before})" if clip_on
+                      else "lower the learning rate or clip gradients")
             if rel:
                 # 10x its own history is a precursor worth a look (early training can grow that
                 # much when a plateau breaks); 100x at once is an explosion
@@ -95,12 +117,12 @@ class Exploding(SampleRule):
                 return Finding(
                     "critical" if now else "warning", value, threshold,
                     f"{s.kind} L2 norm {value:.3g} is {value / ref:.0f}x its recent median "
-                    f"{ref:.3g}{model}: lower the learning rate or clip gradients",
+                    f"{ref:.3g}{model}: {advice}",
                 )
             return Finding(
                 "critical", absmax, c.explode_abs_cap,
                 f"{s.kind} abs-max {absmax:.3g} above the cap {c.explode_abs_cap:g}: "
-                "values are blowing up; lower the learning rate or clip gradients",
+                f"values are blowing up; {advice}",
             )
 
         # a jump far out of range, or past the cap, needs no confirmation

@@ -9,8 +9,11 @@ before the update rules (which leave a parameter without a gradient to it).
 
 from __future__ import annotations
 
+from probes.rules.adapter_drift import AdapterDrift
 from probes.rules.dead import DeadActivations, DeadGradients
 from probes.rules.exploding import Exploding
+from probes.rules.frozen import Frozen
+from probes.rules.lagging import Lagging
 from probes.rules.no_grad import NoGrad
 from probes.rules.nonfinite import Nonfinite
 from probes.rules.rank_divergence import RankDivergence
@@ -18,18 +21,23 @@ from probes.rules.stalled import Stalled
 from probes.rules.starved import Starved
 from probes.rules.straggler import Straggler
 from probes.rules.update_too_large import UpdateTooLarge
+from probes.rules.weight_spread import WeightSpread
 from probes.rules.vanishing import Vanishing
 
 REGISTRY = (
+    Frozen,
     Nonfinite,
     NoGrad,
     Exploding,
     Vanishing,
     DeadActivations,
     DeadGradients,
+    WeightSpread,
+    AdapterDrift,
     Stalled,
     UpdateTooLarge,
     Starved,
+    Lagging,
     RankDivergence,
     Straggler,
 )

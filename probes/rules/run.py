@@ -33,6 +33,11 @@ class RunFacts:
         #: the latest training Step of each rank (loss-spike names the layers that moved in it)
         self.last_step: dict[int, Step] = {}
         self.hosts: list[str] = []  # every rank's host (Hello.hosts), for the straggler's message
+        #: the tensors of the every-step tier's arrays, in their order (Hello.signal_tensors)
+        self.signal_tensors: list[str] = []
+        #: the gradient clipping's max_norm as a ``clip`` Note said (the HF Trainer's
+        #: args.max_grad_norm at train begin); the every-step ``clip`` scalar wins (see :meth:`clip`)
+        self.clip_note: float | None = None
 
     def set_layers(self, layers) -> None:
         """Tell the engine the model's layers (a Hello's ``layers``): the
@@ -56,13 +61,19 @@ class RunFacts:
         self.param_groups = dict(getattr(hello, "param_groups", {}) or {})
         self.eps = getattr(hello, "eps", self.eps)
         self.hosts = list(getattr(hello, "hosts", []) or [])
+        self.signal_tensors = list(getattr(hello, "signal_tensors", []) or [])
 
     def note(self, msg) -> None:
         """Take a run :class:`~probes.protocol.wire.Note`; a ``precision`` note (autocast seen in
-        forward, e.g. ``{"precision": "bf16-autocast"}``) replaces the precision. Any other
+        forward, e.g. ``{"precision": "bf16-autocast"}``) replaces the precision; a ``clip`` note
+        (``{"max_norm": 1.0}``: the HF Trainer's ``max_grad_norm``) says clipping is on. Any other
         message is ignored, so the publisher can hand it everything it publishes."""
-        if getattr(msg, "event", None) == "precision" and msg.data.get("precision"):
+        event = getattr(msg, "event", None)
+        if event == "precision" and msg.data.get("precision"):
             self.precision = str(msg.data["precision"])
+        elif event == "clip":
+            norm = msg.data.get("max_norm")
+            self.clip_note = float(norm) if isinstance(norm, (int, float)) and norm > 0 else None
 
     # -- what the rules ask ------------------------------------------------
 
@@ -70,6 +81,14 @@ class RunFacts:
         """(the learning rate of ``param``'s param group as last reported, or None; the group)."""
         group = self.param_groups.get(param, 0)
         return self.scalars.get("lr" if group == 0 else f"lr/{group}"), group
+
+    def clip(self) -> float | None:
+        """The gradient clipping's max_norm, or None when the probe knows of none: the latest
+        ``clip`` scalar (sent on steps where the loop called clip_grad_norm_), else a ``clip`` Note."""
+        norm = self.scalars.get("clip")
+        if norm is not None and norm > 0:
+            return float(norm)
+        return self.clip_note
 
     def lr_text(self, param: str) -> str:
         """``param``'s learning rate for a message ("lr 0.001 (param group 1)"), "" if unknown."""

@@ -1,8 +1,11 @@
 """Rules over every step's run-level scalars (:class:`probes.protocol.wire.Scalars`).
 
-``loss-spike``: the loss above a rolling robust band (median + k robust
-sigmas over a window, and a relative margin, as OLMo's step skipping and
-Lightning's SpikeDetection judge a loss), on any step, sampled or not. Its
+``loss-spike``: the loss above a rolling robust band (as OLMo's step
+skipping and Lightning's SpikeDetection judge a loss), on any step, sampled
+or not: the median of the last few healthy losses plus k robust sigmas of
+the step-to-step noise, and a relative margin. The noise is read from the
+first differences (their MAD about their own median), which a falling
+trend does not widen, so a bad batch is caught during a steep descent too. Its
 message names the first movers: the layers whose gradient norm or update
 ratio rose most above their own history in the latest sampled step.
 A NaN or infinite loss is ``nonfinite`` (critical) on layer ``(loss)``.
@@ -21,10 +24,25 @@ import statistics
 from collections import deque
 
 from probes.protocol.wire import Alert, Scalars
-from probes.rules.base import FIRE, MAD_SIGMA, RECOVER, mad, median, track
+from probes.rules.base import FIRE, MAD_SIGMA, RECOVER, track
+from probes.rules.loss_collapse import LossCollapse
 from probes.rules.thresholds import LOSS_LAYER
 
 LOSS = LOSS_LAYER
+
+
+def band(losses, window: int, recent: int) -> tuple[float, float]:
+    """(the median of the last ``recent`` losses, the per-step noise in robust sigmas) over the
+    last ``window`` losses. The noise is the MAD of the first differences about their median
+    (a trend shifts every difference alike, so it does not count as noise) over sqrt(2): the
+    difference of two independent steps has twice the variance of one."""
+    v = list(losses)[-window:]
+    mid = statistics.median(v[-recent:])
+    diffs = [b - a for a, b in zip(v, v[1:])]
+    if not diffs:
+        return mid, 0.0
+    m = statistics.median(diffs)
+    return mid, MAD_SIGMA * statistics.median([abs(d - m) for d in diffs]) / math.sqrt(2)
 
 
 class _RankState:
@@ -47,6 +65,7 @@ class ScalarRules:
     def __init__(self, engine) -> None:
         self.engine = engine
         self._ranks: dict[int, _RankState] = {}
+        self._collapse = LossCollapse(engine)  # loss-collapse: a module of its own
 
     def evaluate(self, msg: Scalars) -> list[Alert]:
         """Alerts that fire or recover at this step."""
@@ -65,6 +84,7 @@ class ScalarRules:
                 self._loss_spike(msg, st, c, loss, out)
                 if c.on("loss-spike"):
                     self._diverging(msg, st, c, loss, out)
+                self._collapse.evaluate(msg, c, loss, out)
         if c.on("overflow") and ("scale" in msg.values or msg.skipped):
             self._overflow(msg, st, c, out)
         return out
@@ -96,8 +116,13 @@ class ScalarRules:
         return f"(moved most at the last sampled step: {movers})" if movers else ""
 
     def first_movers(self, rank: int = 0, top: int = 3) -> str:
-        """The layers whose gradient L2 norm or update ratio stood furthest above their own
-        recent median in the latest sampled step, e.g. ``h.1.attn.c_attn.weight grad 41x``."""
+        """The tensors that moved most: from the every-step tier when the run has it (update
+        ratio or Adam RMS against their own recent median, at this step), else the layers whose
+        gradient L2 norm or update ratio stood furthest above their own recent median in the
+        latest sampled step, e.g. ``h.1.attn.c_attn.weight grad 41x``."""
+        tier = self.engine.instability.movers(rank, top)
+        if tier:
+            return tier
         step = self.engine.last_step.get(rank)
         if step is None:
             return ""
@@ -128,16 +153,15 @@ class ScalarRules:
         bad = False
         threshold = math.nan
         if min(len(st.losses), c.spike_window) >= c.spike_min_history and c.on("loss-spike"):
-            mid = median(st.losses, c.spike_window, 0)
-            threshold = max(mid + c.spike_sigmas * MAD_SIGMA * mad(st.losses, c.spike_window),
-                            mid + c.spike_rel * abs(mid))
+            mid, noise = band(st.losses, c.spike_window, c.spike_recent)
+            threshold = max(mid + c.spike_sigmas * noise, mid + c.spike_rel * abs(mid))
             bad = loss > threshold
 
             def fire():
                 movers = self.first_movers(msg.rank)
                 return self._alert(
                     msg, "warning", "loss-spike", loss, threshold,
-                    f"loss {loss:.4g} spiked above its recent band (median {mid:.4g}, limit {threshold:.4g})"
+                    f"loss {loss:.4g} spiked above its recent band (recent median {mid:.4g}, limit {threshold:.4g})"
                     + (f"; first movers: {movers}" if movers else "")
                     + f": a bad batch, or instability; {self._hint()}")
 

@@ -1,7 +1,8 @@
 """``stalled``: a parameter whose update ratio ``||dW||/||W||`` stays (near) zero.
 
 Its hint says why, from what the Hello told: a parameter in no optimizer
-param group, a LoRA A whose B never trains, a param group at lr 0.
+param group, a LoRA A whose B never trains, a param group at lr 0 or at a learning
+rate far too low (``stall_lr``, 1e-6: lr 1e-8 moves no norm weight at all).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class Stalled(UpdateRule):
                     "B stays zero, so A gets no gradient and the adapter never learns; train B too")
         if lr == 0:
             return f"its param group {group}'s learning rate is 0 (a schedule at its end, or warm-up from 0?)"
+        if lr is not None and lr <= engine.cfg(param).stall_lr:
+            return (f"the learning rate is far too low: param group {group} is at lr {lr:.3g}, where fine-tuning "
+                    "runs at 1e-5 to 1e-3 and the step is below float32's resolution of this weight; raise it "
+                    "(or, in a warm-up from 0, wait for it)")
         if engine.param_groups:  # the probe knows the optimizer's groups: it is in one
             return (f"it is in param group {group}" + (f" at lr {lr:.3g}" if lr is not None else "")
                     + ": is its gradient zero, or does the optimizer skip it (weight decay only, a scheduler at 0)?")

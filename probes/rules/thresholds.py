@@ -14,7 +14,8 @@ from dataclasses import dataclass
 #: Every rule id. The per-step rules run in the order of probes.rules.registry.REGISTRY; the loss
 #: rules over each step's Scalars in probes.rules.scalar; spectral per spectral pass.
 RULES = ("nonfinite", "exploding", "vanishing", "dead", "stalled", "no-grad", "update-too-large",
-         "starved", "rank-divergence", "straggler", "overflow", "loss-spike", "spectral")
+         "starved", "rank-divergence", "straggler", "overflow", "loss-spike", "instability", "spectral",
+         "frozen", "lagging", "loss-collapse", "adapter-drift", "weight-spread")
 
 #: Layer name of alerts about the loss (loss-spike, a non-finite loss).
 LOSS_LAYER = "(loss)"
@@ -39,6 +40,9 @@ class RuleConfig:
     explode_window: int = 16  # samples in that median
     explode_min_history: int = 4  # samples needed before the relative test applies
     explode_abs_cap: float = 1e4  # absmax of an activation or gradient above this
+    # with gradient clipping on, a gradient fires only holding at least this share of the step's
+    # (clipped) gradient norm: healthy plateau breaks grew 80x at 1% of it
+    explode_clip_share: float = 0.3
     vanish_zeros: float = 0.5  # exact-zero fraction of a gradient at least this...
     vanish_zeros_jump: float = 0.4  # ...and this much above its own recent median (underflow)
     vanish_factor: float = 1e-3  # or gradient l2 below this times its recent median
@@ -49,6 +53,7 @@ class RuleConfig:
     dead_k: int = 3
     stall_ratio: float = 1e-7  # update ratio below this counts as not moving
     stall_k: int = 3
+    stall_lr: float = 1e-6  # a stalled parameter's group lr at most this: the message says the lr is too low
     nograd_k: int = 3  # sampled steps in a row without a gradient
     update_max: float = 1.0  # update ratio ||dW||/||W|| above this in one step...
     update_factor: float = 30.0  # ...or this many times its own recent median
@@ -61,6 +66,23 @@ class RuleConfig:
     starved_factor: float = 100.0  # update ratio this many times below the median of its kind...
     starved_k: int = 4  # ...for this many samples in a row
     starved_min_peers: int = 3  # tensors of that kind (itself included) needed for a median
+    # lagging: a weight matrix's update ratio this many times below the median of the model's
+    # weight matrices (up to starved_factor) for lagging_k samples; healthy runs spread at most 5x
+    lagging_factor: float = 10.0
+    lagging_k: int = 4
+    # frozen (at a rank's first step): a model without LoRA adapters whose elements requiring a
+    # gradient are below this share (the healthy corpus trains 100%; a base frozen by mistake 0.1%)
+    frozen_share: float = 0.2
+    # adapter-drift: a LoRA adapter's shift ||B A scale||/||W|| at least drift_shift and growing by
+    # drift_rate per step, for drift_k samples (a healthy LoRA run grows under 0.03 per step)
+    drift_shift: float = 0.5
+    drift_rate: float = 0.06
+    drift_k: int = 2
+    # weight-spread: a weight matrix's std at least this many times its own spread_window samples
+    # earlier (or its first), spread_k samples in a row (healthy runs: at most 2.1x over 10 samples)
+    spread_factor: float = 8.0
+    spread_window: int = 10
+    spread_k: int = 2
     rank_factor: float = 2.0  # a rank's total grad norm this many times off the other ranks' median
     rank_k: int = 2
     # straggler (over the whole job's per-rank times, probes/distributed/job.py): a rank's step
@@ -70,12 +92,26 @@ class RuleConfig:
     straggler_min_s: float = 0.02
     straggler_k: int = 3
     # loss-spike and overflow (evaluated by probes.rules.scalar over every step's Scalars):
-    spike_sigmas: float = 6.0  # the loss above its rolling median + this many robust sigmas (1.4826 MAD)...
-    spike_rel: float = 0.1  # ...and above the median by this fraction of it (a flat loss has a tiny MAD)
-    spike_window: int = 64  # steps in that median
+    # the loss above the median of its last spike_recent healthy steps + this many robust sigmas of its
+    # step-to-step noise (1.4826 MAD of the first differences / sqrt 2, over spike_window steps)...
+    spike_sigmas: float = 8.0
+    spike_rel: float = 0.15  # ...and above that median by this fraction of it (a flat loss has a tiny MAD)
+    spike_window: int = 64  # steps in the noise estimate
+    spike_recent: int = 8  # steps in the median (few: a falling loss leaves a long window's median behind)
     spike_min_history: int = 16  # steps needed before a spike can be judged
     spike_diverge: float = 1.5  # the loss this many times where it started (its first 3 steps)...
     spike_diverge_k: int = 5  # ...for this many steps in a row: diverging (critical)
+    # instability (probes.rules.instability, over the every-step tier in each step's Scalars): warn at
+    # the first step where the median tensor's update ratio is this many times its own recent median...
+    instability_update: float = 4.0
+    instability_rms: float = 5.0  # ...or the median tensor's Adam RMS(g^2/v) at least this (healthy ~1, at most 3.6)...
+    instability_rms_factor: float = 2.5  # ...and this many times its recent median
+    instability_window: int = 64  # steps in those medians
+    instability_min_history: int = 16  # steps before anything is judged
+    # loss-collapse (probes.rules.loss_collapse, over every step's loss): the loss at most this share
+    # of where the run started within collapse_steps steps (healthy runs: 67-100% at 50 steps)
+    collapse_frac: float = 0.3
+    collapse_steps: int = 50
     overflow_window: int = 50  # steps over which skipped steps are counted
     overflow_share: float = 0.5  # skipped share of a full window that warns
     overflow_all_k: int = 20  # this many skipped steps in a row: critical

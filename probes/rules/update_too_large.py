@@ -4,6 +4,12 @@ Judged against the tensor's own history of update ratios ``||dW||/||W||``, and
 (weight matrices) against an absolute band from step 0: a learning rate too
 high from the start has no healthy history. Healthy runs sit at 1e-3 to 3e-2
 (docs/alerts.md, "The update-ratio band").
+
+It does not say "recovered" while the learning rate that set it off is unchanged: under Adam at
+a rate far too high the ratios fall after a few steps only because the weights have grown and the
+moments with them (nanoGPT at lr 1e-1 "recovered" at step 30 and sat on a plateau). The lr of the
+parameter's group when the alert fired (or, at step 0, the first reported after) must have fallen
+by half first; a run that reports no lr recovers on its ratios as before.
 """
 
 from __future__ import annotations
@@ -13,10 +19,25 @@ import math
 from probes.rules.base import Finding, UpdateRule, Verdict, median
 
 
+#: the stream series holding the lr of the parameter's group when the alert fired
+FIRED_LR = "fired_lr"
+
+
 class UpdateTooLarge(UpdateRule):
     """``update-too-large`` on update streams."""
 
     id = "update-too-large"
+
+    def _lr_unchanged(self, param: str, st) -> bool:
+        """Whether the lr that set the alert off still holds (at least half of it): then good ratios
+        are Adam's moments grown with the weights, not a recovery."""
+        lr, _ = self.engine.lr(param)
+        if lr is None:
+            return False
+        fired = st.series(FIRED_LR)
+        if not fired:
+            fired.append(lr)  # the first lr known since it fired (at step 0 the Scalars come after)
+        return lr >= 0.5 * fired[0]
 
     def judge(self, ctx, s, st, c) -> Verdict | None:
         if s.ratio is None or not math.isfinite(s.ratio):
@@ -35,7 +56,12 @@ class UpdateTooLarge(UpdateRule):
         now = banded and ratio > c.update_max
         over = banded and ratio > c.update_abs
         bad = rel or over
-        if not (bad or "update-too-large" in st.active):
+        active = "update-too-large" in st.active
+        if active:
+            bad = bad or self._lr_unchanged(s.layer, st)
+        elif not bad:
+            st.hist.pop(FIRED_LR, None)
+        if not (bad or active):
             hist.append(ratio)
         k = 1 if now else (c.update_k if rel else c.update_abs_k)
         lr = engine.lr_text(s.layer)

@@ -41,12 +41,23 @@ def check_sockets(paths) -> None:
     for path in paths:
         if path.startswith("tcp:"):
             continue
-        if not os.path.exists(path):
-            raise CliError(f"{path}: no such socket (see `xray-tui ls` for live runs)")
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            raise CliError(f"{path}: no such socket (see `xray-tui ls` for live runs)") from None
+        except PermissionError:
+            # it may well exist: a directory on its path is not open to you (another user's run directory)
+            raise CliError(f"{path}: permission denied: a directory on its path is not open to you, "
+                           "so it cannot be looked at, let alone attached to") from None
+        except OSError as exc:
+            raise CliError(f"{path}: {exc.strerror or exc}") from None
         try:
             rundir.check_private(Path(path), want_dir=False)
         except rundir.RunDirError as exc:
             raise CliError(str(exc)) from None
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise CliError(f"{path}: permission denied: the socket exists, but its mode "
+                           f"({os.lstat(path).st_mode & 0o777:o}) lets you not connect to it")
 
 
 def check_writable(path: str | None, what: str = "--log") -> None:

@@ -20,6 +20,7 @@ from tui import feed
 from tui.commands import viewer
 from tui.commands.checks import check_theme, check_writable
 from tui.commands.errors import CliError
+from tui.commands.notify import app_options
 from tui.commands.watch import rules_engine, status_every
 from tui.headless import AlertPrinter, RunWatch
 
@@ -30,6 +31,7 @@ def cmd_demo(args) -> int:
     # a typo costs no more than --help.
     check_theme(args.theme)
     check_writable(args.log)
+    app_options(args)  # --notify-interval, checked here as well as by the app (after the trainer started)
     every = status_every(args)
     rules = rules_engine(args)  # the probe itself evaluates the rules with these thresholds
     if not args.headless:
@@ -98,7 +100,8 @@ def _demo_app(args) -> int:
     """The trainer in a child process, the app in this one; `q` stops both."""
     logf = tempfile.NamedTemporaryFile(prefix="xray-demo-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "probes.demo", "--steps", str(args.steps), "--every", str(args.every),
-           "--fault", args.fault, "--fault-step", str(args.fault_step), "--name", args.name]
+           "--fault", args.fault, "--fault-step", str(args.fault_step), "--name", args.name,
+           "--parent", str(os.getpid())]  # it stops when this process is gone, however it went
     if args.log:
         cmd += ["--log", args.log]
     env = dict(os.environ)

@@ -15,9 +15,11 @@ def run_app(source, args, title: str | None = None, replay: bool = False, **comp
     ``compare``: ``other`` and ``other_label`` for a second recording beside the first.
     """
     from tui.app import XRayApp  # Textual is imported only for the app, never for headless commands
+    from tui.commands.notify import app_options
 
+    notify = app_options(args)  # a bad --notify-interval is a one-line error before the screen opens
     try:
-        app = XRayApp(source, theme=args.theme, title=title, replay=replay, **compare)
+        app = XRayApp(source, theme=args.theme, title=title, replay=replay, **notify, **compare)
     except ValueError as exc:  # an unknown theme
         raise CliError(str(exc)) from None
     app.run()

@@ -15,7 +15,9 @@ import time
 
 from tui.commands.checks import seconds
 from tui.commands.errors import CliError
+from tui.commands.notify import headless_notifier
 from tui.headless import AlertPrinter, RunWatch
+from tui.notify import end_notice
 
 
 def rules_engine(args):
@@ -50,25 +52,63 @@ def headless(source, args, *, live: bool) -> int:
     printer = AlertPrinter(as_json=args.json, rules=rules_engine(args))
     printer.fail_on = args.fail_on
     watch = RunWatch(printer, live=live, label=source.label)
+    notifier = headless_notifier(args, run=source.label)  # --notify-cmd, --webhook: None without them
+    tick = None
+    if notifier is not None:
+        # live: the wall clock; a replay: the probe's own, so it is rate-limited as the run was
+        def clock() -> float:
+            return time.monotonic() if live else (watch.newest_time or 0.0)
+
+        def tick() -> None:
+            notifier.tick(clock())
+
+        printer.on_alert = lambda a: notifier.alert(a, clock())
     try:
         if live:
-            _watch_live(source, watch, every)
+            _watch_live(source, watch, every, tick)
         else:
-            _watch_replay(source, watch, every)
+            _watch_replay(source, watch, every, tick)
     except KeyboardInterrupt:
+        _notify_end(notifier, watch, "viewer-interrupted", 130)
         return 130
+    except Exception:  # a stream that broke mid-way (a one-line error follows): tell whoever waits on it
+        _notify_end(notifier, watch, "disconnected", 2)
+        raise
     torn = getattr(source, "torn", 0)
     if torn:
         print(f"xray-tui: {source.label}: the recording ends with {torn} torn bytes "
               "(the writer stopped mid-frame); everything before them was read", file=sys.stderr)
-    return watch.finish(args.fail_on)
+    code = watch.finish(args.fail_on)
+    _notify_end(notifier, watch, None, code)
+    return code
+
+
+def _notify_end(notifier, watch: RunWatch, reason: str | None, code: int) -> None:
+    """Tell --notify-cmd and --webhook how the run ended (``reason`` None: as the end line says), then
+    give them their grace to finish."""
+    if notifier is None:
+        return
+    error = ""
+    step = watch.step
+    if reason is None and watch.tripped is not None:
+        reason = "fail-on"
+        t = watch.tripped
+        error = f"{t.severity} {t.rule} on {t.layer} [{t.kind}] at step {t.step}"
+    elif reason is None:
+        reason, error, step, _rank = watch.outcome()
+    try:
+        notifier.end(end_notice(reason, run=watch.label, step=step, error=error,
+                                counts=dict(watch.printer.counts), code=code))
+        notifier.close()  # what is queued gets its grace, then the viewer exits anyway
+    except KeyboardInterrupt:
+        pass  # a second Ctrl-C: leave without the notices still queued
 
 
 #: The reader thread's last item: the stream ended.
 _DONE = object()
 
 
-def _watch_live(source, watch: RunWatch, every: float | None) -> None:
+def _watch_live(source, watch: RunWatch, every: float | None, tick=None) -> None:
     """Read the live source on a thread of its own, so status lines keep their clock while the
     run is quiet; return when the stream ends or ``--fail-on`` trips (the reader is stopped)."""
     q: queue.Queue = queue.Queue(maxsize=256)
@@ -105,6 +145,8 @@ def _watch_live(source, watch: RunWatch, every: float | None) -> None:
                 watch.handle(msg)
                 if watch.tripped is not None:
                     return
+            if tick is not None:
+                tick()
             if time.monotonic() >= next_status:
                 watch.status()
                 next_status += every * (math.floor((time.monotonic() - next_status) / every) + 1)
@@ -113,7 +155,7 @@ def _watch_live(source, watch: RunWatch, every: float | None) -> None:
         reader.join(2.0)  # the recording (--log) is closed by the reader's generator
 
 
-def _watch_replay(source, watch: RunWatch, every: float | None) -> None:
+def _watch_replay(source, watch: RunWatch, every: float | None, tick=None) -> None:
     """Read a recording; status lines at each ``every`` seconds of the probe's own clock."""
     next_status = None
     stop = threading.Event()
@@ -131,5 +173,7 @@ def _watch_replay(source, watch: RunWatch, every: float | None) -> None:
                     elif t >= next_status:
                         watch.status()
                         next_status += every * (math.floor((t - next_status) / every) + 1)
+            if tick is not None:
+                tick()
     finally:
         gen.close()

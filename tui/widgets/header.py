@@ -8,6 +8,7 @@ same as the live run did.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from rich.text import Text
@@ -49,6 +50,7 @@ class HeaderInfo:
     #: steps/s: a recording has no live rate); its End's step when that is later than the last
     #: sample (the step the headless end line names). None for a live run.
     replay_last: int | None = None
+    lost: str = ""  # what this viewer lost when it fell behind ("380 steps, last at 12:03:05"), "" if nothing
 
     @classmethod
     def from_state(cls, state: RunState, *, label: str, connection: str, paused: bool,
@@ -70,7 +72,7 @@ class HeaderInfo:
                    engine=engine_fallback(state), loss=state.scalar("loss", until=shown_step),
                    lr=state.scalar("lr", until=shown_step),
                    loss_trend=_tail(state, "loss", shown_step), lr_trend=_tail(state, "lr", shown_step),
-                   replay_last=replay_last)
+                   replay_last=replay_last, lost=lost_text(state))
 
 
 def _tail(state: RunState, name: str, until: int | None) -> tuple:
@@ -87,6 +89,15 @@ def _tail(state: RunState, name: str, until: int | None) -> tuple:
                     break
             return tuple(reversed(out))
     return ()
+
+
+def lost_text(state: RunState) -> str:
+    """What this viewer lost in the drop episodes so far, in words ("" when nothing)."""
+    if not state.lost:
+        return ""
+    at = time.strftime("%H:%M:%S", time.localtime(state.lost[-1].started))
+    what = "sampled steps" if any(ep.sampled for ep in state.lost) else "steps"
+    return f"{state.lost_steps:,} {what}, last at {at}"
 
 
 def engine_fallback(state: RunState) -> str:
@@ -204,7 +215,9 @@ class XRayHeader(Widget):
         left2 = Text.assemble(" ", ("layers ", muted), layers,
                               *(((" /", muted), (info.filter, "bold"), ("/", muted)) if info.filter else ()),
                               sep, ("samples ", muted), f"{info.samples:,}", sep, ("drops ", muted),
-                              (f"{info.drops:,}", self._style("warning") if info.drops else None), sep,
+                              (f"{info.drops:,}", self._style("warning") if info.drops else None),
+                              *((sep, ("lost ", muted), (info.lost, self._style("warning"))) if info.lost else ()),
+                              sep,
                               ("alerts ", muted),
                               (f"{info.active_alerts} active",
                                self._style("warning") if info.active_alerts else None))
