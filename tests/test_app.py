@@ -276,7 +276,7 @@ def test_sparkline_blocks():
     s = synthetic.sample_of("x", "weight", [0.0, 0.0, 0.0, 1.0])
     line = sparkline(s, 8)
     assert len(line) == 8
-    assert line[0] == "█" and line[-1] in "▁▂▃" and line[3] == " "
+    assert line[0] == "▇" and line[-1] in "▁▂▃" and line[3] == " "  # the peak below the cell top (issue 28)
     assert sparkline(None, 5) == "     "
 
 

@@ -155,6 +155,14 @@ THEMES: dict[str, Theme] = {t.name: t for t in (XRAY_DARK, XRAY_LIGHT, XRAY_HIGH
 DEFAULT_THEME = XRAY_DARK.name
 
 
+def known() -> list[str]:
+    """Every theme name the app accepts, sorted: Textual's built-in themes and this package's
+    (what ``--theme`` is checked against before any work starts, as the app itself checks it)."""
+    from textual.theme import BUILTIN_THEMES
+
+    return sorted({*BUILTIN_THEMES, *THEMES})
+
+
 def register(app) -> None:
     """Register every xray theme with a Textual ``App``."""
     for theme in THEMES.values():

@@ -126,7 +126,7 @@ class XRayApp(KeyActions, ReplayTimeline, App):
             self.error = error
 
     def __init__(self, source, *, theme: str | None = None, title: str | None = None,
-                 screenshot_dir: str = ".", replay: bool = False, other: RunState | None = None,
+                 screenshot_dir: str | None = None, replay: bool = False, other: RunState | None = None,
                  other_label: str = "", notify_on: str | None = None,
                  notify_interval: float | None = None) -> None:
         super().__init__()
@@ -146,6 +146,7 @@ class XRayApp(KeyActions, ReplayTimeline, App):
         self.replay_at: int | None = None
         #: A second recording shown beside this one (``replay A --vs B``), and its name.
         self.other, self.other_label = other, other_label
+        #: Where `S` writes screenshots; None: $XRAY_TUI_SCREENSHOTS, else the working directory.
         self.screenshot_dir = screenshot_dir
         self._stop = threading.Event()
         self._slots = threading.Semaphore(MAX_IN_FLIGHT)
@@ -337,7 +338,7 @@ class XRayApp(KeyActions, ReplayTimeline, App):
             paused=self.paused, layers_shown=len(table.view), filter=flt, title=self.title,
             view=self._view_label(),
             shown_step=self._shown_step if self.paused or self.replay_at is not None else None,
-            replay_last=self.state.step if self.replay else None))
+            replay_last=self.state.last_step if self.replay else None))
 
     def _show_alert_message(self) -> None:
         """The full message of the alert under the pane's cursor (the first one when it has no focus)."""

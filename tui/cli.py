@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record types to write, a comma list or repeated: samples, scalars, alerts, notes "
                         "(default samples,scalars)")
     e.add_argument("--layer", metavar="REGEX",
-                   help="only samples and alerts whose layer matches REGEX (re.search), e.g. '^h\\.0\\.'")
+                   help="only samples and alerts whose layer matches REGEX (re.search), e.g. "
+                        "'^transformer\\.h\\.0\\.' (block 0 of the demo's GPT-2) or 'mlp\\.c_fc$'; a filter "
+                        "that matches no sample says which layers the recording has")
     e.add_argument("--kind", action="append", metavar="KINDS",
                    help="only samples and alerts of these kinds, a comma list or repeated: weight, grad, act, "
                         "update (alerts about the loss have none and are left out)")

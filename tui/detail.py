@@ -200,6 +200,13 @@ class DetailScreen(Screen):
         self.app._check_size()
         self.refresh_data(force=True)
 
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """A kind's key works (and is in the footer) only when the layer has that stream: a
+        block's detail (activations only) lists no ``w Weight`` or ``g Grad``."""
+        if action == "kind" and parameters:
+            return self.row.stream(parameters[0]) is not None
+        return True
+
     def action_kind(self, kind: str) -> None:
         """Show the HOT chart and plots of another kind of this layer."""
         self.kind = kind

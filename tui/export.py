@@ -67,6 +67,9 @@ class Selection:
     what: tuple[str, ...] = DEFAULT_WHAT
     layer: re.Pattern | None = None
     kinds: tuple[str, ...] = KINDS
+    #: what :meth:`records` saw: each sample layer (in recording order) with its kinds, and how many it kept
+    seen: dict = field(default_factory=dict, compare=False)
+    kept_samples: int = field(default=0, compare=False)
 
     @classmethod
     def parse(cls, what=None, layer: str | None = None, kinds=None) -> "Selection":
@@ -96,7 +99,9 @@ class Selection:
                 if isinstance(msg, wire.Step):
                     if "samples" in self.what:
                         for s in msg.samples:
+                            self.seen.setdefault(s.layer, set()).add(s.kind)
                             if self._keeps(s.layer, s.kind):
+                                self.kept_samples += 1
                                 yield ("sample", msg, s)
                 elif isinstance(msg, wire.Scalars):
                     if "scalars" in self.what:
@@ -110,6 +115,25 @@ class Selection:
                         yield ("note", msg)
                 elif isinstance(msg, wire.Hello):
                     yield ("hello", msg)
+
+
+    def unmatched(self, shown: int = 4) -> str | None:
+        """After :meth:`records`: when --layer or --kind kept none of the recording's samples, a line
+        saying which layers and kinds it has (a few names, so a wrong regex can be fixed); else None."""
+        kind_filter = set(self.kinds) != set(KINDS)
+        if (self.layer is None and not kind_filter) or self.kept_samples or not self.seen:
+            return None
+        given = " ".join(([f"--layer '{self.layer.pattern}'"] if self.layer is not None else [])
+                         + ([f"--kind {','.join(self.kinds)}"] if kind_filter else []))
+        names = list(self.seen)
+        matching = [n for n in names if self.layer is None or self.layer.search(n)]
+        if matching:  # the layers matched, the kinds did not
+            names, where = matching, "the layers it matches"
+        else:
+            where = "the recording's layers"
+        listed = ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+        kinds = ", ".join(k for k in KINDS if any(k in self.seen[n] for n in names))
+        return f"{given} matched no sample; {where}: {listed}; their kinds: {kinds}"
 
 
 @dataclass

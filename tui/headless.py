@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections import deque
 from typing import TextIO
 
@@ -172,7 +173,9 @@ def _printable(text: str, limit: int = 300) -> str:
 
 
 def _num(v: float | None, fmt: str) -> str:
-    return "—" if v is None or not math.isfinite(v) else format(v, fmt)
+    """``v`` formatted; "—" when there is none yet. A NaN or infinite loss is shown as such
+    (``nan``, ``inf``): after a NaN the loss is the news, not a missing value."""
+    return "—" if v is None else format(v, fmt)
 
 
 class RunWatch:
@@ -202,6 +205,7 @@ class RunWatch:
         self._saw_scalars = False
         self.scalar_step = -1  # the newest step whose Scalars came
         self.stops_run = False  # --fail-on stops the training too (the demo trains in this process)
+        self._status_at: tuple[int, float] | None = None  # (step, wall clock) the status lines first showed
 
     @property
     def tripped(self) -> wire.Alert | None:
@@ -287,7 +291,16 @@ class RunWatch:
         step = f"{at:,}" if at >= 0 else "—"
         self.printer._print(f"status  step {step}  {_num(self.steps_per_s, '.3g')} steps/s  "
                             f"loss {_num(self.latest('loss'), '.4g')}  lr {_num(self.latest('lr'), '.3g')}  "
-                            f"alerts {self._alert_counts()}")
+                            f"alerts {self._alert_counts()}{self._quiet_for(at)}")
+
+    def _quiet_for(self, at: int) -> str:
+        """Live, when no new step came since the last status line: how long the run has been quiet,
+        so that line is not the last one printed again (a hung run still gets its lines)."""
+        now = time.monotonic()
+        if self._status_at is None or self._status_at[0] != at:
+            self._status_at = (at, now)
+            return ""
+        return f"  (no new step for {now - self._status_at[1]:.0f} s)" if self.live else ""
 
     # -- the end ----------------------------------------------------------
 

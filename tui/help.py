@@ -63,14 +63,14 @@ HELP: list[tuple[str, str]] = [
     ("enter", "(table) open the layer's detail screen, which lists its alerts in full; "
               "(alerts) go to the alert's layer"),
     ("tab", "switch focus between the layer table and the alerts"),
-    ("n", "jump to the next layer with an active alert"),
+    ("n", "jump to the next layer an active alert names (the earliest alert first)"),
     ("/", "filter layers by name (regex); enter keeps it, escape closes; clear the text to show all"),
     ("s", "sort rows: model order → severity → name → depth → grad norm"),
     ("1 2 3", "show / hide the weight, grad, act sparkline columns"),
     ("r", "per-rank vs merged view: merged → rank 0 → rank 1 …"),
     ("p", "pause / resume the screen (data keeps arriving; a live run only)"),
     ("t", "next theme (dark, light, high contrast, colour-blind safe)"),
-    ("S", "save a screenshot of the screen as SVG (in the current directory)"),
+    ("S", "save a screenshot of the screen as SVG (in $XRAY_TUI_SCREENSHOTS, else the working directory)"),
     ("N", "notifications of new critical alerts and of the run's end (a toast, the terminal's desktop "
           "notification and bell) off / on"),
     ("e", "ask the live run for a spectral pass now (WeightWatcher's alpha; one per 10 s)"),

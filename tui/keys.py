@@ -9,11 +9,10 @@ handlers only on its own classes (message pumps), never on a plain mixin.
 
 from __future__ import annotations
 
-import os
-
 from textual.widgets import Input
 
 import themes
+from tui import screenshot
 from tui.detail import DetailScreen
 from tui.help import HELP, LEGEND, HelpScreen
 from tui.widgets.layer_table import SORTS
@@ -125,13 +124,16 @@ class KeyActions:
         self.notify(f"theme {self.theme}", timeout=2)
 
     def action_screenshot_svg(self) -> None:
-        """Save the screen as an SVG file (Textual's own screenshot)."""
+        """Save the screen as an SVG file in the screenshot directory, in fonts any machine has."""
         try:
-            path = os.path.abspath(self.save_screenshot(path=self.screenshot_dir))
+            path = screenshot.save(self, self.screenshot_dir)
         except OSError as exc:
             self.notify(f"screenshot failed: {exc.strerror or exc}", severity="error", timeout=6)
         else:
-            self.notify(f"screenshot saved to {path}", timeout=5)
+            # the path broken after a / on lines of the toast's width (it split names mid-word)
+            where = screenshot.fold_path(path, screenshot.toast_width(self.size.width))
+            self.notify(f"screenshot saved to\n{where}\n(${screenshot.ENV} sets the directory)", timeout=6,
+                        markup=False)
 
     def action_toggle_notify(self) -> None:
         """Turn the toasts and desktop notifications of new alerts off or on (``--no-notify`` starts off)."""

@@ -272,6 +272,12 @@ class RunState(StateViews):
         return "stopped" if any(e.reason == "stopped" for e in ends) else "finished"
 
     @property
+    def last_step(self) -> int:
+        """The run's last step as far as it is known: the newest sampled step, or the step an End
+        names when it is later (a run of 120 steps sampled every 5 has its last sample at 115)."""
+        return max(self.step, *(e.step for e in self.ended.values()), -1)
+
+    @property
     def steps_per_s(self) -> float | None:
         """Training speed from the probe's own clock (right for backlog too)."""
         if len(self._times) < 2:

@@ -66,8 +66,14 @@ def inject(fault: str, model, optimizer) -> tuple[str, str]:
             h.mlp.c_fc.weight.mul_(1000.0)
             return f"{prefix}.mlp.c_fc", "weights multiplied by 1000, as a bad update would"
         if fault == "dead":
-            h.mlp.c_fc.bias.fill_(-10.0)
-            return f"{prefix}.mlp.act", f"{prefix}.mlp.c_fc bias set to -10: every GELU unit below zero"
+            # Shift the activation's input rather than write -10 into c_fc's bias: that bias has an L2
+            # norm near 0.1 after 50 steps, so the write was a 1600x jump in a weight, which `exploding`
+            # rightly called critical before `dead` could say anything. Here no weight moves; the
+            # units are as dead (GELU(x - 10) is 0 in float32, and so is its gradient).
+            act = h.mlp.act
+            gelu = act.forward
+            act.forward = lambda x: gelu(x - 10.0)  # an instance attribute: the probe's hooks stay on act
+            return f"{prefix}.mlp.act", "its input shifted by -10 (a broken activation): every GELU unit below zero"
         if fault == "stalled":
             target = h.attn.c_proj.weight
             for group in optimizer.param_groups:

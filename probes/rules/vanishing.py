@@ -37,8 +37,8 @@ class Vanishing(SampleRule):
             if underflow:
                 return Finding(
                     "warning", zeros, c.vanish_zeros,
-                    f"{zeros:.0%} of {s.layer}'s gradient is exactly zero (it was {zmed:.0%}): gradients "
-                    f"underflow; {self._underflow_hint()}",
+                    f"{zeros:.0%} of {s.layer}'s gradient is exactly zero (it was {zmed:.0%}): "
+                    f"{self._underflow_hint()}",
                 )
             p = self.engine.precision_kind()
             hint = ("check loss scaling (fp16 needs a GradScaler), saturated activations, depth" if p == "fp16"
@@ -53,17 +53,21 @@ class Vanishing(SampleRule):
         return bad, c.vanish_k, finding
 
     def _underflow_hint(self) -> str:
-        """Why gradients flush to zero, for the run's precision."""
+        """Why a gradient became exact zeros, for the run's precision (fp16 flushes small ones to zero)."""
         engine = self.engine
         p = engine.precision_kind()
         if p == "fp16":
-            return "fp16 without a GradScaler: small gradients flush to zero; use torch.amp.GradScaler (or bf16)"
+            return ("gradients underflow; fp16 without a GradScaler: small gradients flush to zero; "
+                    "use torch.amp.GradScaler (or bf16)")
         if p == "fp16+scaler":
             scale = engine.scalars.get("scale")
-            return ("a GradScaler is in use" + (f" (scale {scale:.3g})" if scale is not None else "")
+            return ("gradients underflow; a GradScaler is in use"
+                    + (f" (scale {scale:.3g})" if scale is not None else "")
                     + ": a scale that kept falling after repeated overflows lets gradients underflow; "
                     "else check for a saturated activation")
         if p in ("fp32", "bf16"):
-            return (f"the run is {engine.precision}, whose exponent range does not underflow here: check for a "
-                    "saturated activation (sigmoid, tanh), a dead ReLU region or masking")
-        return "under fp16 use a GradScaler (or bf16), or check for a saturated activation"
+            # no underflow in this exponent range: the zeros come from the graph, not from rounding
+            return (f"no gradient flows back (the run is {engine.precision}, which does not flush small gradients "
+                    "to zero): check for a saturated activation (sigmoid, tanh), a dead ReLU/GELU region after it "
+                    "or masking")
+        return "gradients underflow; under fp16 use a GradScaler (or bf16), or check for a saturated activation"

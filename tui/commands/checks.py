@@ -73,6 +73,17 @@ def check_writable(path: str | None, what: str = "--log") -> None:
         raise CliError(f"{what} {path}: {folder} is not writable")
 
 
+def check_theme(name: str | None) -> None:
+    """``--theme``: a theme the app knows (checked before a trainer starts or a model is built)."""
+    if name is None:
+        return
+    import themes  # imports textual.theme alone (0.1 s), never the app
+
+    known = themes.known()
+    if name not in known:
+        raise CliError(f"unknown theme {name!r} (known: {', '.join(known)})")
+
+
 def seconds(text: str, flag: str) -> float:
     """``text`` as seconds >= 0, or a one-line error naming ``flag``."""
     try:

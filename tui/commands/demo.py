@@ -7,6 +7,7 @@ core); ``--headless`` trains in this process and prints what
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -17,29 +18,48 @@ import time
 
 from tui import feed
 from tui.commands import viewer
-from tui.commands.checks import check_writable
+from tui.commands.checks import check_theme, check_writable
 from tui.commands.errors import CliError
+from tui.commands.notify import app_options
 from tui.commands.watch import rules_engine, status_every
 from tui.headless import AlertPrinter, RunWatch
 
 
 def cmd_demo(args) -> int:
     """Train the demo GPT-2 with the probe attached, and watch it."""
+    # Every option is checked before torch is imported or a trainer started (that costs seconds):
+    # a typo costs no more than --help.
+    check_theme(args.theme)
+    check_writable(args.log)
+    app_options(args)  # --notify-interval, checked here as well as by the app (after the trainer started)
+    every = status_every(args)
+    rules = rules_engine(args)  # the probe itself evaluates the rules with these thresholds
+    if not args.headless:
+        _need_trainer_packages()  # the trainer runs in a child: find them here, not in its log
+        return _demo_app(args)
     try:
         from probes.demo import training as demo
     except ImportError as exc:
-        raise CliError(f"the demo needs torch and transformers ({exc.name} is missing): "
-                       "pip install 'xray-tui[demo]' torch==2.13.0") from None
-    check_writable(args.log)
-    if args.headless:
-        return _demo_headless(demo, args)
-    return _demo_app(args)
+        _missing(exc.name)
+    return _demo_headless(demo, args, every, rules)
 
 
-def _demo_headless(demo, args) -> int:
+def _need_trainer_packages() -> None:
+    """torch and transformers are installed (found, not imported: importing torch takes seconds)."""
+    for name in ("torch", "transformers"):
+        if importlib.util.find_spec(name) is None:
+            _missing(name)
+
+
+def _missing(name: str | None):
+    raise CliError(f"the demo needs torch and transformers ({name} is missing): "
+                   "pip install 'xray-tui[demo]' torch==2.13.0") from None
+
+
+def _demo_headless(demo, args, every: float | None, rules) -> int:
     """Train in this process and print what `attach --headless` prints: alerts, a status line every
-    ``--status-every`` seconds, the end line; the same exit status (3 stops the training at once)."""
-    every = status_every(args)
+    ``every`` seconds (``--status-every``), the end line; the same exit status (3 stops the training
+    at once). ``rules``: the ``--rules`` thresholds' engine, or None."""
     printer = AlertPrinter(as_json=args.json)
     printer.fail_on = args.fail_on
     watch = RunWatch(printer, live=True, label=args.name)
@@ -59,7 +79,6 @@ def _demo_headless(demo, args) -> int:
 
     ticker = threading.Thread(target=tick, name="xray-tui-demo-status", daemon=True)
     ticker.start()
-    rules = rules_engine(args)  # the probe itself evaluates the rules with these thresholds
     try:
         demo.train(steps=args.steps or 300, every=args.every, fault=args.fault, fault_step=args.fault_step,
                    name=args.name, log=args.log, listener=listen, rules=rules,

@@ -64,6 +64,9 @@ def cmd_export(args) -> int:
                 out.close()
     if args.output:
         print(f"wrote {counts.describe(selection.what)} to {args.output}", file=sys.stderr)
+    unmatched = selection.unmatched()
+    if unmatched:
+        print(f"xray-tui: export: {unmatched}", file=sys.stderr)
     if source.torn:
         print(f"xray-tui: {args.file}: {source.torn} torn bytes at the end were skipped", file=sys.stderr)
     return EXIT_OK

@@ -46,8 +46,9 @@ class HeaderInfo:
     lr: float | None = None  # the newest learning rate (param group 0)
     loss_trend: tuple = ()  # the newest TREND_STEPS losses, oldest first
     lr_trend: tuple = ()
-    #: In a replay: the last step of the recording (the header says "step S of N (replay)",
-    #: and no steps/s: a recording has no live rate). None for a live run.
+    #: In a replay: the run's last step (the header says "step S of N (replay)", and no
+    #: steps/s: a recording has no live rate); its End's step when that is later than the last
+    #: sample (the step the headless end line names). None for a live run.
     replay_last: int | None = None
     lost: str = ""  # what this viewer lost when it fell behind ("380 steps, last at 12:03:05"), "" if nothing
 

@@ -101,8 +101,10 @@ class LayerTable(TableRows, CompareRows, ScrollView, can_focus=True):
         self._cache: dict[int, Strip] = {}  # row index -> unstyled strip at _version
         self._cache_key: tuple = ()
         self._severity: dict[str, str] = {}  # row name -> worst active severity
+        self._alerting: list[str] = []  # rows the active alerts name, in alert order
         self._nonfinite_origin = False  # a nonfinite alert is active: it names where NaN/inf began
         self._indent_base = 0
+        self._labels: dict[str, str] = {}  # row name -> the name it shows (see label)
         self._name_need, self._type_w = NAME_PREF, 0
         #: Row order, one of :data:`SORTS`.
         self.sort = "model"
@@ -132,6 +134,11 @@ class LayerTable(TableRows, CompareRows, ScrollView, can_focus=True):
             return None
         return self._rows[self._view[min(self.cursor, len(self._view) - 1)]]
 
+    def label(self, row: Row) -> str:
+        """The name ``row`` shows in the table: relative to the row above it that is its
+        ancestor in model order (``attn.c_attn`` under ``transformer.h.0``), else its full path."""
+        return self._labels.get(row.name, row.name)
+
     def severity(self, row: Row) -> str:
         """Worst active severity of ``row`` as of the last data refresh."""
         return self._severity.get(row.name, "ok")
@@ -150,6 +157,12 @@ class LayerTable(TableRows, CompareRows, ScrollView, can_focus=True):
             if SEVERITY_RANK[alert.severity] > SEVERITY_RANK[sev.get(name, "ok")]:
                 sev[name] = alert.severity
         self._severity = sev
+        # The rows the active alerts name, the earliest alert first (ties in arrival order): the
+        # alert that fired first is the likeliest origin (an exploding c_fc before its block's
+        # output, which the table lists above it). `n` follows this order, not the table's.
+        named = sorted((a for a in active.values() if a.severity in ("warning", "critical")),
+                       key=lambda a: a.step)
+        self._alerting = list(dict.fromkeys(state.row_of(a.layer) for a in named))
         # A NaN's origin is the row its active nonfinite alert names; with one active, other
         # rows holding NaN/inf are marked affected, not critical (see AFFECTED).
         self._nonfinite_origin = any(a.rule == "nonfinite" for a in active.values())
@@ -244,9 +257,10 @@ class LayerTable(TableRows, CompareRows, ScrollView, can_focus=True):
         self._view = self._order(rows, [i for i, r in enumerate(rows) if flt is None or flt.search(r.name)])
         # Indent relative to the shallowest row so a flat model is not pushed right.
         self._indent_base = min((rows[i].depth for i in self._view), default=0)
-        # What the name column needs: the longest indented name, and the type column beside it.
+        self._labels = relative_labels([rows[i].name for i in self._view]) if self.sort == "model" else {}
+        # What the name column needs: the longest indented label, and the type column beside it.
         self._type_w = min(max((len(rows[i].type) for i in self._view), default=0), TYPE_MAX)
-        self._name_need = max((rows[i].depth - self._indent_base + len(rows[i].name) for i in self._view),
+        self._name_need = max((rows[i].depth - self._indent_base + len(self.label(rows[i])) for i in self._view),
                               default=0) + (2 + self._type_w if self._type_w else 0)
         self.virtual_size = Size(self.scrollable_content_region.width, len(self._view) + 1)
         names = [rows[i].name for i in self._view]
@@ -270,17 +284,23 @@ class LayerTable(TableRows, CompareRows, ScrollView, can_focus=True):
             return self.select_layer(name)
         return False
 
+    def _alerting_positions(self) -> list[int]:
+        """View positions of the rows active alerts name, in alert order (see refresh_data)."""
+        where = {self._rows[i].name: pos for pos, i in enumerate(self._view)}
+        return [where[name] for name in self._alerting if name in where]
+
     def next_alerting(self) -> Row | None:
-        """Move to the next row (after the cursor, wrapping) with an active alert."""
-        n = len(self._view)
-        rows = self._rows
-        for step in range(1, n + 1):
-            pos = (self.cursor + step) % n
-            if self._severity.get(rows[self._view[pos]].name, "ok") in ("warning", "critical"):
-                self.touched = True
-                self.cursor = pos
-                return rows[self._view[pos]]
-        return None
+        """Move to the next row an active alert names, in alert order (the earliest first),
+        wrapping; the first press goes to the first alert's layer, even when the table had
+        already brought the cursor there on its own."""
+        targets = self._alerting_positions()
+        if not targets:
+            return None
+        pos = (targets[(targets.index(self.cursor) + 1) % len(targets)]
+               if self.touched and self.cursor in targets else targets[0])
+        self.touched = True
+        self.cursor = pos
+        return self._rows[self._view[pos]]
 
     def validate_cursor(self, value: int) -> int:
         return max(0, min(value, len(self._view) - 1)) if self._view else 0
@@ -330,3 +350,19 @@ class LayerTable(TableRows, CompareRows, ScrollView, can_focus=True):
         self._cache = {}
         self._cache_key = ()
 
+
+def relative_labels(names: list[str]) -> dict[str, str]:
+    """Each name relative to the nearest earlier name that is its ancestor (a module path
+    prefix followed by a dot), for rows listed in model order; names without one are left out.
+
+    The tree's indentation already says which block a row is in, so the row need not repeat
+    it: at 80 columns the full paths were cut from the left and the block number was lost."""
+    out: dict[str, str] = {}
+    stack: list[str] = []
+    for name in names:
+        while stack and not name.startswith(stack[-1] + "."):
+            stack.pop()
+        if stack:
+            out[name] = name[len(stack[-1]) + 1:]
+        stack.append(name)
+    return out

@@ -8,6 +8,7 @@ passed by name, never hard-coded.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 
 from rich.style import Style
@@ -150,7 +151,7 @@ class Chart(Widget):
         """The chart, rebuilt only when its data, size or theme changed."""
         width, height = self.size.width, self.size.height
         if not any(len(s.y) for s in self.series):
-            return Text(f" {self.title}\n {self.empty_text}", style="dim", no_wrap=True)
+            return Text(f" {self.title}\n" + _indented(self.empty_text, width), style="dim", no_wrap=True)
         key = (tuple(self.series), width, height, self.app.theme, self.title, self.log_y, self.xlim)
         if self._cache is None or self._cache[0] != key:
             colors = self.app.get_css_variables()
@@ -161,8 +162,15 @@ class Chart(Widget):
                 text.append_text(chart_text(self.series, width, max(height - len(heading), 4), log_y=self.log_y,
                                             colors=colors, xlim=self.xlim))
             else:
-                text.append(f"\n {self.empty_text if not self.series else 'nothing to draw'}", style="dim")
+                text.append("\n" + _indented(self.empty_text if not self.series else "nothing to draw", width),
+                            style="dim")
             text.no_wrap = True
             text.overflow = "crop"
             self._cache = (key, text)
         return self._cache[1]
+
+
+def _indented(message: str, width: int) -> str:
+    """``message`` wrapped to the chart's width, every line one column in, as the title is
+    (left to the terminal, a wrapped line started at column 0: "no spread" / "to draw")."""
+    return "\n".join(" " + line for line in textwrap.wrap(message, max(width - 2, 8)) or [""])

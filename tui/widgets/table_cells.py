@@ -17,6 +17,8 @@ from tui.widgets.table_columns import GAUGE_W
 
 #: Eighth blocks, index 0 = empty cell (a bin with no count stays blank).
 BLOCKS = " ▁▂▃▄▅▆▇█"
+#: The tallest sparkline column: ``▇``, leaving a gap below the row above.
+PEAK = 7
 #: Near-zero share at which an activation counts as dead (DESIGN.md: >= 99%).
 DEAD_FRACTION = 0.99
 #: The status column's text for a row's worst active alert.
@@ -30,7 +32,9 @@ AFFECTED = {"NaN": "↳ NaN", "inf": "↳ inf"}
 def sparkline(sample: Sample | None, width: int) -> str:
     """The sample's histogram re-binned over [min, max] as ``width`` blocks.
 
-    Heights are scaled to the tallest column; an empty column is a blank so
+    Heights are scaled so the tallest column is ``▇``, 7/8 of the cell: a full
+    ``█`` touches the row above, and on a healthy run the peaks of
+    neighbouring rows merged into solid towers. An empty column is a blank so
     that gaps in a distribution stay visible.
     """
     if sample is None or not sample.hist.size:
@@ -39,7 +43,7 @@ def sparkline(sample: Sample | None, width: int) -> str:
     top = cols.max()
     if top <= 0:
         return " " * width
-    idx = np.ceil(cols / top * 8).astype(np.int64)
+    idx = np.ceil(cols / top * PEAK).astype(np.int64)
     return "".join(BLOCKS[i] for i in idx)
 
 
@@ -84,6 +88,18 @@ def fit_type(type_name: str, width: int) -> str:
     if len(type_name) <= width:
         return type_name.ljust(width)
     return type_name[: width - 1] + "…"
+
+
+def fit_path(path: str, indent: int, width: int) -> str:
+    """A module path in ``width`` cells, leading components dropped whole (``…h.1.mlp.c_fc``)
+    so what is kept reads as names, the block number with them; :func:`fit_name` when even the
+    last two components do not fit."""
+    parts = path.split(".")
+    for start in range(len(parts) - 1):
+        text = ("…" if start else "") + ".".join(parts[start:])
+        if indent + len(text) <= width:
+            return (" " * indent + text).ljust(width)
+    return fit_name(path, indent, width)
 
 
 def fit_name(name: str, indent: int, width: int) -> str:

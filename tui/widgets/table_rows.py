@@ -16,8 +16,8 @@ from textual.strip import Strip
 
 from probes.protocol import stats
 from tui.state import Row
-from tui.widgets.table_cells import (AFFECTED, BADGES, DEAD_FRACTION, fit_name, fit_type, gauge, nonfinite_cell,
-                                     sci, sparkline)
+from tui.widgets.table_cells import (AFFECTED, BADGES, DEAD_FRACTION, fit_name, fit_path, fit_type, gauge,
+                                     nonfinite_cell, sci, sparkline)
 from tui.widgets.table_columns import BADGE_W, GAUGE_W, NUM_W, Columns, plan_columns
 from tui.widgets.trend import BAD, trend_line
 
@@ -60,12 +60,18 @@ class TableRows:
 
     def _header(self, cols: Columns) -> Strip:
         label = "layer" if self.sort == "model" else f"layer ↓{self.sort}"
+        row = self.cursor_row
+        if row is not None and self.label(row) != row.name:
+            label = row.name  # rows show names relative to their parent: the header has the full path
         if self.rank is not None and len(self.state.hellos) > 1:
             label += f" [rank {self.rank}]"
-        if cols.type:
-            parts = [fit_name(label, 0, cols.name - cols.type - 2) + "  " + "type".ljust(cols.type)]
+        fit = fit_path if row is not None and label == row.name else fit_name
+        if cols.type and fit is fit_path and len(label) > cols.name - cols.type - 2:
+            parts = [fit_path(label, 0, cols.name)]  # the path over the "type" heading: it says more
+        elif cols.type:
+            parts = [fit(label, 0, cols.name - cols.type - 2) + "  " + "type".ljust(cols.type)]
         else:
-            parts = [fit_name(label, 0, cols.name)]
+            parts = [fit(label, 0, cols.name)]
         parts += [k.center(cols.spark) for k in cols.kinds]
         if cols.gauge:
             parts.append("act ≈ 0".center(GAUGE_W))
@@ -75,7 +81,9 @@ class TableRows:
                 parts.append(head.rjust(NUM_W))
                 if cols.trend:
                     # one cell per sampled step (every N-th training step, as the probe samples)
-                    heads = (f"last {n} sampled steps", f"last {n} samples", f"{n} samples", "trend") if n else ("",)
+                    # before any sample a count would read as samples received ("‖grad‖ 13 samples")
+                    heads = ((f"last {n} sampled steps", f"last {n} samples", f"{n} samples", "trend")
+                             if n and self.state.samples_seen else ("trend",) if n else ("",))
                     parts.append(next((h for h in heads if len(h) <= cols.trend), "").ljust(cols.trend))
         parts.append("status".ljust(BADGE_W))
         return Strip([Segment(" ".join(parts))]).adjust_cell_length(cols.width)
@@ -114,10 +122,10 @@ class TableRows:
         if cols.type:
             # The type in a column of its own on every row (or on none): "0  Linear" says more
             # than "0", and a type that shows on some rows only reads as a difference between them.
-            segs = [Segment(fit_name(row.name, indent, cols.name - cols.type - 2), name_style),
+            segs = [Segment(fit_name(self.label(row), indent, cols.name - cols.type - 2), name_style),
                     Segment("  " + fit_type(row.type, cols.type), muted)]
         else:
-            segs = [Segment(fit_name(row.name, indent, cols.name), name_style)]
+            segs = [Segment(fit_name(self.label(row), indent, cols.name), name_style)]
         critical = self._style("critical")
         for kind in cols.kinds:
             s = latest[kind]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 
-#: Eighth blocks; index 0 is the lowest non-empty level (a trend point is never blank).
-LEVELS = "▁▂▃▄▅▆▇█"
+#: Eighth blocks; index 0 is the lowest non-empty level (a trend point is never blank). No full
+#: block: the peak stays below the cell's top, so the trends of neighbouring rows do not merge.
+LEVELS = "▁▂▃▄▅▆▇"
 #: Drawn where a step's value is NaN or infinite: the one thing a trend must not hide.
 BAD = "✖"
 #: Where a point has no value at all (no update ratio yet, a gap): a dot on the floor.
