@@ -211,6 +211,22 @@ class Job(Merger):
             pass
         thread.join(max(0.0, deadline - time.monotonic()))
         self.on = False
+        if not thread.is_alive():
+            self._release_group()
+
+    def _release_group(self) -> None:
+        """Destroy the probe's own gloo group once its thread is done with it (a local act, no
+        collective): left to the interpreter's exit, its transport threads were torn down by the
+        C++ runtime and a rank could abort ("terminate called without an active exception",
+        about one run in five of tests/dist_script.py)."""
+        group, self.group = getattr(self, "group", None), None
+        dist = torch.distributed
+        if group is None or not (dist.is_available() and dist.is_initialized()):
+            return
+        try:
+            dist.destroy_process_group(group)
+        except Exception:  # never the training's problem
+            log.debug("xray-tui: the probe's gloo group could not be destroyed", exc_info=True)
 
     # -- job thread -------------------------------------------------------
 
