@@ -6,8 +6,10 @@ thread. Runs without the probe and with it (every=10, the every-step tier
 on, recording to a file as a long run would) alternate, ``--rounds`` times
 each, ``--iters`` iterations a run; each iteration is timed as nanoGPT times
 its own (forward, backward, step, zero_grad). Prints the medians of the
-unsampled and the sampled iterations against the baseline's, and the whole
-run's time against the baseline's:
+unsampled and the sampled iterations against the baseline's, the whole
+run's time against the baseline's, and the publisher thread's CPU time per
+iteration (its Python holds the GIL the training thread needs: on a model
+this small, most of it is training time lost):
 
     python bench/small_model.py [--rounds 5 --iters 600] [--no-signals]
 """
@@ -27,6 +29,23 @@ import torch
 
 import probes
 from probes.demo import training as demo
+from probes.publish import publisher
+
+_publisher_cpu = [0.0]  # seconds of CPU the publisher thread spent building, judging and recording
+
+
+def _timed_drain(drain):
+    def timed(self):
+        t = time.thread_time()
+        try:
+            drain(self)
+        finally:
+            _publisher_cpu[0] += time.thread_time() - t
+
+    return timed
+
+
+publisher.Publisher._drain = _timed_drain(publisher.Publisher._drain)
 
 
 def run(probe: bool, iters: int, signals: bool, every: int) -> tuple[list[float], list[bool]]:
@@ -67,10 +86,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-signals", action="store_true", help="the probe without the every-step tier")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    base, unsampled, sampled, ratio = [], [], [], []
+    base, unsampled, sampled, ratio, cpu = [], [], [], [], []
     for _ in range(args.rounds):
         b, _ = run(False, args.iters, True, args.every)
+        _publisher_cpu[0] = 0.0
         p, s = run(True, args.iters, not args.no_signals, args.every)
+        cpu.append(_publisher_cpu[0] / args.iters)
         base += b
         unsampled += [t for t, hit in zip(p, s) if not hit]
         sampled += [t for t, hit in zip(p, s) if hit]
@@ -85,6 +106,7 @@ def main(argv=None) -> int:
     print(f"| sampled, probe | {ms * 1e3:.2f} | {(ms - mb) * 1e3:+.2f} ms |")
     print(f"| **whole run, probe / baseline** (median of {args.rounds} pairs) | | "
           f"**{statistics.median(ratio) - 1:+.1%}** (pairs: {', '.join(f'{r - 1:+.1%}' for r in ratio)}) |")
+    print(f"| publisher thread CPU per iteration (median of {args.rounds}) | {statistics.median(cpu) * 1e6:.0f} us | |")
     return 0
 
 

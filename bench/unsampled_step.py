@@ -4,9 +4,11 @@ Trains the demo GPT-2 with the probe at a cadence it never reaches, so every
 step is unsampled, and times the probe's work on the training thread: the
 root pre-hook (phase, input size, autocast), the root hook (the loss read
 from the output), the optimizer hooks and the step's end (learning rates,
-the scalars kept). Prints microseconds per step beside the step itself:
+the scalars kept). Prints microseconds per step beside the step itself, and the probe's share
+of the step:
 
-    python bench/unsampled_step.py [--steps 200]
+    python bench/unsampled_step.py [--steps 200] [--no-signals]
+    python bench/unsampled_step.py --gpt2-small --steps 12   # GPT-2 small's dims (12 x 768, 148 tensors)
 """
 
 from __future__ import annotations
@@ -40,10 +42,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--no-signals", action="store_true", help="without the every-step tier (signals=False)")
+    p.add_argument("--gpt2-small", action="store_true",
+                   help="GPT-2 small's dimensions (12 layers x 768, 12 heads; 256-token windows, batch 4) "
+                        "instead of the demo's 4 x 128")
     args = p.parse_args()
     torch.manual_seed(0)
-    data = demo.CharData(demo.corpus(), block=64, seed=0)
-    model = demo.build_model(len(data.chars), layers=4, width=128, heads=4, block=64)
+    block, batch = (256, 4) if args.gpt2_small else (64, 16)
+    data = demo.CharData(demo.corpus(), block=block, seed=0)
+    model = (demo.build_model(len(data.chars), layers=12, width=768, heads=12, block=block) if args.gpt2_small
+             else demo.build_model(len(data.chars), layers=4, width=128, heads=4, block=block))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     per_step: dict[str, list[float]] = collections.defaultdict(list)
     current: dict[str, float] = collections.defaultdict(float)
@@ -66,12 +73,12 @@ def main() -> None:
     for i in range(args.steps):
         current.clear()
         t0 = time.perf_counter()
-        x = data.batch(16)
+        x = data.batch(batch)
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         steps.append(time.perf_counter() - t0)
-        if i >= 10:  # warm
+        if i >= min(10, args.steps // 4):  # warm
             for label in PARTS.values():
                 per_step[label].append(current[label])
     xr.close()
@@ -82,6 +89,7 @@ def main() -> None:
     for label, values in per_step.items():
         print(f"| {label} | {statistics.median(values) * 1e6:.1f} |")
     print(f"| **all of the probe** | **{statistics.median(total) * 1e6:.1f}** |")
+    print(f"| share of the step | {statistics.median(total) / statistics.median(steps):.2%} |")
 
 
 if __name__ == "__main__":

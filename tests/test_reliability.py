@@ -290,7 +290,10 @@ def test_recorder_on_a_full_device_warns_once(caplog):
     assert not rec.active and len(caplog.records) == 1 and "No space left" in caplog.text
 
 
-def test_recording_removed_while_running_warns_once_and_nothing_else_changes(tmp_path, caplog):
+def test_recording_removed_while_running_warns_once_and_nothing_else_changes(tmp_path, caplog, monkeypatch):
+    from probes.publish import recorder
+
+    monkeypatch.setattr(recorder, "REMOVED_CHECK", 0.0)  # checked at every frame (else within a second)
     log = tmp_path / "gone.xray"
     model, opt = small_model()
     got = []

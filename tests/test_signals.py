@@ -1,8 +1,9 @@
 """The every-step early-warning tier (probes/capture/signals.py) and its rule (probes/rules/instability.py).
 
 The tier's figures are checked against a float64 reference computed here from the same tensors
-(the gradient and Adam's exp_avg_sq before the step, the weight before and after, on the same
-subsets), for the C kernel and for torch's ops; the training thread must read no tensor on the
+(the gradient and Adam's exp_avg_sq before the step, updated here as Adam does, the weight before
+and after, on the same subsets; the tier reads Adam's own second moment after the step), for the
+C kernel and for torch's ops; the training thread must read no tensor on the
 host for it; the pre-clip norm must be what clip_grad_norm_ returned; every step's Scalars
 must reach the publisher without waiting for a sampled step, in step order. The rule is
 checked on hand-made streams and on a real lr jump of a small GPT-2 against its healthy control.
@@ -44,18 +45,18 @@ def _reference(names, params, subsets, grads, moments, before, after, beta2, t):
         k = g.numel()
         est += float(g.square().sum()) * params[n].numel() / k
         ratio.append(float((w1 - w0).norm() / w0.norm()))
-        if moments[n] is None:
-            rms.append(math.nan)
-            continue
         b2 = beta2[n]
-        v_t = b2 * sub(moments[n]) + (1 - b2) * g.square()
+        v = torch.zeros_like(g) if moments[n] is None else sub(moments[n])  # Adam's state starts at zeros
+        v_t = b2 * v + (1 - b2) * g.square()
         v_hat = v_t / (1 - b2 ** t)
         rms.append(float((g.square() / v_hat.clamp_min(tier.EPS2)).mean().sqrt()))
     return np.array(rms), np.array(ratio), math.sqrt(est)
 
 
 @pytest.mark.parametrize("engine", ["cpu-kernel", "torch"])
-def test_the_tier_equals_a_float64_reference(tmp_path, monkeypatch, engine):
+def test_the_tier_equals_a_float64_reference(tmp_path, monkeypatch, engine, request):
+    if engine == "cpu-kernel":
+        request.getfixturevalue("cpu_kernel_lib")  # built (not still building: the tier would take torch's path)
     monkeypatch.setenv("XRAY_TUI_ENGINE", engine)
     monkeypatch.setattr(tier, "TIER_SAMPLE", 32)
     model = _model()
@@ -89,9 +90,13 @@ def test_the_tier_equals_a_float64_reference(tmp_path, monkeypatch, engine):
     assert hello.version == wire.PROTOCOL_VERSION and hello.signal_tensors == list(params)
     got = [m for m in msgs if isinstance(m, wire.Scalars)]
     assert [m.step for m in got] == list(range(7))
-    assert sum(1 for i in subsets.values() if i is not None) == 3 and all(  # subsets of the update subsets
-        i is None or set(i.tolist()) <= set(xr._reads.subsets[n].tolist() if xr._reads.subsets[n] is not None
-                                             else range(params[n].numel())) for n, i in subsets.items())
+    assert sum(1 for i in subsets.values() if i is not None) == 3  # every tensor but the last bias: a subset
+    for n, i in subsets.items():  # TIER_SAMPLE elements in distinct whole runs (cache lines), in memory order
+        if i is not None:
+            runs = i.view(-1, tier.RUN)
+            assert i.numel() == 32 and (runs[:, 0] % tier.RUN == 0).all()
+            assert (runs - runs[:, :1] == torch.arange(tier.RUN)).all() and (runs[1:, 0] > runs[:-1, 0]).all()
+            assert int(i.max()) < params[n].numel()
     for m, (rms, ratio, est) in zip(got, expected):
         r, u = m.signals()
         # float32 elementwise ops (torch) or float64 (C), sums in float64, one float32 rounding of
@@ -99,9 +104,10 @@ def test_the_tier_equals_a_float64_reference(tmp_path, monkeypatch, engine):
         np.testing.assert_allclose(r, rms, rtol=1e-5, equal_nan=True)
         np.testing.assert_allclose(u, ratio, rtol=1e-5)
         assert m.values["grad_norm_est"] == pytest.approx(est, rel=1e-5)
-    assert np.isnan(got[0].signals()[0]).all()  # no second moment before AdamW's first step...
-    assert np.isnan(got[3].signals()[0]).all()  # ...nor right after its state was cleared
-    assert np.isfinite(got[1].signals()[0]).all() and np.isfinite(got[4].signals()[0]).all()
+    # at AdamW's first step, and the first after its state was cleared, v_hat is g^2 itself: RMS 1
+    np.testing.assert_allclose(got[0].signals()[0], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(got[3].signals()[0], 1.0, rtol=1e-5)
+    assert (got[1].signals()[0] != 1.0).all() and (got[4].signals()[0] != 1.0).all()
 
 
 class _HostReads(TorchDispatchMode):
@@ -198,7 +204,7 @@ def test_every_step_reaches_the_publisher_without_waiting_for_a_sample():
         model(torch.randn(4, 12)).sum().backward()
         opt.step()
         opt.zero_grad()
-        time.sleep(0.05)  # a 50 ms step: past SHIP_INTERVAL, so each step ships at its end
+        time.sleep(0.06)  # a 60 ms step: past SHIP_INTERVAL, so each step ships at its end
         deadline = time.monotonic() + 5
         while (not seen or seen[-1] < step) and time.monotonic() < deadline:
             time.sleep(0.005)  # the publisher thread's part

@@ -93,9 +93,8 @@ class XRay:
                                   self._skip)
         #: every step's loss, learning rates, scale and rates (the cheap tier), shipped with sampled steps
         self._scalars = ScalarLog(rank, optimizer, scaler, self.params[0][1] if self.params else None, self.note)
-        #: the every-step early-warning tier (Adam's RMS of g^2/v, update ratios) on the update subsets
-        self._signals = StepSignals(self.trainable, self._reads.subset_indices, optimizer,
-                                    self._fail, start) if signals else None
+        #: the every-step early-warning tier (Adam's RMS of g^2/v, update ratios) on subsets of its own
+        self._signals = StepSignals(self.trainable, optimizer, self._fail, start) if signals else None
         if self._signals is not None and not self._signals.on:
             self._signals = None
         self.run = name or default_name()
@@ -135,7 +134,7 @@ class XRay:
         self._skip_notes.clear()
         self._reads.keep_init()  # distance from initialisation: the update subsets as they are at attach
         if self._signals is not None:
-            self._signals.prepare()  # the tier's subsets, drawn from the update subsets, before any step
+            self._signals.prepare()  # the tier's subsets, before any step
         for mname, module in watched.modules:
             self._handles.append(module.register_forward_hook(hooks._make_hook(mname)))
         # which pass this is (training or evaluation), and whether it is sampled

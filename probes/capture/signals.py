@@ -5,12 +5,17 @@ RMS_t = sqrt(mean(g^2 / v_hat)) rises above 1 one to eight steps before a
 loss spike: Wortsman et al. 2023) and the update norms jump before the
 loss moves. Sampled steps (one in ``every``) cannot give that lead, so on
 every optimizer step the probe reads, on a fixed element subset of each
-trainable weight (:data:`TIER_SAMPLE` elements drawn once from the update
-subsets of :mod:`probes.capture.reads`):
+trainable weight (:data:`TIER_SAMPLE` elements, drawn once at attach as
+whole 64-byte lines of :data:`RUN` elements: a line costs one memory fetch
+whether one of its floats is read or sixteen):
 
-- before the step: the weight, its gradient (after clipping and unscaling:
-  what the optimizer applies) and Adam's ``exp_avg_sq`` (read in place);
-- after the step: the weight again.
+- before the step: the weight;
+- after it: the weight again, its gradient (after clipping and unscaling:
+  what the optimizer applied; the step leaves it as it was) and Adam's
+  ``exp_avg_sq`` as the step left it (v_t, read in place: Adam's own, so
+  no beta2 is needed but for the bias correction). Read after the step,
+  these are in the cache the step just filled; before it, cold after the
+  backward, the same reads cost twice as much on the CPU.
 
 Four sums per tensor come out of that (sum of g^2 / v_t, of g^2, of the
 update's squares and of the weight's), in one small tensor that stays on
@@ -18,11 +23,13 @@ the device; :class:`~probes.capture.scalars.ScalarLog` copies it to the
 host without waiting and the publisher thread turns it into each tensor's
 RMS, update ratio and the global gradient-norm estimate
 (:func:`finish`). On the CPU one call of the C kernel does each half
-(``xray_signals``); elsewhere a dozen torch ops over the subsets.
+(``xray_runs_gather``, ``xray_signals``); elsewhere a gather before the
+step, three after it and a few torch ops over the subsets.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Callable
 
@@ -36,40 +43,41 @@ from probes.engines.transfer import upload
 
 #: Adam's epsilon, squared, floors v_t: a zero second moment (a gradient never seen) is no signal.
 EPS2 = 1e-16
-#: Elements per tensor the tier reads: a random part of the update subset (RMS and ratio to a few
-#: per cent; a rise of 2x or more is what it watches), so a step's reads stay a few hundred
-#: microseconds on the CPU for GPT-2 small's 148 tensors.
+#: Elements per tensor the tier reads (RMS and ratio to a few per cent; a rise of 2x or more is
+#: what it watches), so a step's reads stay well under a millisecond on the CPU for GPT-2 small's
+#: 148 tensors.
 TIER_SAMPLE = 1024
+#: Consecutive elements per run of the subset: a 64-byte cache line of float32. Runs at random
+#: lines instead of single elements at random read 16x fewer lines: the tensors are cold after
+#: the backward, and fetching lines, not arithmetic, was the tier's cost on the CPU (143 us a step
+#: on nanoGPT's shape, 45 us with the same tensors warm).
+RUN = 16
 
 
 class StepSignals:
     """The tier for the trainable weights ``trainable`` ((name, parameter) pairs, the probe's order).
 
-    ``subsets()`` gives each weight's subset indices (None: the whole weight), as the
-    sampled reads use them; ``fail`` switches the tier off with one warning;
+    ``fail`` switches the tier off with one warning;
     ``start_step``: the optimizer's step count at attach (a resumed run's), from which each
     tensor's own count, which Adam's bias correction needs, is kept here without reading the
     optimizer's step tensors (each read would be a host read of a tensor, every step).
     """
 
-    def __init__(self, trainable: list, subsets: Callable[[], list], optimizer, fail: Callable[[str], None],
-                 start_step: int = 0) -> None:
+    def __init__(self, trainable: list, optimizer, fail: Callable[[str], None], start_step: int = 0) -> None:
         self.names = [n for n, _ in trainable]
         self._params = [p for _, p in trainable]
-        self._subsets = subsets
         self.optimizer = optimizer
         self._fail = fail
         self.on = bool(self._params) and optimizer is not None
         #: each tensor's Adam beta2 (its param group's; 0.999 where it has none)
         self._beta2 = _beta2_of(optimizer, self._params) if self.on else np.zeros(0)
-        self._beta2_elements: torch.Tensor | None = None  # torch's path with several betas: per element
         self._indices: list | None = None
+        self._starts: list | None = None  # where each subset's runs start (None: the whole tensor)
         self._fast: bool | None = None  # the C kernel's path (decided at the first step)
         self._counts = self._numels = None  # subset sizes and tensor sizes (numpy)
         self._lengths: torch.Tensor | None = None
-        self._before = None  # (w0 subset, per-tensor r and g^2 sums) between the two halves
+        self._before = None  # the weights at the subsets before the step (w0), between the two halves
         self._missing: tuple | None = None  # tensors without a gradient, and without a second moment
-        self._bc: np.ndarray | None = None
         #: each tensor's Adam step count (steps with a gradient), for the bias correction
         self._t = np.full(len(self._params), float(start_step))
         # a weak reference to each tensor's exp_avg_sq as last seen, to tell a new state (an id could be reused)
@@ -80,7 +88,7 @@ class StepSignals:
     # -- the two halves of a step ----------------------------------------
 
     def before(self) -> None:
-        """Before the optimizer steps: the weights' subsets and the gradient/second-moment sums."""
+        """Before the optimizer steps: the weights at the subsets (what the update is measured from)."""
         if not self.on:
             return
         try:
@@ -91,7 +99,8 @@ class StepSignals:
             self._fail("signals")
 
     def after(self) -> tuple | None:
-        """After the step: ``(sums, host facts)`` for :func:`finish`, or None (no ``before``)."""
+        """After the step: ``(sums, host facts)`` for :func:`finish`, or None (no ``before``): the
+        update, the gradient and Adam's second moment, read at the subsets."""
         before, self._before = self._before, None
         if before is None or not self.on:
             return None
@@ -109,17 +118,21 @@ class StepSignals:
     # -- work --------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Choose the tier's subsets now (at attach, after the update subsets exist), so that
-        no training step pays for it."""
+        """Choose the tier's subsets now (at attach), so that no training step pays for it."""
         if not self.on or self._indices is not None:
             return
         try:
             gen = torch.Generator().manual_seed(0x5eed)
-            self._indices = [_thin(p, i, gen) for p, i in zip(map(local, self._params), self._subsets())]
+            self._indices = [_lines(p, gen) for p in map(local, self._params)]
+            # the C kernel's view of the same subsets: where each run starts
+            self._starts = [None if i is None else i.view(-1, RUN)[:, 0].cpu() for i in self._indices]
             self._numels = np.array([local(p).numel() for p in self._params], dtype=np.float64)
             self._counts = np.array([n if i is None else i.numel() for n, i in zip(self._numels, self._indices)],
                                     dtype=np.float64)
             self._lengths = upload(self._counts.astype(np.int64), self._params[0].device)
+            read = self._counts > 0  # an empty shard (FSDP) is read nowhere: no RMS, no share of the norm
+            self._inv_counts = np.where(read, 1.0 / np.maximum(self._counts, 1.0), np.nan)
+            self._grow = np.where(read, self._numels / np.maximum(self._counts, 1.0), 0.0)  # subset -> tensor
         except Exception:
             self.on = False
             self._fail("signals")
@@ -132,68 +145,36 @@ class StepSignals:
                       and all(p.dtype == torch.float32 and p.is_contiguous() and p.device.type == "cpu"
                               for p in self._params))
         if self._fast:
-            self._table = cpu_kernel.subset_table(self._params, self._indices)
+            self._table = cpu_kernel.run_table(self._params, self._starts, RUN)
 
     def _begin(self) -> None:
+        """The weights at the subsets, before the step moves them (all the first half reads)."""
         if self._fast is None:
             self._setup()
         if self._fast:
-            self._before = self._fast_before()
-            if self._before is not None:
-                return
-        state = self.optimizer.state
-        weights = [local(p) for p in self._params]
-        grads, moments, no_grad, no_moment = [], [], [], []
-        for i, (p, w) in enumerate(zip(self._params, weights)):
-            g = p.grad
-            if g is not None and (g.layout != torch.strided or g.is_meta):
-                g = None  # a sparse gradient (an embedding's sparse=True): not read, as the sampled reads skip it
-            st = state.get(p)
-            v = st.get("exp_avg_sq") if st else None
-            if g is None or v is None:  # read the weight in their place, and forget what it gives
-                if g is None:
-                    no_grad.append(i)
-                no_moment.append(i)
-                g = w if g is None else local(g)
-                v = w if v is None else local(v)
-            else:
-                if self._moments[i] is None or self._moments[i]() is not v:
-                    self._new_state(i, st, v)
-                g, v = local(g), local(v)
-            grads.append(g)
-            moments.append(v)
-        self._mark(no_grad, no_moment)
-        w0 = _gather(weights, self._indices)
-        g = _gather(grads, self._indices)
-        v = _gather(moments, self._indices)
-        b2 = self._beta2
-        if len(set(b2.tolist())) == 1:
-            beta2 = float(b2[0])
-            vt = v.mul(beta2).addcmul_(g, g, value=1.0 - beta2)
-        else:  # param groups with their own betas: each element's beta2, uploaded once
-            if self._beta2_elements is None:
-                self._beta2_elements = upload(np.repeat(b2, self._counts.astype(np.int64)).astype(np.float32),
-                                              g.device)
-            per = self._beta2_elements
-            vt = v.mul(per).addcmul_(g, g * (1 - per))
-        g2 = g.square()
-        r = g2 / vt.clamp_min(EPS2)
-        self._before = (w0, _segment_sums(torch.stack([r, g2], dim=1), self._lengths))
+            self._before = cpu_kernel.runs_gather(self._params, self._table)
+        else:
+            self._before = _gather([local(p) for p in self._params], self._indices)
 
-    def _fast_before(self):
-        """The first half on contiguous float32 CPU tensors: one C call, no torch op (None: a
-        gradient or moment is not such a tensor this step, and torch's ops take it)."""
-        state, f32 = self.optimizer.state, torch.float32
-        # each parameter's state dict, looked up once while the optimizer keeps them (hashing a
-        # tensor is a Python call: 52 lookups a step cost more than the C kernel's pass)
-        if self._state_of is None or self._state_key != (id(state), len(state)):
+    def _states(self) -> list:
+        """Each parameter's optimizer state dict (None: none yet), looked up again only when the
+        optimizer's state changed (hashing a tensor is a Python call: 52 lookups a step cost
+        more than the C kernel's pass; one a step tells a state made anew)."""
+        state = self.optimizer.state
+        # a state cleared and made again by the step has the same size: its first dict tells
+        if (self._state_of is None or self._state_key != (id(state), len(state))
+                or state.get(self._params[0]) is not self._state_of[0]):
             self._state_of = [state.get(p) for p in self._params]
             self._state_key = (id(state), len(state))
-        states = self._state_of
-        gp, vp, no_grad, no_moment = [], [], [], []
-        for i, p in enumerate(self._params):
+        return self._state_of
+
+    def _fast_pointers(self):
+        """The gradients' and second moments' data pointers for the C kernel, or None when one
+        is not a contiguous float32 CPU tensor this step (torch's ops take the step then)."""
+        f32 = torch.float32
+        gp, vp, no_grad, no_moment, new = [], [], [], [], []
+        for i, (p, st) in enumerate(zip(self._params, self._states())):
             g = p.grad
-            st = states[i]
             v = st.get("exp_avg_sq") if st else None
             if g is None:
                 no_grad.append(i)
@@ -208,12 +189,36 @@ class StepSignals:
                 if seen is None or seen() is not v:
                     if v.dtype is not f32 or not v.is_contiguous() or v.device.type != "cpu":
                         return None
-                    self._new_state(i, st, v)
+                    new.append((i, st, v))
             gp.append(g.data_ptr())
             vp.append(v.data_ptr())
-        self._mark(no_grad, no_moment)
-        return cpu_kernel.signals_before(self._params, np.array(gp, dtype=np.uint64), np.array(vp, dtype=np.uint64),
-                                         self._table, self._beta2, EPS2)
+        self._mark(no_grad, no_moment, new)
+        return np.array(gp, dtype=np.uint64), np.array(vp, dtype=np.uint64)
+
+    def _torch_tensors(self) -> tuple[list, list]:
+        """The gradients and second moments to gather (the weight stands in for a missing one,
+        whose figures are then dropped)."""
+        grads, moments, no_grad, no_moment, new = [], [], [], [], []
+        for i, (p, st) in enumerate(zip(self._params, self._states())):
+            w = local(p)
+            g = p.grad
+            if g is not None and (g.layout != torch.strided or g.is_meta):
+                g = None  # a sparse gradient (an embedding's sparse=True): not read, as the sampled reads skip it
+            v = st.get("exp_avg_sq") if st else None
+            if g is None or v is None:  # read the weight in their place, and forget what it gives
+                if g is None:
+                    no_grad.append(i)
+                no_moment.append(i)
+                g = w if g is None else local(g)
+                v = w if v is None else local(v)
+            else:
+                if self._moments[i] is None or self._moments[i]() is not v:
+                    new.append((i, st, v))
+                g, v = local(g), local(v)
+            grads.append(g)
+            moments.append(v)
+        self._mark(no_grad, no_moment, new)
+        return grads, moments
 
     def _new_state(self, i: int, st: dict, v) -> None:
         """Tensor ``i`` has a second moment the tier has not seen: its first, or a new state (the
@@ -226,33 +231,51 @@ class StepSignals:
                 self._t[i] = float(step)
         self._moments[i] = weakref.ref(v)
 
-    def _mark(self, no_grad: list, no_moment: list) -> None:
-        """This step's tensors without a gradient or second moment, and the bias correction."""
-        self._missing = (np.array(no_grad, dtype=np.int64), np.array(no_moment, dtype=np.int64))
+    def _mark(self, no_grad: list, no_moment: list, new: list) -> None:
+        """This step's tensors without a gradient or second moment, and the step counts (the
+        bias correction is the publisher's work, in :func:`finish`); ``new``: (index, state,
+        second moment) of the moments not seen before."""
+        self._missing = (np.array(no_grad, dtype=np.int64), np.array(no_moment, dtype=np.int64)) \
+            if no_grad or no_moment else _NONE_MISSING
         self._t += 1.0
         if no_grad:
             self._t[self._missing[0]] -= 1.0  # Adam leaves a parameter without a gradient be
-        self._bc = 1.0 - self._beta2 ** self._t  # Adam's bias correction of v at this step, per tensor
+        for i, st, v in new:
+            self._new_state(i, st, v)
 
-    def _end(self, before) -> tuple:
-        w0, sums = before
-        facts = (self._counts, self._numels, self._bc, self._missing)
+    def _end(self, w0) -> tuple:
+        """After the step: the gradient (which the step leaves as it was), Adam's second moment
+        as the step left it (v_t, its own: no beta2 to guess) and the weights again."""
         if isinstance(w0, np.ndarray):  # the C kernel's first half
-            return cpu_kernel.signals_after(self._params, self._table, w0, sums), facts
+            pointers = self._fast_pointers()
+            if pointers is not None:
+                return cpu_kernel.signals(self._params, *pointers, self._table, w0, EPS2), self._facts()
+            w0 = torch.from_numpy(w0)
+        grads, moments = self._torch_tensors()
         w1 = _gather([local(p) for p in self._params], self._indices)
-        d = w1 - w0
-        moved = _segment_sums(torch.stack([d.square(), w0.square()], dim=1), self._lengths)
-        return torch.cat([sums, moved]), facts  # [4, n] float64: r, g^2, dW^2, W^2 sums, on the device
+        g = _gather(grads, self._indices)
+        v = _gather(moments, self._indices)
+        g2, d = g.square(), w1 - w0.to(w1.device)
+        columns = torch.stack([g2 / v.clamp_min(EPS2), g2, d.square(), w0.to(w1.device).square()], dim=1)
+        return _segment_sums(columns, self._lengths), self._facts()  # [4, m] float64 sums, on the device
+
+    def _facts(self) -> tuple:
+        """What :func:`finish` needs besides the sums (host arrays; the step counts as of now)."""
+        return self._inv_counts, self._grow, self._beta2, self._t.copy(), self._missing
 
 
-def _thin(p: torch.Tensor, idx: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor | None:
-    """At most :data:`TIER_SAMPLE` of ``p``'s update subset ``idx`` (None: all of ``p``), chosen
-    at random once, in increasing order (memory order); None when all of ``p`` fits."""
-    n = p.numel() if idx is None else idx.numel()
-    if n <= TIER_SAMPLE:
-        return idx
-    pick = torch.randperm(n, generator=gen)[:TIER_SAMPLE].sort().values
-    return pick.to(p.device) if idx is None else idx[pick.to(idx.device)]
+_NONE_MISSING = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))  # every tensor has both
+
+
+def _lines(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
+    """The indices of :data:`TIER_SAMPLE` elements of ``p`` (flat): runs of :data:`RUN` at
+    distinct random multiples of RUN, in increasing (memory) order; None when all of ``p`` fits."""
+    n = p.numel()
+    runs = min(max(1, TIER_SAMPLE // RUN), n // RUN)
+    if n <= TIER_SAMPLE or runs == 0:
+        return None
+    starts = torch.randperm(n // RUN, generator=gen)[:runs].sort().values * RUN
+    return (starts[:, None] + torch.arange(RUN)).reshape(-1).to(p.device)
 
 
 def _beta2_of(optimizer, params: list) -> np.ndarray:
@@ -282,14 +305,16 @@ def _gather(tensors: list, indices: list) -> torch.Tensor:
 
 def finish(sums: np.ndarray, facts: tuple) -> tuple[np.ndarray, np.ndarray, float]:
     """Each tensor's RMS of g^2 / v_hat and update ratio, and the global gradient norm
-    estimated from the subsets, from :meth:`StepSignals.after`'s sums (on the host)."""
-    counts, numels, bc, (no_grad, no_moment) = facts
-    r, g2, d2, w2 = (np.asarray(sums[i], dtype=np.float64) for i in range(4))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rms = np.sqrt(r / counts * bc)
-        ratio = np.sqrt(d2 / w2)
-        est = g2 * numels / counts
+    estimated from the subsets, from :meth:`StepSignals.after`'s sums (on the host). A few
+    numpy calls and no error-state switch: this runs on the publisher thread every step."""
+    inv_counts, grow, beta2, t, (no_grad, no_moment) = facts
+    r, g2, d2, w2 = np.asarray(sums, dtype=np.float64)
+    rms = np.sqrt(r * inv_counts * (1.0 - beta2 ** t))  # with Adam's bias correction of v, per tensor
     rms[no_moment] = np.nan  # no second moment yet (the first step), or not an Adam-family optimizer
+    ratio = np.full(len(r), np.nan)
+    np.divide(d2, w2, out=ratio, where=w2 > 0)  # a weight of zeros (a LoRA B at init) has no ratio
+    np.sqrt(ratio, out=ratio)
+    ratio[np.isinf(ratio)] = np.nan
+    est = g2 * grow
     est[no_grad] = 0.0
-    ratio[~np.isfinite(ratio)] = np.nan
-    return rms, ratio, float(np.sqrt(est.sum()))
+    return rms, ratio, math.sqrt(float(est.sum()))

@@ -220,64 +220,66 @@ void xray_gather(int64_t m, const float *const *ptrs, const int64_t *const *idx,
     }
 }
 
-/* The every-step tier (probes/capture/signals.py), before the optimizer steps, for `m` float32
- * tensors read at their subsets (idx_t NULL: all of tensor t): the weights' subsets into w0 (as
- * xray_gather), and per tensor sum(g^2 / max(b2 v + (1 - b2) g^2, eps2)) into sums[t] and
- * sum(g^2) into sums[m + t] (double): Adam's second moment after this step's update, from
- * exp_avg_sq as it is before it. One pass over three tensors instead of a dozen torch ops. */
-void xray_signals_before(int64_t m, const float *const *w, const float *const *g, const float *const *v,
-                         const int64_t *const *idx, const int64_t *counts, const double *b2, double eps2,
-                         float *w0, double *sums) {
-    for (int64_t t = 0; t < m; t++) {
-        const float *wt = w[t], *gt = g[t], *vt = v[t];
-        const int64_t *ix = idx[t];
-        const int64_t n = counts[t];
-        /* float32 terms (the tensors' own precision; a term's rounding is 2^-24 relative), summed
-         * in double; the whole-tensor case in a loop the compiler vectorises */
-        const float beta = (float)b2[t], rest = (float)(1.0 - b2[t]), floor_ = (float)eps2;
-        double sr = 0.0, sg = 0.0;
-        if (ix == NULL) {
-#pragma omp simd reduction(+ : sr, sg)
-            for (int64_t j = 0; j < n; j++) {
-                const float gj = gt[j], g2 = gj * gj, second = beta * vt[j] + rest * g2;
-                sr += g2 / (second > floor_ ? second : floor_);
-                sg += g2;
-                w0[j] = wt[j];
-            }
-        } else {
-            /* four partial sums: one sum's chain of additions would make each element wait for the last */
-            double r4[4] = {0.0, 0.0, 0.0, 0.0}, g4[4] = {0.0, 0.0, 0.0, 0.0};
-            for (int64_t j = 0; j < n; j++) {
-                const int64_t k = ix[j];
-                const float gj = gt[k], g2 = gj * gj, second = beta * vt[k] + rest * g2;
-                r4[j & 3] += g2 / (second > floor_ ? second : floor_);
-                g4[j & 3] += g2;
-                w0[j] = wt[k];
-            }
-            sr = (r4[0] + r4[1]) + (r4[2] + r4[3]);
-            sg = (g4[0] + g4[1]) + (g4[2] + g4[3]);
-        }
-        sums[t] = sr;
-        sums[m + t] = sg;
-        w0 += n;
+/* The every-step tier (probes/capture/signals.py) reads `m` float32 tensors at runs of
+ * consecutive elements: tensor t's runs are len[t] long and start at starts[t][0 .. runs[t])
+ * (starts[t] NULL: one run from 0, the whole tensor). Runs of whole cache lines, because the
+ * lines fetched, not the arithmetic, are the cost. Before the optimizer steps: the weights at
+ * the runs, one after another, into out. */
+/* Ask for every run's first line of tensor t (of up to three tensors alike) before reading any:
+ * the runs are at random places, which the hardware prefetcher cannot guess, and a cold line
+ * costs a memory latency (~50 ns here) that many fetches in flight at once share. */
+static void prefetch_runs(const float *a, const float *b, const float *c, const int64_t *starts, int64_t runs) {
+    if (starts == NULL) return;
+    for (int64_t r = 0; r < runs; r++) {
+        __builtin_prefetch(a + starts[r]);
+        if (b != NULL) __builtin_prefetch(b + starts[r]);
+        if (c != NULL) __builtin_prefetch(c + starts[r]);
     }
 }
 
-/* ... and after it: per tensor sum((w - w0)^2) into sums[t] and sum(w0^2) into sums[m + t]. */
-void xray_signals_after(int64_t m, const float *const *w, const int64_t *const *idx, const int64_t *counts,
-                        const float *w0, double *sums) {
+void xray_runs_gather(int64_t m, const float *const *w, const int64_t *const *starts, const int64_t *runs,
+                      const int64_t *len, float *out) {
     for (int64_t t = 0; t < m; t++) {
-        const float *wt = w[t];
-        const int64_t *ix = idx[t];
-        double sd = 0.0, sw = 0.0;
-        for (int64_t j = 0; j < counts[t]; j++) {
-            const double before = w0[j], d = (double)wt[ix == NULL ? j : ix[j]] - before;
-            sd += d * d;
-            sw += before * before;
+        const int64_t n = len[t];
+        prefetch_runs(w[t], NULL, NULL, starts[t], runs[t]);
+        for (int64_t r = 0; r < runs[t]; r++) {
+            memcpy(out, w[t] + (starts[t] == NULL ? 0 : starts[t][r]), sizeof(float) * (size_t)n);
+            out += n;
         }
-        sums[t] = sd;
-        sums[m + t] = sw;
-        w0 += counts[t];
+    }
+}
+
+/* ... and after it, at the same runs, per tensor into the [4, m] doubles `sums`: sum(g^2 /
+ * max(v, eps2)) (v: Adam's second moment as the step left it), sum(g^2), sum((w - w0)^2) and
+ * sum(w0^2), w0 what xray_runs_gather kept. The g^2 / v terms in float32 (the tensors' own
+ * precision; a term's rounding is 2^-24 relative), every sum in double, in loops the compiler
+ * vectorises. */
+void xray_signals(int64_t m, const float *const *w, const float *const *g, const float *const *v,
+                  const int64_t *const *starts, const int64_t *runs, const int64_t *len, const float *w0,
+                  double eps2, double *sums) {
+    const float floor_ = (float)eps2;
+    for (int64_t t = 0; t < m; t++) {
+        const int64_t n = len[t];
+        double sr = 0.0, sg = 0.0, sd = 0.0, sw = 0.0;
+        prefetch_runs(w[t], g[t], v[t], starts[t], runs[t]);
+        for (int64_t r = 0; r < runs[t]; r++) {
+            const int64_t at = starts[t] == NULL ? 0 : starts[t][r];
+            const float *wt = w[t] + at, *gt = g[t] + at, *vt = v[t] + at;
+#pragma omp simd reduction(+ : sr, sg, sd, sw)
+            for (int64_t j = 0; j < n; j++) {
+                const float gj = gt[j], g2 = gj * gj, second = vt[j];
+                const double before = w0[j], d = (double)wt[j] - before;
+                sr += g2 / (second > floor_ ? second : floor_);
+                sg += g2;
+                sd += d * d;
+                sw += before * before;
+            }
+            w0 += n;
+        }
+        sums[t] = sr;
+        sums[m + t] = sg;
+        sums[2 * m + t] = sd;
+        sums[3 * m + t] = sw;
     }
 }
 

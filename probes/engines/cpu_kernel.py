@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -99,6 +100,8 @@ def ready() -> ctypes.CDLL | None:
 
 def load() -> ctypes.CDLL | None:
     """The kernel library, built now if need be (waits); None where it cannot be had (logged once)."""
+    if _lib is not None:
+        return _lib  # every kernel call asks: no lock nor event once it is loaded (~14 us a call in a step)
     try:
         return _load()
     finally:
@@ -126,11 +129,11 @@ def _load() -> ctypes.CDLL | None:
             lib.xray_reduce.restype = ctypes.c_int
             lib.xray_gather.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr]
             lib.xray_gather.restype = None
-            lib.xray_signals_before.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_double,
-                                                _ptr, _ptr]
-            lib.xray_signals_before.restype = None
-            lib.xray_signals_after.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr]
-            lib.xray_signals_after.restype = None
+            lib.xray_runs_gather.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr]
+            lib.xray_runs_gather.restype = None
+            lib.xray_signals.argtypes = [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_double,
+                                         _ptr]
+            lib.xray_signals.restype = None
             if lib.xray_nrow() != NROW:
                 raise RuntimeError("row layout differs from probes/engines/layout.py")
             _lib = lib
@@ -222,41 +225,56 @@ def _table(tensors: list[torch.Tensor]) -> np.ndarray:
     return np.array([t.data_ptr() for t in tensors], dtype=np.uint64)
 
 
-def subset_table(tensors: list[torch.Tensor], indices: list[torch.Tensor | None]) -> tuple[np.ndarray, np.ndarray]:
-    """The index pointers and element counts of subsets (for :func:`signals_before` and
-    :func:`signals_after`, made once: a tier's subsets are fixed)."""
-    counts = np.array([t.numel() if i is None else i.numel() for t, i in zip(tensors, indices)], dtype=np.int64)
-    return np.array([0 if i is None else i.data_ptr() for i in indices], dtype=np.uint64), counts
+class RunTable(NamedTuple):
+    """Where the tier's kernels read each tensor (:func:`run_table`): runs of ``len`` consecutive
+    elements at ``starts`` (a pointer to int64 offsets, 0 for one run from the start)."""
+
+    starts: np.ndarray  # uint64: each tensor's pointer to its runs' offsets, or 0
+    runs: np.ndarray  # int64: runs per tensor
+    len: np.ndarray  # int64: elements per run
+    total: int  # elements read, all tensors together
+    keep: list  # the offsets' tensors, kept alive while the table is
+    addresses: tuple  # the three arrays' addresses, for the calls (each .ctypes costs a microsecond)
 
 
-def signals_before(weights, grads: np.ndarray, moments: np.ndarray, table: tuple[np.ndarray, np.ndarray],
-                   beta2: np.ndarray, eps2: float) -> tuple[np.ndarray, np.ndarray]:
-    """The every-step tier's first half (probes/capture/signals.py) in one call: the weights'
-    subsets (float32) and a [4, m] float64 array whose rows 0 and 1 get per-tensor sum(g^2 / v_t)
-    and sum(g^2), with v_t = beta2 v + (1 - beta2) g^2 (rows 2 and 3: :func:`signals_after`'s).
-    ``grads`` and ``moments`` are the data pointers (uint64) of contiguous float32 CPU tensors the
-    caller keeps alive; ``table`` from :func:`subset_table` (its indices in range: not checked)."""
-    lib = load()
+def run_table(tensors: list[torch.Tensor], starts: list[torch.Tensor | None], run: int) -> RunTable:
+    """The runs of :func:`runs_gather` and :func:`signals`, made once (a tier's subsets
+    are fixed): ``starts[i]`` the int64 offsets of tensor i's runs of ``run`` elements (None: all
+    of it, one run; the offsets are in range: not checked)."""
+    keep = [s.contiguous() for s in starts if s is not None]
+    it = iter(keep)
+    ptrs = np.array([0 if s is None else next(it).data_ptr() for s in starts], dtype=np.uint64)
+    runs = np.array([1 if s is None else s.numel() for s in starts], dtype=np.int64)
+    lens = np.array([t.numel() if s is None else run for t, s in zip(tensors, starts)], dtype=np.int64)
+    return RunTable(ptrs, runs, lens, int((runs * lens).sum()), keep,
+                    (ptrs.ctypes.data, runs.ctypes.data, lens.ctypes.data))
+
+
+def runs_gather(weights, table: RunTable) -> np.ndarray:
+    """The every-step tier's first half (probes/capture/signals.py): the contiguous float32 CPU
+    tensors ``weights`` at the runs of ``table``, one after another (float32). Called every
+    training step: as few Python steps as it can."""
+    lib = _lib or load()
+    if lib is None:
+        raise RuntimeError("the CPU kernel is not available")
+    out = np.empty(table.total, dtype=np.float32)
+    tw = _table(weights)
+    lib.xray_runs_gather(len(weights), tw.ctypes.data, *table.addresses, out.ctypes.data)
+    return out
+
+
+def signals(weights, grads: np.ndarray, moments: np.ndarray, table: RunTable, w0: np.ndarray,
+            eps2: float) -> np.ndarray:
+    """The tier's second half, after the optimizer step: a [4, m] float64 array of per-tensor
+    sum(g^2 / max(v, eps2)), sum(g^2), sum((w - w0)^2) and sum(w0^2) at the runs of ``table``
+    (``w0``: :func:`runs_gather`'s). ``grads`` and ``moments`` are the data pointers (uint64)
+    of contiguous float32 CPU tensors the caller keeps alive."""
+    lib = _lib or load()
     if lib is None:
         raise RuntimeError("the CPU kernel is not available")
     m = len(weights)
-    idx, counts = table
-    w0 = np.empty(int(counts.sum()), dtype=np.float32)
     sums = np.empty((4, m), dtype=np.float64)
     tw = _table(weights)
-    lib.xray_signals_before(m, tw.ctypes.data, grads.ctypes.data, moments.ctypes.data, idx.ctypes.data,
-                            counts.ctypes.data, beta2.ctypes.data, eps2, w0.ctypes.data, sums.ctypes.data)
-    return w0, sums
-
-
-def signals_after(weights, table: tuple[np.ndarray, np.ndarray], w0: np.ndarray, sums: np.ndarray) -> np.ndarray:
-    """The tier's second half: rows 2 and 3 of ``sums`` get per-tensor sum((w - w0)^2) and sum(w0^2)."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError("the CPU kernel is not available")
-    m = len(weights)
-    idx, counts = table
-    tw = _table(weights)
-    lib.xray_signals_after(m, tw.ctypes.data, idx.ctypes.data, counts.ctypes.data, w0.ctypes.data,
-                           sums[2:].ctypes.data)
+    lib.xray_signals(m, tw.ctypes.data, grads.ctypes.data, moments.ctypes.data, *table.addresses, w0.ctypes.data,
+                     eps2, sums.ctypes.data)
     return sums

@@ -8,12 +8,18 @@ too when it records what it watches (``tui``), so nothing here imports torch.
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 import os
+import time
 
 from probes.protocol import wire
 
 log = logging.getLogger("xray-tui")
+
+#: Seconds between two checks that the file still has a name (a stat call: once a frame, it was
+#: a tenth of the recorder's time when Scalars came every step).
+REMOVED_CHECK = 1.0
 
 
 class _Removed(OSError):
@@ -43,6 +49,7 @@ class Recorder:
         self._ino = os.fstat(self.f.fileno()).st_ino
         self._note = note
         self._whole = self.f.seek(0, os.SEEK_END)  # the end of the last whole frame
+        self._checked = -math.inf  # when the file's name was last checked
         if self._whole == 0:
             self.write(wire.MAGIC)  # a failure here is reported as any write's
 
@@ -60,9 +67,12 @@ class Recorder:
             return
         try:
             self._write_all(frame)
-            # writing to a removed file succeeds and fills the disk invisibly: notice it
-            if os.fstat(self.f.fileno()).st_nlink == 0:
-                raise _Removed(f"the file was removed (inode {self._ino})")
+            # writing to a removed file succeeds and fills the disk invisibly: notice it (within a second)
+            now = time.monotonic()
+            if now - self._checked >= REMOVED_CHECK:
+                self._checked = now
+                if os.fstat(self.f.fileno()).st_nlink == 0:
+                    raise _Removed(f"the file was removed (inode {self._ino})")
             self._whole += len(frame)
         except OSError as exc:
             log.warning("xray-tui: recording to %s stopped: %s; training goes on", self.path, exc)

@@ -88,7 +88,7 @@ class Exploding(SampleRule):
         # a gradient is judged against its own history times the whole model's growth at this step
         together = self.growth if s.kind == "grad" else 1.0
         threshold = c.explode_factor * ref * together
-        if ref > 0:
+        if ref > 0 and value > threshold:  # the noise band only raises the threshold: needed past it alone
             threshold = max(threshold, ref + c.explode_mad * MAD_SIGMA * mad(hist, c.explode_window))
         # ...and a gradient still below the median layer's is no explosion, however fast it grew
         # from a tiny start (a LayerNorm's, 1e-4 at init, reaching 1e-2 as training begins)
