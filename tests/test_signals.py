@@ -320,3 +320,31 @@ def test_an_lr_jump_is_warned_before_the_loss_spikes():
 def test_a_healthy_run_raises_no_instability():
     alerts, _ = _gpt_run(400)
     assert [a for a in alerts if a.severity != "info"] == []
+
+
+@pytest.mark.parametrize("engine", ["cpu-kernel", "torch"])
+def test_a_tensor_without_a_gradient_this_step_has_no_rms(tmp_path, monkeypatch, engine, request):
+    """A weight with Adam state but no gradient at a step (a branch this batch did not use):
+    Adam leaves it be, so its update ratio is 0 and its RMS is NaN, not one computed from the
+    weight standing in for the gradient; the other tensors are read as usual."""
+    if engine == "cpu-kernel":
+        request.getfixturevalue("cpu_kernel_lib")
+    monkeypatch.setenv("XRAY_TUI_ENGINE", engine)
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    log = tmp_path / "g.xray"
+    xr = probes.attach(model, opt, every=1000, serve=False, log=str(log), spectral_every=None)
+    for step in range(3):
+        model(torch.randn(8, 12)).pow(2).mean().backward()
+        if step == 2:
+            model[2].bias.grad = None  # AdamW skips it this step
+        opt.step()
+        opt.zero_grad()
+    xr.close()
+    got = [m for m in wire.read_file(str(log))[0] if isinstance(m, wire.Scalars)]
+    names = xr._signals.names
+    rms, ratio = got[2].signals()
+    i = names.index("2.bias")
+    assert math.isnan(rms[i]) and ratio[i] == 0.0
+    others = [j for j in range(len(names)) if j != i]
+    assert np.isfinite(rms[others]).all() and (ratio[others] > 0).all()

@@ -14,8 +14,8 @@ whether one of its floats is read or sixteen):
   what the optimizer applied; the step leaves it as it was) and Adam's
   ``exp_avg_sq`` as the step left it (v_t, read in place: Adam's own, so
   no beta2 is needed but for the bias correction). Read after the step,
-  these are in the cache the step just filled; before it, cold after the
-  backward, the same reads cost twice as much on the CPU.
+  they are in the cache the step just filled (the same C call, in the
+  loop, took 113 us cold after the backward and 58 us called again at once).
 
 Four sums per tensor come out of that (sum of g^2 / v_t, of g^2, of the
 update's squares and of the weight's), in one small tensor that stays on
@@ -48,9 +48,10 @@ EPS2 = 1e-16
 #: 148 tensors.
 TIER_SAMPLE = 1024
 #: Consecutive elements per run of the subset: a 64-byte cache line of float32. Runs at random
-#: lines instead of single elements at random read 16x fewer lines: the tensors are cold after
-#: the backward, and fetching lines, not arithmetic, was the tier's cost on the CPU (143 us a step
-#: on nanoGPT's shape, 45 us with the same tensors warm).
+#: lines instead of single elements at random read 16x fewer lines of tensors that are cold
+#: after the backward: on nanoGPT's shape the C call reading w, g and v before the step took 143
+#: us a step with random elements, 82 us with lines (longer runs, 64 or 512, gained little more:
+#: what is left is per tensor).
 RUN = 16
 
 
@@ -74,6 +75,7 @@ class StepSignals:
         self._indices: list | None = None
         self._starts: list | None = None  # where each subset's runs start (None: the whole tensor)
         self._fast: bool | None = None  # the C kernel's path (decided at the first step)
+        self._plain = True  # no parameter is a DTensor (decided at the first step)
         self._counts = self._numels = None  # subset sizes and tensor sizes (numpy)
         self._lengths: torch.Tensor | None = None
         self._before = None  # the weights at the subsets before the step (w0), between the two halves
@@ -82,6 +84,8 @@ class StepSignals:
         self._t = np.full(len(self._params), float(start_step))
         # a weak reference to each tensor's exp_avg_sq as last seen, to tell a new state (an id could be reused)
         self._moments: list = [None] * len(self._params)
+        # whether each second moment, when first seen, was one the C kernel reads (a weight stands in for none)
+        self._moment_ok = np.ones(len(self._params), dtype=bool)
         self._state_of: list | None = None  # the optimizer's state dict of each parameter, cached...
         self._state_key: tuple = ()  # ...while the optimizer's state is this object of this size
 
@@ -140,8 +144,9 @@ class StepSignals:
     def _setup(self) -> None:
         self.prepare()
         device = self._params[0].device
+        self._plain = not any(is_dtensor(p) for p in self._params)
         self._fast = (engines.for_device(device) == "cpu-kernel" and cpu_kernel.load() is not None
-                      and not any(is_dtensor(p) for p in self._params)
+                      and self._plain
                       and all(p.dtype == torch.float32 and p.is_contiguous() and p.device.type == "cpu"
                               for p in self._params))
         if self._fast:
@@ -168,57 +173,44 @@ class StepSignals:
             self._state_key = (id(state), len(state))
         return self._state_of
 
-    def _fast_pointers(self):
-        """The gradients' and second moments' data pointers for the C kernel, or None when one
-        is not a contiguous float32 CPU tensor this step (torch's ops take the step then)."""
-        f32 = torch.float32
-        gp, vp, no_grad, no_moment, new = [], [], [], [], []
+    def _inputs(self, fast: bool) -> tuple[list, list, tuple | None]:
+        """This step's gradients and second moments, in the tensors' order; the weight stands
+        in for a missing one (no gradient, a sparse one, no Adam state yet), whose figures
+        :func:`finish` drops. ``fast``: also their data pointers for the C kernel, in the same
+        pass (None when one is not a contiguous float32 CPU tensor: torch's ops take the step).
+        The weights were checked at the first step, a second moment when first seen (the same
+        object after that: :attr:`_moments`); the gradients, new each step, here."""
+        grads, moments, no_grad, no_moment, new = [], [], [], [], []
+        gp, vp = [], []
+        f32, plain = torch.float32, self._plain  # plain: no DTensor, each tensor is its own local part
         for i, (p, st) in enumerate(zip(self._params, self._states())):
             g = p.grad
+            if g is not None and (g.layout is not torch.strided or g.is_meta):
+                g = None  # a sparse gradient (an embedding's sparse=True): not read, as the sampled reads skip it
             v = st.get("exp_avg_sq") if st else None
-            if g is None:
-                no_grad.append(i)
-                g = p
-            elif g.layout is not torch.strided or g.dtype is not f32 or not g.is_contiguous():
-                return None
-            if v is None:
-                no_moment.append(i)
-                v = p
+            if g is None or v is None:
+                if g is None:
+                    no_grad.append(i)
+                no_moment.append(i)  # no RMS without both
+                g = p if g is None else g
+                v = p if v is None else v
             else:
                 seen = self._moments[i]
                 if seen is None or seen() is not v:
-                    if v.dtype is not f32 or not v.is_contiguous() or v.device.type != "cpu":
-                        return None
                     new.append((i, st, v))
-            gp.append(g.data_ptr())
-            vp.append(v.data_ptr())
-        self._mark(no_grad, no_moment, new)
-        return np.array(gp, dtype=np.uint64), np.array(vp, dtype=np.uint64)
-
-    def _torch_tensors(self) -> tuple[list, list]:
-        """The gradients and second moments to gather (the weight stands in for a missing one,
-        whose figures are then dropped)."""
-        grads, moments, no_grad, no_moment, new = [], [], [], [], []
-        for i, (p, st) in enumerate(zip(self._params, self._states())):
-            w = local(p)
-            g = p.grad
-            if g is not None and (g.layout != torch.strided or g.is_meta):
-                g = None  # a sparse gradient (an embedding's sparse=True): not read, as the sampled reads skip it
-            v = st.get("exp_avg_sq") if st else None
-            if g is None or v is None:  # read the weight in their place, and forget what it gives
-                if g is None:
-                    no_grad.append(i)
-                no_moment.append(i)
-                g = w if g is None else local(g)
-                v = w if v is None else local(v)
-            else:
-                if self._moments[i] is None or self._moments[i]() is not v:
-                    new.append((i, st, v))
+            if not plain:
                 g, v = local(g), local(v)
             grads.append(g)
             moments.append(v)
+            if fast:
+                if g.dtype is not f32 or not g.is_contiguous():
+                    fast = False
+                else:
+                    gp.append(g.data_ptr())
+                    vp.append(v.data_ptr())
         self._mark(no_grad, no_moment, new)
-        return grads, moments
+        ok = fast and bool(self._moment_ok.all())
+        return grads, moments, (np.array(gp, dtype=np.uint64), np.array(vp, dtype=np.uint64)) if ok else None
 
     def _new_state(self, i: int, st: dict, v) -> None:
         """Tensor ``i`` has a second moment the tier has not seen: its first, or a new state (the
@@ -230,6 +222,7 @@ class StepSignals:
             if isinstance(step, torch.Tensor) and step.device.type == "cpu" or isinstance(step, (int, float)):
                 self._t[i] = float(step)
         self._moments[i] = weakref.ref(v)
+        self._moment_ok[i] = v.dtype is torch.float32 and v.is_contiguous() and v.device.type == "cpu"
 
     def _mark(self, no_grad: list, no_moment: list, new: list) -> None:
         """This step's tensors without a gradient or second moment, and the step counts (the
@@ -246,17 +239,17 @@ class StepSignals:
     def _end(self, w0) -> tuple:
         """After the step: the gradient (which the step leaves as it was), Adam's second moment
         as the step left it (v_t, its own: no beta2 to guess) and the weights again."""
-        if isinstance(w0, np.ndarray):  # the C kernel's first half
-            pointers = self._fast_pointers()
-            if pointers is not None:
-                return cpu_kernel.signals(self._params, *pointers, self._table, w0, EPS2), self._facts()
-            w0 = torch.from_numpy(w0)
-        grads, moments = self._torch_tensors()
+        on_host = isinstance(w0, np.ndarray)  # the C kernel's first half
+        grads, moments, pointers = self._inputs(on_host)
+        if pointers is not None:
+            return cpu_kernel.signals(self._params, *pointers, self._table, w0, EPS2), self._facts()
+        if on_host:
+            w0 = torch.from_numpy(w0)  # this step in torch's ops (the tensors are on the CPU)
         w1 = _gather([local(p) for p in self._params], self._indices)
         g = _gather(grads, self._indices)
         v = _gather(moments, self._indices)
-        g2, d = g.square(), w1 - w0.to(w1.device)
-        columns = torch.stack([g2 / v.clamp_min(EPS2), g2, d.square(), w0.to(w1.device).square()], dim=1)
+        g2, d = g.square(), w1 - w0
+        columns = torch.stack([g2 / v.clamp_min(EPS2), g2, d.square(), w0.square()], dim=1)
         return _segment_sums(columns, self._lengths), self._facts()  # [4, m] float64 sums, on the device
 
     def _facts(self) -> tuple:

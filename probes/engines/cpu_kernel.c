@@ -222,26 +222,13 @@ void xray_gather(int64_t m, const float *const *ptrs, const int64_t *const *idx,
 
 /* The every-step tier (probes/capture/signals.py) reads `m` float32 tensors at runs of
  * consecutive elements: tensor t's runs are len[t] long and start at starts[t][0 .. runs[t])
- * (starts[t] NULL: one run from 0, the whole tensor). Runs of whole cache lines, because the
- * lines fetched, not the arithmetic, are the cost. Before the optimizer steps: the weights at
- * the runs, one after another, into out. */
-/* Ask for every run's first line of tensor t (of up to three tensors alike) before reading any:
- * the runs are at random places, which the hardware prefetcher cannot guess, and a cold line
- * costs a memory latency (~50 ns here) that many fetches in flight at once share. */
-static void prefetch_runs(const float *a, const float *b, const float *c, const int64_t *starts, int64_t runs) {
-    if (starts == NULL) return;
-    for (int64_t r = 0; r < runs; r++) {
-        __builtin_prefetch(a + starts[r]);
-        if (b != NULL) __builtin_prefetch(b + starts[r]);
-        if (c != NULL) __builtin_prefetch(c + starts[r]);
-    }
-}
-
+ * (starts[t] NULL: one run from 0, the whole tensor): whole cache lines, which a cold tensor
+ * gives for one fetch each. Before the optimizer steps: the weights at the runs, one after
+ * another, into out. */
 void xray_runs_gather(int64_t m, const float *const *w, const int64_t *const *starts, const int64_t *runs,
                       const int64_t *len, float *out) {
     for (int64_t t = 0; t < m; t++) {
         const int64_t n = len[t];
-        prefetch_runs(w[t], NULL, NULL, starts[t], runs[t]);
         for (int64_t r = 0; r < runs[t]; r++) {
             memcpy(out, w[t] + (starts[t] == NULL ? 0 : starts[t][r]), sizeof(float) * (size_t)n);
             out += n;
@@ -261,7 +248,6 @@ void xray_signals(int64_t m, const float *const *w, const float *const *g, const
     for (int64_t t = 0; t < m; t++) {
         const int64_t n = len[t];
         double sr = 0.0, sg = 0.0, sd = 0.0, sw = 0.0;
-        prefetch_runs(w[t], g[t], v[t], starts[t], runs[t]);
         for (int64_t r = 0; r < runs[t]; r++) {
             const int64_t at = starts[t] == NULL ? 0 : starts[t][r];
             const float *wt = w[t] + at, *gt = g[t] + at, *vt = v[t] + at;

@@ -101,7 +101,7 @@ def ready() -> ctypes.CDLL | None:
 def load() -> ctypes.CDLL | None:
     """The kernel library, built now if need be (waits); None where it cannot be had (logged once)."""
     if _lib is not None:
-        return _lib  # every kernel call asks: no lock nor event once it is loaded (~14 us a call in a step)
+        return _lib  # every kernel call asks, every step: no lock nor event once it is loaded
     try:
         return _load()
     finally:
@@ -252,9 +252,8 @@ def run_table(tensors: list[torch.Tensor], starts: list[torch.Tensor | None], ru
 
 def runs_gather(weights, table: RunTable) -> np.ndarray:
     """The every-step tier's first half (probes/capture/signals.py): the contiguous float32 CPU
-    tensors ``weights`` at the runs of ``table``, one after another (float32). Called every
-    training step: as few Python steps as it can."""
-    lib = _lib or load()
+    tensors ``weights`` at the runs of ``table``, one after another (float32)."""
+    lib = load()
     if lib is None:
         raise RuntimeError("the CPU kernel is not available")
     out = np.empty(table.total, dtype=np.float32)
@@ -269,7 +268,7 @@ def signals(weights, grads: np.ndarray, moments: np.ndarray, table: RunTable, w0
     sum(g^2 / max(v, eps2)), sum(g^2), sum((w - w0)^2) and sum(w0^2) at the runs of ``table``
     (``w0``: :func:`runs_gather`'s). ``grads`` and ``moments`` are the data pointers (uint64)
     of contiguous float32 CPU tensors the caller keeps alive."""
-    lib = _lib or load()
+    lib = load()
     if lib is None:
         raise RuntimeError("the CPU kernel is not available")
     m = len(weights)

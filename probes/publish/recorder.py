@@ -8,8 +8,8 @@ too when it records what it watches (``tui``), so nothing here imports torch.
 from __future__ import annotations
 
 import itertools
-import math
 import logging
+import math
 import os
 import time
 
